@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Runs the local stack (chat-local) against PostgreSQL and Redis.
+#
+#   scripts/dev.sh [ARGS...]     # ARGS are passed to `chat-local serve`
+#
+# Uses DATABASE_URL / REDIS_URL when set, else the local services, else starts
+# private instances under .local/ (see scripts/lib/services.sh).
+# The server applies migrations at start-up and listens on PORT (default 3000).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+# shellcheck source=scripts/lib/services.sh
+. "$ROOT/scripts/lib/services.sh"
+
+ensure_rust
+user_database_url="${DATABASE_URL:-}"
+ensure_services
+if [ -z "$user_database_url" ]; then
+    # Keep the stack's tables out of the server's default database.
+    if ! psql "$DATABASE_URL" -tAc "SELECT 1 FROM pg_database WHERE datname = 'chat'" | grep -q 1; then
+        psql "$DATABASE_URL" -qc 'CREATE DATABASE chat' >/dev/null
+        echo "dev: created database 'chat'" >&2
+    fi
+    export DATABASE_URL="${DATABASE_URL%/*}/chat"
+fi
+
+if [ -z "${JWT_SECRET:-}" ]; then
+    export JWT_SECRET=dev-secret-change-me
+    echo "dev: JWT_SECRET was not set; using the development value 'dev-secret-change-me'" >&2
+fi
+
+# A debug build shares its artifacts with the test suite, so the first start
+# is quicker; RELEASE=1 builds optimised binaries (for benchmarks).
+profile=()
+[ "${RELEASE:-0}" = 1 ] && profile=(--release)
+exec cargo run "${profile[@]}" -p chat-local -- serve "$@"

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Runs the whole test suite: rustfmt check, clippy, cargo test.
+#
+#   scripts/test.sh [ARGS...]    # ARGS are passed to `cargo test --workspace`
+#   SKIP_LINT=1 scripts/test.sh  # skip the fmt and clippy steps
+#
+# Tests get TEST_DATABASE_URL / TEST_REDIS_URL; they create their own
+# chat_test_* databases on that server and use random Redis key prefixes.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+# shellcheck source=scripts/lib/services.sh
+. "$ROOT/scripts/lib/services.sh"
+
+step() { printf '\n==> %s\n' "$*" >&2; }
+
+ensure_rust
+ensure_services
+
+export TEST_DATABASE_URL="$DATABASE_URL"
+export TEST_REDIS_URL="$REDIS_URL"
+
+# Drop test databases left behind by earlier runs (killed or crashed tests).
+# A database is only dropped when we own it, nobody is connected to it and, where the
+# server lets us see it, it is older than 10 minutes: other test runs may be
+# using the same server right now, and their databases must survive.
+drop_leftover_databases() {
+    local match="(d.datname LIKE 'chat\\_test\\_%' OR d.datname LIKE 'chat\\_template\\_%')"
+    local idle="pg_has_role(d.datdba, 'MEMBER') AND NOT EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.datid = d.oid)"
+    local old="(pg_stat_file('base/' || d.oid || '/PG_VERSION')).modification < now() - interval '10 minutes'"
+    local dbs db
+    # pg_stat_file needs superuser (or pg_read_server_files); without it, go by "idle" alone.
+    dbs="$(psql "$DATABASE_URL" -X -w -A -t -q -v ON_ERROR_STOP=1 \
+        -c "SELECT d.datname FROM pg_database d WHERE $match AND $idle AND $old" 2>/dev/null)" ||
+        dbs="$(psql "$DATABASE_URL" -X -w -A -t -q -v ON_ERROR_STOP=1 \
+            -c "SELECT d.datname FROM pg_database d WHERE $match AND $idle")"
+    for db in $dbs; do
+        echo "test: dropping leftover database $db" >&2
+        # No WITH (FORCE): if someone connected meanwhile, the drop fails and the database stays.
+        psql "$DATABASE_URL" -X -w -q -c "DROP DATABASE IF EXISTS \"$db\"" >/dev/null 2>&1 ||
+            echo "test: could not drop $db (in use?); leaving it" >&2
+    done
+}
+step "dropping leftover test databases"
+drop_leftover_databases
+
+if [ "${SKIP_LINT:-0}" = 1 ]; then
+    step "SKIP_LINT=1: skipping cargo fmt and cargo clippy"
+else
+    step "cargo fmt --all -- --check"
+    cargo fmt --all -- --check
+    step "cargo clippy --workspace --all-targets -- -D warnings"
+    cargo clippy --workspace --all-targets -- -D warnings
+fi
+
+step "cargo test --workspace${*:+ $*}"
+cargo test --workspace "$@"
+
+step "all tests passed"

@@ -1,0 +1,190 @@
+//! The internal bus (PROTOCOL.md §5): envelopes on a Redis pub/sub channel.
+//!
+//! Handlers publish every outbound event as an [`Envelope`] naming its
+//! targets; the relay resolves targets to connection ids and pushes the
+//! `event` JSON, byte for byte, with `PostToConnection`. The event is kept
+//! as raw JSON so the relay forwards it without re-serializing.
+//!
+//! ```json
+//! {"origin": "instance-1", "target": {"type": "room", "roomId": "room_01J..."},
+//!  "exclude": ["L0SM9cOFvHcCIhw="], "excludeUsers": ["u1"],
+//!  "event": {"type": "message", "payload": {...}}}
+//! ```
+
+use redis::aio::ConnectionManager;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use crate::error::{Error, Result};
+
+/// Who an event is for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "camelCase")]
+pub enum Target {
+    /// The connections joined to a room.
+    #[serde(rename_all = "camelCase")]
+    Room {
+        /// The room.
+        room_id: String,
+    },
+    /// The connections joined to any of several rooms (each gets it once).
+    #[serde(rename_all = "camelCase")]
+    Rooms {
+        /// The rooms.
+        room_ids: Vec<String>,
+    },
+    /// Every connection of a user.
+    #[serde(rename_all = "camelCase")]
+    User {
+        /// The user.
+        user_id: String,
+    },
+    /// One connection.
+    #[serde(rename_all = "camelCase")]
+    Connection {
+        /// The connection id.
+        connection_id: String,
+    },
+}
+
+/// One bus message.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Envelope {
+    /// The publishing instance (for logs).
+    pub origin: String,
+    /// Who receives the event.
+    pub target: Target,
+    /// Connection ids to leave out.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exclude: Vec<String>,
+    /// User ids whose connections are left out (`typing` skips the typist).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exclude_users: Vec<String>,
+    /// `{"type": ..., "payload": ...}`, exactly as clients receive it.
+    pub event: Box<RawValue>,
+}
+
+/// Serializes a server event `{"type": kind, "payload": payload}`.
+///
+/// # Errors
+/// Only if `payload` fails to serialize, which our types cannot.
+pub fn event_json<P: Serialize>(kind: &str, payload: &P) -> Result<String> {
+    #[derive(Serialize)]
+    struct Event<'a, P> {
+        #[serde(rename = "type")]
+        kind: &'a str,
+        payload: &'a P,
+    }
+    serde_json::to_string(&Event { kind, payload }).map_err(Error::internal)
+}
+
+/// Publishes envelopes on the broadcast channel.
+#[derive(Clone)]
+pub struct Bus {
+    redis: ConnectionManager,
+    channel: String,
+    origin: String,
+}
+
+impl std::fmt::Debug for Bus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bus")
+            .field("channel", &self.channel)
+            .field("origin", &self.origin)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Bus {
+    /// A publisher on `channel`, naming itself `origin`.
+    pub fn new(redis: ConnectionManager, channel: String, origin: String) -> Self {
+        Self {
+            redis,
+            channel,
+            origin,
+        }
+    }
+
+    /// The channel name.
+    pub fn channel(&self) -> &str {
+        &self.channel
+    }
+
+    /// Builds the envelope JSON for `event` (see [`event_json`]).
+    ///
+    /// # Errors
+    /// Only if serialization fails.
+    pub fn envelope(
+        &self,
+        target: Target,
+        event: String,
+        exclude: Vec<String>,
+        exclude_users: Vec<String>,
+    ) -> Result<String> {
+        let envelope = Envelope {
+            origin: self.origin.clone(),
+            target,
+            exclude,
+            exclude_users,
+            event: RawValue::from_string(event).map_err(Error::internal)?,
+        };
+        serde_json::to_string(&envelope).map_err(Error::internal)
+    }
+
+    /// Publishes `event` to `target`.
+    ///
+    /// # Errors
+    /// `UNAVAILABLE` when Redis does not answer.
+    pub async fn publish(&self, target: Target, event: String) -> Result<()> {
+        self.publish_excluding(target, event, Vec::new(), Vec::new())
+            .await
+    }
+
+    /// Publishes `event` to `target`, leaving out some connections and users.
+    ///
+    /// # Errors
+    /// `UNAVAILABLE` when Redis does not answer.
+    pub async fn publish_excluding(
+        &self,
+        target: Target,
+        event: String,
+        exclude: Vec<String>,
+        exclude_users: Vec<String>,
+    ) -> Result<()> {
+        let payload = self.envelope(target, event, exclude, exclude_users)?;
+        let mut redis = self.redis.clone();
+        let _: i64 = redis::cmd("PUBLISH")
+            .arg(&self.channel)
+            .arg(payload)
+            .query_async(&mut redis)
+            .await?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn envelopes_round_trip_with_the_event_untouched() {
+        let target = Target::Room {
+            room_id: "room_1".into(),
+        };
+        let event = r#"{"type":"typing","payload":{"roomId":"room_1","isTyping":true}}"#;
+        let json = serde_json::to_string(&Envelope {
+            origin: "a".into(),
+            target: target.clone(),
+            exclude: vec![],
+            exclude_users: vec!["u1".into()],
+            event: RawValue::from_string(event.into()).expect("valid"),
+        })
+        .expect("serializes");
+        assert!(json.contains(r#""target":{"type":"room","roomId":"room_1"}"#));
+        assert!(json.contains(r#""excludeUsers":["u1"]"#));
+        let back: Envelope = serde_json::from_str(&json).expect("parses");
+        assert_eq!(back.target, target);
+        assert_eq!(back.event.get(), event);
+    }
+}

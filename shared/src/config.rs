@@ -1,0 +1,250 @@
+//! Typed configuration, read once from the environment.
+//!
+//! Nothing else in the project reads environment variables: binaries call
+//! [`Config::from_env`] at start-up and pass the result down. A bad value
+//! stops start-up with a message naming the variable. Tests build a config
+//! with [`Config::from_lookup`] over a map instead of touching the process
+//! environment.
+
+use std::time::Duration;
+
+use secrecy::SecretString;
+
+/// Everything the handlers, the relay and the local stack are configured by.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// PostgreSQL connection URL (`DATABASE_URL`).
+    pub database_url: SecretString,
+    /// Most PostgreSQL connections per process (`PG_POOL_MAX`, 16).
+    pub pg_pool_max: usize,
+    /// REST answers 429 while more requests than this wait for a PostgreSQL
+    /// connection (`PG_MAX_WAITING`, 1000): shedding load beats an unbounded
+    /// queue.
+    pub pg_max_waiting: usize,
+    /// Redis URL (`REDIS_URL`, or built from `REDIS_HOST` / `REDIS_PORT` /
+    /// `REDIS_PASSWORD` / `REDIS_TLS`).
+    pub redis_url: SecretString,
+    /// Prepended to every Redis key, so deployments (and tests) can share a
+    /// Redis database (`REDIS_KEY_PREFIX`, empty).
+    pub redis_key_prefix: String,
+    /// HS256 secret for tokens (`JWT_SECRET`, required).
+    pub jwt_secret: SecretString,
+    /// Required `iss`, when set (`JWT_ISSUER`).
+    pub jwt_issuer: Option<String>,
+    /// Required `aud`, when set (`JWT_AUDIENCE`).
+    pub jwt_audience: Option<String>,
+    /// Messages kept per room; 0 keeps all (`MESSAGE_RETENTION`, 100).
+    pub message_retention: i64,
+    /// The Redis pub/sub channel of the internal bus (`BROADCAST_CHANNEL`).
+    pub broadcast_channel: String,
+    /// HTTP port of the local stack (`PORT`, 3000).
+    pub port: u16,
+    /// Names this process in bus envelopes and logs (`INSTANCE_ID`).
+    pub instance_id: String,
+    /// How long a connection stays online without a frame
+    /// (`PRESENCE_TTL_SECONDS`, 90).
+    pub presence_ttl: Duration,
+    /// `json` (Lambda) or `pretty` (local) (`LOG_FORMAT`).
+    pub log_format: LogFormat,
+    /// The tracing filter (`RUST_LOG`, `info`).
+    pub log_filter: String,
+}
+
+/// How logs are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// One JSON object per line, for CloudWatch.
+    Json,
+    /// Human-readable, for a terminal.
+    Pretty,
+}
+
+/// A configuration variable with a bad or missing value.
+#[derive(Debug, thiserror::Error)]
+#[error("configuration: {variable}: {problem}")]
+pub struct ConfigError {
+    /// The environment variable at fault.
+    pub variable: &'static str,
+    /// What is wrong with it.
+    pub problem: String,
+}
+
+impl Config {
+    /// Reads the process environment.
+    ///
+    /// # Errors
+    /// A [`ConfigError`] naming the first variable that is missing or bad.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    /// Reads configuration through `lookup` (the environment, or a test map).
+    ///
+    /// # Errors
+    /// A [`ConfigError`] naming the first variable that is missing or bad.
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let get = |name: &str| lookup(name).filter(|v| !v.trim().is_empty());
+        let database_url = get("DATABASE_URL").ok_or(ConfigError {
+            variable: "DATABASE_URL",
+            problem: "must be set (e.g. postgres://postgres@127.0.0.1:5432/chat)".into(),
+        })?;
+        let redis_url = match get("REDIS_URL") {
+            Some(url) => url,
+            None => match get("REDIS_HOST") {
+                Some(host) => {
+                    let port = parse::<u16>(&get, "REDIS_PORT", 6379)?;
+                    let scheme = if parse::<bool>(&get, "REDIS_TLS", false)? {
+                        "rediss"
+                    } else {
+                        "redis"
+                    };
+                    match get("REDIS_PASSWORD") {
+                        Some(pw) => format!("{scheme}://:{pw}@{host}:{port}"),
+                        None => format!("{scheme}://{host}:{port}"),
+                    }
+                }
+                None => {
+                    return Err(ConfigError {
+                        variable: "REDIS_URL",
+                        problem: "must be set (or REDIS_HOST), e.g. redis://127.0.0.1:6379".into(),
+                    });
+                }
+            },
+        };
+        let jwt_secret = get("JWT_SECRET").ok_or(ConfigError {
+            variable: "JWT_SECRET",
+            problem: "must be set".into(),
+        })?;
+        let message_retention = parse::<i64>(&get, "MESSAGE_RETENTION", 100)?;
+        if message_retention < 0 {
+            return Err(ConfigError {
+                variable: "MESSAGE_RETENTION",
+                problem: "must be 0 (keep all) or a positive number".into(),
+            });
+        }
+        let presence_ttl_secs = parse::<u64>(&get, "PRESENCE_TTL_SECONDS", 90)?;
+        if presence_ttl_secs == 0 {
+            return Err(ConfigError {
+                variable: "PRESENCE_TTL_SECONDS",
+                problem: "must be at least 1".into(),
+            });
+        }
+        let pg_pool_max = parse::<usize>(&get, "PG_POOL_MAX", 16)?;
+        if pg_pool_max == 0 {
+            return Err(ConfigError {
+                variable: "PG_POOL_MAX",
+                problem: "must be at least 1".into(),
+            });
+        }
+        let lambda = lookup("AWS_LAMBDA_FUNCTION_NAME").is_some();
+        let log_format = match get("LOG_FORMAT").as_deref() {
+            None if lambda => LogFormat::Json,
+            None => LogFormat::Pretty,
+            Some("json") => LogFormat::Json,
+            Some("pretty") => LogFormat::Pretty,
+            Some(other) => {
+                return Err(ConfigError {
+                    variable: "LOG_FORMAT",
+                    problem: format!("must be json or pretty, not {other:?}"),
+                });
+            }
+        };
+        Ok(Self {
+            database_url: database_url.into(),
+            pg_pool_max,
+            pg_max_waiting: parse::<usize>(&get, "PG_MAX_WAITING", 1000)?,
+            redis_url: redis_url.into(),
+            redis_key_prefix: get("REDIS_KEY_PREFIX").unwrap_or_default(),
+            jwt_secret: jwt_secret.into(),
+            jwt_issuer: get("JWT_ISSUER"),
+            jwt_audience: get("JWT_AUDIENCE"),
+            message_retention,
+            broadcast_channel: get("BROADCAST_CHANNEL").unwrap_or_else(|| "chat:broadcast".into()),
+            port: parse::<u16>(&get, "PORT", 3000)?,
+            instance_id: get("INSTANCE_ID")
+                .unwrap_or_else(|| format!("instance-{}", std::process::id())),
+            presence_ttl: Duration::from_secs(presence_ttl_secs),
+            log_format,
+            log_filter: get("RUST_LOG").unwrap_or_else(|| "info".into()),
+        })
+    }
+}
+
+fn parse<T: std::str::FromStr>(
+    get: &impl Fn(&str) -> Option<String>,
+    variable: &'static str,
+    default: T,
+) -> Result<T, ConfigError>
+where
+    T::Err: std::fmt::Display,
+{
+    match get(variable) {
+        None => Ok(default),
+        Some(raw) => raw.trim().parse().map_err(|e| ConfigError {
+            variable,
+            problem: format!("{raw:?} is not valid: {e}"),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use secrecy::ExposeSecret;
+    use std::collections::HashMap;
+
+    fn lookup(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        move |k| map.get(k).cloned()
+    }
+
+    const BASE: [(&str, &str); 3] = [
+        ("DATABASE_URL", "postgres://x@h/db"),
+        ("REDIS_URL", "redis://h:1"),
+        ("JWT_SECRET", "s"),
+    ];
+
+    #[test]
+    fn defaults_follow_the_architecture() {
+        let c = Config::from_lookup(lookup(&BASE)).expect("valid");
+        assert_eq!(c.message_retention, 100);
+        assert_eq!(c.broadcast_channel, "chat:broadcast");
+        assert_eq!(c.port, 3000);
+        assert_eq!(c.presence_ttl, Duration::from_secs(90));
+        assert_eq!(c.log_format, LogFormat::Pretty);
+    }
+
+    #[test]
+    fn bad_values_name_their_variable() {
+        let mut pairs = BASE.to_vec();
+        pairs.push(("MESSAGE_RETENTION", "lots"));
+        let err = Config::from_lookup(lookup(&pairs)).expect_err("refused");
+        assert_eq!(err.variable, "MESSAGE_RETENTION");
+        let err = Config::from_lookup(lookup(&BASE[1..])).expect_err("refused");
+        assert_eq!(err.variable, "DATABASE_URL");
+    }
+
+    #[test]
+    fn redis_url_can_be_built_from_parts() {
+        let pairs = [
+            ("DATABASE_URL", "postgres://x@h/db"),
+            ("JWT_SECRET", "s"),
+            ("REDIS_HOST", "cache.local"),
+            ("REDIS_PASSWORD", "pw"),
+            ("REDIS_TLS", "true"),
+        ];
+        let c = Config::from_lookup(lookup(&pairs)).expect("valid");
+        assert_eq!(c.redis_url.expose_secret(), "rediss://:pw@cache.local:6379");
+    }
+
+    #[test]
+    fn lambda_logs_json_by_default() {
+        let mut pairs = BASE.to_vec();
+        pairs.push(("AWS_LAMBDA_FUNCTION_NAME", "rest"));
+        let c = Config::from_lookup(lookup(&pairs)).expect("valid");
+        assert_eq!(c.log_format, LogFormat::Json);
+    }
+}

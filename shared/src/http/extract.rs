@@ -1,0 +1,123 @@
+//! Request extractors whose every rejection uses the API's error shape.
+
+use axum::body::Bytes;
+use axum::extract::{FromRef, FromRequest, FromRequestParts, Path, Query, Request};
+use axum::http::StatusCode;
+use axum::http::request::Parts;
+use serde_json::{Map, Value};
+use std::collections::HashMap;
+
+use crate::auth::{AuthUser, bearer_token};
+use crate::domain::{RoomId, UserId};
+use crate::error::Error;
+
+use super::AppState;
+
+/// The authenticated caller. Every token failure is a 401; there is no
+/// anonymous fallback. The user is recorded (or their profile refreshed)
+/// on the way in, as PROTOCOL §1 requires.
+#[derive(Debug, Clone)]
+pub struct Caller(pub AuthUser);
+
+impl<S> FromRequestParts<S> for Caller
+where
+    AppState: FromRef<S>,
+    S: Send + Sync,
+{
+    type Rejection = Error;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let state = AppState::from_ref(state);
+        let header = parts
+            .headers
+            .get(axum::http::header::AUTHORIZATION)
+            .ok_or_else(|| Error::unauthorized("missing bearer token"))?;
+        let token = header
+            .to_str()
+            .ok()
+            .and_then(bearer_token)
+            .ok_or_else(|| Error::unauthorized("malformed Authorization header"))?;
+        let user = state.verifier.verify(token)?;
+        state.chat.authenticate(&user).await?;
+        Ok(Self(user))
+    }
+}
+
+/// A JSON object body. Malformed JSON or a non-object is 400; a body over
+/// the limit is 413.
+#[derive(Debug, Clone)]
+pub struct JsonObject(pub Map<String, Value>);
+
+impl<S: Send + Sync> FromRequest<S> for JsonObject {
+    type Rejection = Error;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
+            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                Error::PayloadTooLarge("request body exceeds 256 KiB".into())
+            } else {
+                Error::bad_request("could not read the request body")
+            }
+        })?;
+        match serde_json::from_slice::<Value>(&bytes) {
+            Ok(Value::Object(map)) => Ok(Self(map)),
+            Ok(_) => Err(Error::bad_request("body must be a JSON object")),
+            Err(_) if bytes.is_empty() => Err(Error::bad_request("body must be a JSON object")),
+            Err(_) => Err(Error::bad_request("malformed JSON body")),
+        }
+    }
+}
+
+/// Query parameters as strings (each route parses its own).
+#[derive(Debug, Clone)]
+pub struct Params(pub HashMap<String, String>);
+
+impl<S: Send + Sync> FromRequestParts<S> for Params {
+    type Rejection = Error;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let Query(map) = Query::<HashMap<String, String>>::from_request_parts(parts, state)
+            .await
+            .map_err(|_| Error::bad_request("malformed query string"))?;
+        Ok(Self(map))
+    }
+}
+
+/// The `:roomId` path segment, parsed.
+#[derive(Debug, Clone)]
+pub struct RoomPath(pub RoomId);
+
+impl<S: Send + Sync> FromRequestParts<S> for RoomPath {
+    type Rejection = Error;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let Path(params) = Path::<HashMap<String, String>>::from_request_parts(parts, state)
+            .await
+            .map_err(|_| Error::bad_request("malformed path"))?;
+        let raw = params
+            .get("roomId")
+            .ok_or_else(|| Error::bad_request("roomId is required"))?;
+        Ok(Self(RoomId::parse(raw)?))
+    }
+}
+
+/// The `:roomId` and `:userId` path segments, parsed.
+#[derive(Debug, Clone)]
+pub struct RoomUserPath(pub RoomId, pub UserId);
+
+impl<S: Send + Sync> FromRequestParts<S> for RoomUserPath {
+    type Rejection = Error;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let Path(params) = Path::<HashMap<String, String>>::from_request_parts(parts, state)
+            .await
+            .map_err(|_| Error::bad_request("malformed path"))?;
+        let room = params
+            .get("roomId")
+            .ok_or_else(|| Error::bad_request("roomId is required"))?;
+        let user = params
+            .get("userId")
+            .ok_or_else(|| Error::bad_request("userId is required"))?;
+        Ok(Self(RoomId::parse(room)?, UserId::parse(user, "userId")?))
+    }
+}

@@ -1,0 +1,91 @@
+//! The REST API of PROTOCOL.md §4 as one axum [`Router`].
+//!
+//! `functions/rest` runs [`app`] under `lambda_http`; the local stack serves
+//! it directly, beside the WebSocket gateway. Every failure, including
+//! unknown routes, bad bodies and refused tokens, answers with the API's
+//! error shape.
+//!
+//! # Layout
+//! - [`extract`]: the caller, JSON body, query and path extractors.
+//! - [`routes`]: one handler per route under `/api/v1/chat`.
+//! - `error`: [`crate::Error`] as an HTTP response.
+
+mod error;
+pub mod extract;
+pub mod routes;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::StatusCode;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use serde_json::json;
+
+use crate::auth::TokenVerifier;
+use crate::error::Error;
+use crate::service::Chat;
+
+/// Largest REST request body (PROTOCOL §4): 256 KiB.
+pub const MAX_BODY_BYTES: usize = 256 * 1024;
+
+/// What every handler shares. Cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    /// The use cases.
+    pub chat: Chat,
+    /// Checks bearer tokens.
+    pub verifier: Arc<dyn TokenVerifier>,
+    /// Shed load (429) while more requests than this wait for PostgreSQL.
+    pub max_waiting: usize,
+}
+
+/// The whole REST API: `/health` plus `/api/v1/chat/*`.
+pub fn app(state: AppState) -> Router {
+    Router::new()
+        .route("/health", get(health))
+        .nest("/api/v1/chat", routes::router(state.clone()))
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(state)
+}
+
+/// Answers 429 at once while the PostgreSQL pool has too many waiters,
+/// instead of queueing without bound.
+pub(crate) async fn shed_load(
+    State(state): State<AppState>,
+    request: Request,
+    next: Next,
+) -> Response {
+    if state.chat.store().waiting() > state.max_waiting {
+        return Error::rate_limited("server busy, retry later", 1).into_response();
+    }
+    next.run(request).await
+}
+
+async fn not_found() -> Error {
+    Error::not_found("no such endpoint")
+}
+
+/// `GET /health`: 200 when PostgreSQL and Redis answer within 2 s, else 503
+/// naming the one that is down.
+async fn health(State(state): State<AppState>) -> Response {
+    let timeout = Duration::from_secs(2);
+    let (pg, redis) = tokio::join!(
+        tokio::time::timeout(timeout, state.chat.store().ping()),
+        tokio::time::timeout(timeout, state.chat.presence().ping()),
+    );
+    let word = |ok: bool| if ok { "ok" } else { "down" };
+    let (pg_ok, redis_ok) = (matches!(pg, Ok(Ok(()))), matches!(redis, Ok(Ok(()))));
+    let all_ok = pg_ok && redis_ok;
+    let status = if all_ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let body = json!({"status": word(all_ok), "postgres": word(pg_ok), "redis": word(redis_ok)});
+    (status, axum::Json(body)).into_response()
+}

@@ -1,0 +1,245 @@
+//! The `/api/v1/chat` routes.
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use serde_json::{Value, json};
+
+use crate::domain::{
+    MAX_CALL_ID_CHARS, NewMessage, SequenceId, UserId, parse_query_int, parse_room_name,
+    parse_user_ids,
+};
+use crate::error::{Error, Result};
+use crate::service::{NewRoom, SNAPSHOT_MESSAGES};
+use crate::store::{PageQuery, Stored};
+
+use super::AppState;
+use super::extract::{Caller, JsonObject, Params, RoomPath, RoomUserPath};
+
+/// The routes, with load shedding in front of them.
+pub fn router(state: AppState) -> Router<AppState> {
+    Router::new()
+        .route("/rooms", get(list_rooms).post(create_room))
+        .route("/rooms/{roomId}/messages", get(history).post(send_message))
+        .route("/rooms/{roomId}/unread", get(unread))
+        .route("/rooms/{roomId}/read", post(mark_read))
+        .route("/rooms/{roomId}/online", get(online))
+        .route("/rooms/{roomId}/cleanup", delete(cleanup))
+        .route("/rooms/{roomId}/members", post(add_members))
+        .route("/rooms/{roomId}/members/{userId}", delete(remove_member))
+        .route("/direct", post(direct))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state,
+            super::shed_load,
+        ))
+}
+
+async fn list_rooms(State(state): State<AppState>, Caller(user): Caller) -> Result<Json<Value>> {
+    let rooms = state.chat.list_rooms(&user).await?;
+    Ok(Json(json!({"count": rooms.len(), "rooms": rooms})))
+}
+
+async fn history(
+    State(state): State<AppState>,
+    Caller(user): Caller,
+    RoomPath(room_id): RoomPath,
+    Params(params): Params,
+) -> Result<Json<Value>> {
+    let limit = match params.get("limit") {
+        Some(raw) => parse_query_int(raw, "limit", 1, 100)?,
+        None => 100,
+    };
+    let before = params
+        .get("beforeSequenceId")
+        .map(|raw| SequenceId::from_query(raw, "beforeSequenceId"))
+        .transpose()?;
+    let after = params
+        .get("afterSequenceId")
+        .map(|raw| SequenceId::from_query(raw, "afterSequenceId"))
+        .transpose()?;
+    let snap = state
+        .chat
+        .snapshot(
+            &user,
+            &room_id,
+            PageQuery {
+                before,
+                after,
+                limit,
+            },
+        )
+        .await?;
+    Ok(Json(json!({
+        "messages": snap.messages,
+        "count": snap.messages.len(),
+        "unreadCount": snap.unread_count,
+        "hasMore": snap.has_more,
+    })))
+}
+
+async fn send_message(
+    State(state): State<AppState>,
+    Caller(user): Caller,
+    RoomPath(room_id): RoomPath,
+    JsonObject(body): JsonObject,
+) -> Result<Response> {
+    let message = NewMessage::parse(&body, user.is_admin)?;
+    Ok(
+        match state.chat.send_message(&user, &room_id, &message).await? {
+            Stored::New(msg) => {
+                (StatusCode::CREATED, Json(json!({"message": msg}))).into_response()
+            }
+            Stored::Duplicate(msg) => {
+                (StatusCode::OK, Json(json!({"message": msg}))).into_response()
+            }
+        },
+    )
+}
+
+async fn unread(
+    State(state): State<AppState>,
+    Caller(user): Caller,
+    RoomPath(room_id): RoomPath,
+) -> Result<Json<Value>> {
+    let count = state.chat.unread_count(&user, &room_id).await?;
+    Ok(Json(json!({"roomId": room_id, "unreadCount": count})))
+}
+
+async fn mark_read(
+    State(state): State<AppState>,
+    Caller(user): Caller,
+    RoomPath(room_id): RoomPath,
+    JsonObject(body): JsonObject,
+) -> Result<Json<Value>> {
+    let sequence_id = match body.get("sequenceId") {
+        Some(v) => SequenceId::from_json(v, "sequenceId")?,
+        None => return Err(Error::bad_request("sequenceId is required")),
+    };
+    let cursor = state.chat.mark_read(&user, &room_id, sequence_id).await?;
+    Ok(Json(
+        json!({"success": true, "roomId": room_id, "markedUpTo": cursor}),
+    ))
+}
+
+async fn online(
+    State(state): State<AppState>,
+    Caller(user): Caller,
+    RoomPath(room_id): RoomPath,
+) -> Result<Json<Value>> {
+    let users = state.chat.online_in_room(&user, &room_id).await?;
+    Ok(Json(
+        json!({"roomId": room_id, "onlineUsers": users, "count": users.len()}),
+    ))
+}
+
+async fn direct(
+    State(state): State<AppState>,
+    Caller(user): Caller,
+    JsonObject(body): JsonObject,
+) -> Result<Json<Value>> {
+    let target = match body.get("targetUserId") {
+        Some(Value::String(s)) => UserId::parse(s, "targetUserId")?,
+        _ => return Err(Error::bad_request("targetUserId must be a user id")),
+    };
+    let room_id = state.chat.direct_room(&user, &target).await?;
+    let snap = state
+        .chat
+        .snapshot(
+            &user,
+            &room_id,
+            PageQuery {
+                before: None,
+                after: None,
+                limit: SNAPSHOT_MESSAGES,
+            },
+        )
+        .await?;
+    Ok(Json(json!({
+        "room": snap.room_view(),
+        "messages": snap.messages,
+        "unreadCount": snap.unread_count,
+    })))
+}
+
+async fn cleanup(
+    State(state): State<AppState>,
+    Caller(user): Caller,
+    RoomPath(room_id): RoomPath,
+) -> Result<Json<Value>> {
+    let (deleted, kept) = state.chat.cleanup(&user, &room_id).await?;
+    Ok(Json(
+        json!({"roomId": room_id, "deleted": deleted, "kept": kept}),
+    ))
+}
+
+async fn create_room(
+    State(state): State<AppState>,
+    Caller(user): Caller,
+    JsonObject(body): JsonObject,
+) -> Result<Response> {
+    let member_ids = match body.get("memberIds") {
+        None | Some(Value::Null) => Vec::new(),
+        some => parse_user_ids(some, "memberIds")?,
+    };
+    let request = match body.get("type").and_then(Value::as_str) {
+        Some("GROUP") => NewRoom::Group {
+            name: parse_room_name(body.get("name"))?,
+            member_ids,
+        },
+        Some("CALL") => {
+            let call_id = match body.get("callId") {
+                Some(Value::String(s))
+                    if !s.is_empty()
+                        && s.chars().count() <= MAX_CALL_ID_CHARS
+                        && !s.contains('\0') =>
+                {
+                    s.clone()
+                }
+                _ => {
+                    return Err(Error::bad_request(
+                        "callId must be a string of 1-128 characters",
+                    ));
+                }
+            };
+            let name = match body.get("name") {
+                None | Some(Value::Null) => None,
+                some => Some(parse_room_name(some)?),
+            };
+            NewRoom::Call {
+                call_id,
+                name,
+                member_ids,
+            }
+        }
+        _ => return Err(Error::bad_request("type must be GROUP or CALL")),
+    };
+    let (room, created) = state.chat.create_room(&user, request).await?;
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(json!({"room": room}))).into_response())
+}
+
+async fn add_members(
+    State(state): State<AppState>,
+    Caller(user): Caller,
+    RoomPath(room_id): RoomPath,
+    JsonObject(body): JsonObject,
+) -> Result<Json<Value>> {
+    let user_ids = parse_user_ids(body.get("userIds"), "userIds")?;
+    let room = state.chat.add_members(&user, &room_id, &user_ids).await?;
+    Ok(Json(json!({"room": room})))
+}
+
+async fn remove_member(
+    State(state): State<AppState>,
+    Caller(user): Caller,
+    RoomUserPath(room_id, target): RoomUserPath,
+) -> Result<StatusCode> {
+    state.chat.remove_member(&user, &room_id, &target).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
