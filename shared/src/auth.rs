@@ -56,6 +56,8 @@ impl Hs256Verifier {
     pub fn new(secret: &SecretString, issuer: Option<&str>, audience: Option<&str>) -> Self {
         let mut validation = Validation::new(Algorithm::HS256);
         validation.leeway = 0;
+        // A token that is not valid yet is refused like an expired one.
+        validation.validate_nbf = true;
         let mut required = vec!["exp", "sub"];
         if issuer.is_some() {
             required.push("iss");
@@ -218,6 +220,19 @@ mod tests {
         assert!(verifier().verify("not a token").is_err());
         let bad_sub = mint_hs256(&secret(), &DevClaims::new("bad sub", 60)).expect("mint");
         assert!(verifier().verify(&bad_sub).is_err());
+    }
+
+    #[test]
+    fn refuses_tokens_that_are_not_valid_yet() {
+        let now = chrono::Utc::now().timestamp();
+        let claims = serde_json::json!({"sub": "u1", "exp": now + 600, "nbf": now + 300});
+        let token = jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(b"test-secret"),
+        )
+        .expect("encode");
+        assert!(verifier().verify(&token).is_err());
     }
 
     #[test]

@@ -176,13 +176,22 @@ impl SequenceId {
         Self(value)
     }
 
-    /// Parses a JSON value that must be a non-negative integer.
+    /// Parses a JSON value that must be a non-negative integer. JSON has one
+    /// number type, so an integral value written with a fraction or an
+    /// exponent (`5.0`, `5e0`, as some encoders of doubles emit) is that
+    /// integer, as the baseline's `Number.isSafeInteger` takes it.
     ///
     /// # Errors
     /// `BAD_REQUEST` naming `field` for anything else (strings, fractions,
     /// negatives, values beyond 2^53).
     pub fn from_json(value: &Value, field: &str) -> Result<Self, Error> {
-        match value.as_i64() {
+        let integral = value.as_i64().or_else(|| {
+            value
+                .as_f64()
+                .filter(|f| f.fract() == 0.0 && f.abs() <= MAX_SAFE_INTEGER as f64)
+                .map(|f| f as i64)
+        });
+        match integral {
             Some(n) if (0..=MAX_SAFE_INTEGER).contains(&n) => Ok(Self(n)),
             _ => Err(Error::bad_request(format!(
                 "{field} must be a non-negative integer"
@@ -397,10 +406,12 @@ impl NewMessage {
     }
 }
 
-/// Empty or only white space (including the byte-order mark, as JavaScript's
-/// `trim()` counts it).
+/// Empty or only white space, as JavaScript's `trim()` sees it (the
+/// baseline's rule): Unicode `White_Space` plus the byte-order mark, but not
+/// U+0085 (NEXT LINE), which `trim()` keeps.
 pub fn is_blank(s: &str) -> bool {
-    s.chars().all(|c| c.is_whitespace() || c == '\u{feff}')
+    s.chars()
+        .all(|c| (c.is_whitespace() && c != '\u{85}') || c == '\u{feff}')
 }
 
 fn json_storable(value: &Value) -> bool {
@@ -528,9 +539,11 @@ mod tests {
 
     #[test]
     fn blank_content_is_refused_except_described_media() {
-        for content in ["", "   ", "\n\t", "\u{feff}"] {
+        for content in ["", "   ", "\n\t", "\u{feff}", "\u{3000}\u{a0}\u{2028}"] {
             assert!(NewMessage::parse(&obj(json!({"content": content})), false).is_err());
         }
+        // JavaScript's trim() keeps U+0085, so it is content.
+        assert!(NewMessage::parse(&obj(json!({"content": "\u{85}"})), false).is_ok());
         let image = NewMessage::parse(
             &obj(json!({"type": "image", "metadata": {"url": "x"}})),
             false,
@@ -616,6 +629,18 @@ mod tests {
     #[test]
     fn sequence_ids_from_json() {
         assert!(SequenceId::from_json(&json!(0), "s").is_ok());
+        assert_eq!(
+            SequenceId::from_json(&json!(5.0), "s").ok(),
+            Some(SequenceId(5))
+        );
+        assert_eq!(
+            SequenceId::from_json(&json!(9_007_199_254_740_991.0), "s").ok(),
+            Some(SequenceId(MAX_SAFE_INTEGER))
+        );
+        assert!(SequenceId::from_json(&json!(9_007_199_254_740_992.0), "s").is_err());
+        assert!(SequenceId::from_json(&json!(9_007_199_254_740_992_i64), "s").is_err());
+        assert!(SequenceId::from_json(&json!(-1.0), "s").is_err());
+        assert!(SequenceId::from_json(&json!(null), "s").is_err());
         assert!(SequenceId::from_json(&json!(-1), "s").is_err());
         assert!(SequenceId::from_json(&json!(1.5), "s").is_err());
         assert!(SequenceId::from_json(&json!("3"), "s").is_err());

@@ -49,6 +49,9 @@ pub fn app(state: AppState) -> Router {
         .route("/health", get(health))
         .nest("/api/v1/chat", routes::router(state.clone()))
         .fallback(not_found)
+        // A known path with another method is "no such endpoint" too (as
+        // the baseline answers), not axum's bare 405 without the error body.
+        .method_not_allowed_fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
 }

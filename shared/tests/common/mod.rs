@@ -358,3 +358,542 @@ pub fn token_with(user: &str, edit: impl FnOnce(&mut DevClaims)) -> String {
     edit(&mut claims);
     mint_hs256(&SecretString::from(SECRET), &claims).expect("mint")
 }
+
+// ---------------------------------------------------------------------------
+// Helpers for the REST suites (rest_auth, rest_rooms, rest_messages, sequence).
+
+/// Where the REST API lives.
+pub const API: &str = "/api/v1/chat";
+
+impl TestEnv {
+    /// Another env over the same database, Redis prefix and channel: a second
+    /// instance of the service (e.g. with a different `MESSAGE_RETENTION`).
+    pub fn sharing(&self) -> Self {
+        Self {
+            vars: self.vars.clone(),
+        }
+    }
+}
+
+impl TestApp {
+    /// Sends a request with exactly these headers (no `authorization` or
+    /// `content-type` added): for malformed `Authorization` headers.
+    pub async fn call_with_headers(
+        &self,
+        method: Method,
+        path: &str,
+        headers: &[(&str, axum::http::HeaderValue)],
+        body: Option<Body>,
+    ) -> Reply {
+        let mut builder = Request::builder().method(method).uri(path);
+        for (name, value) in headers {
+            builder = builder.header(*name, value.clone());
+        }
+        let request = builder
+            .body(body.unwrap_or_else(Body::empty))
+            .expect("request");
+        let response = self
+            .router
+            .clone()
+            .oneshot(request)
+            .await
+            .expect("infallible");
+        let status = response.status();
+        let headers = response.headers().clone();
+        let bytes = response
+            .into_body()
+            .collect()
+            .await
+            .expect("body")
+            .to_bytes();
+        let body = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes)
+                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()))
+        };
+        Reply {
+            status,
+            headers,
+            body,
+        }
+    }
+
+    /// Sends a raw (possibly malformed) body with a bearer token.
+    pub async fn post_raw(&self, path: &str, token: &str, raw: impl Into<Body>) -> Reply {
+        self.call(Method::POST, path, Some(token), Some(raw.into()))
+            .await
+    }
+
+    /// `POST /rooms/:room/messages` with any body; returns the reply as is.
+    pub async fn send_body(&self, user: &str, room: &str, body: Value) -> Reply {
+        self.post(
+            &format!("{API}/rooms/{room}/messages"),
+            &self.token(user),
+            body,
+        )
+        .await
+    }
+
+    /// `GET /rooms/:room/messages?<query>` as `user`, expecting 200.
+    pub async fn history(&self, user: &str, room: &str, query: &str) -> Value {
+        let path = if query.is_empty() {
+            format!("{API}/rooms/{room}/messages")
+        } else {
+            format!("{API}/rooms/{room}/messages?{query}")
+        };
+        let r = self.get(&path, &self.token(user)).await;
+        assert_eq!(r.status, StatusCode::OK, "{path}: {}", r.body);
+        r.body
+    }
+
+    /// Every stored sequence id of a room, oldest first, read page by page
+    /// with `afterSequenceId`.
+    pub async fn all_sequence_ids(&self, user: &str, room: &str) -> Vec<i64> {
+        let mut ids = Vec::new();
+        let mut after = 0;
+        loop {
+            let page = self
+                .history(user, room, &format!("afterSequenceId={after}&limit=100"))
+                .await;
+            let messages = page["messages"].as_array().expect("messages");
+            ids.extend(
+                messages
+                    .iter()
+                    .map(|m| m["sequenceId"].as_i64().expect("sequenceId")),
+            );
+            if page["hasMore"] != Value::Bool(true) {
+                break;
+            }
+            after = *ids.last().expect("a full page is not empty");
+        }
+        ids
+    }
+
+    /// `POST /rooms/:room/read` as `user`, expecting 200; returns `markedUpTo`.
+    pub async fn mark_read(&self, user: &str, room: &str, sequence_id: i64) -> i64 {
+        let r = self
+            .post(
+                &format!("{API}/rooms/{room}/read"),
+                &self.token(user),
+                serde_json::json!({ "sequenceId": sequence_id }),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+        r.body["markedUpTo"].as_i64().expect("markedUpTo")
+    }
+
+    /// `GET /rooms/:room/unread` as `user`, expecting 200.
+    pub async fn unread(&self, user: &str, room: &str) -> i64 {
+        let r = self
+            .get(&format!("{API}/rooms/{room}/unread"), &self.token(user))
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+        r.body["unreadCount"].as_i64().expect("unreadCount")
+    }
+
+    /// The `GET /rooms` entry of `room` as `user` sees it.
+    pub async fn room_entry(&self, user: &str, room: &str) -> Value {
+        let r = self.get(&format!("{API}/rooms"), &self.token(user)).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+        r.body["rooms"]
+            .as_array()
+            .expect("rooms")
+            .iter()
+            .find(|e| e["id"] == room)
+            .cloned()
+            .unwrap_or_else(|| panic!("{room} not in {user}'s rooms"))
+    }
+
+    /// This test's Redis key prefix.
+    pub fn redis_prefix(&self) -> &str {
+        &self.env.vars["REDIS_KEY_PREFIX"]
+    }
+
+    /// Marks `user` online the way the WebSocket side does: in the online set.
+    pub async fn set_online(&self, user: &str) {
+        let client = redis::Client::open(redis_url()).expect("redis url");
+        let mut conn = client
+            .get_multiplexed_async_connection()
+            .await
+            .expect("redis");
+        let key = chat_shared::presence::Keys::new(self.redis_prefix()).online();
+        let _: i64 = redis::cmd("SADD")
+            .arg(key)
+            .arg(user)
+            .query_async(&mut conn)
+            .await
+            .expect("SADD");
+    }
+}
+
+/// The error code PROTOCOL §4 pairs with a status.
+pub fn code_for(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        400 => "BAD_REQUEST",
+        401 => "UNAUTHORIZED",
+        403 => "FORBIDDEN",
+        404 => "NOT_FOUND",
+        409 => "CONFLICT",
+        413 => "PAYLOAD_TOO_LARGE",
+        429 => "RATE_LIMITED",
+        500 => "INTERNAL",
+        503 => "UNAVAILABLE",
+        other => panic!("{other} is not an error status of the contract"),
+    }
+}
+
+/// Asserts `reply` is an error with this status and exactly the body
+/// `{"error": {"code": <code of the status>, "message": <non-empty string>}}`.
+/// Returns the message. `context` names the request in failures.
+pub fn expect_error(reply: &Reply, status: StatusCode, context: &str) -> String {
+    assert_eq!(
+        reply.status, status,
+        "{context}: status (body {})",
+        reply.body
+    );
+    let body = reply
+        .body
+        .as_object()
+        .unwrap_or_else(|| panic!("{context}: error body is not an object: {}", reply.body));
+    assert_eq!(
+        body.len(),
+        1,
+        "{context}: only `error` at the top: {}",
+        reply.body
+    );
+    let error = body
+        .get("error")
+        .and_then(Value::as_object)
+        .unwrap_or_else(|| panic!("{context}: no `error` object: {}", reply.body));
+    let mut keys: Vec<&str> = error.keys().map(String::as_str).collect();
+    keys.sort_unstable();
+    assert_eq!(
+        keys,
+        ["code", "message"],
+        "{context}: error fields: {}",
+        reply.body
+    );
+    assert_eq!(
+        error["code"],
+        code_for(status),
+        "{context}: code: {}",
+        reply.body
+    );
+    let message = error["message"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{context}: message is not a string: {}", reply.body));
+    assert!(!message.trim().is_empty(), "{context}: empty message");
+    let content_type = reply
+        .headers
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    assert!(
+        content_type.starts_with("application/json"),
+        "{context}: content-type {content_type:?}"
+    );
+    message.to_owned()
+}
+
+/// Asserts a success status, showing the body on failure.
+pub fn expect_status(reply: &Reply, status: StatusCode, context: &str) {
+    assert_eq!(reply.status, status, "{context}: body {}", reply.body);
+}
+
+/// The keys of a JSON object, sorted.
+pub fn keys(value: &Value) -> Vec<String> {
+    let mut keys: Vec<String> = value
+        .as_object()
+        .unwrap_or_else(|| panic!("not an object: {value}"))
+        .keys()
+        .cloned()
+        .collect();
+    keys.sort_unstable();
+    keys
+}
+
+/// Asserts a timestamp is RFC 3339 UTC with milliseconds: `2025-11-06T12:00:00.000Z`.
+pub fn assert_timestamp(value: &Value) {
+    let s = value
+        .as_str()
+        .unwrap_or_else(|| panic!("timestamp is not a string: {value}"));
+    let parsed = chrono::DateTime::parse_from_rfc3339(s).unwrap_or_else(|e| panic!("{s}: {e}"));
+    let canonical = parsed
+        .with_timezone(&chrono::Utc)
+        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    assert_eq!(s, canonical, "timestamp format");
+    assert_eq!(s.len(), "2025-11-06T12:00:00.000Z".len(), "{s}");
+}
+
+/// Asserts a profile has exactly `{id, username, displayName, avatar}`.
+pub fn assert_profile(value: &Value, id: &str) {
+    assert_eq!(
+        keys(value),
+        ["avatar", "displayName", "id", "username"],
+        "{value}"
+    );
+    assert_eq!(value["id"], id, "{value}");
+    assert!(value["username"].is_string(), "{value}");
+    for field in ["displayName", "avatar"] {
+        assert!(
+            value[field].is_string() || value[field].is_null(),
+            "{value}"
+        );
+    }
+}
+
+/// Asserts a message object has exactly the fields of PROTOCOL §2.
+pub fn assert_message(value: &Value) {
+    assert_eq!(
+        keys(value),
+        [
+            "clientMessageId",
+            "content",
+            "createdAt",
+            "id",
+            "metadata",
+            "readBy",
+            "roomId",
+            "sender",
+            "senderId",
+            "sequenceId",
+            "type"
+        ],
+        "{value}"
+    );
+    assert!(
+        value["id"]
+            .as_str()
+            .is_some_and(|id| id.starts_with("msg_")),
+        "{value}"
+    );
+    assert!(value["roomId"].is_string(), "{value}");
+    assert!(value["content"].is_string(), "{value}");
+    assert!(
+        ["text", "image", "gift", "system"].contains(&value["type"].as_str().unwrap_or_default()),
+        "{value}"
+    );
+    assert!(
+        value["metadata"].is_null() || value["metadata"].is_object(),
+        "{value}"
+    );
+    assert!(
+        value["sequenceId"].as_i64().is_some_and(|n| n >= 1),
+        "{value}"
+    );
+    assert!(
+        value["clientMessageId"].is_null() || value["clientMessageId"].is_string(),
+        "{value}"
+    );
+    let sender_id = value["senderId"].as_str().expect("senderId");
+    assert_profile(&value["sender"], sender_id);
+    let read_by = value["readBy"].as_array().expect("readBy is an array");
+    assert!(
+        read_by.iter().all(|u| u.is_string() && u != sender_id),
+        "readBy never holds the sender: {value}"
+    );
+    assert_timestamp(&value["createdAt"]);
+}
+
+/// Asserts a room object has the fields of PROTOCOL §4 (and the baseline's
+/// `callId`, `lastSequenceId`, `createdAt`), typed as the contract says.
+pub fn assert_room(value: &Value) {
+    assert_eq!(
+        keys(value),
+        [
+            "callId",
+            "createdAt",
+            "id",
+            "lastMessageAt",
+            "lastMessageText",
+            "lastSequenceId",
+            "members",
+            "name",
+            "type",
+            "user1",
+            "user2"
+        ],
+        "{value}"
+    );
+    assert!(
+        value["id"]
+            .as_str()
+            .is_some_and(|id| id.starts_with("room_")),
+        "{value}"
+    );
+    let kind = value["type"].as_str().expect("type");
+    let members = value["members"].as_array().expect("members");
+    for m in members {
+        assert_profile(m, m["id"].as_str().expect("member id"));
+    }
+    match kind {
+        "DIRECT" => {
+            assert_eq!(members.len(), 2, "{value}");
+            for side in ["user1", "user2"] {
+                let id = value[side]["id"].as_str().expect("DIRECT side id");
+                assert_profile(&value[side], id);
+                assert!(
+                    members.contains(&value[side]),
+                    "{side} is a member: {value}"
+                );
+            }
+            assert_ne!(value["user1"]["id"], value["user2"]["id"]);
+        }
+        "GROUP" | "CALL" => {
+            assert!(
+                value["user1"].is_null() && value["user2"].is_null(),
+                "{value}"
+            );
+        }
+        other => panic!("unknown room type {other}"),
+    }
+    assert!(
+        value["lastSequenceId"].as_i64().is_some_and(|n| n >= 0),
+        "{value}"
+    );
+    if value["lastMessageAt"].is_null() {
+        assert!(value["lastMessageText"].is_null(), "{value}");
+    } else {
+        assert_timestamp(&value["lastMessageAt"]);
+        assert!(value["lastMessageText"].is_string(), "{value}");
+    }
+    assert_timestamp(&value["createdAt"]);
+}
+
+/// The member ids of a room object, in order.
+pub fn member_ids(room: &Value) -> Vec<String> {
+    room["members"]
+        .as_array()
+        .expect("members")
+        .iter()
+        .map(|m| m["id"].as_str().expect("id").to_owned())
+        .collect()
+}
+
+/// The sequence ids of a page's `messages`.
+pub fn sequence_ids(page: &Value) -> Vec<i64> {
+    page["messages"]
+        .as_array()
+        .expect("messages")
+        .iter()
+        .map(|m| m["sequenceId"].as_i64().expect("sequenceId"))
+        .collect()
+}
+
+/// base64url without padding, as JWTs use it.
+pub fn base64url(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        let sextets = [(n >> 18) & 63, (n >> 12) & 63, (n >> 6) & 63, n & 63];
+        for s in sextets.iter().take(chunk.len() + 1) {
+            out.push(char::from(ALPHABET[*s as usize]));
+        }
+    }
+    out
+}
+
+/// An unsigned token (`alg: none`, empty signature) for `user`, otherwise valid.
+pub fn unsigned_token(user: &str) -> String {
+    let header = base64url(br#"{"alg":"none","typ":"JWT"}"#);
+    let exp = chrono::Utc::now().timestamp() + 3600;
+    let payload = base64url(
+        serde_json::json!({"sub": user, "exp": exp, "role": "admin"})
+            .to_string()
+            .as_bytes(),
+    );
+    format!("{header}.{payload}.")
+}
+
+/// A token for `user` that expired a minute ago, correctly signed.
+pub fn expired_token(user: &str) -> String {
+    token_with(user, |c| c.exp = chrono::Utc::now().timestamp() - 60)
+}
+
+/// A token for `user` signed with the wrong secret.
+pub fn forged_token(user: &str) -> String {
+    mint_hs256(
+        &SecretString::from("not-the-secret"),
+        &DevClaims::new(user, 3600),
+    )
+    .expect("mint")
+}
+
+/// Signs arbitrary claims with the suite's secret and `alg`.
+pub fn sign_claims(alg: jsonwebtoken::Algorithm, claims: &Value) -> String {
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(alg),
+        claims,
+        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .expect("sign")
+}
+
+/// Every authenticated REST route of PROTOCOL §4, with a valid body where
+/// it takes one: `(method, path, body)`. `room` is a room `user` may use;
+/// `other` a second known user.
+pub fn authed_routes(room: &str, other: &str) -> Vec<(Method, String, Option<Value>)> {
+    use serde_json::json;
+    vec![
+        (Method::GET, format!("{API}/rooms"), None),
+        (
+            Method::POST,
+            format!("{API}/rooms"),
+            Some(json!({"type": "GROUP", "name": "g", "memberIds": [other]})),
+        ),
+        (Method::GET, format!("{API}/rooms/{room}/messages"), None),
+        (
+            Method::POST,
+            format!("{API}/rooms/{room}/messages"),
+            Some(json!({"content": "hi"})),
+        ),
+        (Method::GET, format!("{API}/rooms/{room}/unread"), None),
+        (
+            Method::POST,
+            format!("{API}/rooms/{room}/read"),
+            Some(json!({"sequenceId": 1})),
+        ),
+        (Method::GET, format!("{API}/rooms/{room}/online"), None),
+        (
+            Method::POST,
+            format!("{API}/direct"),
+            Some(json!({"targetUserId": other})),
+        ),
+        (Method::DELETE, format!("{API}/rooms/{room}/cleanup"), None),
+        (
+            Method::POST,
+            format!("{API}/rooms/{room}/members"),
+            Some(json!({"userIds": [other]})),
+        ),
+        (
+            Method::DELETE,
+            format!("{API}/rooms/{room}/members/{other}"),
+            None,
+        ),
+    ]
+}
+
+impl TestApp {
+    /// Calls one of [`authed_routes`] with `token`.
+    pub async fn call_route(
+        &self,
+        route: &(Method, String, Option<Value>),
+        token: Option<&str>,
+    ) -> Reply {
+        let (method, path, body) = route;
+        self.call(
+            method.clone(),
+            path,
+            token,
+            body.as_ref().map(|b| Body::from(b.to_string())),
+        )
+        .await
+    }
+}
