@@ -1,0 +1,256 @@
+//! The relay: the one long-running piece of the backend (ARCHITECTURE.md).
+//!
+//! Handlers publish every outbound event as an envelope on the Redis pub/sub
+//! channel `BROADCAST_CHANNEL` (PROTOCOL.md §5). The relay subscribes,
+//! resolves each envelope's targets to WebSocket connection ids in Redis,
+//! and pushes the event's JSON, byte for byte, to each connection's own
+//! Management API endpoint with `PostToConnection`. It runs as an ECS
+//! Fargate service in AWS, as the `relay` binary, or inside the local stack.
+//!
+//! Guarantees (PROTOCOL.md §2, "Who receives what"):
+//! - a room's events reach each connection in publish order: envelopes are
+//!   sharded by ordering key, each shard handles its envelopes one at a
+//!   time, and each connection's posts leave one at a time in queue order;
+//! - a room's `message` events reach each joined connection once each, in
+//!   increasing `sequenceId`, with no gap: repeats are skipped and gaps are
+//!   filled from memory or PostgreSQL (module `shard`);
+//! - a `410 Gone` removes a stale connection (after a grace period for
+//!   connections still in `$connect`), and expired presence leases are
+//!   swept.
+//!
+//! # Layout
+//! - `lib.rs`: [`Relay`] (wiring, [`Relay::run`], shutdown) and
+//!   [`RelayOptions`].
+//! - `subscriber`: the pub/sub subscription, with reconnects; hands each
+//!   envelope to its shard.
+//! - `shard`: ordered handling per ordering key; per-room dedupe, gap fill
+//!   and `Control::Sync`.
+//! - `resolve`: target → connections, with batched Redis reads.
+//! - `outbox`: per-connection ordered queues, the global in-flight bound,
+//!   the `410` policy.
+//! - [`management`], the API Gateway Management API clients.
+//! - `watermarks`: writes delivered marks back to Redis, so a restart or an
+//!   evicted room never redelivers.
+//! - `sweeper`: removes connections whose presence lease ran out.
+//! - [`metrics`], the counters.
+//! - `main.rs`: the `relay` binary, a thin shim.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use chat_shared::Config;
+use chat_shared::realtime::Realtime;
+use secrecy::{ExposeSecret as _, SecretString};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+pub mod management;
+pub mod metrics;
+mod outbox;
+mod resolve;
+mod shard;
+mod subscriber;
+mod sweeper;
+mod watermarks;
+
+pub use management::Management;
+pub use metrics::{MetricsSnapshot, RelayMetrics};
+
+/// Envelopes queued per shard before the bus reader waits for it.
+const SHARD_QUEUE: usize = 1024;
+
+/// How the relay behaves; [`RelayOptions::from_config`] gives the defaults.
+#[derive(Debug, Clone)]
+pub struct RelayOptions {
+    /// Most `PostToConnection` calls in flight at once (`RELAY_CONCURRENCY`).
+    pub concurrency: usize,
+    /// A `410 Gone` for a connection younger than this is retried (API
+    /// Gateway refuses posts until `$connect` has returned, and the
+    /// `connected` event is published during `$connect`); for an older one
+    /// it means the connection is stale. 5 s.
+    pub young_connection: Duration,
+    /// How often expired presence leases are swept:
+    /// `PRESENCE_TTL_SECONDS / 10`, between 1 s and 5 s.
+    pub sweep_interval: Duration,
+    /// Envelope shards (ordered lanes) handled in parallel. 16.
+    pub shards: usize,
+    /// A room's in-memory state (delivered marks, recent messages) is
+    /// dropped after this long without envelopes. 5 min.
+    pub room_idle: Duration,
+    /// At shutdown, how long queued envelopes and posts may take to finish.
+    /// 5 s (ECS waits 30 s between SIGTERM and SIGKILL).
+    pub drain_timeout: Duration,
+    /// Region of the Management API for `https://` endpoints (`AWS_REGION`).
+    pub aws_region: String,
+    /// How often the bus subscription is checked with `PING`: a connection
+    /// that died without a FIN (a failover, a NAT timeout) is otherwise
+    /// never noticed. 10 s.
+    pub bus_ping_interval: Duration,
+}
+
+impl RelayOptions {
+    /// The defaults, with what `config` sets.
+    pub fn from_config(config: &Config) -> Self {
+        Self {
+            concurrency: config.relay_concurrency,
+            young_connection: Duration::from_secs(5),
+            sweep_interval: (config.presence_ttl / 10)
+                .clamp(Duration::from_secs(1), Duration::from_secs(5)),
+            shards: 16,
+            room_idle: Duration::from_secs(300),
+            drain_timeout: Duration::from_secs(5),
+            aws_region: config.aws_region.clone(),
+            bus_ping_interval: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The relay service. Build it once ([`Relay::new`] or
+/// [`Relay::from_parts`]) and [`run`](Relay::run) it until shutdown.
+pub struct Relay {
+    /// Presence (subscriptions, routes), Store (missed messages), Bus
+    /// channel, and the disconnect and sweep use cases.
+    realtime: Realtime,
+    /// The pub/sub subscription needs its own connection (a subscribed
+    /// connection can do nothing else), so the relay keeps the URL.
+    redis_url: SecretString,
+    /// The broadcast channel.
+    channel: String,
+    /// Behaviour knobs, fixed for the relay's life.
+    options: RelayOptions,
+    /// Built once: the HTTP client and one SDK client per endpoint.
+    management: Arc<Management>,
+    /// Shared with every task, readable from outside.
+    metrics: Arc<RelayMetrics>,
+}
+
+impl std::fmt::Debug for Relay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Relay")
+            .field("channel", &self.channel)
+            .field("options", &self.options)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Relay {
+    /// Builds the relay's clients from `config`: PostgreSQL pool, Redis
+    /// connection manager, Management API HTTP client.
+    ///
+    /// # Errors
+    /// When a URL is invalid or Redis does not answer at start-up.
+    pub async fn new(config: &Config) -> anyhow::Result<Self> {
+        let state = chat_shared::bootstrap::app_state(config)
+            .await
+            .context("building the relay's clients")?;
+        let realtime = Realtime::new(state.chat, config.presence_ttl);
+        Ok(Self::from_parts(
+            realtime,
+            config.redis_url.clone(),
+            config.broadcast_channel.clone(),
+            RelayOptions::from_config(config),
+        ))
+    }
+
+    /// A relay over clients the caller already has (the local stack,
+    /// tests). `redis_url` is for the pub/sub subscription on `channel`.
+    pub fn from_parts(
+        realtime: Realtime,
+        redis_url: SecretString,
+        channel: String,
+        options: RelayOptions,
+    ) -> Self {
+        let management = Arc::new(Management::new(options.aws_region.clone()));
+        Self {
+            realtime,
+            redis_url,
+            channel,
+            options,
+            management,
+            metrics: Arc::new(RelayMetrics::default()),
+        }
+    }
+
+    /// The relay's counters (live: keep the `Arc` and read it any time).
+    pub fn metrics(&self) -> Arc<RelayMetrics> {
+        self.metrics.clone()
+    }
+
+    /// Runs the bus subscription, the shards, the outboxes and the sweeper
+    /// until `shutdown` is cancelled; then stops reading, finishes queued
+    /// envelopes and posts (for at most `drain_timeout`), and returns.
+    ///
+    /// # Errors
+    /// Only when the Redis URL is invalid; Redis being down is retried.
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let client = redis::Client::open(self.redis_url.expose_secret())
+            .context("REDIS_URL is not a valid Redis URL")?;
+        let outboxes = outbox::Outboxes::new(
+            self.management.clone(),
+            self.realtime.clone(),
+            self.metrics.clone(),
+            self.options.concurrency,
+            self.options.young_connection,
+        );
+        let mut shards = JoinSet::new();
+        let mut senders = Vec::with_capacity(self.options.shards.max(1));
+        for _ in 0..self.options.shards.max(1) {
+            let (tx, rx) = mpsc::channel(SHARD_QUEUE);
+            senders.push(tx);
+            let shard = shard::Shard::new(
+                self.realtime.clone(),
+                outboxes.clone(),
+                self.metrics.clone(),
+                self.options.room_idle,
+            );
+            shards.spawn(shard.run(rx));
+        }
+        let sweeper = tokio::spawn(
+            sweeper::Sweeper {
+                realtime: self.realtime.clone(),
+                management: self.management.clone(),
+                outboxes: outboxes.clone(),
+                metrics: self.metrics.clone(),
+            }
+            .run(self.options.sweep_interval, shutdown.clone()),
+        );
+        tracing::info!(
+            channel = %self.channel,
+            shards = self.options.shards,
+            concurrency = self.options.concurrency,
+            "relay started"
+        );
+        subscriber::BusReader {
+            client,
+            channel: self.channel.clone(),
+            shards: senders,
+            metrics: self.metrics.clone(),
+            ping_interval: self.options.bus_ping_interval,
+        }
+        .run(shutdown)
+        .await;
+
+        // The reader dropped the shard senders: each shard finishes its
+        // queue, writes its marks back and stops; then the outboxes drain.
+        let deadline = tokio::time::Instant::now() + self.options.drain_timeout;
+        let drained = tokio::time::timeout_at(deadline, async {
+            while shards.join_next().await.is_some() {}
+            outboxes.drained().await;
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(
+                pending_connections = outboxes.active(),
+                "shutdown: gave up waiting for queued posts"
+            );
+            shards.abort_all();
+        }
+        if tokio::time::timeout_at(deadline, sweeper).await.is_err() {
+            tracing::warn!("shutdown: the sweeper did not stop in time");
+        }
+        tracing::info!("relay stopped");
+        Ok(())
+    }
+}

@@ -1,0 +1,106 @@
+//! Counters the relay keeps about itself: cheap atomics that any task bumps
+//! and that tests, logs and a future metrics endpoint read.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+/// Monotonic counters (relaxed atomics: each is exact on its own; a
+/// snapshot of several is not one instant).
+#[derive(Debug, Default)]
+pub struct RelayMetrics {
+    /// Envelopes read from the bus (including ones that target nobody).
+    pub envelopes: AtomicU64,
+    /// Bus messages that were not a valid envelope.
+    pub bad_envelopes: AtomicU64,
+    /// Successful SUBSCRIBEs to the broadcast channel: 1 after start-up,
+    /// one more per reconnect.
+    pub subscriptions: AtomicU64,
+    /// Posts API Gateway accepted.
+    pub posts_ok: AtomicU64,
+    /// Posts answered `410 Gone` for an established connection (which was
+    /// then removed as stale).
+    pub posts_gone: AtomicU64,
+    /// `410 Gone` answers for a connection still in its young window, each
+    /// retried.
+    pub gone_retries: AtomicU64,
+    /// Posts that failed otherwise (logged, not retried).
+    pub post_errors: AtomicU64,
+    /// Events dropped because a connection's outbox was full.
+    pub outbox_overflows: AtomicU64,
+    /// Connections whose `message` gap was filled before a newer message.
+    pub gap_fills: AtomicU64,
+    /// Gap fills and syncs that had to read PostgreSQL (the in-memory ring
+    /// did not hold the whole gap).
+    pub store_reads: AtomicU64,
+    /// Sweeper runs.
+    pub sweeps: AtomicU64,
+    /// Connections the sweeper removed (expired presence leases).
+    pub swept: AtomicU64,
+    /// Sum of the latency of every `PostToConnection`, in microseconds.
+    pub push_latency_us_sum: AtomicU64,
+    /// Number of latencies in [`RelayMetrics::push_latency_us_sum`].
+    pub push_latency_count: AtomicU64,
+}
+
+/// A plain copy of [`RelayMetrics`] at one moment.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[allow(missing_docs)] // each field mirrors the counter of the same name
+pub struct MetricsSnapshot {
+    pub envelopes: u64,
+    pub bad_envelopes: u64,
+    pub subscriptions: u64,
+    pub posts_ok: u64,
+    pub posts_gone: u64,
+    pub gone_retries: u64,
+    pub post_errors: u64,
+    pub outbox_overflows: u64,
+    pub gap_fills: u64,
+    pub store_reads: u64,
+    pub sweeps: u64,
+    pub swept: u64,
+    pub push_latency_us_sum: u64,
+    pub push_latency_count: u64,
+}
+
+impl MetricsSnapshot {
+    /// Mean `PostToConnection` latency so far.
+    pub fn mean_push_latency(&self) -> Option<Duration> {
+        (self.push_latency_count > 0)
+            .then(|| Duration::from_micros(self.push_latency_us_sum / self.push_latency_count))
+    }
+}
+
+impl RelayMetrics {
+    /// Adds one to `counter`.
+    pub(crate) fn bump(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Records one push latency.
+    pub(crate) fn record_push(&self, latency: Duration) {
+        let us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
+        self.push_latency_us_sum.fetch_add(us, Ordering::Relaxed);
+        self.push_latency_count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Reads every counter.
+    pub fn snapshot(&self) -> MetricsSnapshot {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        MetricsSnapshot {
+            envelopes: get(&self.envelopes),
+            bad_envelopes: get(&self.bad_envelopes),
+            subscriptions: get(&self.subscriptions),
+            posts_ok: get(&self.posts_ok),
+            posts_gone: get(&self.posts_gone),
+            gone_retries: get(&self.gone_retries),
+            post_errors: get(&self.post_errors),
+            outbox_overflows: get(&self.outbox_overflows),
+            gap_fills: get(&self.gap_fills),
+            store_reads: get(&self.store_reads),
+            sweeps: get(&self.sweeps),
+            swept: get(&self.swept),
+            push_latency_us_sum: get(&self.push_latency_us_sum),
+            push_latency_count: get(&self.push_latency_count),
+        }
+    }
+}

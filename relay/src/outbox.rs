@@ -1,0 +1,283 @@
+//! Per-connection outboxes: posts to one connection leave one after another,
+//! in the order they were queued; different connections are posted to in
+//! parallel, at most `concurrency` at a time overall.
+//!
+//! A connection has an outbox only while something is queued for it: the
+//! first event spawns a drain task, and the task removes the outbox and
+//! exits when it finds it empty. Queueing and that check happen under one
+//! lock, so no event is ever left behind in an outbox without a task.
+//!
+//! The drain task also applies the `410 Gone` policy (ARCHITECTURE.md,
+//! "Presence"): a connection younger than `young_connection` may still be
+//! in `$connect` (API Gateway refuses posts until `$connect` returns), so
+//! the post is retried with backoff until the connection is that old; an
+//! older one is stale, and is removed with `Realtime::disconnect`, which
+//! takes its subscriptions and presence with it and announces `offline`
+//! when it was the user's last.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use chat_shared::presence::Subscriber;
+use chat_shared::realtime::Realtime;
+use tokio::sync::Semaphore;
+use tokio_util::task::TaskTracker;
+
+use crate::management::{Management, PostOutcome};
+use crate::metrics::RelayMetrics;
+
+/// Most events queued for one connection; beyond it new events for that
+/// connection are dropped (and counted): a connection that cannot take
+/// what its rooms send must not hold the relay's memory hostage.
+const MAX_QUEUED: usize = 4096;
+/// First wait before re-posting to a young connection.
+const FIRST_RETRY: Duration = Duration::from_millis(20);
+/// Longest wait between re-posts to a young connection.
+const MAX_RETRY: Duration = Duration::from_millis(500);
+
+/// Where a connection is reached: immutable for a connection id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    /// API Gateway's connection id.
+    pub connection_id: String,
+    /// Its Management API endpoint.
+    pub endpoint: String,
+    /// When it connected (ms since the epoch): decides young or stale on 410.
+    pub connected_at_ms: i64,
+}
+
+impl From<&Subscriber> for Route {
+    fn from(s: &Subscriber) -> Self {
+        Self {
+            connection_id: s.connection_id.clone(),
+            endpoint: s.endpoint.clone(),
+            connected_at_ms: s.connected_at_ms,
+        }
+    }
+}
+
+/// What happened to one event for one connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pushed {
+    /// Accepted, or failed and given up on: go on with the next event.
+    Done,
+    /// The connection is gone for good: drop the rest of its outbox.
+    Stale,
+}
+
+/// One connection's queued events.
+struct Queue {
+    /// Told apart from a later outbox for the same id (after a stale
+    /// connection's outbox was dropped), so an old drain task never drains
+    /// a new outbox alongside its own task.
+    generation: u64,
+    /// Where the connection is reached (immutable for its id).
+    route: Route,
+    /// Events not posted yet, oldest first.
+    events: VecDeque<Arc<str>>,
+}
+
+#[derive(Default)]
+struct Queues {
+    /// Outboxes with a live drain task, by connection id.
+    by_connection: HashMap<String, Queue>,
+    /// The next outbox's generation.
+    next_generation: u64,
+}
+
+struct Inner {
+    /// The outboxes; a plain mutex, never held across an `.await`.
+    queues: Mutex<Queues>,
+    /// Bounds posts in flight across all connections (`RELAY_CONCURRENCY`).
+    permits: Semaphore,
+    /// The drain tasks, so shutdown can wait for queued posts.
+    tasks: TaskTracker,
+    /// Posts the events.
+    management: Arc<Management>,
+    /// Removes stale connections (410 Gone).
+    realtime: Realtime,
+    /// Counts posts, 410s, failures and latency.
+    metrics: Arc<RelayMetrics>,
+    /// How long after connecting a 410 means "not yet" rather than "gone".
+    young: Duration,
+}
+
+/// The outboxes of every connection (cheap to clone).
+#[derive(Clone)]
+pub(crate) struct Outboxes {
+    inner: Arc<Inner>,
+}
+
+impl Outboxes {
+    pub(crate) fn new(
+        management: Arc<Management>,
+        realtime: Realtime,
+        metrics: Arc<RelayMetrics>,
+        concurrency: usize,
+        young: Duration,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                queues: Mutex::new(Queues::default()),
+                permits: Semaphore::new(concurrency.max(1)),
+                tasks: TaskTracker::new(),
+                management,
+                realtime,
+                metrics,
+                young,
+            }),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Queues> {
+        self.inner
+            .queues
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Queues `event` for the connection at `route`, after everything
+    /// queued for it before.
+    pub(crate) fn enqueue(&self, route: &Route, event: Arc<str>) {
+        let mut queues = self.lock();
+        if let Some(queue) = queues.by_connection.get_mut(&route.connection_id) {
+            if queue.events.len() >= MAX_QUEUED {
+                RelayMetrics::bump(&self.inner.metrics.outbox_overflows);
+                tracing::warn!(
+                    connection_id = %route.connection_id,
+                    "outbox full; dropping an event for this connection"
+                );
+            } else {
+                queue.events.push_back(event);
+            }
+            return;
+        }
+        queues.next_generation += 1;
+        let generation = queues.next_generation;
+        queues.by_connection.insert(
+            route.connection_id.clone(),
+            Queue {
+                generation,
+                route: route.clone(),
+                events: VecDeque::from([event]),
+            },
+        );
+        drop(queues);
+        let this = self.clone();
+        let connection_id = route.connection_id.clone();
+        self.inner
+            .tasks
+            .spawn(async move { this.drain(connection_id, generation).await });
+    }
+
+    /// Drops whatever is queued for a connection that is gone.
+    pub(crate) fn forget(&self, connection_id: &str) {
+        self.lock().by_connection.remove(connection_id);
+    }
+
+    /// Connections with something queued or in flight.
+    pub(crate) fn active(&self) -> usize {
+        self.lock().by_connection.len()
+    }
+
+    /// Stops accepting new drain tasks once the current ones finish, and
+    /// waits for them (the caller bounds the wait).
+    pub(crate) async fn drained(&self) {
+        self.inner.tasks.close();
+        self.inner.tasks.wait().await;
+    }
+
+    /// Posts a connection's events in order until its outbox is empty.
+    async fn drain(&self, connection_id: String, generation: u64) {
+        loop {
+            let (route, event) = {
+                let mut queues = self.lock();
+                let Some(queue) = queues.by_connection.get_mut(&connection_id) else {
+                    return;
+                };
+                if queue.generation != generation {
+                    return;
+                }
+                match queue.events.pop_front() {
+                    Some(event) => (queue.route.clone(), event),
+                    None => {
+                        queues.by_connection.remove(&connection_id);
+                        return;
+                    }
+                }
+            };
+            if self.push(&route, &event).await == Pushed::Stale {
+                {
+                    let mut queues = self.lock();
+                    if queues
+                        .by_connection
+                        .get(&connection_id)
+                        .is_some_and(|q| q.generation == generation)
+                    {
+                        queues.by_connection.remove(&connection_id);
+                    }
+                }
+                tracing::info!(%connection_id, "connection is gone; removing it");
+                if let Err(err) = self.inner.realtime.disconnect(&connection_id).await {
+                    tracing::warn!(%connection_id, error = %err, "removing a stale connection failed");
+                }
+                return;
+            }
+        }
+    }
+
+    /// Posts one event, retrying a `410` while the connection is young.
+    async fn push(&self, route: &Route, event: &str) -> Pushed {
+        let inner = &self.inner;
+        let mut backoff = FIRST_RETRY;
+        // The young window, measured once: a clock that puts the connection
+        // in the future must not make us retry for longer than the window.
+        let age = Duration::from_millis(
+            u64::try_from(chrono::Utc::now().timestamp_millis() - route.connected_at_ms)
+                .unwrap_or(0),
+        );
+        let young_until = Instant::now() + inner.young.saturating_sub(age);
+        loop {
+            let outcome = {
+                let Ok(_permit) = inner.permits.acquire().await else {
+                    return Pushed::Done;
+                };
+                let started = Instant::now();
+                let outcome = inner
+                    .management
+                    .post(&route.endpoint, &route.connection_id, event.as_bytes())
+                    .await;
+                inner.metrics.record_push(started.elapsed());
+                outcome
+            };
+            match outcome {
+                PostOutcome::Delivered => {
+                    RelayMetrics::bump(&inner.metrics.posts_ok);
+                    return Pushed::Done;
+                }
+                PostOutcome::Gone => {
+                    let now = Instant::now();
+                    if now < young_until {
+                        RelayMetrics::bump(&inner.metrics.gone_retries);
+                        tokio::time::sleep(backoff.min(young_until - now)).await;
+                        backoff = (backoff * 2).min(MAX_RETRY);
+                        continue;
+                    }
+                    RelayMetrics::bump(&inner.metrics.posts_gone);
+                    return Pushed::Stale;
+                }
+                PostOutcome::Failed(cause) => {
+                    RelayMetrics::bump(&inner.metrics.post_errors);
+                    tracing::warn!(
+                        connection_id = %route.connection_id,
+                        endpoint = %route.endpoint,
+                        %cause,
+                        "PostToConnection failed; event dropped for this connection"
+                    );
+                    return Pushed::Done;
+                }
+            }
+        }
+    }
+}

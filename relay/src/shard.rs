@@ -1,0 +1,510 @@
+//! Shards: envelopes with the same ordering key are handled by one shard,
+//! one after another, so a room's events reach each connection's outbox in
+//! publish order; different shards run in parallel.
+//!
+//! A shard also makes a room's `message` events gap-free and duplicate-free
+//! for every subscribed connection (PROTOCOL.md §2: "each connection
+//! receives each event once, and a room's `message` events in increasing
+//! `sequenceId`"). For each (room, connection) it keeps the highest
+//! sequence id queued so far, starting from the subscription's watermark in
+//! Redis (whichever is higher):
+//!
+//! - a message at or below that mark is skipped (a repeat publish, one that
+//!   a gap fill or a sync already delivered, or one in the join snapshot);
+//! - a message above mark + 1 first gets the gap filled, from the room's ring
+//!   of recent message events when it holds the whole gap, else from
+//!   PostgreSQL. A stored sequence id implies every lower one is stored
+//!   (each send takes the room's row lock), so that read is complete.
+//!
+//! `Control::Sync` (a join that raced with sends) pushes every stored
+//! message above the connection's mark. It is handled on the room's shard,
+//! so it is ordered with the room's messages.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chat_shared::bus::{Control, Envelope, Target, event_json};
+use chat_shared::domain::SequenceId;
+use chat_shared::presence::Subscriber;
+use chat_shared::realtime::Realtime;
+use serde::Deserialize;
+use tokio::sync::mpsc;
+
+use crate::metrics::RelayMetrics;
+use crate::outbox::{Outboxes, Route};
+use crate::resolve::{self, Recipients};
+use crate::watermarks::{self, RoomMarks};
+
+/// Recent message events kept per room for gap fills.
+const RING: usize = 256;
+/// Largest gap filled at once; a wider one (a watermark far behind, which
+/// a join never produces) gets only its newest part.
+const MAX_FILL: i64 = 1000;
+/// How often delivered marks are written back and idle rooms evicted.
+pub(crate) const MAINTENANCE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Picks the shard for an envelope: by its ordering key, except that a
+/// `Control::Sync` goes by its room (its target is a connection, but it
+/// must be ordered with the room's messages).
+pub(crate) fn shard_of(envelope: &Envelope, shards: usize) -> usize {
+    let key = match &envelope.control {
+        Some(Control::Sync { room_id, .. }) => room_id.as_str(),
+        None => envelope.ordering_key(),
+    };
+    // FNV-1a: stable across processes and runs, which makes logs comparable.
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in key.bytes() {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    usize::try_from(hash % shards.max(1) as u64).unwrap_or(0)
+}
+
+/// The sequence id of a `message` event, `None` for any other event.
+pub(crate) fn message_sequence(event: &str) -> Option<i64> {
+    #[derive(Deserialize)]
+    struct Peek<'a> {
+        #[serde(rename = "type", borrow)]
+        kind: std::borrow::Cow<'a, str>,
+        payload: Option<PeekPayload>,
+    }
+    #[derive(Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct PeekPayload {
+        sequence_id: Option<i64>,
+    }
+    let peek: Peek<'_> = serde_json::from_str(event).ok()?;
+    if peek.kind != "message" {
+        return None;
+    }
+    peek.payload?.sequence_id
+}
+
+/// What one connection has of a room.
+#[derive(Debug, Clone, Copy)]
+struct Mark {
+    /// Highest sequence id queued for it (or known to be in its snapshot).
+    queued: i64,
+    /// What was last written back to Redis: marks above it are dirty.
+    flushed: i64,
+}
+
+/// The per-room state of a shard.
+#[derive(Debug)]
+struct RoomState {
+    /// When the room last had an envelope: idle rooms are evicted, so
+    /// memory follows the active rooms, not every room ever seen.
+    last_used: Instant,
+    /// Per subscribed connection, what it has: the dedupe and gap-fill
+    /// reference. Connections that are no longer subscribed are pruned on
+    /// the room's next message.
+    marks: HashMap<String, Mark>,
+    /// The room's most recent message events by sequence id, exactly as
+    /// published: most gaps (a join racing with sends, an out-of-order
+    /// publish) are filled from here without reading PostgreSQL.
+    ring: BTreeMap<i64, Arc<str>>,
+}
+
+impl RoomState {
+    fn new(now: Instant) -> Self {
+        Self {
+            last_used: now,
+            marks: HashMap::new(),
+            ring: BTreeMap::new(),
+        }
+    }
+
+    fn remember(&mut self, sequence_id: i64, event: Arc<str>) {
+        self.ring.insert(sequence_id, event);
+        while self.ring.len() > RING {
+            self.ring.pop_first();
+        }
+    }
+
+    /// Whether the ring holds every message strictly between `after` and
+    /// `before`.
+    fn ring_covers(&self, after: i64, before: i64) -> bool {
+        let wanted = usize::try_from(before - after - 1).unwrap_or(0);
+        wanted == 0 || self.ring.range(after + 1..before).count() == wanted
+    }
+
+    /// The connection's mark, at least `watermark`.
+    fn mark_of(&self, connection_id: &str, watermark: i64) -> i64 {
+        self.marks
+            .get(connection_id)
+            .map_or(watermark, |m| m.queued.max(watermark))
+    }
+
+    fn set_mark(&mut self, connection_id: &str, watermark: i64, queued: i64) {
+        let mark = self.marks.entry(connection_id.to_owned()).or_insert(Mark {
+            queued,
+            // The subscription already stores `watermark`.
+            flushed: watermark,
+        });
+        mark.queued = mark.queued.max(queued);
+    }
+
+    fn dirty(&self) -> Vec<(String, i64)> {
+        self.marks
+            .iter()
+            .filter(|(_, m)| m.queued > m.flushed)
+            .map(|(c, m)| (c.clone(), m.queued))
+            .collect()
+    }
+}
+
+/// One shard: its room state and what it needs to act on envelopes.
+pub(crate) struct Shard {
+    /// Reads subscriptions and routes (Presence) and messages (Store).
+    realtime: Realtime,
+    /// Where resolved events go.
+    outboxes: Outboxes,
+    /// Counts gap fills and store reads.
+    metrics: Arc<RelayMetrics>,
+    /// Per-room state of the rooms this shard has seen recently.
+    rooms: HashMap<String, RoomState>,
+    /// How long a room may go without envelopes before its state is dropped.
+    room_idle: Duration,
+}
+
+impl Shard {
+    pub(crate) fn new(
+        realtime: Realtime,
+        outboxes: Outboxes,
+        metrics: Arc<RelayMetrics>,
+        room_idle: Duration,
+    ) -> Self {
+        Self {
+            realtime,
+            outboxes,
+            metrics,
+            rooms: HashMap::new(),
+            room_idle,
+        }
+    }
+
+    /// Handles envelopes until the channel closes, then writes the delivered
+    /// marks back.
+    pub(crate) async fn run(mut self, mut envelopes: mpsc::Receiver<Envelope>) {
+        let mut maintenance = tokio::time::interval(MAINTENANCE_INTERVAL);
+        maintenance.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                // Maintenance first: a steady stream of envelopes must not
+                // starve the write-back.
+                biased;
+                _ = maintenance.tick() => self.maintain(Instant::now()).await,
+                envelope = envelopes.recv() => match envelope {
+                    Some(envelope) => {
+                        if let Err(err) = self.step(envelope).await {
+                            tracing::warn!(error = %err, "envelope not delivered");
+                        }
+                    }
+                    None => break,
+                },
+            }
+        }
+        if let Err(err) = self.flush().await {
+            tracing::warn!(error = %err, "writing delivered watermarks back failed at shutdown");
+        }
+    }
+
+    /// Handles one envelope: resolves its recipients and queues its event
+    /// (with any gap fill) in their outboxes.
+    ///
+    /// # Errors
+    /// When Redis (or PostgreSQL, for a sync) does not answer; the envelope
+    /// is then not delivered.
+    pub(crate) async fn step(&mut self, envelope: Envelope) -> chat_shared::Result<()> {
+        if let Some(Control::Sync {
+            room_id,
+            connection_id,
+        }) = &envelope.control
+        {
+            return self.sync(room_id, connection_id).await;
+        }
+        let Some(event) = envelope.event.as_ref() else {
+            return Ok(());
+        };
+        let event: Arc<str> = Arc::from(event.get());
+        let recipients = resolve::recipients(self.realtime.chat().presence(), &envelope).await?;
+        let sequence = match &envelope.target {
+            Target::Room { .. } => message_sequence(&event),
+            _ => None,
+        };
+        match (&envelope.target, sequence) {
+            (Target::Room { room_id }, Some(sequence_id)) => {
+                self.room_message(room_id, sequence_id, event, recipients)
+                    .await;
+            }
+            _ => {
+                for s in recipients.subscribed.iter().chain(&recipients.direct) {
+                    self.outboxes.enqueue(&Route::from(s), event.clone());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A room's `message` event: dedupe, fill gaps, queue.
+    async fn room_message(
+        &mut self,
+        room_id: &str,
+        sequence_id: i64,
+        event: Arc<str>,
+        recipients: Recipients,
+    ) {
+        let now = Instant::now();
+        let state = self
+            .rooms
+            .entry(room_id.to_owned())
+            .or_insert_with(|| RoomState::new(now));
+        state.last_used = now;
+        state.remember(sequence_id, event.clone());
+        // Forget connections that left the room (or are gone): they start
+        // again from a new watermark if they come back.
+        let present: HashSet<&str> = recipients
+            .subscribed
+            .iter()
+            .chain(&recipients.excluded)
+            .map(|s| s.connection_id.as_str())
+            .collect();
+        state.marks.retain(|c, _| present.contains(c.as_str()));
+
+        let mut plan: Vec<(&Subscriber, i64)> = Vec::new();
+        let mut lowest_behind: Option<i64> = None;
+        for s in &recipients.subscribed {
+            let mark = state.mark_of(&s.connection_id, s.watermark);
+            if sequence_id <= mark {
+                continue;
+            }
+            if sequence_id > mark + 1 {
+                lowest_behind = Some(lowest_behind.map_or(mark, |l| l.min(mark)));
+            }
+            plan.push((s, mark));
+        }
+        for s in &recipients.excluded {
+            state.set_mark(&s.connection_id, s.watermark, sequence_id);
+        }
+
+        let fill: BTreeMap<i64, Arc<str>> = match lowest_behind {
+            None => BTreeMap::new(),
+            Some(low) => {
+                let low = low.max(sequence_id - 1 - MAX_FILL);
+                if state.ring_covers(low, sequence_id) {
+                    state
+                        .ring
+                        .range(low + 1..sequence_id)
+                        .map(|(k, v)| (*k, v.clone()))
+                        .collect()
+                } else {
+                    RelayMetrics::bump(&self.metrics.store_reads);
+                    match stored_events(&self.realtime, room_id, low, sequence_id).await {
+                        Ok(events) => {
+                            for (k, v) in &events {
+                                state.remember(*k, v.clone());
+                            }
+                            events.into_iter().collect()
+                        }
+                        Err(err) => {
+                            tracing::error!(
+                                room_id, error = %err,
+                                "reading missed messages failed; delivering without the gap"
+                            );
+                            BTreeMap::new()
+                        }
+                    }
+                }
+            }
+        };
+
+        for (s, mark) in plan {
+            let route = Route::from(s);
+            if sequence_id > mark + 1 {
+                RelayMetrics::bump(&self.metrics.gap_fills);
+                for missed in fill.range(mark + 1..sequence_id).map(|(_, e)| e) {
+                    self.outboxes.enqueue(&route, missed.clone());
+                }
+            }
+            self.outboxes.enqueue(&route, event.clone());
+            state.set_mark(&s.connection_id, s.watermark, sequence_id);
+        }
+        // Included connections that have not joined the room (the sender's
+        // acknowledgement) get the event as it is.
+        for s in &recipients.direct {
+            self.outboxes.enqueue(&Route::from(s), event.clone());
+        }
+    }
+
+    /// `Control::Sync`: pushes every stored message above the connection's
+    /// mark in the room.
+    async fn sync(&mut self, room_id: &str, connection_id: &str) -> chat_shared::Result<()> {
+        let presence = self.realtime.chat().presence();
+        let subscription = presence
+            .subscribers(&[room_id])
+            .await?
+            .into_iter()
+            .flatten()
+            .find(|s| s.connection_id == connection_id);
+        let Some(subscription) = subscription else {
+            // It left the room, or the connection is gone.
+            return Ok(());
+        };
+        let now = Instant::now();
+        let state = self
+            .rooms
+            .entry(room_id.to_owned())
+            .or_insert_with(|| RoomState::new(now));
+        state.last_used = now;
+        let mark = state.mark_of(connection_id, subscription.watermark);
+        RelayMetrics::bump(&self.metrics.store_reads);
+        let events = stored_events(&self.realtime, room_id, mark, i64::MAX).await?;
+        let route = Route::from(&subscription);
+        let mut last = mark;
+        for (sequence_id, event) in events {
+            state.remember(sequence_id, event.clone());
+            self.outboxes.enqueue(&route, event);
+            last = sequence_id;
+        }
+        state.set_mark(connection_id, subscription.watermark, last);
+        Ok(())
+    }
+
+    /// Writes dirty marks back, then drops the state of idle rooms whose
+    /// marks are all written.
+    pub(crate) async fn maintain(&mut self, now: Instant) {
+        if let Err(err) = self.flush().await {
+            tracing::warn!(error = %err, "writing delivered watermarks back failed; will retry");
+            return;
+        }
+        let idle = self.room_idle;
+        self.rooms
+            .retain(|_, state| now.duration_since(state.last_used) < idle);
+    }
+
+    /// Writes every dirty mark back to Redis.
+    async fn flush(&mut self) -> chat_shared::Result<()> {
+        let batch: Vec<RoomMarks> = self
+            .rooms
+            .iter()
+            .map(|(room, state)| (room.clone(), state.dirty()))
+            .filter(|(_, marks)| !marks.is_empty())
+            .collect();
+        if batch.is_empty() {
+            return Ok(());
+        }
+        watermarks::raise(self.realtime.chat().presence(), &batch).await?;
+        for (room, marks) in batch {
+            if let Some(state) = self.rooms.get_mut(&room) {
+                for (connection_id, queued) in marks {
+                    if let Some(mark) = state.marks.get_mut(&connection_id) {
+                        mark.flushed = mark.flushed.max(queued);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The stored messages strictly between `after` and `before`, as `message`
+/// events with `readBy` as of now.
+async fn stored_events(
+    realtime: &Realtime,
+    room_id: &str,
+    after: i64,
+    before: i64,
+) -> chat_shared::Result<Vec<(i64, Arc<str>)>> {
+    let store = realtime.chat().store();
+    let messages = store
+        .messages_between(
+            room_id,
+            SequenceId::from_trusted(after),
+            SequenceId::from_trusted(before),
+        )
+        .await?;
+    if messages.is_empty() {
+        return Ok(Vec::new());
+    }
+    let members = store.room_members(room_id).await?;
+    messages
+        .into_iter()
+        .map(|m| {
+            let m = m.with_read_by(&members);
+            let sequence_id = m.sequence_id.get();
+            event_json("message", &m).map(|e| (sequence_id, Arc::from(e)))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn message_sequence_reads_only_message_events() {
+        assert_eq!(
+            message_sequence(r#"{"type":"message","payload":{"id":"m","sequenceId":42}}"#),
+            Some(42)
+        );
+        assert_eq!(
+            message_sequence(r#"{"payload":{"sequenceId":7,"x":[1]},"type":"message"}"#),
+            Some(7)
+        );
+        assert_eq!(
+            message_sequence(r#"{"type":"readReceipt","payload":{"sequenceId":3}}"#),
+            None
+        );
+        assert_eq!(message_sequence(r#"{"type":"message","payload":{}}"#), None);
+        assert_eq!(message_sequence("not json"), None);
+    }
+
+    #[test]
+    fn sync_envelopes_go_to_their_rooms_shard() {
+        let json = |target: &str, rest: &str| -> Envelope {
+            serde_json::from_str(&format!(r#"{{"origin":"t","target":{target}{rest}}}"#))
+                .expect("envelope")
+        };
+        let room = json(
+            r#"{"type":"room","roomId":"room_1"}"#,
+            r#","event":{"type":"x","payload":{}}"#,
+        );
+        let sync = json(
+            r#"{"type":"connection","connectionId":"c1"}"#,
+            r#","control":{"type":"sync","roomId":"room_1","connectionId":"c1"}"#,
+        );
+        for shards in [1, 7, 16] {
+            assert_eq!(shard_of(&room, shards), shard_of(&sync, shards));
+            assert!(shard_of(&room, shards) < shards);
+        }
+    }
+
+    #[test]
+    fn the_ring_keeps_the_newest_events_and_knows_what_it_covers() {
+        let mut state = RoomState::new(Instant::now());
+        for s in 1..=300 {
+            state.remember(s, Arc::from(format!("e{s}")));
+        }
+        assert_eq!(state.ring.len(), RING);
+        assert_eq!(state.ring.keys().next(), Some(&45));
+        assert!(state.ring_covers(44, 301));
+        assert!(!state.ring_covers(43, 301));
+        assert!(state.ring_covers(300, 301));
+        state.ring.remove(&200);
+        assert!(!state.ring_covers(100, 250));
+        assert!(state.ring_covers(200, 250));
+    }
+
+    #[test]
+    fn marks_start_at_the_watermark_and_only_rise() {
+        let mut state = RoomState::new(Instant::now());
+        assert_eq!(state.mark_of("c", 5), 5);
+        state.set_mark("c", 5, 9);
+        assert_eq!(state.mark_of("c", 5), 9);
+        assert_eq!(state.mark_of("c", 12), 12);
+        state.set_mark("c", 5, 7);
+        assert_eq!(state.mark_of("c", 0), 9);
+        assert_eq!(state.dirty(), vec![("c".to_owned(), 9)]);
+    }
+}

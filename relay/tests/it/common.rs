@@ -1,0 +1,605 @@
+//! Test harness: a fresh PostgreSQL database per test (copied from a
+//! migrated template), a random Redis key prefix and channel per test, the
+//! shared crate's `Realtime` to make connections, rooms and messages, a
+//! fake Management API that records what it is sent, and the relay under
+//! test.
+//!
+//! `TEST_DATABASE_URL` and `TEST_REDIS_URL` default to the local services
+//! (`scripts/test.sh` sets them). A missing service fails loudly.
+
+#![allow(dead_code, clippy::unwrap_used, missing_docs)]
+
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use chat_relay::{Relay, RelayMetrics, RelayOptions};
+use chat_shared::Config;
+use chat_shared::auth::AuthUser;
+use chat_shared::domain::UserId;
+use chat_shared::presence::Connection;
+use chat_shared::realtime::Realtime;
+use chat_shared::service::NewRoom;
+use secrecy::SecretString;
+use serde_json::{Value, json};
+use tokio::task::JoinHandle;
+use tokio_postgres::NoTls;
+use tokio_util::sync::CancellationToken;
+
+pub fn admin_db_url() -> String {
+    std::env::var("TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+}
+
+pub fn redis_url() -> String {
+    std::env::var("TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
+}
+
+pub fn random_suffix() -> String {
+    use rand::Rng;
+    let mut rng = rand::rng();
+    (0..12)
+        .map(|_| char::from(b'a' + rng.random_range(0..26u8)))
+        .collect()
+}
+
+fn with_database(url: &str, db: &str) -> String {
+    let mut config: tokio_postgres::Config = url.parse().expect("TEST_DATABASE_URL parses");
+    config.dbname(db);
+    let host = match config.get_hosts().first() {
+        Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+        #[cfg(unix)]
+        Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
+        None => "127.0.0.1".to_owned(),
+    };
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    let user = config.get_user().unwrap_or("postgres");
+    match config.get_password() {
+        Some(pw) => format!(
+            "postgres://{user}:{}@{host}:{port}/{db}",
+            String::from_utf8_lossy(pw)
+        ),
+        None => format!("postgres://{user}@{host}:{port}/{db}"),
+    }
+}
+
+/// Creates a fresh database from the migrated template and returns its URL
+/// (the same template scheme and lock as the shared crate's tests, so both
+/// suites reuse one template).
+pub async fn fresh_database() -> String {
+    let admin = admin_db_url();
+    let (client, conn) = tokio_postgres::connect(&admin, NoTls)
+        .await
+        .unwrap_or_else(|e| {
+            panic!("cannot reach PostgreSQL at TEST_DATABASE_URL={admin}: {e}. Run scripts/test.sh, which starts it.")
+        });
+    tokio::spawn(conn);
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../migrations");
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .expect("migrations dir")
+        .map(|e| e.expect("entry").path())
+        .collect();
+    files.sort();
+    for f in &files {
+        std::fs::read_to_string(f)
+            .expect("migration")
+            .hash(&mut hasher);
+    }
+    let template = format!("chat_template_{:x}", hasher.finish());
+    client
+        .execute("SELECT pg_advisory_lock(727274)", &[])
+        .await
+        .expect("lock");
+    let exists = client
+        .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&template])
+        .await
+        .expect("query")
+        .is_some();
+    if !exists {
+        let building = format!("{template}_building");
+        client
+            .execute(&format!("DROP DATABASE IF EXISTS {building}"), &[])
+            .await
+            .expect("drop");
+        client
+            .execute(&format!("CREATE DATABASE {building}"), &[])
+            .await
+            .expect("create template");
+        chat_shared::store::migrate(&SecretString::from(with_database(&admin, &building)))
+            .await
+            .expect("migrations apply");
+        client
+            .execute(
+                &format!("ALTER DATABASE {building} RENAME TO {template}"),
+                &[],
+            )
+            .await
+            .expect("rename template");
+    }
+    let db = format!("chat_test_{}", random_suffix());
+    let created = client
+        .execute(&format!("CREATE DATABASE {db} TEMPLATE {template}"), &[])
+        .await;
+    client
+        .execute("SELECT pg_advisory_unlock(727274)", &[])
+        .await
+        .expect("unlock");
+    created.expect("create test database");
+    with_database(&admin, &db)
+}
+
+/// Waits for `check` to give `Some`, polling every 10 ms; panics naming
+/// `what` after `timeout`.
+pub async fn wait_for<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = check() {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Like [`wait_for`] with an async check.
+pub async fn wait_for_async<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+pub const WAIT: Duration = Duration::from_secs(10);
+
+// ---------------------------------------------------------------------------
+// The fake Management API.
+
+/// How the fake answers posts to a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    /// Accepts posts.
+    Live,
+    /// Still in `$connect`: 410 until marked live.
+    Pending,
+    /// Closed: 410.
+    Gone,
+}
+
+#[derive(Default)]
+struct GatewayState {
+    status: HashMap<String, Status>,
+    posts: HashMap<String, Vec<String>>,
+    refused: HashMap<String, usize>,
+    deletes: Vec<String>,
+    delay: Duration,
+    paths: Vec<String>,
+}
+
+/// `POST` / `DELETE /{stage}/@connections/{id}`, recording posts per
+/// connection in arrival order.
+#[derive(Clone)]
+pub struct FakeGateway {
+    pub port: u16,
+    state: Arc<Mutex<GatewayState>>,
+}
+
+fn gone() -> Response {
+    (
+        StatusCode::GONE,
+        [
+            ("x-amzn-ErrorType", "GoneException"),
+            ("content-type", "application/json"),
+        ],
+        r#"{"message":null}"#,
+    )
+        .into_response()
+}
+
+async fn post_to_connection(
+    State(state): State<Arc<Mutex<GatewayState>>>,
+    Path((_stage, id)): Path<(String, String)>,
+    body: Bytes,
+) -> Response {
+    let delay = state.lock().unwrap().delay;
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
+    let mut s = state.lock().unwrap();
+    if s.status.get(&id) == Some(&Status::Live) {
+        s.posts
+            .entry(id)
+            .or_default()
+            .push(String::from_utf8_lossy(&body).into_owned());
+        StatusCode::OK.into_response()
+    } else {
+        *s.refused.entry(id).or_default() += 1;
+        gone()
+    }
+}
+
+async fn delete_connection(
+    State(state): State<Arc<Mutex<GatewayState>>>,
+    Path((_stage, id)): Path<(String, String)>,
+) -> Response {
+    let mut s = state.lock().unwrap();
+    s.deletes.push(id.clone());
+    match s.status.insert(id, Status::Gone) {
+        Some(Status::Live) => StatusCode::NO_CONTENT.into_response(),
+        _ => gone(),
+    }
+}
+
+impl FakeGateway {
+    pub async fn start() -> Self {
+        let state = Arc::new(Mutex::new(GatewayState::default()));
+        let record = {
+            let state = state.clone();
+            axum::middleware::from_fn(
+                move |req: axum::extract::Request, next: axum::middleware::Next| {
+                    let state = state.clone();
+                    async move {
+                        state
+                            .lock()
+                            .unwrap()
+                            .paths
+                            .push(req.uri().path().to_owned());
+                        next.run(req).await
+                    }
+                },
+            )
+        };
+        let methods = || post(post_to_connection).delete(delete_connection);
+        let app = Router::new()
+            .route("/{stage}/@connections/{id}", methods())
+            .route("/{stage}/%40connections/{id}", methods())
+            .layer(record)
+            .with_state(state.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        Self { port, state }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}/local", self.port)
+    }
+
+    pub fn set_status(&self, id: &str, status: Status) {
+        self.state
+            .lock()
+            .unwrap()
+            .status
+            .insert(id.to_owned(), status);
+    }
+
+    pub fn set_delay(&self, delay: Duration) {
+        self.state.lock().unwrap().delay = delay;
+    }
+
+    /// Every body posted to `id`, in order.
+    pub fn posts(&self, id: &str) -> Vec<String> {
+        self.state
+            .lock()
+            .unwrap()
+            .posts
+            .get(id)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Posts to `id` answered 410.
+    pub fn refused(&self, id: &str) -> usize {
+        self.state
+            .lock()
+            .unwrap()
+            .refused
+            .get(id)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    pub fn deletes(&self) -> Vec<String> {
+        self.state.lock().unwrap().deletes.clone()
+    }
+
+    pub fn paths(&self) -> Vec<String> {
+        self.state.lock().unwrap().paths.clone()
+    }
+
+    /// The events of type `kind` posted to `id`, parsed.
+    pub fn events(&self, id: &str, kind: &str) -> Vec<Value> {
+        self.posts(id)
+            .iter()
+            .map(|p| serde_json::from_str::<Value>(p).expect("posted JSON"))
+            .filter(|e| e["type"] == kind)
+            .collect()
+    }
+
+    /// The `sequenceId`s of the `message` events posted to `id`, in order.
+    pub fn sequences(&self, id: &str) -> Vec<i64> {
+        self.events(id, "message")
+            .iter()
+            .map(|e| e["payload"]["sequenceId"].as_i64().expect("sequenceId"))
+            .collect()
+    }
+
+    /// Waits until `id` got at least `n` events of type `kind`; returns them.
+    pub async fn wait_events(&self, id: &str, kind: &str, n: usize) -> Vec<Value> {
+        wait_for(&format!("{n} {kind} event(s) at {id}"), WAIT, || {
+            let events = self.events(id, kind);
+            (events.len() >= n).then_some(events)
+        })
+        .await
+    }
+
+    /// Waits until `id` got the `message` with `sequence_id`; returns every
+    /// message sequence id it got so far.
+    pub async fn wait_sequence(&self, id: &str, sequence_id: i64) -> Vec<i64> {
+        wait_for(&format!("message {sequence_id} at {id}"), WAIT, || {
+            let seqs = self.sequences(id);
+            seqs.contains(&sequence_id).then_some(seqs)
+        })
+        .await
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The stack: shared-crate state, fake gateway, relay.
+
+pub fn auth_user(id: &str) -> AuthUser {
+    AuthUser {
+        id: UserId::parse(id, "sub").expect("user id"),
+        username: id.to_owned(),
+        display_name: None,
+        avatar: None,
+        is_admin: false,
+    }
+}
+
+pub struct Stack {
+    pub vars: HashMap<String, String>,
+    pub config: Config,
+    pub realtime: Realtime,
+    pub gateway: FakeGateway,
+    pub options: RelayOptions,
+    /// The URL the relay subscribes with (tests may give it its own user).
+    pub relay_redis_url: String,
+    pub metrics: Arc<RelayMetrics>,
+    connections: Mutex<HashMap<String, Connection>>,
+    shutdown: CancellationToken,
+    relay: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+pub fn init_logs() {
+    if std::env::var_os("TEST_LOG").is_some() {
+        chat_shared::telemetry::init(
+            chat_shared::config::LogFormat::Pretty,
+            "chat_relay=debug,chat_shared=info",
+        );
+    }
+}
+
+impl Stack {
+    /// A stack with a running relay.
+    pub async fn start() -> Self {
+        Self::build(|_| {}).await.started().await
+    }
+
+    /// A stack whose environment `edit` may change; the relay is not
+    /// started yet (see [`Stack::started`] / [`Stack::start_relay`]).
+    pub async fn build(edit: impl FnOnce(&mut HashMap<String, String>)) -> Self {
+        init_logs();
+        let db = fresh_database().await;
+        let prefix = format!("test:{}:", random_suffix());
+        let mut vars = HashMap::from([
+            ("DATABASE_URL".to_owned(), db),
+            ("REDIS_URL".to_owned(), redis_url()),
+            ("REDIS_KEY_PREFIX".to_owned(), prefix.clone()),
+            ("BROADCAST_CHANNEL".to_owned(), format!("{prefix}broadcast")),
+            ("JWT_SECRET".to_owned(), "relay-test-secret".to_owned()),
+            ("INSTANCE_ID".to_owned(), "relay-test".to_owned()),
+            ("PG_POOL_MAX".to_owned(), "16".to_owned()),
+        ]);
+        edit(&mut vars);
+        let config = Config::from_lookup(|k| vars.get(k).cloned()).expect("test config is valid");
+        let state = chat_shared::bootstrap::ws_state(&config)
+            .await
+            .unwrap_or_else(|e| panic!("cannot build the shared state (is Redis up?): {e:#}"));
+        let gateway = FakeGateway::start().await;
+        let options = RelayOptions::from_config(&config);
+        Self {
+            relay_redis_url: redis_url(),
+            vars,
+            config,
+            realtime: state.realtime,
+            gateway,
+            options,
+            metrics: Arc::new(RelayMetrics::default()),
+            connections: Mutex::new(HashMap::new()),
+            shutdown: CancellationToken::new(),
+            relay: None,
+        }
+    }
+
+    pub async fn started(mut self) -> Self {
+        self.start_relay().await;
+        self
+    }
+
+    pub fn channel(&self) -> String {
+        self.config.broadcast_channel.clone()
+    }
+
+    /// Starts a relay and waits until it has subscribed to the channel.
+    pub async fn start_relay(&mut self) {
+        assert!(self.relay.is_none(), "a relay is already running");
+        let relay = Relay::from_parts(
+            self.realtime.clone(),
+            SecretString::from(self.relay_redis_url.clone()),
+            self.channel(),
+            self.options.clone(),
+        );
+        self.metrics = relay.metrics();
+        self.shutdown = CancellationToken::new();
+        self.relay = Some(tokio::spawn(relay.run(self.shutdown.clone())));
+        self.wait_subscribers(1).await;
+    }
+
+    /// Cancels the relay and waits for `run` to return.
+    pub async fn stop_relay(&mut self) {
+        self.shutdown.cancel();
+        let relay = self.relay.take().expect("a relay is running");
+        tokio::time::timeout(Duration::from_secs(15), relay)
+            .await
+            .expect("the relay stops within its drain timeout")
+            .expect("the relay task does not panic")
+            .expect("run returns Ok");
+    }
+
+    /// Waits until the channel has `n` subscribers.
+    pub async fn wait_subscribers(&self, n: i64) {
+        let channel = self.channel();
+        let redis = self.redis().await;
+        wait_for_async(&format!("{n} subscriber(s) on the bus"), WAIT, || {
+            let channel = channel.clone();
+            let mut redis = redis.clone();
+            async move {
+                let (_, count): (String, i64) = redis::cmd("PUBSUB")
+                    .arg("NUMSUB")
+                    .arg(&channel)
+                    .query_async(&mut redis)
+                    .await
+                    .ok()?;
+                (count == n).then_some(())
+            }
+        })
+        .await;
+    }
+
+    pub async fn redis(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(redis_url())
+            .expect("redis url")
+            .get_multiplexed_async_connection()
+            .await
+            .expect("redis")
+    }
+
+    /// Registers a connection of `user` (as `$connect` does), connected
+    /// `age` ago, answered by the fake gateway with `status`.
+    pub async fn connect_with(&self, user: &str, age: Duration, status: Status) -> String {
+        let id = format!(
+            "{}{}=",
+            user.replace(['_', '.', ':', '-'], ""),
+            random_suffix()
+        );
+        self.gateway.set_status(&id, status);
+        let conn = Connection {
+            connection_id: id.clone(),
+            user: auth_user(user),
+            endpoint: self.gateway.endpoint(),
+            connected_at_ms: chrono::Utc::now().timestamp_millis() - age.as_millis() as i64,
+        };
+        self.realtime.connect(&conn).await.expect("connect");
+        self.connections.lock().unwrap().insert(id.clone(), conn);
+        id
+    }
+
+    /// A live connection of `user`, a minute old.
+    pub async fn connect(&self, user: &str) -> String {
+        self.connect_with(user, Duration::from_secs(60), Status::Live)
+            .await
+    }
+
+    pub fn connection(&self, id: &str) -> Connection {
+        self.connections.lock().unwrap()[id].clone()
+    }
+
+    /// A GROUP room of `owner` and `members` (all known already).
+    pub async fn group(&self, owner: &str, members: &[&str]) -> String {
+        let (room, _) = self
+            .realtime
+            .chat()
+            .create_room(
+                &auth_user(owner),
+                NewRoom::Group {
+                    name: "team".into(),
+                    member_ids: members.iter().map(|m| auth_user(m).id).collect(),
+                },
+            )
+            .await
+            .expect("create room");
+        room.id
+    }
+
+    /// `joinRoom` from `conn`; returns the `roomJoined` payload.
+    pub async fn join(&self, conn: &str, room: &str) -> Value {
+        let reply = self
+            .realtime
+            .message(
+                conn,
+                &json!({"type": "joinRoom", "payload": {"roomId": room}}).to_string(),
+                false,
+            )
+            .await
+            .expect("a reply");
+        let reply: Value = serde_json::from_str(&reply).expect("JSON");
+        assert_eq!(reply["type"], "roomJoined", "{reply}");
+        reply["payload"].clone()
+    }
+
+    /// `sendMessage` from `conn`.
+    pub async fn send(&self, conn: &str, room: &str, content: &str) {
+        let reply = self
+            .realtime
+            .message(
+                conn,
+                &json!({"type": "sendMessage", "payload": {"roomId": room, "content": content}})
+                    .to_string(),
+                false,
+            )
+            .await;
+        assert!(reply.is_none(), "sendMessage answered {reply:?}");
+    }
+
+    /// Any client frame from `conn`; asserts no error reply.
+    pub async fn frame(&self, conn: &str, frame: Value) {
+        let reply = self.realtime.message(conn, &frame.to_string(), false).await;
+        if let Some(reply) = &reply {
+            assert!(!reply.contains(r#""type":"error""#), "{reply}");
+        }
+    }
+
+    pub fn key(&self, suffix: &str) -> String {
+        format!("{}{suffix}", self.config.redis_key_prefix)
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}

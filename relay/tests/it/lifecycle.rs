@@ -1,0 +1,250 @@
+//! Connections that go away, the sweeper, losing the bus, shutting down.
+
+use std::time::Duration;
+
+use crate::common::{Stack, Status, WAIT, random_suffix, redis_url, wait_for, wait_for_async};
+
+/// Whether `key` exists in Redis.
+async fn exists(stack: &Stack, key: &str) -> bool {
+    let mut redis = stack.redis().await;
+    redis::cmd("EXISTS")
+        .arg(key)
+        .query_async::<i64>(&mut redis)
+        .await
+        .unwrap()
+        == 1
+}
+
+#[tokio::test]
+async fn gone_for_an_established_connection_removes_it_and_announces_offline() {
+    let stack = Stack::start().await;
+    let a1 = stack.connect("alice").await;
+    let b1 = stack.connect("bob").await;
+    let room = stack.group("alice", &["bob"]).await;
+    stack.join(&a1, &room).await;
+    stack.join(&b1, &room).await;
+    stack.gateway.wait_events(&b1, "connected", 1).await;
+    // Bob's socket closed without a $disconnect.
+    stack.gateway.set_status(&b1, Status::Gone);
+    stack.send(&a1, &room, "anyone there?").await;
+
+    let offline = wait_for("bob announced offline to alice", WAIT, || {
+        stack
+            .gateway
+            .events(&a1, "presenceUpdate")
+            .into_iter()
+            .find(|e| e["payload"]["userId"] == "bob" && e["payload"]["status"] == "offline")
+    })
+    .await;
+    assert!(offline["payload"]["timestamp"].is_string());
+    assert!(!exists(&stack, &stack.key(&format!("conn:{b1}"))).await);
+    assert!(!exists(&stack, &stack.key(&format!("conn:{b1}:rooms"))).await);
+    let subscribers = stack
+        .realtime
+        .chat()
+        .presence()
+        .subscribers(&[room.as_str()])
+        .await
+        .unwrap();
+    assert!(subscribers[0].iter().all(|s| s.connection_id != b1));
+    let online = stack
+        .realtime
+        .chat()
+        .presence()
+        .online_among(&[crate::common::auth_user("bob").id])
+        .await
+        .unwrap();
+    assert!(online.is_empty());
+    assert_eq!(stack.metrics.snapshot().posts_gone, 1);
+    assert_eq!(stack.gateway.sequences(&a1), [1]);
+}
+
+#[tokio::test]
+async fn gone_for_a_young_connection_is_retried_until_it_is_accepted() {
+    let stack = Stack::start().await;
+    // API Gateway refuses posts while $connect runs; `connected` is
+    // published during $connect.
+    let c1 = stack
+        .connect_with("carol", Duration::ZERO, Status::Pending)
+        .await;
+    wait_for("posts refused while connecting", WAIT, || {
+        (stack.gateway.refused(&c1) >= 2).then_some(())
+    })
+    .await;
+    stack.gateway.set_status(&c1, Status::Live);
+    let connected = stack.gateway.wait_events(&c1, "connected", 1).await;
+    assert_eq!(connected.len(), 1);
+    assert_eq!(connected[0]["payload"]["userId"], "carol");
+    assert!(exists(&stack, &stack.key(&format!("conn:{c1}"))).await);
+    let m = stack.metrics.snapshot();
+    assert_eq!(m.posts_gone, 0, "{m:?}");
+    assert!(m.gone_retries >= 2, "{m:?}");
+}
+
+#[tokio::test]
+async fn a_connection_that_never_opens_is_removed_after_the_young_window() {
+    let mut stack = Stack::build(|_| {}).await;
+    stack.options.young_connection = Duration::from_millis(300);
+    stack.start_relay().await;
+    let c1 = stack
+        .connect_with("carol", Duration::ZERO, Status::Pending)
+        .await;
+    let key = stack.key(&format!("conn:{c1}"));
+    wait_for_async("the connection removed", WAIT, || async {
+        (!exists(&stack, &key).await).then_some(())
+    })
+    .await;
+    assert_eq!(stack.metrics.snapshot().posts_gone, 1);
+    assert!(stack.gateway.refused(&c1) >= 2);
+}
+
+#[tokio::test]
+async fn the_sweeper_removes_expired_leases_and_closes_them_at_the_gateway() {
+    let stack = Stack::build(|vars| {
+        vars.insert("PRESENCE_TTL_SECONDS".into(), "1".into());
+    })
+    .await
+    .started()
+    .await;
+    assert_eq!(stack.options.sweep_interval, Duration::from_secs(1));
+    let b1 = stack.connect("bob").await;
+    wait_for("DeleteConnection for the expired connection", WAIT, || {
+        stack.gateway.deletes().contains(&b1).then_some(())
+    })
+    .await;
+    assert!(!exists(&stack, &stack.key(&format!("conn:{b1}"))).await);
+    let m = stack.metrics.snapshot();
+    assert!(m.swept >= 1 && m.sweeps >= 1, "{m:?}");
+}
+
+/// A Redis ACL user only the relay's subscription uses, so that killing
+/// its pub/sub connection touches nobody else's (other suites share this
+/// Redis). Deleted on drop.
+struct RelayRedisUser {
+    name: String,
+}
+
+impl RelayRedisUser {
+    async fn create(stack: &Stack) -> (Self, String) {
+        let name = format!("relay_test_{}", random_suffix());
+        let password = random_suffix();
+        let mut redis = stack.redis().await;
+        let _: () = redis::cmd("ACL")
+            .arg("SETUSER")
+            .arg(&name)
+            .arg("on")
+            .arg(format!(">{password}"))
+            .arg("~*")
+            .arg("&*")
+            .arg("+@all")
+            .query_async(&mut redis)
+            .await
+            .expect("ACL SETUSER");
+        let base = redis_url();
+        let rest = base.strip_prefix("redis://").expect("a redis:// URL");
+        let host = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
+        (
+            Self { name: name.clone() },
+            format!("redis://{name}:{password}@{host}"),
+        )
+    }
+}
+
+impl Drop for RelayRedisUser {
+    fn drop(&mut self) {
+        if let Ok(mut redis) = redis::Client::open(redis_url()).and_then(|c| c.get_connection()) {
+            let _: redis::RedisResult<i64> = redis::cmd("ACL")
+                .arg("DELUSER")
+                .arg(&self.name)
+                .query(&mut redis);
+        }
+    }
+}
+
+#[tokio::test]
+async fn delivery_resumes_after_the_bus_subscription_is_killed() {
+    let mut stack = Stack::build(|_| {}).await;
+    let (user, url) = RelayRedisUser::create(&stack).await;
+    stack.relay_redis_url = url;
+    stack.start_relay().await;
+    let a1 = stack.connect("alice").await;
+    let b1 = stack.connect("bob").await;
+    let room = stack.group("alice", &["bob"]).await;
+    stack.join(&a1, &room).await;
+    stack.join(&b1, &room).await;
+    stack.send(&a1, &room, "one").await;
+    stack.gateway.wait_sequence(&b1, 1).await;
+    assert_eq!(stack.metrics.snapshot().subscriptions, 1);
+
+    let mut redis = stack.redis().await;
+    let killed: i64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("pubsub")
+        .arg("USER")
+        .arg(&user.name)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert_eq!(killed, 1, "the relay's subscription");
+    // Published while the relay is (probably) not subscribed: lost on the
+    // bus, filled from PostgreSQL before the next message.
+    stack.send(&a1, &room, "two").await;
+    wait_for("a new subscription", WAIT, || {
+        (stack.metrics.snapshot().subscriptions >= 2).then_some(())
+    })
+    .await;
+    stack.wait_subscribers(1).await;
+    stack.send(&a1, &room, "three").await;
+    assert_eq!(stack.gateway.wait_sequence(&b1, 3).await, [1, 2, 3]);
+    assert_eq!(stack.gateway.wait_sequence(&a1, 3).await, [1, 2, 3]);
+}
+
+#[tokio::test]
+async fn shutdown_finishes_queued_posts_before_returning() {
+    let mut stack = Stack::start().await;
+    let a1 = stack.connect("alice").await;
+    let b1 = stack.connect("bob").await;
+    let room = stack.group("alice", &["bob"]).await;
+    stack.join(&a1, &room).await;
+    stack.join(&b1, &room).await;
+    stack.gateway.wait_events(&b1, "connected", 1).await;
+    stack.gateway.set_delay(Duration::from_millis(40));
+    let before = stack.metrics.snapshot().envelopes;
+    for i in 1..=20 {
+        stack.send(&a1, &room, &format!("m{i}")).await;
+    }
+    wait_for("the relay read all 20 envelopes", WAIT, || {
+        (stack.metrics.snapshot().envelopes >= before + 20).then_some(())
+    })
+    .await;
+    assert!(
+        stack.gateway.sequences(&b1).len() < 20,
+        "posts are still queued at shutdown"
+    );
+    stack.stop_relay().await;
+    let expected: Vec<i64> = (1..=20).collect();
+    assert_eq!(stack.gateway.sequences(&b1), expected);
+    assert_eq!(stack.gateway.sequences(&a1), expected);
+    stack.wait_subscribers(0).await;
+}
+
+#[tokio::test]
+async fn health_pings_keep_the_subscription() {
+    let mut stack = Stack::build(|_| {}).await;
+    stack.options.bus_ping_interval = Duration::from_millis(50);
+    stack.start_relay().await;
+    let a1 = stack.connect("alice").await;
+    let b1 = stack.connect("bob").await;
+    let room = stack.group("alice", &["bob"]).await;
+    stack.join(&a1, &room).await;
+    stack.join(&b1, &room).await;
+    for (i, text) in ["one", "two", "three"].iter().enumerate() {
+        stack.send(&a1, &room, text).await;
+        stack.gateway.wait_sequence(&b1, i as i64 + 1).await;
+        // Several pings between messages.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(stack.gateway.sequences(&b1), [1, 2, 3]);
+    assert_eq!(stack.metrics.snapshot().subscriptions, 1, "no reconnects");
+}
