@@ -1,15 +1,20 @@
 //! `chat-local`: the whole stack in one process for development, plus the
 //! operational commands.
 //!
-//! - `serve`: migrations, then REST and `/health` on `PORT`.
+//! - `serve`: migrations, then REST, `/health`, the WebSocket gateway at
+//!   `/ws` and the Management API at `/{stage}/@connections/{id}` on
+//!   `PORT`, plus the relay (unless `--no-relay`).
+//! - `relay`: the relay alone (for side-by-side runs).
 //! - `migrate`: applies `migrations/` to `DATABASE_URL` (deployments).
 //! - `token`: mints a development token for a user id.
+//! - `chat`: an interactive WebSocket client.
 
 use std::net::SocketAddr;
 
 use anyhow::Context as _;
+use chat_local::{Parts, Stack};
 use chat_shared::auth::{DevClaims, mint_hs256};
-use chat_shared::{Config, bootstrap, http, store, telemetry};
+use chat_shared::{Config, store, telemetry};
 use clap::{Parser, Subcommand};
 use secrecy::SecretString;
 
@@ -34,9 +39,29 @@ enum Command {
         /// Do not apply migrations at start-up.
         #[arg(long)]
         no_migrate: bool,
+        /// Do not run the relay in this process (run `chat-local relay`
+        /// separately, once for several gateways).
+        #[arg(long)]
+        no_relay: bool,
     },
+    /// Runs only the relay and the presence sweeper.
+    Relay,
     /// Applies pending migrations to DATABASE_URL and exits.
     Migrate,
+    /// An interactive WebSocket client: chat from a terminal.
+    Chat {
+        /// Connect as this user (a token is minted with JWT_SECRET).
+        user: String,
+        /// The stack's WebSocket URL.
+        #[arg(long, default_value = "ws://127.0.0.1:3000/ws")]
+        url: String,
+        /// HS256 secret (defaults to JWT_SECRET).
+        #[arg(long, env = "JWT_SECRET", hide_env_values = true)]
+        secret: String,
+        /// `displayName` claim.
+        #[arg(long)]
+        display_name: Option<String>,
+    },
     /// Prints a signed development token (HS256 with JWT_SECRET).
     Token {
         /// The user id (`sub`).
@@ -71,7 +96,11 @@ enum Command {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
-        Command::Serve { listen, no_migrate } => {
+        Command::Serve {
+            listen,
+            no_migrate,
+            no_relay,
+        } => {
             let config = Config::from_env()?;
             telemetry::init(config.log_format, &config.log_filter);
             if !no_migrate {
@@ -79,7 +108,43 @@ async fn main() -> anyhow::Result<()> {
                 tracing::info!(applied, "migrations up to date");
             }
             let addr = listen.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], config.port)));
-            serve(config, addr).await
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding {addr}"))?;
+            let parts = Parts {
+                gateway: true,
+                relay: !no_relay,
+            };
+            let stack = Stack::start(&config, Some(listener), parts).await?;
+            tracing::info!(
+                %addr,
+                instance = %config.instance_id,
+                relay = parts.relay,
+                "chat-local listening: REST /api/v1/chat, WebSocket /ws, health /health"
+            );
+            run_until_signal(stack).await
+        }
+        Command::Relay => {
+            let config = Config::from_env()?;
+            telemetry::init(config.log_format, &config.log_filter);
+            let parts = Parts {
+                gateway: false,
+                relay: true,
+            };
+            let stack = Stack::start(&config, None, parts).await?;
+            tracing::info!(instance = %config.instance_id, "relay running");
+            run_until_signal(stack).await
+        }
+        Command::Chat {
+            user,
+            url,
+            secret,
+            display_name,
+        } => {
+            let mut claims = DevClaims::new(user, 86_400);
+            claims.display_name = display_name;
+            let token = mint_hs256(&SecretString::from(secret), &claims)?;
+            chat_local::client::run(&format!("{url}?token={token}")).await
         }
         Command::Migrate => {
             let config = Config::from_env()?;
@@ -114,20 +179,14 @@ async fn main() -> anyhow::Result<()> {
     }
 }
 
-async fn serve(config: Config, addr: SocketAddr) -> anyhow::Result<()> {
-    let state = bootstrap::app_state(&config).await?;
-    let app = http::app(state);
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("binding {addr}"))?;
-    tracing::info!(%addr, instance = %config.instance_id, "chat-local listening");
-    axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown_signal())
-    .await
-    .context("serving")
+/// Runs until SIGTERM or ctrl-c, then stops the stack gracefully.
+async fn run_until_signal(stack: Stack) -> anyhow::Result<()> {
+    let stop = stack.shutdown_token();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        stop.cancel();
+    });
+    stack.wait().await
 }
 
 /// Resolves on SIGTERM or ctrl-c.

@@ -10,8 +10,22 @@ use crate::bus::Bus;
 use crate::config::Config;
 use crate::http::AppState;
 use crate::presence::{Keys, Presence, connect_redis};
+use crate::realtime::Realtime;
 use crate::service::Chat;
 use crate::store::{Store, connect_pool};
+use crate::ws::WsState;
+
+/// Builds the WebSocket handlers' state from `config`.
+///
+/// # Errors
+/// When a URL is invalid or Redis does not answer.
+pub async fn ws_state(config: &Config) -> anyhow::Result<WsState> {
+    let app = app_state(config).await?;
+    Ok(WsState {
+        realtime: Realtime::new(app.chat, config.presence_ttl),
+        verifier: app.verifier,
+    })
+}
 
 /// Builds the service and REST state from `config`.
 ///

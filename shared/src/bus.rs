@@ -61,8 +61,54 @@ pub struct Envelope {
     /// User ids whose connections are left out (`typing` skips the typist).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub exclude_users: Vec<String>,
-    /// `{"type": ..., "payload": ...}`, exactly as clients receive it.
-    pub event: Box<RawValue>,
+    /// Connection ids that get a room event although they may not have
+    /// joined the room: the sender of a `message` always gets it (it is the
+    /// acknowledgement).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub include: Vec<String>,
+    /// `{"type": ..., "payload": ...}`, exactly as clients receive it; absent
+    /// for control envelopes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event: Option<Box<RawValue>>,
+    /// An instruction to the relay instead of an event.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub control: Option<Control>,
+    /// Envelopes with the same ordering key are delivered in publish order;
+    /// when absent the key is the target's room, user or connection id.
+    /// Presence envelopes carry the user id, so a user's online and offline
+    /// can never overtake each other.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+}
+
+impl Envelope {
+    /// The ordering key (see [`Envelope::key`]).
+    pub fn ordering_key(&self) -> &str {
+        if let Some(key) = &self.key {
+            return key;
+        }
+        match &self.target {
+            Target::Room { room_id } => room_id,
+            Target::Rooms { room_ids } => room_ids.first().map_or("", String::as_str),
+            Target::User { user_id } => user_id,
+            Target::Connection { connection_id } => connection_id,
+        }
+    }
+}
+
+/// Instructions to the relay.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "camelCase")]
+pub enum Control {
+    /// A connection joined a room while messages were being sent: push it
+    /// every stored message above its watermark that it has not had yet.
+    #[serde(rename_all = "camelCase")]
+    Sync {
+        /// The room.
+        room_id: String,
+        /// The connection.
+        connection_id: String,
+    },
 }
 
 /// Serializes a server event `{"type": kind, "payload": payload}`.
@@ -111,7 +157,8 @@ impl Bus {
         &self.channel
     }
 
-    /// Builds the envelope JSON for `event` (see [`event_json`]).
+    /// Builds the envelope JSON for `event` (see [`event_json`]), ordered
+    /// by `key` when given.
     ///
     /// # Errors
     /// Only if serialization fails.
@@ -121,15 +168,76 @@ impl Bus {
         event: String,
         exclude: Vec<String>,
         exclude_users: Vec<String>,
+        key: Option<String>,
     ) -> Result<String> {
         let envelope = Envelope {
             origin: self.origin.clone(),
             target,
             exclude,
             exclude_users,
-            event: RawValue::from_string(event).map_err(Error::internal)?,
+            include: Vec::new(),
+            event: Some(RawValue::from_string(event).map_err(Error::internal)?),
+            control: None,
+            key,
         };
         serde_json::to_string(&envelope).map_err(Error::internal)
+    }
+
+    /// Publishes a ready envelope.
+    ///
+    /// # Errors
+    /// `UNAVAILABLE` when Redis does not answer.
+    pub async fn publish_envelope(&self, envelope: &Envelope) -> Result<()> {
+        let payload = serde_json::to_string(envelope).map_err(Error::internal)?;
+        self.publish_raw(payload).await
+    }
+
+    /// A message event for a room, also delivered to `include`.
+    ///
+    /// # Errors
+    /// Only if serialization fails.
+    pub fn room_event(
+        &self,
+        room_id: &str,
+        event: String,
+        include: Vec<String>,
+    ) -> Result<Envelope> {
+        Ok(Envelope {
+            origin: self.origin.clone(),
+            target: Target::Room {
+                room_id: room_id.to_owned(),
+            },
+            exclude: Vec::new(),
+            exclude_users: Vec::new(),
+            include,
+            event: Some(RawValue::from_string(event).map_err(Error::internal)?),
+            control: None,
+            key: None,
+        })
+    }
+
+    /// A control envelope for the relay.
+    pub fn control(&self, target: Target, control: Control) -> Envelope {
+        Envelope {
+            origin: self.origin.clone(),
+            target,
+            exclude: Vec::new(),
+            exclude_users: Vec::new(),
+            include: Vec::new(),
+            event: None,
+            control: Some(control),
+            key: None,
+        }
+    }
+
+    async fn publish_raw(&self, payload: String) -> Result<()> {
+        let mut redis = self.redis.clone();
+        let _: i64 = redis::cmd("PUBLISH")
+            .arg(&self.channel)
+            .arg(payload)
+            .query_async(&mut redis)
+            .await?;
+        Ok(())
     }
 
     /// Publishes `event` to `target`.
@@ -152,14 +260,8 @@ impl Bus {
         exclude: Vec<String>,
         exclude_users: Vec<String>,
     ) -> Result<()> {
-        let payload = self.envelope(target, event, exclude, exclude_users)?;
-        let mut redis = self.redis.clone();
-        let _: i64 = redis::cmd("PUBLISH")
-            .arg(&self.channel)
-            .arg(payload)
-            .query_async(&mut redis)
-            .await?;
-        Ok(())
+        let payload = self.envelope(target, event, exclude, exclude_users, None)?;
+        self.publish_raw(payload).await
     }
 }
 
@@ -178,13 +280,19 @@ mod tests {
             target: target.clone(),
             exclude: vec![],
             exclude_users: vec!["u1".into()],
-            event: RawValue::from_string(event.into()).expect("valid"),
+            include: vec![],
+            event: Some(RawValue::from_string(event.into()).expect("valid")),
+            control: None,
+            key: None,
         })
         .expect("serializes");
         assert!(json.contains(r#""target":{"type":"room","roomId":"room_1"}"#));
         assert!(json.contains(r#""excludeUsers":["u1"]"#));
         let back: Envelope = serde_json::from_str(&json).expect("parses");
         assert_eq!(back.target, target);
-        assert_eq!(back.event.get(), event);
+        assert_eq!(
+            back.event.map(|e| e.get().to_owned()).as_deref(),
+            Some(event)
+        );
     }
 }

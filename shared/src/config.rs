@@ -48,6 +48,33 @@ pub struct Config {
     pub log_format: LogFormat,
     /// The tracing filter (`RUST_LOG`, `info`).
     pub log_filter: String,
+    /// Most `PostToConnection` calls the relay has in flight
+    /// (`RELAY_CONCURRENCY`, 256).
+    pub relay_concurrency: usize,
+    /// AWS region for the Management API client (`AWS_REGION`, `us-east-1`).
+    pub aws_region: String,
+    /// The local API Gateway emulator's limits and names.
+    pub gateway: GatewaySettings,
+}
+
+/// Settings of the local API Gateway emulator (`GATEWAY_*`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GatewaySettings {
+    /// Stage name in callback URLs (`GATEWAY_STAGE`, `local`).
+    pub stage: String,
+    /// Largest WebSocket message; larger closes with 1009
+    /// (`GATEWAY_MAX_MESSAGE_BYTES`, 131072 as API Gateway).
+    pub max_message_bytes: usize,
+    /// Largest single frame (`GATEWAY_MAX_FRAME_BYTES`, 131072). API Gateway
+    /// allows 32 KiB frames; PROTOCOL.md promises that any message up to
+    /// 128 KiB is accepted, and most client libraries send a message as one
+    /// frame, so locally the frame limit defaults to the message limit. Set
+    /// 32768 to reproduce AWS exactly.
+    pub max_frame_bytes: usize,
+    /// Idle timeout (`GATEWAY_IDLE_TIMEOUT_SECONDS`, 600 as API Gateway).
+    pub idle_timeout: Duration,
+    /// Connection lifetime (`GATEWAY_MAX_LIFETIME_SECONDS`, 7200 as API Gateway).
+    pub max_lifetime: Duration,
 }
 
 /// How logs are written.
@@ -166,6 +193,23 @@ impl Config {
             presence_ttl: Duration::from_secs(presence_ttl_secs),
             log_format,
             log_filter: get("RUST_LOG").unwrap_or_else(|| "info".into()),
+            relay_concurrency: parse::<usize>(&get, "RELAY_CONCURRENCY", 256)?.max(1),
+            aws_region: get("AWS_REGION").unwrap_or_else(|| "us-east-1".into()),
+            gateway: GatewaySettings {
+                stage: get("GATEWAY_STAGE").unwrap_or_else(|| "local".into()),
+                max_message_bytes: parse::<usize>(&get, "GATEWAY_MAX_MESSAGE_BYTES", 131_072)?,
+                max_frame_bytes: parse::<usize>(&get, "GATEWAY_MAX_FRAME_BYTES", 131_072)?,
+                idle_timeout: Duration::from_secs(parse::<u64>(
+                    &get,
+                    "GATEWAY_IDLE_TIMEOUT_SECONDS",
+                    600,
+                )?),
+                max_lifetime: Duration::from_secs(parse::<u64>(
+                    &get,
+                    "GATEWAY_MAX_LIFETIME_SECONDS",
+                    7200,
+                )?),
+            },
         })
     }
 }

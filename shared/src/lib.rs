@@ -13,8 +13,12 @@
 //! - [`presence`]: Redis keys for connections, subscriptions, presence.
 //! - [`bus`]: envelopes on the Redis pub/sub channel the relay consumes.
 //! - [`service`]: the use cases.
+//! - [`realtime`]: the WebSocket use cases (connect, messages, disconnect, sweep).
+//! - [`ws`]: the `$connect` / `$default` / `$disconnect` handlers over API Gateway events.
 //! - [`http`]: the REST API as an axum router.
 //! - [`bootstrap`]: builds all of the above once per process.
+//! - `testing` (feature `testing`): fresh databases and key prefixes for tests.
+//! - `lambda` (feature `lambda`): the `lambda_runtime` shim of the WebSocket functions.
 
 pub mod auth;
 pub mod bootstrap;
@@ -23,11 +27,17 @@ pub mod config;
 pub mod domain;
 pub mod error;
 pub mod http;
+#[cfg(feature = "lambda")]
+pub mod lambda;
 pub mod model;
 pub mod presence;
+pub mod realtime;
 pub mod service;
 pub mod store;
 pub mod telemetry;
+#[cfg(feature = "testing")]
+pub mod testing;
+pub mod ws;
 
 pub use config::Config;
 pub use error::{Error, ErrorCode, Result};

@@ -10,9 +10,19 @@
 //! | `presence:online` | set | users with at least one live connection |
 //! | `presence:user:{userId}` | sorted set | the user's connection ids, scored by lease expiry (ms) |
 //! | `presence:leases` | sorted set | every connection id, scored by lease expiry: what the sweeper scans |
-//! | `conn:{connectionId}` | hash | `userId`, `endpoint` (Management API callback URL), `connectedAt` (ms), `username` |
+//! | `conn:{connectionId}` | hash | `userId`, `username`, `displayName`, `avatar`, `admin`, `endpoint` (Management API callback URL), `connectedAt` (ms) |
 //! | `conn:{connectionId}:rooms` | set | rooms the connection has joined |
-//! | `room:{roomId}:conns` | set | connections joined to the room: what the relay fans out to |
+//! | `room:{roomId}:conns` | hash | connection id → `watermark\|userId\|connectedAt\|endpoint`: what the relay fans out to in one read |
+//!
+//! A room subscription carries its *watermark*: the highest sequence id the
+//! connection already has from its `roomJoined` snapshot. The relay never
+//! pushes a `message` at or below it, and fills any gap above it, so a
+//! connection gets every message once, in order, however the join raced with
+//! concurrent sends.
+//!
+//! The scripts build a few keys from prefixes (a user's lease set from the
+//! user id they read), so they assume a single Redis shard: ElastiCache with
+//! cluster mode disabled, as `template.yaml` creates.
 //!
 //! `GET /rooms/:roomId/online` and `roomJoined.onlineUsers` both read
 //! `presence:online`. The WebSocket handlers write these keys; the online
@@ -85,7 +95,7 @@ const UNSUBSCRIBE_USER: &str = r"
 local conns = redis.call('ZRANGE', KEYS[1], 0, -1)
 local left = {}
 for _, c in ipairs(conns) do
-  if redis.call('SREM', KEYS[2], c) == 1 then
+  if redis.call('HDEL', KEYS[2], c) == 1 then
     redis.call('SREM', ARGV[1] .. c .. ':rooms', ARGV[2])
     table.insert(left, c)
   end
@@ -194,4 +204,456 @@ pub async fn connect_redis(url: &secrecy::SecretString) -> anyhow::Result<Connec
         .get_connection_manager_with_config(config)
         .await
         .context("connecting to Redis")
+}
+
+/// A live WebSocket connection, as `$connect` registered it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Connection {
+    /// API Gateway's connection id.
+    pub connection_id: String,
+    /// Who connected (profile and role as of the handshake).
+    pub user: crate::auth::AuthUser,
+    /// The Management API endpoint that reaches this connection
+    /// (`https://{domainName}/{stage}`).
+    pub endpoint: String,
+    /// When the handshake happened (ms since the epoch).
+    pub connected_at_ms: i64,
+}
+
+/// One connection joined to a room, as the relay reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Subscriber {
+    /// The connection id.
+    pub connection_id: String,
+    /// Highest sequence id the connection had in its `roomJoined`.
+    pub watermark: i64,
+    /// The connection's user.
+    pub user_id: String,
+    /// When it connected (ms since the epoch).
+    pub connected_at_ms: i64,
+    /// Its Management API endpoint.
+    pub endpoint: String,
+}
+
+impl Subscriber {
+    fn encode(watermark: i64, conn: &Connection) -> String {
+        format!(
+            "{watermark}|{}|{}|{}",
+            conn.user.id, conn.connected_at_ms, conn.endpoint
+        )
+    }
+
+    fn decode(connection_id: String, value: &str) -> Option<Self> {
+        let mut parts = value.splitn(4, '|');
+        Some(Self {
+            connection_id,
+            watermark: parts.next()?.parse().ok()?,
+            user_id: parts.next()?.to_owned(),
+            connected_at_ms: parts.next()?.parse().ok()?,
+            endpoint: parts.next()?.to_owned(),
+        })
+    }
+}
+
+/// What a frame's lease renewal found.
+#[derive(Debug, Clone)]
+pub struct Touched {
+    /// The connection.
+    pub connection: Connection,
+    /// False when the user had been declared offline (their leases all ran
+    /// out) and this frame brings them back.
+    pub was_online: bool,
+}
+
+/// Registers a connection and its lease; the user's first live connection
+/// adds them to the online set and publishes the `online` envelope in the
+/// same step, so presence transitions reach the bus in the order they
+/// happened.
+const CONNECT: &str = r"
+redis.call('HSET', KEYS[1], 'userId', ARGV[4], 'username', ARGV[5], 'displayName', ARGV[6],
+  'avatar', ARGV[7], 'admin', ARGV[8], 'endpoint', ARGV[9], 'connectedAt', ARGV[10])
+redis.call('EXPIRE', KEYS[1], ARGV[11])
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[3])
+redis.call('EXPIRE', KEYS[2], ARGV[11])
+redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
+local added = redis.call('SADD', KEYS[4], ARGV[4])
+if added == 1 and ARGV[13] ~= '' then redis.call('PUBLISH', ARGV[12], ARGV[13]) end
+return added
+";
+
+/// Renews a connection's lease and reads who it is: one round trip per frame.
+const TOUCH: &str = r"
+local f = redis.call('HMGET', KEYS[1], 'userId', 'username', 'displayName', 'avatar', 'admin',
+  'endpoint', 'connectedAt')
+if not f[1] then return false end
+redis.call('ZADD', ARGV[3] .. f[1], ARGV[2], ARGV[1])
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+f[8] = tostring(redis.call('SISMEMBER', KEYS[3], f[1]))
+return f
+";
+
+/// Marks a user online again (a frame after their leases ran out).
+const BACK_ONLINE: &str = r"
+local added = redis.call('SADD', KEYS[1], ARGV[1])
+if added == 1 and ARGV[3] ~= '' then redis.call('PUBLISH', ARGV[2], ARGV[3]) end
+return added
+";
+
+/// Removes a connection, its subscriptions and its lease; when it was the
+/// user's last live connection, takes them offline and publishes the
+/// `offline` envelope in the same step. Returns {userId, wentOffline}.
+const DISCONNECT: &str = r"
+local user = redis.call('HGET', KEYS[1], 'userId')
+for _, room in ipairs(redis.call('SMEMBERS', KEYS[2])) do
+  redis.call('HDEL', ARGV[4] .. room .. ARGV[5], ARGV[1])
+end
+redis.call('DEL', KEYS[1], KEYS[2])
+redis.call('ZREM', KEYS[3], ARGV[1])
+if not user then return {'', 0} end
+local uc = ARGV[3] .. user
+redis.call('ZREM', uc, ARGV[1])
+redis.call('ZREMRANGEBYSCORE', uc, '-inf', ARGV[2])
+if redis.call('ZCARD', uc) > 0 then return {user, 0} end
+if user ~= ARGV[8] then return {user, 0} end
+local removed = redis.call('SREM', KEYS[4], user)
+if removed == 1 and ARGV[7] ~= '' then redis.call('PUBLISH', ARGV[6], ARGV[7]) end
+return {user, removed}
+";
+
+/// Subscribes a live connection to a room with its watermark.
+const JOIN: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+redis.call('SADD', KEYS[3], ARGV[3])
+return 1
+";
+
+/// How long a connection record outlives its last renewal at most: a guard
+/// against leaks if the sweeper never ran (API Gateway closes every
+/// connection after 2 h anyway).
+const CONNECTION_RECORD_TTL_SECS: i64 = 24 * 3600;
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+fn non_empty(s: Option<String>) -> Option<String> {
+    s.filter(|v| !v.is_empty())
+}
+
+impl Presence {
+    /// Registers a new connection with a lease of `ttl`. Returns true when
+    /// it is the user's first live connection (they came online); the
+    /// `online_envelope` is then published atomically with the transition.
+    ///
+    /// # Errors
+    /// `UNAVAILABLE` when Redis does not answer.
+    pub async fn connect(
+        &self,
+        conn: &Connection,
+        ttl: std::time::Duration,
+        channel: &str,
+        online_envelope: Option<&str>,
+    ) -> Result<bool> {
+        let now = now_ms();
+        let mut redis = self.redis.clone();
+        let added: i64 = redis::Script::new(CONNECT)
+            .key(self.keys.conn(&conn.connection_id))
+            .key(self.keys.user_conns(conn.user.id.as_str()))
+            .key(self.keys.leases())
+            .key(self.keys.online())
+            .arg(&conn.connection_id)
+            .arg(now + ttl.as_millis() as i64)
+            .arg(now)
+            .arg(conn.user.id.as_str())
+            .arg(&conn.user.username)
+            .arg(conn.user.display_name.as_deref().unwrap_or(""))
+            .arg(conn.user.avatar.as_deref().unwrap_or(""))
+            .arg(if conn.user.is_admin { "1" } else { "0" })
+            .arg(&conn.endpoint)
+            .arg(conn.connected_at_ms)
+            .arg(CONNECTION_RECORD_TTL_SECS)
+            .arg(channel)
+            .arg(online_envelope.unwrap_or(""))
+            .invoke_async(&mut redis)
+            .await?;
+        Ok(added == 1)
+    }
+
+    /// Renews a connection's lease (any frame does) and returns the
+    /// connection; `None` when it is unknown (closed, or swept).
+    ///
+    /// # Errors
+    /// `UNAVAILABLE` when Redis does not answer.
+    pub async fn touch(
+        &self,
+        connection_id: &str,
+        ttl: std::time::Duration,
+    ) -> Result<Option<Touched>> {
+        let mut redis = self.redis.clone();
+        let fields: Option<Vec<Option<String>>> = redis::Script::new(TOUCH)
+            .key(self.keys.conn(connection_id))
+            .key(self.keys.leases())
+            .key(self.keys.online())
+            .arg(connection_id)
+            .arg(now_ms() + ttl.as_millis() as i64)
+            .arg(self.keys.user_conns_prefix())
+            .invoke_async(&mut redis)
+            .await?;
+        let Some(mut f) = fields else {
+            return Ok(None);
+        };
+        f.resize(8, None);
+        let mut take = |i: usize| f[i].take();
+        let Some(user_id) = take(0) else {
+            return Ok(None);
+        };
+        let user_id = UserId::from_trusted(user_id);
+        let connection = Connection {
+            connection_id: connection_id.to_owned(),
+            user: crate::auth::AuthUser {
+                username: non_empty(take(1)).unwrap_or_else(|| user_id.to_string()),
+                display_name: non_empty(take(2)),
+                avatar: non_empty(take(3)),
+                is_admin: take(4).as_deref() == Some("1"),
+                id: user_id,
+            },
+            endpoint: take(5).unwrap_or_default(),
+            connected_at_ms: take(6).and_then(|v| v.parse().ok()).unwrap_or(0),
+        };
+        Ok(Some(Touched {
+            connection,
+            was_online: take(7).as_deref() == Some("1"),
+        }))
+    }
+
+    /// Puts a user back in the online set; true (and the envelope is
+    /// published) when they were not there.
+    ///
+    /// # Errors
+    /// `UNAVAILABLE` when Redis does not answer.
+    pub async fn back_online(
+        &self,
+        user_id: &UserId,
+        channel: &str,
+        online_envelope: Option<&str>,
+    ) -> Result<bool> {
+        let mut redis = self.redis.clone();
+        let added: i64 = redis::Script::new(BACK_ONLINE)
+            .key(self.keys.online())
+            .arg(user_id.as_str())
+            .arg(channel)
+            .arg(online_envelope.unwrap_or(""))
+            .invoke_async(&mut redis)
+            .await?;
+        Ok(added == 1)
+    }
+
+    /// The user of a connection, if it is still registered.
+    ///
+    /// # Errors
+    /// `UNAVAILABLE` when Redis does not answer.
+    pub async fn connection_user(&self, connection_id: &str) -> Result<Option<UserId>> {
+        let mut redis = self.redis.clone();
+        let user: Option<String> = redis::cmd("HGET")
+            .arg(self.keys.conn(connection_id))
+            .arg("userId")
+            .query_async(&mut redis)
+            .await?;
+        Ok(user.map(UserId::from_trusted))
+    }
+
+    /// Removes a connection with its subscriptions and lease. When it was
+    /// the last live connection of `expected_user`, they go offline and
+    /// `offline_envelope` is published in the same step. Returns the user
+    /// and whether they went offline; idempotent.
+    ///
+    /// # Errors
+    /// `UNAVAILABLE` when Redis does not answer.
+    pub async fn disconnect(
+        &self,
+        connection_id: &str,
+        expected_user: Option<&UserId>,
+        channel: &str,
+        offline_envelope: Option<&str>,
+    ) -> Result<Option<(UserId, bool)>> {
+        let mut redis = self.redis.clone();
+        let (user, went_offline): (String, i64) = redis::Script::new(DISCONNECT)
+            .key(self.keys.conn(connection_id))
+            .key(self.keys.conn_rooms(connection_id))
+            .key(self.keys.leases())
+            .key(self.keys.online())
+            .arg(connection_id)
+            .arg(now_ms())
+            .arg(self.keys.user_conns_prefix())
+            .arg(format!("{}room:", self.keys.prefix()))
+            .arg(":conns")
+            .arg(channel)
+            .arg(offline_envelope.unwrap_or(""))
+            .arg(expected_user.map(UserId::as_str).unwrap_or(""))
+            .invoke_async(&mut redis)
+            .await?;
+        Ok((!user.is_empty()).then(|| (UserId::from_trusted(user), went_offline == 1)))
+    }
+
+    /// Subscribes a connection to a room with the watermark of its snapshot;
+    /// false when the connection is gone.
+    ///
+    /// # Errors
+    /// `UNAVAILABLE` when Redis does not answer.
+    pub async fn join(&self, room_id: &RoomId, conn: &Connection, watermark: i64) -> Result<bool> {
+        let mut redis = self.redis.clone();
+        let joined: i64 = redis::Script::new(JOIN)
+            .key(self.keys.conn(&conn.connection_id))
+            .key(self.keys.room_conns(room_id.as_str()))
+            .key(self.keys.conn_rooms(&conn.connection_id))
+            .arg(&conn.connection_id)
+            .arg(Subscriber::encode(watermark, conn))
+            .arg(room_id.as_str())
+            .invoke_async(&mut redis)
+            .await?;
+        Ok(joined == 1)
+    }
+
+    /// Unsubscribes a connection from a room (nothing if it had not joined).
+    ///
+    /// # Errors
+    /// `UNAVAILABLE` when Redis does not answer.
+    pub async fn leave(&self, room_id: &RoomId, connection_id: &str) -> Result<()> {
+        let mut redis = self.redis.clone();
+        let _: () = redis::pipe()
+            .atomic()
+            .hdel(self.keys.room_conns(room_id.as_str()), connection_id)
+            .ignore()
+            .srem(self.keys.conn_rooms(connection_id), room_id.as_str())
+            .ignore()
+            .query_async(&mut redis)
+            .await?;
+        Ok(())
+    }
+
+    /// The connections joined to each of `room_ids` (one round trip).
+    ///
+    /// # Errors
+    /// `UNAVAILABLE` when Redis does not answer.
+    pub async fn subscribers(&self, room_ids: &[&str]) -> Result<Vec<Vec<Subscriber>>> {
+        if room_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for room in room_ids {
+            pipe.hgetall(self.keys.room_conns(room));
+        }
+        let mut redis = self.redis.clone();
+        let rooms: Vec<Vec<(String, String)>> = pipe.query_async(&mut redis).await?;
+        Ok(rooms
+            .into_iter()
+            .map(|entries| {
+                entries
+                    .into_iter()
+                    .filter_map(|(conn, value)| Subscriber::decode(conn, &value))
+                    .collect()
+            })
+            .collect())
+    }
+
+    /// Each connection's user, endpoint and connect time, or `None` for a
+    /// connection that is gone (one round trip).
+    ///
+    /// # Errors
+    /// `UNAVAILABLE` when Redis does not answer.
+    pub async fn connection_routes(
+        &self,
+        connection_ids: &[String],
+    ) -> Result<Vec<Option<Subscriber>>> {
+        if connection_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for conn in connection_ids {
+            pipe.cmd("HMGET")
+                .arg(self.keys.conn(conn))
+                .arg("userId")
+                .arg("connectedAt")
+                .arg("endpoint");
+        }
+        let mut redis = self.redis.clone();
+        let rows: Vec<(Option<String>, Option<String>, Option<String>)> =
+            pipe.query_async(&mut redis).await?;
+        Ok(connection_ids
+            .iter()
+            .zip(rows)
+            .map(|(conn, row)| match row {
+                (Some(user_id), connected_at, Some(endpoint)) => Some(Subscriber {
+                    connection_id: conn.clone(),
+                    watermark: 0,
+                    user_id,
+                    connected_at_ms: connected_at.and_then(|v| v.parse().ok()).unwrap_or(0),
+                    endpoint,
+                }),
+                _ => None,
+            })
+            .collect())
+    }
+
+    /// A user's registered connection ids.
+    ///
+    /// # Errors
+    /// `UNAVAILABLE` when Redis does not answer.
+    pub async fn user_connections(&self, user_id: &str) -> Result<Vec<String>> {
+        let mut redis = self.redis.clone();
+        let conns: Vec<String> = redis::cmd("ZRANGE")
+            .arg(self.keys.user_conns(user_id))
+            .arg(0)
+            .arg(-1)
+            .query_async(&mut redis)
+            .await?;
+        Ok(conns)
+    }
+
+    /// Up to `limit` connections whose lease ran out before `now_ms`.
+    ///
+    /// # Errors
+    /// `UNAVAILABLE` when Redis does not answer.
+    pub async fn expired_connections(&self, now_ms: i64, limit: usize) -> Result<Vec<String>> {
+        let mut redis = self.redis.clone();
+        let conns: Vec<String> = redis::cmd("ZRANGEBYSCORE")
+            .arg(self.keys.leases())
+            .arg("-inf")
+            .arg(now_ms)
+            .arg("LIMIT")
+            .arg(0)
+            .arg(limit)
+            .query_async(&mut redis)
+            .await?;
+        Ok(conns)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subscriber_values_round_trip_with_pipes_in_the_endpoint() {
+        let conn = Connection {
+            connection_id: "L0SM9cOFvHcCIhw=".into(),
+            user: crate::auth::AuthUser {
+                id: UserId::from_trusted("u1".into()),
+                username: "u1".into(),
+                display_name: None,
+                avatar: None,
+                is_admin: false,
+            },
+            endpoint: "https://x|y/prod".into(),
+            connected_at_ms: 42,
+        };
+        let value = Subscriber::encode(7, &conn);
+        let back = Subscriber::decode(conn.connection_id.clone(), &value).expect("decodes");
+        assert_eq!(back.watermark, 7);
+        assert_eq!(back.user_id, "u1");
+        assert_eq!(back.connected_at_ms, 42);
+        assert_eq!(back.endpoint, "https://x|y/prod");
+    }
 }

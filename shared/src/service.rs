@@ -188,17 +188,28 @@ impl Chat {
         room_id: &RoomId,
         message: &NewMessage,
     ) -> Result<Stored> {
+        self.send_message_from(user, room_id, message, None).await
+    }
+
+    /// Like [`Chat::send_message`], from a WebSocket connection: the
+    /// `message` event also goes to `connection_id` whether it joined the
+    /// room or not (it is the sender's acknowledgement).
+    ///
+    /// # Errors
+    /// `NOT_FOUND` / `FORBIDDEN`, or a dependency failure.
+    pub async fn send_message_from(
+        &self,
+        user: &AuthUser,
+        room_id: &RoomId,
+        message: &NewMessage,
+        connection_id: Option<&str>,
+    ) -> Result<Stored> {
         match self.store.store_message(room_id, &user.id, message).await? {
             Stored::New(msg) => {
                 let event = event_json("message", &msg)?;
-                self.bus
-                    .publish(
-                        Target::Room {
-                            room_id: room_id.to_string(),
-                        },
-                        event,
-                    )
-                    .await?;
+                let include = connection_id.map(str::to_owned).into_iter().collect();
+                let envelope = self.bus.room_event(room_id.as_str(), event, include)?;
+                self.bus.publish_envelope(&envelope).await?;
                 Ok(Stored::New(msg))
             }
             Stored::Duplicate(msg) => {

@@ -1,0 +1,464 @@
+//! The WebSocket use cases (PROTOCOL.md §2): what `$connect`, `$default`
+//! and `$disconnect` do, independent of how the event arrived.
+//!
+//! Replies to the caller (`roomJoined`, `roomLeft`, `pong`, `error`) are
+//! return values, which API Gateway sends back as the `$default` route
+//! response. Everything for other connections, and the caller's own
+//! `message` acknowledgement, goes out on the bus for the relay.
+
+use std::time::Duration;
+
+use serde::Serialize;
+use serde_json::{Map, Value, json};
+
+use crate::auth::AuthUser;
+use crate::bus::{Control, Target, event_json};
+use crate::domain::{
+    NewMessage, RoomId, SequenceId, UserId, optional_sequence, optional_str, required_str,
+};
+use crate::error::{Error, Result};
+use crate::model::rfc3339_millis;
+use crate::presence::{Connection, Touched};
+use crate::service::{Chat, RECOVERY_MESSAGES, SNAPSHOT_MESSAGES};
+use crate::store::{PageQuery, Stored};
+
+/// The WebSocket side of the service.
+#[derive(Debug, Clone)]
+pub struct Realtime {
+    chat: Chat,
+    presence_ttl: Duration,
+}
+
+/// The client events of PROTOCOL §2.
+const CLIENT_EVENTS: [&str; 6] = [
+    "joinRoom",
+    "leaveRoom",
+    "sendMessage",
+    "typing",
+    "markRead",
+    "ping",
+];
+
+fn now() -> String {
+    rfc3339_millis(&chrono::Utc::now())
+}
+
+/// What an `error` reply echoes of the failing frame.
+#[derive(Debug, Default, Clone)]
+struct RequestIds {
+    request_type: Option<String>,
+    client_message_id: Option<String>,
+}
+
+impl RequestIds {
+    fn of(frame: &Value) -> Self {
+        let request_type = frame.get("type").and_then(Value::as_str).map(str::to_owned);
+        let client_message_id = frame
+            .get("payload")
+            .and_then(|p| p.get("clientMessageId"))
+            .and_then(Value::as_str)
+            .map(str::to_owned);
+        Self {
+            request_type,
+            client_message_id,
+        }
+    }
+}
+
+/// Serializes an `error` event.
+pub fn error_event(
+    err: &Error,
+    request_type: Option<&str>,
+    client_message_id: Option<&str>,
+) -> String {
+    #[derive(Serialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Payload<'a> {
+        code: &'static str,
+        message: String,
+        request_type: Option<&'a str>,
+        client_message_id: Option<&'a str>,
+    }
+    let payload = Payload {
+        code: err.code().as_str(),
+        message: err.client_message(),
+        request_type,
+        client_message_id,
+    };
+    event_json("error", &payload).unwrap_or_else(|_| {
+        r#"{"type":"error","payload":{"code":"INTERNAL","message":"internal error","requestType":null,"clientMessageId":null}}"#
+            .to_owned()
+    })
+}
+
+impl Realtime {
+    /// The WebSocket use cases over `chat`, with presence leases of
+    /// `presence_ttl`.
+    pub fn new(chat: Chat, presence_ttl: Duration) -> Self {
+        Self { chat, presence_ttl }
+    }
+
+    /// The REST-level service.
+    pub fn chat(&self) -> &Chat {
+        &self.chat
+    }
+
+    /// The presence lease length.
+    pub fn presence_ttl(&self) -> Duration {
+        self.presence_ttl
+    }
+
+    async fn presence_envelope(&self, user_id: &UserId, status: &str) -> Result<Option<String>> {
+        let rooms = self.chat.store().member_room_ids(user_id).await?;
+        if rooms.is_empty() {
+            return Ok(None);
+        }
+        let event = event_json(
+            "presenceUpdate",
+            &json!({"userId": user_id, "status": status, "timestamp": now()}),
+        )?;
+        self.chat
+            .bus()
+            .envelope(
+                Target::Rooms { room_ids: rooms },
+                event,
+                Vec::new(),
+                Vec::new(),
+                Some(user_id.to_string()),
+            )
+            .map(Some)
+    }
+
+    /// `$connect` after the token was verified: records the user and the
+    /// connection, announces `online` for their first connection, and
+    /// queues the `connected` event (the relay delivers it once the
+    /// handshake has completed; API Gateway refuses posts before).
+    ///
+    /// # Errors
+    /// A dependency failure (the handshake is then refused).
+    pub async fn connect(&self, conn: &Connection) -> Result<()> {
+        let (_, envelope) = tokio::try_join!(
+            self.chat.authenticate(&conn.user),
+            self.presence_envelope(&conn.user.id, "online"),
+        )?;
+        let presence = self.chat.presence();
+        presence
+            .connect(
+                conn,
+                self.presence_ttl,
+                self.chat.bus().channel(),
+                envelope.as_deref(),
+            )
+            .await?;
+        let connected = event_json(
+            "connected",
+            &json!({"userId": conn.user.id, "connectionId": conn.connection_id, "timestamp": now()}),
+        )?;
+        self.chat
+            .bus()
+            .publish(
+                Target::Connection {
+                    connection_id: conn.connection_id.clone(),
+                },
+                connected,
+            )
+            .await
+    }
+
+    /// `$disconnect` (and the sweeper, and a relay that got 410 Gone):
+    /// removes the connection and its subscriptions, and announces
+    /// `offline` when it was the user's last. Idempotent.
+    ///
+    /// # Errors
+    /// A dependency failure.
+    pub async fn disconnect(&self, connection_id: &str) -> Result<()> {
+        let presence = self.chat.presence();
+        let Some(user) = presence.connection_user(connection_id).await? else {
+            return Ok(());
+        };
+        let envelope = self.presence_envelope(&user, "offline").await?;
+        presence
+            .disconnect(
+                connection_id,
+                Some(&user),
+                self.chat.bus().channel(),
+                envelope.as_deref(),
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// `$default`: one client message. Returns the reply to send back on the
+    /// same connection, if any. `binary` frames are refused.
+    pub async fn message(&self, connection_id: &str, body: &str, binary: bool) -> Option<String> {
+        let (ids, result) = self.dispatch(connection_id, body, binary).await;
+        match result {
+            Ok(reply) => reply,
+            Err(err) => {
+                err.log_if_server_error("websocket message failed");
+                Some(error_event(
+                    &err,
+                    ids.request_type.as_deref(),
+                    ids.client_message_id.as_deref(),
+                ))
+            }
+        }
+    }
+
+    async fn dispatch(
+        &self,
+        connection_id: &str,
+        body: &str,
+        binary: bool,
+    ) -> (RequestIds, Result<Option<String>>) {
+        // Every frame renews the presence lease, good or bad.
+        let touched = self.touch(connection_id).await;
+        let frame: Value = if binary {
+            return (
+                RequestIds::default(),
+                Err(Error::bad_request(
+                    "binary frames are not supported; send JSON text",
+                )),
+            );
+        } else {
+            match serde_json::from_str(body) {
+                Ok(v) => v,
+                Err(_) => {
+                    return (
+                        RequestIds::default(),
+                        Err(Error::bad_request("malformed JSON")),
+                    );
+                }
+            }
+        };
+        let ids = RequestIds::of(&frame);
+        let result = async {
+            let conn = touched?;
+            let Value::Object(frame) = &frame else {
+                return Err(Error::bad_request("a message must be a JSON object"));
+            };
+            let Some(kind) = ids.request_type.as_deref() else {
+                return Err(Error::bad_request("type must be a string"));
+            };
+            if !CLIENT_EVENTS.contains(&kind) {
+                return Err(Error::bad_request(format!("unknown type {kind}")));
+            }
+            let empty = Map::new();
+            let payload = match frame.get("payload") {
+                None | Some(Value::Null) => &empty,
+                Some(Value::Object(p)) => p,
+                Some(_) => return Err(Error::bad_request("payload must be a JSON object")),
+            };
+            self.handle(&conn, kind, payload).await
+        }
+        .await;
+        (ids, result)
+    }
+
+    async fn touch(&self, connection_id: &str) -> Result<Connection> {
+        let presence = self.chat.presence();
+        let Some(Touched {
+            connection,
+            was_online,
+        }) = presence.touch(connection_id, self.presence_ttl).await?
+        else {
+            return Err(Error::unauthorized(
+                "this connection is no longer registered; reconnect",
+            ));
+        };
+        if !was_online {
+            // The user's leases had all run out and they were announced
+            // offline; this frame brings them back.
+            let envelope = self
+                .presence_envelope(&connection.user.id, "online")
+                .await?;
+            presence
+                .back_online(
+                    &connection.user.id,
+                    self.chat.bus().channel(),
+                    envelope.as_deref(),
+                )
+                .await?;
+        }
+        Ok(connection)
+    }
+
+    async fn handle(
+        &self,
+        conn: &Connection,
+        kind: &str,
+        p: &Map<String, Value>,
+    ) -> Result<Option<String>> {
+        let user = &conn.user;
+        match kind {
+            "joinRoom" => self.join_room(conn, p).await.map(Some),
+            "leaveRoom" => {
+                let room_id = RoomId::parse(required_str(p, "roomId")?)?;
+                self.chat
+                    .presence()
+                    .leave(&room_id, &conn.connection_id)
+                    .await?;
+                event_json("roomLeft", &json!({"roomId": room_id})).map(Some)
+            }
+            "sendMessage" => {
+                let room_id = RoomId::parse(required_str(p, "roomId")?)?;
+                let message = NewMessage::parse(p, user.is_admin)?;
+                let stored = self
+                    .chat
+                    .send_message_from(user, &room_id, &message, Some(&conn.connection_id))
+                    .await?;
+                if let Stored::Duplicate(original) = stored {
+                    // Only the sender sees the original again.
+                    self.chat
+                        .bus()
+                        .publish(
+                            Target::Connection {
+                                connection_id: conn.connection_id.clone(),
+                            },
+                            event_json("message", &original)?,
+                        )
+                        .await?;
+                }
+                Ok(None)
+            }
+            "typing" => {
+                let room_id = RoomId::parse(required_str(p, "roomId")?)?;
+                let Some(is_typing) = p.get("isTyping").and_then(Value::as_bool) else {
+                    return Err(Error::bad_request("isTyping must be a boolean"));
+                };
+                self.chat.require_member(user, &room_id).await?;
+                let event = event_json(
+                    "typing",
+                    &json!({"roomId": room_id, "userId": user.id, "username": user.username, "isTyping": is_typing}),
+                )?;
+                self.chat
+                    .bus()
+                    .publish_excluding(
+                        Target::Room {
+                            room_id: room_id.to_string(),
+                        },
+                        event,
+                        Vec::new(),
+                        vec![user.id.to_string()],
+                    )
+                    .await?;
+                Ok(None)
+            }
+            "markRead" => {
+                let room_id = RoomId::parse(required_str(p, "roomId")?)?;
+                let Some(sequence_id) = optional_sequence(p, "sequenceId")? else {
+                    return Err(Error::bad_request("sequenceId is required"));
+                };
+                self.chat.mark_read(user, &room_id, sequence_id).await?;
+                Ok(None)
+            }
+            "ping" => event_json("pong", &json!({"timestamp": now()})).map(Some),
+            other => Err(Error::bad_request(format!("unknown type {other}"))),
+        }
+    }
+
+    async fn join_room(&self, conn: &Connection, p: &Map<String, Value>) -> Result<String> {
+        let user: &AuthUser = &conn.user;
+        let after = optional_sequence(p, "afterSequenceId")?;
+        let room_id = match (optional_str(p, "roomId")?, optional_str(p, "targetUserId")?) {
+            (Some(room), _) => RoomId::parse(room)?,
+            (None, Some(target)) => {
+                let target = UserId::parse(target, "targetUserId")?;
+                self.chat.direct_room(user, &target).await?
+            }
+            (None, None) => return Err(Error::bad_request("roomId or targetUserId is required")),
+        };
+        let limit = if after.is_some() {
+            RECOVERY_MESSAGES
+        } else {
+            SNAPSHOT_MESSAGES
+        };
+        let snap = self
+            .chat
+            .snapshot(
+                user,
+                &room_id,
+                PageQuery {
+                    before: None,
+                    after,
+                    limit,
+                },
+            )
+            .await?;
+        let online_users = self.chat.online_members(&snap.members).await?;
+        // The connection has every message up to here; the relay pushes
+        // only newer ones.
+        let newest_in_page = snap
+            .messages
+            .last()
+            .map_or(SequenceId::ZERO, |m| m.sequence_id);
+        let watermark = snap.room.last_sequence_id.max(newest_in_page);
+        let presence = self.chat.presence();
+        if !presence.join(&room_id, conn, watermark.get()).await? {
+            return Err(Error::unauthorized(
+                "this connection is no longer registered; reconnect",
+            ));
+        }
+        // A message stored while we joined may have been fanned out before
+        // the subscription existed; if the room moved on, ask the relay to
+        // push what this connection is missing.
+        let room_now = self.chat.store().room(&room_id).await?;
+        if room_now.last_sequence_id > watermark {
+            let control = self.chat.bus().control(
+                Target::Connection {
+                    connection_id: conn.connection_id.clone(),
+                },
+                Control::Sync {
+                    room_id: room_id.to_string(),
+                    connection_id: conn.connection_id.clone(),
+                },
+            );
+            self.chat.bus().publish_envelope(&control).await?;
+        }
+        let mut payload = json!({
+            "room": snap.room_view(),
+            "messages": snap.messages,
+            "unreadCount": snap.unread_count,
+            "onlineUsers": online_users,
+            "hasMore": snap.has_more,
+        });
+        if let Some(after) = after {
+            // Retention deletes a room's oldest messages, so everything after
+            // `after` is still stored exactly when its first message is.
+            let recovered = match snap.messages.first() {
+                Some(first) => first.sequence_id.get() == after.get() + 1,
+                None => after >= snap.room.last_sequence_id,
+            };
+            payload["recovered"] = Value::Bool(recovered);
+        }
+        event_json("roomJoined", &payload)
+    }
+
+    /// One sweep of expired presence leases: each connection whose lease ran
+    /// out is removed (and its user announced offline when it was their
+    /// last). Returns the removed connections with their Management API
+    /// endpoints, so the caller can close them at API Gateway.
+    ///
+    /// # Errors
+    /// A dependency failure.
+    pub async fn sweep_expired(&self, limit: usize) -> Result<Vec<(String, Option<String>)>> {
+        let presence = self.chat.presence();
+        let now = chrono::Utc::now().timestamp_millis();
+        let expired = presence.expired_connections(now, limit).await?;
+        let routes = presence.connection_routes(&expired).await?;
+        let mut removed = Vec::with_capacity(expired.len());
+        for (conn, route) in expired.into_iter().zip(routes) {
+            match self.chat.presence().connection_user(&conn).await? {
+                Some(_) => self.disconnect(&conn).await?,
+                // A lease without a record: drop the lease alone.
+                None => {
+                    presence
+                        .disconnect(&conn, None, self.chat.bus().channel(), None)
+                        .await?;
+                }
+            }
+            removed.push((conn, route.map(|r| r.endpoint)));
+        }
+        Ok(removed)
+    }
+}
