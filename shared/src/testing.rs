@@ -148,6 +148,14 @@ impl TestEnv {
         self
     }
 
+    /// Another env over the same database, Redis prefix and channel: a
+    /// second instance of the service (e.g. with other settings).
+    pub fn sharing(&self) -> Self {
+        Self {
+            vars: self.vars.clone(),
+        }
+    }
+
     pub fn config(&self) -> Config {
         Config::from_lookup(|k| self.vars.get(k).cloned()).expect("test config is valid")
     }

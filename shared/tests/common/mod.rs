@@ -8,156 +8,19 @@
 
 #![allow(dead_code, clippy::unwrap_used, missing_docs)]
 
-use std::collections::HashMap;
-use std::hash::{Hash, Hasher};
 
 use axum::Router;
 use axum::body::Body;
 use axum::http::{HeaderMap, Method, Request, StatusCode};
-use chat_shared::Config;
 use chat_shared::auth::{DevClaims, mint_hs256};
 use chat_shared::http::{AppState, app};
 use futures::StreamExt;
 use http_body_util::BodyExt;
 use secrecy::SecretString;
 use serde_json::Value;
-use tokio_postgres::NoTls;
 use tower::ServiceExt;
 
-pub const SECRET: &str = "test-secret-for-the-suite";
-
-pub fn admin_db_url() -> String {
-    std::env::var("TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
-}
-
-pub fn redis_url() -> String {
-    std::env::var("TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
-}
-
-fn random_suffix() -> String {
-    use rand::Rng;
-    let mut rng = rand::rng();
-    (0..12)
-        .map(|_| char::from(b'a' + rng.random_range(0..26u8)))
-        .collect()
-}
-
-fn with_database(url: &str, db: &str) -> String {
-    let mut config: tokio_postgres::Config = url.parse().expect("TEST_DATABASE_URL parses");
-    config.dbname(db);
-    // Rebuild a URL from the parts we use.
-    let host = match config.get_hosts().first() {
-        Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
-        #[cfg(unix)]
-        Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
-        None => "127.0.0.1".to_owned(),
-    };
-    let port = config.get_ports().first().copied().unwrap_or(5432);
-    let user = config.get_user().unwrap_or("postgres");
-    match config.get_password() {
-        Some(pw) => format!(
-            "postgres://{user}:{}@{host}:{port}/{db}",
-            String::from_utf8_lossy(pw)
-        ),
-        None => format!("postgres://{user}@{host}:{port}/{db}"),
-    }
-}
-
-/// Creates a fresh database from the migrated template and returns its URL.
-pub async fn fresh_database() -> String {
-    let admin = admin_db_url();
-    let (client, conn) = tokio_postgres::connect(&admin, NoTls).await.unwrap_or_else(|e| {
-        panic!("cannot reach PostgreSQL at TEST_DATABASE_URL={admin}: {e}. Run scripts/test.sh, which starts it.")
-    });
-    tokio::spawn(conn);
-    // The template's name carries a hash of the migrations, so a changed
-    // migration gets a new template.
-    let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../migrations");
-    let mut files: Vec<_> = std::fs::read_dir(dir)
-        .expect("migrations dir")
-        .map(|e| e.expect("entry").path())
-        .collect();
-    files.sort();
-    for f in &files {
-        std::fs::read_to_string(f)
-            .expect("migration")
-            .hash(&mut hasher);
-    }
-    let template = format!("chat_template_{:x}", hasher.finish());
-    client
-        .execute("SELECT pg_advisory_lock(727274)", &[])
-        .await
-        .expect("lock");
-    let exists = client
-        .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&template])
-        .await
-        .expect("query")
-        .is_some();
-    if !exists {
-        let building = format!("{template}_building");
-        client
-            .execute(&format!("DROP DATABASE IF EXISTS {building}"), &[])
-            .await
-            .expect("drop");
-        client
-            .execute(&format!("CREATE DATABASE {building}"), &[])
-            .await
-            .expect("create template");
-        chat_shared::store::migrate(&SecretString::from(with_database(&admin, &building)))
-            .await
-            .expect("migrations apply");
-        client
-            .execute(
-                &format!("ALTER DATABASE {building} RENAME TO {template}"),
-                &[],
-            )
-            .await
-            .expect("rename template");
-    }
-    let db = format!("chat_test_{}", random_suffix());
-    let created = client
-        .execute(&format!("CREATE DATABASE {db} TEMPLATE {template}"), &[])
-        .await;
-    client
-        .execute("SELECT pg_advisory_unlock(727274)", &[])
-        .await
-        .expect("unlock");
-    created.expect("create test database");
-    with_database(&admin, &db)
-}
-
-/// A test's own configuration: its database, Redis prefix and channel.
-pub struct TestEnv {
-    pub vars: HashMap<String, String>,
-}
-
-impl TestEnv {
-    pub async fn new() -> Self {
-        let db = fresh_database().await;
-        let prefix = format!("test:{}:", random_suffix());
-        let vars = HashMap::from([
-            ("DATABASE_URL".to_owned(), db),
-            ("REDIS_URL".to_owned(), redis_url()),
-            ("REDIS_KEY_PREFIX".to_owned(), prefix.clone()),
-            ("BROADCAST_CHANNEL".to_owned(), format!("{prefix}broadcast")),
-            ("JWT_SECRET".to_owned(), SECRET.to_owned()),
-            ("INSTANCE_ID".to_owned(), "test".to_owned()),
-            ("PG_POOL_MAX".to_owned(), "24".to_owned()),
-        ]);
-        Self { vars }
-    }
-
-    pub fn set(&mut self, key: &str, value: &str) -> &mut Self {
-        self.vars.insert(key.to_owned(), value.to_owned());
-        self
-    }
-
-    pub fn config(&self) -> Config {
-        Config::from_lookup(|k| self.vars.get(k).cloned()).expect("test config is valid")
-    }
-}
+pub use chat_shared::testing::{SECRET, TestEnv, redis_url, token_with};
 
 /// The REST app over a fresh database, driven with `oneshot`.
 pub struct TestApp {
@@ -353,27 +216,12 @@ impl BusListener {
     }
 }
 
-pub fn token_with(user: &str, edit: impl FnOnce(&mut DevClaims)) -> String {
-    let mut claims = DevClaims::new(user, 3600);
-    edit(&mut claims);
-    mint_hs256(&SecretString::from(SECRET), &claims).expect("mint")
-}
 
 // ---------------------------------------------------------------------------
 // Helpers for the REST suites (rest_auth, rest_rooms, rest_messages, sequence).
 
 /// Where the REST API lives.
 pub const API: &str = "/api/v1/chat";
-
-impl TestEnv {
-    /// Another env over the same database, Redis prefix and channel: a second
-    /// instance of the service (e.g. with a different `MESSAGE_RETENTION`).
-    pub fn sharing(&self) -> Self {
-        Self {
-            vars: self.vars.clone(),
-        }
-    }
-}
 
 impl TestApp {
     /// Sends a request with exactly these headers (no `authorization` or
