@@ -8,7 +8,6 @@
 
 #![allow(dead_code, clippy::unwrap_used, missing_docs)]
 
-
 use axum::Router;
 use axum::body::Body;
 use axum::http::{HeaderMap, Method, Request, StatusCode};
@@ -215,7 +214,6 @@ impl BusListener {
         }
     }
 }
-
 
 // ---------------------------------------------------------------------------
 // Helpers for the REST suites (rest_auth, rest_rooms, rest_messages, sequence).
