@@ -17,6 +17,7 @@
 //! - [`ws`]: the `$connect` / `$default` / `$disconnect` handlers over API Gateway events.
 //! - [`http`]: the REST API as an axum router.
 //! - [`bootstrap`]: builds all of the above once per process.
+//! - [`metrics`]: error counters by code, and the Prometheus text format.
 //! - `testing` (feature `testing`): fresh databases and key prefixes for tests.
 //! - `lambda` (feature `lambda`): the `lambda_runtime` shim of the WebSocket functions.
 
@@ -29,6 +30,7 @@ pub mod error;
 pub mod http;
 #[cfg(feature = "lambda")]
 pub mod lambda;
+pub mod metrics;
 pub mod model;
 pub mod presence;
 pub mod realtime;

@@ -196,6 +196,7 @@ impl Realtime {
             Ok(reply) => reply,
             Err(err) => {
                 err.log_if_server_error("websocket message failed");
+                crate::metrics::record_error(crate::metrics::ErrorSource::WebSocket, err.code());
                 Some(error_event(
                     &err,
                     ids.request_type.as_deref(),

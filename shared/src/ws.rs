@@ -39,6 +39,7 @@ fn response(status: u16, body: Option<String>) -> ApiGatewayProxyResponse {
 fn error_response(err: &Error) -> ApiGatewayProxyResponse {
     err.log_if_server_error("$connect failed");
     let code = err.code();
+    crate::metrics::record_error(crate::metrics::ErrorSource::Handshake, code);
     let body =
         serde_json::json!({"error": {"code": code.as_str(), "message": err.client_message()}});
     response(code.status(), Some(body.to_string()))

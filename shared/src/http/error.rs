@@ -6,11 +6,13 @@ use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
 use crate::error::Error;
+use crate::metrics::{ErrorSource, record_error};
 
 impl IntoResponse for Error {
     fn into_response(self) -> Response {
         self.log_if_server_error("request failed");
         let code = self.code();
+        record_error(ErrorSource::Rest, code);
         let status =
             StatusCode::from_u16(code.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         let body = json!({"error": {"code": code.as_str(), "message": self.client_message()}});
