@@ -1,8 +1,25 @@
 //! End-to-end harness: the real stack (REST, the API Gateway emulator with
 //! the real handlers, the relay) bound to `127.0.0.1:0` over a fresh
-//! database and a private Redis prefix, driven by real WebSocket clients.
+//! database and a private Redis prefix, driven by real WebSocket clients
+//! and a tiny HTTP/1.1 client for REST.
+//!
+//! # Layout
+//! - [`TestStack`]: one `Stack` (gateway and/or relay) over a [`TestEnv`];
+//!   several over one env (`env.sharing()`) are several instances.
+//! - [`Client`]: a WebSocket client that awaits events (`expect`,
+//!   `wait_for`, `collect`) and proves absence (`assert_quiet`).
+//! - [`http`] and the REST shortcuts on [`TestStack`].
+//! - Redis helpers: [`redis`], [`key`], [`wait_relays`].
+//!
+//! Set `TEST_LOG=debug` (any tracing filter) to see the stack's logs.
 
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, missing_docs)]
+#![allow(
+    dead_code,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    missing_docs
+)]
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -11,12 +28,23 @@ use chat_local::{Parts, Stack};
 use chat_shared::testing::{TestEnv, token_with};
 use futures::{SinkExt, StreamExt};
 use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::handshake::client::Request;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, connect_async};
 
 /// How long a test waits for an event before failing.
 pub const WAIT: Duration = Duration::from_secs(10);
+
+/// Installs the stack's logs when `TEST_LOG` is set (once per process).
+pub fn init_logs() {
+    if let Ok(filter) = std::env::var("TEST_LOG") {
+        chat_shared::telemetry::init(chat_shared::config::LogFormat::Pretty, &filter);
+    }
+}
 
 /// One stack process (gateway and/or relay) over a test environment.
 pub struct TestStack {
@@ -35,6 +63,16 @@ impl TestStack {
         } else {
             None
         };
+        Self::start_on(env, parts, listener).await
+    }
+
+    /// Like [`TestStack::start`], on a listener the test bound itself.
+    pub async fn start_on(
+        env: &TestEnv,
+        parts: Parts,
+        listener: Option<tokio::net::TcpListener>,
+    ) -> Self {
+        init_logs();
         let stack = Stack::start(&env.config(), listener, parts)
             .await
             .expect("stack starts");
@@ -47,6 +85,30 @@ impl TestStack {
         Self::start(env, Parts::default()).await
     }
 
+    /// A gateway (REST and WebSocket) without a relay.
+    pub async fn gateway(env: &TestEnv) -> Self {
+        Self::start(
+            env,
+            Parts {
+                gateway: true,
+                relay: false,
+            },
+        )
+        .await
+    }
+
+    /// A relay (and sweeper) alone.
+    pub async fn relay(env: &TestEnv) -> Self {
+        Self::start(
+            env,
+            Parts {
+                gateway: false,
+                relay: true,
+            },
+        )
+        .await
+    }
+
     pub fn addr(&self) -> SocketAddr {
         self.addr.expect("this stack runs a gateway")
     }
@@ -55,12 +117,113 @@ impl TestStack {
         format!("ws://{}/ws?token={token}", self.addr())
     }
 
-    pub fn api(&self, path: &str) -> String {
-        format!("http://{}/api/v1/chat{path}", self.addr())
+    /// The Management API endpoint connections of this gateway register
+    /// (what `$connect` stores as their callback URL).
+    pub fn endpoint(&self) -> String {
+        format!("http://{}/local", self.addr())
     }
 
     pub async fn stop(self) {
         self.stack.stop().await.expect("clean stop");
+    }
+
+    /// A REST call under `/api/v1/chat` with `token`.
+    pub async fn call(&self, method: &str, path: &str, token: &str, body: Option<Value>) -> Reply {
+        http(
+            self.addr(),
+            method,
+            &format!("/api/v1/chat{path}"),
+            Some(token),
+            body.as_ref(),
+        )
+        .await
+    }
+
+    pub async fn get(&self, user: &str, path: &str) -> Reply {
+        self.call("GET", path, &token(user), None).await
+    }
+
+    pub async fn post(&self, user: &str, path: &str, body: Value) -> Reply {
+        self.call("POST", path, &token(user), Some(body)).await
+    }
+
+    pub async fn delete(&self, user: &str, path: &str) -> Reply {
+        self.call("DELETE", path, &token(user), None).await
+    }
+
+    pub async fn health(&self) -> Reply {
+        http(self.addr(), "GET", "/health", None, None).await
+    }
+
+    /// Makes users known to the service (as their first REST call would).
+    pub async fn register(&self, users: &[&str]) {
+        for user in users {
+            let reply = self.get(user, "/rooms").await;
+            assert_eq!(reply.status, 200, "{:?}", reply.body);
+        }
+    }
+
+    /// A GROUP room of `owner` and `members` (all registered first).
+    pub async fn group(&self, owner: &str, members: &[&str]) -> String {
+        self.register(members).await;
+        let reply = self
+            .post(
+                owner,
+                "/rooms",
+                json!({"type": "GROUP", "name": "team", "memberIds": members}),
+            )
+            .await;
+        assert_eq!(reply.status, 201, "{:?}", reply.body);
+        reply.body["room"]["id"]
+            .as_str()
+            .expect("room id")
+            .to_owned()
+    }
+
+    /// The DIRECT room of two users (both registered first).
+    pub async fn direct(&self, user: &str, target: &str) -> String {
+        self.register(&[user, target]).await;
+        let reply = self
+            .post(user, "/direct", json!({"targetUserId": target}))
+            .await;
+        assert_eq!(reply.status, 200, "{:?}", reply.body);
+        reply.body["room"]["id"]
+            .as_str()
+            .expect("room id")
+            .to_owned()
+    }
+
+    /// Every stored message of a room (up to 100), as `user` reads them.
+    pub async fn history(&self, user: &str, room: &str) -> Vec<Value> {
+        let reply = self
+            .get(user, &format!("/rooms/{room}/messages?limit=100"))
+            .await;
+        assert_eq!(reply.status, 200, "{:?}", reply.body);
+        reply.body["messages"].as_array().expect("messages").clone()
+    }
+
+    /// `GET /rooms/:id/online`, as `user`.
+    pub async fn online(&self, user: &str, room: &str) -> Vec<Value> {
+        let reply = self.get(user, &format!("/rooms/{room}/online")).await;
+        assert_eq!(reply.status, 200, "{:?}", reply.body);
+        assert_eq!(
+            reply.body["count"].as_u64().expect("count") as usize,
+            reply.body["onlineUsers"].as_array().expect("list").len()
+        );
+        reply.body["onlineUsers"].as_array().expect("list").clone()
+    }
+
+    /// `POST /rooms/:id/messages` as `user`; returns the stored message.
+    pub async fn send_rest(&self, user: &str, room: &str, content: &str) -> Value {
+        let reply = self
+            .post(
+                user,
+                &format!("/rooms/{room}/messages"),
+                json!({"content": content}),
+            )
+            .await;
+        assert_eq!(reply.status, 201, "{:?}", reply.body);
+        reply.body["message"].clone()
     }
 }
 
@@ -68,7 +231,145 @@ pub fn token(user: &str) -> String {
     token_with(user, |_| {})
 }
 
+pub fn admin_token(user: &str) -> String {
+    token_with(user, |c| c.role = Some("admin".into()))
+}
+
+/// An HTTP answer: status, headers (names in lower case) and the JSON body
+/// (`Null` when empty, a string when not JSON).
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Value,
+}
+
+impl Reply {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// One HTTP/1.1 request on its own connection (`Connection: close`).
+pub async fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&Value>,
+) -> Reply {
+    let body = body.map(Value::to_string).unwrap_or_default();
+    let mut request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    if let Some(token) = token {
+        request.push_str(&format!("Authorization: Bearer {token}\r\n"));
+    }
+    request.push_str("\r\n");
+    request.push_str(&body);
+    let raw = tokio::time::timeout(WAIT, async {
+        let mut stream = TcpStream::connect(addr).await.expect("connect");
+        stream
+            .write_all(request.as_bytes())
+            .await
+            .expect("write request");
+        let mut raw = Vec::new();
+        stream.read_to_end(&mut raw).await.expect("read response");
+        raw
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{method} {path}: no answer within {WAIT:?}"));
+    parse_response(&raw)
+}
+
+fn parse_response(raw: &[u8]) -> Reply {
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("a complete HTTP head");
+    let head = std::str::from_utf8(&raw[..split]).expect("ASCII head");
+    let mut lines = head.split("\r\n");
+    let status = lines
+        .next()
+        .and_then(|l| l.split(' ').nth(1))
+        .and_then(|s| s.parse().ok())
+        .expect("status line");
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    let mut body = raw[split + 4..].to_vec();
+    let chunked = headers
+        .iter()
+        .any(|(n, v)| n == "transfer-encoding" && v.eq_ignore_ascii_case("chunked"));
+    if chunked {
+        body = dechunk(&body);
+    }
+    let body = if body.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_slice(&body)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&body).into_owned()))
+    };
+    Reply {
+        status,
+        headers,
+        body,
+    }
+}
+
+fn dechunk(mut data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let Some(end) = data.windows(2).position(|w| w == b"\r\n") else {
+            return out;
+        };
+        let size_text = std::str::from_utf8(&data[..end]).expect("chunk size");
+        let size = usize::from_str_radix(size_text.split(';').next().unwrap_or("0").trim(), 16)
+            .expect("hex chunk size");
+        if size == 0 {
+            return out;
+        }
+        data = &data[end + 2..];
+        out.extend_from_slice(&data[..size]);
+        data = &data[size + 2..];
+    }
+}
+
+/// Asserts `value` is a timestamp as PROTOCOL.md writes them:
+/// `2025-11-06T12:00:00.000Z` (RFC 3339, UTC, milliseconds).
+pub fn assert_timestamp(value: &Value) {
+    let text = value
+        .as_str()
+        .unwrap_or_else(|| panic!("not a timestamp: {value}"));
+    assert_eq!(text.len(), 24, "not RFC 3339 with millis: {text}");
+    chrono::NaiveDateTime::parse_from_str(text, "%Y-%m-%dT%H:%M:%S%.3fZ")
+        .unwrap_or_else(|e| panic!("not RFC 3339 UTC with millis: {text}: {e}"));
+}
+
 pub type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// The handshake of `request`: the socket, or the refusal (status and body).
+pub async fn handshake(request: Request) -> Result<Socket, (u16, Value)> {
+    match connect_async(request).await {
+        Ok((socket, _)) => Ok(socket),
+        Err(tungstenite::Error::Http(response)) => {
+            let status = response.status().as_u16();
+            let body = response
+                .body()
+                .as_deref()
+                .map(|b| serde_json::from_slice(b).unwrap_or(Value::Null))
+                .unwrap_or(Value::Null);
+            Err((status, body))
+        }
+        Err(other) => panic!("handshake failed without an HTTP answer: {other}"),
+    }
+}
 
 /// A WebSocket client that records what it receives.
 pub struct Client {
@@ -84,7 +385,22 @@ impl Client {
     }
 
     pub async fn connect_url(url: &str, user: &str) -> Self {
-        let (socket, _) = connect_async(url).await.expect("handshake accepted");
+        let request = url.into_client_request().expect("a valid URL");
+        Self::connect_request(request, user).await
+    }
+
+    /// Connects with a prepared upgrade request and waits for `connected`,
+    /// which must be the first event.
+    pub async fn connect_request(request: Request, user: &str) -> Self {
+        Self::open(request, user).await.0
+    }
+
+    /// Like [`Client::connect_request`], also returning the `connected`
+    /// payload.
+    pub async fn open(request: Request, user: &str) -> (Self, Value) {
+        let socket = handshake(request)
+            .await
+            .unwrap_or_else(|(status, body)| panic!("handshake refused: {status} {body}"));
         let mut client = Self {
             socket,
             user: user.to_owned(),
@@ -93,7 +409,7 @@ impl Client {
         let connected = client.expect("connected").await;
         assert_eq!(connected["userId"], user);
         client.connection_id = connected["connectionId"].as_str().expect("id").to_owned();
-        client
+        (client, connected)
     }
 
     pub async fn send(&mut self, kind: &str, payload: Value) {
@@ -105,21 +421,27 @@ impl Client {
         self.socket.send(message).await.expect("send");
     }
 
-    /// The next JSON event (ignoring transport pings), or panics after WAIT.
-    pub async fn next(&mut self) -> Value {
+    /// The next frame that is not a transport ping or pong (a close too),
+    /// or panics after WAIT.
+    pub async fn next_frame(&mut self) -> Option<Message> {
         loop {
             let msg = tokio::time::timeout(WAIT, self.socket.next())
                 .await
-                .unwrap_or_else(|_| panic!("{}: no event within {WAIT:?}", self.user))
-                .expect("socket open")
-                .expect("socket ok");
+                .unwrap_or_else(|_| panic!("{}: no frame within {WAIT:?}", self.user));
             match msg {
-                Message::Text(text) => {
-                    return serde_json::from_str(&text).expect("events are JSON");
-                }
-                Message::Ping(_) | Message::Pong(_) => {}
-                other => panic!("{}: unexpected frame {other:?}", self.user),
+                None => return None,
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                Some(Ok(msg)) => return Some(msg),
+                Some(Err(e)) => panic!("{}: socket failed: {e}", self.user),
             }
+        }
+    }
+
+    /// The next JSON event, or panics after WAIT (or on a close).
+    pub async fn next(&mut self) -> Value {
+        match self.next_frame().await {
+            Some(Message::Text(text)) => serde_json::from_str(&text).expect("events are JSON"),
+            other => panic!("{}: expected an event, got {other:?}", self.user),
         }
     }
 
@@ -153,9 +475,77 @@ impl Client {
         }
     }
 
+    /// Every event that arrives within `ms` (whole events, in order).
+    pub async fn collect(&mut self, ms: u64) -> Vec<Value> {
+        let until = tokio::time::Instant::now() + Duration::from_millis(ms);
+        let mut events = Vec::new();
+        while let Ok(frame) = tokio::time::timeout_at(until, self.socket.next()).await {
+            match frame {
+                Some(Ok(Message::Text(text))) => {
+                    events.push(serde_json::from_str(&text).expect("events are JSON"));
+                }
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                other => panic!("{}: unexpected frame {other:?}", self.user),
+            }
+        }
+        events
+    }
+
+    /// Collects events until `count` of type `kind` have arrived (failing
+    /// after WAIT); returns every event seen, in order.
+    pub async fn collect_until(&mut self, kind: &str, count: usize) -> Vec<Value> {
+        let mut events = Vec::new();
+        let mut seen = 0;
+        while seen < count {
+            let event = self.next().await;
+            if event["type"] == kind {
+                seen += 1;
+            }
+            events.push(event);
+        }
+        events
+    }
+
+    /// Sends a frame and returns the payload of the `error` that must come
+    /// back next, after checking its code.
+    pub async fn expect_error(&mut self, code: &str) -> Value {
+        let error = self.expect("error").await;
+        assert_eq!(error["code"], code, "{}: {error}", self.user);
+        assert!(
+            error["message"].as_str().is_some_and(|m| !m.is_empty()),
+            "{error}"
+        );
+        error
+    }
+
+    /// `ping` answers `pong`: the connection is usable.
+    pub async fn ping_pong(&mut self) {
+        self.send("ping", json!({})).await;
+        let pong = self.expect("pong").await;
+        assert_timestamp(&pong["timestamp"]);
+    }
+
+    /// The next frame must be a close; returns its frame.
+    pub async fn expect_close(&mut self) -> Option<CloseFrame> {
+        match self.next_frame().await {
+            Some(Message::Close(frame)) => frame,
+            other => panic!("{}: expected a close, got {other:?}", self.user),
+        }
+    }
+
     /// joinRoom by id; returns the roomJoined payload.
     pub async fn join(&mut self, room_id: &str) -> Value {
         self.send("joinRoom", json!({"roomId": room_id})).await;
+        self.expect("roomJoined").await
+    }
+
+    /// joinRoom with `afterSequenceId`; returns the roomJoined payload.
+    pub async fn join_after(&mut self, room_id: &str, after: i64) -> Value {
+        self.send(
+            "joinRoom",
+            json!({"roomId": room_id, "afterSequenceId": after}),
+        )
+        .await;
         self.expect("roomJoined").await
     }
 
@@ -171,5 +561,59 @@ impl Client {
 
     pub async fn close(mut self) {
         let _ = self.socket.close(None).await;
+        // Wait for the server's answer, so `$disconnect` has begun.
+        while let Ok(Some(Ok(_))) = tokio::time::timeout(WAIT, self.socket.next()).await {}
     }
+}
+
+/// A Redis connection to the env's Redis (for checking keys).
+pub async fn redis(env: &TestEnv) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(env.vars["REDIS_URL"].as_str())
+        .expect("REDIS_URL")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("Redis answers")
+}
+
+/// A key under the env's prefix.
+pub fn key(env: &TestEnv, suffix: &str) -> String {
+    format!("{}{suffix}", env.vars["REDIS_KEY_PREFIX"])
+}
+
+/// Waits until exactly `n` relays are subscribed to the env's bus channel
+/// (only relays subscribe to it): a relay that was just started is ready,
+/// one that was stopped is gone.
+pub async fn wait_relays(env: &TestEnv, n: i64) {
+    let channel = env.vars["BROADCAST_CHANNEL"].clone();
+    let mut redis = redis(env).await;
+    tokio::time::timeout(WAIT, async {
+        loop {
+            let (_, subscribers): (String, i64) = redis::cmd("PUBSUB")
+                .arg("NUMSUB")
+                .arg(&channel)
+                .query_async(&mut redis)
+                .await
+                .expect("PUBSUB NUMSUB");
+            if subscribers == n {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{n} relay(s) never subscribed to {channel}"));
+}
+
+/// The `message` events' sequence ids among `events`, in arrival order.
+pub fn sequence_ids(events: &[Value]) -> Vec<i64> {
+    events
+        .iter()
+        .filter(|e| e["type"] == "message")
+        .map(|e| e["payload"]["sequenceId"].as_i64().expect("sequenceId"))
+        .collect()
+}
+
+/// How many of `events` are of type `kind`.
+pub fn count(events: &[Value], kind: &str) -> usize {
+    events.iter().filter(|e| e["type"] == kind).count()
 }
