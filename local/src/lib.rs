@@ -6,22 +6,32 @@
 //! by side against one PostgreSQL and one Redis, as they do in AWS.
 //!
 //! # Layout
-//! - [`Stack::start`]: builds the clients once and serves the parts asked for.
+//! - [`Stack::start`]: builds the clients once and serves the parts asked for;
+//!   [`Stack::start_with`] takes [`Options`] too.
 //! - [`Parts`]: which parts run in this process.
+//! - [`console`]: the developer console (`/console`, `/console/ops`) and its
+//!   local-only endpoints.
+//! - [`metrics`]: `GET /metrics` in the Prometheus text format.
 //! - [`client`]: the interactive WebSocket client of `chat-local chat`.
 
 pub mod client;
+pub mod console;
+pub mod metrics;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::Context as _;
 use chat_gateway::{Gateway, GatewayConfig, Handlers};
+use chat_relay::RelayMetrics;
 use chat_shared::ws::{self, WsState};
 use chat_shared::{Config, bootstrap, http};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+
+use crate::console::{ConsoleState, DevTokens};
+use crate::metrics::Telemetry;
 
 /// Which parts of the stack this process runs.
 #[derive(Debug, Clone, Copy)]
@@ -41,12 +51,31 @@ impl Default for Parts {
     }
 }
 
+/// Settings of the local stack beyond its [`Parts`]. The defaults are what
+/// a production-like run wants: nothing extra.
+#[derive(Debug, Default)]
+pub struct Options {
+    /// Serve `POST /console/dev-token`, which mints a token for any user id
+    /// with `JWT_SECRET`. Only for a developer's own machine: anyone who
+    /// reaches the port can then act as anyone. Off unless asked for
+    /// (`chat-local serve --dev-tokens`, which `scripts/dev.sh` passes).
+    pub dev_tokens: bool,
+    /// Serve `GET /metrics` on this listener too. For a stack without a
+    /// gateway (`chat-local relay --metrics-listen`); a gateway serves
+    /// `/metrics` on its own listener anyway.
+    pub metrics_listener: Option<TcpListener>,
+}
+
 /// A running stack.
 pub struct Stack {
     /// Where REST, `/health` and `/ws` answer (when the gateway runs).
     pub addr: Option<SocketAddr>,
     /// The emulator, for its counters and for tests.
     pub gateway: Option<Gateway>,
+    /// The relay's counters, when the relay runs in this process.
+    pub relay: Option<Arc<RelayMetrics>>,
+    /// Where `/metrics` answers on [`Options::metrics_listener`].
+    pub metrics_addr: Option<SocketAddr>,
     shutdown: CancellationToken,
     tasks: Vec<JoinHandle<anyhow::Result<()>>>,
 }
@@ -84,7 +113,8 @@ pub fn handlers(state: WsState) -> Handlers {
 }
 
 impl Stack {
-    /// Starts the parts in `parts`; the gateway serves on `listener`.
+    /// Starts the parts in `parts` with the default [`Options`]; the
+    /// gateway serves on `listener`.
     ///
     /// # Errors
     /// When Redis does not answer or a URL is invalid.
@@ -93,11 +123,34 @@ impl Stack {
         listener: Option<TcpListener>,
         parts: Parts,
     ) -> anyhow::Result<Self> {
+        Self::start_with(config, listener, parts, Options::default()).await
+    }
+
+    /// Starts the parts in `parts` with `options`; the gateway serves on
+    /// `listener` (REST, `/health`, `/ws`, the Management API, `/metrics`
+    /// and the console).
+    ///
+    /// # Errors
+    /// When Redis does not answer or a URL is invalid.
+    pub async fn start_with(
+        config: &Config,
+        listener: Option<TcpListener>,
+        parts: Parts,
+        options: Options,
+    ) -> anyhow::Result<Self> {
         let ws_state = bootstrap::ws_state(config).await?;
         let shutdown = CancellationToken::new();
         let mut tasks = Vec::new();
         let mut addr = None;
         let mut gateway = None;
+        // The relay is built first so the gateway's `/metrics` and ops
+        // view can read its counters.
+        let relay = if parts.relay {
+            Some(chat_relay::Relay::new(config).await?)
+        } else {
+            None
+        };
+        let relay_metrics = relay.as_ref().map(chat_relay::Relay::metrics);
         if parts.gateway {
             let listener = listener.context("the gateway needs a listener")?;
             addr = Some(listener.local_addr()?);
@@ -107,7 +160,27 @@ impl Stack {
                 max_waiting: config.pg_max_waiting,
             };
             let emulator = Gateway::new(gateway_config(config), handlers(ws_state.clone()));
-            let app = http::app(app_state).merge(emulator.router());
+            let telemetry = Telemetry {
+                instance_id: config.instance_id.clone(),
+                gateway: Some(emulator.clone()),
+                relay: relay_metrics.clone(),
+            };
+            let console = console::router(ConsoleState {
+                verifier: Arc::clone(&ws_state.verifier),
+                chat: app_state.chat.clone(),
+                telemetry: telemetry.clone(),
+                dev_tokens: options.dev_tokens.then(|| {
+                    Arc::new(DevTokens {
+                        secret: config.jwt_secret.clone(),
+                        issuer: config.jwt_issuer.clone(),
+                        audience: config.jwt_audience.clone(),
+                    })
+                }),
+            });
+            let app = http::app(app_state)
+                .merge(emulator.router())
+                .merge(metrics::router(telemetry))
+                .merge(console);
             let stop = shutdown.clone();
             let closing = emulator.clone();
             tasks.push(tokio::spawn(async move {
@@ -127,14 +200,31 @@ impl Stack {
             }));
             gateway = Some(emulator);
         }
-        if parts.relay {
-            let relay = chat_relay::Relay::new(config).await?;
+        let mut metrics_addr = None;
+        if let Some(listener) = options.metrics_listener {
+            metrics_addr = Some(listener.local_addr()?);
+            let app = metrics::router(Telemetry {
+                instance_id: config.instance_id.clone(),
+                gateway: gateway.clone(),
+                relay: relay_metrics.clone(),
+            });
+            let stop = shutdown.clone();
+            tasks.push(tokio::spawn(async move {
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(stop.cancelled_owned())
+                    .await
+                    .context("serving /metrics")
+            }));
+        }
+        if let Some(relay) = relay {
             let stop = shutdown.clone();
             tasks.push(tokio::spawn(async move { relay.run(stop).await }));
         }
         Ok(Self {
             addr,
             gateway,
+            relay: relay_metrics,
+            metrics_addr,
             shutdown,
             tasks,
         })

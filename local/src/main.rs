@@ -2,9 +2,11 @@
 //! operational commands.
 //!
 //! - `serve`: migrations, then REST, `/health`, the WebSocket gateway at
-//!   `/ws` and the Management API at `/{stage}/@connections/{id}` on
-//!   `PORT`, plus the relay (unless `--no-relay`).
-//! - `relay`: the relay alone (for side-by-side runs).
+//!   `/ws`, the Management API at `/{stage}/@connections/{id}`, `/metrics`
+//!   and the console at `/console` on `PORT`, plus the relay (unless
+//!   `--no-relay`); `--dev-tokens` lets the console mint tokens.
+//! - `relay`: the relay alone (for side-by-side runs), with `/metrics` on
+//!   `--metrics-listen` when given.
 //! - `migrate`: applies `migrations/` to `DATABASE_URL` (deployments).
 //! - `token`: mints a development token for a user id.
 //! - `chat`: an interactive WebSocket client.
@@ -12,7 +14,7 @@
 use std::net::SocketAddr;
 
 use anyhow::Context as _;
-use chat_local::{Parts, Stack};
+use chat_local::{Options, Parts, Stack};
 use chat_shared::auth::{DevClaims, mint_hs256};
 use chat_shared::{Config, store, telemetry};
 use clap::{Parser, Subcommand};
@@ -43,9 +45,18 @@ enum Command {
         /// separately, once for several gateways).
         #[arg(long)]
         no_relay: bool,
+        /// Let the console mint tokens for any user id (POST
+        /// /console/dev-token). For a developer's own machine only.
+        #[arg(long)]
+        dev_tokens: bool,
     },
     /// Runs only the relay and the presence sweeper.
-    Relay,
+    Relay {
+        /// Serve the relay's counters at GET /metrics (Prometheus text) on
+        /// this address, e.g. 127.0.0.1:9100. Off by default.
+        #[arg(long)]
+        metrics_listen: Option<SocketAddr>,
+    },
     /// Applies pending migrations to DATABASE_URL and exits.
     Migrate,
     /// An interactive WebSocket client: chat from a terminal.
@@ -100,6 +111,7 @@ async fn main() -> anyhow::Result<()> {
             listen,
             no_migrate,
             no_relay,
+            dev_tokens,
         } => {
             let config = Config::from_env()?;
             telemetry::init(config.log_format, &config.log_filter);
@@ -115,24 +127,53 @@ async fn main() -> anyhow::Result<()> {
                 gateway: true,
                 relay: !no_relay,
             };
-            let stack = Stack::start(&config, Some(listener), parts).await?;
+            let options = Options {
+                dev_tokens,
+                ..Options::default()
+            };
+            let stack = Stack::start_with(&config, Some(listener), parts, options).await?;
             tracing::info!(
                 %addr,
                 instance = %config.instance_id,
                 relay = parts.relay,
-                "chat-local listening: REST /api/v1/chat, WebSocket /ws, health /health"
+                "chat-local listening: REST /api/v1/chat, WebSocket /ws, health /health, \
+                 metrics /metrics, console http://{addr}/console"
             );
+            if dev_tokens {
+                tracing::warn!(
+                    "dev tokens are ON: POST /console/dev-token mints a token for any user \
+                     id, admin included; use this only on your own machine"
+                );
+            }
             run_until_signal(stack).await
         }
-        Command::Relay => {
+        Command::Relay { metrics_listen } => {
             let config = Config::from_env()?;
             telemetry::init(config.log_format, &config.log_filter);
             let parts = Parts {
                 gateway: false,
                 relay: true,
             };
-            let stack = Stack::start(&config, None, parts).await?;
-            tracing::info!(instance = %config.instance_id, "relay running");
+            let metrics_listener = match metrics_listen {
+                Some(addr) => Some(
+                    tokio::net::TcpListener::bind(addr)
+                        .await
+                        .with_context(|| format!("binding {addr} (--metrics-listen)"))?,
+                ),
+                None => None,
+            };
+            let options = Options {
+                metrics_listener,
+                ..Options::default()
+            };
+            let stack = Stack::start_with(&config, None, parts, options).await?;
+            match stack.metrics_addr {
+                Some(metrics) => tracing::info!(
+                    instance = %config.instance_id,
+                    "relay running; metrics at http://{metrics}/metrics"
+                ),
+                None => tracing::info!(instance = %config.instance_id, "relay running"),
+            }
             run_until_signal(stack).await
         }
         Command::Chat {

@@ -1,8 +1,11 @@
 //! Counters the relay keeps about itself: cheap atomics that any task bumps
-//! and that tests, logs and a future metrics endpoint read.
+//! and that tests, logs and `GET /metrics` (Prometheus text, via
+//! [`MetricsSnapshot::write_prometheus`]) read.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+
+use chat_shared::metrics::{Exposition, Kind};
 
 /// Monotonic counters (relaxed atomics: each is exact on its own; a
 /// snapshot of several is not one instant).
@@ -67,6 +70,101 @@ impl MetricsSnapshot {
     pub fn mean_push_latency(&self) -> Option<Duration> {
         (self.push_latency_count > 0)
             .then(|| Duration::from_micros(self.push_latency_us_sum / self.push_latency_count))
+    }
+
+    /// Appends the counters in the Prometheus text format (`chat_relay_*`),
+    /// for `GET /metrics` of the local stack and of a standalone relay.
+    pub fn write_prometheus(&self, out: &mut Exposition) {
+        let n = |v: u64| v as f64;
+        out.single(
+            "chat_relay_envelopes_total",
+            "Envelopes read from the bus.",
+            Kind::Counter,
+            n(self.envelopes),
+        )
+        .single(
+            "chat_relay_bad_envelopes_total",
+            "Bus messages that were not a valid envelope.",
+            Kind::Counter,
+            n(self.bad_envelopes),
+        )
+        .single(
+            "chat_relay_subscriptions_total",
+            "SUBSCRIBEs to the broadcast channel (1 + reconnects).",
+            Kind::Counter,
+            n(self.subscriptions),
+        )
+        .family(
+            "chat_relay_posts_total",
+            "PostToConnection calls by result: ok, gone (stale, removed), error.",
+            Kind::Counter,
+        )
+        .sample(
+            "chat_relay_posts_total",
+            &[("result", "ok")],
+            n(self.posts_ok),
+        )
+        .sample(
+            "chat_relay_posts_total",
+            &[("result", "gone")],
+            n(self.posts_gone),
+        )
+        .sample(
+            "chat_relay_posts_total",
+            &[("result", "error")],
+            n(self.post_errors),
+        )
+        .single(
+            "chat_relay_gone_retries_total",
+            "410 answers for connections still in $connect, retried.",
+            Kind::Counter,
+            n(self.gone_retries),
+        )
+        .single(
+            "chat_relay_outbox_overflows_total",
+            "Events dropped because a connection's outbox was full.",
+            Kind::Counter,
+            n(self.outbox_overflows),
+        )
+        .single(
+            "chat_relay_gap_fills_total",
+            "Message gaps filled before a newer message.",
+            Kind::Counter,
+            n(self.gap_fills),
+        )
+        .single(
+            "chat_relay_store_reads_total",
+            "Gap fills and syncs that read PostgreSQL.",
+            Kind::Counter,
+            n(self.store_reads),
+        )
+        .single(
+            "chat_relay_sweeps_total",
+            "Presence sweeper runs.",
+            Kind::Counter,
+            n(self.sweeps),
+        )
+        .single(
+            "chat_relay_swept_total",
+            "Connections removed because their presence lease ran out.",
+            Kind::Counter,
+            n(self.swept),
+        )
+        .family(
+            "chat_relay_push_latency_seconds",
+            "Latency of PostToConnection calls.",
+            Kind::Summary,
+        )
+        .sample(
+            "chat_relay_push_latency_seconds_sum",
+            &[],
+            self.push_latency_us_sum as f64 / 1e6,
+        )
+        .sample(
+            "chat_relay_push_latency_seconds_count",
+            &[],
+            n(self.push_latency_count),
+        );
     }
 }
 
