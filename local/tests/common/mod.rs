@@ -549,14 +549,23 @@ impl Client {
         self.expect("roomJoined").await
     }
 
-    /// sendMessage; returns the sender's own `message` event payload.
+    /// sendMessage; returns the sender's own `message` event payload, which
+    /// must be the next `message` this connection gets (other events before
+    /// it are skipped).
     pub async fn say(&mut self, room_id: &str, content: &str) -> Value {
         self.send(
             "sendMessage",
             json!({"roomId": room_id, "content": content}),
         )
         .await;
-        self.wait_for("message").await
+        let message = self.wait_for("message").await;
+        assert_eq!(
+            (&message["senderId"], &message["content"]),
+            (&json!(self.user), &json!(content)),
+            "{}: the next message is not the one just sent",
+            self.user
+        );
+        message
     }
 
     pub async fn close(mut self) {
