@@ -56,3 +56,35 @@ async fn two_users_chat_type_read_and_see_presence() {
     alice.close().await;
     stack.stop().await;
 }
+
+#[tokio::test]
+async fn connected_comes_first_even_when_the_client_sends_at_once() {
+    use futures::SinkExt;
+    use tokio_tungstenite::tungstenite::Message;
+
+    let env = TestEnv::new().await;
+    let stack = TestStack::all_in_one(&env).await;
+    for round in 0..5 {
+        let user = format!("eager{round}");
+        let (socket, _) = tokio_tungstenite::connect_async(stack.ws_url(&common::token(&user)))
+            .await
+            .expect("handshake");
+        let mut client = Client {
+            socket,
+            user: user.clone(),
+            connection_id: String::new(),
+        };
+        // No waiting for `connected`: the ping goes out with the handshake.
+        client
+            .socket
+            .send(Message::text(r#"{"type":"ping","payload":{}}"#))
+            .await
+            .expect("send");
+        let first = client.next().await;
+        assert_eq!(first["type"], "connected", "round {round}: {first}");
+        assert_eq!(first["payload"]["userId"], user.as_str());
+        client.expect("pong").await;
+        client.close().await;
+    }
+    stack.stop().await;
+}

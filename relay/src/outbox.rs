@@ -32,7 +32,9 @@ use crate::metrics::RelayMetrics;
 /// what its rooms send must not hold the relay's memory hostage.
 const MAX_QUEUED: usize = 4096;
 /// First wait before re-posting to a young connection.
-const FIRST_RETRY: Duration = Duration::from_millis(20);
+/// Short, because the `connected` event of every new connection waits
+/// here until the handshake completes, and its first replies wait for it.
+const FIRST_RETRY: Duration = Duration::from_millis(3);
 /// Longest wait between re-posts to a young connection.
 const MAX_RETRY: Duration = Duration::from_millis(500);
 
@@ -254,6 +256,13 @@ impl Outboxes {
             match outcome {
                 PostOutcome::Delivered => {
                     RelayMetrics::bump(&inner.metrics.posts_ok);
+                    if event.starts_with(r#"{"type":"connected""#) {
+                        // The connection's first replies wait for this.
+                        let presence = inner.realtime.chat().presence();
+                        if let Err(err) = presence.mark_greeted(&route.connection_id).await {
+                            tracing::warn!(connection_id = %route.connection_id, error = %err, "marking a connection greeted failed");
+                        }
+                    }
                     return Pushed::Done;
                 }
                 PostOutcome::Gone => {

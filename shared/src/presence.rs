@@ -10,7 +10,7 @@
 //! | `presence:online` | set | users with at least one live connection |
 //! | `presence:user:{userId}` | sorted set | the user's connection ids, scored by lease expiry (ms) |
 //! | `presence:leases` | sorted set | every connection id, scored by lease expiry: what the sweeper scans |
-//! | `conn:{connectionId}` | hash | `userId`, `username`, `displayName`, `avatar`, `admin`, `endpoint` (Management API callback URL), `connectedAt` (ms) |
+//! | `conn:{connectionId}` | hash | `userId`, `username`, `displayName`, `avatar`, `admin`, `endpoint` (Management API callback URL), `connectedAt` (ms), `greeted` (set once `connected` was delivered) |
 //! | `conn:{connectionId}:rooms` | set | rooms the connection has joined |
 //! | `room:{roomId}:conns` | hash | connection id → `watermark\|userId\|connectedAt\|endpoint`: what the relay fans out to in one read |
 //!
@@ -263,6 +263,8 @@ pub struct Touched {
     /// False when the user had been declared offline (their leases all ran
     /// out) and this frame brings them back.
     pub was_online: bool,
+    /// Whether the relay has delivered the connection's `connected` event.
+    pub greeted: bool,
 }
 
 /// Registers a connection and its lease; the user's first live connection
@@ -285,12 +287,18 @@ return added
 /// Renews a connection's lease and reads who it is: one round trip per frame.
 const TOUCH: &str = r"
 local f = redis.call('HMGET', KEYS[1], 'userId', 'username', 'displayName', 'avatar', 'admin',
-  'endpoint', 'connectedAt')
+  'endpoint', 'connectedAt', 'greeted')
 if not f[1] then return false end
 redis.call('ZADD', ARGV[3] .. f[1], ARGV[2], ARGV[1])
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
-f[8] = tostring(redis.call('SISMEMBER', KEYS[3], f[1]))
+f[9] = tostring(redis.call('SISMEMBER', KEYS[3], f[1]))
 return f
+";
+
+/// Records that a connection's `connected` event was delivered.
+const MARK_GREETED: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], 'greeted', '1') end
+return 0
 ";
 
 /// Marks a user online again (a frame after their leases ran out).
@@ -404,7 +412,7 @@ impl Presence {
         let Some(mut f) = fields else {
             return Ok(None);
         };
-        f.resize(8, None);
+        f.resize(9, None);
         let mut take = |i: usize| f[i].take();
         let Some(user_id) = take(0) else {
             return Ok(None);
@@ -422,9 +430,11 @@ impl Presence {
             endpoint: take(5).unwrap_or_default(),
             connected_at_ms: take(6).and_then(|v| v.parse().ok()).unwrap_or(0),
         };
+        let greeted = take(7).is_some();
         Ok(Some(Touched {
             connection,
-            was_online: take(7).as_deref() == Some("1"),
+            greeted,
+            was_online: take(8).as_deref() == Some("1"),
         }))
     }
 
@@ -448,6 +458,34 @@ impl Presence {
             .invoke_async(&mut redis)
             .await?;
         Ok(added == 1)
+    }
+
+    /// Records that the connection's `connected` event was delivered (the
+    /// relay calls this), so its first reply need not wait for it.
+    ///
+    /// # Errors
+    /// `UNAVAILABLE` when Redis does not answer.
+    pub async fn mark_greeted(&self, connection_id: &str) -> Result<()> {
+        let mut redis = self.redis.clone();
+        let _: i64 = redis::Script::new(MARK_GREETED)
+            .key(self.keys.conn(connection_id))
+            .invoke_async(&mut redis)
+            .await?;
+        Ok(())
+    }
+
+    /// Whether the relay has delivered the connection's `connected` event.
+    ///
+    /// # Errors
+    /// `UNAVAILABLE` when Redis does not answer.
+    pub async fn is_greeted(&self, connection_id: &str) -> Result<bool> {
+        let mut redis = self.redis.clone();
+        let greeted: bool = redis::cmd("HEXISTS")
+            .arg(self.keys.conn(connection_id))
+            .arg("greeted")
+            .query_async(&mut redis)
+            .await?;
+        Ok(greeted)
     }
 
     /// The user of a connection, if it is still registered.
