@@ -3,6 +3,7 @@
 #
 #   scripts/test.sh [ARGS...]    # ARGS are passed to `cargo test --workspace`
 #   SKIP_LINT=1 scripts/test.sh  # skip the fmt and clippy steps
+#   SKIP_CONSOLE_TESTS=1 scripts/test.sh  # skip the browser tests of /console
 #
 # Tests get TEST_DATABASE_URL / TEST_REDIS_URL; they create their own
 # chat_test_* databases on that server and use random Redis key prefixes.
@@ -56,5 +57,15 @@ fi
 
 step "cargo test --workspace${*:+ $*}"
 cargo test --workspace "$@"
+
+# The browser tests of /console (Debian's chromium + playwright-core); the
+# script installs what they need. A filtered run (ARGS given) is about Rust
+# tests, so it leaves them out; SKIP_CONSOLE_TESTS=1 does too.
+if [ "${SKIP_CONSOLE_TESTS:-0}" = 1 ] || [ "$#" -gt 0 ]; then
+    step "skipping the console browser tests (run scripts/console-test.sh)"
+else
+    step "console browser tests (scripts/console-test.sh)"
+    "$ROOT/scripts/console-test.sh"
+fi
 
 step "all tests passed"
