@@ -741,7 +741,8 @@
     const fromBottom = box.scrollHeight - box.scrollTop;
     const room = state.rooms.get(roomId);
     const others = ((room && room.members) || []).filter((m) => m.id !== state.me.id);
-    $('message-list').replaceChildren(...sortedMessages(roomId).map((m) => renderMessage(m, others)));
+    const list = sortedMessages(roomId);
+    $('message-list').replaceChildren(...list.map((m, i) => renderMessage(m, others, list[i - 1])));
     const meta = metaOf(roomId);
     $('load-older').hidden = !meta.hasMore;
     $('history-start').hidden = meta.hasMore || messagesOf(roomId).size === 0;
@@ -749,9 +750,15 @@
     else if (stick || atBottom) box.scrollTop = box.scrollHeight;
   }
 
-  function renderMessage(m, others) {
+  /** One message; `previous` decides whether its name and time repeat. */
+  function renderMessage(m, others, previous) {
     const mine = m.senderId === state.me.id;
     const kind = m.type === 'system' ? 'system' : mine ? 'mine' : 'theirs';
+    const continued =
+      previous &&
+      previous.senderId === m.senderId &&
+      previous.sequenceId === m.sequenceId - 1 &&
+      new Date(m.createdAt) - new Date(previous.createdAt) < 120_000;
     let body = m.content;
     if (m.type === 'image' || m.type === 'gift') {
       body = `[${m.type}] ${m.content || ''} ${m.metadata ? JSON.stringify(m.metadata) : ''}`.trim();
@@ -770,7 +777,7 @@
     return el(
       'li',
       {
-        class: `msg ${kind}`,
+        class: `msg ${kind}${continued ? ' cont' : ''}`,
         dataset: {testid: 'message', id: m.id, seq: String(m.sequenceId), sender: m.senderId},
       },
       el(

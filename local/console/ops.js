@@ -218,8 +218,11 @@
       ctx.textAlign = 'left';
       ctx.fillText(`${+((latMax * i) / 4).toFixed(2)}`, pad.left + plotW + 6, y + 4);
     }
+    // The time axis grows with the samples up to HISTORY, so a fresh
+    // page does not squeeze its first seconds against the right edge.
+    const span = Math.min(HISTORY, Math.max(30, samples.length));
     ctx.textAlign = 'left';
-    ctx.fillText(`-${HISTORY} s`, pad.left, height - 6);
+    ctx.fillText(`-${span} s`, pad.left, height - 6);
     ctx.textAlign = 'right';
     ctx.fillText('now', pad.left + plotW, height - 6);
     if (samples.length === 0) {
@@ -227,7 +230,7 @@
       ctx.fillText('collecting…', pad.left + plotW / 2, pad.top + plotH / 2);
       return;
     }
-    const x = (i) => pad.left + plotW - ((samples.length - 1 - i) * plotW) / (HISTORY - 1);
+    const x = (i) => pad.left + plotW - ((samples.length - 1 - i) * plotW) / (span - 1);
     const line = (color, value, max) => {
       ctx.strokeStyle = color;
       ctx.lineWidth = 2;
