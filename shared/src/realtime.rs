@@ -9,18 +9,22 @@
 use std::time::Duration;
 
 use serde::Serialize;
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 
 use crate::auth::AuthUser;
 use crate::bus::{Control, Target, event_json};
-use crate::domain::{
-    NewMessage, RoomId, SequenceId, UserId, optional_sequence, optional_str, required_str,
-};
+use crate::domain::{SequenceId, UserId};
 use crate::error::{Error, Result};
 use crate::model::rfc3339_millis;
 use crate::presence::{Connection, Touched};
 use crate::service::{Chat, RECOVERY_MESSAGES, SNAPSHOT_MESSAGES};
 use crate::store::{PageQuery, Stored};
+
+mod frame;
+
+pub use frame::{
+    CLIENT_EVENTS, ClientEvent, ClientFrame, JoinTarget, RequestIds, parse_client_event,
+};
 
 /// The WebSocket side of the service.
 #[derive(Debug, Clone)]
@@ -29,40 +33,8 @@ pub struct Realtime {
     presence_ttl: Duration,
 }
 
-/// The client events of PROTOCOL §2.
-const CLIENT_EVENTS: [&str; 6] = [
-    "joinRoom",
-    "leaveRoom",
-    "sendMessage",
-    "typing",
-    "markRead",
-    "ping",
-];
-
 fn now() -> String {
     rfc3339_millis(&chrono::Utc::now())
-}
-
-/// What an `error` reply echoes of the failing frame.
-#[derive(Debug, Default, Clone)]
-struct RequestIds {
-    request_type: Option<String>,
-    client_message_id: Option<String>,
-}
-
-impl RequestIds {
-    fn of(frame: &Value) -> Self {
-        let request_type = frame.get("type").and_then(Value::as_str).map(str::to_owned);
-        let client_message_id = frame
-            .get("payload")
-            .and_then(|p| p.get("clientMessageId"))
-            .and_then(Value::as_str)
-            .map(str::to_owned);
-        Self {
-            request_type,
-            client_message_id,
-        }
-    }
 }
 
 /// Serializes an `error` event.
@@ -214,46 +186,27 @@ impl Realtime {
     ) -> (RequestIds, Result<Option<String>>) {
         // Every frame renews the presence lease, good or bad.
         let touched = self.touch(connection_id).await;
-        let frame: Value = if binary {
+        if binary {
             return (
                 RequestIds::default(),
                 Err(Error::bad_request(
                     "binary frames are not supported; send JSON text",
                 )),
             );
-        } else {
-            match serde_json::from_str(body) {
-                Ok(v) => v,
-                Err(_) => {
-                    return (
-                        RequestIds::default(),
-                        Err(Error::bad_request("malformed JSON")),
-                    );
-                }
-            }
+        }
+        let frame = match ClientFrame::parse(body) {
+            Ok(frame) => frame,
+            Err(err) => return (RequestIds::default(), Err(err)),
         };
-        let ids = RequestIds::of(&frame);
         let result = async {
+            // A connection that is gone is told so before its fields are
+            // looked at; the admin check needs the connection's user.
             let conn = touched?;
-            let Value::Object(frame) = &frame else {
-                return Err(Error::bad_request("a message must be a JSON object"));
-            };
-            let Some(kind) = ids.request_type.as_deref() else {
-                return Err(Error::bad_request("type must be a string"));
-            };
-            if !CLIENT_EVENTS.contains(&kind) {
-                return Err(Error::bad_request(format!("unknown type {kind}")));
-            }
-            let empty = Map::new();
-            let payload = match frame.get("payload") {
-                None | Some(Value::Null) => &empty,
-                Some(Value::Object(p)) => p,
-                Some(_) => return Err(Error::bad_request("payload must be a JSON object")),
-            };
-            self.handle(&conn, kind, payload).await
+            let event = frame.event(conn.user.is_admin)?;
+            self.handle(&conn, event).await
         }
         .await;
-        (ids, result)
+        (frame.ids().clone(), result)
     }
 
     async fn touch(&self, connection_id: &str) -> Result<Connection> {
@@ -261,12 +214,16 @@ impl Realtime {
         let Some(Touched {
             connection,
             was_online,
+            greeted,
         }) = presence.touch(connection_id, self.presence_ttl).await?
         else {
             return Err(Error::unauthorized(
                 "this connection is no longer registered; reconnect",
             ));
         };
+        if !greeted {
+            self.await_greeting(&connection).await?;
+        }
         if !was_online {
             // The user's leases had all run out and they were announced
             // offline; this frame brings them back.
@@ -284,26 +241,46 @@ impl Realtime {
         Ok(connection)
     }
 
-    async fn handle(
-        &self,
-        conn: &Connection,
-        kind: &str,
-        p: &Map<String, Value>,
-    ) -> Result<Option<String>> {
+    /// `connected` is the first event a client sees. It is posted by the
+    /// relay, which API Gateway refuses until the handshake has completed,
+    /// so a client that sends at once could get its reply first; a new
+    /// connection's first replies wait (briefly, bounded) until the relay
+    /// has delivered `connected`.
+    async fn await_greeting(&self, conn: &Connection) -> Result<()> {
+        const WINDOW_MS: i64 = 5_000;
+        const WAIT: Duration = Duration::from_millis(500);
+        let age = chrono::Utc::now().timestamp_millis() - conn.connected_at_ms;
+        if age > WINDOW_MS {
+            return Ok(());
+        }
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while tokio::time::Instant::now() < deadline {
+            if self.chat.presence().is_greeted(&conn.connection_id).await? {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        Ok(())
+    }
+
+    async fn handle(&self, conn: &Connection, event: ClientEvent) -> Result<Option<String>> {
         let user = &conn.user;
-        match kind {
-            "joinRoom" => self.join_room(conn, p).await.map(Some),
-            "leaveRoom" => {
-                let room_id = RoomId::parse(required_str(p, "roomId")?)?;
+        match event {
+            ClientEvent::JoinRoom {
+                target,
+                after_sequence_id,
+            } => self
+                .join_room(conn, target, after_sequence_id)
+                .await
+                .map(Some),
+            ClientEvent::LeaveRoom { room_id } => {
                 self.chat
                     .presence()
                     .leave(&room_id, &conn.connection_id)
                     .await?;
                 event_json("roomLeft", &json!({"roomId": room_id})).map(Some)
             }
-            "sendMessage" => {
-                let room_id = RoomId::parse(required_str(p, "roomId")?)?;
-                let message = NewMessage::parse(p, user.is_admin)?;
+            ClientEvent::SendMessage { room_id, message } => {
                 let stored = self
                     .chat
                     .send_message_from(user, &room_id, &message, Some(&conn.connection_id))
@@ -322,11 +299,7 @@ impl Realtime {
                 }
                 Ok(None)
             }
-            "typing" => {
-                let room_id = RoomId::parse(required_str(p, "roomId")?)?;
-                let Some(is_typing) = p.get("isTyping").and_then(Value::as_bool) else {
-                    return Err(Error::bad_request("isTyping must be a boolean"));
-                };
+            ClientEvent::Typing { room_id, is_typing } => {
                 self.chat.require_member(user, &room_id).await?;
                 let event = event_json(
                     "typing",
@@ -345,29 +318,27 @@ impl Realtime {
                     .await?;
                 Ok(None)
             }
-            "markRead" => {
-                let room_id = RoomId::parse(required_str(p, "roomId")?)?;
-                let Some(sequence_id) = optional_sequence(p, "sequenceId")? else {
-                    return Err(Error::bad_request("sequenceId is required"));
-                };
+            ClientEvent::MarkRead {
+                room_id,
+                sequence_id,
+            } => {
                 self.chat.mark_read(user, &room_id, sequence_id).await?;
                 Ok(None)
             }
-            "ping" => event_json("pong", &json!({"timestamp": now()})).map(Some),
-            other => Err(Error::bad_request(format!("unknown type {other}"))),
+            ClientEvent::Ping => event_json("pong", &json!({"timestamp": now()})).map(Some),
         }
     }
 
-    async fn join_room(&self, conn: &Connection, p: &Map<String, Value>) -> Result<String> {
+    async fn join_room(
+        &self,
+        conn: &Connection,
+        target: JoinTarget,
+        after: Option<SequenceId>,
+    ) -> Result<String> {
         let user: &AuthUser = &conn.user;
-        let after = optional_sequence(p, "afterSequenceId")?;
-        let room_id = match (optional_str(p, "roomId")?, optional_str(p, "targetUserId")?) {
-            (Some(room), _) => RoomId::parse(room)?,
-            (None, Some(target)) => {
-                let target = UserId::parse(target, "targetUserId")?;
-                self.chat.direct_room(user, &target).await?
-            }
-            (None, None) => return Err(Error::bad_request("roomId or targetUserId is required")),
+        let room_id = match target {
+            JoinTarget::Room(room_id) => room_id,
+            JoinTarget::Direct(target) => self.chat.direct_room(user, &target).await?,
         };
         let limit = if after.is_some() {
             RECOVERY_MESSAGES
