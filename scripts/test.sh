@@ -3,6 +3,7 @@
 #
 #   scripts/test.sh [ARGS...]    # ARGS are passed to `cargo test --workspace`
 #   SKIP_LINT=1 scripts/test.sh  # skip the fmt and clippy steps
+#   SKIP_FUZZ=1 scripts/test.sh  # skip the fuzz smoke test (scripts/fuzz-smoke.sh)
 #   SKIP_CONSOLE_TESTS=1 scripts/test.sh  # skip the browser tests of /console
 #
 # Tests get TEST_DATABASE_URL / TEST_REDIS_URL; they create their own
@@ -66,6 +67,16 @@ if [ "${SKIP_CONSOLE_TESTS:-0}" = 1 ] || [ "$#" -gt 0 ]; then
 else
     step "console browser tests (scripts/console-test.sh)"
     "$ROOT/scripts/console-test.sh"
+fi
+
+# Bad input, attacked: each cargo-fuzz target of fuzz/ for FUZZ_SECONDS (30)
+# from its committed corpus. A filtered run (ARGS given) leaves it out, and
+# so does SKIP_FUZZ=1.
+if [ "${SKIP_FUZZ:-0}" = 1 ] || [ "$#" -gt 0 ]; then
+    step "skipping the fuzz smoke test (run scripts/fuzz-smoke.sh)"
+else
+    step "fuzz smoke test (scripts/fuzz-smoke.sh)"
+    "$ROOT/scripts/fuzz-smoke.sh"
 fi
 
 step "all tests passed"
