@@ -43,6 +43,13 @@ const RING: usize = 256;
 const MAX_FILL: i64 = 1000;
 /// How often delivered marks are written back and idle rooms evicted.
 pub(crate) const MAINTENANCE_INTERVAL: Duration = Duration::from_secs(1);
+/// Attempts at an envelope whose Redis or PostgreSQL reads failed. After a
+/// Redis restart the connection manager fails the first command and only
+/// then reconnects, so one more attempt succeeds; without it that first
+/// envelope (often a new connection's `connected`) would be lost.
+const STEP_ATTEMPTS: u32 = 3;
+/// Wait before the second attempt; doubled for each later one.
+const STEP_RETRY: Duration = Duration::from_millis(50);
 
 /// Picks the shard for an envelope: by its ordering key, except that a
 /// `Control::Sync` goes by its room (its target is a connection, but it
@@ -196,11 +203,7 @@ impl Shard {
                 biased;
                 _ = maintenance.tick() => self.maintain(Instant::now()).await,
                 envelope = envelopes.recv() => match envelope {
-                    Some(envelope) => {
-                        if let Err(err) = self.step(envelope).await {
-                            tracing::warn!(error = %err, "envelope not delivered");
-                        }
-                    }
+                    Some(envelope) => self.deliver(&envelope).await,
                     None => break,
                 },
             }
@@ -210,13 +213,38 @@ impl Shard {
         }
     }
 
+    /// [`Shard::step`], attempted again (up to [`STEP_ATTEMPTS`] in all)
+    /// when a dependency did not answer. A failed step has queued nothing,
+    /// so another attempt cannot deliver anything twice.
+    async fn deliver(&mut self, envelope: &Envelope) {
+        let mut wait = STEP_RETRY;
+        for attempt in 1..=STEP_ATTEMPTS {
+            match self.step(envelope).await {
+                Ok(()) => return,
+                Err(err)
+                    if attempt < STEP_ATTEMPTS
+                        && err.code() == chat_shared::ErrorCode::Unavailable =>
+                {
+                    tracing::debug!(error = %err, attempt, "envelope failed; trying again");
+                    tokio::time::sleep(wait).await;
+                    wait *= 2;
+                }
+                Err(err) => {
+                    tracing::warn!(error = %err, "envelope not delivered");
+                    return;
+                }
+            }
+        }
+    }
+
     /// Handles one envelope: resolves its recipients and queues its event
-    /// (with any gap fill) in their outboxes.
+    /// (with any gap fill) in their outboxes. Nothing is queued unless it
+    /// succeeds.
     ///
     /// # Errors
     /// When Redis (or PostgreSQL, for a sync) does not answer; the envelope
     /// is then not delivered.
-    pub(crate) async fn step(&mut self, envelope: Envelope) -> chat_shared::Result<()> {
+    pub(crate) async fn step(&mut self, envelope: &Envelope) -> chat_shared::Result<()> {
         if let Some(Control::Sync {
             room_id,
             connection_id,
