@@ -869,4 +869,24 @@ impl Store {
             .ok_or_else(|| Error::not_found("room not found"))?;
         Ok(room_from_row(&row))
     }
+
+    /// Applies retention to every room at once: deletes each room's
+    /// messages older than its newest `retention` (0 keeps all). Sends
+    /// already apply retention to their room, so this catches what they
+    /// cannot: rooms nobody writes to after `MESSAGE_RETENTION` was
+    /// lowered. One statement. Returns how many messages were deleted.
+    ///
+    /// # Errors
+    /// When PostgreSQL fails.
+    pub async fn cleanup_all(&self, retention: i64) -> Result<u64> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(
+                "DELETE FROM messages m USING rooms r
+                  WHERE m.room_id = r.id AND $1::bigint > 0
+                    AND m.sequence_id <= r.last_sequence_id - $1::bigint",
+            )
+            .await?;
+        Ok(client.execute(&stmt, &[&retention]).await?)
+    }
 }
