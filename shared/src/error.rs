@@ -62,6 +62,17 @@ impl ErrorCode {
             Self::Unavailable => "UNAVAILABLE",
         }
     }
+
+    /// The code a WebSocket `error` event carries. PROTOCOL.md §2 has no
+    /// `UNAVAILABLE` for WebSocket clients (the original service answered
+    /// a failed dependency with `INTERNAL` there), so an outage is
+    /// `INTERNAL` on a socket; its message still says to retry.
+    pub fn on_websocket(self) -> Self {
+        match self {
+            Self::Unavailable => Self::Internal,
+            other => other,
+        }
+    }
 }
 
 /// Why a use case failed.
@@ -232,3 +243,15 @@ impl From<redis::RedisError> for Error {
 
 /// The result type of the use cases.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn websocket_clients_see_only_protocol_codes_for_outages() {
+        assert_eq!(ErrorCode::Unavailable.on_websocket(), ErrorCode::Internal);
+        assert_eq!(ErrorCode::Forbidden.on_websocket(), ErrorCode::Forbidden);
+        assert_eq!(ErrorCode::Unavailable.status(), 503, "REST keeps its 503");
+    }
+}

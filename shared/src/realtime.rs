@@ -52,7 +52,7 @@ pub fn error_event(
         client_message_id: Option<&'a str>,
     }
     let payload = Payload {
-        code: err.code().as_str(),
+        code: err.code().on_websocket().as_str(),
         message: err.client_message(),
         request_type,
         client_message_id,
