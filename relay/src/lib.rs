@@ -202,6 +202,7 @@ impl Relay {
             let shard = shard::Shard::new(
                 self.realtime.clone(),
                 outboxes.clone(),
+                self.management.clone(),
                 self.metrics.clone(),
                 self.options.room_idle,
             );

@@ -31,6 +31,7 @@ use chat_shared::realtime::Realtime;
 use serde::Deserialize;
 use tokio::sync::mpsc;
 
+use crate::management::Management;
 use crate::metrics::RelayMetrics;
 use crate::outbox::{Outboxes, Route};
 use crate::resolve::{self, Recipients};
@@ -57,7 +58,7 @@ const STEP_RETRY: Duration = Duration::from_millis(50);
 pub(crate) fn shard_of(envelope: &Envelope, shards: usize) -> usize {
     let key = match &envelope.control {
         Some(Control::Sync { room_id, .. }) => room_id.as_str(),
-        None => envelope.ordering_key(),
+        Some(Control::Close { .. }) | None => envelope.ordering_key(),
     };
     // FNV-1a: stable across processes and runs, which makes logs comparable.
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
@@ -167,6 +168,8 @@ pub(crate) struct Shard {
     realtime: Realtime,
     /// Where resolved events go.
     outboxes: Outboxes,
+    /// Closes connections that are no longer registered (`Control::Close`).
+    management: Arc<Management>,
     /// Counts gap fills and store reads.
     metrics: Arc<RelayMetrics>,
     /// Per-room state of the rooms this shard has seen recently.
@@ -179,12 +182,14 @@ impl Shard {
     pub(crate) fn new(
         realtime: Realtime,
         outboxes: Outboxes,
+        management: Arc<Management>,
         metrics: Arc<RelayMetrics>,
         room_idle: Duration,
     ) -> Self {
         Self {
             realtime,
             outboxes,
+            management,
             metrics,
             rooms: HashMap::new(),
             room_idle,
@@ -245,12 +250,19 @@ impl Shard {
     /// When Redis (or PostgreSQL, for a sync) does not answer; the envelope
     /// is then not delivered.
     pub(crate) async fn step(&mut self, envelope: &Envelope) -> chat_shared::Result<()> {
-        if let Some(Control::Sync {
-            room_id,
-            connection_id,
-        }) = &envelope.control
-        {
-            return self.sync(room_id, connection_id).await;
+        match &envelope.control {
+            Some(Control::Sync {
+                room_id,
+                connection_id,
+            }) => return self.sync(room_id, connection_id).await,
+            Some(Control::Close {
+                connection_id,
+                endpoint,
+            }) => {
+                self.close(connection_id, endpoint);
+                return Ok(());
+            }
+            None => {}
         }
         let Some(event) = envelope.event.as_ref() else {
             return Ok(());
@@ -363,6 +375,20 @@ impl Shard {
         for s in &recipients.direct {
             self.outboxes.enqueue(&Route::from(s), event.clone());
         }
+    }
+
+    /// `Control::Close`: drops what is queued for the connection and closes
+    /// it at API Gateway, in the background (best effort, as the sweeper's
+    /// closes): it has no registration left, so nothing else would.
+    fn close(&self, connection_id: &str, endpoint: &str) {
+        self.outboxes.forget(connection_id);
+        let management = self.management.clone();
+        let (connection_id, endpoint) = (connection_id.to_owned(), endpoint.to_owned());
+        tokio::spawn(async move {
+            if let Err(cause) = management.delete(&endpoint, &connection_id).await {
+                tracing::debug!(%connection_id, %cause, "DeleteConnection failed (best effort)");
+            }
+        });
     }
 
     /// `Control::Sync`: pushes every stored message above the connection's

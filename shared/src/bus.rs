@@ -109,6 +109,17 @@ pub enum Control {
         /// The connection.
         connection_id: String,
     },
+    /// A connection that is no longer registered (Redis lost it) sent a
+    /// frame: close it at API Gateway (`DeleteConnection`), so its client
+    /// reconnects and registers again. Its route is gone from Redis, so the
+    /// envelope carries it.
+    #[serde(rename_all = "camelCase")]
+    Close {
+        /// The connection.
+        connection_id: String,
+        /// Its Management API endpoint.
+        endpoint: String,
+    },
 }
 
 /// Serializes a server event `{"type": kind, "payload": payload}`.

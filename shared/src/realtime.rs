@@ -37,6 +37,19 @@ fn now() -> String {
     rfc3339_millis(&chrono::Utc::now())
 }
 
+/// What `$default` made of one frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FrameOutcome {
+    /// The reply to send back on the same connection, if any.
+    pub reply: Option<String>,
+    /// The connection is not registered (any more): Redis lost it, or the
+    /// sweeper removed it. The reply, if it is an error, tells the client
+    /// to reconnect; the socket should be closed too, because clients of
+    /// the original service ignore `error` events but reconnect after a
+    /// close.
+    pub unregistered: bool,
+}
+
 /// Serializes an `error` event.
 pub fn error_event(
     err: &Error,
@@ -163,8 +176,14 @@ impl Realtime {
     /// `$default`: one client message. Returns the reply to send back on the
     /// same connection, if any. `binary` frames are refused.
     pub async fn message(&self, connection_id: &str, body: &str, binary: bool) -> Option<String> {
-        let (ids, result) = self.dispatch(connection_id, body, binary).await;
-        match result {
+        self.frame(connection_id, body, binary).await.reply
+    }
+
+    /// Like [`Realtime::message`], also saying whether the connection is
+    /// still registered.
+    pub async fn frame(&self, connection_id: &str, body: &str, binary: bool) -> FrameOutcome {
+        let (ids, result, unregistered) = self.dispatch(connection_id, body, binary).await;
+        let reply = match result {
             Ok(reply) => reply,
             Err(err) => {
                 err.log_if_server_error("websocket message failed");
@@ -175,6 +194,10 @@ impl Realtime {
                     ids.client_message_id.as_deref(),
                 ))
             }
+        };
+        FrameOutcome {
+            reply,
+            unregistered,
         }
     }
 
@@ -183,20 +206,22 @@ impl Realtime {
         connection_id: &str,
         body: &str,
         binary: bool,
-    ) -> (RequestIds, Result<Option<String>>) {
+    ) -> (RequestIds, Result<Option<String>>, bool) {
         // Every frame renews the presence lease, good or bad.
         let touched = self.touch(connection_id).await;
+        let unregistered = matches!(touched, Err(Error::Unauthorized(_)));
         if binary {
             return (
                 RequestIds::default(),
                 Err(Error::bad_request(
                     "binary frames are not supported; send JSON text",
                 )),
+                unregistered,
             );
         }
         let frame = match ClientFrame::parse(body) {
             Ok(frame) => frame,
-            Err(err) => return (RequestIds::default(), Err(err)),
+            Err(err) => return (RequestIds::default(), Err(err), unregistered),
         };
         let result = async {
             // A connection that is gone is told so before its fields are
@@ -206,7 +231,8 @@ impl Realtime {
             self.handle(&conn, event).await
         }
         .await;
-        (frame.ids().clone(), result)
+        let unregistered = unregistered || matches!(result, Err(Error::Unauthorized(_)));
+        (frame.ids().clone(), result, unregistered)
     }
 
     async fn touch(&self, connection_id: &str) -> Result<Connection> {

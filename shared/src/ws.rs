@@ -10,6 +10,7 @@ use aws_lambda_events::encodings::Body;
 use http::HeaderValue;
 
 use crate::auth::{TokenVerifier, bearer_token};
+use crate::bus::{Control, Target};
 use crate::error::Error;
 use crate::presence::Connection;
 use crate::realtime::Realtime;
@@ -116,11 +117,32 @@ pub async fn handle_default(
         return response(400, None);
     };
     let body = event.body.as_deref().unwrap_or_default();
-    let reply = state
+    let outcome = state
         .realtime
-        .message(connection_id, body, event.is_base64_encoded)
+        .frame(connection_id, body, event.is_base64_encoded)
         .await;
-    response(200, reply)
+    if outcome.unregistered {
+        // Its registration is gone (Redis lost it): have the relay close
+        // the socket, after this reply, so the client reconnects.
+        let ctx = &event.request_context;
+        if let Some(domain) = ctx.domain_name.as_deref() {
+            let endpoint = callback_endpoint(domain, ctx.stage.as_deref().unwrap_or_default());
+            let bus = state.realtime.chat().bus();
+            let close = bus.control(
+                Target::Connection {
+                    connection_id: connection_id.to_owned(),
+                },
+                Control::Close {
+                    connection_id: connection_id.to_owned(),
+                    endpoint,
+                },
+            );
+            if let Err(err) = bus.publish_envelope(&close).await {
+                err.log_if_server_error("asking the relay to close an unregistered connection");
+            }
+        }
+    }
+    response(200, outcome.reply)
 }
 
 /// `$disconnect`: cleans up; API Gateway ignores the answer.
