@@ -25,7 +25,7 @@ fn opt_ts<S: Serializer>(at: &Option<DateTime<Utc>>, s: S) -> Result<S::Ok, S::E
 }
 
 /// A user's public profile.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Profile {
     /// User id.
@@ -48,7 +48,7 @@ pub struct Member {
 }
 
 /// A stored message, as every event and REST answer shows it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Message {
     /// `msg_<ULID>`.
@@ -63,6 +63,7 @@ pub struct Message {
     #[serde(rename = "type")]
     pub kind: MessageType,
     /// A JSON object or null.
+    #[schema(value_type = Option<Object>)]
     pub metadata: Option<Value>,
     /// Position in the room.
     pub sequence_id: SequenceId,
@@ -74,6 +75,7 @@ pub struct Message {
     pub read_by: Vec<UserId>,
     /// When it was stored.
     #[serde(serialize_with = "ts")]
+    #[schema(value_type = String, format = DateTime)]
     pub created_at: DateTime<Utc>,
 }
 
@@ -90,7 +92,7 @@ impl Message {
 }
 
 /// A room, with its members' profiles.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Room {
     /// `room_<ULID>`.
@@ -112,11 +114,13 @@ pub struct Room {
     pub last_sequence_id: SequenceId,
     /// When the newest message was sent.
     #[serde(serialize_with = "opt_ts")]
+    #[schema(value_type = Option<String>, format = DateTime)]
     pub last_message_at: Option<DateTime<Utc>>,
     /// The newest message's content.
     pub last_message_text: Option<String>,
     /// When the room was created.
     #[serde(serialize_with = "ts")]
+    #[schema(value_type = String, format = DateTime)]
     pub created_at: DateTime<Utc>,
 }
 

@@ -53,7 +53,7 @@ impl Snapshot {
 }
 
 /// One entry of `GET /rooms`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RoomSummary {
     /// The room.

@@ -8,10 +8,12 @@
 //! # Layout
 //! - [`extract`]: the caller, JSON body, query and path extractors.
 //! - [`routes`]: one handler per route under `/api/v1/chat`.
+//! - [`openapi`]: the OpenAPI description, served at `/api/v1/openapi.json`.
 //! - `error`: [`crate::Error`] as an HTTP response.
 
 mod error;
 pub mod extract;
+pub mod openapi;
 pub mod routes;
 
 use std::sync::Arc;
@@ -47,6 +49,7 @@ pub struct AppState {
 pub fn app(state: AppState) -> Router {
     Router::new()
         .route("/health", get(health))
+        .route(openapi::OPENAPI_PATH, get(openapi::serve))
         .nest("/api/v1/chat", routes::router(state.clone()))
         .fallback(not_found)
         // A known path with another method is "no such endpoint" too (as
@@ -75,6 +78,10 @@ async fn not_found() -> Error {
 
 /// `GET /health`: 200 when PostgreSQL and Redis answer within 2 s, else 503
 /// naming the one that is down.
+#[utoipa::path(get, path = "/health", tag = "service", security(()),
+    responses(
+        (status = 200, description = "PostgreSQL and Redis answer", body = openapi::Health),
+        (status = 503, description = "A dependency does not answer", body = openapi::Health)))]
 async fn health(State(state): State<AppState>) -> Response {
     let timeout = Duration::from_secs(2);
     let (pg, redis) = tokio::join!(

@@ -36,12 +36,22 @@ pub fn router(state: AppState) -> Router<AppState> {
         ))
 }
 
-async fn list_rooms(State(state): State<AppState>, Caller(user): Caller) -> Result<Json<Value>> {
+/// The caller's rooms, newest activity first.
+#[utoipa::path(get, path = "/api/v1/chat/rooms", tag = "chat",
+    responses((status = 200, description = "The caller's rooms", body = super::openapi::RoomList)))]
+pub(super) async fn list_rooms(
+    State(state): State<AppState>,
+    Caller(user): Caller,
+) -> Result<Json<Value>> {
     let rooms = state.chat.list_rooms(&user).await?;
     Ok(Json(json!({"count": rooms.len(), "rooms": rooms})))
 }
 
-async fn history(
+/// A page of a room's history, ascending `sequenceId`.
+#[utoipa::path(get, path = "/api/v1/chat/rooms/{roomId}/messages", tag = "chat",
+    params(("roomId" = String, Path, description = "A room id (1-128 characters)", min_length = 1, max_length = 128), super::openapi::HistoryQuery),
+    responses((status = 200, description = "A page of messages", body = super::openapi::History)))]
+pub(super) async fn history(
     State(state): State<AppState>,
     Caller(user): Caller,
     RoomPath(room_id): RoomPath,
@@ -79,7 +89,14 @@ async fn history(
     })))
 }
 
-async fn send_message(
+/// Stores a message and broadcasts it like a WebSocket `sendMessage`.
+#[utoipa::path(post, path = "/api/v1/chat/rooms/{roomId}/messages", tag = "chat",
+    params(("roomId" = String, Path, description = "A room id (1-128 characters)", min_length = 1, max_length = 128)),
+    request_body = super::openapi::SendMessageBody,
+    responses(
+        (status = 201, description = "Stored", body = super::openapi::MessageEnvelope),
+        (status = 200, description = "An idempotent repeat: the original message", body = super::openapi::MessageEnvelope)))]
+pub(super) async fn send_message(
     State(state): State<AppState>,
     Caller(user): Caller,
     RoomPath(room_id): RoomPath,
@@ -98,7 +115,11 @@ async fn send_message(
     )
 }
 
-async fn unread(
+/// The caller's unread count in a room.
+#[utoipa::path(get, path = "/api/v1/chat/rooms/{roomId}/unread", tag = "chat",
+    params(("roomId" = String, Path, description = "A room id (1-128 characters)", min_length = 1, max_length = 128)),
+    responses((status = 200, description = "Unread count", body = super::openapi::Unread)))]
+pub(super) async fn unread(
     State(state): State<AppState>,
     Caller(user): Caller,
     RoomPath(room_id): RoomPath,
@@ -107,7 +128,12 @@ async fn unread(
     Ok(Json(json!({"roomId": room_id, "unreadCount": count})))
 }
 
-async fn mark_read(
+/// Moves the caller's read cursor.
+#[utoipa::path(post, path = "/api/v1/chat/rooms/{roomId}/read", tag = "chat",
+    params(("roomId" = String, Path, description = "A room id (1-128 characters)", min_length = 1, max_length = 128)),
+    request_body = super::openapi::MarkReadBody,
+    responses((status = 200, description = "The cursor after the call", body = super::openapi::MarkedRead)))]
+pub(super) async fn mark_read(
     State(state): State<AppState>,
     Caller(user): Caller,
     RoomPath(room_id): RoomPath,
@@ -123,7 +149,11 @@ async fn mark_read(
     ))
 }
 
-async fn online(
+/// The room's members with a live connection.
+#[utoipa::path(get, path = "/api/v1/chat/rooms/{roomId}/online", tag = "chat",
+    params(("roomId" = String, Path, description = "A room id (1-128 characters)", min_length = 1, max_length = 128)),
+    responses((status = 200, description = "Online members", body = super::openapi::Online)))]
+pub(super) async fn online(
     State(state): State<AppState>,
     Caller(user): Caller,
     RoomPath(room_id): RoomPath,
@@ -134,7 +164,11 @@ async fn online(
     ))
 }
 
-async fn direct(
+/// The DIRECT room with another user, created if needed.
+#[utoipa::path(post, path = "/api/v1/chat/direct", tag = "chat",
+    request_body = super::openapi::DirectBody,
+    responses((status = 200, description = "The room and its last 50 messages", body = super::openapi::DirectRoom)))]
+pub(super) async fn direct(
     State(state): State<AppState>,
     Caller(user): Caller,
     JsonObject(body): JsonObject,
@@ -163,7 +197,11 @@ async fn direct(
     })))
 }
 
-async fn cleanup(
+/// Admin only: applies the retention rule to a room now.
+#[utoipa::path(delete, path = "/api/v1/chat/rooms/{roomId}/cleanup", tag = "chat",
+    params(("roomId" = String, Path, description = "A room id (1-128 characters)", min_length = 1, max_length = 128)),
+    responses((status = 200, description = "What was deleted and kept", body = super::openapi::Cleanup)))]
+pub(super) async fn cleanup(
     State(state): State<AppState>,
     Caller(user): Caller,
     RoomPath(room_id): RoomPath,
@@ -174,7 +212,13 @@ async fn cleanup(
     ))
 }
 
-async fn create_room(
+/// Creates a GROUP room, or a CALL room (one per `callId`).
+#[utoipa::path(post, path = "/api/v1/chat/rooms", tag = "chat",
+    request_body = super::openapi::CreateRoomBody,
+    responses(
+        (status = 201, description = "Created; the caller is a member", body = super::openapi::RoomEnvelope),
+        (status = 200, description = "A CALL with an existing callId: that room", body = super::openapi::RoomEnvelope)))]
+pub(super) async fn create_room(
     State(state): State<AppState>,
     Caller(user): Caller,
     JsonObject(body): JsonObject,
@@ -224,7 +268,12 @@ async fn create_room(
     Ok((status, Json(json!({"room": room}))).into_response())
 }
 
-async fn add_members(
+/// Adds members to a GROUP or CALL room (any member may).
+#[utoipa::path(post, path = "/api/v1/chat/rooms/{roomId}/members", tag = "chat",
+    params(("roomId" = String, Path, description = "A room id (1-128 characters)", min_length = 1, max_length = 128)),
+    request_body = super::openapi::AddMembersBody,
+    responses((status = 200, description = "The room", body = super::openapi::RoomEnvelope)))]
+pub(super) async fn add_members(
     State(state): State<AppState>,
     Caller(user): Caller,
     RoomPath(room_id): RoomPath,
@@ -235,7 +284,12 @@ async fn add_members(
     Ok(Json(json!({"room": room})))
 }
 
-async fn remove_member(
+/// Removes a member (yourself, or anyone as an admin).
+#[utoipa::path(delete, path = "/api/v1/chat/rooms/{roomId}/members/{userId}", tag = "chat",
+    params(("roomId" = String, Path, description = "A room id (1-128 characters)", min_length = 1, max_length = 128),
+        ("userId" = String, Path, description = "The member to remove", pattern = "^[A-Za-z0-9_.:-]{1,64}$")),
+    responses((status = 204, description = "Removed")))]
+pub(super) async fn remove_member(
     State(state): State<AppState>,
     Caller(user): Caller,
     RoomUserPath(room_id, target): RoomUserPath,
