@@ -1,0 +1,1108 @@
+//! One load run: connect users, build rooms, send open-loop at a fixed
+//! rate, measure every delivery, report one JSON line.
+//!
+//! Everything runs on one thread (a `current_thread` runtime and a
+//! `LocalSet`): the generator shares a 2-core box with the servers it
+//! measures, so it must cost little. Each connection is one task that owns
+//! its socket; a scheduler task hands each due message to its sender's task.
+//! Shared counters live in one `RefCell` that no task holds across an
+//! `.await`.
+//!
+//! # Phases
+//! 1. **Connect** `users` WebSockets at `connect_rate`, user `i` to URL
+//!    `i % urls.len()`, and wait for each one's `connected` event.
+//! 2. **Rooms**: DIRECT pairs `(2k, 2k+1)` (so with two URLs the two members
+//!    are on different instances) created with `POST /direct`, or GROUP
+//!    rooms of `group_size` consecutive users created with `POST /rooms`;
+//!    then every member sends `joinRoom` and waits for `roomJoined`.
+//! 3. **Send**: message `k` leaves at `k / rate` seconds, from the joined
+//!    users in turn (a fixed shuffled order), whatever the answers: an open
+//!    loop. Its content is `"<send time µs> <sender> <n> <padding>"`.
+//! 4. **Drain** until every expected delivery arrived, or `drain` passed.
+//!
+//! Latency is receive time minus the send time in the content, recorded at
+//! every receiver, the sender's own copy (its acknowledgement) included.
+//! Messages sent during `warmup` are delivered and accounted for but not
+//! put in the histograms.
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::rc::Rc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context as _, bail};
+use futures::{SinkExt as _, StreamExt as _};
+use http::Method;
+use secrecy::SecretString;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::spawn_local;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+
+use crate::accounting::{Delivery, SequenceCheck, Stream, Tally};
+use crate::procstat::{ProcessReport, Watched};
+use crate::rest::{Rest, parse_prometheus};
+use crate::summary::{Latency, Summary, round3};
+
+/// How rooms are built.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RoomKind {
+    /// No rooms: connections only (idle scenario).
+    None,
+    /// DIRECT rooms of two.
+    Direct,
+    /// GROUP rooms of `group_size`.
+    Group,
+}
+
+/// What one run does.
+#[derive(Debug, Clone)]
+pub struct RunConfig {
+    /// Which system this is (`ours`, `baseline`): copied to the report.
+    pub label: String,
+    /// Which scenario (`S2`, …): copied to the report.
+    pub scenario: String,
+    /// Base URLs of the instances (`http://host:port`).
+    pub urls: Vec<String>,
+    /// The WebSocket path on each instance.
+    pub ws_path: String,
+    /// HS256 secret to mint tokens with.
+    pub secret: SecretString,
+    /// Users (one connection each).
+    pub users: usize,
+    /// New connections per second.
+    pub connect_rate: f64,
+    /// Room layout.
+    pub rooms: RoomKind,
+    /// Members per GROUP room.
+    pub group_size: usize,
+    /// Sending time.
+    pub duration: Duration,
+    /// Leading part of the sending time left out of the histograms.
+    pub warmup: Duration,
+    /// Longest wait for outstanding deliveries after sending stops.
+    pub drain: Duration,
+    /// With no sending: how long connections stay idle before memory is
+    /// read.
+    pub idle_hold: Duration,
+    /// Server processes serving `urls`, in the same order: their RSS per
+    /// connection is reported.
+    pub gateway_pids: Vec<u32>,
+    /// Other server processes to watch (`label`, pid).
+    pub pids: Vec<(String, u32)>,
+    /// `/metrics` URLs whose counters are read before and after sending.
+    pub metrics_urls: Vec<String>,
+    /// Bytes of content per message (at least what the stamp needs).
+    pub content_bytes: usize,
+    /// Prefix of this run's user ids: fresh users and rooms every run.
+    pub run_id: String,
+    /// REST calls and joins in flight during set-up.
+    pub setup_concurrency: usize,
+    /// Print a progress line to stderr every second.
+    pub progress: bool,
+}
+
+/// The JSON line a run prints.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunReport {
+    /// Always `"run"`.
+    pub kind: &'static str,
+    /// System under test.
+    pub label: String,
+    /// Scenario name.
+    pub scenario: String,
+    /// Users and connections asked for.
+    pub users: usize,
+    /// Instances (URLs).
+    pub instances: usize,
+    /// Room layout.
+    pub room_kind: RoomKind,
+    /// Members per room.
+    pub room_size: usize,
+    /// Rooms created.
+    pub rooms: usize,
+    /// Connections up (got `connected`).
+    pub connected: usize,
+    /// Connections joined to their room.
+    pub joined: usize,
+    /// Handshake (HTTP 101) times.
+    pub connect_handshake: Summary,
+    /// Times from starting to connect to the `connected` event.
+    pub connect_ready: Summary,
+    /// Failed connections by cause.
+    pub connect_errors: BTreeMap<String, u64>,
+    /// Wall time of the connect phase, seconds.
+    pub connect_seconds: f64,
+    /// Target send rate, messages/s.
+    pub rate_target: f64,
+    /// Sending time, seconds.
+    pub duration_s: f64,
+    /// Messages written to sockets.
+    pub sent: u64,
+    /// Messages the generator could not hand to a socket in time (its
+    /// queue for that connection was full).
+    pub not_sent: u64,
+    /// Messages refused with an `error` event.
+    pub rejected: u64,
+    /// Sent minus refused.
+    pub accepted: u64,
+    /// Sent per second of the sending window.
+    pub send_rate: f64,
+    /// Accepted per second of the sending window.
+    pub accepted_rate: f64,
+    /// Deliveries per second of the sending window (distinct ones).
+    pub delivered_per_s: f64,
+    /// Loss, duplicates, order.
+    pub tally: Tally,
+    /// Expected deliveries that never came.
+    pub lost: u64,
+    /// Latency of every delivery (after warm-up).
+    pub latency: Summary,
+    /// Latency of deliveries to the other members.
+    pub latency_peer: Summary,
+    /// Latency of the sender's own copy (its acknowledgement).
+    pub latency_ack: Summary,
+    /// How late the generator handed messages to sockets.
+    pub generator_lag: Summary,
+    /// `error` events by code (any request type).
+    pub errors: BTreeMap<String, u64>,
+    /// Other events received, by type.
+    pub other_events: BTreeMap<String, u64>,
+    /// Connections that closed while the run was on.
+    pub unexpected_closes: u64,
+    /// Watched processes.
+    pub processes: Vec<ProcessReport>,
+    /// Mean over the gateway processes of (RSS with every connection up −
+    /// RSS at start) / their connections, bytes.
+    pub rss_per_connection_bytes: Option<f64>,
+    /// The generator's own CPU over the sending window, percent of a core.
+    pub generator_cpu_percent: Option<f64>,
+    /// Counter deltas from `/metrics` over the sending window and drain,
+    /// summed over the URLs, and their ratios per `sendMessage`.
+    pub counters: BTreeMap<String, f64>,
+}
+
+/// Counters shared by every task.
+#[derive(Default)]
+struct Shared {
+    /// Histograms, from `measure_from_us` on.
+    all: Latency,
+    peer: Latency,
+    ack: Latency,
+    lag: Latency,
+    /// This second's latencies, for the progress line.
+    window: Latency,
+    /// Send times below this are not recorded (warm-up).
+    measure_from_us: u64,
+    /// Delivery accounting totals.
+    tally: Tally,
+    /// Distinct deliveries so far (for drain and progress).
+    delivered: u64,
+    /// Per user: messages sent and refused.
+    sent: Vec<u64>,
+    rejected: Vec<u64>,
+    not_sent: u64,
+    errors: BTreeMap<String, u64>,
+    other_events: BTreeMap<String, u64>,
+    unexpected_closes: u64,
+    /// True once the run is over: closes are expected then.
+    closing: bool,
+}
+
+type SharedRef = Rc<RefCell<Shared>>;
+
+/// Commands to a connection's task.
+enum Command {
+    /// Write this frame.
+    Send(String),
+    /// `joinRoom`, answered when `roomJoined` or `error` comes back.
+    Join(String, oneshot::Sender<Result<(), String>>),
+    /// Close the socket and stop.
+    Close,
+}
+
+/// A connection as the generator sees it.
+struct Conn {
+    tx: mpsc::Sender<Command>,
+    instance: usize,
+}
+
+/// Microseconds since the Unix epoch (the stamp in every message; sender
+/// and receivers share the clock, being on one machine).
+pub fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
+/// The content of a benchmark message: stamp, sender, counter, padding.
+pub fn stamp(t_us: u64, sender: usize, n: u64, bytes: usize) -> String {
+    let mut s = format!("{t_us} {sender} {n} ");
+    while s.len() < bytes {
+        s.push('x');
+    }
+    s
+}
+
+/// Reads back what [`stamp`] wrote.
+pub fn parse_stamp(content: &str) -> Option<(u64, usize, u64)> {
+    let mut parts = content.split(' ');
+    let t = parts.next()?.parse().ok()?;
+    let sender = parts.next()?.parse().ok()?;
+    let n = parts.next()?.parse().ok()?;
+    Some((t, sender, n))
+}
+
+/// The fields of a server event the generator looks at; everything else is
+/// skipped by the parser without being built.
+#[derive(Deserialize)]
+struct Frame<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: std::borrow::Cow<'a, str>,
+    #[serde(default, borrow)]
+    payload: Payload<'a>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct Payload<'a> {
+    #[serde(default, borrow)]
+    content: Option<std::borrow::Cow<'a, str>>,
+    #[serde(default)]
+    sequence_id: Option<u64>,
+    #[serde(default, borrow)]
+    code: Option<std::borrow::Cow<'a, str>>,
+    #[serde(default, borrow)]
+    request_type: Option<std::borrow::Cow<'a, str>>,
+}
+
+/// A deterministic shuffle (xorshift), so runs are repeatable without a
+/// random-number dependency.
+fn shuffle<T>(items: &mut [T], mut seed: u64) {
+    for i in (1..items.len()).rev() {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        let j = (seed % (i as u64 + 1)) as usize;
+        items.swap(i, j);
+    }
+}
+
+fn ws_url(base: &str, path: &str, token: &str) -> String {
+    let host = base.trim_start_matches("http://").trim_end_matches('/');
+    format!("ws://{host}{path}?token={token}")
+}
+
+fn mint(secret: &SecretString, user: &str) -> anyhow::Result<String> {
+    let claims = chat_shared::auth::DevClaims::new(user, 6 * 3600);
+    chat_shared::auth::mint_hs256(secret, &claims).map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+/// Runs one load run: connects, builds rooms, then sends at each rate of
+/// `rates` in turn (one report per step), stopping after the first step
+/// that fails `stop` (a sweep). With no rates, one report of the idle
+/// connections. Must run inside a `LocalSet`.
+///
+/// # Errors
+/// When set-up fails (no connection at all, rooms not created).
+pub async fn run(
+    cfg: RunConfig,
+    rates: &[f64],
+    stop: Option<&dyn Fn(&RunReport) -> bool>,
+    mut emit: impl FnMut(&RunReport),
+) -> anyhow::Result<Vec<RunReport>> {
+    if cfg.urls.is_empty() {
+        bail!("at least one --url is needed");
+    }
+    let shared: SharedRef = Rc::new(RefCell::new(Shared {
+        sent: vec![0; cfg.users],
+        rejected: vec![0; cfg.users],
+        ..Shared::default()
+    }));
+    let mut watched: Vec<Watched> = cfg
+        .gateway_pids
+        .iter()
+        .enumerate()
+        .map(|(i, pid)| Watched::new(format!("gateway{}", i + 1), *pid))
+        .chain(cfg.pids.iter().map(|(l, p)| Watched::new(l.clone(), *p)))
+        .collect();
+    let mut me = Watched::new("generator", std::process::id());
+    let user_ids: Vec<String> = (0..cfg.users)
+        .map(|i| format!("{}-u{i}", cfg.run_id))
+        .collect();
+    let tokens: Vec<String> = user_ids
+        .iter()
+        .map(|u| mint(&cfg.secret, u))
+        .collect::<anyhow::Result<_>>()?;
+
+    // 1. Connect.
+    let connect_started = Instant::now();
+    let (conns, handshake, ready, connect_errors) = connect_all(&cfg, &tokens, &shared).await;
+    let connect_seconds = connect_started.elapsed().as_secs_f64();
+    let connected = conns.iter().filter(|c| c.is_some()).count();
+    if connected == 0 {
+        bail!("no connection succeeded: {connect_errors:?}");
+    }
+    if cfg.progress {
+        eprintln!(
+            "[{} {}] {connected}/{} connected in {connect_seconds:.1}s (handshake p50 {:.1} ms p99 {:.1} ms) errors {connect_errors:?}",
+            cfg.label, cfg.scenario, cfg.users, handshake.p50_ms, handshake.p99_ms
+        );
+    }
+
+    // 2. Rooms and joins.
+    let rooms = build_rooms(&cfg, &user_ids, &tokens, &conns).await?;
+    let mut joined_per_room = vec![0u64; rooms.len()];
+    let mut joined_users: Vec<(usize, usize)> = Vec::new(); // (user, room)
+    for (user, room, ok) in join_all(&cfg, &rooms, &conns).await {
+        if ok {
+            joined_per_room[room] += 1;
+            joined_users.push((user, room));
+        }
+    }
+    let joined = joined_users.len();
+    if cfg.progress && !rooms.is_empty() {
+        eprintln!(
+            "[{} {}] {} rooms, {joined} members joined",
+            cfg.label,
+            cfg.scenario,
+            rooms.len()
+        );
+    }
+
+    // Let the connect and join work settle before reading memory.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    if rates.is_empty() {
+        tokio::time::sleep(cfg.idle_hold).await;
+    }
+    for w in &mut watched {
+        w.mark("connected");
+    }
+    let mut per_instance = vec![0usize; cfg.urls.len()];
+    for conn in conns.iter().flatten() {
+        per_instance[conn.instance] += 1;
+    }
+    let per_conn: Vec<f64> = watched
+        .iter()
+        .take(cfg.gateway_pids.len())
+        .enumerate()
+        .filter_map(|(i, w)| {
+            let n = *per_instance.get(i)?;
+            let (at, _) = w.at("connected")?;
+            let start = w.start?;
+            (n > 0).then(|| (at.rss_bytes as f64 - start.rss_bytes as f64) / n as f64)
+        })
+        .collect();
+    let rss_per_connection_bytes = (!per_conn.is_empty())
+        .then(|| (per_conn.iter().sum::<f64>() / per_conn.len() as f64).round());
+
+    let expected = |s: &Shared| -> u64 {
+        let mut accepted_per_room = vec![0u64; rooms.len()];
+        for &(user, room) in &joined_users {
+            accepted_per_room[room] += s.sent[user].saturating_sub(s.rejected[user]);
+        }
+        accepted_per_room
+            .iter()
+            .zip(&joined_per_room)
+            .map(|(a, j)| crate::accounting::expected_deliveries(*a, *j))
+            .sum()
+    };
+
+    let steps: Vec<f64> = if rates.is_empty() || joined == 0 {
+        vec![0.0]
+    } else {
+        rates.to_vec()
+    };
+    let mut reports = Vec::new();
+    for rate in steps {
+        {
+            let mut s = shared.borrow_mut();
+            let users = s.sent.len();
+            let closes = s.unexpected_closes;
+            *s = Shared {
+                sent: vec![0; users],
+                rejected: vec![0; users],
+                unexpected_closes: closes,
+                ..Shared::default()
+            };
+        }
+        let before = scrape(&cfg.metrics_urls).await;
+        // 3. Send.
+        let window = if rate > 0.0 {
+            send_phase(
+                &cfg,
+                rate,
+                &shared,
+                &conns,
+                &rooms,
+                &joined_users,
+                &mut watched,
+                &mut me,
+            )
+            .await
+        } else {
+            for w in watched.iter_mut().chain(std::iter::once(&mut me)) {
+                w.mark("send_start");
+                w.mark("send_end");
+            }
+            0.0
+        };
+        // 4. Drain.
+        let drain_end = Instant::now() + cfg.drain;
+        while rate > 0.0 && Instant::now() < drain_end {
+            {
+                let s = shared.borrow();
+                if s.delivered >= expected(&s) {
+                    break;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let after = scrape(&cfg.metrics_urls).await;
+        for w in &mut watched {
+            w.sample();
+        }
+        let s = shared.borrow();
+        let mut tally = s.tally;
+        tally.expected = expected(&s);
+        tally.unique = s.delivered;
+        let sent: u64 = s.sent.iter().sum();
+        let rejected: u64 = s.rejected.iter().sum();
+        let per_second = |v: u64| {
+            if window > 0.0 {
+                round3(v as f64 / window)
+            } else {
+                0.0
+            }
+        };
+        let report = RunReport {
+            kind: "run",
+            label: cfg.label.clone(),
+            scenario: cfg.scenario.clone(),
+            users: cfg.users,
+            instances: cfg.urls.len(),
+            room_kind: cfg.rooms,
+            room_size: match cfg.rooms {
+                RoomKind::None => 0,
+                RoomKind::Direct => 2,
+                RoomKind::Group => cfg.group_size,
+            },
+            rooms: rooms.len(),
+            connected,
+            joined,
+            connect_handshake: handshake,
+            connect_ready: ready,
+            connect_errors: connect_errors.clone(),
+            connect_seconds: round3(connect_seconds),
+            rate_target: rate,
+            duration_s: round3(window),
+            sent,
+            not_sent: s.not_sent,
+            rejected,
+            accepted: sent.saturating_sub(rejected),
+            send_rate: per_second(sent),
+            accepted_rate: per_second(sent.saturating_sub(rejected)),
+            delivered_per_s: per_second(s.delivered),
+            lost: tally.lost(),
+            tally,
+            latency: s.all.summary(),
+            latency_peer: s.peer.summary(),
+            latency_ack: s.ack.summary(),
+            generator_lag: s.lag.summary(),
+            errors: s.errors.clone(),
+            other_events: s.other_events.clone(),
+            unexpected_closes: s.unexpected_closes,
+            processes: watched.iter().map(Watched::report).collect(),
+            rss_per_connection_bytes,
+            generator_cpu_percent: me
+                .cpu_percent_between("send_start", "send_end")
+                .map(|p| (p * 10.0).round() / 10.0),
+            counters: counter_deltas(&before, &after),
+        };
+        drop(s);
+        emit(&report);
+        let failed = stop.is_some_and(|f| f(&report));
+        reports.push(report);
+        if failed {
+            break;
+        }
+    }
+
+    // Close.
+    shared.borrow_mut().closing = true;
+    for conn in conns.iter().flatten() {
+        let _ = conn.tx.try_send(Command::Close);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    Ok(reports)
+}
+
+/// Opens every connection at the configured rate; returns them (by user),
+/// the handshake and ready-time summaries, and the failures by cause.
+async fn connect_all(
+    cfg: &RunConfig,
+    tokens: &[String],
+    shared: &SharedRef,
+) -> (Vec<Option<Conn>>, Summary, Summary, BTreeMap<String, u64>) {
+    let handshake = Rc::new(RefCell::new(Latency::default()));
+    let ready = Rc::new(RefCell::new(Latency::default()));
+    let mut pending = Vec::with_capacity(tokens.len());
+    let started = Instant::now();
+    let gap = if cfg.connect_rate > 0.0 {
+        Duration::from_secs_f64(1.0 / cfg.connect_rate)
+    } else {
+        Duration::ZERO
+    };
+    for (user, token) in tokens.iter().enumerate() {
+        let due = started + gap.mul_f64(user as f64);
+        tokio::time::sleep_until(due.into()).await;
+        let instance = user % cfg.urls.len();
+        let url = ws_url(&cfg.urls[instance], &cfg.ws_path, token);
+        let (shared, handshake, ready) = (shared.clone(), handshake.clone(), ready.clone());
+        let content_rooms_ok = cfg.rooms != RoomKind::None;
+        pending.push(spawn_local(async move {
+            let t0 = Instant::now();
+            let config = WebSocketConfig::default()
+                .read_buffer_size(8 * 1024)
+                .write_buffer_size(0)
+                .max_write_buffer_size(1 << 20);
+            let (mut ws, _) =
+                match tokio_tungstenite::connect_async_with_config(url, Some(config), true).await {
+                    Ok(ok) => ok,
+                    Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+                        return Err(format!("http_{}", response.status().as_u16()));
+                    }
+                    Err(e) => return Err(error_kind(&e).to_owned()),
+                };
+            handshake
+                .borrow_mut()
+                .record(t0.elapsed().as_micros() as u64);
+            // Wait for `connected` (a relay post for us, a direct reply for
+            // the original): the connection is usable from then on.
+            let deadline = tokio::time::sleep(Duration::from_secs(15));
+            tokio::pin!(deadline);
+            loop {
+                tokio::select! {
+                    () = &mut deadline => return Err("no_connected_event".to_owned()),
+                    frame = ws.next() => match frame {
+                        Some(Ok(Message::Text(text))) => {
+                            if text.as_str().contains("\"connected\"") {
+                                break;
+                            }
+                        }
+                        Some(Ok(_)) => {}
+                        Some(Err(e)) => return Err(error_kind(&e).to_owned()),
+                        None => return Err("closed_before_connected".to_owned()),
+                    }
+                }
+            }
+            ready.borrow_mut().record(t0.elapsed().as_micros() as u64);
+            let (tx, rx) = mpsc::channel(256);
+            let _ = content_rooms_ok;
+            spawn_local(connection_task(user, ws, rx, shared));
+            Ok(Conn { tx, instance })
+        }));
+    }
+    let mut conns = Vec::with_capacity(tokens.len());
+    let mut errors: BTreeMap<String, u64> = BTreeMap::new();
+    for task in pending {
+        match task.await {
+            Ok(Ok(conn)) => conns.push(Some(conn)),
+            Ok(Err(cause)) => {
+                *errors.entry(cause).or_default() += 1;
+                conns.push(None);
+            }
+            Err(_) => {
+                *errors.entry("panic".into()).or_default() += 1;
+                conns.push(None);
+            }
+        }
+    }
+    let (h, r) = (handshake.borrow().summary(), ready.borrow().summary());
+    (conns, h, r, errors)
+}
+
+fn error_kind(e: &tokio_tungstenite::tungstenite::Error) -> &'static str {
+    use tokio_tungstenite::tungstenite::Error as E;
+    match e {
+        E::ConnectionClosed | E::AlreadyClosed => "closed",
+        E::Io(io) => match io.kind() {
+            std::io::ErrorKind::ConnectionRefused => "refused",
+            std::io::ErrorKind::ConnectionReset => "reset",
+            std::io::ErrorKind::AddrNotAvailable => "no_local_port",
+            std::io::ErrorKind::TimedOut => "timeout",
+            _ => "io",
+        },
+        E::Protocol(_) => "protocol",
+        E::Capacity(_) => "capacity",
+        _ => "other",
+    }
+}
+
+/// One connection: writes what it is told, reads and accounts for every
+/// event.
+async fn connection_task(
+    user: usize,
+    mut ws: tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >,
+    mut rx: mpsc::Receiver<Command>,
+    shared: SharedRef,
+) {
+    let mut streams: BTreeMap<usize, Stream> = BTreeMap::new();
+    let mut order = SequenceCheck::default();
+    let mut join_reply: Option<oneshot::Sender<Result<(), String>>> = None;
+    loop {
+        tokio::select! {
+            command = rx.recv() => match command {
+                Some(Command::Send(text)) => {
+                    if ws.send(Message::Text(text.into())).await.is_err() {
+                        break;
+                    }
+                }
+                Some(Command::Join(frame, reply)) => {
+                    join_reply = Some(reply);
+                    if ws.send(Message::Text(frame.into())).await.is_err() {
+                        break;
+                    }
+                }
+                Some(Command::Close) | None => {
+                    let _ = tokio::time::timeout(Duration::from_secs(2), ws.close(None)).await;
+                    return;
+                }
+            },
+            frame = ws.next() => {
+                let text = match frame {
+                    Some(Ok(Message::Text(text))) => text,
+                    Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
+                    Some(Ok(_)) => continue,
+                };
+                let received = now_us();
+                let Ok(frame) = serde_json::from_str::<Frame<'_>>(text.as_str()) else {
+                    bump(&mut shared.borrow_mut().other_events, "unparsable");
+                    continue;
+                };
+                match frame.kind.as_ref() {
+                    "message" => {
+                        let stamp = frame.payload.content.as_deref().and_then(parse_stamp);
+                        let Some((t, sender, n)) = stamp else {
+                            bump(&mut shared.borrow_mut().other_events, "message_without_stamp");
+                            continue;
+                        };
+                        let delivery = streams.entry(sender).or_default().observe(n);
+                        let in_sequence = frame.payload.sequence_id.is_none_or(|q| order.observe(q));
+                        let mut s = shared.borrow_mut();
+                        match delivery {
+                            Delivery::Duplicate => s.tally.duplicates += 1,
+                            Delivery::OutOfOrder => {
+                                s.tally.out_of_order += 1;
+                                s.delivered += 1;
+                            }
+                            Delivery::InOrder => s.delivered += 1,
+                        }
+                        if !in_sequence && delivery != Delivery::Duplicate {
+                            s.tally.sequence_violations += 1;
+                        }
+                        if t >= s.measure_from_us && s.measure_from_us > 0 {
+                            let us = received.saturating_sub(t);
+                            s.all.record(us);
+                            s.window.record(us);
+                            if sender == user {
+                                s.ack.record(us);
+                            } else {
+                                s.peer.record(us);
+                            }
+                        }
+                    }
+                    "roomJoined" => {
+                        if let Some(reply) = join_reply.take() {
+                            let _ = reply.send(Ok(()));
+                        }
+                    }
+                    "error" => {
+                        let code = frame.payload.code.as_deref().unwrap_or("?").to_owned();
+                        let request = frame.payload.request_type.as_deref().unwrap_or("");
+                        if request == "joinRoom" {
+                            if let Some(reply) = join_reply.take() {
+                                let _ = reply.send(Err(code.clone()));
+                            }
+                        }
+                        let mut s = shared.borrow_mut();
+                        if request == "sendMessage" {
+                            s.rejected[user] += 1;
+                        }
+                        bump(&mut s.errors, &code);
+                    }
+                    other => bump(&mut shared.borrow_mut().other_events, other),
+                }
+            }
+        }
+    }
+    let mut s = shared.borrow_mut();
+    if !s.closing {
+        s.unexpected_closes += 1;
+    }
+}
+
+fn bump(map: &mut BTreeMap<String, u64>, key: &str) {
+    match map.get_mut(key) {
+        Some(v) => *v += 1,
+        None => {
+            map.insert(key.to_owned(), 1);
+        }
+    }
+}
+
+/// A room: its id and its members (user indexes).
+struct Room {
+    id: String,
+    members: Vec<usize>,
+}
+
+/// Creates the rooms over REST, from each room's first member, on that
+/// member's instance.
+async fn build_rooms(
+    cfg: &RunConfig,
+    user_ids: &[String],
+    tokens: &[String],
+    conns: &[Option<Conn>],
+) -> anyhow::Result<Vec<Room>> {
+    let size = match cfg.rooms {
+        RoomKind::None => return Ok(Vec::new()),
+        RoomKind::Direct => 2,
+        RoomKind::Group => cfg.group_size.max(2),
+    };
+    let plans: Vec<Vec<usize>> = (0..cfg.users / size)
+        .map(|r| (r * size..(r + 1) * size).collect::<Vec<_>>())
+        // Only rooms whose members all connected (and so are known users).
+        .filter(|m: &Vec<usize>| m.iter().all(|u| conns[*u].is_some()))
+        .collect();
+    let plans = Rc::new(plans);
+    let results: Rc<RefCell<Vec<Option<String>>>> = Rc::new(RefCell::new(vec![None; plans.len()]));
+    let next = Rc::new(std::cell::Cell::new(0usize));
+    let mut workers = Vec::new();
+    for _ in 0..cfg.setup_concurrency.max(1) {
+        let (plans, results, next) = (plans.clone(), results.clone(), next.clone());
+        let urls = cfg.urls.clone();
+        let user_ids = user_ids.to_vec();
+        let tokens = tokens.to_vec();
+        let kind = cfg.rooms;
+        let run_id = cfg.run_id.clone();
+        workers.push(spawn_local(async move {
+            let mut clients: Vec<Rest> = urls.iter().map(|u| Rest::new(u)).collect::<anyhow::Result<_>>()?;
+            loop {
+                let i = next.get();
+                if i >= plans.len() {
+                    return anyhow::Ok(());
+                }
+                next.set(i + 1);
+                let members = &plans[i];
+                let creator = members[0];
+                let client = &mut clients[creator % urls.len()];
+                let token = Some(tokens[creator].as_str());
+                let room = match kind {
+                    RoomKind::Direct => {
+                        let body = json!({"targetUserId": user_ids[members[1]]});
+                        client.json(Method::POST, "/api/v1/chat/direct", token, Some(&body)).await?
+                    }
+                    _ => {
+                        let others: Vec<&str> = members[1..].iter().map(|u| user_ids[*u].as_str()).collect();
+                        let body = json!({"type": "GROUP", "name": format!("{run_id}-g{i}"), "memberIds": others});
+                        client.json(Method::POST, "/api/v1/chat/rooms", token, Some(&body)).await?
+                    }
+                };
+                let id = room["room"]["id"].as_str().context("no room.id in the answer")?.to_owned();
+                results.borrow_mut()[i] = Some(id);
+            }
+        }));
+    }
+    for w in workers {
+        w.await.context("a set-up worker panicked")??;
+    }
+    let ids = results.borrow();
+    Ok(plans
+        .iter()
+        .zip(ids.iter())
+        .filter_map(|(members, id)| {
+            Some(Room {
+                id: id.clone()?,
+                members: members.clone(),
+            })
+        })
+        .collect())
+}
+
+/// Every member joins its room over its WebSocket; returns (user, room, ok).
+async fn join_all(
+    cfg: &RunConfig,
+    rooms: &[Room],
+    conns: &[Option<Conn>],
+) -> Vec<(usize, usize, bool)> {
+    let limit = Rc::new(tokio::sync::Semaphore::new(
+        cfg.setup_concurrency.max(1) * 8,
+    ));
+    let mut tasks = Vec::new();
+    for (r, room) in rooms.iter().enumerate() {
+        for &user in &room.members {
+            let Some(conn) = &conns[user] else { continue };
+            let tx = conn.tx.clone();
+            let frame = json!({"type": "joinRoom", "payload": {"roomId": room.id}}).to_string();
+            let limit = limit.clone();
+            tasks.push(spawn_local(async move {
+                let _permit = limit.acquire().await;
+                let (reply, answer) = oneshot::channel();
+                if tx.send(Command::Join(frame, reply)).await.is_err() {
+                    return (user, r, false);
+                }
+                let ok = matches!(
+                    tokio::time::timeout(Duration::from_secs(30), answer).await,
+                    Ok(Ok(Ok(())))
+                );
+                (user, r, ok)
+            }));
+        }
+    }
+    let mut out = Vec::with_capacity(tasks.len());
+    for t in tasks {
+        if let Ok(v) = t.await {
+            out.push(v);
+        }
+    }
+    out
+}
+
+/// The open-loop sender; returns the length of the sending window in
+/// seconds.
+#[allow(clippy::too_many_arguments)]
+async fn send_phase(
+    cfg: &RunConfig,
+    rate: f64,
+    shared: &SharedRef,
+    conns: &[Option<Conn>],
+    rooms: &[Room],
+    joined_users: &[(usize, usize)],
+    watched: &mut [Watched],
+    me: &mut Watched,
+) -> f64 {
+    let mut order: Vec<(usize, usize)> = joined_users.to_vec();
+    shuffle(&mut order, 0x9E37_79B9_7F4A_7C15);
+    let frames_prefix: Vec<String> = rooms
+        .iter()
+        .map(|r| {
+            format!(
+                r#"{{"type":"sendMessage","payload":{{"roomId":"{}","content":""#,
+                r.id
+            )
+        })
+        .collect();
+    let mut counters = vec![0u64; cfg.users];
+    for w in watched.iter_mut().chain(std::iter::once(&mut *me)) {
+        w.mark("send_start");
+    }
+    let start = Instant::now();
+    let start_us = now_us();
+    shared.borrow_mut().measure_from_us = start_us + cfg.warmup.as_micros() as u64;
+    let total = (rate * cfg.duration.as_secs_f64()).round() as u64;
+    let mut k: u64 = 0;
+    let mut tick = tokio::time::interval(Duration::from_millis(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut next_report = start + Duration::from_secs(1);
+    let mut last_delivered = 0u64;
+    let mut last_sent = 0u64;
+    let mut sample_at = start + Duration::from_millis(500);
+    while k < total {
+        tick.tick().await;
+        let now = Instant::now();
+        // Message k is due at k / rate seconds.
+        let due = ((now - start).as_secs_f64() * rate) as u64 + 1;
+        let due = due.min(total);
+        while k < due {
+            let intended_us = start_us + (k as f64 * 1e6 / rate) as u64;
+            let (user, room) = order[(k as usize) % order.len()];
+            k += 1;
+            let Some(conn) = &conns[user] else { continue };
+            let t = now_us();
+            let n = counters[user];
+            let mut frame = frames_prefix[room].clone();
+            frame.push_str(&stamp(t, user, n, cfg.content_bytes));
+            frame.push_str("\"}}");
+            let mut s = shared.borrow_mut();
+            match conn.tx.try_send(Command::Send(frame)) {
+                Ok(()) => {
+                    counters[user] += 1;
+                    s.sent[user] += 1;
+                    s.lag.record(t.saturating_sub(intended_us));
+                }
+                Err(_) => s.not_sent += 1,
+            }
+        }
+        if now >= sample_at {
+            for w in watched.iter_mut() {
+                w.sample();
+            }
+            sample_at = now + Duration::from_millis(500);
+        }
+        if cfg.progress && now >= next_report {
+            let mut s = shared.borrow_mut();
+            let sent: u64 = s.sent.iter().sum();
+            let summary = s.window.summary();
+            s.window.reset();
+            let rss: Vec<String> = watched
+                .iter()
+                .filter_map(|w| {
+                    w.last
+                        .map(|r| format!("{}={:.0}M", w.label, r.rss_bytes as f64 / 1048576.0))
+                })
+                .collect();
+            eprintln!(
+                "[{} {} t={:>3.0}s] sent {:>6}/s delivered {:>6}/s p50 {:>7.2} ms p99 {:>8.2} ms max {:>8.1} ms errors {} {}",
+                cfg.label,
+                cfg.scenario,
+                (now - start).as_secs_f64(),
+                sent - last_sent,
+                s.delivered - last_delivered,
+                summary.p50_ms,
+                summary.p99_ms,
+                summary.max_ms,
+                s.errors.values().sum::<u64>(),
+                rss.join(" ")
+            );
+            last_sent = sent;
+            last_delivered = s.delivered;
+            next_report += Duration::from_secs(1);
+        }
+    }
+    let window = start.elapsed().as_secs_f64();
+    for w in watched.iter_mut().chain(std::iter::once(&mut *me)) {
+        w.mark("send_end");
+    }
+    window
+}
+
+/// Reads every `/metrics` URL and sums the series over them.
+async fn scrape(urls: &[String]) -> BTreeMap<String, f64> {
+    let mut sums = BTreeMap::new();
+    for url in urls {
+        let Some((base, path)) = url
+            .strip_prefix("http://")
+            .and_then(|rest| rest.split_once('/'))
+            .map(|(host, path)| (format!("http://{host}"), format!("/{path}")))
+        else {
+            continue;
+        };
+        let Ok(mut client) = Rest::new(&base) else {
+            continue;
+        };
+        if let Ok((status, body)) = client.call(Method::GET, &path, None, None).await {
+            if status.is_success() {
+                for (name, value) in parse_prometheus(&String::from_utf8_lossy(&body)) {
+                    *sums.entry(name).or_insert(0.0) += value;
+                }
+            }
+        }
+    }
+    sums
+}
+
+/// The increase of each counter, plus per-`sendMessage` ratios of the
+/// round-trip counters.
+pub fn counter_deltas(
+    before: &BTreeMap<String, f64>,
+    after: &BTreeMap<String, f64>,
+) -> BTreeMap<String, f64> {
+    let mut out: BTreeMap<String, f64> = after
+        .iter()
+        .filter(|(name, _)| name.ends_with("_total") || name.contains("_total{"))
+        .map(|(name, v)| (name.clone(), v - before.get(name).copied().unwrap_or(0.0)))
+        .collect();
+    let sends = out
+        .get("chat_ws_requests_total{type=\"sendMessage\"}")
+        .copied()
+        .unwrap_or(0.0);
+    if sends > 0.0 {
+        for (series, name) in [
+            ("chat_pg_round_trips_total", "pg_round_trips_per_send"),
+            ("chat_redis_round_trips_total", "redis_round_trips_per_send"),
+            ("chat_redis_commands_total", "redis_commands_per_send"),
+        ] {
+            if let Some(v) = out.get(series).copied() {
+                out.insert(name.to_owned(), round3(v / sends));
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stamps_round_trip_and_are_padded() {
+        let s = stamp(1_700_000_000_123_456, 17, 42, 64);
+        assert_eq!(s.len(), 64);
+        assert_eq!(parse_stamp(&s), Some((1_700_000_000_123_456, 17, 42)));
+        let short = stamp(1, 2, 3, 0);
+        assert_eq!(parse_stamp(&short), Some((1, 2, 3)));
+        assert_eq!(parse_stamp("hello"), None);
+    }
+
+    #[test]
+    fn frames_parse_only_what_is_needed() {
+        let text = r#"{"type":"message","payload":{"id":"m1","roomId":"r","content":"5 1 0 xx","sequenceId":3,
+            "sender":{"id":"u"},"readBy":[],"metadata":{"content":"nested"}}}"#;
+        let f: Frame<'_> = serde_json::from_str(text).expect("parses");
+        assert_eq!(f.kind, "message");
+        assert_eq!(f.payload.content.as_deref(), Some("5 1 0 xx"));
+        assert_eq!(f.payload.sequence_id, Some(3));
+        let e: Frame<'_> = serde_json::from_str(
+            r#"{"type":"error","payload":{"code":"RATE_LIMITED","message":"busy","requestType":"sendMessage","clientMessageId":null}}"#,
+        )
+        .expect("parses");
+        assert_eq!(e.payload.code.as_deref(), Some("RATE_LIMITED"));
+        assert_eq!(e.payload.request_type.as_deref(), Some("sendMessage"));
+        let p: Frame<'_> = serde_json::from_str(r#"{"type":"pong"}"#).expect("parses");
+        assert!(p.payload.content.is_none());
+    }
+
+    #[test]
+    fn shuffles_are_permutations_and_repeatable() {
+        let mut a: Vec<u32> = (0..100).collect();
+        let mut b = a.clone();
+        shuffle(&mut a, 7);
+        shuffle(&mut b, 7);
+        assert_eq!(a, b);
+        assert_ne!(a, (0..100).collect::<Vec<_>>());
+        a.sort_unstable();
+        assert_eq!(a, (0..100).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn counter_deltas_give_round_trips_per_send() {
+        let before: BTreeMap<String, f64> = [
+            ("chat_pg_round_trips_total".to_owned(), 10.0),
+            (
+                "chat_ws_requests_total{type=\"sendMessage\"}".to_owned(),
+                5.0,
+            ),
+        ]
+        .into();
+        let after: BTreeMap<String, f64> = [
+            ("chat_pg_round_trips_total".to_owned(), 110.0),
+            ("chat_redis_round_trips_total".to_owned(), 200.0),
+            (
+                "chat_ws_requests_total{type=\"sendMessage\"}".to_owned(),
+                105.0,
+            ),
+            ("chat_gateway_connections_open".to_owned(), 3.0),
+        ]
+        .into();
+        let d = counter_deltas(&before, &after);
+        assert_eq!(d["pg_round_trips_per_send"], 1.0);
+        assert_eq!(d["redis_round_trips_per_send"], 2.0);
+        assert!(!d.contains_key("chat_gateway_connections_open"));
+    }
+}

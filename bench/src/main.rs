@@ -1,0 +1,448 @@
+//! `chat-bench`: the load generator and benchmark harness (see the library
+//! docs and `docs/BENCHMARKS.md`).
+//!
+//! - `run`: one load run (or a rate sweep) against a list of instances;
+//!   prints one JSON line per rate, and a progress line per second on
+//!   stderr.
+//! - `cold-start`: the four function binaries under a Lambda Runtime API
+//!   emulator; one JSON line per function.
+//! - `process-start`: spawn a server command and time it to its first
+//!   answered health check.
+//! - `report`: the results table of a session's JSON lines.
+//!
+//! Everything runs on one thread: the generator shares the machine with
+//! the servers it measures.
+
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use chat_bench::lambda::{self, events};
+use chat_bench::load::{self, RoomKind, RunConfig, RunReport};
+use chat_bench::report;
+use clap::{Parser, Subcommand, ValueEnum};
+use secrecy::SecretString;
+use serde_json::json;
+
+#[derive(Parser)]
+#[command(
+    name = "chat-bench",
+    version,
+    about = "Load generator and benchmark harness"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Rooms {
+    None,
+    Direct,
+    Group,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// One load run, or a rate sweep with several --rate values.
+    Run(Box<RunArgs>),
+    /// Cold starts of the four function binaries.
+    ColdStart {
+        /// Directory with the release binaries rest, ws-connect, ws-message, ws-disconnect.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Cold starts per function.
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        /// HS256 secret for the tokens in the events.
+        #[arg(long, env = "JWT_SECRET", hide_env_values = true)]
+        secret: String,
+        /// Label in the JSON lines.
+        #[arg(long, default_value = "ours")]
+        label: String,
+    },
+    /// Spawns a server command and times it to its first 2xx on --url.
+    ProcessStart {
+        /// The URL polled every millisecond.
+        #[arg(long)]
+        url: String,
+        /// Label in the JSON line.
+        #[arg(long)]
+        label: String,
+        /// Times to start it.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// The command and its arguments.
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// Writes the results table of a session into a docs page.
+    Report {
+        /// JSON-lines files of the session.
+        #[arg(long, required = true)]
+        input: Vec<PathBuf>,
+        /// The page; the table goes between its result markers.
+        #[arg(long)]
+        output: PathBuf,
+        /// A Markdown fragment put above the table (machine, date, commit).
+        #[arg(long)]
+        preamble: Option<PathBuf>,
+    },
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// System under test, copied to the report (`ours`, `baseline`).
+    #[arg(long, default_value = "ours")]
+    label: String,
+    /// Scenario name, copied to the report.
+    #[arg(long, default_value = "adhoc")]
+    scenario: String,
+    /// Base URL of an instance (`http://127.0.0.1:3000`); repeat, or comma-separate.
+    #[arg(long = "url", required = true, value_delimiter = ',')]
+    urls: Vec<String>,
+    /// WebSocket path.
+    #[arg(long, default_value = "/ws")]
+    ws_path: String,
+    /// HS256 secret to mint tokens.
+    #[arg(long, env = "JWT_SECRET", hide_env_values = true)]
+    secret: String,
+    /// Users (one connection each).
+    #[arg(long, default_value_t = 2000)]
+    users: usize,
+    /// New connections per second.
+    #[arg(long, default_value_t = 1000.0)]
+    connect_rate: f64,
+    /// Room layout.
+    #[arg(long, value_enum, default_value = "direct")]
+    rooms: Rooms,
+    /// Members per GROUP room.
+    #[arg(long, default_value_t = 100)]
+    group_size: usize,
+    /// Messages per second, all senders together; several values make a sweep.
+    #[arg(long = "rate", value_delimiter = ',')]
+    rates: Vec<f64>,
+    /// A sweep stops after the first rate whose p99 exceeds this (ms), or
+    /// that loses messages or cannot be sustained.
+    #[arg(long)]
+    stop_p99_ms: Option<f64>,
+    /// Sending time per rate, seconds.
+    #[arg(long, default_value_t = 60.0)]
+    duration: f64,
+    /// Leading seconds of each rate kept out of the histograms.
+    #[arg(long, default_value_t = 3.0)]
+    warmup: f64,
+    /// Longest wait for outstanding deliveries, seconds.
+    #[arg(long, default_value_t = 10.0)]
+    drain: f64,
+    /// Without sending: seconds the connections stay idle before memory is read.
+    #[arg(long, default_value_t = 5.0)]
+    idle_hold: f64,
+    /// Pid of the process behind each --url, same order (RSS per connection).
+    #[arg(long = "gateway-pid", value_delimiter = ',')]
+    gateway_pids: Vec<u32>,
+    /// Another process to watch: LABEL=PID.
+    #[arg(long = "pid")]
+    pids: Vec<String>,
+    /// A `/metrics` URL read before and after sending (repeatable).
+    #[arg(long = "metrics-url")]
+    metrics_urls: Vec<String>,
+    /// Message content size in bytes.
+    #[arg(long, default_value_t = 64)]
+    content_bytes: usize,
+    /// Prefix of the user ids (default: from the clock, so every run is fresh).
+    #[arg(long)]
+    run_id: Option<String>,
+    /// REST calls in flight during set-up.
+    #[arg(long, default_value_t = 16)]
+    setup_concurrency: usize,
+    /// No progress lines.
+    #[arg(long)]
+    quiet: bool,
+    /// Also append the JSON lines to this file.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Extra `key=value` fields copied into every JSON line (session, run).
+    #[arg(long = "tag")]
+    tags: Vec<String>,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("building the runtime")?;
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&runtime, async move {
+        match cli.command {
+            Command::Run(args) => run(*args).await,
+            Command::ColdStart {
+                dir,
+                runs,
+                secret,
+                label,
+            } => cold_start(dir, runs, secret, label).await,
+            Command::ProcessStart {
+                url,
+                label,
+                runs,
+                command,
+            } => process_start(url, label, runs, command).await,
+            Command::Report {
+                input,
+                output,
+                preamble,
+            } => write_report(input, output, preamble),
+        }
+    })
+}
+
+/// Prints a JSON line (and appends it to `out`), with the tags merged in.
+fn emit(value: &serde_json::Value, tags: &[(String, String)], out: Option<&PathBuf>) {
+    let mut value = value.clone();
+    if let Some(map) = value.as_object_mut() {
+        for (k, v) in tags {
+            let v = match (v.parse::<i64>(), v.parse::<f64>()) {
+                (Ok(n), _) => json!(n),
+                (_, Ok(x)) => json!(x),
+                _ => json!(v),
+            };
+            map.insert(k.clone(), v);
+        }
+    }
+    let line = value.to_string();
+    println!("{line}");
+    if let Some(path) = out {
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+        {
+            let _ = writeln!(f, "{line}");
+        }
+    }
+}
+
+fn parse_tags(tags: &[String]) -> anyhow::Result<Vec<(String, String)>> {
+    tags.iter()
+        .map(|t| {
+            t.split_once('=')
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .with_context(|| format!("--tag {t}: expected key=value"))
+        })
+        .collect()
+}
+
+/// Whether a sweep step held: p99 within the limit, nothing lost, the rate
+/// really sent and accepted.
+fn held(r: &RunReport, p99_limit: f64) -> bool {
+    r.latency.p99_ms <= p99_limit
+        && r.lost == 0
+        && r.send_rate >= 0.95 * r.rate_target
+        && r.accepted_rate >= 0.95 * r.rate_target
+}
+
+async fn run(a: RunArgs) -> anyhow::Result<()> {
+    let tags = parse_tags(&a.tags)?;
+    let pids = a
+        .pids
+        .iter()
+        .map(|p| {
+            let (label, pid) = p.split_once('=').context("--pid LABEL=PID")?;
+            Ok((
+                label.to_owned(),
+                pid.parse().context("--pid: not a number")?,
+            ))
+        })
+        .collect::<anyhow::Result<Vec<(String, u32)>>>()?;
+    let run_id = a
+        .run_id
+        .clone()
+        .unwrap_or_else(|| format!("b{}", load::now_us() / 1000 % 100_000_000));
+    let cfg = RunConfig {
+        label: a.label.clone(),
+        scenario: a.scenario.clone(),
+        urls: a.urls.clone(),
+        ws_path: a.ws_path.clone(),
+        secret: SecretString::from(a.secret.clone()),
+        users: a.users,
+        connect_rate: a.connect_rate,
+        rooms: match a.rooms {
+            Rooms::None => RoomKind::None,
+            Rooms::Direct => RoomKind::Direct,
+            Rooms::Group => RoomKind::Group,
+        },
+        group_size: a.group_size,
+        duration: Duration::from_secs_f64(a.duration),
+        warmup: Duration::from_secs_f64(a.warmup),
+        drain: Duration::from_secs_f64(a.drain),
+        idle_hold: Duration::from_secs_f64(a.idle_hold),
+        gateway_pids: a.gateway_pids.clone(),
+        pids,
+        metrics_urls: a.metrics_urls.clone(),
+        content_bytes: a.content_bytes,
+        run_id,
+        setup_concurrency: a.setup_concurrency,
+        progress: !a.quiet,
+    };
+    let limit = a.stop_p99_ms;
+    let stop = move |r: &RunReport| limit.is_some_and(|l| !held(r, l));
+    let out = a.out.clone();
+    let reports = load::run(
+        cfg,
+        &a.rates,
+        if limit.is_some() { Some(&stop) } else { None },
+        |r| {
+            emit(
+                &serde_json::to_value(r).unwrap_or_default(),
+                &tags,
+                out.as_ref(),
+            )
+        },
+    )
+    .await?;
+    if let Some(limit) = limit {
+        let highest = reports
+            .iter()
+            .filter(|r| held(r, limit))
+            .map(|r| r.rate_target)
+            .fold(0.0, f64::max);
+        let steps: Vec<_> = reports
+            .iter()
+            .map(|r| json!({"rate": r.rate_target, "p50_ms": r.latency.p50_ms, "p99_ms": r.latency.p99_ms,
+                            "lost": r.lost, "send_rate": r.send_rate, "accepted_rate": r.accepted_rate,
+                            "held": held(r, limit)}))
+            .collect();
+        emit(
+            &json!({"kind": "sweep", "label": a.label, "scenario": a.scenario, "p99_limit_ms": limit,
+                    "highest_held": highest, "steps": steps}),
+            &tags,
+            a.out.as_ref(),
+        );
+    }
+    Ok(())
+}
+
+async fn cold_start(
+    dir: PathBuf,
+    runs: usize,
+    secret: String,
+    label: String,
+) -> anyhow::Result<()> {
+    let secret = SecretString::from(secret);
+    let stamp = load::now_us();
+    let ids: Vec<String> = (0..runs).map(|i| format!("coldstart{stamp}x{i}")).collect();
+    let token = |user: &str| {
+        chat_shared::auth::mint_hs256(&secret, &chat_shared::auth::DevClaims::new(user, 3600))
+            .map_err(|e| anyhow::anyhow!("{e}"))
+    };
+    let domain = "127.0.0.1:9";
+    let connects = ids
+        .iter()
+        .map(|id| Ok(events::connect(id, &token(&format!("cold-{id}"))?, domain)))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let pings = ids.iter().map(|id| events::ping(id, domain)).collect();
+    let disconnects = ids
+        .iter()
+        .map(|id| events::disconnect(id, domain))
+        .collect();
+    let rests = ids
+        .iter()
+        .map(|id| {
+            Ok(events::http_get(
+                "/api/v1/chat/rooms",
+                &token(&format!("cold-{id}"))?,
+            ))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    // Connect first: the ping and disconnect events need registered connections.
+    for (function, events) in [
+        ("ws-connect", connects),
+        ("ws-message", pings),
+        ("ws-disconnect", disconnects),
+        ("rest", rests),
+    ] {
+        let report = lambda::measure(&dir.join(function), function, events).await?;
+        let mut value = serde_json::to_value(&report)?;
+        value["label"] = json!(label);
+        emit(&value, &[], None);
+    }
+    Ok(())
+}
+
+async fn process_start(
+    url: String,
+    label: String,
+    runs: usize,
+    command: Vec<String>,
+) -> anyhow::Result<()> {
+    let (program, args) = command.split_first().context("a command is needed")?;
+    let base = url
+        .strip_prefix("http://")
+        .and_then(|r| r.split_once('/'))
+        .map(|(h, p)| (format!("http://{h}"), format!("/{p}")))
+        .context("--url must be http://host:port/path")?;
+    for _ in 0..runs {
+        let started = Instant::now();
+        let mut child = tokio::process::Command::new(program)
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting {program}"))?;
+        let mut answered = None;
+        while started.elapsed() < Duration::from_secs(30) {
+            if let Ok(mut client) = chat_bench::rest::Rest::new(&base.0) {
+                if let Ok((status, _)) = client.call(http::Method::GET, &base.1, None, None).await {
+                    if status.is_success() {
+                        answered = Some(started.elapsed());
+                        break;
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        // SIGTERM-like stop is not needed: nothing is connected yet.
+        let _ = child.kill().await;
+        let _ = child.wait().await;
+        let Some(took) = answered else {
+            bail!("{label}: {url} never answered 2xx");
+        };
+        emit(
+            &json!({"kind": "process_start", "label": label, "ms": took.as_secs_f64() * 1000.0}),
+            &[],
+            None,
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    Ok(())
+}
+
+fn write_report(
+    input: Vec<PathBuf>,
+    output: PathBuf,
+    preamble: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    let mut all = Vec::new();
+    for path in &input {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        all.extend(report::parse_lines(&text));
+    }
+    let mut generated = String::new();
+    if let Some(p) = preamble {
+        generated.push_str(
+            &std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?,
+        );
+        generated.push('\n');
+    }
+    generated.push_str(&report::table(&report::rows(&all)));
+    let page = std::fs::read_to_string(&output).unwrap_or_default();
+    std::fs::write(&output, report::splice(&page, &generated))
+        .with_context(|| format!("writing {}", output.display()))?;
+    eprintln!("wrote {}", output.display());
+    Ok(())
+}

@@ -1,0 +1,716 @@
+//! The results table: medians of the JSON lines of a benchmark session,
+//! side by side for the two systems, with the ratios and the targets.
+//!
+//! Input: the JSON lines `chat-bench` printed (`run`, `sweep`,
+//! `cold_start`, `process_start`) plus `pgbench` lines the script writes.
+//! Output: a Markdown table, put between the markers
+//! `<!-- results:begin -->` and `<!-- results:end -->` of the docs page so
+//! the hand-written analysis around it survives a new session.
+//!
+//! The targets live here, next to how they are evaluated (never in a timed
+//! unit test): see [`rows`].
+
+use std::fmt::Write as _;
+
+use serde_json::Value;
+
+use crate::summary::median;
+
+/// The label of this project's stack in the JSON lines.
+pub const OURS: &str = "ours";
+/// The label of the Node.js original.
+pub const BASELINE: &str = "baseline";
+
+const BEGIN: &str = "<!-- results:begin -->";
+const END: &str = "<!-- results:end -->";
+
+/// Which way a metric is better.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Better {
+    /// Smaller is better (latency, memory, loss).
+    Lower,
+    /// Larger is better (throughput).
+    Higher,
+}
+
+/// A target on our value.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Target {
+    /// At most this.
+    AtMost(f64),
+    /// At least this.
+    AtLeast(f64),
+    /// At least this many times the baseline.
+    TimesBaseline(f64),
+}
+
+/// One row of the table.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Row {
+    /// Scenario column.
+    pub scenario: String,
+    /// Metric column.
+    pub metric: String,
+    /// Our median (None: not measured).
+    pub ours: Option<f64>,
+    /// The baseline's median (None: not measured or not applicable).
+    pub baseline: Option<f64>,
+    /// Which way is better.
+    pub better: Better,
+    /// The target, if any.
+    pub target: Option<Target>,
+    /// How many runs the medians are of (ours, baseline).
+    pub runs: (usize, usize),
+}
+
+impl Row {
+    /// `baseline / ours` for lower-is-better, `ours / baseline` otherwise.
+    pub fn ratio(&self) -> Option<f64> {
+        let (o, b) = (self.ours?, self.baseline?);
+        match self.better {
+            Better::Lower if o > 0.0 => Some(b / o),
+            Better::Higher if b > 0.0 => Some(o / b),
+            _ => None,
+        }
+    }
+
+    /// Whether the target holds; None without a target or a value.
+    pub fn met(&self) -> Option<bool> {
+        let ours = self.ours?;
+        Some(match self.target? {
+            Target::AtMost(v) => ours <= v,
+            Target::AtLeast(v) => ours >= v,
+            Target::TimesBaseline(k) => ours >= k * self.baseline?,
+        })
+    }
+}
+
+fn get(v: &Value, pointer: &str) -> Option<f64> {
+    let x = v.pointer(pointer)?;
+    x.as_f64()
+        .or_else(|| x.as_bool().map(|b| if b { 1.0 } else { 0.0 }))
+}
+
+fn lines<'a>(all: &'a [Value], kind: &str, label: &str, scenario: &str) -> Vec<&'a Value> {
+    all.iter()
+        .filter(|v| {
+            v["kind"] == kind
+                && v["label"] == label
+                && (scenario.is_empty() || v["scenario"] == scenario)
+        })
+        .collect()
+}
+
+fn med(values: &[&Value], f: &dyn Fn(&Value) -> Option<f64>) -> (Option<f64>, usize) {
+    let xs: Vec<f64> = values.iter().filter_map(|v| f(v)).collect();
+    (median(&xs), xs.len())
+}
+
+/// Sum of a per-process field over the processes of a run.
+fn process_sum(v: &Value, field: &str) -> Option<f64> {
+    let procs = v["processes"].as_array()?;
+    let xs: Vec<f64> = procs.iter().filter_map(|p| p[field].as_f64()).collect();
+    (!xs.is_empty()).then(|| xs.iter().sum())
+}
+
+struct Builder<'a> {
+    all: &'a [Value],
+    rows: Vec<Row>,
+}
+
+impl Builder<'_> {
+    #[allow(clippy::too_many_arguments)]
+    fn row(
+        &mut self,
+        kind: &str,
+        scenario: &str,
+        title: &str,
+        metric: &str,
+        f: &dyn Fn(&Value) -> Option<f64>,
+        better: Better,
+        target: Option<Target>,
+    ) {
+        let (ours, n_ours) = med(&lines(self.all, kind, OURS, scenario), f);
+        let (baseline, n_base) = med(&lines(self.all, kind, BASELINE, scenario), f);
+        self.rows.push(Row {
+            scenario: title.to_owned(),
+            metric: metric.to_owned(),
+            ours,
+            baseline,
+            better,
+            target,
+            runs: (n_ours, n_base),
+        });
+    }
+}
+
+/// The rows of the table, from every JSON line of a session.
+pub fn rows(all: &[Value]) -> Vec<Row> {
+    use Better::{Higher, Lower};
+    let mut b = Builder {
+        all,
+        rows: Vec::new(),
+    };
+    let s1 = "S1 idle: 10,000 connections";
+    b.row(
+        "run",
+        "S1",
+        s1,
+        "connections up",
+        &|v| get(v, "/connected"),
+        Higher,
+        None,
+    );
+    b.row(
+        "run",
+        "S1",
+        s1,
+        "gateway RSS per idle connection (bytes)",
+        &|v| get(v, "/rss_per_connection_bytes"),
+        Lower,
+        Some(Target::AtMost(8192.0)),
+    );
+    b.row(
+        "run",
+        "S1",
+        s1,
+        "server RSS with every connection up (MiB, all processes)",
+        &|v| process_sum(v, "rss_connected_mib"),
+        Lower,
+        None,
+    );
+    b.row(
+        "run",
+        "S1",
+        s1,
+        "connect: handshake p99 (ms)",
+        &|v| get(v, "/connect_handshake/p99_ms"),
+        Lower,
+        None,
+    );
+
+    let s2 = "S2 direct: 2,000 users, 1,000 DIRECT rooms across 2 instances, 2,000 msg/s, 60 s";
+    b.row(
+        "run",
+        "S2",
+        s2,
+        "deliveries/s",
+        &|v| get(v, "/delivered_per_s"),
+        Higher,
+        None,
+    );
+    b.row(
+        "run",
+        "S2",
+        s2,
+        "lost deliveries",
+        &|v| get(v, "/lost"),
+        Lower,
+        Some(Target::AtMost(0.0)),
+    );
+    b.row(
+        "run",
+        "S2",
+        s2,
+        "duplicate deliveries",
+        &|v| get(v, "/tally/duplicates"),
+        Lower,
+        Some(Target::AtMost(0.0)),
+    );
+    b.row(
+        "run",
+        "S2",
+        s2,
+        "out-of-order deliveries",
+        &|v| get(v, "/tally/out_of_order"),
+        Lower,
+        Some(Target::AtMost(0.0)),
+    );
+    b.row(
+        "run",
+        "S2",
+        s2,
+        "latency p50 (ms)",
+        &|v| get(v, "/latency/p50_ms"),
+        Lower,
+        Some(Target::AtMost(5.0)),
+    );
+    b.row(
+        "run",
+        "S2",
+        s2,
+        "latency p99 (ms)",
+        &|v| get(v, "/latency/p99_ms"),
+        Lower,
+        Some(Target::AtMost(25.0)),
+    );
+    b.row(
+        "run",
+        "S2",
+        s2,
+        "latency p99.9 (ms)",
+        &|v| get(v, "/latency/p999_ms"),
+        Lower,
+        None,
+    );
+    b.row(
+        "run",
+        "S2",
+        s2,
+        "latency max (ms)",
+        &|v| get(v, "/latency/max_ms"),
+        Lower,
+        None,
+    );
+    b.row(
+        "run",
+        "S2",
+        s2,
+        "server CPU (% of one core, all processes)",
+        &|v| process_sum(v, "cpu_send_percent"),
+        Lower,
+        None,
+    );
+    b.row(
+        "run",
+        "S2",
+        s2,
+        "server peak RSS (MiB, all processes)",
+        &|v| process_sum(v, "rss_peak_mib"),
+        Lower,
+        None,
+    );
+    b.row(
+        "run",
+        "S2",
+        s2,
+        "PostgreSQL round trips per sendMessage",
+        &|v| get(v, "/counters/pg_round_trips_per_send"),
+        Lower,
+        Some(Target::AtMost(1.0)),
+    );
+    b.row(
+        "run",
+        "S2",
+        s2,
+        "Redis round trips per sendMessage",
+        &|v| get(v, "/counters/redis_round_trips_per_send"),
+        Lower,
+        Some(Target::AtMost(2.0)),
+    );
+
+    let s3 = "S3 fan-out: 1,000 users in GROUP rooms of 100, 100 msg/s (10,000 deliveries/s)";
+    b.row(
+        "run",
+        "S3",
+        s3,
+        "deliveries/s",
+        &|v| get(v, "/delivered_per_s"),
+        Higher,
+        None,
+    );
+    b.row(
+        "run",
+        "S3",
+        s3,
+        "lost deliveries",
+        &|v| get(v, "/lost"),
+        Lower,
+        Some(Target::AtMost(0.0)),
+    );
+    b.row(
+        "run",
+        "S3",
+        s3,
+        "duplicate + out-of-order deliveries",
+        &|v| Some(get(v, "/tally/duplicates")? + get(v, "/tally/out_of_order")?),
+        Lower,
+        None,
+    );
+    b.row(
+        "run",
+        "S3",
+        s3,
+        "latency p50 (ms)",
+        &|v| get(v, "/latency/p50_ms"),
+        Lower,
+        None,
+    );
+    b.row(
+        "run",
+        "S3",
+        s3,
+        "latency p99 (ms)",
+        &|v| get(v, "/latency/p99_ms"),
+        Lower,
+        Some(Target::AtMost(50.0)),
+    );
+    b.row(
+        "run",
+        "S3",
+        s3,
+        "server CPU (% of one core, all processes)",
+        &|v| process_sum(v, "cpu_send_percent"),
+        Lower,
+        None,
+    );
+
+    let s4 = "S4 saturation: DIRECT rate raised until p99 > 100 ms";
+    b.row(
+        "sweep",
+        "S4",
+        s4,
+        "highest rate held (msg/s)",
+        &|v| get(v, "/highest_held"),
+        Higher,
+        Some(Target::TimesBaseline(5.0)),
+    );
+    let ceiling: Vec<f64> = all
+        .iter()
+        .filter(|v| v["kind"] == "pgbench")
+        .filter_map(|v| get(v, "/tps"))
+        .collect();
+    // The ceiling of one session is its best pgbench client count; the
+    // table shows the median over sessions' runs of that best.
+    let ceiling = median(&best_per_session(all)).or_else(|| median(&ceiling));
+    let (held, n) = med(&lines(all, "sweep", OURS, "S4"), &|v| {
+        get(v, "/highest_held")
+    });
+    b.rows.push(Row {
+        scenario: s4.to_owned(),
+        metric: "highest rate held, % of the pgbench ceiling of the same session".to_owned(),
+        ours: held.zip(ceiling).map(|(h, c)| h / c * 100.0),
+        baseline: lines(all, "sweep", BASELINE, "S4").first().and_then(|_| {
+            let (h, _) = med(&lines(all, "sweep", BASELINE, "S4"), &|v| {
+                get(v, "/highest_held")
+            });
+            h.zip(ceiling).map(|(h, c)| h / c * 100.0)
+        }),
+        better: Higher,
+        target: Some(Target::AtLeast(70.0)),
+        runs: (n, lines(all, "sweep", BASELINE, "S4").len()),
+    });
+    b.rows.push(Row {
+        scenario: s4.to_owned(),
+        metric:
+            "pgbench ceiling: the same insert statement, prepared, best of 8/16/32 clients (tx/s)"
+                .to_owned(),
+        ours: ceiling,
+        baseline: None,
+        better: Higher,
+        target: None,
+        runs: (best_per_session(all).len(), 0),
+    });
+
+    let s5 = "S5 cold start (Lambda Runtime API emulator) and binary size";
+    for f in ["rest", "ws-connect", "ws-message", "ws-disconnect"] {
+        let pick = |field: &'static str| {
+            move |v: &Value| (v["function"] == f).then(|| get(v, field)).flatten()
+        };
+        b.row(
+            "cold_start",
+            "",
+            s5,
+            &format!("{f}: spawn to first event handled, median (ms)"),
+            &pick("/first_response/p50_ms"),
+            Lower,
+            Some(Target::AtMost(20.0)),
+        );
+        b.row(
+            "cold_start",
+            "",
+            s5,
+            &format!("{f}: spawn to ready for events, median (ms)"),
+            &pick("/init/p50_ms"),
+            Lower,
+            None,
+        );
+        b.row(
+            "cold_start",
+            "",
+            s5,
+            &format!("{f}: stripped binary (MB)"),
+            &|v: &Value| {
+                (v["function"] == f)
+                    .then(|| get(v, "/size_bytes").map(|b| b / 1e6))
+                    .flatten()
+            },
+            Lower,
+            Some(Target::AtMost(10.0)),
+        );
+    }
+    b.row(
+        "process_start",
+        "",
+        s5,
+        "whole server process: spawn to first /health answered (ms)",
+        &|v| get(v, "/ms"),
+        Lower,
+        None,
+    );
+
+    let ov = "Overload: DIRECT at 3× the S4 rate";
+    b.row(
+        "run",
+        "overload",
+        ov,
+        "offered rate (msg/s)",
+        &|v| get(v, "/send_rate"),
+        Higher,
+        None,
+    );
+    b.row(
+        "run",
+        "overload",
+        ov,
+        "accepted rate (msg/s)",
+        &|v| get(v, "/accepted_rate"),
+        Higher,
+        None,
+    );
+    b.row(
+        "run",
+        "overload",
+        ov,
+        "refused with RATE_LIMITED (% of sent)",
+        &|v| {
+            Some(get(v, "/errors/RATE_LIMITED").unwrap_or(0.0) / get(v, "/sent")?.max(1.0) * 100.0)
+        },
+        Higher,
+        None,
+    );
+    b.row(
+        "run",
+        "overload",
+        ov,
+        "accepted messages: latency p99 (ms)",
+        &|v| get(v, "/latency/p99_ms"),
+        Lower,
+        Some(Target::AtMost(200.0)),
+    );
+    b.row(
+        "run",
+        "overload",
+        ov,
+        "accepted messages lost",
+        &|v| get(v, "/lost"),
+        Lower,
+        Some(Target::AtMost(0.0)),
+    );
+    b.row(
+        "run",
+        "overload",
+        ov,
+        "server processes alive afterwards",
+        &|v| {
+            let procs = v["processes"].as_array()?;
+            Some(procs.iter().filter(|p| p["alive"] == true).count() as f64)
+        },
+        Higher,
+        None,
+    );
+    b.row(
+        "run",
+        "overload",
+        ov,
+        "server peak RSS (MiB, all processes)",
+        &|v| process_sum(v, "rss_peak_mib"),
+        Lower,
+        None,
+    );
+    b.rows
+}
+
+/// Each session's best pgbench result (sessions are told apart by the
+/// `session` field the script writes).
+fn best_per_session(all: &[Value]) -> Vec<f64> {
+    let mut best: std::collections::BTreeMap<String, f64> = std::collections::BTreeMap::new();
+    for v in all.iter().filter(|v| v["kind"] == "pgbench") {
+        let key = format!("{}/{}", v["session"], v["run"]);
+        if let Some(tps) = get(v, "/tps") {
+            let e = best.entry(key).or_insert(0.0);
+            *e = e.max(tps);
+        }
+    }
+    best.into_values().collect()
+}
+
+fn fmt(v: Option<f64>) -> String {
+    match v {
+        None => "–".to_owned(),
+        Some(x) if x == x.trunc() || x.abs() >= 100.0 => group_thousands(x.round() as i64),
+        Some(x) if x.abs() >= 10.0 => format!("{x:.1}"),
+        Some(x) => format!("{x:.2}"),
+    }
+}
+
+fn group_thousands(n: i64) -> String {
+    let digits = n.unsigned_abs().to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    if n < 0 { format!("-{out}") } else { out }
+}
+
+fn target_text(t: Option<Target>) -> String {
+    match t {
+        None => String::new(),
+        Some(Target::AtMost(v)) => format!("≤ {}", fmt(Some(v))),
+        Some(Target::AtLeast(v)) => format!("≥ {}", fmt(Some(v))),
+        Some(Target::TimesBaseline(k)) => format!("≥ {k}× baseline"),
+    }
+}
+
+/// The Markdown table of `rows`.
+pub fn table(rows: &[Row]) -> String {
+    let mut out = String::from(
+        "| scenario | metric | ours | baseline | ratio | target | met? |\n|---|---|---:|---:|---:|---|---|\n",
+    );
+    let mut last = String::new();
+    for r in rows {
+        let scenario = if r.scenario == last {
+            String::new()
+        } else {
+            r.scenario.clone()
+        };
+        last = r.scenario.clone();
+        let ratio = r.ratio().map_or(String::new(), |x| format!("{x:.1}×"));
+        let met = match r.met() {
+            None if r.target.is_some() => "not measured".to_owned(),
+            None => String::new(),
+            Some(true) => "yes".to_owned(),
+            Some(false) => "**no**".to_owned(),
+        };
+        let _ = writeln!(
+            out,
+            "| {scenario} | {} | {} | {} | {ratio} | {} | {met} |",
+            r.metric,
+            fmt(r.ours),
+            fmt(r.baseline),
+            target_text(r.target)
+        );
+    }
+    out
+}
+
+/// Puts `generated` between the markers of `page` (or appends the markers
+/// and it when the page has none).
+pub fn splice(page: &str, generated: &str) -> String {
+    match (page.find(BEGIN), page.find(END)) {
+        (Some(b), Some(e)) if b < e => format!(
+            "{}{BEGIN}\n{generated}{END}{}",
+            &page[..b],
+            &page[e + END.len()..]
+        ),
+        _ => format!("{page}\n{BEGIN}\n{generated}{END}\n"),
+    }
+}
+
+/// Reads JSON lines, skipping anything that is not a JSON object.
+pub fn parse_lines(text: &str) -> Vec<Value> {
+    text.lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l.trim()).ok())
+        .filter(Value::is_object)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn s2(label: &str, p99: f64, lost: u64) -> Value {
+        json!({"kind": "run", "label": label, "scenario": "S2", "lost": lost,
+               "latency": {"p50_ms": 1.0, "p99_ms": p99}, "tally": {"duplicates": 0, "out_of_order": 0},
+               "delivered_per_s": 4000.0, "processes": [{"cpu_send_percent": 10.0}, {"cpu_send_percent": 5.0}]})
+    }
+
+    #[test]
+    fn medians_ratios_and_targets() {
+        let all = vec![
+            s2(OURS, 10.0, 0),
+            s2(OURS, 30.0, 0),
+            s2(OURS, 20.0, 0),
+            s2(BASELINE, 200.0, 5),
+            s2(BASELINE, 100.0, 5),
+            s2(BASELINE, 150.0, 5),
+        ];
+        let rows = rows(&all);
+        let p99 = rows
+            .iter()
+            .find(|r| r.scenario.starts_with("S2") && r.metric == "latency p99 (ms)")
+            .expect("row");
+        assert_eq!(p99.ours, Some(20.0));
+        assert_eq!(p99.baseline, Some(150.0));
+        assert_eq!(p99.ratio(), Some(7.5));
+        assert_eq!(p99.met(), Some(true));
+        assert_eq!(p99.runs, (3, 3));
+        let cpu = rows
+            .iter()
+            .find(|r| r.scenario.starts_with("S2") && r.metric.starts_with("server CPU"))
+            .expect("row");
+        assert_eq!(cpu.ours, Some(15.0));
+        let table = table(&rows);
+        assert!(
+            table.contains("| latency p99 (ms) | 20 | 150 | 7.5× | ≤ 25 | yes |"),
+            "{table}"
+        );
+        assert!(table.contains("not measured"));
+    }
+
+    #[test]
+    fn times_baseline_targets_need_the_baseline() {
+        let mut r = Row {
+            scenario: "S4".into(),
+            metric: "rate".into(),
+            ours: Some(3000.0),
+            baseline: Some(500.0),
+            better: Better::Higher,
+            target: Some(Target::TimesBaseline(5.0)),
+            runs: (3, 3),
+        };
+        assert_eq!(r.met(), Some(true));
+        r.baseline = Some(700.0);
+        assert_eq!(r.met(), Some(false));
+        r.baseline = None;
+        assert_eq!(r.met(), None);
+    }
+
+    #[test]
+    fn pgbench_ceiling_is_the_best_client_count_of_each_session() {
+        let all = vec![
+            json!({"kind": "pgbench", "session": "a", "run": 1, "clients": 8, "tps": 4000.0}),
+            json!({"kind": "pgbench", "session": "a", "run": 1, "clients": 16, "tps": 5000.0}),
+            json!({"kind": "pgbench", "session": "a", "run": 2, "clients": 16, "tps": 5200.0}),
+            json!({"kind": "sweep", "label": OURS, "scenario": "S4", "highest_held": 4160.0}),
+        ];
+        let rows = rows(&all);
+        let pct = rows
+            .iter()
+            .find(|r| r.metric.contains("% of the pgbench"))
+            .expect("row");
+        assert_eq!(pct.ours, Some(4160.0 / 5100.0 * 100.0));
+    }
+
+    #[test]
+    fn the_table_is_spliced_between_markers() {
+        let page = format!("# B\nintro\n{BEGIN}\nold\n{END}\nanalysis\n");
+        let out = splice(&page, "new\n");
+        assert_eq!(out, format!("# B\nintro\n{BEGIN}\nnew\n{END}\nanalysis\n"));
+        let fresh = splice("# B\n", "t\n");
+        assert!(fresh.ends_with(&format!("{BEGIN}\nt\n{END}\n")));
+    }
+
+    #[test]
+    fn numbers_are_readable() {
+        assert_eq!(fmt(Some(12345.6)), "12,346");
+        assert_eq!(fmt(Some(1.234)), "1.23");
+        assert_eq!(fmt(Some(0.0)), "0");
+        assert_eq!(fmt(Some(42.25)), "42.2");
+        assert_eq!(fmt(None), "–");
+    }
+}
