@@ -268,7 +268,7 @@ impl Shard {
             return Ok(());
         };
         let event: Arc<str> = Arc::from(event.get());
-        let recipients = resolve::recipients(self.realtime.chat().presence(), &envelope).await?;
+        let recipients = resolve::recipients(self.realtime.chat().presence(), envelope).await?;
         let sequence = match &envelope.target {
             Target::Room { .. } => message_sequence(&event),
             _ => None,
