@@ -8,9 +8,12 @@ use chat_shared::auth::AuthUser;
 use chat_shared::domain::{RoomId, UserId};
 use chat_shared::presence::Connection;
 use chat_shared::testing::TestEnv;
-use common::{Client, TestStack, key, redis, sequence_ids, wait_relays};
+use common::{
+    Client, PrivateRedis, TestStack, handshake, key, redis, sequence_ids, token, wait_relays,
+};
 use redis::AsyncCommands as _;
 use serde_json::json;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
 
 /// A registration in Redis for a connection id the gateway has never had
 /// (what a lost `$disconnect` leaves), joined to `room`, that connected
@@ -180,4 +183,94 @@ async fn delivery_resumes_after_a_relay_restart() {
     a.stop().await;
     b.stop().await;
     relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_redis_restart_clients_are_told_to_reconnect_and_lose_nothing() {
+    let mut private = PrivateRedis::start().await;
+    let mut env = TestEnv::new().await;
+    env.set("REDIS_URL", &private.url());
+    let stack = TestStack::all_in_one(&env).await;
+    wait_relays(&env, 1).await;
+    let room = stack.group("alice", &["bob"]).await;
+    let mut alice = Client::connect(&stack, "alice").await;
+    let mut bob = Client::connect(&stack, "bob").await;
+    alice.join(&room).await;
+    bob.join(&room).await;
+    alice.say(&room, "before").await;
+    assert_eq!(bob.expect("message").await["sequenceId"], 1);
+
+    private.kill().await;
+    // While Redis is down the service answers promptly: each frame gets an
+    // `error` with a code of PROTOCOL §2 (INTERNAL: no UNAVAILABLE over
+    // WebSocket) and the socket stays open; a handshake is refused with 503.
+    let prompt = std::time::Duration::from_secs(2);
+    for _ in 0..3 {
+        let started = std::time::Instant::now();
+        alice.send("ping", json!({})).await;
+        let error = alice.expect_error("INTERNAL").await;
+        assert_eq!(error["requestType"], "ping");
+        assert!(started.elapsed() < prompt, "{:?}", started.elapsed());
+    }
+    let started = std::time::Instant::now();
+    let url = stack.ws_url(&token("carol"));
+    let refused = handshake(url.into_client_request().expect("url")).await;
+    assert_eq!(refused.err().map(|(status, _)| status), Some(503));
+    assert!(started.elapsed() < prompt, "{:?}", started.elapsed());
+    let started = std::time::Instant::now();
+    let rest = stack.get("alice", &format!("/rooms/{room}/online")).await;
+    assert_eq!(rest.status, 503, "{:?}", rest.body);
+    assert_eq!(rest.body["error"]["code"], "UNAVAILABLE");
+    assert_eq!(rest.header("retry-after"), Some("1"));
+    assert!(started.elapsed() < prompt, "{:?}", started.elapsed());
+    let health = stack.health().await;
+    assert_eq!(health.status, 503);
+    assert_eq!(health.body["redis"], "down");
+
+    // Redis comes back empty: connections, subscriptions and presence are
+    // gone; rooms and messages (PostgreSQL) are not.
+    private.restart().await;
+    wait_relays(&env, 1).await;
+
+    // The next frame of each old connection is told to reconnect, and the
+    // socket is closed, so clients that ignore `error` reconnect too.
+    for c in [&mut alice, &mut bob] {
+        c.send("ping", json!({})).await;
+        let error = c.expect_error("UNAUTHORIZED").await;
+        assert_eq!(error["requestType"], "ping");
+        let close = c.expect_close().await.expect("a close frame");
+        assert_eq!(u16::from(close.code), 1000, "{}: {close:?}", c.user);
+    }
+
+    // Reconnecting and rejoining with afterSequenceId: nothing lost, and
+    // delivery and presence work again.
+    let mut alice = Client::connect(&stack, "alice").await;
+    let rejoined = alice.join_after(&room, 1).await;
+    assert_eq!(rejoined["recovered"], true);
+    assert_eq!(rejoined["messages"], json!([]));
+    let missed = alice.say(&room, "while bob was away").await;
+    let mut bob = Client::connect(&stack, "bob").await;
+    let update = alice.expect("presenceUpdate").await;
+    assert_eq!(
+        (&update["userId"], &update["status"]),
+        (&json!("bob"), &json!("online"))
+    );
+    let rejoined = bob.join_after(&room, 1).await;
+    assert_eq!(rejoined["recovered"], true);
+    assert_eq!(rejoined["messages"][0]["id"], missed["id"]);
+    let live = alice.say(&room, "after").await;
+    assert_eq!(bob.expect("message").await["id"], live["id"]);
+    bob.send("typing", json!({"roomId": room, "isTyping": true}))
+        .await;
+    assert_eq!(alice.expect("typing").await["userId"], "bob");
+    assert_eq!(
+        stack.online("alice", &room).await,
+        [json!("alice"), json!("bob")]
+    );
+    alice.assert_quiet(300).await;
+    bob.assert_quiet(0).await;
+    alice.close().await;
+    bob.close().await;
+    stack.stop().await;
+    private.kill().await;
 }
