@@ -180,7 +180,10 @@ impl Stack {
             let app = http::app(app_state)
                 .merge(emulator.router())
                 .merge(metrics::router(telemetry))
-                .merge(console);
+                .merge(console)
+                // Oversized request lines and headers get a clear 414 / 431
+                // (REST, /health and the WebSocket handshake alike).
+                .layer(axum::middleware::from_fn(http::limit_request_head));
             let stop = shutdown.clone();
             let closing = emulator.clone();
             tasks.push(tokio::spawn(async move {

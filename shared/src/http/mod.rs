@@ -59,6 +59,51 @@ pub fn app(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// Longest request target (path and query string) the service reads.
+/// Longer is 414 `URI Too Long`. API Gateway refuses long ones too.
+pub const MAX_URI_BYTES: usize = 8 * 1024;
+
+/// Largest header section (names, values and their separators) the service
+/// reads. Larger is 431 `Request Header Fields Too Large`. API Gateway's
+/// HTTP APIs allow 10 KiB of request line and headers; a token is well
+/// under 4 KiB. (Beyond about 400 KiB hyper itself answers 431, without a
+/// body, before any of this runs.)
+pub const MAX_HEADER_BYTES: usize = 16 * 1024;
+
+/// Refuses a request whose target or headers exceed [`MAX_URI_BYTES`] /
+/// [`MAX_HEADER_BYTES`], with the API's error shape (code `BAD_REQUEST`,
+/// the HTTP status saying which limit). Applied in front of every route
+/// the local stack serves, the WebSocket handshake included.
+pub async fn limit_request_head(request: Request, next: Next) -> Response {
+    let uri_bytes = request
+        .uri()
+        .path_and_query()
+        .map_or(0, |target| target.as_str().len());
+    if uri_bytes > MAX_URI_BYTES {
+        return head_too_large(
+            StatusCode::URI_TOO_LONG,
+            "the request target (path and query) exceeds 8 KiB",
+        );
+    }
+    let header_bytes: usize = request
+        .headers()
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 4)
+        .sum();
+    if header_bytes > MAX_HEADER_BYTES {
+        return head_too_large(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "the request headers exceed 16 KiB",
+        );
+    }
+    next.run(request).await
+}
+
+fn head_too_large(status: StatusCode, message: &str) -> Response {
+    let body = json!({"error": {"code": "BAD_REQUEST", "message": message}});
+    (status, axum::Json(body)).into_response()
+}
+
 /// Answers 429 at once while the PostgreSQL pool has too many waiters,
 /// instead of queueing without bound.
 pub(crate) async fn shed_load(
