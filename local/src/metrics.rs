@@ -4,7 +4,10 @@
 //! What is exposed depends on the parts the process runs: the gateway's
 //! connections and message counts (`chat_gateway_*`), the relay's
 //! throughput and push latency (`chat_relay_*`), and, always, the errors
-//! answered to clients by code (`chat_errors_total`). Nothing here names a
+//! answered to clients by code (`chat_errors_total`), the round trips to
+//! PostgreSQL and Redis and the WebSocket requests by type
+//! (`chat_pg_round_trips_total`, `chat_redis_round_trips_total`,
+//! `chat_ws_requests_total`: a benchmark divides them by the sends). Nothing here names a
 //! room or a user, so the endpoint needs no token; the per-room view is the
 //! admin-only `GET /console/api/ops`.
 
@@ -73,6 +76,7 @@ impl Telemetry {
             relay.snapshot().write_prometheus(&mut out);
         }
         out.errors();
+        out.round_trips();
         out.finish()
     }
 }

@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use crate::error::{Error, Result};
+use crate::metrics::CountedRedis;
 
 /// Who an event is for.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -242,7 +243,7 @@ impl Bus {
     }
 
     async fn publish_raw(&self, payload: String) -> Result<()> {
-        let mut redis = self.redis.clone();
+        let mut redis = CountedRedis(self.redis.clone());
         let _: i64 = redis::cmd("PUBLISH")
             .arg(&self.channel)
             .arg(payload)

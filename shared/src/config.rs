@@ -21,6 +21,11 @@ pub struct Config {
     /// connection (`PG_MAX_WAITING`, 1000): shedding load beats an unbounded
     /// queue.
     pub pg_max_waiting: usize,
+    /// WebSocket requests that need PostgreSQL answer `RATE_LIMITED` at
+    /// once while this many are in progress in the process
+    /// (`WS_MAX_IN_FLIGHT`, 256): it bounds the queue, so accepted messages
+    /// keep a bounded latency under overload.
+    pub ws_max_in_flight: usize,
     /// Redis URL (`REDIS_URL`, or built from `REDIS_HOST` / `REDIS_PORT` /
     /// `REDIS_PASSWORD` / `REDIS_TLS`).
     pub redis_url: SecretString,
@@ -180,6 +185,7 @@ impl Config {
             database_url: database_url.into(),
             pg_pool_max,
             pg_max_waiting: parse::<usize>(&get, "PG_MAX_WAITING", 1000)?,
+            ws_max_in_flight: parse::<usize>(&get, "WS_MAX_IN_FLIGHT", 256)?,
             redis_url: redis_url.into(),
             redis_key_prefix: get("REDIS_KEY_PREFIX").unwrap_or_default(),
             jwt_secret: jwt_secret.into(),

@@ -11,9 +11,19 @@
 //!
 //! [`Exposition`] writes the text format (version 0.0.4) by hand: the few
 //! metric families here do not justify a client library.
+//!
+//! It also counts the round trips this process makes to PostgreSQL and
+//! Redis and the WebSocket requests it handles by type, so a benchmark can
+//! show what one `sendMessage` costs in round trips (one statement, two
+//! Redis calls): [`record_pg_round_trip`] is called by the store's client
+//! wrapper for every statement (and every prepare that missed the cache),
+//! and [`CountedRedis`] wraps every Redis connection the service uses.
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
+
+use redis::aio::ConnectionLike;
+use redis::{Cmd, Pipeline, RedisFuture, Value};
 
 use crate::error::ErrorCode;
 
@@ -105,6 +115,103 @@ pub fn error_counts() -> Vec<ErrorCount> {
         .collect()
 }
 
+/// Statements (and cache-missing prepares) sent to PostgreSQL.
+static PG_ROUND_TRIPS: AtomicU64 = AtomicU64::new(0);
+/// Requests sent to Redis (a pipeline or a script is one).
+static REDIS_ROUND_TRIPS: AtomicU64 = AtomicU64::new(0);
+/// Redis commands sent (each command of a pipeline counts).
+static REDIS_COMMANDS: AtomicU64 = AtomicU64::new(0);
+
+/// Counts one round trip to PostgreSQL.
+pub fn record_pg_round_trip() {
+    PG_ROUND_TRIPS.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Counts one round trip to Redis carrying `commands` commands.
+pub fn record_redis_round_trip(commands: usize) {
+    REDIS_ROUND_TRIPS.fetch_add(1, Ordering::Relaxed);
+    REDIS_COMMANDS.fetch_add(commands as u64, Ordering::Relaxed);
+}
+
+/// The round-trip counters since the process started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RoundTrips {
+    /// Statements sent to PostgreSQL.
+    pub pg: u64,
+    /// Requests sent to Redis.
+    pub redis: u64,
+    /// Commands in those requests.
+    pub redis_commands: u64,
+}
+
+/// Reads the round-trip counters.
+pub fn round_trips() -> RoundTrips {
+    RoundTrips {
+        pg: PG_ROUND_TRIPS.load(Ordering::Relaxed),
+        redis: REDIS_ROUND_TRIPS.load(Ordering::Relaxed),
+        redis_commands: REDIS_COMMANDS.load(Ordering::Relaxed),
+    }
+}
+
+/// The WebSocket request types counted by [`record_ws_request`]; anything
+/// else (bad frames) is `other`.
+pub const WS_REQUEST_TYPES: [&str; 7] = [
+    "joinRoom",
+    "leaveRoom",
+    "sendMessage",
+    "typing",
+    "markRead",
+    "ping",
+    "other",
+];
+
+static WS_REQUESTS: [AtomicU64; WS_REQUEST_TYPES.len()] =
+    [const { AtomicU64::new(0) }; WS_REQUEST_TYPES.len()];
+
+/// Counts one `$default` request of type `kind`.
+pub fn record_ws_request(kind: Option<&str>) {
+    let last = WS_REQUEST_TYPES.len() - 1;
+    let i = kind
+        .and_then(|k| WS_REQUEST_TYPES[..last].iter().position(|t| *t == k))
+        .unwrap_or(last);
+    WS_REQUESTS[i].fetch_add(1, Ordering::Relaxed);
+}
+
+/// `$default` requests by type since the process started.
+pub fn ws_requests() -> Vec<(&'static str, u64)> {
+    WS_REQUEST_TYPES
+        .iter()
+        .zip(&WS_REQUESTS)
+        .map(|(t, c)| (*t, c.load(Ordering::Relaxed)))
+        .collect()
+}
+
+/// A Redis connection that counts its round trips (see the module docs).
+/// Cheap to build around a clone of a `ConnectionManager`.
+#[derive(Clone)]
+pub struct CountedRedis<C>(pub C);
+
+impl<C: ConnectionLike + Send> ConnectionLike for CountedRedis<C> {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        record_redis_round_trip(1);
+        self.0.req_packed_command(cmd)
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        record_redis_round_trip(pipeline.len());
+        self.0.req_packed_commands(pipeline, offset, count)
+    }
+
+    fn get_db(&self) -> i64 {
+        self.0.get_db()
+    }
+}
+
 /// The `Content-Type` of the text exposition format.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
@@ -187,6 +294,39 @@ impl Exposition {
         self
     }
 
+    /// `chat_pg_round_trips_total`, `chat_redis_round_trips_total`,
+    /// `chat_redis_commands_total` and `chat_ws_requests_total{type}`.
+    pub fn round_trips(&mut self) -> &mut Self {
+        let r = round_trips();
+        self.single(
+            "chat_pg_round_trips_total",
+            "Statements (and cache-missing prepares) sent to PostgreSQL by this process.",
+            Kind::Counter,
+            r.pg as f64,
+        )
+        .single(
+            "chat_redis_round_trips_total",
+            "Requests sent to Redis by this process (a pipeline or a script is one).",
+            Kind::Counter,
+            r.redis as f64,
+        )
+        .single(
+            "chat_redis_commands_total",
+            "Redis commands sent by this process (each command of a pipeline counts).",
+            Kind::Counter,
+            r.redis_commands as f64,
+        )
+        .family(
+            "chat_ws_requests_total",
+            "WebSocket client messages handled ($default), by type.",
+            Kind::Counter,
+        );
+        for (kind, count) in ws_requests() {
+            self.sample("chat_ws_requests_total", &[("type", kind)], count as f64);
+        }
+        self
+    }
+
     /// The text.
     pub fn finish(self) -> String {
         self.text
@@ -214,6 +354,32 @@ mod tests {
         assert!(before(ErrorSource::Rest, ErrorCode::Conflict) >= rest + 2);
         assert!(before(ErrorSource::WebSocket, ErrorCode::Conflict) >= ws);
         assert_eq!(error_counts().len(), 27);
+    }
+
+    #[test]
+    fn counts_round_trips_and_requests() {
+        let before = round_trips();
+        record_pg_round_trip();
+        record_redis_round_trip(3);
+        let after = round_trips();
+        assert!(after.pg > before.pg);
+        assert!(after.redis > before.redis);
+        assert!(after.redis_commands >= before.redis_commands + 3);
+        let sends =
+            |v: Vec<(&str, u64)>| v.iter().find(|(t, _)| *t == "sendMessage").map(|(_, c)| *c);
+        let was = sends(ws_requests()).unwrap_or_default();
+        record_ws_request(Some("sendMessage"));
+        record_ws_request(Some("nonsense"));
+        record_ws_request(None);
+        assert!(sends(ws_requests()).unwrap_or_default() > was);
+        let mut out = Exposition::new();
+        out.round_trips();
+        let text = out.finish();
+        assert!(
+            text.contains("chat_ws_requests_total{type=\"other\"}"),
+            "{text}"
+        );
+        assert!(text.contains("chat_pg_round_trips_total "), "{text}");
     }
 
     #[test]

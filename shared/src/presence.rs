@@ -33,6 +33,7 @@ use redis::aio::ConnectionManager;
 
 use crate::domain::{RoomId, UserId};
 use crate::error::Result;
+use crate::metrics::CountedRedis;
 
 /// Builds the key names (see the module docs).
 #[derive(Debug, Clone)]
@@ -139,7 +140,7 @@ impl Presence {
     /// # Errors
     /// `UNAVAILABLE` when it does not.
     pub async fn ping(&self) -> Result<()> {
-        let mut redis = self.redis.clone();
+        let mut redis = CountedRedis(self.redis.clone());
         let _: String = redis::cmd("PING").query_async(&mut redis).await?;
         Ok(())
     }
@@ -152,7 +153,7 @@ impl Presence {
         if users.is_empty() {
             return Ok(Vec::new());
         }
-        let mut redis = self.redis.clone();
+        let mut redis = CountedRedis(self.redis.clone());
         let flags: Vec<bool> = redis::cmd("SMISMEMBER")
             .arg(self.keys.online())
             .arg(users.iter().map(UserId::as_str).collect::<Vec<_>>())
@@ -176,7 +177,7 @@ impl Presence {
         room_id: &RoomId,
         user_id: &UserId,
     ) -> Result<Vec<String>> {
-        let mut redis = self.redis.clone();
+        let mut redis = CountedRedis(self.redis.clone());
         let left: Vec<String> = redis::Script::new(UNSUBSCRIBE_USER)
             .key(self.keys.user_conns(user_id.as_str()))
             .key(self.keys.room_conns(room_id.as_str()))
@@ -371,7 +372,7 @@ impl Presence {
         online_envelope: Option<&str>,
     ) -> Result<bool> {
         let now = now_ms();
-        let mut redis = self.redis.clone();
+        let mut redis = CountedRedis(self.redis.clone());
         let added: i64 = redis::Script::new(CONNECT)
             .key(self.keys.conn(&conn.connection_id))
             .key(self.keys.user_conns(conn.user.id.as_str()))
@@ -405,7 +406,7 @@ impl Presence {
         connection_id: &str,
         ttl: std::time::Duration,
     ) -> Result<Option<Touched>> {
-        let mut redis = self.redis.clone();
+        let mut redis = CountedRedis(self.redis.clone());
         let fields: Option<Vec<Option<String>>> = redis::Script::new(TOUCH)
             .key(self.keys.conn(connection_id))
             .key(self.keys.leases())
@@ -455,7 +456,7 @@ impl Presence {
         channel: &str,
         online_envelope: Option<&str>,
     ) -> Result<bool> {
-        let mut redis = self.redis.clone();
+        let mut redis = CountedRedis(self.redis.clone());
         let added: i64 = redis::Script::new(BACK_ONLINE)
             .key(self.keys.online())
             .arg(user_id.as_str())
@@ -472,7 +473,7 @@ impl Presence {
     /// # Errors
     /// `UNAVAILABLE` when Redis does not answer.
     pub async fn mark_greeted(&self, connection_id: &str) -> Result<()> {
-        let mut redis = self.redis.clone();
+        let mut redis = CountedRedis(self.redis.clone());
         let _: i64 = redis::Script::new(MARK_GREETED)
             .key(self.keys.conn(connection_id))
             .invoke_async(&mut redis)
@@ -485,7 +486,7 @@ impl Presence {
     /// # Errors
     /// `UNAVAILABLE` when Redis does not answer.
     pub async fn is_greeted(&self, connection_id: &str) -> Result<bool> {
-        let mut redis = self.redis.clone();
+        let mut redis = CountedRedis(self.redis.clone());
         let greeted: bool = redis::cmd("HEXISTS")
             .arg(self.keys.conn(connection_id))
             .arg("greeted")
@@ -499,7 +500,7 @@ impl Presence {
     /// # Errors
     /// `UNAVAILABLE` when Redis does not answer.
     pub async fn connection_user(&self, connection_id: &str) -> Result<Option<UserId>> {
-        let mut redis = self.redis.clone();
+        let mut redis = CountedRedis(self.redis.clone());
         let user: Option<String> = redis::cmd("HGET")
             .arg(self.keys.conn(connection_id))
             .arg("userId")
@@ -522,7 +523,7 @@ impl Presence {
         channel: &str,
         offline_envelope: Option<&str>,
     ) -> Result<Option<(UserId, bool)>> {
-        let mut redis = self.redis.clone();
+        let mut redis = CountedRedis(self.redis.clone());
         let (user, went_offline): (String, i64) = redis::Script::new(DISCONNECT)
             .key(self.keys.conn(connection_id))
             .key(self.keys.conn_rooms(connection_id))
@@ -547,7 +548,7 @@ impl Presence {
     /// # Errors
     /// `UNAVAILABLE` when Redis does not answer.
     pub async fn join(&self, room_id: &RoomId, conn: &Connection, watermark: i64) -> Result<bool> {
-        let mut redis = self.redis.clone();
+        let mut redis = CountedRedis(self.redis.clone());
         let joined: i64 = redis::Script::new(JOIN)
             .key(self.keys.conn(&conn.connection_id))
             .key(self.keys.room_conns(room_id.as_str()))
@@ -565,7 +566,7 @@ impl Presence {
     /// # Errors
     /// `UNAVAILABLE` when Redis does not answer.
     pub async fn leave(&self, room_id: &RoomId, connection_id: &str) -> Result<()> {
-        let mut redis = self.redis.clone();
+        let mut redis = CountedRedis(self.redis.clone());
         let _: () = redis::pipe()
             .atomic()
             .hdel(self.keys.room_conns(room_id.as_str()), connection_id)
@@ -589,7 +590,7 @@ impl Presence {
         for room in room_ids {
             pipe.hgetall(self.keys.room_conns(room));
         }
-        let mut redis = self.redis.clone();
+        let mut redis = CountedRedis(self.redis.clone());
         let rooms: Vec<Vec<(String, String)>> = pipe.query_async(&mut redis).await?;
         Ok(rooms
             .into_iter()
@@ -622,7 +623,7 @@ impl Presence {
                 .arg("connectedAt")
                 .arg("endpoint");
         }
-        let mut redis = self.redis.clone();
+        let mut redis = CountedRedis(self.redis.clone());
         let rows: Vec<(Option<String>, Option<String>, Option<String>)> =
             pipe.query_async(&mut redis).await?;
         Ok(connection_ids
@@ -646,7 +647,7 @@ impl Presence {
     /// # Errors
     /// `UNAVAILABLE` when Redis does not answer.
     pub async fn user_connections(&self, user_id: &str) -> Result<Vec<String>> {
-        let mut redis = self.redis.clone();
+        let mut redis = CountedRedis(self.redis.clone());
         let conns: Vec<String> = redis::cmd("ZRANGE")
             .arg(self.keys.user_conns(user_id))
             .arg(0)
@@ -661,7 +662,7 @@ impl Presence {
     /// # Errors
     /// `UNAVAILABLE` when Redis does not answer.
     pub async fn expired_connections(&self, now_ms: i64, limit: usize) -> Result<Vec<String>> {
-        let mut redis = self.redis.clone();
+        let mut redis = CountedRedis(self.redis.clone());
         let conns: Vec<String> = redis::cmd("ZRANGEBYSCORE")
             .arg(self.keys.leases())
             .arg("-inf")
@@ -689,7 +690,7 @@ impl Presence {
         const MAX_SCANS: usize = 200;
         let head = format!("{}room:", self.keys.prefix());
         let pattern = format!("{}*:conns", glob_escape(&head));
-        let mut redis = self.redis.clone();
+        let mut redis = CountedRedis(self.redis.clone());
         let (mut cursor, mut keys, mut scans) = (0u64, Vec::new(), 0);
         loop {
             let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
@@ -744,7 +745,7 @@ impl Presence {
         &self,
         max_connections: usize,
     ) -> Result<(Vec<(String, u64)>, bool)> {
-        let mut redis = self.redis.clone();
+        let mut redis = CountedRedis(self.redis.clone());
         let ids: Vec<String> = redis::cmd("ZRANGEBYSCORE")
             .arg(self.keys.leases())
             .arg(now_ms())

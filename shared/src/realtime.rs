@@ -6,6 +6,8 @@
 //! response. Everything for other connections, and the caller's own
 //! `message` acknowledgement, goes out on the bus for the relay.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use serde::Serialize;
@@ -31,6 +33,71 @@ pub use frame::{
 pub struct Realtime {
     chat: Chat,
     presence_ttl: Duration,
+    /// Load shedding for the requests that need PostgreSQL.
+    admission: Admission,
+}
+
+/// Sheds load (PROTOCOL.md §2: "under overload the service sheds work
+/// promptly ... instead of queueing without bound"): a request that needs
+/// PostgreSQL is answered `RATE_LIMITED` at once, without touching Redis or
+/// PostgreSQL, when this process already has `max_in_flight` such requests
+/// in progress, or more than `max_waiting` callers wait for a pooled
+/// connection. What is accepted then waits behind a bounded queue, so its
+/// latency stays bounded whatever is offered.
+///
+/// In Lambda a process handles one event at a time and the limits never
+/// bite there (Lambda concurrency and RDS Proxy bound the load); they are
+/// for processes that serve many sockets (the local gateway, a container).
+#[derive(Debug, Clone)]
+struct Admission {
+    /// Requests that need PostgreSQL in progress in this process.
+    in_flight: Arc<AtomicUsize>,
+    /// Most of them at once.
+    max_in_flight: usize,
+    /// Most waiters for a pooled connection before shedding.
+    max_waiting: usize,
+}
+
+/// A request let in by [`Admission::admit`]; leaving it frees its place.
+struct Admitted(Arc<AtomicUsize>);
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Admission {
+    fn unlimited() -> Self {
+        Self {
+            in_flight: Arc::default(),
+            max_in_flight: usize::MAX,
+            max_waiting: usize::MAX,
+        }
+    }
+
+    /// A place for one request, or `RATE_LIMITED` when there is none.
+    fn admit(&self, pool_waiting: usize) -> Result<Admitted> {
+        let busy = || Error::rate_limited("server busy, retry later", 1);
+        if pool_waiting > self.max_waiting {
+            return Err(busy());
+        }
+        let before = self.in_flight.fetch_add(1, Ordering::AcqRel);
+        let admitted = Admitted(Arc::clone(&self.in_flight));
+        if before >= self.max_in_flight {
+            return Err(busy());
+        }
+        Ok(admitted)
+    }
+}
+
+/// Whether a request type needs PostgreSQL (and so can be shed); `ping`
+/// and `leaveRoom` only touch Redis and always go through.
+fn needs_postgres(kind: Option<&str>) -> bool {
+    matches!(
+        kind,
+        Some("sendMessage" | "joinRoom" | "markRead" | "typing")
+    )
 }
 
 fn now() -> String {
@@ -80,7 +147,24 @@ impl Realtime {
     /// The WebSocket use cases over `chat`, with presence leases of
     /// `presence_ttl`.
     pub fn new(chat: Chat, presence_ttl: Duration) -> Self {
-        Self { chat, presence_ttl }
+        Self {
+            chat,
+            presence_ttl,
+            admission: Admission::unlimited(),
+        }
+    }
+
+    /// Sheds requests that need PostgreSQL beyond `max_in_flight` in
+    /// progress in this process, or while more than `max_waiting` callers
+    /// wait for a pooled connection (`WS_MAX_IN_FLIGHT`, `PG_MAX_WAITING`).
+    #[must_use]
+    pub fn with_load_limits(mut self, max_in_flight: usize, max_waiting: usize) -> Self {
+        self.admission = Admission {
+            in_flight: Arc::default(),
+            max_in_flight: max_in_flight.max(1),
+            max_waiting,
+        };
+        self
     }
 
     /// The REST-level service.
@@ -207,21 +291,42 @@ impl Realtime {
         body: &str,
         binary: bool,
     ) -> (RequestIds, Result<Option<String>>, bool) {
+        let frame = (!binary).then(|| ClientFrame::parse(body));
+        let kind = match &frame {
+            Some(Ok(frame)) => frame.ids().request_type.as_deref(),
+            _ => None,
+        };
+        crate::metrics::record_ws_request(kind);
+        // Shed before any work, so refusing stays cheap under overload.
+        let _admitted = if needs_postgres(kind) {
+            match self.admission.admit(self.chat.store().waiting()) {
+                Ok(admitted) => Some(admitted),
+                Err(err) => {
+                    let ids = match &frame {
+                        Some(Ok(frame)) => frame.ids().clone(),
+                        _ => RequestIds::default(),
+                    };
+                    return (ids, Err(err), false);
+                }
+            }
+        } else {
+            None
+        };
         // Every frame renews the presence lease, good or bad.
         let touched = self.touch(connection_id).await;
         let unregistered = matches!(touched, Err(Error::Unauthorized(_)));
-        if binary {
-            return (
-                RequestIds::default(),
-                Err(Error::bad_request(
-                    "binary frames are not supported; send JSON text",
-                )),
-                unregistered,
-            );
-        }
-        let frame = match ClientFrame::parse(body) {
-            Ok(frame) => frame,
-            Err(err) => return (RequestIds::default(), Err(err), unregistered),
+        let frame = match frame {
+            None => {
+                return (
+                    RequestIds::default(),
+                    Err(Error::bad_request(
+                        "binary frames are not supported; send JSON text",
+                    )),
+                    unregistered,
+                );
+            }
+            Some(Ok(frame)) => frame,
+            Some(Err(err)) => return (RequestIds::default(), Err(err), unregistered),
         };
         let result = async {
             // A connection that is gone is told so before its fields are
@@ -458,5 +563,49 @@ impl Realtime {
             removed.push((conn, route.map(|r| r.endpoint)));
         }
         Ok(removed)
+    }
+}
+
+#[cfg(test)]
+mod admission_tests {
+    use super::*;
+
+    #[test]
+    fn admission_counts_requests_in_progress_and_frees_their_places() {
+        let admission = Admission {
+            in_flight: Arc::default(),
+            max_in_flight: 2,
+            max_waiting: 10,
+        };
+        let a = admission.admit(0).expect("first");
+        let b = admission.admit(0).expect("second");
+        let refused = admission.admit(0).err().expect("third is over the limit");
+        assert_eq!(refused.code(), crate::ErrorCode::RateLimited);
+        drop(a);
+        let c = admission.admit(0).expect("a place was freed");
+        drop((b, c));
+        assert_eq!(admission.in_flight.load(Ordering::Acquire), 0);
+    }
+
+    #[test]
+    fn admission_sheds_while_too_many_wait_for_the_pool() {
+        let admission = Admission {
+            in_flight: Arc::default(),
+            max_in_flight: 100,
+            max_waiting: 3,
+        };
+        assert!(admission.admit(3).is_ok());
+        assert!(admission.admit(4).is_err());
+        assert_eq!(admission.in_flight.load(Ordering::Acquire), 0);
+    }
+
+    #[test]
+    fn only_requests_that_need_postgres_are_shed() {
+        for kind in ["sendMessage", "joinRoom", "markRead", "typing"] {
+            assert!(needs_postgres(Some(kind)), "{kind}");
+        }
+        for kind in [Some("ping"), Some("leaveRoom"), Some("bogus"), None] {
+            assert!(!needs_postgres(kind), "{kind:?}");
+        }
     }
 }

@@ -15,7 +15,7 @@ use chrono::{DateTime, Utc};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::Value;
-use tokio_postgres::{NoTls, Row};
+use tokio_postgres::{Error as PgError, NoTls, Row, Statement};
 
 use crate::auth::AuthUser;
 use crate::domain::{MessageId, MessageType, NewMessage, RoomId, RoomType, SequenceId, UserId};
@@ -169,6 +169,69 @@ pub enum Stored {
     Duplicate(Message),
 }
 
+/// A pooled connection that counts its round trips
+/// ([`crate::metrics::record_pg_round_trip`]): one per statement, plus one
+/// for a prepare that missed the connection's statement cache. The methods
+/// mirror `tokio_postgres::Client`'s, so queries read as usual.
+struct Client(deadpool_postgres::Object);
+
+type Params<'a> = &'a [&'a (dyn tokio_postgres::types::ToSql + Sync)];
+
+impl Client {
+    async fn prepare_cached(&self, query: &str) -> std::result::Result<Statement, PgError> {
+        let cached = self.0.statement_cache.size();
+        let statement = self.0.prepare_cached(query).await?;
+        if self.0.statement_cache.size() != cached {
+            crate::metrics::record_pg_round_trip();
+        }
+        Ok(statement)
+    }
+
+    async fn query(
+        &self,
+        statement: &Statement,
+        params: Params<'_>,
+    ) -> std::result::Result<Vec<Row>, PgError> {
+        crate::metrics::record_pg_round_trip();
+        self.0.query(statement, params).await
+    }
+
+    async fn query_opt(
+        &self,
+        statement: &Statement,
+        params: Params<'_>,
+    ) -> std::result::Result<Option<Row>, PgError> {
+        crate::metrics::record_pg_round_trip();
+        self.0.query_opt(statement, params).await
+    }
+
+    async fn query_one(
+        &self,
+        statement: &Statement,
+        params: Params<'_>,
+    ) -> std::result::Result<Row, PgError> {
+        crate::metrics::record_pg_round_trip();
+        self.0.query_one(statement, params).await
+    }
+
+    async fn execute(
+        &self,
+        statement: &Statement,
+        params: Params<'_>,
+    ) -> std::result::Result<u64, PgError> {
+        crate::metrics::record_pg_round_trip();
+        self.0.execute(statement, params).await
+    }
+
+    async fn simple_query(
+        &self,
+        query: &str,
+    ) -> std::result::Result<Vec<tokio_postgres::SimpleQueryMessage>, PgError> {
+        crate::metrics::record_pg_round_trip();
+        self.0.simple_query(query).await
+    }
+}
+
 /// The PostgreSQL side of the service.
 #[derive(Clone)]
 pub struct Store {
@@ -201,8 +264,8 @@ impl Store {
         self.pool.status().waiting
     }
 
-    async fn client(&self) -> Result<deadpool_postgres::Object> {
-        Ok(self.pool.get().await?)
+    async fn client(&self) -> Result<Client> {
+        Ok(Client(self.pool.get().await?))
     }
 
     /// Answers when PostgreSQL answers.
