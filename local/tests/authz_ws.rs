@@ -383,11 +383,14 @@ async fn hostile_text_travels_verbatim_over_websocket() {
             assert_eq!(msg["sender"]["username"], HOSTILE[0]);
             assert_eq!(msg["sender"]["displayName"], HOSTILE[3]);
         }
+        // Alternating, since a repeat of the same typing state is coalesced.
+        let is_typing = i % 2 == 0;
         alice
-            .send("typing", json!({"roomId": room, "isTyping": true}))
+            .send("typing", json!({"roomId": room, "isTyping": is_typing}))
             .await;
         let typing = bob.wait_for("typing").await;
         assert_eq!(typing["username"], HOSTILE[0]);
+        assert_eq!(typing["isTyping"], is_typing);
     }
     let history = stack.history("bob", &room).await;
     let contents: Vec<&str> = history
