@@ -9,6 +9,7 @@ use crate::auth::Hs256Verifier;
 use crate::bus::Bus;
 use crate::config::Config;
 use crate::http::AppState;
+use crate::limits::Limiter;
 use crate::presence::{Keys, Presence, connect_redis};
 use crate::realtime::Realtime;
 use crate::service::Chat;
@@ -38,14 +39,16 @@ pub async fn app_state(config: &Config) -> anyhow::Result<AppState> {
         .await
         .context("REDIS_URL")?;
     let store = Store::new(pool, config.message_retention);
-    let presence = Presence::new(redis.clone(), Keys::new(config.redis_key_prefix.clone()));
+    let keys = Keys::new(config.redis_key_prefix.clone());
+    let presence = Presence::new(redis.clone(), keys.clone());
+    let limiter = Limiter::new(redis.clone(), keys, config.rate_limits);
     let bus = Bus::new(
         redis,
         config.broadcast_channel.clone(),
         config.instance_id.clone(),
     );
     Ok(AppState {
-        chat: Chat::new(store, presence, bus),
+        chat: Chat::new(store, presence, bus, limiter),
         verifier: Arc::new(Hs256Verifier::new(
             &config.jwt_secret,
             config.jwt_issuer.as_deref(),

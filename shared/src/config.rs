@@ -60,6 +60,32 @@ pub struct Config {
     pub aws_region: String,
     /// The local API Gateway emulator's limits and names.
     pub gateway: GatewaySettings,
+    /// Per-connection and per-user rate limits, kept in Redis so they hold
+    /// across every Lambda instance.
+    pub rate_limits: RateLimits,
+}
+
+/// A token bucket: `per_sec` tokens a second, at most `burst` saved up.
+/// A client may send `burst` requests at once, then `per_sec` a second.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
+    /// Sustained requests a second (at least 1).
+    pub per_sec: u32,
+    /// Requests that may come at once after a quiet spell (at least 1).
+    pub burst: u32,
+}
+
+/// The rate limits of the issue "Reliability and security"; `None` is off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimits {
+    /// Client frames per WebSocket connection (every frame but `ping`),
+    /// and REST sends per user (`RATE_LIMIT_PER_SEC`, 20;
+    /// `RATE_LIMIT_BURST`, twice the rate). Over it: `RATE_LIMITED`.
+    pub messages: Option<Rate>,
+    /// Authenticated REST requests per user, any route
+    /// (`REST_RATE_LIMIT_PER_SEC`, 50; `REST_RATE_LIMIT_BURST`, twice the
+    /// rate). Over it: 429 with `Retry-After`.
+    pub rest: Option<Rate>,
 }
 
 /// Settings of the local API Gateway emulator (`GATEWAY_*`).
@@ -216,8 +242,34 @@ impl Config {
                     7200,
                 )?),
             },
+            rate_limits: RateLimits {
+                messages: rate(&get, "RATE_LIMIT_PER_SEC", "RATE_LIMIT_BURST", 20)?,
+                rest: rate(&get, "REST_RATE_LIMIT_PER_SEC", "REST_RATE_LIMIT_BURST", 50)?,
+            },
         })
     }
+}
+
+/// A rate from `per_sec_var` (0 turns it off) and `burst_var` (default
+/// twice the rate, so raising the rate alone raises the burst with it).
+fn rate(
+    get: &impl Fn(&str) -> Option<String>,
+    per_sec_var: &'static str,
+    burst_var: &'static str,
+    default_per_sec: u32,
+) -> Result<Option<Rate>, ConfigError> {
+    let per_sec = parse::<u32>(get, per_sec_var, default_per_sec)?;
+    if per_sec == 0 {
+        return Ok(None);
+    }
+    let burst = parse::<u32>(get, burst_var, per_sec.saturating_mul(2))?;
+    if burst == 0 {
+        return Err(ConfigError {
+            variable: burst_var,
+            problem: format!("must be at least 1 (set {per_sec_var}=0 to turn the limit off)"),
+        });
+    }
+    Ok(Some(Rate { per_sec, burst }))
 }
 
 fn parse<T: std::str::FromStr>(
@@ -265,6 +317,56 @@ mod tests {
         assert_eq!(c.port, 3000);
         assert_eq!(c.presence_ttl, Duration::from_secs(90));
         assert_eq!(c.log_format, LogFormat::Pretty);
+        assert_eq!(
+            c.rate_limits,
+            RateLimits {
+                messages: Some(Rate {
+                    per_sec: 20,
+                    burst: 40
+                }),
+                rest: Some(Rate {
+                    per_sec: 50,
+                    burst: 100
+                }),
+            }
+        );
+    }
+
+    #[test]
+    fn rate_limits_are_set_and_turned_off_by_zero() {
+        let mut pairs = BASE.to_vec();
+        pairs.extend([
+            ("RATE_LIMIT_PER_SEC", "5"),
+            ("REST_RATE_LIMIT_PER_SEC", "0"),
+            ("REST_RATE_LIMIT_BURST", "7"),
+        ]);
+        let c = Config::from_lookup(lookup(&pairs)).expect("valid");
+        assert_eq!(
+            c.rate_limits.messages,
+            Some(Rate {
+                per_sec: 5,
+                burst: 10
+            }),
+            "the burst follows the rate"
+        );
+        assert_eq!(c.rate_limits.rest, None, "0 turns it off");
+        pairs.push(("RATE_LIMIT_BURST", "1"));
+        let c = Config::from_lookup(lookup(&pairs)).expect("valid");
+        assert_eq!(
+            c.rate_limits.messages,
+            Some(Rate {
+                per_sec: 5,
+                burst: 1
+            })
+        );
+        let mut pairs = BASE.to_vec();
+        pairs.push(("RATE_LIMIT_BURST", "0"));
+        let err = Config::from_lookup(lookup(&pairs)).expect_err("refused");
+        assert_eq!(err.variable, "RATE_LIMIT_BURST");
+        let mut pairs = BASE.to_vec();
+        pairs.push(("REST_RATE_LIMIT_PER_SEC", "-1"));
+        let err = Config::from_lookup(lookup(&pairs)).expect_err("refused");
+        assert_eq!(err.variable, "REST_RATE_LIMIT_PER_SEC");
     }
 
     #[test]

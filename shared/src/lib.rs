@@ -11,6 +11,7 @@
 //! - [`model`]: the JSON shapes clients see.
 //! - [`store`]: PostgreSQL (every SQL statement) and migrations.
 //! - [`presence`]: Redis keys for connections, subscriptions, presence.
+//! - [`limits`]: rate limits and `typing` coalescing, in Redis.
 //! - [`bus`]: envelopes on the Redis pub/sub channel the relay consumes.
 //! - [`service`]: the use cases.
 //! - [`realtime`]: the WebSocket use cases (connect, messages, disconnect, sweep).
@@ -30,6 +31,7 @@ pub mod error;
 pub mod http;
 #[cfg(feature = "lambda")]
 pub mod lambda;
+pub mod limits;
 pub mod metrics;
 pub mod model;
 pub mod presence;

@@ -13,6 +13,10 @@
 //! | `conn:{connectionId}` | hash | `userId`, `username`, `displayName`, `avatar`, `admin`, `endpoint` (Management API callback URL), `connectedAt` (ms), `greeted` (set once `connected` was delivered) |
 //! | `conn:{connectionId}:rooms` | set | rooms the connection has joined |
 //! | `room:{roomId}:conns` | hash | connection id → `watermark\|userId\|connectedAt\|endpoint`: what the relay fans out to in one read |
+//! | `rl:conn:{connectionId}` | string | the connection's message-rate bucket (GCRA arrival time, µs); expires when full ([`crate::limits`]) |
+//! | `rl:user:{userId}:send` | string | the user's REST send-rate bucket, likewise |
+//! | `rl:user:{userId}:rest` | string | the user's REST request-rate bucket, likewise |
+//! | `typing:{roomId}:{userId}` | string | `1` / `0`: the last `isTyping` fanned out, for 2 s (coalescing) |
 //!
 //! A room subscription carries its *watermark*: the highest sequence id the
 //! connection already has from its `roomJoined` snapshot. The relay never
@@ -82,6 +86,27 @@ impl Keys {
     /// The connections joined to a room.
     pub fn room_conns(&self, room_id: &str) -> String {
         format!("{}room:{room_id}:conns", self.prefix)
+    }
+
+    /// A connection's message-rate bucket ([`crate::limits`]).
+    pub fn rate_conn(&self, connection_id: &str) -> String {
+        format!("{}rl:conn:{connection_id}", self.prefix)
+    }
+
+    /// A user's REST send-rate bucket ([`crate::limits`]).
+    pub fn rate_user_send(&self, user_id: &str) -> String {
+        format!("{}rl:user:{user_id}:send", self.prefix)
+    }
+
+    /// A user's REST request-rate bucket ([`crate::limits`]).
+    pub fn rate_user_rest(&self, user_id: &str) -> String {
+        format!("{}rl:user:{user_id}:rest", self.prefix)
+    }
+
+    /// The last `typing` state of a user in a room that went out
+    /// ([`crate::limits`]).
+    pub fn typing(&self, room_id: &str, user_id: &str) -> String {
+        format!("{}typing:{room_id}:{user_id}", self.prefix)
     }
 
     /// The key prefix.
@@ -272,6 +297,9 @@ pub struct Touched {
     pub was_online: bool,
     /// Whether the relay has delivered the connection's `connected` event.
     pub greeted: bool,
+    /// When the frame was over the connection's message rate: how long
+    /// until one would be allowed. The lease was renewed all the same.
+    pub rate_limited: Option<std::time::Duration>,
 }
 
 /// Registers a connection and its lease; the user's first live connection
@@ -291,16 +319,24 @@ if added == 1 and ARGV[13] ~= '' then redis.call('PUBLISH', ARGV[12], ARGV[13]) 
 return added
 ";
 
-/// Renews a connection's lease and reads who it is: one round trip per frame.
-const TOUCH: &str = r"
+/// Renews a connection's lease, reads who it is and, when ARGV[4] (the
+/// GCRA interval, µs) is not empty, charges the frame to the connection's
+/// rate bucket KEYS[4] (burst ARGV[5]): one round trip per frame. f[10] is
+/// 0, or the µs to wait when the frame is over the rate.
+const TOUCH: &str = concat!(
+    crate::limits::gcra_lua!(),
+    r"
 local f = redis.call('HMGET', KEYS[1], 'userId', 'username', 'displayName', 'avatar', 'admin',
   'endpoint', 'connectedAt', 'greeted')
 if not f[1] then return false end
 redis.call('ZADD', ARGV[3] .. f[1], ARGV[2], ARGV[1])
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
 f[9] = tostring(redis.call('SISMEMBER', KEYS[3], f[1]))
+f[10] = '0'
+if ARGV[4] ~= '' then f[10] = string.format('%.0f', gcra({{KEYS[4], ARGV[4], ARGV[5]}})) end
 return f
-";
+"
+);
 
 /// Records that a connection's `connected` event was delivered.
 const MARK_GREETED: &str = r"
@@ -397,7 +433,9 @@ impl Presence {
     }
 
     /// Renews a connection's lease (any frame does) and returns the
-    /// connection; `None` when it is unknown (closed, or swept).
+    /// connection; `None` when it is unknown (closed, or swept). With a
+    /// `rate`, the frame is also charged to the connection's message-rate
+    /// bucket in the same round trip ([`Touched::rate_limited`]).
     ///
     /// # Errors
     /// `UNAVAILABLE` when Redis does not answer.
@@ -405,21 +443,30 @@ impl Presence {
         &self,
         connection_id: &str,
         ttl: std::time::Duration,
+        rate: Option<crate::config::Rate>,
     ) -> Result<Option<Touched>> {
+        let (interval, burst) = match rate.map(crate::limits::bucket_args) {
+            Some((interval, burst)) => (interval.to_string(), burst.to_string()),
+            None => (String::new(), String::new()),
+        };
         let mut redis = CountedRedis(self.redis.clone());
         let fields: Option<Vec<Option<String>>> = redis::Script::new(TOUCH)
             .key(self.keys.conn(connection_id))
             .key(self.keys.leases())
             .key(self.keys.online())
+            .key(self.keys.rate_conn(connection_id))
             .arg(connection_id)
             .arg(now_ms() + ttl.as_millis() as i64)
             .arg(self.keys.user_conns_prefix())
+            .arg(interval)
+            .arg(burst)
             .invoke_async(&mut redis)
             .await?;
         let Some(mut f) = fields else {
             return Ok(None);
         };
-        f.resize(9, None);
+        f.resize(10, None);
+        let rate_limited = crate::limits::parse_wait(f[9].as_deref());
         let mut take = |i: usize| f[i].take();
         let Some(user_id) = take(0) else {
             return Ok(None);
@@ -442,6 +489,7 @@ impl Presence {
             connection,
             greeted,
             was_online: take(8).as_deref() == Some("1"),
+            rate_limited,
         }))
     }
 

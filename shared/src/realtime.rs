@@ -312,8 +312,9 @@ impl Realtime {
         } else {
             None
         };
-        // Every frame renews the presence lease, good or bad.
-        let touched = self.touch(connection_id).await;
+        // Every frame renews the presence lease, good or bad, and every
+        // frame but `ping` is charged to the connection's message rate.
+        let touched = self.touch(connection_id, kind != Some("ping")).await;
         let unregistered = matches!(touched, Err(Error::Unauthorized(_)));
         let frame = match frame {
             None => {
@@ -329,8 +330,9 @@ impl Realtime {
             Some(Err(err)) => return (RequestIds::default(), Err(err), unregistered),
         };
         let result = async {
-            // A connection that is gone is told so before its fields are
-            // looked at; the admin check needs the connection's user.
+            // A connection that is gone, or over its rate, is told so
+            // before its fields are looked at; the admin check needs the
+            // connection's user.
             let conn = touched?;
             let event = frame.event(conn.user.is_admin)?;
             self.handle(&conn, event).await
@@ -340,13 +342,24 @@ impl Realtime {
         (frame.ids().clone(), result, unregistered)
     }
 
-    async fn touch(&self, connection_id: &str) -> Result<Connection> {
+    /// Renews the connection's lease and, when `metered`, charges the frame
+    /// to its message rate (one Redis round trip for both).
+    ///
+    /// # Errors
+    /// `UNAUTHORIZED` for a connection that is no longer registered;
+    /// `RATE_LIMITED` for a frame over the rate (its lease is renewed all
+    /// the same, and nothing else is done for it).
+    async fn touch(&self, connection_id: &str, metered: bool) -> Result<Connection> {
         let presence = self.chat.presence();
+        let rate = self.chat.limiter().limits().messages.filter(|_| metered);
         let Some(Touched {
             connection,
             was_online,
             greeted,
-        }) = presence.touch(connection_id, self.presence_ttl).await?
+            rate_limited,
+        }) = presence
+            .touch(connection_id, self.presence_ttl, rate)
+            .await?
         else {
             return Err(Error::unauthorized(
                 "this connection is no longer registered; reconnect",
@@ -368,6 +381,9 @@ impl Realtime {
                     envelope.as_deref(),
                 )
                 .await?;
+        }
+        if let Some(wait) = rate_limited {
+            return Err(crate::limits::refused(wait));
         }
         Ok(connection)
     }
@@ -436,16 +452,21 @@ impl Realtime {
                     "typing",
                     &json!({"roomId": room_id, "userId": user.id, "username": user.username, "isTyping": is_typing}),
                 )?;
+                let bus = self.chat.bus();
+                let envelope = bus.envelope(
+                    Target::Room {
+                        room_id: room_id.to_string(),
+                    },
+                    event,
+                    Vec::new(),
+                    vec![user.id.to_string()],
+                    None,
+                )?;
+                // Coalesced: a repeat of the state that went out less than
+                // 2 s ago is dropped; a change always goes out.
                 self.chat
-                    .bus()
-                    .publish_excluding(
-                        Target::Room {
-                            room_id: room_id.to_string(),
-                        },
-                        event,
-                        Vec::new(),
-                        vec![user.id.to_string()],
-                    )
+                    .limiter()
+                    .publish_typing(&room_id, &user.id, is_typing, bus.channel(), &envelope)
                     .await?;
                 Ok(None)
             }

@@ -13,6 +13,7 @@ use crate::auth::AuthUser;
 use crate::bus::{Bus, Target, event_json};
 use crate::domain::{NewMessage, RoomId, RoomType, SequenceId, UserId};
 use crate::error::{Error, Result};
+use crate::limits::Limiter;
 use crate::model::{Member, Message, Room, RoomRow, rfc3339_millis};
 use crate::presence::Presence;
 use crate::store::{PageQuery, Store, Stored};
@@ -22,12 +23,13 @@ pub const SNAPSHOT_MESSAGES: i64 = 50;
 /// Most messages in a `roomJoined` with `afterSequenceId`.
 pub const RECOVERY_MESSAGES: i64 = 100;
 
-/// The service: the repository, presence and the bus.
+/// The service: the repository, presence, the bus and the rate limits.
 #[derive(Debug, Clone)]
 pub struct Chat {
     store: Store,
     presence: Presence,
     bus: Bus,
+    limiter: Limiter,
 }
 
 /// Everything a client needs on entering a room.
@@ -88,11 +90,12 @@ pub enum NewRoom {
 
 impl Chat {
     /// The service over its adapters.
-    pub fn new(store: Store, presence: Presence, bus: Bus) -> Self {
+    pub fn new(store: Store, presence: Presence, bus: Bus, limiter: Limiter) -> Self {
         Self {
             store,
             presence,
             bus,
+            limiter,
         }
     }
 
@@ -109,6 +112,11 @@ impl Chat {
     /// The bus publisher.
     pub fn bus(&self) -> &Bus {
         &self.bus
+    }
+
+    /// The rate limits and `typing` coalescing.
+    pub fn limiter(&self) -> &Limiter {
+        &self.limiter
     }
 
     /// Makes the caller known and refreshes their profile (PROTOCOL §1).

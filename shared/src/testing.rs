@@ -139,6 +139,10 @@ impl TestEnv {
             ("JWT_SECRET".to_owned(), SECRET.to_owned()),
             ("INSTANCE_ID".to_owned(), "test".to_owned()),
             ("PG_POOL_MAX".to_owned(), "24".to_owned()),
+            // Suites send as fast as they can; those about rate limits
+            // turn them on with `set`.
+            ("RATE_LIMIT_PER_SEC".to_owned(), "0".to_owned()),
+            ("REST_RATE_LIMIT_PER_SEC".to_owned(), "0".to_owned()),
         ]);
         Self { vars }
     }

@@ -14,10 +14,36 @@ use crate::error::Error;
 use super::AppState;
 
 /// The authenticated caller. Every token failure is a 401; there is no
-/// anonymous fallback. The user is recorded (or their profile refreshed)
-/// on the way in, as PROTOCOL §1 requires.
+/// anonymous fallback. The request is then charged to the user's REST
+/// request rate (429 `RATE_LIMITED` with `Retry-After` beyond it), and the
+/// user is recorded (or their profile refreshed) on the way in, as
+/// PROTOCOL §1 requires.
 #[derive(Debug, Clone)]
 pub struct Caller(pub AuthUser);
+
+/// Like [`Caller`], for a route that sends a message: the request is
+/// charged to the user's send rate too, in the same Redis round trip.
+#[derive(Debug, Clone)]
+pub struct SendingCaller(pub AuthUser);
+
+/// Verifies the token, charges the user's rate buckets (the send bucket
+/// too when `send`), then records the user. The limit comes before
+/// PostgreSQL, so a refused request costs one Redis call.
+async fn caller(parts: &Parts, state: &AppState, send: bool) -> Result<AuthUser, Error> {
+    let header = parts
+        .headers
+        .get(axum::http::header::AUTHORIZATION)
+        .ok_or_else(|| Error::unauthorized("missing bearer token"))?;
+    let token = header
+        .to_str()
+        .ok()
+        .and_then(bearer_token)
+        .ok_or_else(|| Error::unauthorized("malformed Authorization header"))?;
+    let user = state.verifier.verify(token)?;
+    state.chat.limiter().charge_rest(&user.id, send).await?;
+    state.chat.authenticate(&user).await?;
+    Ok(user)
+}
 
 impl<S> FromRequestParts<S> for Caller
 where
@@ -27,19 +53,23 @@ where
     type Rejection = Error;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
-        let state = AppState::from_ref(state);
-        let header = parts
-            .headers
-            .get(axum::http::header::AUTHORIZATION)
-            .ok_or_else(|| Error::unauthorized("missing bearer token"))?;
-        let token = header
-            .to_str()
-            .ok()
-            .and_then(bearer_token)
-            .ok_or_else(|| Error::unauthorized("malformed Authorization header"))?;
-        let user = state.verifier.verify(token)?;
-        state.chat.authenticate(&user).await?;
-        Ok(Self(user))
+        caller(parts, &AppState::from_ref(state), false)
+            .await
+            .map(Self)
+    }
+}
+
+impl<S> FromRequestParts<S> for SendingCaller
+where
+    AppState: FromRef<S>,
+    S: Send + Sync,
+{
+    type Rejection = Error;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        caller(parts, &AppState::from_ref(state), true)
+            .await
+            .map(Self)
     }
 }
 

@@ -292,7 +292,7 @@ impl Modify for ErrorResponses {
             (413, "PAYLOAD_TOO_LARGE: body over 256 KiB"),
             (
                 429,
-                "RATE_LIMITED: shedding load; retry after `Retry-After` seconds",
+                "RATE_LIMITED: over the caller's request or send rate, or shedding load; retry after `Retry-After` seconds",
             ),
             (500, "INTERNAL: internal error"),
             (

@@ -16,7 +16,7 @@ use crate::service::{NewRoom, SNAPSHOT_MESSAGES};
 use crate::store::{PageQuery, Stored};
 
 use super::AppState;
-use super::extract::{Caller, JsonObject, Params, RoomPath, RoomUserPath};
+use super::extract::{Caller, JsonObject, Params, RoomPath, RoomUserPath, SendingCaller};
 
 /// The routes, with load shedding in front of them.
 pub fn router(state: AppState) -> Router<AppState> {
@@ -98,7 +98,7 @@ pub(super) async fn history(
         (status = 200, description = "An idempotent repeat: the original message", body = super::openapi::MessageEnvelope)))]
 pub(super) async fn send_message(
     State(state): State<AppState>,
-    Caller(user): Caller,
+    SendingCaller(user): SendingCaller,
     RoomPath(room_id): RoomPath,
     JsonObject(body): JsonObject,
 ) -> Result<Response> {
