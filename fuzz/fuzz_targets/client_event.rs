@@ -14,12 +14,12 @@
 
 #![no_main]
 
+use chat_shared::ErrorCode;
 use chat_shared::domain::{
     MAX_CLIENT_MESSAGE_ID_CHARS, MAX_CONTENT_CHARS, MAX_METADATA_BYTES, MAX_ROOM_ID_CHARS,
     MAX_SAFE_INTEGER, MessageType, RoomId, SequenceId, is_blank,
 };
 use chat_shared::realtime::{ClientEvent, JoinTarget, error_event, parse_client_event};
-use chat_shared::ErrorCode;
 use libfuzzer_sys::fuzz_target;
 
 fn check_room(room: &RoomId) {
@@ -43,7 +43,10 @@ fn check(event: &ClientEvent, is_admin: bool) {
                 JoinTarget::Direct(user) => {
                     let id = user.as_str();
                     assert!((1..=64).contains(&id.len()));
-                    assert!(id.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.:-".contains(&b)));
+                    assert!(
+                        id.bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b"_.:-".contains(&b))
+                    );
                 }
             }
             after_sequence_id.map(check_sequence);
@@ -74,7 +77,9 @@ fn check(event: &ClientEvent, is_admin: bool) {
             }
             if let Some(metadata) = &message.metadata {
                 assert!(metadata.is_object());
-                let size = serde_json::to_vec(metadata).map(|v| v.len()).unwrap_or(usize::MAX);
+                let size = serde_json::to_vec(metadata)
+                    .map(|v| v.len())
+                    .unwrap_or(usize::MAX);
                 assert!(size <= MAX_METADATA_BYTES, "metadata of {size} bytes");
                 assert!(!metadata.to_string().contains("\\u0000"));
             }
@@ -98,7 +103,10 @@ fuzz_target!(|data: &[u8]| {
     let as_admin = parse_client_event(body, true);
     match (&as_user, &as_admin) {
         (Ok(user_event), Ok(admin_event)) => {
-            assert_eq!(user_event, admin_event, "the role changed an accepted event");
+            assert_eq!(
+                user_event, admin_event,
+                "the role changed an accepted event"
+            );
             check(user_event, false);
         }
         (Err((_, err)), Ok(admin_event)) => {

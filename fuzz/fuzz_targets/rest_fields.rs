@@ -8,11 +8,11 @@
 
 #![no_main]
 
+use chat_shared::ErrorCode;
 use chat_shared::domain::{
     MAX_MEMBER_IDS, MAX_ROOM_NAME_CHARS, MAX_SAFE_INTEGER, NewMessage, RoomId, SequenceId, UserId,
     is_blank, parse_query_int, parse_room_name, parse_user_ids,
 };
-use chat_shared::ErrorCode;
 use libfuzzer_sys::fuzz_target;
 use serde_json::Value;
 
