@@ -33,8 +33,10 @@ pub struct Profile {
     /// Username (defaults to the id).
     pub username: String,
     /// Display name, if any.
+    #[schema(required)]
     pub display_name: Option<String>,
     /// Avatar URL, if any.
+    #[schema(required)]
     pub avatar: Option<String>,
 }
 
@@ -64,10 +66,12 @@ pub struct Message {
     pub kind: MessageType,
     /// A JSON object or null.
     #[schema(value_type = Option<Object>)]
+    #[schema(required)]
     pub metadata: Option<Value>,
     /// Position in the room.
     pub sequence_id: SequenceId,
     /// The sender's idempotency key, or null.
+    #[schema(required)]
     pub client_message_id: Option<String>,
     /// The sender's profile as it is now.
     pub sender: Profile,
@@ -101,12 +105,16 @@ pub struct Room {
     #[serde(rename = "type")]
     pub kind: RoomType,
     /// GROUP name (CALL rooms may have one too).
+    #[schema(required)]
     pub name: Option<String>,
     /// CALL rooms: the call id.
+    #[schema(required)]
     pub call_id: Option<String>,
     /// DIRECT rooms: the first user (ids sorted); null otherwise.
+    #[schema(required)]
     pub user1: Option<Profile>,
     /// DIRECT rooms: the second user; null otherwise.
+    #[schema(required)]
     pub user2: Option<Profile>,
     /// Every member's profile.
     pub members: Vec<Profile>,
@@ -115,8 +123,10 @@ pub struct Room {
     /// When the newest message was sent.
     #[serde(serialize_with = "opt_ts")]
     #[schema(value_type = Option<String>, format = DateTime)]
+    #[schema(required)]
     pub last_message_at: Option<DateTime<Utc>>,
     /// The newest message's content.
+    #[schema(required)]
     pub last_message_text: Option<String>,
     /// When the room was created.
     #[serde(serialize_with = "ts")]

@@ -180,6 +180,32 @@ async fn the_document_lists_every_route_with_its_shapes() {
     ] {
         assert!(message.get(field).is_some(), "Message.{field}");
     }
+    // Fields that are always present, null or not, are required: a
+    // response that leaves one out does not conform.
+    let required = |name: &str| -> Vec<&str> {
+        schemas[name]["required"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{name}.required"))
+            .iter()
+            .map(|v| v.as_str().unwrap())
+            .collect()
+    };
+    for field in ["metadata", "clientMessageId", "readBy", "createdAt"] {
+        assert!(required("Message").contains(&field), "Message.{field}");
+    }
+    for field in [
+        "name",
+        "callId",
+        "user1",
+        "user2",
+        "lastMessageAt",
+        "lastMessageText",
+    ] {
+        assert!(required("Room").contains(&field), "Room.{field}");
+    }
+    for field in ["displayName", "avatar"] {
+        assert!(required("Profile").contains(&field), "Profile.{field}");
+    }
     let codes = &schemas["ErrorCode"]["enum"];
     for code in [
         "BAD_REQUEST",
