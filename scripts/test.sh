@@ -21,6 +21,11 @@ step() { printf '\n==> %s\n' "$*" >&2; }
 ensure_rust
 ensure_services
 
+# CI builds each clone once: incremental caches only cost disk there.
+if [ "${CI:-}" = true ]; then
+    export CARGO_INCREMENTAL=0
+fi
+
 export TEST_DATABASE_URL="$DATABASE_URL"
 export TEST_REDIS_URL="$REDIS_URL"
 
