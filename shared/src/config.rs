@@ -56,6 +56,10 @@ pub struct Config {
     /// Most `PostToConnection` calls the relay has in flight
     /// (`RELAY_CONCURRENCY`, 256).
     pub relay_concurrency: usize,
+    /// Cluster shards the relays split the bus into, each leased by one
+    /// relay at a time (`RELAY_SHARDS`, 64, at most 1024). Every relay of
+    /// a deployment must use the same number.
+    pub relay_shards: usize,
     /// AWS region for the Management API client (`AWS_REGION`, `us-east-1`).
     pub aws_region: String,
     /// The local API Gateway emulator's limits and names.
@@ -194,6 +198,13 @@ impl Config {
                 problem: "must be at least 1".into(),
             });
         }
+        let relay_shards = parse::<usize>(&get, "RELAY_SHARDS", 64)?;
+        if !(1..=1024).contains(&relay_shards) {
+            return Err(ConfigError {
+                variable: "RELAY_SHARDS",
+                problem: format!("must be between 1 and 1024, not {relay_shards}"),
+            });
+        }
         let lambda = lookup("AWS_LAMBDA_FUNCTION_NAME").is_some();
         let log_format = match get("LOG_FORMAT").as_deref() {
             None if lambda => LogFormat::Json,
@@ -226,6 +237,7 @@ impl Config {
             log_format,
             log_filter: get("RUST_LOG").unwrap_or_else(|| "info".into()),
             relay_concurrency: parse::<usize>(&get, "RELAY_CONCURRENCY", 256)?.max(1),
+            relay_shards,
             aws_region: get("AWS_REGION").unwrap_or_else(|| "us-east-1".into()),
             gateway: GatewaySettings {
                 stage: get("GATEWAY_STAGE").unwrap_or_else(|| "local".into()),
@@ -377,6 +389,12 @@ mod tests {
         assert_eq!(err.variable, "MESSAGE_RETENTION");
         let err = Config::from_lookup(lookup(&BASE[1..])).expect_err("refused");
         assert_eq!(err.variable, "DATABASE_URL");
+        for shards in ["0", "1025", "many"] {
+            let mut pairs = BASE.to_vec();
+            pairs.push(("RELAY_SHARDS", shards));
+            let err = Config::from_lookup(lookup(&pairs)).expect_err("refused");
+            assert_eq!(err.variable, "RELAY_SHARDS");
+        }
     }
 
     #[test]

@@ -13,6 +13,8 @@
 //! | `conn:{connectionId}` | hash | `userId`, `username`, `displayName`, `avatar`, `admin`, `endpoint` (Management API callback URL), `connectedAt` (ms), `greeted` (set once `connected` was delivered) |
 //! | `conn:{connectionId}:rooms` | set | rooms the connection has joined |
 //! | `room:{roomId}:conns` | hash | connection id → `watermark\|userId\|connectedAt\|endpoint`: what the relay fans out to in one read |
+//! | `relay:lease:{n}` | string, with a TTL | the relay id that owns cluster shard `n` (`SET NX PX`, renewed by compare-and-`PEXPIRE`; the relay crate's `cluster` module) |
+//! | `relay:members` | sorted set | live relay ids, scored by their last heartbeat (ms, Redis clock): what a relay's fair share is computed from |
 //! | `rl:conn:{connectionId}` | string | the connection's message-rate bucket (GCRA arrival time, µs); expires when full ([`crate::limits`]) |
 //! | `rl:user:{userId}:send` | string | the user's REST send-rate bucket, likewise |
 //! | `rl:user:{userId}:rest` | string | the user's REST request-rate bucket, likewise |
@@ -107,6 +109,16 @@ impl Keys {
     /// ([`crate::limits`]).
     pub fn typing(&self, room_id: &str, user_id: &str) -> String {
         format!("{}typing:{room_id}:{user_id}", self.prefix)
+    }
+
+    /// The lease of relay cluster shard `shard`: the owning relay's id.
+    pub fn relay_lease(&self, shard: usize) -> String {
+        format!("{}relay:lease:{shard}", self.prefix)
+    }
+
+    /// The live relays, scored by heartbeat.
+    pub fn relay_members(&self) -> String {
+        format!("{}relay:members", self.prefix)
     }
 
     /// The key prefix.
