@@ -7,10 +7,16 @@
 //! Management API endpoint with `PostToConnection`. It runs as an ECS
 //! Fargate service in AWS, as the `relay` binary, or inside the local stack.
 //!
+//! Several relays share the work: each holds the leases of some of the
+//! `RELAY_SHARDS` cluster shards in Redis and handles only the envelopes
+//! whose ordering key falls in them; when a relay joins, leaves or dies
+//! the others rebalance within seconds (module `cluster`).
+//!
 //! Guarantees (PROTOCOL.md §2, "Who receives what"):
 //! - a room's events reach each connection in publish order: envelopes are
-//!   sharded by ordering key, each shard handles its envelopes one at a
-//!   time, and each connection's posts leave one at a time in queue order;
+//!   sharded by ordering key, one relay at a time handles a shard, each
+//!   worker handles its envelopes one at a time, and each connection's
+//!   posts leave one at a time in queue order;
 //! - a room's `message` events reach each joined connection once each, in
 //!   increasing `sequenceId`, with no gap: repeats are skipped and gaps are
 //!   filled from memory or PostgreSQL (module `shard`);
@@ -21,8 +27,9 @@
 //! # Layout
 //! - `lib.rs`: [`Relay`] (wiring, [`Relay::run`], shutdown) and
 //!   [`RelayOptions`].
+//! - `cluster`: shard leases, fair shares, handover and takeover.
 //! - `subscriber`: the pub/sub subscription, with reconnects; hands each
-//!   envelope to its shard.
+//!   envelope of a held cluster shard to its worker.
 //! - `shard`: ordered handling per ordering key; per-room dedupe, gap fill
 //!   and `Control::Sync`.
 //! - `resolve`: target → connections, with batched Redis reads.
@@ -35,7 +42,7 @@
 //! - [`metrics`], the counters.
 //! - `main.rs`: the `relay` binary, a thin shim.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -46,6 +53,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+mod cluster;
 pub mod management;
 pub mod metrics;
 mod outbox;
@@ -55,6 +63,7 @@ mod subscriber;
 mod sweeper;
 mod watermarks;
 
+pub use cluster::ClusterOptions;
 pub use management::Management;
 pub use metrics::{MetricsSnapshot, RelayMetrics};
 
@@ -74,8 +83,14 @@ pub struct RelayOptions {
     /// How often expired presence leases are swept:
     /// `PRESENCE_TTL_SECONDS / 10`, between 1 s and 5 s.
     pub sweep_interval: Duration,
-    /// Envelope shards (ordered lanes) handled in parallel. 16.
+    /// Workers (ordered lanes) handling envelopes in parallel; cluster
+    /// shard `n` is handled by worker `n % shards`. 16.
     pub shards: usize,
+    /// The cluster shards and their leases (`RELAY_SHARDS`).
+    pub cluster: ClusterOptions,
+    /// Names this relay in leases and logs; a unique suffix is added per
+    /// [`Relay`] (`INSTANCE_ID`).
+    pub instance_id: String,
     /// A room's in-memory state (delivered marks, recent messages) is
     /// dropped after this long without envelopes. 5 min.
     pub room_idle: Duration,
@@ -99,6 +114,8 @@ impl RelayOptions {
             sweep_interval: (config.presence_ttl / 10)
                 .clamp(Duration::from_secs(1), Duration::from_secs(5)),
             shards: 16,
+            cluster: ClusterOptions::new(config.relay_shards),
+            instance_id: config.instance_id.clone(),
             room_idle: Duration::from_secs(300),
             drain_timeout: Duration::from_secs(5),
             aws_region: config.aws_region.clone(),
@@ -124,11 +141,15 @@ pub struct Relay {
     management: Arc<Management>,
     /// Shared with every task, readable from outside.
     metrics: Arc<RelayMetrics>,
+    /// This relay's id in the cluster: `INSTANCE_ID` and a unique suffix,
+    /// so two relays never share one by mistake.
+    id: String,
 }
 
 impl std::fmt::Debug for Relay {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Relay")
+            .field("id", &self.id)
             .field("channel", &self.channel)
             .field("options", &self.options)
             .finish_non_exhaustive()
@@ -163,6 +184,7 @@ impl Relay {
         options: RelayOptions,
     ) -> Self {
         let management = Arc::new(Management::new(options.aws_region.clone()));
+        let id = unique_id(&options.instance_id);
         Self {
             realtime,
             redis_url,
@@ -170,6 +192,7 @@ impl Relay {
             options,
             management,
             metrics: Arc::new(RelayMetrics::default()),
+            id,
         }
     }
 
@@ -178,9 +201,20 @@ impl Relay {
         self.metrics.clone()
     }
 
-    /// Runs the bus subscription, the shards, the outboxes and the sweeper
-    /// until `shutdown` is cancelled; then stops reading, finishes queued
-    /// envelopes and posts (for at most `drain_timeout`), and returns.
+    /// This relay's id, as its shard leases in Redis hold it.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Runs the lease loop, the bus subscription, the workers, the
+    /// outboxes and the sweeper until `shutdown` is cancelled; then stops
+    /// reading, finishes queued envelopes and posts (for at most
+    /// `drain_timeout`), writes the delivered marks back, gives its shard
+    /// leases back and returns.
+    ///
+    /// Dropping the returned future instead (aborting its task) stops
+    /// everything at once without giving anything back, as a crash would:
+    /// the leases then expire by themselves.
     ///
     /// # Errors
     /// Only when the Redis URL is invalid; Redis being down is retried.
@@ -194,7 +228,13 @@ impl Relay {
             self.options.concurrency,
             self.options.young_connection,
         );
-        let mut shards = JoinSet::new();
+        let cluster_shards = self.options.cluster.shards.max(1);
+        let ownership = Arc::new(cluster::Ownership::new(cluster_shards));
+        let missed = Arc::new(Mutex::new(cluster::Missed::new(
+            cluster_shards,
+            self.options.cluster.missed_window(),
+        )));
+        let mut workers = JoinSet::new();
         let mut senders = Vec::with_capacity(self.options.shards.max(1));
         for _ in 0..self.options.shards.max(1) {
             let (tx, rx) = mpsc::channel(SHARD_QUEUE);
@@ -205,39 +245,69 @@ impl Relay {
                 self.management.clone(),
                 self.metrics.clone(),
                 self.options.room_idle,
+                ownership.clone(),
+                missed.clone(),
             );
-            shards.spawn(shard.run(rx));
+            workers.spawn(shard.run(rx));
         }
-        let sweeper = tokio::spawn(
+        // Spawned into a set owned by this future, so that dropping it
+        // (a crash in tests) stops the lease renewals too.
+        let mut background = JoinSet::new();
+        let (refresh, refresh_requests) = cluster::Cluster::refresh_channel();
+        let cluster_stop = CancellationToken::new();
+        background.spawn(
+            cluster::Cluster {
+                id: self.id.clone(),
+                redis: self.realtime.chat().presence().redis(),
+                keys: self.realtime.chat().presence().keys().clone(),
+                options: self.options.cluster.clone(),
+                ownership: ownership.clone(),
+                missed: missed.clone(),
+                workers: senders.iter().map(mpsc::Sender::downgrade).collect(),
+                metrics: self.metrics.clone(),
+                draining: shutdown.clone(),
+            }
+            .run(cluster_stop.clone(), refresh_requests),
+        );
+        background.spawn(
             sweeper::Sweeper {
                 realtime: self.realtime.clone(),
                 management: self.management.clone(),
                 outboxes: outboxes.clone(),
                 metrics: self.metrics.clone(),
+                ownership: ownership.clone(),
             }
             .run(self.options.sweep_interval, shutdown.clone()),
         );
         tracing::info!(
+            relay = %self.id,
             channel = %self.channel,
-            shards = self.options.shards,
+            workers = self.options.shards,
+            cluster_shards,
             concurrency = self.options.concurrency,
             "relay started"
         );
         subscriber::BusReader {
             client,
             channel: self.channel.clone(),
-            shards: senders,
+            workers: senders,
+            ownership,
+            missed,
+            refresh,
             metrics: self.metrics.clone(),
             ping_interval: self.options.bus_ping_interval,
         }
         .run(shutdown)
         .await;
 
-        // The reader dropped the shard senders: each shard finishes its
-        // queue, writes its marks back and stops; then the outboxes drain.
+        // The reader dropped the worker senders: each worker finishes its
+        // queue, waits for its posts, writes its marks back and stops;
+        // then the outboxes drain. The leases are renewed meanwhile, and
+        // given back last, so no other relay posts to a connection before
+        // this one's last post.
         let deadline = tokio::time::Instant::now() + self.options.drain_timeout;
         let drained = tokio::time::timeout_at(deadline, async {
-            while shards.join_next().await.is_some() {}
+            while workers.join_next().await.is_some() {}
             outboxes.drained().await;
         })
         .await;
@@ -246,12 +316,33 @@ impl Relay {
                 pending_connections = outboxes.active(),
                 "shutdown: gave up waiting for queued posts"
             );
-            shards.abort_all();
+            workers.abort_all();
         }
-        if tokio::time::timeout_at(deadline, sweeper).await.is_err() {
-            tracing::warn!("shutdown: the sweeper did not stop in time");
+        cluster_stop.cancel();
+        let stopped = tokio::time::timeout(Duration::from_secs(5), async {
+            while background.join_next().await.is_some() {}
+        })
+        .await;
+        if stopped.is_err() {
+            tracing::warn!("shutdown: the lease loop or the sweeper did not stop in time");
         }
         tracing::info!("relay stopped");
         Ok(())
     }
+}
+
+/// The cluster shard (of `shards`, `RELAY_SHARDS`) that handles an
+/// ordering key (a room id, a user id for presence, a connection id):
+/// whoever holds lease `relay:lease:{n}` for it delivers its events.
+pub fn cluster_shard(key: &str, shards: usize) -> usize {
+    shard::key_shard(key, shards)
+}
+
+/// `instance` with a suffix unique to this process and call: the time in
+/// nanoseconds, the process id and a counter.
+fn unique_id(instance: &str) -> String {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let nanos = chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default();
+    format!("{instance}-{:x}-{:x}-{n}", std::process::id(), nanos)
 }

@@ -43,6 +43,16 @@ pub struct RelayMetrics {
     pub push_latency_us_sum: AtomicU64,
     /// Number of latencies in [`RelayMetrics::push_latency_us_sum`].
     pub push_latency_count: AtomicU64,
+    /// Envelopes of cluster shards this relay does not hold (another relay
+    /// handles them, or nobody during a takeover): read and dropped.
+    pub envelopes_not_owned: AtomicU64,
+    /// Cluster shards this relay holds now (a gauge).
+    pub shards_owned: AtomicU64,
+    /// Cluster shards this relay took (at start-up, from a relay that
+    /// left or died, or back after its own lease lapsed).
+    pub shards_acquired: AtomicU64,
+    /// Cluster shards this relay handed over to a relay that joined.
+    pub shards_released: AtomicU64,
 }
 
 /// A plain copy of [`RelayMetrics`] at one moment.
@@ -63,6 +73,10 @@ pub struct MetricsSnapshot {
     pub swept: u64,
     pub push_latency_us_sum: u64,
     pub push_latency_count: u64,
+    pub envelopes_not_owned: u64,
+    pub shards_owned: u64,
+    pub shards_acquired: u64,
+    pub shards_released: u64,
 }
 
 impl MetricsSnapshot {
@@ -164,6 +178,30 @@ impl MetricsSnapshot {
             "chat_relay_push_latency_seconds_count",
             &[],
             n(self.push_latency_count),
+        )
+        .single(
+            "chat_relay_envelopes_not_owned_total",
+            "Envelopes of cluster shards this relay does not hold, dropped.",
+            Kind::Counter,
+            n(self.envelopes_not_owned),
+        )
+        .single(
+            "chat_relay_shards_owned",
+            "Cluster shards this relay holds.",
+            Kind::Gauge,
+            n(self.shards_owned),
+        )
+        .single(
+            "chat_relay_shards_acquired_total",
+            "Cluster shards this relay took.",
+            Kind::Counter,
+            n(self.shards_acquired),
+        )
+        .single(
+            "chat_relay_shards_released_total",
+            "Cluster shards this relay handed over.",
+            Kind::Counter,
+            n(self.shards_released),
         );
     }
 }
@@ -199,6 +237,10 @@ impl RelayMetrics {
             swept: get(&self.swept),
             push_latency_us_sum: get(&self.push_latency_us_sum),
             push_latency_count: get(&self.push_latency_count),
+            envelopes_not_owned: get(&self.envelopes_not_owned),
+            shards_owned: get(&self.shards_owned),
+            shards_acquired: get(&self.shards_acquired),
+            shards_released: get(&self.shards_released),
         }
     }
 }

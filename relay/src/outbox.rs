@@ -7,6 +7,12 @@
 //! exits when it finds it empty. Queueing and that check happen under one
 //! lock, so no event is ever left behind in an outbox without a task.
 //!
+//! A *barrier* ([`Outboxes::barrier`]) resolves once everything queued
+//! before it has been posted (or given up on): a relay handing a cluster
+//! shard over, or shutting down, waits for it before it writes its
+//! delivered watermarks back, so the next owner never posts to a
+//! connection before this relay's last post to it.
+//!
 //! The drain task also applies the `410 Gone` policy (ARCHITECTURE.md,
 //! "Presence"): a connection younger than `young_connection` may still be
 //! in `$connect` (API Gateway refuses posts until `$connect` returns), so
@@ -21,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use chat_shared::presence::Subscriber;
 use chat_shared::realtime::Realtime;
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, oneshot};
 use tokio_util::task::TaskTracker;
 
 use crate::management::{Management, PostOutcome};
@@ -68,6 +74,14 @@ enum Pushed {
     Stale,
 }
 
+/// One entry of a connection's outbox.
+enum Item {
+    /// An event to post.
+    Event(Arc<str>),
+    /// Told once everything before it is posted ([`Outboxes::barrier`]).
+    Barrier(oneshot::Sender<()>),
+}
+
 /// One connection's queued events.
 struct Queue {
     /// Told apart from a later outbox for the same id (after a stale
@@ -76,8 +90,8 @@ struct Queue {
     generation: u64,
     /// Where the connection is reached (immutable for its id).
     route: Route,
-    /// Events not posted yet, oldest first.
-    events: VecDeque<Arc<str>>,
+    /// Events not posted yet (and barriers), oldest first.
+    events: VecDeque<Item>,
 }
 
 #[derive(Default)]
@@ -151,7 +165,7 @@ impl Outboxes {
                     "outbox full; dropping an event for this connection"
                 );
             } else {
-                queue.events.push_back(event);
+                queue.events.push_back(Item::Event(event));
             }
             return;
         }
@@ -162,7 +176,7 @@ impl Outboxes {
             Queue {
                 generation,
                 route: route.clone(),
-                events: VecDeque::from([event]),
+                events: VecDeque::from([Item::Event(event)]),
             },
         );
         drop(queues);
@@ -181,6 +195,32 @@ impl Outboxes {
     /// Connections with something queued or in flight.
     pub(crate) fn active(&self) -> usize {
         self.lock().by_connection.len()
+    }
+
+    /// Whether the connection has events queued or a post in flight.
+    pub(crate) fn is_pending(&self, connection_id: &str) -> bool {
+        self.lock().by_connection.contains_key(connection_id)
+    }
+
+    /// Resolves once every event queued before this call has been posted,
+    /// given up on, or dropped with a stale connection's outbox.
+    pub(crate) fn barrier(&self) -> impl Future<Output = ()> + use<> {
+        let waits: Vec<oneshot::Receiver<()>> = {
+            let mut queues = self.lock();
+            queues
+                .by_connection
+                .values_mut()
+                .map(|queue| {
+                    let (tx, rx) = oneshot::channel();
+                    queue.events.push_back(Item::Barrier(tx));
+                    rx
+                })
+                .collect()
+        };
+        async move {
+            // An error means the outbox was dropped: nothing left to post.
+            futures::future::join_all(waits).await;
+        }
     }
 
     /// Stops accepting new drain tasks once the current ones finish, and
@@ -202,7 +242,11 @@ impl Outboxes {
                     return;
                 }
                 match queue.events.pop_front() {
-                    Some(event) => (queue.route.clone(), event),
+                    Some(Item::Event(event)) => (queue.route.clone(), event),
+                    Some(Item::Barrier(reached)) => {
+                        let _ = reached.send(());
+                        continue;
+                    }
                     None => {
                         queues.by_connection.remove(&connection_id);
                         return;

@@ -19,9 +19,16 @@
 //! `Control::Sync` (a join that raced with sends) pushes every stored
 //! message above the connection's mark. It is handled on the room's shard,
 //! so it is ordered with the room's messages.
+//!
+//! A worker serves the envelopes of the cluster shards (module `cluster`)
+//! that map to it (`cluster shard % workers`), and only while this relay
+//! holds their lease. Two more kinds of [`Work`] come from the lease loop:
+//! `Release` (finish and write back a shard before its lease is handed
+//! over) and `Acquired` (catch up on what nobody handled while the shard
+//! had no owner).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use chat_shared::bus::{Control, Envelope, Target, event_json};
@@ -29,8 +36,9 @@ use chat_shared::domain::SequenceId;
 use chat_shared::presence::Subscriber;
 use chat_shared::realtime::Realtime;
 use serde::Deserialize;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
+use crate::cluster::{Missed, Ownership};
 use crate::management::Management;
 use crate::metrics::RelayMetrics;
 use crate::outbox::{Outboxes, Route};
@@ -43,7 +51,10 @@ const RING: usize = 256;
 /// a join never produces) gets only its newest part.
 const MAX_FILL: i64 = 1000;
 /// How often delivered marks are written back and idle rooms evicted.
-pub(crate) const MAINTENANCE_INTERVAL: Duration = Duration::from_secs(1);
+/// Short, because it bounds what a successor repeats after this relay is
+/// killed (marks posted but not yet written back); a write-back is one
+/// script call per worker, and only when some mark moved.
+pub(crate) const MAINTENANCE_INTERVAL: Duration = Duration::from_millis(200);
 /// Attempts at an envelope whose Redis or PostgreSQL reads failed. After a
 /// Redis restart the connection manager fails the first command and only
 /// then reconnects, so one more attempt succeeds; without it that first
@@ -51,6 +62,26 @@ pub(crate) const MAINTENANCE_INTERVAL: Duration = Duration::from_secs(1);
 const STEP_ATTEMPTS: u32 = 3;
 /// Wait before the second attempt; doubled for each later one.
 const STEP_RETRY: Duration = Duration::from_millis(50);
+/// At shutdown, how long a worker waits for its queued posts before it
+/// writes its marks back anyway (then only those already posted).
+const EXIT_BARRIER: Duration = Duration::from_secs(3);
+
+/// FNV-1a of a key: stable across processes, runs and machines, which
+/// every relay of a cluster needs to agree on shards (and makes logs
+/// comparable).
+pub(crate) fn key_hash(key: &str) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in key.bytes() {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    hash
+}
+
+/// The shard (of `shards`) of an ordering key.
+pub(crate) fn key_shard(key: &str, shards: usize) -> usize {
+    usize::try_from(key_hash(key) % shards.max(1) as u64).unwrap_or(0)
+}
 
 /// Picks the shard for an envelope: by its ordering key, except that a
 /// `Control::Sync` goes by its room (its target is a connection, but it
@@ -60,13 +91,42 @@ pub(crate) fn shard_of(envelope: &Envelope, shards: usize) -> usize {
         Some(Control::Sync { room_id, .. }) => room_id.as_str(),
         Some(Control::Close { .. }) | None => envelope.ordering_key(),
     };
-    // FNV-1a: stable across processes and runs, which makes logs comparable.
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in key.bytes() {
-        hash ^= u64::from(byte);
-        hash = hash.wrapping_mul(0x0100_0000_01b3);
-    }
-    usize::try_from(hash % shards.max(1) as u64).unwrap_or(0)
+    key_shard(key, shards)
+}
+
+/// What a worker is given to do, in order.
+pub(crate) enum Work {
+    /// An envelope of cluster shard `shard`, which this relay held when
+    /// the bus reader dispatched it.
+    Envelope {
+        /// Its cluster shard.
+        shard: usize,
+        /// The envelope.
+        envelope: Envelope,
+    },
+    /// Hand cluster shard `shard` over: everything of it before this item
+    /// is handled; wait until it is posted, write its rooms' marks back
+    /// and forget them; answer whether that happened before `deadline`.
+    Release {
+        /// The shard.
+        shard: usize,
+        /// Give up (answer false, change nothing) after this.
+        deadline: Instant,
+        /// The answer.
+        done: oneshot::Sender<bool>,
+    },
+    /// Cluster shard `shard` became ours: deliver the `connected` events
+    /// nobody delivered, then every stored message of `rooms` above each
+    /// subscriber's mark (with the highest sequence id seen dropped, when
+    /// known).
+    Acquired {
+        /// The shard.
+        shard: usize,
+        /// Rooms with dropped messages.
+        rooms: Vec<(String, Option<i64>)>,
+        /// Dropped `connected` envelopes, oldest first.
+        greetings: Vec<Envelope>,
+    },
 }
 
 /// The sequence id of a `message` event, `None` for any other event.
@@ -153,6 +213,10 @@ impl RoomState {
         mark.queued = mark.queued.max(queued);
     }
 
+    fn has_dirty(&self) -> bool {
+        self.marks.values().any(|m| m.queued > m.flushed)
+    }
+
     fn dirty(&self) -> Vec<(String, i64)> {
         self.marks
             .iter()
@@ -176,6 +240,14 @@ pub(crate) struct Shard {
     rooms: HashMap<String, RoomState>,
     /// How long a room may go without envelopes before its state is dropped.
     room_idle: Duration,
+    /// Which cluster shards this relay holds (checked again for each
+    /// envelope: a lease may lapse while its envelopes wait in the queue).
+    ownership: Arc<Ownership>,
+    /// Where envelopes this worker drops are noted for a later owner.
+    missed: Arc<Mutex<Missed>>,
+    /// Cluster shards handed over since they were last acquired: envelopes
+    /// of theirs still in the queue are dropped.
+    released: HashSet<usize>,
 }
 
 impl Shard {
@@ -185,6 +257,8 @@ impl Shard {
         management: Arc<Management>,
         metrics: Arc<RelayMetrics>,
         room_idle: Duration,
+        ownership: Arc<Ownership>,
+        missed: Arc<Mutex<Missed>>,
     ) -> Self {
         Self {
             realtime,
@@ -193,12 +267,15 @@ impl Shard {
             metrics,
             rooms: HashMap::new(),
             room_idle,
+            ownership,
+            missed,
+            released: HashSet::new(),
         }
     }
 
-    /// Handles envelopes until the channel closes, then writes the delivered
-    /// marks back.
-    pub(crate) async fn run(mut self, mut envelopes: mpsc::Receiver<Envelope>) {
+    /// Handles work until the channel closes; then waits (a while) for its
+    /// posts and writes the delivered marks back.
+    pub(crate) async fn run(mut self, mut work: mpsc::Receiver<Work>) {
         let mut maintenance = tokio::time::interval(MAINTENANCE_INTERVAL);
         maintenance.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -207,15 +284,152 @@ impl Shard {
                 // starve the write-back.
                 biased;
                 _ = maintenance.tick() => self.maintain(Instant::now()).await,
-                envelope = envelopes.recv() => match envelope {
-                    Some(envelope) => self.deliver(&envelope).await,
+                item = work.recv() => match item {
+                    Some(Work::Envelope { shard, envelope }) => {
+                        if self.ownership.holds(shard) && !self.released.contains(&shard) {
+                            self.deliver(&envelope).await;
+                        } else {
+                            RelayMetrics::bump(&self.metrics.envelopes_not_owned);
+                            self.missed
+                                .lock()
+                                .unwrap_or_else(PoisonError::into_inner)
+                                .note(shard, envelope);
+                        }
+                    }
+                    Some(Work::Release { shard, deadline, done }) => {
+                        let released = self.release(shard, deadline).await;
+                        let _ = done.send(released);
+                    }
+                    Some(Work::Acquired { shard, rooms, greetings }) => {
+                        self.acquired(shard, rooms, greetings).await;
+                    }
                     None => break,
                 },
             }
         }
-        if let Err(err) = self.flush().await {
+        // Marks go back only for what was posted: a mark written for an
+        // event still queued would make the next owner skip that event if
+        // this process died before posting it.
+        let posted = tokio::time::timeout(EXIT_BARRIER, self.outboxes.barrier())
+            .await
+            .is_ok();
+        if let Err(err) = self.flush(None, !posted).await {
             tracing::warn!(error = %err, "writing delivered watermarks back failed at shutdown");
         }
+    }
+
+    /// `Work::Release`: waits until everything queued so far is posted,
+    /// writes the marks of the shard's rooms back and forgets those rooms.
+    /// False (and nothing changed) when that did not finish by `deadline`.
+    async fn release(&mut self, shard: usize, deadline: Instant) -> bool {
+        let deadline = tokio::time::Instant::from_std(deadline);
+        if tokio::time::Instant::now() >= deadline
+            || tokio::time::timeout_at(deadline, self.outboxes.barrier())
+                .await
+                .is_err()
+        {
+            return false;
+        }
+        if let Err(err) = self.flush(Some(shard), false).await {
+            tracing::warn!(shard, error = %err, "writing marks back before a handover failed");
+            return false;
+        }
+        let shards = self.ownership.shards();
+        self.rooms
+            .retain(|room, _| key_shard(room, shards) != shard);
+        self.released.insert(shard);
+        true
+    }
+
+    /// `Work::Acquired`: delivers the greetings nobody delivered, then
+    /// catches each room up.
+    async fn acquired(
+        &mut self,
+        shard: usize,
+        rooms: Vec<(String, Option<i64>)>,
+        greetings: Vec<Envelope>,
+    ) {
+        self.released.remove(&shard);
+        for envelope in greetings {
+            let Target::Connection { connection_id } = &envelope.target else {
+                continue;
+            };
+            let greeted = self
+                .realtime
+                .chat()
+                .presence()
+                .is_greeted(connection_id)
+                .await;
+            match greeted {
+                Ok(false) => self.deliver(&envelope).await,
+                Ok(true) => {}
+                Err(err) => {
+                    tracing::warn!(%connection_id, error = %err, "could not check a missed greeting");
+                }
+            }
+        }
+        for (room_id, seen) in rooms {
+            if let Err(err) = self.catch_up(&room_id, seen).await {
+                tracing::warn!(
+                    %room_id, error = %err,
+                    "catching a room up after a takeover failed; its next message fills the gap"
+                );
+            }
+        }
+    }
+
+    /// Pushes every stored message of the room above each subscriber's
+    /// mark (after a takeover: nobody handled the room for a while). Reads
+    /// nothing when every mark is at `seen` (the highest message dropped)
+    /// already.
+    async fn catch_up(&mut self, room_id: &str, seen: Option<i64>) -> chat_shared::Result<()> {
+        let subscribers: Vec<Subscriber> = self
+            .realtime
+            .chat()
+            .presence()
+            .subscribers(&[room_id])
+            .await?
+            .into_iter()
+            .flatten()
+            .collect();
+        let now = Instant::now();
+        let state = self
+            .rooms
+            .entry(room_id.to_owned())
+            .or_insert_with(|| RoomState::new(now));
+        state.last_used = now;
+        let marks: Vec<(Subscriber, i64)> = subscribers
+            .into_iter()
+            .map(|s| {
+                let mark = state.mark_of(&s.connection_id, s.watermark);
+                (s, mark)
+            })
+            .collect();
+        let Some(low) = marks.iter().map(|(_, m)| *m).min() else {
+            return Ok(());
+        };
+        if seen.is_some_and(|seen| low >= seen) {
+            return Ok(());
+        }
+        let low = seen.map_or(low, |seen| low.max(seen - MAX_FILL));
+        RelayMetrics::bump(&self.metrics.store_reads);
+        let events = stored_events(&self.realtime, room_id, low, i64::MAX).await?;
+        for (sequence_id, event) in &events {
+            state.remember(*sequence_id, event.clone());
+        }
+        for (s, mark) in &marks {
+            let route = Route::from(s);
+            let mut last = *mark;
+            for (sequence_id, event) in events.iter().filter(|(seq, _)| *seq > *mark) {
+                self.outboxes.enqueue(&route, event.clone());
+                last = *sequence_id;
+            }
+            if last > *mark {
+                RelayMetrics::bump(&self.metrics.gap_fills);
+                state.set_mark(&s.connection_id, s.watermark, last);
+            }
+        }
+        Ok(())
     }
 
     /// [`Shard::step`], attempted again (up to [`STEP_ATTEMPTS`] in all)
@@ -428,21 +642,35 @@ impl Shard {
     /// Writes dirty marks back, then drops the state of idle rooms whose
     /// marks are all written.
     pub(crate) async fn maintain(&mut self, now: Instant) {
-        if let Err(err) = self.flush().await {
+        if let Err(err) = self.flush(None, true).await {
             tracing::warn!(error = %err, "writing delivered watermarks back failed; will retry");
             return;
         }
         let idle = self.room_idle;
         self.rooms
-            .retain(|_, state| now.duration_since(state.last_used) < idle);
+            .retain(|_, state| now.duration_since(state.last_used) < idle || state.has_dirty());
     }
 
-    /// Writes every dirty mark back to Redis.
-    async fn flush(&mut self) -> chat_shared::Result<()> {
+    /// Writes dirty marks back to Redis: of every room, or only of the
+    /// rooms of cluster shard `only`. With `posted`, a connection with
+    /// posts still queued or in flight keeps its mark dirty for now: the
+    /// watermark in Redis then never runs ahead of what was posted, so if
+    /// this relay dies with posts queued, its successor repeats the last
+    /// moments' messages rather than skipping them.
+    async fn flush(&mut self, only: Option<usize>, posted: bool) -> chat_shared::Result<()> {
+        let shards = self.ownership.shards();
+        let outboxes = &self.outboxes;
         let batch: Vec<RoomMarks> = self
             .rooms
             .iter()
-            .map(|(room, state)| (room.clone(), state.dirty()))
+            .filter(|(room, _)| only.is_none_or(|s| key_shard(room, shards) == s))
+            .map(|(room, state)| {
+                let mut marks = state.dirty();
+                if posted {
+                    marks.retain(|(connection_id, _)| !outboxes.is_pending(connection_id));
+                }
+                (room.clone(), marks)
+            })
             .filter(|(_, marks)| !marks.is_empty())
             .collect();
         if batch.is_empty() {

@@ -1,5 +1,7 @@
 //! The bus subscription: reads envelopes from the Redis pub/sub channel and
-//! hands each to its shard.
+//! hands each to its shard's worker, when this relay holds the envelope's
+//! cluster shard (module `cluster`); otherwise notes what a later owner
+//! must catch up on, and drops it.
 //!
 //! A pub/sub connection does not reconnect by itself (unlike the
 //! `ConnectionManager` the rest of the relay uses), so this loop does: on a
@@ -8,8 +10,15 @@
 //! subscribes again. Envelopes published while no subscription exists are
 //! lost, as pub/sub goes; the next `message` of a room fills that room's gap
 //! from PostgreSQL.
+//!
+//! Losing the subscription revokes every cluster shard locally (Redis may
+//! have restarted without its leases, and another relay may take them).
+//! After each successful `SUBSCRIBE` the reader asks the lease loop for a
+//! renewal and only then reads: pub/sub keeps what arrives meanwhile on
+//! the connection, so nothing published after the subscription is
+//! dropped for want of a lease.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -18,8 +27,9 @@ use futures::StreamExt as _;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::cluster::{Missed, Ownership, Refresh};
 use crate::metrics::RelayMetrics;
-use crate::shard::shard_of;
+use crate::shard::{Work, shard_of};
 
 /// First wait before resubscribing.
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
@@ -27,6 +37,8 @@ const MIN_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// How long connecting and subscribing may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long the reader waits for the lease renewal after subscribing.
+const REFRESH_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Reads the channel and feeds the shards.
 pub(crate) struct BusReader {
@@ -34,9 +46,15 @@ pub(crate) struct BusReader {
     pub(crate) client: redis::Client,
     /// The broadcast channel.
     pub(crate) channel: String,
-    /// One sender per shard; dropped when the reader returns, which lets the
-    /// shards finish their queues and stop.
-    pub(crate) shards: Vec<mpsc::Sender<Envelope>>,
+    /// One sender per worker; dropped when the reader returns, which lets
+    /// the workers finish their queues and stop.
+    pub(crate) workers: Vec<mpsc::Sender<Work>>,
+    /// Which cluster shards this relay handles.
+    pub(crate) ownership: Arc<Ownership>,
+    /// Where dropped envelopes are noted.
+    pub(crate) missed: Arc<Mutex<Missed>>,
+    /// Asks the lease loop for a renewal.
+    pub(crate) refresh: Refresh,
     /// Counts envelopes and subscriptions.
     pub(crate) metrics: Arc<RelayMetrics>,
     /// How often the subscription is checked with `PING`.
@@ -50,11 +68,14 @@ impl BusReader {
         while !shutdown.is_cancelled() {
             match self.listen(&shutdown, &mut backoff).await {
                 Ok(()) => {}
-                Err(err) => tracing::warn!(
-                    error = format!("{err:#}"),
-                    retry_in_ms = backoff.as_millis() as u64,
-                    "bus subscription lost"
-                ),
+                Err(err) => {
+                    self.ownership.revoke_all();
+                    tracing::warn!(
+                        error = format!("{err:#}"),
+                        retry_in_ms = backoff.as_millis() as u64,
+                        "bus subscription lost; cluster shards revoked until renewed"
+                    );
+                }
             }
             tokio::select! {
                 () = shutdown.cancelled() => break,
@@ -82,6 +103,7 @@ impl BusReader {
         RelayMetrics::bump(&self.metrics.subscriptions);
         *backoff = MIN_BACKOFF;
         tracing::info!(channel = %self.channel, "subscribed to the bus");
+        self.refresh.now(REFRESH_TIMEOUT).await;
         let mut health = tokio::time::interval(self.ping_interval);
         health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         health.tick().await;
@@ -120,12 +142,20 @@ impl BusReader {
             }
         };
         RelayMetrics::bump(&self.metrics.envelopes);
-        let shard = shard_of(&envelope, self.shards.len());
-        let Some(tx) = self.shards.get(shard) else {
+        let shard = shard_of(&envelope, self.ownership.shards());
+        if !self.ownership.dispatches(shard) {
+            RelayMetrics::bump(&self.metrics.envelopes_not_owned);
+            self.missed
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .note(shard, envelope);
+            return;
+        }
+        let Some(tx) = self.workers.get(shard % self.workers.len().max(1)) else {
             return;
         };
-        if tx.send(envelope).await.is_err() {
-            tracing::error!(shard, "a shard stopped; envelope dropped");
+        if tx.send(Work::Envelope { shard, envelope }).await.is_err() {
+            tracing::error!(shard, "a worker stopped; envelope dropped");
         }
     }
 }

@@ -4,8 +4,14 @@
 //! the truth: every frame renews it, and a connection whose lease ran out
 //! is removed here (its subscriptions with it, its user announced `offline`
 //! when it was their last) and closed at API Gateway with
-//! `DeleteConnection`. Several relays may sweep at once: removal is
-//! idempotent.
+//! `DeleteConnection`.
+//!
+//! With several relays, only the one holding cluster shard 0 sweeps, so
+//! an expired connection is closed at API Gateway once. Removal would be
+//! safe from several at once anyway: the disconnect script is atomic and
+//! announces `offline` only when it removes the user's last connection.
+//! While shard 0 has no owner (a takeover, ≈ 5.5 s) nobody sweeps; leases
+//! are much longer than that.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,6 +19,7 @@ use std::time::Duration;
 use chat_shared::realtime::Realtime;
 use tokio_util::sync::CancellationToken;
 
+use crate::cluster::Ownership;
 use crate::management::Management;
 use crate::metrics::RelayMetrics;
 use crate::outbox::Outboxes;
@@ -33,6 +40,8 @@ pub(crate) struct Sweeper {
     pub(crate) outboxes: Outboxes,
     /// Counts sweeps; the loop also logs all counters now and then.
     pub(crate) metrics: Arc<RelayMetrics>,
+    /// Sweeping is the job of the holder of cluster shard 0.
+    pub(crate) ownership: Arc<Ownership>,
 }
 
 impl Sweeper {
@@ -75,7 +84,7 @@ impl Sweeper {
                 () = shutdown.cancelled() => return,
                 _ = ticker.tick() => {}
             }
-            loop {
+            while self.ownership.holds(0) {
                 match self.step().await {
                     Ok(n) if n == BATCH && !shutdown.is_cancelled() => continue,
                     Ok(_) => break,
