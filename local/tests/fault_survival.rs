@@ -703,6 +703,9 @@ struct Seen {
     live: Vec<Vec<i64>>,
     /// Sequence ids recovered by `joinRoom` with `afterSequenceId`.
     recovered: BTreeSet<i64>,
+    /// `roomJoined` answers with `recovered: false` (retention deleted
+    /// some of what it asked for; never expected here).
+    not_recovered: u32,
     /// clientMessageId → sequence id of this member's acknowledged sends.
     acked: BTreeMap<String, i64>,
     /// Sends made.
@@ -913,6 +916,9 @@ async fn member(spec: Spec, seen: Arc<Mutex<Seen>>, stop: CancellationToken) {
                 continue 'connection;
             };
             let mut s = seen.lock().unwrap_or_else(PoisonError::into_inner);
+            if joined["recovered"] == false {
+                s.not_recovered += 1;
+            }
             for m in joined["messages"].as_array().into_iter().flatten() {
                 if let Some(seq) = m["sequenceId"].as_i64() {
                     s.recovered.insert(seq);
@@ -979,6 +985,10 @@ async fn assert_nothing_lost(
         .collect();
     assert!(lost.is_empty(), "acknowledged but not stored: {lost:?}");
     for (user, seen) in members {
+        assert_eq!(
+            seen.not_recovered, 0,
+            "{user}: a rejoin was not `recovered`"
+        );
         let all = seen.all();
         let missing: Vec<i64> = seqs.iter().filter(|s| !all.contains(s)).copied().collect();
         assert!(missing.is_empty(), "{user} never got {missing:?}");
