@@ -93,6 +93,9 @@ pub struct RunConfig {
     pub gateway_pids: Vec<u32>,
     /// Other server processes to watch (`label`, pid).
     pub pids: Vec<(String, u32)>,
+    /// Processes watched with all their descendants (`label`, pid): a
+    /// PostgreSQL postmaster and its backends.
+    pub pid_trees: Vec<(String, u32)>,
     /// `/metrics` URLs whose counters are read before and after sending.
     pub metrics_urls: Vec<String>,
     /// Bytes of content per message (at least what the stamp needs).
@@ -328,6 +331,11 @@ pub async fn run(
         .enumerate()
         .map(|(i, pid)| Watched::new(format!("gateway{}", i + 1), *pid))
         .chain(cfg.pids.iter().map(|(l, p)| Watched::new(l.clone(), *p)))
+        .chain(
+            cfg.pid_trees
+                .iter()
+                .map(|(l, p)| Watched::with_tree(l.clone(), *p, true)),
+        )
         .collect();
     let mut me = Watched::new("generator", std::process::id());
     let user_ids: Vec<String> = (0..cfg.users)

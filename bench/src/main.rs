@@ -145,6 +145,9 @@ struct RunArgs {
     /// Another process to watch: LABEL=PID.
     #[arg(long = "pid")]
     pids: Vec<String>,
+    /// A process watched with all its descendants: LABEL=PID (PostgreSQL).
+    #[arg(long = "pid-tree")]
+    pid_trees: Vec<String>,
     /// A `/metrics` URL read before and after sending (repeatable).
     #[arg(long = "metrics-url")]
     metrics_urls: Vec<String>,
@@ -246,17 +249,19 @@ fn held(r: &RunReport, p99_limit: f64) -> bool {
 
 async fn run(a: RunArgs) -> anyhow::Result<()> {
     let tags = parse_tags(&a.tags)?;
-    let pids = a
-        .pids
-        .iter()
-        .map(|p| {
-            let (label, pid) = p.split_once('=').context("--pid LABEL=PID")?;
-            Ok((
-                label.to_owned(),
-                pid.parse().context("--pid: not a number")?,
-            ))
-        })
-        .collect::<anyhow::Result<Vec<(String, u32)>>>()?;
+    let labelled = |list: &[String]| {
+        list.iter()
+            .map(|p| {
+                let (label, pid) = p.split_once('=').context("--pid LABEL=PID")?;
+                Ok((
+                    label.to_owned(),
+                    pid.parse().context("--pid: not a number")?,
+                ))
+            })
+            .collect::<anyhow::Result<Vec<(String, u32)>>>()
+    };
+    let pids = labelled(&a.pids)?;
+    let pid_trees = labelled(&a.pid_trees)?;
     let run_id = a
         .run_id
         .clone()
@@ -281,6 +286,7 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
         idle_hold: Duration::from_secs_f64(a.idle_hold),
         gateway_pids: a.gateway_pids.clone(),
         pids,
+        pid_trees,
         metrics_urls: a.metrics_urls.clone(),
         content_bytes: a.content_bytes,
         run_id,

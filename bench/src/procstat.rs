@@ -22,6 +22,47 @@ pub struct Reading {
     pub cpu_seconds: f64,
 }
 
+/// Reads a process and all its descendants (a PostgreSQL postmaster and
+/// its backends), summed; `None` when the process is gone.
+pub fn read_tree(pid: u32) -> Option<Reading> {
+    let mut total = read(pid)?;
+    let mut parents = vec![pid];
+    let mut children: Vec<(u32, u32)> = Vec::new(); // (pid, ppid)
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Some(child) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if let Some(ppid) = std::fs::read_to_string(format!("/proc/{child}/stat"))
+            .ok()
+            .and_then(|stat| parse_ppid(&stat))
+        {
+            children.push((child, ppid));
+        }
+    }
+    while let Some(parent) = parents.pop() {
+        for &(child, ppid) in &children {
+            if ppid == parent {
+                if let Some(r) = read(child) {
+                    total.rss_bytes += r.rss_bytes;
+                    total.cpu_seconds += r.cpu_seconds;
+                }
+                parents.push(child);
+            }
+        }
+    }
+    Some(total)
+}
+
+/// The parent pid (field 4) from the text of `/proc/<pid>/stat`.
+pub fn parse_ppid(stat: &str) -> Option<u32> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(1)?.parse().ok()
+}
+
 /// Reads a process; `None` when it is gone (or not readable).
 pub fn read(pid: u32) -> Option<Reading> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -57,6 +98,8 @@ pub struct Watched {
     pub label: String,
     /// The process id.
     pub pid: u32,
+    /// Whether its descendants count too.
+    pub tree: bool,
     /// The first reading.
     pub start: Option<Reading>,
     /// The largest RSS seen.
@@ -70,10 +113,16 @@ pub struct Watched {
 impl Watched {
     /// Starts watching `pid`.
     pub fn new(label: impl Into<String>, pid: u32) -> Self {
-        let start = read(pid);
+        Self::with_tree(label, pid, false)
+    }
+
+    /// Starts watching `pid`, with its descendants when `tree`.
+    pub fn with_tree(label: impl Into<String>, pid: u32, tree: bool) -> Self {
+        let start = if tree { read_tree(pid) } else { read(pid) };
         Self {
             label: label.into(),
             pid,
+            tree,
             start,
             peak_rss_bytes: start.map_or(0, |r| r.rss_bytes),
             last: start,
@@ -83,7 +132,11 @@ impl Watched {
 
     /// Takes a reading, keeping the peak.
     pub fn sample(&mut self) -> Option<Reading> {
-        let reading = read(self.pid)?;
+        let reading = if self.tree {
+            read_tree(self.pid)?
+        } else {
+            read(self.pid)?
+        };
         self.peak_rss_bytes = self.peak_rss_bytes.max(reading.rss_bytes);
         self.last = Some(reading);
         Some(reading)
@@ -178,6 +231,7 @@ mod tests {
     fn parses_cpu_ticks_even_with_odd_process_names() {
         let stat = "4242 (node (peer) x) S 1 2 3 4 5 6 7 8 9 10 250 50 0 0 20 0 1 0";
         assert_eq!(parse_cpu_ticks(stat), Some(300));
+        assert_eq!(parse_ppid(stat), Some(1));
     }
 
     #[test]
@@ -190,5 +244,7 @@ mod tests {
         w.mark("send_end");
         assert!(w.report().cpu_send_seconds.is_some());
         assert!(w.peak_rss_bytes > 0);
+        let tree = read_tree(me).expect("our own tree");
+        assert!(tree.rss_bytes >= r.rss_bytes);
     }
 }
