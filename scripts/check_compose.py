@@ -1,0 +1,168 @@
+#!/usr/bin/env python3
+"""Structural check of docker-compose.local.yml: the topology the README
+promises, checked without a Docker engine (scripts/check-deploy.sh runs it
+after the compose CLI's own validation, or alone where no CLI can run).
+
+  python3 scripts/check_compose.py [docker-compose.local.yml]
+
+Checks: the services (postgres, redis, migrate, gateway-1..3, relay), the
+third gateway only under the `scale` profile; health checks on every
+long-running service; named volumes for PostgreSQL and Redis; the migration
+step runs `chat-local migrate` and the app waits for it to succeed; the
+gateways serve without a relay on distinct published ports; one relay; the
+app's environment names the compose services, and every variable it sets is
+one the README documents; the Dockerfile builds both binaries. Needs PyYAML
+(in the venv of scripts/lib/pytools.sh, as a dependency of cfn-lint).
+"""
+
+import os
+import re
+import sys
+import urllib.parse
+
+import yaml
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+APP_ENV = ["DATABASE_URL", "REDIS_URL", "JWT_SECRET", "BROADCAST_CHANNEL", "MESSAGE_RETENTION",
+           "PRESENCE_TTL_SECONDS", "RUST_LOG", "LOG_FORMAT"]
+GATEWAYS = ["gateway-1", "gateway-2", "gateway-3"]
+LONG_RUNNING = ["postgres", "redis", *GATEWAYS, "relay"]
+
+
+def main(path):
+    with open(path) as f:
+        doc = yaml.safe_load(f)
+    problems = []
+
+    def need(cond, msg):
+        if not cond:
+            problems.append(msg)
+
+    services = doc.get("services") or {}
+    for name in ["postgres", "redis", "migrate", *GATEWAYS, "relay"]:
+        need(name in services, f"service {name} is missing")
+    if problems:
+        return report(path, problems, services)
+
+    def command(name):
+        cmd = services[name].get("command") or []
+        return cmd.split() if isinstance(cmd, str) else [str(c) for c in cmd]
+
+    def env(name):
+        e = services[name].get("environment") or {}
+        if isinstance(e, list):
+            e = dict(item.split("=", 1) if "=" in item else (item, "") for item in e)
+        return {k: str(v) for k, v in e.items()}
+
+    def depends(name):
+        d = services[name].get("depends_on") or {}
+        return {k: "service_started" for k in d} if isinstance(d, list) else \
+            {k: (v or {}).get("condition", "service_started") for k, v in d.items()}
+
+    # Profiles: everything starts by default except the third gateway.
+    for name, svc in services.items():
+        profiles = svc.get("profiles") or []
+        if name == "gateway-3":
+            need("scale" in profiles, "gateway-3 must be under the `scale` profile")
+        else:
+            need(not profiles, f"{name} must start by default (no profiles), has {profiles}")
+
+    for name in LONG_RUNNING:
+        hc = services[name].get("healthcheck") or {}
+        need(hc.get("test") and not hc.get("disable"), f"{name} has no health check")
+
+    # Data survives `down` (without -v): named volumes.
+    volumes = doc.get("volumes") or {}
+    for name, mount_point in (("postgres", "/var/lib/postgresql/data"), ("redis", "/data")):
+        mounts = [str(v) for v in services[name].get("volumes") or []]
+        named = [m for m in mounts if m.split(":")[0] in volumes and m.split(":")[1] == mount_point]
+        need(named, f"{name} must keep {mount_point} in a named volume")
+
+    need(command("migrate")[-2:] == ["chat-local", "migrate"] or command("migrate") == ["migrate"],
+         f"migrate must run `chat-local migrate`, runs {command('migrate')}")
+    need(depends("migrate").get("postgres") == "service_healthy", "migrate must wait for a healthy postgres")
+
+    ports = {}
+    for name in GATEWAYS:
+        cmd = command(name)
+        need(cmd[:2] == ["chat-local", "serve"] and "--no-relay" in cmd,
+             f"{name} must run `chat-local serve --no-relay`, runs {cmd}")
+        listen = cmd[cmd.index("--listen") + 1] if "--listen" in cmd else ""
+        need(listen.startswith("0.0.0.0:"), f"{name} must listen on 0.0.0.0:PORT, has {listen!r}")
+        ports[name] = listen.rsplit(":", 1)[-1]
+    need(len(set(ports.values())) == len(GATEWAYS), f"gateways need distinct ports: {ports}")
+
+    relay = command("relay")
+    need(relay in (["relay"], ["chat-local", "relay"]), f"relay must run `relay`, runs {relay}")
+    relays = [n for n in services if command(n) in (["relay"], ["chat-local", "relay"])
+              or (command(n)[:2] == ["chat-local", "serve"] and "--no-relay" not in command(n))]
+    need(relays == ["relay"], f"exactly one relay (each relay delivers every event): {relays}")
+
+    # Published ports reach the gateways: on the gateway itself, or on the
+    # service whose network namespace it shares.
+    published = {}
+    for name, svc in services.items():
+        for p in svc.get("ports") or []:
+            host, _, container = str(p).rpartition(":")
+            published.setdefault(name, set()).add(container.split("/")[0])
+    for name, port in ports.items():
+        mode = services[name].get("network_mode", "")
+        holder = mode.split(":", 1)[1] if mode.startswith("service:") else name
+        need(port in published.get(holder, set()), f"{name}'s port {port} is not published (on {holder})")
+        if holder != name:
+            need("relay" in services and services["relay"].get("network_mode") == mode,
+                 "the relay must share the gateways' network namespace (callback URLs use localhost)")
+
+    readme_vars = documented_variables()
+    instance_ids = set()
+    for name in ["migrate", *GATEWAYS, "relay"]:
+        e = env(name)
+        for key in APP_ENV:
+            need(e.get(key), f"{name} must set {key}")
+        for key in e:
+            need(key in readme_vars, f"{name} sets {key}, which the README does not document")
+        db = urllib.parse.urlsplit(e.get("DATABASE_URL", ""))
+        need(db.hostname == "postgres", f"{name}: DATABASE_URL must point at the postgres service")
+        rd = urllib.parse.urlsplit(e.get("REDIS_URL", ""))
+        need(rd.hostname == "redis", f"{name}: REDIS_URL must point at the redis service")
+        if name != "migrate":
+            need(e.get("INSTANCE_ID"), f"{name} must set its own INSTANCE_ID")
+            instance_ids.add(e.get("INSTANCE_ID"))
+            deps = depends(name)
+            need(deps.get("migrate") == "service_completed_successfully",
+                 f"{name} must wait for migrate to complete successfully")
+            need(deps.get("redis") == "service_healthy", f"{name} must wait for a healthy redis")
+    need(len(instance_ids) == len(GATEWAYS) + 1, f"INSTANCE_IDs must differ: {instance_ids}")
+
+    dockerfile = os.path.join(os.path.dirname(os.path.abspath(path)), "Dockerfile")
+    need(os.path.exists(dockerfile), "Dockerfile is missing")
+    if os.path.exists(dockerfile):
+        text = open(dockerfile).read()
+        need("-p chat-local" in text and "-p chat-relay" in text, "the Dockerfile must build chat-local and relay")
+    return report(path, problems, services)
+
+
+def documented_variables():
+    """Variables in the README's configuration table (`| \\`NAME\\` ...`)."""
+    with open(os.path.join(ROOT, "README.md")) as f:
+        text = f.read()
+    names = set()
+    for line in text.splitlines():
+        if line.startswith("| `"):
+            names.update(re.findall(r"`([A-Z][A-Z0-9_]+)`", line.split("|")[1]))
+    return names
+
+
+def report(path, problems, services):
+    if problems:
+        print(f"compose: {path}: {len(problems)} problem(s):")
+        for p in problems:
+            print(f"  - {p}")
+        return 1
+    print(f"compose: {os.path.basename(path)} has the documented topology "
+          f"({', '.join(services)})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1] if len(sys.argv) > 1 else os.path.join(ROOT, "docker-compose.local.yml")))
