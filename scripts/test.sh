@@ -95,4 +95,21 @@ else
     "$ROOT/scripts/fuzz-smoke.sh"
 fi
 
+# The deployment (docs/DEPLOY.md): cfn-lint on template.yaml and the compose
+# file checked (scripts/check-deploy.sh); every events/ file through its real
+# function binary under cargo-lambda's Lambda runtime emulator
+# (scripts/test-events.sh); several gateways and a relay as local processes
+# (scripts/test-multi-local.sh). A filtered run (ARGS given) leaves them out,
+# and so does SKIP_DEPLOY_CHECKS=1.
+if [ "${SKIP_DEPLOY_CHECKS:-0}" = 1 ] || [ "$#" -gt 0 ]; then
+    step "skipping the deployment checks (run scripts/check-deploy.sh, scripts/test-events.sh, scripts/test-multi-local.sh)"
+else
+    step "deployment files: cfn-lint, compose (scripts/check-deploy.sh)"
+    "$ROOT/scripts/check-deploy.sh"
+    step "events/ through the function binaries (scripts/test-events.sh)"
+    "$ROOT/scripts/test-events.sh"
+    step "gateways and a relay as local processes (scripts/test-multi-local.sh)"
+    "$ROOT/scripts/test-multi-local.sh"
+fi
+
 step "all tests passed"
