@@ -11,7 +11,8 @@
 # ~/.cache/chat-backend/npm), builds chat-local (debug, the shared target
 # dir), starts `chat-local serve --dev-tokens` on a free port with a private
 # database (chat_test_console_*), a private Redis key prefix and channel and
-# MESSAGE_RETENTION=60, runs the tests, and cleans all of that up. The
+# MESSAGE_RETENTION=60 and the rate limits off (a test sends 70 messages
+# at once to simulate a long outage), runs the tests, and cleans all of that up. The
 # screenshots, and the stack's log, land in ARTIFACTS_DIR (default
 # .local/console-artifacts, ignored by git).
 set -euo pipefail
@@ -107,6 +108,8 @@ DATABASE_URL="${DATABASE_URL%/*}/$DB" \
     BROADCAST_CHANNEL="${PREFIX}broadcast" \
     JWT_SECRET="console-test-secret-$SUFFIX" \
     MESSAGE_RETENTION="$RETENTION" \
+    RATE_LIMIT_PER_SEC=0 \
+    REST_RATE_LIMIT_PER_SEC=0 \
     INSTANCE_ID="console-test" \
     LOG_FORMAT=pretty \
     RUST_LOG="${RUST_LOG:-info}" \
