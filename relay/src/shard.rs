@@ -594,11 +594,17 @@ impl Shard {
     /// `Control::Close`: drops what is queued for the connection and closes
     /// it at API Gateway, in the background (best effort, as the sweeper's
     /// closes): it has no registration left, so nothing else would.
+    ///
+    /// The handler publishes the close before its `error` reply ("reconnect")
+    /// goes back as the route response, so the close waits a moment: the
+    /// client should read why before the socket goes.
     fn close(&self, connection_id: &str, endpoint: &str) {
+        const LET_THE_REPLY_GO_FIRST: std::time::Duration = std::time::Duration::from_millis(250);
         self.outboxes.forget(connection_id);
         let management = self.management.clone();
         let (connection_id, endpoint) = (connection_id.to_owned(), endpoint.to_owned());
         tokio::spawn(async move {
+            tokio::time::sleep(LET_THE_REPLY_GO_FIRST).await;
             if let Err(cause) = management.delete(&endpoint, &connection_id).await {
                 tracing::debug!(%connection_id, %cause, "DeleteConnection failed (best effort)");
             }
