@@ -28,7 +28,7 @@ use crate::{Shared, handler};
 /// of 128 KiB made an idle connection cost ~140 kB. Chat frames are small,
 /// and a larger frame grows the buffer for as long as it needs. (The write
 /// buffer only grows with what is written, so it keeps its default.)
-const READ_BUFFER_BYTES: usize = 2 * 1024;
+const READ_BUFFER_BYTES: usize = 1024;
 
 /// The handler of `GET {ws_path}`.
 pub(crate) async fn upgrade(State(shared): State<Arc<Shared>>, request: Request) -> Response {
