@@ -1,0 +1,331 @@
+#!/usr/bin/env bash
+# Benchmarks this stack against the Node.js original, side by side, and writes
+# the results table into docs/BENCHMARKS.md.
+#
+#   scripts/bench.sh [--quick] [--runs N] [--only S1,S2,S3,S4,S5,overload,pgbench]
+#
+# What it does (each step prints what it is doing on stderr):
+#   1. builds the release binaries (chat-local, chat-bench, the four functions);
+#   2. starts a private PostgreSQL cluster and a private redis-server for the
+#      session (.local/bench/, ports BENCH_PG_PORT=55442, BENCH_REDIS_PORT=56389),
+#      so the shared servers are never touched; stock PostgreSQL settings;
+#   3. for each run (3 by default; the table shows medians):
+#        pgbench  the ceiling: the service's own insert statement, prepared, 8/16/32 clients
+#        S1 idle        10,000 connections
+#        S2 direct      2,000 users in DIRECT rooms, members on different instances, 2,000 msg/s, 60 s
+#        S3 fan-out     1,000 users in GROUP rooms of 100, 100 msg/s (10,000 deliveries/s)
+#        S4 saturation  DIRECT rate raised until p99 > 100 ms
+#        overload       DIRECT at 3x the S4 rate of the same run
+#        S5             function cold starts and sizes, process start of each server
+#      each scenario against our stack (2 x `chat-local serve --no-relay` + 1 x
+#      `chat-local relay`, release build) and against the baseline (2 Node.js
+#      instances), each on a fresh start of its processes and emptied tables;
+#   4. writes the JSON lines to .local/bench/<session>.jsonl and
+#      docs/benchmarks/latest.jsonl, and the table to docs/BENCHMARKS.md.
+#
+# --quick: one run, shorter scenarios (a smoke test of the harness, ~10 min).
+# The baseline is the read-only copy in ../shared/baseline, copied to
+# .local/baseline and installed with `npm ci` when missing.
+#
+# Not for CI: a full session takes about 45 minutes.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+# shellcheck source=scripts/lib/services.sh
+. "$ROOT/scripts/lib/services.sh"
+
+RUNS=3
+QUICK=0
+ONLY="pgbench,S1,S2,S3,S4,overload,S5"
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --quick) QUICK=1; RUNS=1 ;;
+        --runs) RUNS="$2"; shift ;;
+        --only) ONLY="$2"; shift ;;
+        -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
+        *) echo "unknown argument: $1" >&2; exit 2 ;;
+    esac
+    shift
+done
+wants() { case ",$ONLY," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
+
+log() { printf '\033[1m[bench %s]\033[0m %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+
+WORK="$ROOT/.local/bench"
+mkdir -p "$WORK"
+SESSION="$(date -u +%Y%m%dT%H%M%SZ)"
+RESULTS="$WORK/$SESSION.jsonl"
+: >"$RESULTS"
+PG_PORT="${BENCH_PG_PORT:-55442}"
+REDIS_PORT="${BENCH_REDIS_PORT:-56389}"
+SECRET="bench-secret-$SESSION"
+export JWT_SECRET="$SECRET"
+BIN="$CARGO_TARGET_DIR/release"
+BASELINE_DIR="$ROOT/.local/baseline"
+
+# Durations (seconds) and rates.
+if [ "$QUICK" = 1 ]; then
+    S2_SECS=15; S3_SECS=15; S4_SECS=8; OVERLOAD_SECS=10; IDLE_HOLD=3; PGBENCH_SECS=5
+else
+    S2_SECS=60; S3_SECS=60; S4_SECS=15; OVERLOAD_SECS=30; IDLE_HOLD=10; PGBENCH_SECS=15
+fi
+S4_OURS_RATES="${S4_OURS_RATES:-1000,2000,3000,3500,4000,4500,5000,5500,6000,6500,7000,8000}"
+S4_BASE_RATES="${S4_BASE_RATES:-200,300,400,500,600,700,800,1000,1200,1500}"
+
+ulimit -n 200000 2>/dev/null || ulimit -n 100000 2>/dev/null || true
+
+# ---------------------------------------------------------------------------
+# Build
+
+log "building release binaries (a clean build takes ~9 min on 2 cores)"
+cargo build --release -q -p chat-local -p chat-bench -p rest -p ws-connect -p ws-message -p ws-disconnect
+BENCH="$BIN/chat-bench"
+
+if [ ! -d "$BASELINE_DIR/node_modules" ]; then
+    log "installing the baseline into .local/baseline"
+    rm -rf "$BASELINE_DIR"
+    cp -r "$ROOT/../shared/baseline" "$BASELINE_DIR"
+    chmod -R u+w "$BASELINE_DIR"
+    (cd "$BASELINE_DIR" && npm ci --silent)
+fi
+
+# ---------------------------------------------------------------------------
+# Private PostgreSQL and Redis
+
+PIDS_TO_STOP=()
+cleanup() {
+    local pid
+    for pid in "${PIDS_TO_STOP[@]}"; do kill "$pid" 2>/dev/null || true; done
+    stop_pg
+    redis-cli -p "$REDIS_PORT" shutdown nosave >/dev/null 2>&1 || true
+}
+trap cleanup EXIT
+
+PG_BINDIR="$(_svc_pg_bindir)" || _svc_die "PostgreSQL server binaries not found (apt-get install postgresql)"
+PG_DATA="$WORK/pg"
+as_pg() { if _svc_is_root; then runuser -u postgres -- "$@"; else "$@"; fi; }
+stop_pg() { as_pg "$PG_BINDIR/pg_ctl" -D "$PG_DATA" -m fast stop >/dev/null 2>&1 || true; }
+
+start_services() {
+    if [ ! -f "$PG_DATA/PG_VERSION" ]; then
+        log "initdb $PG_DATA (stock settings)"
+        mkdir -p "$PG_DATA"
+        _svc_is_root && chown postgres:postgres "$PG_DATA"
+        as_pg "$PG_BINDIR/initdb" -D "$PG_DATA" -U postgres -A trust >/dev/null
+    fi
+    log "starting PostgreSQL on 127.0.0.1:$PG_PORT and redis-server on 127.0.0.1:$REDIS_PORT"
+    as_pg "$PG_BINDIR/pg_ctl" -D "$PG_DATA" -l "$PG_DATA/server.log" -w \
+        -o "-p $PG_PORT -k /tmp -c listen_addresses=127.0.0.1" start >/dev/null
+    redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no \
+        --daemonize yes --dir "$WORK" --logfile "$WORK/redis.log"
+    for _ in $(seq 50); do redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 && break; sleep 0.1; done
+}
+PGURL="postgres://postgres@127.0.0.1:$PG_PORT"
+psql_q() { psql "$PGURL/$1" -qAtX -v ON_ERROR_STOP=1 -c "$2"; }
+fresh_db() {
+    psql_q postgres "DROP DATABASE IF EXISTS $1" >/dev/null
+    psql_q postgres "CREATE DATABASE $1" >/dev/null
+}
+start_services
+fresh_db chat_bench
+fresh_db peer_bench
+fresh_db ceiling_bench
+
+# ---------------------------------------------------------------------------
+# The two systems
+
+OURS_ENV=(
+    DATABASE_URL="$PGURL/chat_bench"
+    REDIS_URL="redis://127.0.0.1:$REDIS_PORT/0"
+    REDIS_KEY_PREFIX="bench:"
+    BROADCAST_CHANNEL="bench:ours"
+    JWT_SECRET="$SECRET"
+    RUST_LOG=warn
+    LOG_FORMAT=json
+    PG_POOL_MAX="${BENCH_PG_POOL_MAX:-24}"
+)
+BASE_ENV=(
+    DATABASE_URL="$PGURL/peer_bench"
+    REDIS_URL="redis://127.0.0.1:$REDIS_PORT/1"
+    BROADCAST_CHANNEL="bench:peer"
+    JWT_SECRET="$SECRET"
+)
+env "${OURS_ENV[@]}" "$BIN/chat-local" migrate >/dev/null 2>&1
+env "${OURS_ENV[@]}" DATABASE_URL="$PGURL/ceiling_bench" "$BIN/chat-local" migrate >/dev/null 2>&1
+OURS_URLS="http://127.0.0.1:4101,http://127.0.0.1:4102"
+BASE_URLS="http://127.0.0.1:4201,http://127.0.0.1:4202"
+SYSTEM_PIDS=()
+
+wait_healthy() {
+    local url
+    for url in "$@"; do
+        for _ in $(seq 300); do
+            curl -fsS "$url/health" >/dev/null 2>&1 && continue 2
+            sleep 0.1
+        done
+        _svc_die "$url/health never answered"
+    done
+}
+
+empty_tables() {
+    psql_q "$1" "TRUNCATE messages, room_members, rooms, users CASCADE" >/dev/null
+}
+
+start_ours() {
+    empty_tables chat_bench
+    redis-cli -p "$REDIS_PORT" -n 0 flushdb >/dev/null
+    env "${OURS_ENV[@]}" INSTANCE_ID=gw1 "$BIN/chat-local" serve --no-relay --no-migrate \
+        --listen 127.0.0.1:4101 >>"$WORK/ours-gw1.log" 2>&1 &
+    SYSTEM_PIDS=($!)
+    env "${OURS_ENV[@]}" INSTANCE_ID=gw2 "$BIN/chat-local" serve --no-relay --no-migrate \
+        --listen 127.0.0.1:4102 >>"$WORK/ours-gw2.log" 2>&1 &
+    SYSTEM_PIDS+=($!)
+    env "${OURS_ENV[@]}" INSTANCE_ID=relay "$BIN/chat-local" relay >>"$WORK/ours-relay.log" 2>&1 &
+    SYSTEM_PIDS+=($!)
+    PIDS_TO_STOP=("${SYSTEM_PIDS[@]}")
+    wait_healthy http://127.0.0.1:4101 http://127.0.0.1:4102
+    sleep 1
+    SYSTEM_ARGS=(--label ours --url "$OURS_URLS" --gateway-pid "${SYSTEM_PIDS[0]},${SYSTEM_PIDS[1]}"
+        --pid "relay=${SYSTEM_PIDS[2]}"
+        --metrics-url http://127.0.0.1:4101/metrics --metrics-url http://127.0.0.1:4102/metrics)
+}
+
+start_baseline() {
+    empty_tables peer_bench 2>/dev/null || true
+    redis-cli -p "$REDIS_PORT" -n 1 flushdb >/dev/null
+    (cd "$BASELINE_DIR" && env "${BASE_ENV[@]}" PORT=4201 INSTANCE_ID=peer-a node server.js \
+        >>"$WORK/baseline-a.log" 2>&1) &
+    SYSTEM_PIDS=($!)
+    wait_healthy http://127.0.0.1:4201 # the first one applies the schema
+    (cd "$BASELINE_DIR" && env "${BASE_ENV[@]}" PORT=4202 INSTANCE_ID=peer-b node server.js \
+        >>"$WORK/baseline-b.log" 2>&1) &
+    SYSTEM_PIDS+=($!)
+    PIDS_TO_STOP=("${SYSTEM_PIDS[@]}")
+    wait_healthy http://127.0.0.1:4202
+    sleep 1
+    # The subshells' children are the node processes.
+    local a b
+    a="$(pgrep -P "${SYSTEM_PIDS[0]}" node || echo "${SYSTEM_PIDS[0]}")"
+    b="$(pgrep -P "${SYSTEM_PIDS[1]}" node || echo "${SYSTEM_PIDS[1]}")"
+    SYSTEM_PIDS=("$a" "$b")
+    PIDS_TO_STOP=("${SYSTEM_PIDS[@]}")
+    SYSTEM_ARGS=(--label baseline --url "$BASE_URLS" --gateway-pid "$a,$b")
+}
+
+stop_system() {
+    local pid
+    for pid in "${SYSTEM_PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+    for pid in "${SYSTEM_PIDS[@]}"; do
+        for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+        kill -9 "$pid" 2>/dev/null || true
+    done
+    SYSTEM_PIDS=()
+    PIDS_TO_STOP=()
+    # Let TIME_WAIT sockets and the page cache settle between systems.
+    sleep 2
+}
+
+# Runs the generator against the running system; extra args follow.
+bench_run() {
+    local run="$1"
+    shift
+    "$BENCH" run "${SYSTEM_ARGS[@]}" --out "$RESULTS" --tag "session=$SESSION" --tag "run=$run" "$@" >/dev/null
+}
+
+# Runs "$@" against both systems, the order alternating between runs.
+both() {
+    local run="$1" system
+    shift
+    local order=(ours baseline)
+    [ $((run % 2)) = 0 ] && order=(baseline ours)
+    for system in "${order[@]}"; do
+        "start_$system"
+        log "run $run: $* ($system)"
+        "$@" "$run" "$system" || log "run $run: $1 ($system) failed; continuing"
+        stop_system
+    done
+}
+
+# ---------------------------------------------------------------------------
+# Scenarios (each takes the run number and the system name)
+
+s1() { bench_run "$1" --scenario S1 --users 10000 --connect-rate 1000 --rooms none --idle-hold "$IDLE_HOLD"; }
+s2() { bench_run "$1" --scenario S2 --users 2000 --rooms direct --rate 2000 --duration "$S2_SECS"; }
+s3() { bench_run "$1" --scenario S3 --users 1000 --rooms group --group-size 100 --rate 100 --duration "$S3_SECS"; }
+s4() {
+    local rates="$S4_OURS_RATES"
+    [ "$2" = baseline ] && rates="$S4_BASE_RATES"
+    bench_run "$1" --scenario S4 --users 2000 --rooms direct --rate "$rates" --stop-p99-ms 100 \
+        --duration "$S4_SECS" --warmup 2 --drain 5
+}
+overload() {
+    local held
+    held="$(jq -r --arg l "$2" --arg r "$1" \
+        'select(.kind == "sweep" and .label == $l and (.run|tostring) == $r) | .highest_held' "$RESULTS" | tail -1)"
+    if [ -z "$held" ] || [ "$held" = 0 ] || [ "$held" = null ]; then
+        log "overload: no S4 result for $2 in run $1; skipped"
+        return 0
+    fi
+    local rate=$((${held%.*} * 3))
+    log "overload: $2 at 3 x $held = $rate msg/s"
+    bench_run "$1" --scenario overload --users 2000 --rooms direct --rate "$rate" \
+        --duration "$OVERLOAD_SECS" --drain 10
+}
+
+pgbench_ceiling() {
+    local run="$1" clients tps
+    log "run $run: pgbench ceiling (the service's insert statement, prepared)"
+    psql_q ceiling_bench "TRUNCATE messages, room_members, rooms, users CASCADE;
+        INSERT INTO users (id, username) SELECT 'ceil-u' || g, 'ceil-u' || g FROM generate_series(0, 1999) g;
+        INSERT INTO rooms (id, type, user1_id, user2_id)
+            SELECT 'ceil-r' || g, 'DIRECT', 'ceil-u' || (2 * g), 'ceil-u' || (2 * g + 1)
+              FROM generate_series(0, 999) g;
+        INSERT INTO room_members (room_id, user_id)
+            SELECT 'ceil-r' || g, 'ceil-u' || (2 * g + s) FROM generate_series(0, 999) g, generate_series(0, 1) s" >/dev/null
+    psql_q ceiling_bench "VACUUM ANALYZE" >/dev/null
+    for clients in 8 16 32; do
+        tps="$(pgbench -n -M prepared -c "$clients" -j 2 -T "$PGBENCH_SECS" -f "$ROOT/scripts/bench/store_message.sql" \
+            "$PGURL/ceiling_bench" 2>/dev/null | sed -nE 's/^tps = ([0-9.]+).*/\1/p' | head -1)"
+        log "  pgbench $clients clients: ${tps:-?} tx/s"
+        [ -n "$tps" ] && printf '{"kind":"pgbench","session":"%s","run":%s,"clients":%s,"tps":%s}\n' \
+            "$SESSION" "$run" "$clients" "$tps" >>"$RESULTS"
+    done
+}
+
+s5() {
+    local run="$1"
+    log "run $run: S5 cold starts under the Lambda Runtime API emulator"
+    env "${OURS_ENV[@]}" "$BENCH" cold-start --dir "$BIN" --runs 5 --secret "$SECRET" >>"$RESULTS"
+    log "run $run: S5 process start to first /health (both servers)"
+    empty_tables chat_bench
+    env "${OURS_ENV[@]}" "$BENCH" process-start --label ours --runs 3 --url http://127.0.0.1:4101/health -- \
+        "$BIN/chat-local" serve --no-relay --listen 127.0.0.1:4101 >>"$RESULTS"
+    (cd "$BASELINE_DIR" && env "${BASE_ENV[@]}" PORT=4201 "$BENCH" process-start --label baseline --runs 3 \
+        --url http://127.0.0.1:4201/health -- node server.js) >>"$RESULTS"
+}
+
+# ---------------------------------------------------------------------------
+# The session
+
+log "session $SESSION: $RUNS run(s); results in $RESULTS"
+for run in $(seq "$RUNS"); do
+    if wants pgbench; then pgbench_ceiling "$run"; fi
+    if wants S1; then both "$run" s1; fi
+    if wants S2; then both "$run" s2; fi
+    if wants S3; then both "$run" s3; fi
+    if wants S4; then both "$run" s4; fi
+    if wants overload; then both "$run" overload; fi
+    if wants S5; then s5 "$run"; fi
+done
+
+mkdir -p "$ROOT/docs/benchmarks"
+cp "$RESULTS" "$ROOT/docs/benchmarks/latest.jsonl"
+{
+    echo "Session \`$SESSION\` ($RUNS run(s)$([ "$QUICK" = 1 ] && echo ', --quick')), commit \`$(git rev-parse --short HEAD)\`,"
+    echo "$(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB, $(uname -r), PostgreSQL $(psql_q postgres 'SHOW server_version'),"
+    echo "Redis $(redis-server --version | sed -nE 's/.*v=([0-9.]+).*/\1/p'), Node.js $(node --version). Medians of the runs;"
+    echo "raw JSON lines in [\`docs/benchmarks/latest.jsonl\`](benchmarks/latest.jsonl)."
+} >"$WORK/preamble.md"
+"$BENCH" report --input "$RESULTS" --output "$ROOT/docs/BENCHMARKS.md" --preamble "$WORK/preamble.md"
+log "done: docs/BENCHMARKS.md"
