@@ -29,7 +29,8 @@ pub fn redis_url() -> String {
     std::env::var("TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
 }
 
-fn random_suffix() -> String {
+/// A random lowercase suffix for database names and key prefixes.
+pub fn random_suffix() -> String {
     use rand::Rng;
     let mut rng = rand::rng();
     (0..12)

@@ -10,7 +10,6 @@
 #![allow(dead_code, clippy::unwrap_used, missing_docs)]
 
 use std::collections::HashMap;
-use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -30,111 +29,9 @@ use chat_shared::service::NewRoom;
 use secrecy::SecretString;
 use serde_json::{Value, json};
 use tokio::task::JoinHandle;
-use tokio_postgres::NoTls;
 use tokio_util::sync::CancellationToken;
 
-pub fn admin_db_url() -> String {
-    std::env::var("TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
-}
-
-pub fn redis_url() -> String {
-    std::env::var("TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
-}
-
-pub fn random_suffix() -> String {
-    use rand::Rng;
-    let mut rng = rand::rng();
-    (0..12)
-        .map(|_| char::from(b'a' + rng.random_range(0..26u8)))
-        .collect()
-}
-
-fn with_database(url: &str, db: &str) -> String {
-    let mut config: tokio_postgres::Config = url.parse().expect("TEST_DATABASE_URL parses");
-    config.dbname(db);
-    let host = match config.get_hosts().first() {
-        Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
-        #[cfg(unix)]
-        Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
-        None => "127.0.0.1".to_owned(),
-    };
-    let port = config.get_ports().first().copied().unwrap_or(5432);
-    let user = config.get_user().unwrap_or("postgres");
-    match config.get_password() {
-        Some(pw) => format!(
-            "postgres://{user}:{}@{host}:{port}/{db}",
-            String::from_utf8_lossy(pw)
-        ),
-        None => format!("postgres://{user}@{host}:{port}/{db}"),
-    }
-}
-
-/// Creates a fresh database from the migrated template and returns its URL
-/// (the same template scheme and lock as the shared crate's tests, so both
-/// suites reuse one template).
-pub async fn fresh_database() -> String {
-    let admin = admin_db_url();
-    let (client, conn) = tokio_postgres::connect(&admin, NoTls)
-        .await
-        .unwrap_or_else(|e| {
-            panic!("cannot reach PostgreSQL at TEST_DATABASE_URL={admin}: {e}. Run scripts/test.sh, which starts it.")
-        });
-    tokio::spawn(conn);
-    let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../migrations");
-    let mut files: Vec<_> = std::fs::read_dir(dir)
-        .expect("migrations dir")
-        .map(|e| e.expect("entry").path())
-        .collect();
-    files.sort();
-    for f in &files {
-        std::fs::read_to_string(f)
-            .expect("migration")
-            .hash(&mut hasher);
-    }
-    let template = format!("chat_template_{:x}", hasher.finish());
-    client
-        .execute("SELECT pg_advisory_lock(727274)", &[])
-        .await
-        .expect("lock");
-    let exists = client
-        .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&template])
-        .await
-        .expect("query")
-        .is_some();
-    if !exists {
-        let building = format!("{template}_building");
-        client
-            .execute(&format!("DROP DATABASE IF EXISTS {building}"), &[])
-            .await
-            .expect("drop");
-        client
-            .execute(&format!("CREATE DATABASE {building}"), &[])
-            .await
-            .expect("create template");
-        chat_shared::store::migrate(&SecretString::from(with_database(&admin, &building)))
-            .await
-            .expect("migrations apply");
-        client
-            .execute(
-                &format!("ALTER DATABASE {building} RENAME TO {template}"),
-                &[],
-            )
-            .await
-            .expect("rename template");
-    }
-    let db = format!("chat_test_{}", random_suffix());
-    let created = client
-        .execute(&format!("CREATE DATABASE {db} TEMPLATE {template}"), &[])
-        .await;
-    client
-        .execute("SELECT pg_advisory_unlock(727274)", &[])
-        .await
-        .expect("unlock");
-    created.expect("create test database");
-    with_database(&admin, &db)
-}
+pub use chat_shared::testing::{fresh_database, random_suffix, redis_url};
 
 /// Waits for `check` to give `Some`, polling every 10 ms; panics naming
 /// `what` after `timeout`.
