@@ -23,11 +23,18 @@
 #   4. writes the JSON lines to .local/bench/<session>.jsonl and
 #      docs/benchmarks/latest.jsonl, and the table to docs/BENCHMARKS.md.
 #
-# --quick: one run, shorter scenarios (a smoke test of the harness, ~10 min).
+# --quick: one run, shorter scenarios (a smoke test of the harness, ~15 min).
 # The baseline is the read-only copy in ../shared/baseline, copied to
 # .local/baseline and installed with `npm ci` when missing.
 #
-# Not for CI: a full session takes about 45 minutes.
+# The machine is shared: before each system's run the script waits (up to
+# BENCH_QUIET_WAIT=120 s) for the load average to fall below
+# BENCH_QUIET_LOAD=1.5, and records the load it started with in the JSON.
+# Other knobs: BENCH_WORK (work directory), BENCH_BASELINE_DIR (installed
+# baseline), BENCH_PG_POOL_MAX (24), S4_OURS_RATES / S4_BASE_RATES (the
+# sweeps), CARGO_TARGET_DIR.
+#
+# Not for CI: a full session takes about an hour.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -52,7 +59,7 @@ wants() { case ",$ONLY," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
 
 log() { printf '\033[1m[bench %s]\033[0m %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 
-WORK="$ROOT/.local/bench"
+WORK="${BENCH_WORK:-$ROOT/.local/bench}"
 mkdir -p "$WORK"
 SESSION="$(date -u +%Y%m%dT%H%M%SZ)"
 RESULTS="$WORK/$SESSION.jsonl"
@@ -62,7 +69,7 @@ REDIS_PORT="${BENCH_REDIS_PORT:-56389}"
 SECRET="bench-secret-$SESSION"
 export JWT_SECRET="$SECRET"
 BIN="$CARGO_TARGET_DIR/release"
-BASELINE_DIR="$ROOT/.local/baseline"
+BASELINE_DIR="${BENCH_BASELINE_DIR:-$ROOT/.local/baseline}"
 
 # Durations (seconds) and rates.
 if [ "$QUICK" = 1 ]; then
@@ -94,6 +101,7 @@ fi
 # Private PostgreSQL and Redis
 
 PIDS_TO_STOP=()
+LOAD_AT_START=""
 cleanup() {
     local pid
     for pid in "${PIDS_TO_STOP[@]}"; do kill "$pid" 2>/dev/null || true; done
@@ -168,8 +176,37 @@ wait_healthy() {
     done
 }
 
+# Empties a system's tables and checkpoints, so every run starts alike (the
+# first write to each page after a checkpoint costs a full-page image).
 empty_tables() {
     psql_q "$1" "TRUNCATE messages, room_members, rooms, users CASCADE" >/dev/null
+    psql_q "$1" "CHECKPOINT" >/dev/null
+}
+
+# What else shares the cost of a message: PostgreSQL (the postmaster and its
+# backends) and Redis, watched the same way for both systems.
+shared_pids() {
+    local pg redis
+    pg="$(head -1 "$PG_DATA/postmaster.pid")"
+    redis="$(redis-cli -p "$REDIS_PORT" info server | sed -nE 's/^process_id:([0-9]+).*/\1/p')"
+    printf '%s\n' --pid-tree "postgres=$pg" --pid "redis=$redis"
+}
+
+# The box is shared: wait (up to BENCH_QUIET_WAIT seconds, 120 by default)
+# for the 1-minute load average to drop below BENCH_QUIET_LOAD (1.5), and
+# record the load each run started with.
+wait_quiet() {
+    local limit="${BENCH_QUIET_WAIT:-120}" waited=0 load
+    while :; do
+        load="$(cut -d' ' -f1 /proc/loadavg)"
+        if awk -v l="$load" -v m="${BENCH_QUIET_LOAD:-1.5}" 'BEGIN { exit !(l < m) }' || [ "$waited" -ge "$limit" ]; then
+            break
+        fi
+        [ "$waited" = 0 ] && log "waiting for a quieter machine (load $load)"
+        sleep 5
+        waited=$((waited + 5))
+    done
+    LOAD_AT_START="$load"
 }
 
 start_ours() {
@@ -186,8 +223,9 @@ start_ours() {
     PIDS_TO_STOP=("${SYSTEM_PIDS[@]}")
     wait_healthy http://127.0.0.1:4101 http://127.0.0.1:4102
     sleep 1
+    mapfile -t extra < <(shared_pids)
     SYSTEM_ARGS=(--label ours --url "$OURS_URLS" --gateway-pid "${SYSTEM_PIDS[0]},${SYSTEM_PIDS[1]}"
-        --pid "relay=${SYSTEM_PIDS[2]}"
+        --pid "relay=${SYSTEM_PIDS[2]}" "${extra[@]}"
         --metrics-url http://127.0.0.1:4101/metrics --metrics-url http://127.0.0.1:4102/metrics)
 }
 
@@ -210,7 +248,8 @@ start_baseline() {
     b="$(pgrep -P "${SYSTEM_PIDS[1]}" node || echo "${SYSTEM_PIDS[1]}")"
     SYSTEM_PIDS=("$a" "$b")
     PIDS_TO_STOP=("${SYSTEM_PIDS[@]}")
-    SYSTEM_ARGS=(--label baseline --url "$BASE_URLS" --gateway-pid "$a,$b")
+    mapfile -t extra < <(shared_pids)
+    SYSTEM_ARGS=(--label baseline --url "$BASE_URLS" --gateway-pid "$a,$b" "${extra[@]}")
 }
 
 stop_system() {
@@ -230,7 +269,8 @@ stop_system() {
 bench_run() {
     local run="$1"
     shift
-    "$BENCH" run "${SYSTEM_ARGS[@]}" --out "$RESULTS" --tag "session=$SESSION" --tag "run=$run" "$@" >/dev/null
+    "$BENCH" run "${SYSTEM_ARGS[@]}" --out "$RESULTS" --tag "session=$SESSION" --tag "run=$run" \
+        --tag "load=$LOAD_AT_START" "$@" >/dev/null
 }
 
 # Runs "$@" against both systems, the order alternating between runs.
@@ -240,6 +280,7 @@ both() {
     local order=(ours baseline)
     [ $((run % 2)) = 0 ] && order=(baseline ours)
     for system in "${order[@]}"; do
+        wait_quiet
         "start_$system"
         log "run $run: $* ($system)"
         "$@" "$run" "$system" || log "run $run: $1 ($system) failed; continuing"

@@ -168,7 +168,7 @@ pub fn rows(all: &[Value]) -> Vec<Row> {
         "gateway RSS per idle connection (bytes)",
         &|v| get(v, "/rss_per_connection_bytes"),
         Lower,
-        Some(Target::AtMost(8192.0)),
+        Some(Target::AtMost(8000.0)),
     );
     b.row(
         "run",
@@ -660,6 +660,7 @@ mod tests {
             "{table}"
         );
         assert!(table.contains("not measured"));
+        assert!(table.contains("≤ 8,000"), "{table}");
     }
 
     #[test]
