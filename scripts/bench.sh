@@ -87,6 +87,12 @@ ulimit -n 200000 2>/dev/null || ulimit -n 100000 2>/dev/null || true
 
 log "building release binaries (a clean build takes ~9 min on 2 cores)"
 cargo build --release -q -p chat-local -p chat-bench -p rest -p ws-connect -p ws-message -p ws-disconnect
+# A copy: others may rebuild the shared target directory during the session.
+mkdir -p "$WORK/bin"
+for b in chat-local chat-bench rest ws-connect ws-message ws-disconnect; do
+    cp "$BIN/$b" "$WORK/bin/$b"
+done
+BIN="$WORK/bin"
 BENCH="$BIN/chat-bench"
 
 if [ ! -d "$BASELINE_DIR/node_modules" ]; then
