@@ -241,6 +241,10 @@ pub mod events {
 
     fn context(route: &str, kind: &str, connection_id: &str, domain: &str) -> Value {
         let now = chrono::Utc::now().timestamp_millis();
+        // An established connection (a minute old): a connection a few
+        // milliseconds old makes its first replies wait for the `connected`
+        // greeting, which no relay delivers here.
+        let connected_at = now - 60_000;
         json!({
             "routeKey": route,
             "eventType": kind,
@@ -248,7 +252,7 @@ pub mod events {
             "requestTime": "28/Nov/2026:12:00:00 +0000",
             "messageDirection": "IN",
             "stage": "local",
-            "connectedAt": now,
+            "connectedAt": connected_at,
             "requestTimeEpoch": now,
             "identity": {"sourceIp": "127.0.0.1"},
             "requestId": format!("req-{connection_id}"),

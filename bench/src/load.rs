@@ -204,8 +204,11 @@ struct Shared {
     tally: Tally,
     /// Distinct deliveries so far (for drain and progress).
     delivered: u64,
-    /// Per user: messages sent and refused.
+    /// Per user: messages sent and refused (this step).
     sent: Vec<u64>,
+    /// Per user: the counter of its next message. It runs on across the
+    /// steps of a sweep, because receivers keep their per-sender streams.
+    next_n: Vec<u64>,
     rejected: Vec<u64>,
     not_sent: u64,
     errors: BTreeMap<String, u64>,
@@ -323,6 +326,7 @@ pub async fn run(
     let shared: SharedRef = Rc::new(RefCell::new(Shared {
         sent: vec![0; cfg.users],
         rejected: vec![0; cfg.users],
+        next_n: vec![0; cfg.users],
         ..Shared::default()
     }));
     let mut watched: Vec<Watched> = cfg
@@ -430,9 +434,11 @@ pub async fn run(
             let mut s = shared.borrow_mut();
             let users = s.sent.len();
             let closes = s.unexpected_closes;
+            let next_n = std::mem::take(&mut s.next_n);
             *s = Shared {
                 sent: vec![0; users],
                 rejected: vec![0; users],
+                next_n,
                 unexpected_closes: closes,
                 ..Shared::default()
             };
@@ -906,7 +912,6 @@ async fn send_phase(
             )
         })
         .collect();
-    let mut counters = vec![0u64; cfg.users];
     for w in watched.iter_mut().chain(std::iter::once(&mut *me)) {
         w.mark("send_start");
     }
@@ -933,14 +938,14 @@ async fn send_phase(
             k += 1;
             let Some(conn) = &conns[user] else { continue };
             let t = now_us();
-            let n = counters[user];
+            let mut s = shared.borrow_mut();
+            let n = s.next_n[user];
             let mut frame = frames_prefix[room].clone();
             frame.push_str(&stamp(t, user, n, cfg.content_bytes));
             frame.push_str("\"}}");
-            let mut s = shared.borrow_mut();
             match conn.tx.try_send(Command::Send(frame)) {
                 Ok(()) => {
-                    counters[user] += 1;
+                    s.next_n[user] += 1;
                     s.sent[user] += 1;
                     s.lag.record(t.saturating_sub(intended_us));
                 }
