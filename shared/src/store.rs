@@ -4,7 +4,8 @@
 //! The hot path, storing a message, is one statement and so one round trip:
 //! it checks membership, takes the room's next sequence id under the room
 //! row's lock, inserts, moves the sender's read cursor and applies retention
-//! together, so ids are gap-free across any number of instances.
+//! together, so ids are gap-free across any number of instances. Sends that
+//! arrive together share that statement and its commit (module `batch`).
 
 use std::collections::HashMap;
 use std::str::FromStr;
@@ -21,6 +22,10 @@ use crate::auth::AuthUser;
 use crate::domain::{MessageId, MessageType, NewMessage, RoomId, RoomType, SequenceId, UserId};
 use crate::error::{Error, Result};
 use crate::model::{Member, Message, Profile, RoomRow};
+
+mod batch;
+
+pub use batch::{MAX_BATCH, MAX_WORKERS};
 
 mod embedded {
     refinery::embed_migrations!("../migrations");
@@ -115,6 +120,35 @@ fn room_from_row(row: &Row) -> RoomRow {
         last_message_at: row.get("last_message_at"),
         last_message_text: row.get("last_message_text"),
         created_at: row.get("created_at"),
+    }
+}
+
+/// The message object of a message just stored.
+fn message_stored(
+    id: &MessageId,
+    room_id: &RoomId,
+    sender: &UserId,
+    message: &NewMessage,
+    profile: Profile,
+    sequence_id: i64,
+    created_at: DateTime<Utc>,
+) -> Message {
+    Message {
+        id: id.to_string(),
+        room_id: room_id.to_string(),
+        sender_id: sender.clone(),
+        content: message.content.clone(),
+        kind: message.kind,
+        metadata: message.metadata.clone(),
+        sequence_id: SequenceId::from_trusted(sequence_id),
+        client_message_id: message
+            .client_message_id
+            .as_ref()
+            .map(|c| c.as_str().to_owned()),
+        sender: profile,
+        // No other member's cursor can be past the room's newest message.
+        read_by: Vec::new(),
+        created_at,
     }
 }
 
@@ -237,6 +271,8 @@ impl Client {
 pub struct Store {
     pool: Pool,
     retention: i64,
+    /// Sends waiting to share a statement (group commit).
+    batcher: batch::Batcher,
 }
 
 impl std::fmt::Debug for Store {
@@ -251,7 +287,11 @@ impl Store {
     /// A store over `pool` that keeps the newest `retention` messages per
     /// room (0 keeps all).
     pub fn new(pool: Pool, retention: i64) -> Self {
-        Self { pool, retention }
+        Self {
+            pool,
+            retention,
+            batcher: batch::Batcher::default(),
+        }
     }
 
     /// The pool (for health checks and load shedding).
@@ -259,9 +299,10 @@ impl Store {
         &self.pool
     }
 
-    /// How many requests are waiting for a connection.
+    /// How many requests are waiting for a connection, or (sends) for a
+    /// batch: what load shedding looks at.
     pub fn waiting(&self) -> usize {
-        self.pool.status().waiting
+        self.pool.status().waiting + self.batcher.queued()
     }
 
     async fn client(&self) -> Result<Client> {
@@ -664,12 +705,37 @@ impl Store {
             > 0)
     }
 
-    /// Stores a message in one statement (see the module docs).
+    /// Stores a message in one statement (see the module docs), shared with
+    /// the sends queued at the same moment.
     ///
     /// # Errors
     /// `NOT_FOUND` for an unknown room, `FORBIDDEN` for a non-member.
     #[tracing::instrument(skip_all, fields(room_id = %room_id, user_id = %sender))]
     pub async fn store_message(
+        &self,
+        room_id: &RoomId,
+        sender: &UserId,
+        message: &NewMessage,
+    ) -> Result<Stored> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.batcher.push(
+            self,
+            batch::Pending {
+                room_id: room_id.clone(),
+                sender: sender.clone(),
+                message: message.clone(),
+                reply,
+            },
+        );
+        answer.await.unwrap_or_else(|_| {
+            Err(Error::internal(anyhow::anyhow!(
+                "the message's batch was abandoned"
+            )))
+        })
+    }
+
+    /// Stores one message alone: the statement of the module docs.
+    async fn store_one(
         &self,
         room_id: &RoomId,
         sender: &UserId,
@@ -781,20 +847,15 @@ impl Store {
                 "message insert returned nothing"
             )));
         };
-        Ok(Stored::New(Message {
-            id: id.to_string(),
-            room_id: room_id.to_string(),
-            sender_id: sender.clone(),
-            content: message.content.clone(),
-            kind: message.kind,
-            metadata: message.metadata.clone(),
-            sequence_id: SequenceId::from_trusted(sequence_id),
-            client_message_id: client_message_id.map(str::to_owned),
-            sender: sender_profile,
-            // No other member's cursor can be past the room's newest message.
-            read_by: Vec::new(),
+        Ok(Stored::New(message_stored(
+            &id,
+            room_id,
+            sender,
+            message,
+            sender_profile,
+            sequence_id,
             created_at,
-        }))
+        )))
     }
 
     /// Moves the caller's cursor forward, clamped to the room's last
