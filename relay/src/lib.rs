@@ -57,6 +57,7 @@ mod cluster;
 pub mod management;
 pub mod metrics;
 mod outbox;
+mod pipeline;
 mod resolve;
 mod shard;
 mod subscriber;
