@@ -270,6 +270,12 @@ impl Relay {
             }
             .run(cluster_stop.clone(), refresh_requests),
         );
+        background.spawn(report_delivery_lag(
+            self.realtime.clone(),
+            self.metrics.clone(),
+            self.id.clone(),
+            cluster_stop.clone(),
+        ));
         background.spawn(
             sweeper::Sweeper {
                 realtime: self.realtime.clone(),
@@ -346,4 +352,38 @@ fn unique_id(instance: &str) -> String {
     let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let nanos = chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default();
     format!("{instance}-{:x}-{:x}-{n}", std::process::id(), nanos)
+}
+
+/// How often the relay reports its delivery lag.
+const LAG_REPORT_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Reports the largest delivery lag of each interval to Redis, where every
+/// gateway's lease renewal reads it to shed sends while the fan-out is
+/// behind (`chat_shared::realtime::Realtime::with_load_limits`). A relay
+/// that stops reporting is forgotten after a second.
+async fn report_delivery_lag(
+    realtime: Realtime,
+    metrics: Arc<RelayMetrics>,
+    relay: String,
+    stop: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(LAG_REPORT_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let lag = metrics
+            .delivery_lag_ms
+            .swap(0, std::sync::atomic::Ordering::Relaxed);
+        if let Err(err) = realtime
+            .chat()
+            .presence()
+            .report_delivery_lag(&relay, lag)
+            .await
+        {
+            tracing::debug!(error = %err, "reporting the delivery lag failed");
+        }
+    }
 }

@@ -43,6 +43,10 @@ pub struct RelayMetrics {
     pub push_latency_us_sum: AtomicU64,
     /// Number of latencies in [`RelayMetrics::push_latency_us_sum`].
     pub push_latency_count: AtomicU64,
+    /// The largest delivery lag (ms from publish to handling) of a
+    /// room envelope since the last report to Redis; the reporter
+    /// resets it (a gauge, not a counter). Gateways shed sends on it.
+    pub delivery_lag_ms: AtomicU64,
     /// Envelopes of cluster shards this relay does not hold (another relay
     /// handles them, or nobody during a takeover): read and dropped.
     pub envelopes_not_owned: AtomicU64,

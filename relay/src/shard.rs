@@ -436,6 +436,13 @@ impl Shard {
     /// when a dependency did not answer. A failed step has queued nothing,
     /// so another attempt cannot deliver anything twice.
     async fn deliver(&mut self, envelope: &Envelope) {
+        if let Some(published) = envelope.ts {
+            let lag = chrono::Utc::now().timestamp_millis() - published;
+            self.metrics.delivery_lag_ms.fetch_max(
+                u64::try_from(lag).unwrap_or(0),
+                std::sync::atomic::Ordering::Relaxed,
+            );
+        }
         let mut wait = STEP_RETRY;
         for attempt in 1..=STEP_ATTEMPTS {
             match self.step(envelope).await {

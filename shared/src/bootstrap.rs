@@ -23,8 +23,11 @@ use crate::ws::WsState;
 pub async fn ws_state(config: &Config) -> anyhow::Result<WsState> {
     let app = app_state(config).await?;
     Ok(WsState {
-        realtime: Realtime::new(app.chat, config.presence_ttl)
-            .with_load_limits(config.ws_max_in_flight, config.pg_max_waiting),
+        realtime: Realtime::new(app.chat, config.presence_ttl).with_load_limits(
+            config.ws_max_in_flight,
+            config.pg_max_waiting,
+            config.ws_max_delivery_lag_ms,
+        ),
         verifier: app.verifier,
     })
 }

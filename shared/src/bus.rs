@@ -80,6 +80,12 @@ pub struct Envelope {
     /// can never overtake each other.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key: Option<String>,
+    /// When a room event was published (ms since the epoch, the
+    /// publisher's clock): the relay measures its delivery lag from it, and
+    /// the gateways shed sends while the lag is high
+    /// (`Realtime::with_load_limits`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ts: Option<i64>,
 }
 
 impl Envelope {
@@ -191,6 +197,7 @@ impl Bus {
             event: Some(RawValue::from_string(event).map_err(Error::internal)?),
             control: None,
             key,
+            ts: None,
         };
         serde_json::to_string(&envelope).map_err(Error::internal)
     }
@@ -225,6 +232,7 @@ impl Bus {
             event: Some(RawValue::from_string(event).map_err(Error::internal)?),
             control: None,
             key: None,
+            ts: Some(chrono::Utc::now().timestamp_millis()),
         })
     }
 
@@ -239,6 +247,7 @@ impl Bus {
             event: None,
             control: Some(control),
             key: None,
+            ts: None,
         }
     }
 
@@ -296,6 +305,7 @@ mod tests {
             event: Some(RawValue::from_string(event.into()).expect("valid")),
             control: None,
             key: None,
+            ts: None,
         })
         .expect("serializes");
         assert!(json.contains(r#""target":{"type":"room","roomId":"room_1"}"#));

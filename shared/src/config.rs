@@ -23,9 +23,14 @@ pub struct Config {
     pub pg_max_waiting: usize,
     /// WebSocket requests that need PostgreSQL answer `RATE_LIMITED` at
     /// once while this many are in progress in the process
-    /// (`WS_MAX_IN_FLIGHT`, 256): it bounds the queue, so accepted messages
-    /// keep a bounded latency under overload.
+    /// (`WS_MAX_IN_FLIGHT`, 64): it bounds the queue, so accepted messages
+    /// keep a bounded latency under overload. 64 still lets concurrent sends
+    /// fill a batch (docs/BENCHMARKS.md).
     pub ws_max_in_flight: usize,
+    /// Sends are refused, more of them as it grows, while the relays
+    /// deliver later than a third of this; all of them beyond it
+    /// (`WS_MAX_DELIVERY_LAG_MS`, 100; 0 turns it off).
+    pub ws_max_delivery_lag_ms: u64,
     /// Redis URL (`REDIS_URL`, or built from `REDIS_HOST` / `REDIS_PORT` /
     /// `REDIS_PASSWORD` / `REDIS_TLS`).
     pub redis_url: SecretString,
@@ -222,7 +227,8 @@ impl Config {
             database_url: database_url.into(),
             pg_pool_max,
             pg_max_waiting: parse::<usize>(&get, "PG_MAX_WAITING", 1000)?,
-            ws_max_in_flight: parse::<usize>(&get, "WS_MAX_IN_FLIGHT", 256)?,
+            ws_max_in_flight: parse::<usize>(&get, "WS_MAX_IN_FLIGHT", 64)?,
+            ws_max_delivery_lag_ms: parse::<u64>(&get, "WS_MAX_DELIVERY_LAG_MS", 100)?,
             redis_url: redis_url.into(),
             redis_key_prefix: get("REDIS_KEY_PREFIX").unwrap_or_default(),
             jwt_secret: jwt_secret.into(),

@@ -15,6 +15,7 @@
 //! | `room:{roomId}:conns` | hash | connection id → `watermark\|userId\|connectedAt\|endpoint`: what the relay fans out to in one read |
 //! | `relay:lease:{n}` | string, with a TTL | the relay id that owns cluster shard `n` (`SET NX PX`, renewed by compare-and-`PEXPIRE`; the relay crate's `cluster` module) |
 //! | `relay:members` | sorted set | live relay ids, scored by their last heartbeat (ms, Redis clock): what a relay's fair share is computed from |
+//! | `relay:lags` | hash | relay instance → `lagMs\|atMs`: each relay's delivery lag, reported every 100 ms; read by every frame's lease renewal for load shedding |
 //! | `rl:conn:{connectionId}` | string | the connection's message-rate bucket (GCRA arrival time, µs); expires when full ([`crate::limits`]) |
 //! | `rl:user:{userId}:send` | string | the user's REST send-rate bucket, likewise |
 //! | `rl:user:{userId}:rest` | string | the user's REST request-rate bucket, likewise |
@@ -88,6 +89,11 @@ impl Keys {
     /// The connections joined to a room.
     pub fn room_conns(&self, room_id: &str) -> String {
         format!("{}room:{room_id}:conns", self.prefix)
+    }
+
+    /// Each relay's recent delivery lag (load shedding).
+    pub fn relay_lags(&self) -> String {
+        format!("{}relay:lags", self.prefix)
     }
 
     /// A connection's message-rate bucket ([`crate::limits`]).
@@ -312,6 +318,9 @@ pub struct Touched {
     /// When the frame was over the connection's message rate: how long
     /// until one would be allowed. The lease was renewed all the same.
     pub rate_limited: Option<std::time::Duration>,
+    /// The largest delivery lag a relay reported in the last second (ms):
+    /// how far behind the fan-out is.
+    pub delivery_lag_ms: u64,
 }
 
 /// Registers a connection and its lease; the user's first live connection
@@ -346,9 +355,33 @@ redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
 f[9] = tostring(redis.call('SISMEMBER', KEYS[3], f[1]))
 f[10] = '0'
 if ARGV[4] ~= '' then f[10] = string.format('%.0f', gcra({{KEYS[4], ARGV[4], ARGV[5]}})) end
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local lag = 0
+local lags = redis.call('HGETALL', KEYS[5])
+for i = 1, #lags, 2 do
+  local v = lags[i + 1]
+  local sep = string.find(v, '|', 1, true)
+  if sep then
+    local l = tonumber(string.sub(v, 1, sep - 1))
+    local at = tonumber(string.sub(v, sep + 1))
+    if l and at and now - at < 1000 and l > lag then lag = l end
+  end
+end
+f[11] = tostring(lag)
 return f
 "
 );
+
+/// Stores a relay's delivery lag with the time (Redis's clock, the one the
+/// lease renewal compares with).
+const REPORT_LAG: &str = r"
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. '|' .. now)
+redis.call('PEXPIRE', KEYS[1], 5000)
+return 0
+";
 
 /// Records that a connection's `connected` event was delivered.
 const MARK_GREETED: &str = r"
@@ -467,6 +500,7 @@ impl Presence {
             .key(self.keys.leases())
             .key(self.keys.online())
             .key(self.keys.rate_conn(connection_id))
+            .key(self.keys.relay_lags())
             .arg(connection_id)
             .arg(now_ms() + ttl.as_millis() as i64)
             .arg(self.keys.user_conns_prefix())
@@ -477,8 +511,9 @@ impl Presence {
         let Some(mut f) = fields else {
             return Ok(None);
         };
-        f.resize(10, None);
+        f.resize(11, None);
         let rate_limited = crate::limits::parse_wait(f[9].as_deref());
+        let delivery_lag_ms = f[10].as_deref().and_then(|v| v.parse().ok()).unwrap_or(0);
         let mut take = |i: usize| f[i].take();
         let Some(user_id) = take(0) else {
             return Ok(None);
@@ -502,7 +537,25 @@ impl Presence {
             greeted,
             was_online: take(8).as_deref() == Some("1"),
             rate_limited,
+            delivery_lag_ms,
         }))
+    }
+
+    /// Records a relay's current delivery lag (`instance` names the relay);
+    /// entries older than a second are ignored, so a relay that stops is
+    /// forgotten.
+    ///
+    /// # Errors
+    /// `UNAVAILABLE` when Redis does not answer.
+    pub async fn report_delivery_lag(&self, instance: &str, lag_ms: u64) -> Result<()> {
+        let mut redis = CountedRedis(self.redis.clone());
+        let _: i64 = redis::Script::new(REPORT_LAG)
+            .key(self.keys.relay_lags())
+            .arg(instance)
+            .arg(lag_ms)
+            .invoke_async(&mut redis)
+            .await?;
+        Ok(())
     }
 
     /// Puts a user back in the online set; true (and the envelope is

@@ -45,6 +45,15 @@ pub struct Realtime {
 /// connection. What is accepted then waits behind a bounded queue, so its
 /// latency stays bounded whatever is offered.
 ///
+/// Those bounds are local to a process; the fan-out after it (pub/sub, the
+/// relay, the posts) can fall behind too, and then every accepted message
+/// is late. The relays report their delivery lag to Redis every 100 ms and
+/// every frame's lease renewal reads the largest (no extra round trip):
+/// above a third of `max_delivery_lag_ms` sends are refused with a
+/// probability that grows linearly, all of them at `max_delivery_lag_ms`.
+/// The proportional refusal settles the accepted rate near what the fan-out
+/// can deliver instead of switching it on and off.
+///
 /// In Lambda a process handles one event at a time and the limits never
 /// bite there (Lambda concurrency and RDS Proxy bound the load); they are
 /// for processes that serve many sockets (the local gateway, a container).
@@ -56,6 +65,9 @@ struct Admission {
     max_in_flight: usize,
     /// Most waiters for a pooled connection before shedding.
     max_waiting: usize,
+    /// Delivery lag (ms) at which every send is refused; 0 turns the
+    /// lag-based shedding off.
+    max_delivery_lag_ms: u64,
 }
 
 /// A request let in by [`Admission::admit`]; leaving it frees its place.
@@ -73,7 +85,18 @@ impl Admission {
             in_flight: Arc::default(),
             max_in_flight: usize::MAX,
             max_waiting: usize::MAX,
+            max_delivery_lag_ms: 0,
         }
+    }
+
+    /// Whether to refuse a send while the fan-out is `lag_ms` behind.
+    fn sheds_for_lag(&self, lag_ms: u64) -> bool {
+        let hard = self.max_delivery_lag_ms;
+        let soft = hard / 3;
+        if hard == 0 || lag_ms <= soft {
+            return false;
+        }
+        lag_ms >= hard || rand::random::<f64>() < (lag_ms - soft) as f64 / (hard - soft) as f64
     }
 
     /// A place for one request, or `RATE_LIMITED` when there is none.
@@ -155,14 +178,22 @@ impl Realtime {
     }
 
     /// Sheds requests that need PostgreSQL beyond `max_in_flight` in
-    /// progress in this process, or while more than `max_waiting` callers
-    /// wait for a pooled connection (`WS_MAX_IN_FLIGHT`, `PG_MAX_WAITING`).
+    /// progress in this process, while more than `max_waiting` callers
+    /// wait for a pooled connection, or while the relays deliver more than
+    /// `max_delivery_lag_ms` late (`WS_MAX_IN_FLIGHT`, `PG_MAX_WAITING`,
+    /// `WS_MAX_DELIVERY_LAG_MS`; see [`Admission`]).
     #[must_use]
-    pub fn with_load_limits(mut self, max_in_flight: usize, max_waiting: usize) -> Self {
+    pub fn with_load_limits(
+        mut self,
+        max_in_flight: usize,
+        max_waiting: usize,
+        max_delivery_lag_ms: u64,
+    ) -> Self {
         self.admission = Admission {
             in_flight: Arc::default(),
             max_in_flight: max_in_flight.max(1),
             max_waiting,
+            max_delivery_lag_ms,
         };
         self
     }
@@ -314,7 +345,13 @@ impl Realtime {
         };
         // Every frame renews the presence lease, good or bad, and every
         // frame but `ping` is charged to the connection's message rate.
-        let touched = self.touch(connection_id, kind != Some("ping")).await;
+        let touched = self
+            .touch(
+                connection_id,
+                kind != Some("ping"),
+                kind == Some("sendMessage"),
+            )
+            .await;
         let unregistered = matches!(touched, Err(Error::Unauthorized(_)));
         let frame = match frame {
             None => {
@@ -343,13 +380,20 @@ impl Realtime {
     }
 
     /// Renews the connection's lease and, when `metered`, charges the frame
-    /// to its message rate (one Redis round trip for both).
+    /// to its message rate (one Redis round trip for both). A `sheddable`
+    /// frame (`sendMessage`, what drives the fan-out) is refused while the
+    /// fan-out is behind ([`Admission`]).
     ///
     /// # Errors
     /// `UNAUTHORIZED` for a connection that is no longer registered;
-    /// `RATE_LIMITED` for a frame over the rate (its lease is renewed all
-    /// the same, and nothing else is done for it).
-    async fn touch(&self, connection_id: &str, metered: bool) -> Result<Connection> {
+    /// `RATE_LIMITED` for a frame over the rate, or refused to shed load (its
+    /// lease is renewed all the same, and nothing else is done for it).
+    async fn touch(
+        &self,
+        connection_id: &str,
+        metered: bool,
+        sheddable: bool,
+    ) -> Result<Connection> {
         let presence = self.chat.presence();
         let rate = self.chat.limiter().limits().messages.filter(|_| metered);
         let Some(Touched {
@@ -357,6 +401,7 @@ impl Realtime {
             was_online,
             greeted,
             rate_limited,
+            delivery_lag_ms,
         }) = presence
             .touch(connection_id, self.presence_ttl, rate)
             .await?
@@ -384,6 +429,9 @@ impl Realtime {
         }
         if let Some(wait) = rate_limited {
             return Err(crate::limits::refused(wait));
+        }
+        if sheddable && self.admission.sheds_for_lag(delivery_lag_ms) {
+            return Err(Error::rate_limited("server busy, retry later", 1));
         }
         Ok(connection)
     }
@@ -597,6 +645,7 @@ mod admission_tests {
             in_flight: Arc::default(),
             max_in_flight: 2,
             max_waiting: 10,
+            max_delivery_lag_ms: 0,
         };
         let a = admission.admit(0).expect("first");
         let b = admission.admit(0).expect("second");
@@ -614,10 +663,29 @@ mod admission_tests {
             in_flight: Arc::default(),
             max_in_flight: 100,
             max_waiting: 3,
+            max_delivery_lag_ms: 0,
         };
         assert!(admission.admit(3).is_ok());
         assert!(admission.admit(4).is_err());
         assert_eq!(admission.in_flight.load(Ordering::Acquire), 0);
+    }
+
+    #[test]
+    fn sends_are_shed_in_proportion_to_the_delivery_lag() {
+        let admission = Admission {
+            max_delivery_lag_ms: 150,
+            ..Admission::unlimited()
+        };
+        assert!(!admission.sheds_for_lag(0));
+        assert!(!admission.sheds_for_lag(50));
+        assert!(admission.sheds_for_lag(150));
+        assert!(admission.sheds_for_lag(10_000));
+        let shed = (0..10_000).filter(|_| admission.sheds_for_lag(100)).count();
+        assert!(
+            (4_000..6_000).contains(&shed),
+            "{shed} of 10,000 at the midpoint"
+        );
+        assert!(!Admission::unlimited().sheds_for_lag(u64::MAX));
     }
 
     #[test]

@@ -52,8 +52,11 @@ async fn sends_past_the_in_flight_limit_are_refused_at_once_and_pings_still_answ
     let state = chat_shared::bootstrap::app_state(&small.config())
         .await
         .unwrap();
-    let realtime =
-        Realtime::new(state.chat.clone(), Duration::from_secs(90)).with_load_limits(1, usize::MAX);
+    let realtime = Realtime::new(state.chat.clone(), Duration::from_secs(90)).with_load_limits(
+        1,
+        usize::MAX,
+        0,
+    );
     let ann = connection("conn-ann", "ann");
     realtime.connect(&ann).await.unwrap();
 
@@ -97,5 +100,68 @@ async fn sends_past_the_in_flight_limit_are_refused_at_once_and_pings_still_answ
         .message("conn-ann", &send(&room, "three", "c-3"), false)
         .await;
     assert_eq!(again, None, "accepted once there is room");
+    assert_eq!(app.all_sequence_ids("ben", &room).await, [1, 2]);
+}
+
+#[tokio::test]
+async fn sends_are_refused_while_a_relay_reports_a_high_delivery_lag_and_other_requests_pass() {
+    let app = TestApp::spawn().await;
+    app.register(&["ann", "ben"]).await;
+    let room = app.direct("ann", "ben").await;
+    let state = &app.state;
+    let realtime = Realtime::new(state.chat.clone(), Duration::from_secs(90)).with_load_limits(
+        usize::MAX,
+        usize::MAX,
+        100,
+    );
+    let presence = state.chat.presence();
+    let ann = connection("conn-lag-ann", "ann");
+    realtime.connect(&ann).await.unwrap();
+
+    // One relay is 10 s behind (another is fine): every send is refused with
+    // its ids, and nothing is stored.
+    presence
+        .report_delivery_lag("relay-a", 10_000)
+        .await
+        .unwrap();
+    presence.report_delivery_lag("relay-b", 0).await.unwrap();
+    let refused = realtime
+        .message("conn-lag-ann", &send(&room, "one", "c-1"), false)
+        .await
+        .expect("an error event");
+    let refused: Value = serde_json::from_str(&refused).unwrap();
+    assert_eq!(refused["payload"]["code"], "RATE_LIMITED", "{refused}");
+    assert_eq!(refused["payload"]["requestType"], "sendMessage");
+    assert_eq!(refused["payload"]["clientMessageId"], "c-1");
+    assert!(app.all_sequence_ids("ben", &room).await.is_empty());
+    // What does not add to the fan-out still goes through.
+    let joined = realtime
+        .message(
+            "conn-lag-ann",
+            &json!({"type": "joinRoom", "payload": {"roomId": room}}).to_string(),
+            false,
+        )
+        .await
+        .expect("roomJoined");
+    assert!(joined.contains(r#""type":"roomJoined""#), "{joined}");
+
+    // The relay caught up: sends pass again.
+    presence.report_delivery_lag("relay-a", 3).await.unwrap();
+    let accepted = realtime
+        .message("conn-lag-ann", &send(&room, "two", "c-2"), false)
+        .await;
+    assert_eq!(accepted, None, "accepted once the lag is low");
+    assert_eq!(app.all_sequence_ids("ben", &room).await, [1]);
+
+    // A relay that stops reporting is forgotten after a second.
+    presence
+        .report_delivery_lag("relay-a", 10_000)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    let accepted = realtime
+        .message("conn-lag-ann", &send(&room, "three", "c-3"), false)
+        .await;
+    assert_eq!(accepted, None, "a stale report does not shed");
     assert_eq!(app.all_sequence_ids("ben", &room).await, [1, 2]);
 }

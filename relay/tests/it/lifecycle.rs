@@ -248,3 +248,46 @@ async fn health_pings_keep_the_subscription() {
     assert_eq!(stack.gateway.sequences(&b1), [1, 2, 3]);
     assert_eq!(stack.metrics.snapshot().subscriptions, 1, "no reconnects");
 }
+
+#[tokio::test]
+async fn the_relay_reports_how_late_it_handles_room_events_for_load_shedding() {
+    let stack = Stack::start().await;
+    let lags = stack.key("relay:lags");
+    // A room event published five seconds ago (as a relay far behind would
+    // see it): the next report carries a lag of at least that.
+    let stale = chrono::Utc::now().timestamp_millis() - 5_000;
+    let envelope = serde_json::json!({
+        "origin": "test",
+        "target": {"type": "room", "roomId": "room_lag"},
+        "event": {"type": "typing", "payload": {"roomId": "room_lag"}},
+        "ts": stale,
+    });
+    let mut redis = stack.redis().await;
+    let _: i64 = redis::cmd("PUBLISH")
+        .arg(stack.channel())
+        .arg(envelope.to_string())
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    let reported = |min: u64, max: u64| {
+        let lags = lags.clone();
+        let redis = redis.clone();
+        async move {
+            let mut redis = redis;
+            let entries: std::collections::HashMap<String, String> = redis::cmd("HGETALL")
+                .arg(&lags)
+                .query_async(&mut redis)
+                .await
+                .ok()?;
+            entries.values().find_map(|v| {
+                let lag: u64 = v.split_once('|')?.0.parse().ok()?;
+                (min..=max).contains(&lag).then_some(lag)
+            })
+        }
+    };
+    let lag = wait_for_async("a lag of 5 s reported", WAIT, || reported(5_000, 60_000)).await;
+    assert!(lag < 10_000, "{lag}");
+    // Each report covers its own interval: with nothing late any more the
+    // lag falls back.
+    wait_for_async("the lag back under 1 s", WAIT, || reported(0, 999)).await;
+}
