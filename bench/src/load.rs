@@ -376,6 +376,12 @@ pub async fn run(
         }
     }
     let joined = joined_users.len();
+    let members: usize = rooms.iter().map(|r| r.members.len()).sum();
+    if joined < members {
+        // A run with fewer receivers would measure a lighter load than
+        // the scenario names.
+        bail!("only {joined} of {members} members joined their rooms");
+    }
     if cfg.progress && !rooms.is_empty() {
         eprintln!(
             "[{} {}] {} rooms, {joined} members joined",
@@ -849,6 +855,10 @@ async fn build_rooms(
         .collect())
 }
 
+/// How often a member tries `joinRoom` while it is refused with
+/// `RATE_LIMITED`.
+const JOIN_ATTEMPTS: u32 = 30;
+
 /// Every member joins its room over its WebSocket; returns (user, room, ok).
 async fn join_all(
     cfg: &RunConfig,
@@ -867,15 +877,26 @@ async fn join_all(
             let limit = limit.clone();
             tasks.push(spawn_local(async move {
                 let _permit = limit.acquire().await;
-                let (reply, answer) = oneshot::channel();
-                if tx.send(Command::Join(frame, reply)).await.is_err() {
-                    return (user, r, false);
+                // A refusal to shed load is retried, as a client would
+                // (joins need PostgreSQL, so they count against the
+                // server's in-flight bound while thousands are set up).
+                for attempt in 1..=JOIN_ATTEMPTS {
+                    let (reply, answer) = oneshot::channel();
+                    if tx.send(Command::Join(frame.clone(), reply)).await.is_err() {
+                        return (user, r, false);
+                    }
+                    match tokio::time::timeout(Duration::from_secs(30), answer).await {
+                        Ok(Ok(Ok(()))) => return (user, r, true),
+                        Ok(Ok(Err(code))) if code == "RATE_LIMITED" && attempt < JOIN_ATTEMPTS => {
+                            tokio::time::sleep(Duration::from_millis(
+                                100 * u64::from(attempt.min(10)),
+                            ))
+                            .await;
+                        }
+                        _ => return (user, r, false),
+                    }
                 }
-                let ok = matches!(
-                    tokio::time::timeout(Duration::from_secs(30), answer).await,
-                    Ok(Ok(Ok(())))
-                );
-                (user, r, ok)
+                (user, r, false)
             }));
         }
     }
