@@ -82,6 +82,18 @@ S4_BASE_RATES="${S4_BASE_RATES:-400,600,800,1000,1500,2000,2500,3000,3500,4000,5
 
 ulimit -n 200000 2>/dev/null || ulimit -n 100000 2>/dev/null || true
 
+# What the session needs besides cargo; each missing tool is named with where
+# it comes from, before anything is built.
+missing=()
+for tool in psql pgbench redis-server redis-cli node npm jq curl; do
+    command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+    _svc_die "scripts/bench.sh needs: ${missing[*]} (Debian: apt-get install postgresql postgresql-contrib redis-server nodejs npm jq curl)"
+fi
+[ -d "$ROOT/../shared/baseline" ] || [ -d "$BASELINE_DIR/node_modules" ] ||
+    _svc_die "the baseline is missing: expected ../shared/baseline beside the project (or BENCH_BASELINE_DIR)"
+
 # ---------------------------------------------------------------------------
 # Build
 
