@@ -801,11 +801,7 @@ impl Store {
         let row = loop {
             match client.query_opt(&stmt, &params).await {
                 Ok(row) => break row,
-                Err(e)
-                    if attempt < 2
-                        && e.as_db_error().and_then(|d| d.constraint())
-                            == Some("messages_client_message_id_key") =>
-                {
+                Err(e) if attempt < 2 && lost_idempotency_race(&e) => {
                     attempt += 1;
                 }
                 Err(e) => return Err(e.into()),
@@ -1013,4 +1009,11 @@ impl Store {
             .await?;
         Ok(client.execute(&stmt, &[&retention]).await?)
     }
+}
+
+/// Whether a send failed only because a concurrent one stored the same
+/// `clientMessageId` first: the unique index refused it, and another
+/// attempt (a new snapshot) finds the original.
+fn lost_idempotency_race(e: &tokio_postgres::Error) -> bool {
+    e.as_db_error().and_then(|d| d.constraint()) == Some("messages_client_message_id_key")
 }

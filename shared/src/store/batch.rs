@@ -291,11 +291,7 @@ impl Store {
         let rows = loop {
             match client.query(&stmt, &params).await {
                 Ok(rows) => break rows,
-                Err(e)
-                    if attempt < 2
-                        && e.as_db_error().and_then(|d| d.constraint())
-                            == Some("messages_client_message_id_key") =>
-                {
+                Err(e) if attempt < 2 && super::lost_idempotency_race(&e) => {
                     attempt += 1;
                 }
                 Err(e) => return Err(e.into()),
