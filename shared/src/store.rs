@@ -809,49 +809,7 @@ impl Store {
         };
         let row =
             row.ok_or_else(|| Error::internal(anyhow::anyhow!("sender is not a known user")))?;
-        if !row.get::<_, bool>("room_exists") {
-            return Err(Error::not_found("room not found"));
-        }
-        if !row.get::<_, bool>("is_member") {
-            return Err(Error::forbidden("not a member of this room"));
-        }
-        let sender_profile = Profile {
-            id: sender.clone(),
-            username: row.get("username"),
-            display_name: row.get("display_name"),
-            avatar: row.get("avatar"),
-        };
-        if let Some(dup_id) = row.get::<_, Option<String>>("dup_id") {
-            return Ok(Stored::Duplicate(Message {
-                id: dup_id,
-                room_id: room_id.to_string(),
-                sender_id: sender.clone(),
-                content: row.get("dup_content"),
-                kind: MessageType::from_stored(row.get("dup_type")),
-                metadata: row.get("dup_metadata"),
-                sequence_id: SequenceId::from_trusted(row.get("dup_sequence_id")),
-                client_message_id: client_message_id.map(str::to_owned),
-                sender: sender_profile,
-                read_by: Vec::new(),
-                created_at: row.get("dup_created_at"),
-            }));
-        }
-        let sequence_id: Option<i64> = row.get("new_sequence_id");
-        let created_at: Option<DateTime<Utc>> = row.get("new_created_at");
-        let (Some(sequence_id), Some(created_at)) = (sequence_id, created_at) else {
-            return Err(Error::internal(anyhow::anyhow!(
-                "message insert returned nothing"
-            )));
-        };
-        Ok(Stored::New(message_stored(
-            &id,
-            room_id,
-            sender,
-            message,
-            sender_profile,
-            sequence_id,
-            created_at,
-        )))
+        stored_from_row(&row, &id, room_id, sender, message)
     }
 
     /// Moves the caller's cursor forward, clamped to the room's last
@@ -1011,6 +969,68 @@ impl Store {
     }
 }
 
+/// What the send statement's row says about one message (both the single
+/// and the batched statement return these columns): refused, a duplicate
+/// of an earlier `clientMessageId`, or newly stored.
+fn stored_from_row(
+    row: &tokio_postgres::Row,
+    id: &MessageId,
+    room_id: &RoomId,
+    sender: &UserId,
+    message: &NewMessage,
+) -> Result<Stored> {
+    if !row.get::<_, bool>("room_exists") {
+        return Err(Error::not_found("room not found"));
+    }
+    if !row.get::<_, bool>("is_member") {
+        return Err(Error::forbidden("not a member of this room"));
+    }
+    let Some(username) = row.get::<_, Option<String>>("username") else {
+        return Err(Error::internal(anyhow::anyhow!(
+            "sender is not a known user"
+        )));
+    };
+    let profile = Profile {
+        id: sender.clone(),
+        username,
+        display_name: row.get("display_name"),
+        avatar: row.get("avatar"),
+    };
+    if let Some(dup_id) = row.get::<_, Option<String>>("dup_id") {
+        return Ok(Stored::Duplicate(Message {
+            id: dup_id,
+            room_id: room_id.to_string(),
+            sender_id: sender.clone(),
+            content: row.get("dup_content"),
+            kind: MessageType::from_stored(row.get("dup_type")),
+            metadata: row.get("dup_metadata"),
+            sequence_id: SequenceId::from_trusted(row.get("dup_sequence_id")),
+            client_message_id: message
+                .client_message_id
+                .as_ref()
+                .map(|c| c.as_str().to_owned()),
+            sender: profile,
+            read_by: Vec::new(),
+            created_at: row.get("dup_created_at"),
+        }));
+    }
+    let sequence_id: Option<i64> = row.get("new_sequence_id");
+    let created_at: Option<DateTime<Utc>> = row.get("new_created_at");
+    let (Some(sequence_id), Some(created_at)) = (sequence_id, created_at) else {
+        return Err(Error::internal(anyhow::anyhow!(
+            "message insert returned nothing"
+        )));
+    };
+    Ok(Stored::New(message_stored(
+        id,
+        room_id,
+        sender,
+        message,
+        profile,
+        sequence_id,
+        created_at,
+    )))
+}
 /// Whether a send failed only because a concurrent one stored the same
 /// `clientMessageId` first: the unique index refused it, and another
 /// attempt (a new snapshot) finds the original.

@@ -40,14 +40,12 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use chrono::{DateTime, Utc};
 use serde_json::Value;
 use tokio::sync::oneshot;
 
-use super::{Store, Stored, message_stored};
-use crate::domain::{MessageId, MessageType, NewMessage, RoomId, SequenceId, UserId};
+use super::{Store, Stored};
+use crate::domain::{MessageId, NewMessage, RoomId, UserId};
 use crate::error::{Error, Result};
-use crate::model::{Message, Profile};
 
 /// Most statements storing messages at once per process.
 pub const MAX_WORKERS: usize = 2;
@@ -309,67 +307,10 @@ impl Store {
                 let row = by_ord.remove(&(i as i64 + 1)).ok_or_else(|| {
                     Error::internal(anyhow::anyhow!("no result for a batched message"))
                 })?;
-                batch_outcome(&row, p, id)
+                super::stored_from_row(&row, id, &p.room_id, &p.sender, &p.message)
             })
             .collect())
     }
-}
-
-/// What the batch statement says about one message.
-fn batch_outcome(row: &tokio_postgres::Row, p: &Pending, id: &MessageId) -> Result<Stored> {
-    if !row.get::<_, bool>("room_exists") {
-        return Err(Error::not_found("room not found"));
-    }
-    if !row.get::<_, bool>("is_member") {
-        return Err(Error::forbidden("not a member of this room"));
-    }
-    let Some(username) = row.get::<_, Option<String>>("username") else {
-        return Err(Error::internal(anyhow::anyhow!(
-            "sender is not a known user"
-        )));
-    };
-    let sender = Profile {
-        id: p.sender.clone(),
-        username,
-        display_name: row.get("display_name"),
-        avatar: row.get("avatar"),
-    };
-    let client_message_id = p
-        .message
-        .client_message_id
-        .as_ref()
-        .map(|c| c.as_str().to_owned());
-    if let Some(dup_id) = row.get::<_, Option<String>>("dup_id") {
-        return Ok(Stored::Duplicate(Message {
-            id: dup_id,
-            room_id: p.room_id.to_string(),
-            sender_id: p.sender.clone(),
-            content: row.get("dup_content"),
-            kind: MessageType::from_stored(row.get("dup_type")),
-            metadata: row.get("dup_metadata"),
-            sequence_id: SequenceId::from_trusted(row.get("dup_sequence_id")),
-            client_message_id,
-            sender,
-            read_by: Vec::new(),
-            created_at: row.get("dup_created_at"),
-        }));
-    }
-    let sequence_id: Option<i64> = row.get("new_sequence_id");
-    let created_at: Option<DateTime<Utc>> = row.get("new_created_at");
-    let (Some(sequence_id), Some(created_at)) = (sequence_id, created_at) else {
-        return Err(Error::internal(anyhow::anyhow!(
-            "message insert returned nothing"
-        )));
-    };
-    Ok(Stored::New(message_stored(
-        id,
-        &p.room_id,
-        &p.sender,
-        &p.message,
-        sender,
-        sequence_id,
-        created_at,
-    )))
 }
 
 /// The same failure for each message of a failed batch (an `Error` is not
