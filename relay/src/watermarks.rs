@@ -18,6 +18,8 @@
 //! `tests/it` reads the result back through `Presence::subscribers`, which
 //! would catch a change of that format.
 
+use std::sync::LazyLock;
+
 use chat_shared::presence::Presence;
 
 /// Raises watermarks. `KEYS`: one `room:{id}:conns` hash per room. `ARGV`:
@@ -46,6 +48,9 @@ end
 return 0
 ";
 
+// Built once: `Script::new` hashes the source.
+static RAISE_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(RAISE));
+
 /// Most marks per script call, so one call never blocks Redis for long.
 const MARKS_PER_CALL: usize = 2000;
 
@@ -58,9 +63,8 @@ pub(crate) type RoomMarks = (String, Vec<(String, i64)>);
 /// # Errors
 /// `UNAVAILABLE` when Redis does not answer.
 pub(crate) async fn raise(presence: &Presence, rooms: &[RoomMarks]) -> chat_shared::Result<()> {
-    let script = redis::Script::new(RAISE);
     let mut redis = presence.redis();
-    let mut invocation = script.prepare_invoke();
+    let mut invocation = RAISE_SCRIPT.prepare_invoke();
     let mut in_call = 0;
     for (room_id, marks) in rooms {
         for chunk in marks.chunks(MARKS_PER_CALL) {
@@ -72,7 +76,7 @@ pub(crate) async fn raise(presence: &Presence, rooms: &[RoomMarks]) -> chat_shar
             in_call += chunk.len();
             if in_call >= MARKS_PER_CALL {
                 let _: i64 = invocation.invoke_async(&mut redis).await?;
-                invocation = script.prepare_invoke();
+                invocation = RAISE_SCRIPT.prepare_invoke();
                 in_call = 0;
             }
         }

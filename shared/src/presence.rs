@@ -36,6 +36,8 @@
 //! transitions run in Lua scripts so that "first connection" and "last
 //! connection" are decided atomically.
 
+use std::sync::LazyLock;
+
 use redis::aio::ConnectionManager;
 
 use crate::domain::{RoomId, UserId};
@@ -133,6 +135,22 @@ impl Keys {
     }
 }
 
+// Built once: `Script::new` hashes the source (TOUCH runs for every client
+// frame).
+static UNSUBSCRIBE_USER_SCRIPT: LazyLock<redis::Script> =
+    LazyLock::new(|| redis::Script::new(UNSUBSCRIBE_USER));
+static CONNECT_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(CONNECT));
+static TOUCH_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(TOUCH));
+static REPORT_LAG_SCRIPT: LazyLock<redis::Script> =
+    LazyLock::new(|| redis::Script::new(REPORT_LAG));
+static MARK_GREETED_SCRIPT: LazyLock<redis::Script> =
+    LazyLock::new(|| redis::Script::new(MARK_GREETED));
+static BACK_ONLINE_SCRIPT: LazyLock<redis::Script> =
+    LazyLock::new(|| redis::Script::new(BACK_ONLINE));
+static DISCONNECT_SCRIPT: LazyLock<redis::Script> =
+    LazyLock::new(|| redis::Script::new(DISCONNECT));
+static JOIN_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(JOIN));
+
 /// Unsubscribes every connection of a user from a room, atomically, and
 /// returns the connections that were joined.
 const UNSUBSCRIBE_USER: &str = r"
@@ -221,7 +239,7 @@ impl Presence {
         user_id: &UserId,
     ) -> Result<Vec<String>> {
         let mut redis = CountedRedis(self.redis.clone());
-        let left: Vec<String> = redis::Script::new(UNSUBSCRIBE_USER)
+        let left: Vec<String> = UNSUBSCRIBE_USER_SCRIPT
             .key(self.keys.user_conns(user_id.as_str()))
             .key(self.keys.room_conns(room_id.as_str()))
             .arg(format!("{}conn:", self.keys.prefix()))
@@ -454,7 +472,7 @@ impl Presence {
     ) -> Result<bool> {
         let now = now_ms();
         let mut redis = CountedRedis(self.redis.clone());
-        let added: i64 = redis::Script::new(CONNECT)
+        let added: i64 = CONNECT_SCRIPT
             .key(self.keys.conn(&conn.connection_id))
             .key(self.keys.user_conns(conn.user.id.as_str()))
             .key(self.keys.leases())
@@ -495,7 +513,7 @@ impl Presence {
             None => (String::new(), String::new()),
         };
         let mut redis = CountedRedis(self.redis.clone());
-        let fields: Option<Vec<Option<String>>> = redis::Script::new(TOUCH)
+        let fields: Option<Vec<Option<String>>> = TOUCH_SCRIPT
             .key(self.keys.conn(connection_id))
             .key(self.keys.leases())
             .key(self.keys.online())
@@ -549,7 +567,7 @@ impl Presence {
     /// `UNAVAILABLE` when Redis does not answer.
     pub async fn report_delivery_lag(&self, instance: &str, lag_ms: u64) -> Result<()> {
         let mut redis = CountedRedis(self.redis.clone());
-        let _: i64 = redis::Script::new(REPORT_LAG)
+        let _: i64 = REPORT_LAG_SCRIPT
             .key(self.keys.relay_lags())
             .arg(instance)
             .arg(lag_ms)
@@ -570,7 +588,7 @@ impl Presence {
         online_envelope: Option<&str>,
     ) -> Result<bool> {
         let mut redis = CountedRedis(self.redis.clone());
-        let added: i64 = redis::Script::new(BACK_ONLINE)
+        let added: i64 = BACK_ONLINE_SCRIPT
             .key(self.keys.online())
             .arg(user_id.as_str())
             .arg(channel)
@@ -587,7 +605,7 @@ impl Presence {
     /// `UNAVAILABLE` when Redis does not answer.
     pub async fn mark_greeted(&self, connection_id: &str) -> Result<()> {
         let mut redis = CountedRedis(self.redis.clone());
-        let _: i64 = redis::Script::new(MARK_GREETED)
+        let _: i64 = MARK_GREETED_SCRIPT
             .key(self.keys.conn(connection_id))
             .invoke_async(&mut redis)
             .await?;
@@ -637,7 +655,7 @@ impl Presence {
         offline_envelope: Option<&str>,
     ) -> Result<Option<(UserId, bool)>> {
         let mut redis = CountedRedis(self.redis.clone());
-        let (user, went_offline): (String, i64) = redis::Script::new(DISCONNECT)
+        let (user, went_offline): (String, i64) = DISCONNECT_SCRIPT
             .key(self.keys.conn(connection_id))
             .key(self.keys.conn_rooms(connection_id))
             .key(self.keys.leases())
@@ -662,7 +680,7 @@ impl Presence {
     /// `UNAVAILABLE` when Redis does not answer.
     pub async fn join(&self, room_id: &RoomId, conn: &Connection, watermark: i64) -> Result<bool> {
         let mut redis = CountedRedis(self.redis.clone());
-        let joined: i64 = redis::Script::new(JOIN)
+        let joined: i64 = JOIN_SCRIPT
             .key(self.keys.conn(&conn.connection_id))
             .key(self.keys.room_conns(room_id.as_str()))
             .key(self.keys.conn_rooms(&conn.connection_id))
