@@ -9,6 +9,8 @@
 //! - [`Stack::start`]: builds the clients once and serves the parts asked for;
 //!   [`Stack::start_with`] takes [`Options`] too.
 //! - [`Parts`]: which parts run in this process.
+//! - [`apply_retention`]: the retention sweep `chat-local serve` runs at
+//!   start-up.
 //! - [`console`]: the developer console (`/console`, `/console/ops`) and its
 //!   local-only endpoints.
 //! - [`metrics`]: `GET /metrics` in the Prometheus text format.
@@ -25,7 +27,7 @@ use anyhow::Context as _;
 use chat_gateway::{Gateway, GatewayConfig, Handlers};
 use chat_relay::RelayMetrics;
 use chat_shared::ws::{self, WsState};
-use chat_shared::{Config, bootstrap, http};
+use chat_shared::{Config, bootstrap, http, store};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -259,4 +261,18 @@ impl Stack {
     pub fn shutdown_token(&self) -> CancellationToken {
         self.shutdown.clone()
     }
+}
+
+/// Applies `MESSAGE_RETENTION` to every room once and returns how many
+/// messages went. Sends only delete what they push out of their room's
+/// window, so this removes the surplus left when the setting was lowered
+/// since the last start; `chat-local serve` runs it in the background at
+/// start-up, as the maintenance Lambda does on a schedule in AWS.
+///
+/// # Errors
+/// When `DATABASE_URL` is invalid or PostgreSQL fails.
+pub async fn apply_retention(config: &Config) -> anyhow::Result<u64> {
+    let pool = store::connect_pool(&config.database_url, 1)?;
+    let store = store::Store::new(pool, config.message_retention);
+    Ok(store.cleanup_all(config.message_retention).await?)
 }

@@ -132,6 +132,17 @@ async fn main() -> anyhow::Result<()> {
                 ..Options::default()
             };
             let stack = Stack::start_with(&config, Some(listener), parts, options).await?;
+            tokio::spawn({
+                let config = config.clone();
+                async move {
+                    match chat_local::apply_retention(&config).await {
+                        Ok(deleted) => tracing::info!(deleted, "retention applied to every room"),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "could not apply retention at start-up")
+                        }
+                    }
+                }
+            });
             tracing::info!(
                 %addr,
                 instance = %config.instance_id,

@@ -120,3 +120,30 @@ async fn past_the_retention_window_recovered_is_false() {
     bob.close().await;
     stack.stop().await;
 }
+
+#[tokio::test]
+async fn a_lowered_retention_is_applied_at_start_up() {
+    // Ten messages kept under MESSAGE_RETENTION=10; the next start keeps 3.
+    let mut env = TestEnv::new().await;
+    env.set("MESSAGE_RETENTION", "10");
+    let a = TestStack::all_in_one(&env).await;
+    let room = a.group("alice", &["bob"]).await;
+    for i in 1..=10 {
+        a.send_rest("alice", &room, &format!("m{i}")).await;
+    }
+    a.stop().await;
+    env.set("MESSAGE_RETENTION", "3");
+    let deleted = chat_local::apply_retention(&env.config())
+        .await
+        .expect("the sweep runs");
+    assert_eq!(deleted, 7);
+    let b = TestStack::all_in_one(&env).await;
+    let kept: Vec<i64> = b
+        .history("bob", &room)
+        .await
+        .iter()
+        .map(|m| m["sequenceId"].as_i64().expect("sequenceId"))
+        .collect();
+    assert_eq!(kept, [8, 9, 10]);
+    b.stop().await;
+}

@@ -31,7 +31,7 @@ WITH mem AS (
 ), retention AS (
   DELETE FROM messages USING seq
    WHERE messages.room_id = 'ceil-r' || :r AND 100::bigint > 0
-     AND messages.sequence_id <= seq.last_sequence_id - 100::bigint
+     AND messages.sequence_id = seq.last_sequence_id - 100::bigint
 )
 SELECT EXISTS (SELECT 1 FROM rooms WHERE id = 'ceil-r' || :r) AS room_exists,
        EXISTS (SELECT 1 FROM mem) AS is_member,

@@ -206,4 +206,61 @@ async fn retention_applies_to_batches() {
     assert_eq!(app.all_sequence_ids("ann", &ab).await, [8, 9, 10]);
     let next: Value = app.send("ann", &ab, "after").await;
     assert_eq!(next["sequenceId"], 11);
+    assert_eq!(app.all_sequence_ids("ann", &ab).await, [9, 10, 11]);
+}
+
+#[tokio::test]
+async fn the_retention_window_slides_over_batches_and_single_sends() {
+    // Sends delete exactly what they push out of the window, so the window
+    // must stay exact whatever mix of batch sizes (below, at and above the
+    // retention) and single sends moves it.
+    let mut env = TestEnv::new().await;
+    env.set("MESSAGE_RETENTION", "4");
+    let app = TestApp::with_env(env).await;
+    app.register(&["ann", "ben"]).await;
+    let ab = app.direct("ann", "ben").await;
+    let mut last = 0;
+    for size in [1, 2, 3, 4, 5, 9, 1, 2, 7, 3] {
+        let sends: Vec<_> = (0..size)
+            .map(|i| {
+                (
+                    room(&ab),
+                    user("ann"),
+                    message(&format!("m{last}-{i}"), None),
+                )
+            })
+            .collect();
+        send_all(store(&app), &sends).await;
+        last += size;
+        let single: Value = app.send("ben", &ab, "single").await;
+        last += 1;
+        assert_eq!(single["sequenceId"], last);
+        let kept: Vec<i64> = ((last - 3).max(1)..=last).collect();
+        assert_eq!(app.all_sequence_ids("ann", &ab).await, kept, "after {last}");
+    }
+}
+
+#[tokio::test]
+async fn a_lowered_retention_leaves_a_surplus_for_the_sweep() {
+    // Instance A kept 10; instance B, over the same database, keeps 3. B's
+    // sends delete only what they push out of the window; the sweep
+    // (`cleanup_all`, run by the maintenance job and at `chat-local serve`
+    // start-up) removes the rest.
+    let mut keep_10 = TestEnv::new().await;
+    keep_10.set("MESSAGE_RETENTION", "10");
+    let mut keep_3 = keep_10.sharing();
+    keep_3.set("MESSAGE_RETENTION", "3");
+    let a = TestApp::with_env(keep_10).await;
+    let b = TestApp::with_env(keep_3).await;
+    a.register(&["ann", "ben"]).await;
+    let ab = a.direct("ann", "ben").await;
+    for i in 1..=10 {
+        a.send("ann", &ab, &format!("a{i}")).await;
+    }
+    b.send("ben", &ab, "b1").await;
+    let ids = b.all_sequence_ids("ann", &ab).await;
+    assert_eq!(ids.first(), Some(&1), "{ids:?}");
+    assert!(!ids.contains(&8), "the window's own message goes: {ids:?}");
+    assert_eq!(store(&b).cleanup_all(3).await.unwrap(), 7);
+    assert_eq!(b.all_sequence_ids("ann", &ab).await, [9, 10, 11]);
 }

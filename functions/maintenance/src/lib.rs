@@ -8,10 +8,10 @@
 //!   with `DeleteConnection`. The relay sweeps too, every few seconds; this
 //!   job keeps presence right while the relay is down or being replaced.
 //!   Removal is idempotent, so both may sweep at once.
-//! - **Retention.** Sends apply `MESSAGE_RETENTION` to their own room;
+//! - **Retention.** A send deletes what it pushes out of its room's newest
+//!   `MESSAGE_RETENTION`;
 //!   [`Store::cleanup_all`](chat_shared::store::Store::cleanup_all) applies
-//!   it to every room, for rooms nobody writes to after the setting was
-//!   lowered.
+//!   the setting to every room, for the surplus left after it was lowered.
 //!
 //! # Layout
 //! - [`Maintenance`]: the clients, built once per cold start;

@@ -85,7 +85,7 @@ WITH input AS (
          last_message_at = clock_timestamp(), last_message_text = f.last_text
     FROM (SELECT DISTINCT room_id, n, last_text FROM fresh) f, locked l
    WHERE r.id = f.room_id AND l.id = r.id
-  RETURNING r.id, r.last_sequence_id, r.last_message_at
+  RETURNING r.id, r.last_sequence_id, r.last_message_at, f.n
 ), numbered AS (
   SELECT f.*, s.last_sequence_id - f.n + f.k AS sequence_id, s.last_message_at AS created_at,
          s.last_sequence_id AS room_last
@@ -108,6 +108,7 @@ WITH input AS (
 ), retention AS (
   DELETE FROM messages USING seq
    WHERE messages.room_id = seq.id AND $8::bigint > 0
+     AND messages.sequence_id > seq.last_sequence_id - seq.n - $8::bigint
      AND messages.sequence_id <= seq.last_sequence_id - $8::bigint
 )
 SELECT c.ord, EXISTS (SELECT 1 FROM rooms WHERE id = c.room_id) AS room_exists, c.is_member,
