@@ -186,6 +186,48 @@ pub fn ws_requests() -> Vec<(&'static str, u64)> {
         .collect()
 }
 
+/// Why a request was shed with `RATE_LIMITED` (realtime `Admission`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShedReason {
+    /// The process already had `WS_MAX_IN_FLIGHT` requests in progress.
+    InFlight,
+    /// More than `PG_MAX_WAITING` callers waited for a pooled connection.
+    PoolWaiting,
+    /// The relays' delivery lag was over a third of `WS_MAX_DELIVERY_LAG_MS`.
+    DeliveryLag,
+}
+
+impl ShedReason {
+    /// Every reason, in the order of the counters.
+    pub const ALL: [Self; 3] = [Self::InFlight, Self::PoolWaiting, Self::DeliveryLag];
+
+    /// The `reason` label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::InFlight => "in_flight",
+            Self::PoolWaiting => "pool_waiting",
+            Self::DeliveryLag => "delivery_lag",
+        }
+    }
+}
+
+static SHED: [AtomicU64; ShedReason::ALL.len()] =
+    [const { AtomicU64::new(0) }; ShedReason::ALL.len()];
+
+/// Counts one request shed for `reason`.
+pub fn record_shed(reason: ShedReason) {
+    SHED[reason as usize].fetch_add(1, Ordering::Relaxed);
+}
+
+/// Requests shed since the process started, by reason.
+pub fn shed_counts() -> Vec<(ShedReason, u64)> {
+    ShedReason::ALL
+        .iter()
+        .zip(&SHED)
+        .map(|(r, c)| (*r, c.load(Ordering::Relaxed)))
+        .collect()
+}
+
 /// A Redis connection that counts its round trips (see the module docs).
 /// Cheap to build around a clone of a `ConnectionManager`.
 #[derive(Clone)]
@@ -295,7 +337,8 @@ impl Exposition {
     }
 
     /// `chat_pg_round_trips_total`, `chat_redis_round_trips_total`,
-    /// `chat_redis_commands_total` and `chat_ws_requests_total{type}`.
+    /// `chat_redis_commands_total`, `chat_ws_requests_total{type}` and
+    /// `chat_shed_total{reason}`.
     pub fn round_trips(&mut self) -> &mut Self {
         let r = round_trips();
         self.single(
@@ -323,6 +366,18 @@ impl Exposition {
         );
         for (kind, count) in ws_requests() {
             self.sample("chat_ws_requests_total", &[("type", kind)], count as f64);
+        }
+        self.family(
+            "chat_shed_total",
+            "Requests refused with RATE_LIMITED to shed load, by which bound fired.",
+            Kind::Counter,
+        );
+        for (reason, count) in shed_counts() {
+            self.sample(
+                "chat_shed_total",
+                &[("reason", reason.as_str())],
+                count as f64,
+            );
         }
         self
     }

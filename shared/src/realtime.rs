@@ -17,6 +17,7 @@ use crate::auth::AuthUser;
 use crate::bus::{Control, Target, event_json};
 use crate::domain::{SequenceId, UserId};
 use crate::error::{Error, Result};
+use crate::metrics::{self, ShedReason};
 use crate::model::rfc3339_millis;
 use crate::presence::{Connection, Touched};
 use crate::service::{Chat, RECOVERY_MESSAGES, SNAPSHOT_MESSAGES};
@@ -101,14 +102,17 @@ impl Admission {
 
     /// A place for one request, or `RATE_LIMITED` when there is none.
     fn admit(&self, pool_waiting: usize) -> Result<Admitted> {
-        let busy = || Error::rate_limited("server busy, retry later", 1);
+        let busy = |reason| {
+            metrics::record_shed(reason);
+            Error::rate_limited("server busy, retry later", 1)
+        };
         if pool_waiting > self.max_waiting {
-            return Err(busy());
+            return Err(busy(ShedReason::PoolWaiting));
         }
         let before = self.in_flight.fetch_add(1, Ordering::AcqRel);
         let admitted = Admitted(Arc::clone(&self.in_flight));
         if before >= self.max_in_flight {
-            return Err(busy());
+            return Err(busy(ShedReason::InFlight));
         }
         Ok(admitted)
     }
@@ -302,7 +306,7 @@ impl Realtime {
             Ok(reply) => reply,
             Err(err) => {
                 err.log_if_server_error("websocket message failed");
-                crate::metrics::record_error(crate::metrics::ErrorSource::WebSocket, err.code());
+                metrics::record_error(metrics::ErrorSource::WebSocket, err.code());
                 Some(error_event(
                     &err,
                     ids.request_type.as_deref(),
@@ -327,7 +331,7 @@ impl Realtime {
             Some(Ok(frame)) => frame.ids().request_type.as_deref(),
             _ => None,
         };
-        crate::metrics::record_ws_request(kind);
+        metrics::record_ws_request(kind);
         // Shed before any work, so refusing stays cheap under overload.
         let _admitted = if needs_postgres(kind) {
             match self.admission.admit(self.chat.store().waiting()) {
@@ -431,6 +435,7 @@ impl Realtime {
             return Err(crate::limits::refused(wait));
         }
         if sheddable && self.admission.sheds_for_lag(delivery_lag_ms) {
+            metrics::record_shed(ShedReason::DeliveryLag);
             return Err(Error::rate_limited("server busy, retry later", 1));
         }
         Ok(connection)

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use chat_shared::auth::AuthUser;
 use chat_shared::domain::UserId;
+use chat_shared::metrics::{ShedReason, shed_counts};
 use chat_shared::presence::Connection;
 use chat_shared::realtime::Realtime;
 use common::{TestApp, TestEnv};
@@ -31,6 +32,14 @@ fn connection(id: &str, user: &str) -> Connection {
         // Old enough that no reply waits for the `connected` greeting.
         connected_at_ms: chrono::Utc::now().timestamp_millis() - 60_000,
     }
+}
+
+/// How many requests this process has shed for `reason`.
+fn shed(reason: ShedReason) -> u64 {
+    shed_counts()
+        .into_iter()
+        .find_map(|(r, n)| (r == reason).then_some(n))
+        .unwrap()
 }
 
 fn send(room: &str, content: &str, client_message_id: &str) -> String {
@@ -73,6 +82,7 @@ async fn sends_past_the_in_flight_limit_are_refused_at_once_and_pings_still_answ
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
 
+    let shed_before = shed(ShedReason::InFlight);
     let refused = realtime
         .message("conn-ann", &send(&room, "two", "c-2"), false)
         .await
@@ -82,6 +92,8 @@ async fn sends_past_the_in_flight_limit_are_refused_at_once_and_pings_still_answ
     assert_eq!(refused["payload"]["code"], "RATE_LIMITED", "{refused}");
     assert_eq!(refused["payload"]["requestType"], "sendMessage");
     assert_eq!(refused["payload"]["clientMessageId"], "c-2");
+    // Counted by reason (other tests of this binary may shed too).
+    assert!(shed(ShedReason::InFlight) > shed_before);
 
     let pong = realtime
         .message("conn-ann", r#"{"type":"ping","payload":{}}"#, false)
@@ -125,6 +137,7 @@ async fn sends_are_refused_while_a_relay_reports_a_high_delivery_lag_and_other_r
         .await
         .unwrap();
     presence.report_delivery_lag("relay-b", 0).await.unwrap();
+    let shed_before = shed(ShedReason::DeliveryLag);
     let refused = realtime
         .message("conn-lag-ann", &send(&room, "one", "c-1"), false)
         .await
@@ -133,6 +146,7 @@ async fn sends_are_refused_while_a_relay_reports_a_high_delivery_lag_and_other_r
     assert_eq!(refused["payload"]["code"], "RATE_LIMITED", "{refused}");
     assert_eq!(refused["payload"]["requestType"], "sendMessage");
     assert_eq!(refused["payload"]["clientMessageId"], "c-1");
+    assert!(shed(ShedReason::DeliveryLag) > shed_before);
     assert!(app.all_sequence_ids("ben", &room).await.is_empty());
     // What does not add to the fan-out still goes through.
     let joined = realtime
