@@ -96,14 +96,23 @@ const MESSAGE_COLS: &str = "m.id, m.room_id, m.sender_id, m.content, m.type, m.m
 const ROOM_COLS: &str = "r.id, r.type, r.name, r.call_id, r.user1_id, r.user2_id, \
      r.last_sequence_id, r.last_message_at, r.last_message_text, r.created_at";
 
-fn message_from_row(row: &Row) -> Message {
+/// Reads a JSONB column. Every stored value was written by serde_json, and
+/// with its `float_roundtrip` feature every number PostgreSQL prints back
+/// (it may print 1e308 as 309 digits) parses to the same value; should one
+/// still fail, that is a 500 for the request, not a panic that drops the
+/// connection.
+fn json_column(row: &Row, column: &str) -> Result<Option<Value>> {
+    row.try_get(column).map_err(Error::internal)
+}
+
+fn message_from_row(row: &Row) -> Result<Message> {
     let sender_id = UserId::from_trusted(row.get("sender_id"));
-    Message {
+    Ok(Message {
         id: row.get("id"),
         room_id: row.get("room_id"),
         content: row.get("content"),
         kind: MessageType::from_stored(row.get("type")),
-        metadata: row.get::<_, Option<Value>>("metadata"),
+        metadata: json_column(row, "metadata")?,
         sequence_id: SequenceId::from_trusted(row.get("sequence_id")),
         client_message_id: row.get("client_message_id"),
         sender: Profile {
@@ -115,7 +124,7 @@ fn message_from_row(row: &Row) -> Message {
         sender_id,
         read_by: Vec::new(),
         created_at: row.get("created_at"),
-    }
+    })
 }
 
 fn room_from_row(row: &Row) -> RoomRow {
@@ -502,7 +511,7 @@ impl Store {
             .iter()
             .take(query.limit as usize)
             .map(message_from_row)
-            .collect();
+            .collect::<Result<_>>()?;
         if !ascending {
             messages.reverse();
         }
@@ -531,7 +540,7 @@ impl Store {
         let rows = client
             .query(&stmt, &[&room_id, &after.get(), &before.get()])
             .await?;
-        Ok(rows.iter().map(message_from_row).collect())
+        rows.iter().map(message_from_row).collect()
     }
 
     /// Stored messages above the cursor that others sent.
@@ -907,10 +916,9 @@ impl Store {
             ))
             .await?;
         let rows = client.query(&stmt, &[&room_ids]).await?;
-        Ok(rows
-            .iter()
-            .map(|r| (r.get::<_, String>("room_id"), message_from_row(r)))
-            .collect())
+        rows.iter()
+            .map(|r| Ok((r.get::<_, String>("room_id"), message_from_row(r)?)))
+            .collect()
     }
 
     /// Applies retention to one room now; returns (deleted, kept).
@@ -1014,7 +1022,7 @@ fn stored_from_row(
             sender_id: sender.clone(),
             content: row.get("dup_content"),
             kind: MessageType::from_stored(row.get("dup_type")),
-            metadata: row.get("dup_metadata"),
+            metadata: json_column(row, "dup_metadata")?,
             sequence_id: SequenceId::from_trusted(row.get("dup_sequence_id")),
             client_message_id: message
                 .client_message_id

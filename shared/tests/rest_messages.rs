@@ -422,6 +422,35 @@ async fn unicode_and_sql_metacharacters_round_trip_verbatim() {
     );
 }
 
+/// PostgreSQL stores metadata numbers as exact decimals and prints them back
+/// in full (f64::MAX as 309 digits). Each must read back as the number that
+/// was sent, in the send's answer, history, the room list and a repeat send;
+/// schemathesis once found a room list that failed on such a number.
+#[tokio::test]
+async fn metadata_numbers_round_trip_through_postgres() {
+    let app = TestApp::spawn().await;
+    app.register(&["alice", "bob"]).await;
+    let room = app.direct("alice", "bob").await;
+    let metadata = json!({
+        "max": f64::MAX, "min": f64::MIN, "tiny": 5e-324, "small": -1.3152244605385063e-67,
+        "third": 1.0 / 3.0, "one": 1.0, "e308": 1e308, "i64min": i64::MIN, "u64max": u64::MAX, "zero": 0, "negzero": -0.0,
+        "nested": [{"x": [f64::MAX, [0.1, 1e300]]}]
+    });
+    let body = json!({"content": "numbers", "metadata": metadata, "clientMessageId": "n-1"});
+    let path = format!("{API}/rooms/{room}/messages");
+    let sent = app.post(&path, &app.token("alice"), body.clone()).await;
+    expect_status(&sent, StatusCode::CREATED, "send");
+    assert_eq!(sent.body["message"]["metadata"], metadata);
+
+    let page = app.history("bob", &room, "").await;
+    assert_eq!(page["messages"][0]["metadata"], metadata, "history");
+    let entry = app.room_entry("bob", &room).await;
+    assert_eq!(entry["messages"][0]["metadata"], metadata, "room list");
+    let repeat = app.post(&path, &app.token("alice"), body).await;
+    expect_status(&repeat, StatusCode::OK, "repeat");
+    assert_eq!(repeat.body["message"]["metadata"], metadata, "repeat send");
+}
+
 #[tokio::test]
 async fn idempotent_client_message_ids() {
     let app = TestApp::spawn().await;
