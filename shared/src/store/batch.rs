@@ -67,8 +67,8 @@ WITH input AS (
     WITH ORDINALITY AS t(room_id, sender_id, id, content, type, metadata, client_message_id, ord)
 ), checked AS (
   SELECT i.*,
-         EXISTS (SELECT 1 FROM room_members m
-                  WHERE m.room_id = i.room_id AND m.user_id = i.sender_id) AS is_member,
+         (SELECT true FROM room_members m
+           WHERE m.room_id = i.room_id AND m.user_id = i.sender_id) IS NOT NULL AS is_member,
          d.id AS dup_id, d.content AS dup_content, d.type AS dup_type,
          d.metadata AS dup_metadata, d.sequence_id AS dup_sequence_id,
          d.created_at AS dup_created_at
@@ -117,13 +117,14 @@ WITH input AS (
      AND messages.sequence_id > seq.last_sequence_id - seq.n - $8::bigint
      AND messages.sequence_id <= seq.last_sequence_id - $8::bigint
 )
-SELECT c.ord, EXISTS (SELECT 1 FROM rooms WHERE id = c.room_id) AS room_exists, c.is_member,
+SELECT c.ord, (SELECT true FROM rooms WHERE id = c.room_id) IS NOT NULL AS room_exists, c.is_member,
        nb.sequence_id AS new_sequence_id, nb.created_at AS new_created_at,
        c.dup_id, c.dup_content, c.dup_type, c.dup_metadata, c.dup_sequence_id, c.dup_created_at,
        u.username, u.display_name, u.avatar
   FROM checked c
   LEFT JOIN numbered nb ON nb.id = c.id
-  LEFT JOIN users u ON u.id = c.sender_id
+  LEFT JOIN LATERAL (SELECT username, display_name, avatar FROM users WHERE id = c.sender_id
+                      LIMIT 1) u ON true
  ORDER BY c.ord";
 
 /// A send waiting to be stored.
