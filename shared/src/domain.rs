@@ -598,6 +598,14 @@ mod tests {
     }
 
     #[test]
+    fn an_escaped_backslash_before_u0000_is_not_a_nul() {
+        // The text \u0000 (backslash, "u0000") is six storable characters.
+        let p = obj(json!({"content": "\\u0000", "metadata": {"\\u0000": "a\\u0000"}}));
+        let message = NewMessage::parse(&p, false).expect("accepted");
+        assert_eq!(message.metadata, Some(json!({"\\u0000": "a\\u0000"})));
+    }
+
+    #[test]
     fn metadata_limit_is_inclusive() {
         // {"k":"..."} is 8 bytes of framing.
         let exact =

@@ -373,7 +373,9 @@ async fn unicode_and_sql_metacharacters_round_trip_verbatim() {
     let metadata = json!({
         "sql": nasty[1], "emoji": nasty[5], "rtl": nasty[6],
         "nested": {"list": [nasty[2], nasty[3], 1, null, true], "ключ 🔑": "значение"},
-        "'; DROP TABLE rooms; --": "as a key"
+        "'; DROP TABLE rooms; --": "as a key",
+        // A backslash and "u0000": text, not U+0000.
+        "\\u0000": "\\u0000 and \\\\u0000"
     });
     let mut sent = Vec::new();
     for (i, content) in nasty.iter().enumerate() {
