@@ -31,7 +31,8 @@
 # BENCH_QUIET_WAIT=120 s) for the load average to fall below
 # BENCH_QUIET_LOAD=1.5, and records the load it started with in the JSON.
 # Other knobs: BENCH_WORK (work directory), BENCH_BASELINE_DIR (installed
-# baseline), BENCH_PG_POOL_MAX (24), S4_OURS_RATES / S4_BASE_RATES (the
+# baseline), BENCH_PG_POOL_MAX (24), BENCH_WORKER_THREADS (Tokio worker
+# threads per server process of ours, 1), S4_OURS_RATES / S4_BASE_RATES (the
 # sweeps), CARGO_TARGET_DIR.
 #
 # Not for CI: a full session takes about an hour.
@@ -77,7 +78,7 @@ if [ "$QUICK" = 1 ]; then
 else
     S2_SECS=60; S3_SECS=60; S4_SECS=15; OVERLOAD_SECS=30; IDLE_HOLD=10; PGBENCH_SECS=15
 fi
-S4_OURS_RATES="${S4_OURS_RATES:-1000,2000,3000,3500,4000,4500,5000,5500,6000,6500,7000,8000}"
+S4_OURS_RATES="${S4_OURS_RATES:-1000,2000,3000,4000,5000,6000,6500,7000,7500,8000,8500,9000,10000}"
 S4_BASE_RATES="${S4_BASE_RATES:-400,600,800,1000,1500,2000,2500,3000,3500,4000,5000}"
 
 ulimit -n 200000 2>/dev/null || ulimit -n 100000 2>/dev/null || true
@@ -170,6 +171,11 @@ OURS_ENV=(
     RUST_LOG=warn
     LOG_FORMAT=json
     PG_POOL_MAX="${BENCH_PG_POOL_MAX:-24}"
+    # One runtime thread per process, as each baseline instance runs on one
+    # JavaScript thread and as a container with one vCPU would pick: five
+    # server processes share two cores here, and more threads per process
+    # spent the CPU on cross-thread wakeups (docs/BENCHMARKS.md, "Setup").
+    TOKIO_WORKER_THREADS="${BENCH_WORKER_THREADS:-1}"
 )
 BASE_ENV=(
     DATABASE_URL="$PGURL/peer_bench"
