@@ -174,7 +174,7 @@ OURS_ENV=(
     # One runtime thread per process, as each baseline instance runs on one
     # JavaScript thread and as a container with one vCPU would pick: five
     # server processes share two cores here, and more threads per process
-    # spent the CPU on cross-thread wakeups (docs/BENCHMARKS.md, "Setup").
+    # spent the CPU on cross-thread wakeups (docs/BENCHMARKS.md, "S4").
     TOKIO_WORKER_THREADS="${BENCH_WORKER_THREADS:-1}"
 )
 BASE_ENV=(

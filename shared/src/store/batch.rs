@@ -53,7 +53,7 @@ use crate::error::{Error, Result};
 /// highest DIRECT rate held was 3,500 msg/s with ~0.8 PostgreSQL round trips
 /// per send; with one, 4,500 msg/s with 0.07–0.28. Instances still store
 /// in parallel with each other. The cost: one slow statement holds up
-/// every send of the process (docs/BENCHMARKS.md, "S2 p50, and stalls").
+/// every send of the process (docs/BENCHMARKS.md, "S2 stalls").
 pub const MAX_WORKERS: usize = 1;
 /// Most messages in one statement.
 pub const MAX_BATCH: usize = 64;
