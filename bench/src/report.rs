@@ -365,14 +365,11 @@ pub fn rows(all: &[Value]) -> Vec<Row> {
         Higher,
         Some(Target::TimesBaseline(5.0)),
     );
-    let ceiling: Vec<f64> = all
-        .iter()
-        .filter(|v| v["kind"] == "pgbench")
-        .filter_map(|v| get(v, "/tps"))
-        .collect();
-    // The ceiling of one session is its best pgbench client count; the
-    // table shows the median over sessions' runs of that best.
-    let ceiling = median(&best_per_session(all)).or_else(|| median(&ceiling));
+    // The ceiling of one run is its best pgbench client count; the table
+    // shows the median over the runs of that best.
+    let ceilings = best_per_run(all);
+    let best: Vec<f64> = ceilings.values().copied().collect();
+    let ceiling = median(&best);
     let (held, n) = med(&lines(all, "sweep", OURS, "S4"), &|v| {
         get(v, "/highest_held")
     });
@@ -401,7 +398,6 @@ pub fn rows(all: &[Value]) -> Vec<Row> {
             .collect::<std::collections::BTreeMap<_, _>>()
     };
     let (ours_held, base_held) = (held_per_run(OURS), held_per_run(BASELINE));
-    let ceilings = best_per_run(all);
     let paired = |against: &std::collections::BTreeMap<String, f64>| {
         let ratios: Vec<f64> = ours_held
             .iter()
@@ -438,7 +434,7 @@ pub fn rows(all: &[Value]) -> Vec<Row> {
         baseline: None,
         better: Higher,
         target: None,
-        runs: (best_per_session(all).len(), 0),
+        runs: (best.len(), 0),
     });
 
     let s5 = "S5 cold start (Lambda Runtime API emulator) and binary size";
@@ -560,13 +556,8 @@ pub fn rows(all: &[Value]) -> Vec<Row> {
     b.rows
 }
 
-/// Each session's best pgbench result (sessions are told apart by the
-/// `session` field the script writes).
-fn best_per_session(all: &[Value]) -> Vec<f64> {
-    best_per_run(all).into_values().collect()
-}
-
-/// The best pgbench figure of each run, by [`run_key`].
+/// The best pgbench figure (of its client counts) of each run, by
+/// [`run_key`].
 fn best_per_run(all: &[Value]) -> std::collections::BTreeMap<String, f64> {
     let mut best = std::collections::BTreeMap::new();
     for v in all.iter().filter(|v| v["kind"] == "pgbench") {
