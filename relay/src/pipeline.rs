@@ -172,7 +172,13 @@ async fn run_lane(authority: String, mut jobs: mpsc::UnboundedReceiver<Job>) {
                 break ended.unwrap_or_else(|_| "the connection reader failed".to_owned());
             }
         };
-        // Everything queued now goes out in one write.
+        // Everything queued now goes out in one write. Yielding once first
+        // lets the tasks that are ready (the shards, other outboxes) queue
+        // what they have: the relay's posts come in bursts, one per
+        // envelope's recipient, and without it nearly every write carried
+        // one request (one loopback `sendto`, and one read at the gateway,
+        // per post).
+        tokio::task::yield_now().await;
         let mut batch = vec![first];
         while let Ok(job) = jobs.try_recv() {
             batch.push(job);
