@@ -12,8 +12,13 @@ use tokio_util::sync::CancellationToken;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    chat_shared::bootstrap::runtime()
+        .context("building the runtime")?
+        .block_on(run())
+}
+
+async fn run() -> anyhow::Result<()> {
     let config = Config::from_env()?;
     telemetry::init(config.log_format, &config.log_filter);
     let relay = Relay::new(&config).await?;
