@@ -23,9 +23,9 @@ pub struct Config {
     pub pg_max_waiting: usize,
     /// WebSocket requests that need PostgreSQL answer `RATE_LIMITED` at
     /// once while this many are in progress in the process
-    /// (`WS_MAX_IN_FLIGHT`, 64): it bounds the queue, so accepted messages
-    /// keep a bounded latency under overload. 64 still lets concurrent sends
-    /// fill a batch (docs/BENCHMARKS.md).
+    /// (`WS_MAX_IN_FLIGHT`, 96): it bounds the queue, so accepted messages
+    /// keep a bounded latency under overload, and still lets concurrent
+    /// sends fill a batch and ride out a slow statement (docs/BENCHMARKS.md).
     pub ws_max_in_flight: usize,
     /// Sends are refused, more of them as it grows, while the relays
     /// deliver later than a third of this; all of them beyond it
@@ -229,7 +229,7 @@ impl Config {
             database_url: database_url.into(),
             pg_pool_max,
             pg_max_waiting: parse::<usize>(&get, "PG_MAX_WAITING", 1000)?,
-            ws_max_in_flight: parse::<usize>(&get, "WS_MAX_IN_FLIGHT", 64)?,
+            ws_max_in_flight: parse::<usize>(&get, "WS_MAX_IN_FLIGHT", 96)?,
             ws_max_delivery_lag_ms: parse::<u64>(&get, "WS_MAX_DELIVERY_LAG_MS", 150)?,
             redis_url: redis_url.into(),
             redis_key_prefix: get("REDIS_KEY_PREFIX").unwrap_or_default(),
