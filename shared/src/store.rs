@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use chrono::{DateTime, Utc};
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use deadpool_postgres::{Hook, HookError, Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::Value;
 use tokio_postgres::{Error as PgError, NoTls, Row, Statement};
@@ -41,22 +41,25 @@ mod embedded {
     refinery::embed_migrations!("../migrations");
 }
 
-/// Settings of this service's own sessions, sent at connect (the startup
-/// packet's `options`, so no extra round trip and no `SET`).
+/// Settings of this service's own sessions, run once on each new pooled
+/// connection (one round trip per connection, none per request).
 ///
-/// `random_page_cost=1.1`: PostgreSQL's default (4.0) prices a random page
-/// read as a spinning disk would; RDS (gp3, io) and local SSDs read any
+/// `random_page_cost = 1.1`: PostgreSQL's default (4.0) prices a random
+/// page read as a spinning disk would; RDS (gp3, io) and local SSDs read any
 /// page at about the cost of the next, and 1.1 is the usual setting for
-/// them. With 4.0 the generic plan of the batch insert
-/// (`store/batch.rs`) deleted retired messages with a bitmap heap scan per
-/// room: EXPLAIN ANALYZE of a 16-message batch gave 0.85-1.25 ms for that
-/// step and 1.7-2.2 ms in all; with 1.1 it is an index scan, 0.2-0.4 ms,
-/// and 1.1-1.3 ms in all. Every other statement here is a key lookup or a
-/// short range of a key, which index scans suit too.
+/// them. With 4.0 the generic plan of the batch insert (`store/batch.rs`)
+/// deleted retired messages with a bitmap heap scan per room: EXPLAIN
+/// ANALYZE of a 16-message batch gave 0.85-1.25 ms for that step and
+/// 1.7-2.2 ms in all; with 1.1 it is an index scan, 0.2-0.4 ms, and
+/// 1.1-1.3 ms in all. Every other statement here is a key lookup or a short
+/// range of a key, which index scans suit too.
 ///
-/// Options already in `DATABASE_URL` (`?options=...`) come after these, so
-/// they win.
-pub const SESSION_OPTIONS: &str = "-c random_page_cost=1.1";
+/// A `SET`, not the startup packet's `options`: RDS Proxy refuses
+/// connections that carry options ("RDS Proxy currently doesn't support
+/// command-line options"). A `SET` may pin the session to one database
+/// connection behind the proxy, as the named prepared statements already
+/// do (docs/DEPLOY.md).
+pub const SESSION_SETUP: &str = "SET random_page_cost = 1.1";
 
 /// Builds the connection pool. Connections are opened lazily, so this
 /// succeeds while the database is down; requests then get 503.
@@ -64,13 +67,8 @@ pub const SESSION_OPTIONS: &str = "-c random_page_cost=1.1";
 /// # Errors
 /// When the URL does not parse.
 pub fn connect_pool(url: &SecretString, max_size: usize) -> anyhow::Result<Pool> {
-    let mut pg = tokio_postgres::Config::from_str(url.expose_secret())
+    let pg = tokio_postgres::Config::from_str(url.expose_secret())
         .context("DATABASE_URL is not a valid PostgreSQL URL")?;
-    let options = match pg.get_options() {
-        Some(theirs) if !theirs.trim().is_empty() => format!("{SESSION_OPTIONS} {theirs}"),
-        _ => SESSION_OPTIONS.to_owned(),
-    };
-    pg.options(&options);
     let manager = Manager::from_config(
         pg,
         NoTls,
@@ -84,6 +82,14 @@ pub fn connect_pool(url: &SecretString, max_size: usize) -> anyhow::Result<Pool>
         .wait_timeout(Some(Duration::from_secs(5)))
         .create_timeout(Some(Duration::from_secs(5)))
         .recycle_timeout(Some(Duration::from_secs(5)))
+        .post_create(Hook::async_fn(|client, _| {
+            Box::pin(async move {
+                client
+                    .batch_execute(SESSION_SETUP)
+                    .await
+                    .map_err(HookError::Backend)
+            })
+        }))
         .build()
         .context("building the PostgreSQL pool")
 }

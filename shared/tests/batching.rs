@@ -265,21 +265,26 @@ async fn a_lowered_retention_leaves_a_surplus_for_the_sweep() {
     assert_eq!(b.all_sequence_ids("ann", &ab).await, [9, 10, 11]);
 }
 
-/// The batch statement's plan depends on `random_page_cost` (module docs of
-/// `store::SESSION_OPTIONS`): every pooled session gets 1.1, and an
-/// `options` in the URL still has the last word.
+/// The batch statement's plan depends on `random_page_cost` (docs of
+/// `store::SESSION_SETUP`): every pooled session, new ones included, runs
+/// with 1.1, whatever else the URL sets.
 #[tokio::test]
-async fn pooled_sessions_price_random_reads_for_ssds_unless_the_url_says_otherwise() {
+async fn pooled_sessions_price_random_reads_for_ssds() {
     let env = TestEnv::new().await;
     let url = env.vars["DATABASE_URL"].clone();
-    let setting = |url: String| async move {
-        let pool = chat_shared::store::connect_pool(&url.into(), 1).unwrap();
-        let client = pool.get().await.unwrap();
-        let row = client.query_one("SHOW random_page_cost", &[]).await.unwrap();
-        row.get::<_, String>(0)
-    };
-    assert_eq!(setting(url.clone()).await, "1.1");
     let joiner = if url.contains('?') { '&' } else { '?' };
-    let overridden = format!("{url}{joiner}options=-c%20random_page_cost%3D2");
-    assert_eq!(setting(overridden).await, "2");
+    for url in [
+        url.clone(),
+        format!("{url}{joiner}application_name=chat-test"),
+    ] {
+        let pool = chat_shared::store::connect_pool(&url.into(), 2).unwrap();
+        let (a, b) = (pool.get().await.unwrap(), pool.get().await.unwrap());
+        for client in [&a, &b] {
+            let row = client
+                .query_one("SHOW random_page_cost", &[])
+                .await
+                .unwrap();
+            assert_eq!(row.get::<_, String>(0), "1.1");
+        }
+    }
 }
