@@ -58,6 +58,11 @@
     rooms: new Map(), // roomId -> room (REST shape, kept current)
     messages: new Map(), // roomId -> Map(messageId -> message)
     meta: new Map(), // roomId -> {joined, highest, lastMarked, hasMore, loadingOlder}
+    // Presence events counted as they arrive, and the count at each user's
+    // last one: a snapshot of who is online (roomJoined, GET .../online)
+    // asked for before an event that arrived first must not undo it.
+    presenceClock: 0,
+    presenceAt: new Map(), // userId -> presenceClock at their last presenceUpdate
     current: null,
     online: new Set(),
     profiles: new Map(), // userId -> {id, username, displayName}
@@ -206,6 +211,7 @@
     state.connected = false;
     for (const key of ['rooms', 'messages', 'meta', 'profiles', 'typing']) state[key].clear();
     state.online.clear();
+    state.presenceAt.clear();
     state.current = null;
     $('rooms').replaceChildren();
     $('activity').replaceChildren();
@@ -344,17 +350,26 @@
     const meta = metaOf(roomId);
     const payload = {roomId};
     if (meta.highest > 0) payload.afterSequenceId = meta.highest;
+    meta.joinClock = state.presenceClock;
     if (send('joinRoom', payload)) meta.joined = true;
+  }
+
+  /** Applies a snapshot of who is online among `members`, taken after
+   * `since` on the presence clock: users with a newer presence event keep
+   * what that event said. */
+  function applyOnline(members, onlineUsers, since) {
+    for (const member of members || []) {
+      if ((state.presenceAt.get(member.id) || 0) > since) continue;
+      if (onlineUsers.includes(member.id)) state.online.add(member.id);
+      else if (member.id !== state.me.id) state.online.delete(member.id);
+    }
   }
 
   function onRoomJoined(p) {
     const room = upsertRoom(p.room);
     const meta = metaOf(room.id);
     meta.joined = true;
-    for (const member of room.members || []) {
-      if (p.onlineUsers.includes(member.id)) state.online.add(member.id);
-      else if (member.id !== state.me.id) state.online.delete(member.id);
-    }
+    applyOnline(room.members, p.onlineUsers, meta.joinClock || 0);
     state.online.add(state.me.id);
     if ('recovered' in p) {
       // A rejoin with afterSequenceId: the answer holds what was missed.
@@ -441,6 +456,8 @@
   }
 
   function onPresence({userId, status}) {
+    state.presenceClock += 1;
+    state.presenceAt.set(userId, state.presenceClock);
     const wasOnline = state.online.has(userId);
     if (status === 'online') state.online.add(userId);
     else state.online.delete(userId);
@@ -558,11 +575,9 @@
     if (!metaOf(roomId).joined && state.connected) join(roomId);
     else markRead();
     try {
+      const since = state.presenceClock;
       const data = await api('GET', `/rooms/${encodeURIComponent(roomId)}/online`);
-      for (const member of (room && room.members) || []) {
-        if (data.onlineUsers.includes(member.id)) state.online.add(member.id);
-        else if (member.id !== state.me.id) state.online.delete(member.id);
-      }
+      applyOnline(room && room.members, data.onlineUsers, since);
       renderOnline();
     } catch {
       // Offline: the next roomJoined brings the list.
