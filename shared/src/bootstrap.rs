@@ -27,9 +27,9 @@ use crate::ws::WsState;
 /// or to a pipelined HTTP connection was written at once, alone; on the
 /// current-thread scheduler a woken task waits its turn, and the requests
 /// queued meanwhile leave together. Measured on the local stack at 6,000
-/// DIRECT messages/s (docs/BENCHMARKS.md, "S4"): the relay's writes to
-/// Redis fell from one per envelope to about one in four, and Redis's own
-/// reads and writes by more than half.
+/// DIRECT messages/s (docs/BENCHMARKS.md, "Single runs behind the
+/// defaults"): the relay's writes to Redis fell from one per envelope to
+/// about one in four, and Redis's own reads and writes by more than half.
 ///
 /// # Errors
 /// When the runtime cannot be built (out of threads or file descriptors).

@@ -52,11 +52,11 @@ use crate::error::{Error, Result};
 /// worker is free, so batches still grow with the load (8–15 messages at
 /// 7,500 DIRECT msg/s over two gateways) while one slow statement no longer
 /// holds up every send of the process (docs/BENCHMARKS.md, "S2 stalls").
-/// Measured on the local stack (single runs, docs/BENCHMARKS.md "S4"): at
-/// 7,500 msg/s offered, one worker per process accepted 90.7 %, two
-/// 95.1–96.0 %, with PostgreSQL using 65 % and 76 % of a core. (Sessions
-/// ago, before the sends were batched this well, two workers had done
-/// worse: 3,500 msg/s against 4,500.)
+/// Measured on the local stack (docs/BENCHMARKS.md, "Single runs behind
+/// the defaults"): at 7,500 msg/s offered, one worker per process
+/// accepted 90.7 %, two 95.1–96.0 %, with PostgreSQL using 65 % and 76 % of
+/// a core. (Sessions ago, before the sends were batched this well, two
+/// workers had done worse: 3,500 msg/s against 4,500.)
 pub const MAX_WORKERS: usize = 2;
 /// Most messages in one statement.
 pub const MAX_BATCH: usize = 64;
