@@ -668,6 +668,17 @@ mod tests {
                "delivered_per_s": 4000.0, "processes": [{"cpu_send_percent": 10.0}, {"cpu_send_percent": 5.0}]})
     }
 
+    /// An S4 sweep's result line of session `s`.
+    fn sweep(label: &str, run: u64, held: f64) -> Value {
+        json!({"kind": "sweep", "label": label, "scenario": "S4", "session": "s",
+               "run": run, "highest_held": held})
+    }
+
+    /// A pgbench line of session `s`.
+    fn pgbench(run: u64, clients: u64, tps: f64) -> Value {
+        json!({"kind": "pgbench", "session": "s", "run": run, "clients": clients, "tps": tps})
+    }
+
     #[test]
     fn medians_ratios_and_targets() {
         let all = vec![
@@ -723,10 +734,10 @@ mod tests {
     #[test]
     fn pgbench_ceiling_is_the_best_client_count_of_each_session() {
         let all = vec![
-            json!({"kind": "pgbench", "session": "a", "run": 1, "clients": 8, "tps": 4000.0}),
-            json!({"kind": "pgbench", "session": "a", "run": 1, "clients": 16, "tps": 5000.0}),
-            json!({"kind": "pgbench", "session": "a", "run": 2, "clients": 16, "tps": 5200.0}),
-            json!({"kind": "sweep", "label": OURS, "scenario": "S4", "highest_held": 4160.0}),
+            pgbench(1, 8, 4000.0),
+            pgbench(1, 16, 5000.0),
+            pgbench(2, 16, 5200.0),
+            sweep(OURS, 1, 4160.0),
         ];
         let rows = rows(&all);
         let pct = rows
@@ -738,12 +749,6 @@ mod tests {
 
     #[test]
     fn s4_targets_are_also_paired_run_by_run() {
-        let sweep = |label: &str, run: u64, held: f64| {
-            json!({"kind": "sweep", "label": label, "scenario": "S4", "session": "s",
-                   "run": run, "highest_held": held})
-        };
-        let pgbench =
-            |run: u64, tps: f64| json!({"kind": "pgbench", "session": "s", "run": run, "tps": tps});
         let all = vec![
             sweep(OURS, 1, 6000.0),
             sweep(OURS, 2, 8000.0),
@@ -751,9 +756,9 @@ mod tests {
             sweep(BASELINE, 1, 1500.0),
             sweep(BASELINE, 2, 1500.0),
             sweep(BASELINE, 3, 2000.0),
-            pgbench(1, 10000.0),
-            pgbench(2, 8000.0),
-            pgbench(3, 11000.0),
+            pgbench(1, 16, 10000.0),
+            pgbench(2, 16, 8000.0),
+            pgbench(3, 16, 11000.0),
         ];
         let rows = rows(&all);
         let find = |needle: &str| {
