@@ -181,14 +181,15 @@ async fn ops(State(state): State<ConsoleState>, headers: HeaderMap) -> Result<Js
         presence.connections_by_endpoint(OPS_MAX_CONNECTIONS),
     )?;
     // Names for the busiest rooms only: one indexed read each, concurrently.
-    let store = state.chat.store();
+    let db = state.chat.store().conn().await?;
     let rows = futures::future::join_all(
         rooms
             .iter()
             .take(OPS_NAMED_ROOMS)
-            .map(|(id, _)| store.room(id)),
+            .map(|(id, _)| db.room(id)),
     )
     .await;
+    drop(db);
     let rooms: Vec<Value> = rooms
         .iter()
         .enumerate()

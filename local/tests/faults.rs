@@ -47,7 +47,13 @@ async fn stale_connection(
         .await
         .expect("registered");
     let room = RoomId::parse(room).expect("room id");
-    assert!(presence.join(&room, &conn, 0).await.expect("joined"));
+    assert!(
+        presence
+            .join(&room, &conn, 0, &[], "unused", "")
+            .await
+            .expect("joined")
+            .is_some()
+    );
     conn
 }
 
@@ -201,15 +207,16 @@ async fn after_a_redis_restart_clients_are_told_to_reconnect_and_lose_nothing() 
     assert_eq!(bob.expect("message").await["sequenceId"], 1);
 
     private.kill().await;
-    // While Redis is down the service answers promptly: each frame gets an
-    // `error` with a code of PROTOCOL §2 (INTERNAL: no UNAVAILABLE over
-    // WebSocket) and the socket stays open; a handshake is refused with 503.
+    // While Redis is down the service answers promptly: each frame gets a
+    // retryable `error` (SERVICE_UNAVAILABLE with a retry hint, never
+    // INTERNAL) and the socket stays open; a handshake is refused with 503.
     let prompt = std::time::Duration::from_secs(2);
     for _ in 0..3 {
         let started = std::time::Instant::now();
         alice.send("ping", json!({})).await;
-        let error = alice.expect_error("INTERNAL").await;
+        let error = alice.expect_error("SERVICE_UNAVAILABLE").await;
         assert_eq!(error["requestType"], "ping");
+        assert_eq!(error["retryAfterMs"], 1000, "{error}");
         assert!(started.elapsed() < prompt, "{:?}", started.elapsed());
     }
     let started = std::time::Instant::now();

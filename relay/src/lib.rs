@@ -359,7 +359,7 @@ const LAG_REPORT_INTERVAL: Duration = Duration::from_millis(100);
 
 /// Reports the largest delivery lag of each interval to Redis, where every
 /// gateway's lease renewal reads it to shed sends while the fan-out is
-/// behind (`chat_shared::realtime::Realtime::with_load_limits`). A relay
+/// behind (`chat_shared::realtime::Realtime::with_admission`). A relay
 /// that stops reporting is forgotten after a second.
 async fn report_delivery_lag(
     realtime: Realtime,

@@ -711,8 +711,9 @@ async fn stored_events(
     after: i64,
     before: i64,
 ) -> chat_shared::Result<Vec<(i64, Arc<str>)>> {
-    let store = realtime.chat().store();
-    let messages = store
+    // One pooled connection for both reads.
+    let db = realtime.chat().store().conn().await?;
+    let messages = db
         .messages_between(
             room_id,
             SequenceId::from_trusted(after),
@@ -722,7 +723,8 @@ async fn stored_events(
     if messages.is_empty() {
         return Ok(Vec::new());
     }
-    let members = store.room_members(room_id).await?;
+    let members = db.room_members(room_id).await?;
+    drop(db);
     messages
         .into_iter()
         .map(|m| {

@@ -54,11 +54,8 @@ pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
 pub async fn ws_state(config: &Config) -> anyhow::Result<WsState> {
     let app = app_state(config).await?;
     Ok(WsState {
-        realtime: Realtime::new(app.chat, config.presence_ttl).with_load_limits(
-            config.ws_max_in_flight,
-            config.pg_max_waiting,
-            config.ws_max_delivery_lag_ms,
-        ),
+        realtime: Realtime::new(app.chat, config.presence_ttl)
+            .with_admission(config.admission_limits()),
         verifier: app.verifier,
     })
 }
@@ -75,11 +72,12 @@ pub async fn app_state(config: &Config) -> anyhow::Result<AppState> {
     let store = Store::new(pool, config.message_retention);
     let keys = Keys::new(config.redis_key_prefix.clone());
     let presence = Presence::new(redis.clone(), keys.clone());
-    let limiter = Limiter::new(redis.clone(), keys, config.rate_limits);
+    let limiter = Limiter::new(redis.clone(), keys.clone(), config.rate_limits);
     let bus = Bus::new(
         redis,
         config.broadcast_channel.clone(),
         config.instance_id.clone(),
+        keys.clone(),
     );
     Ok(AppState {
         chat: Chat::new(store, presence, bus, limiter),

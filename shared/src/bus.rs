@@ -11,12 +11,15 @@
 //!  "event": {"type": "message", "payload": {...}}}
 //! ```
 
+use std::sync::LazyLock;
+
 use redis::aio::ConnectionManager;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use crate::error::{Error, Result};
 use crate::metrics::CountedRedis;
+use crate::presence::Keys;
 
 /// Who an event is for.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -83,7 +86,7 @@ pub struct Envelope {
     /// When a room event was published (ms since the epoch, the
     /// publisher's clock): the relay measures its delivery lag from it, and
     /// the gateways shed sends while the lag is high
-    /// (`Realtime::with_load_limits`).
+    /// (`Realtime::with_admission`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ts: Option<i64>,
 }
@@ -143,12 +146,30 @@ pub fn event_json<P: Serialize>(kind: &str, payload: &P) -> Result<String> {
     serde_json::to_string(&Event { kind, payload }).map_err(Error::internal)
 }
 
+/// Raises a room's highest published sequence id (KEYS[1]) to ARGV[1]
+/// (TTL ARGV[2] s) and publishes ARGV[4] on channel ARGV[3].
+const PUBLISH_MESSAGE: &str = r"
+if tonumber(ARGV[1]) > tonumber(redis.call('GET', KEYS[1]) or '0') then
+  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+end
+return redis.call('PUBLISH', ARGV[3], ARGV[4])
+";
+
+static PUBLISH_MESSAGE_SCRIPT: LazyLock<redis::Script> =
+    LazyLock::new(|| redis::Script::new(PUBLISH_MESSAGE));
+
+/// How long a room's highest published sequence id is kept after its last
+/// message. A join only needs it for messages published while it ran
+/// (milliseconds); an hour is ample and lets idle rooms cost nothing.
+const ROOM_SEQ_TTL_SECS: u64 = 3600;
+
 /// Publishes envelopes on the broadcast channel.
 #[derive(Clone)]
 pub struct Bus {
     redis: ConnectionManager,
     channel: String,
     origin: String,
+    keys: Keys,
 }
 
 impl std::fmt::Debug for Bus {
@@ -161,12 +182,14 @@ impl std::fmt::Debug for Bus {
 }
 
 impl Bus {
-    /// A publisher on `channel`, naming itself `origin`.
-    pub fn new(redis: ConnectionManager, channel: String, origin: String) -> Self {
+    /// A publisher on `channel`, naming itself `origin`, that records each
+    /// room's highest published sequence id under `keys`.
+    pub fn new(redis: ConnectionManager, channel: String, origin: String, keys: Keys) -> Self {
         Self {
             redis,
             channel,
             origin,
+            keys,
         }
     }
 
@@ -209,6 +232,32 @@ impl Bus {
     pub async fn publish_envelope(&self, envelope: &Envelope) -> Result<()> {
         let payload = serde_json::to_string(envelope).map_err(Error::internal)?;
         self.publish_raw(payload).await
+    }
+
+    /// Publishes a room's new `message` envelope and records `sequence_id`
+    /// as the room's highest published one, in one step (one round trip):
+    /// what lets a join that subscribes at the same moment tell whether it
+    /// missed the fan-out ([`crate::presence::Presence::join`]).
+    ///
+    /// # Errors
+    /// `UNAVAILABLE` when Redis does not answer.
+    pub async fn publish_room_message(
+        &self,
+        envelope: &Envelope,
+        room_id: &str,
+        sequence_id: i64,
+    ) -> Result<()> {
+        let payload = serde_json::to_string(envelope).map_err(Error::internal)?;
+        let mut redis = CountedRedis(self.redis.clone());
+        let _: i64 = PUBLISH_MESSAGE_SCRIPT
+            .key(self.keys.room_seq(room_id))
+            .arg(sequence_id)
+            .arg(ROOM_SEQ_TTL_SECS)
+            .arg(&self.channel)
+            .arg(payload)
+            .invoke_async(&mut redis)
+            .await?;
+        Ok(())
     }
 
     /// A message event for a room, also delivered to `include`.

@@ -21,17 +21,23 @@ pub struct Config {
     /// connection (`PG_MAX_WAITING`, 1000): shedding load beats an unbounded
     /// queue.
     pub pg_max_waiting: usize,
-    /// WebSocket requests that need PostgreSQL answer `RATE_LIMITED` at
-    /// once while this many are in progress in the process
-    /// (`WS_MAX_IN_FLIGHT`, 96): it bounds the queue, so accepted messages
-    /// keep a bounded latency under overload, and still lets concurrent
-    /// sends fill a batch and ride out a slow statement (docs/BENCHMARKS.md).
+    /// WebSocket requests that need PostgreSQL run at most this many at once
+    /// per process (`WS_MAX_IN_FLIGHT`, 96); more wait in line for a place
+    /// (see `admission` in `realtime`).
     pub ws_max_in_flight: usize,
+    /// A WebSocket request is refused (`RATE_LIMITED`, server busy) rather
+    /// than queued when its expected wait for a place is over this, or it
+    /// has waited this long (`WS_MAX_QUEUE_WAIT_MS`, 10,000).
+    pub ws_max_queue_wait_ms: u64,
+    /// Most WebSocket requests waiting for a place per process
+    /// (`WS_MAX_QUEUED`, 20,000).
+    pub ws_max_queued: usize,
+    /// Most bytes of frames waiting for a place per process
+    /// (`WS_MAX_QUEUED_BYTES`, 64 MiB).
+    pub ws_max_queued_bytes: usize,
     /// Sends are refused, more of them as it grows, while the relays
-    /// deliver later than a third of this; all of them beyond it
-    /// (`WS_MAX_DELIVERY_LAG_MS`, 150; 0 turns it off). Refusals then
-    /// start at 50 ms of lag, half the 100 ms the benchmark allows an
-    /// accepted message's p99 (docs/BENCHMARKS.md).
+    /// deliver later than half of this; all of them beyond it
+    /// (`WS_MAX_DELIVERY_LAG_MS`, 5,000; 0 turns it off).
     pub ws_max_delivery_lag_ms: u64,
     /// Redis URL (`REDIS_URL`, or built from `REDIS_HOST` / `REDIS_PORT` /
     /// `REDIS_PASSWORD` / `REDIS_TLS`).
@@ -139,6 +145,17 @@ pub struct ConfigError {
 }
 
 impl Config {
+    /// The WebSocket admission limits of this configuration.
+    pub fn admission_limits(&self) -> crate::realtime::AdmissionLimits {
+        crate::realtime::AdmissionLimits {
+            max_in_flight: self.ws_max_in_flight,
+            max_wait: std::time::Duration::from_millis(self.ws_max_queue_wait_ms),
+            max_queued: self.ws_max_queued,
+            max_queued_bytes: self.ws_max_queued_bytes,
+            max_delivery_lag_ms: self.ws_max_delivery_lag_ms,
+        }
+    }
+
     /// Reads the process environment.
     ///
     /// # Errors
@@ -230,7 +247,10 @@ impl Config {
             pg_pool_max,
             pg_max_waiting: parse::<usize>(&get, "PG_MAX_WAITING", 1000)?,
             ws_max_in_flight: parse::<usize>(&get, "WS_MAX_IN_FLIGHT", 96)?,
-            ws_max_delivery_lag_ms: parse::<u64>(&get, "WS_MAX_DELIVERY_LAG_MS", 150)?,
+            ws_max_queue_wait_ms: parse::<u64>(&get, "WS_MAX_QUEUE_WAIT_MS", 10_000)?,
+            ws_max_queued: parse::<usize>(&get, "WS_MAX_QUEUED", 20_000)?,
+            ws_max_queued_bytes: parse::<usize>(&get, "WS_MAX_QUEUED_BYTES", 64 << 20)?,
+            ws_max_delivery_lag_ms: parse::<u64>(&get, "WS_MAX_DELIVERY_LAG_MS", 5_000)?,
             redis_url: redis_url.into(),
             redis_key_prefix: get("REDIS_KEY_PREFIX").unwrap_or_default(),
             jwt_secret: jwt_secret.into(),

@@ -28,8 +28,11 @@ pub enum ErrorCode {
     RateLimited,
     /// A bug or an unexpected dependency answer.
     Internal,
-    /// PostgreSQL or Redis cannot be reached.
+    /// PostgreSQL or Redis cannot be reached (REST).
     Unavailable,
+    /// PostgreSQL or Redis cannot be reached, or did not answer in time
+    /// (WebSocket): retry with backoff.
+    ServiceUnavailable,
 }
 
 impl ErrorCode {
@@ -44,7 +47,7 @@ impl ErrorCode {
             Self::PayloadTooLarge => 413,
             Self::RateLimited => 429,
             Self::Internal => 500,
-            Self::Unavailable => 503,
+            Self::Unavailable | Self::ServiceUnavailable => 503,
         }
     }
 
@@ -60,16 +63,16 @@ impl ErrorCode {
             Self::RateLimited => "RATE_LIMITED",
             Self::Internal => "INTERNAL",
             Self::Unavailable => "UNAVAILABLE",
+            Self::ServiceUnavailable => "SERVICE_UNAVAILABLE",
         }
     }
 
-    /// The code a WebSocket `error` event carries. PROTOCOL.md §2 has no
-    /// `UNAVAILABLE` for WebSocket clients (the original service answered
-    /// a failed dependency with `INTERNAL` there), so an outage is
-    /// `INTERNAL` on a socket; its message still says to retry.
+    /// The code a WebSocket `error` event carries: a dependency that is
+    /// down or timed out is `SERVICE_UNAVAILABLE` there (PROTOCOL.md §2,
+    /// "Retrying"), never `INTERNAL`, so a client knows to retry.
     pub fn on_websocket(self) -> Self {
         match self {
-            Self::Unavailable => Self::Internal,
+            Self::Unavailable => Self::ServiceUnavailable,
             other => other,
         }
     }
@@ -249,8 +252,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn websocket_clients_see_only_protocol_codes_for_outages() {
-        assert_eq!(ErrorCode::Unavailable.on_websocket(), ErrorCode::Internal);
+    fn websocket_clients_are_told_to_retry_an_outage() {
+        assert_eq!(
+            ErrorCode::Unavailable.on_websocket().as_str(),
+            "SERVICE_UNAVAILABLE"
+        );
         assert_eq!(ErrorCode::Forbidden.on_websocket(), ErrorCode::Forbidden);
         assert_eq!(ErrorCode::Unavailable.status(), 503, "REST keeps its 503");
     }

@@ -61,7 +61,7 @@ impl ErrorSource {
 }
 
 /// Every error code, in exposition order.
-pub const ERROR_CODES: [ErrorCode; 9] = [
+pub const ERROR_CODES: [ErrorCode; 10] = [
     ErrorCode::BadRequest,
     ErrorCode::Unauthorized,
     ErrorCode::Forbidden,
@@ -71,6 +71,7 @@ pub const ERROR_CODES: [ErrorCode; 9] = [
     ErrorCode::RateLimited,
     ErrorCode::Internal,
     ErrorCode::Unavailable,
+    ErrorCode::ServiceUnavailable,
 ];
 
 fn code_index(code: ErrorCode) -> usize {
@@ -189,23 +190,25 @@ pub fn ws_requests() -> Vec<(&'static str, u64)> {
 /// Why a request was shed with `RATE_LIMITED` (realtime `Admission`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ShedReason {
-    /// The process already had `WS_MAX_IN_FLIGHT` requests in progress.
-    InFlight,
-    /// More than `PG_MAX_WAITING` callers waited for a pooled connection.
-    PoolWaiting,
-    /// The relays' delivery lag was over a third of `WS_MAX_DELIVERY_LAG_MS`.
+    /// The wait for a place would have been over `WS_MAX_QUEUE_WAIT_MS`, or
+    /// was.
+    QueueWait,
+    /// The admission queue was full (`WS_MAX_QUEUED` requests or
+    /// `WS_MAX_QUEUED_BYTES` bytes).
+    QueueFull,
+    /// The relays' delivery lag was over half of `WS_MAX_DELIVERY_LAG_MS`.
     DeliveryLag,
 }
 
 impl ShedReason {
     /// Every reason, in the order of the counters.
-    pub const ALL: [Self; 3] = [Self::InFlight, Self::PoolWaiting, Self::DeliveryLag];
+    pub const ALL: [Self; 3] = [Self::QueueWait, Self::QueueFull, Self::DeliveryLag];
 
     /// The `reason` label.
     pub fn as_str(self) -> &'static str {
         match self {
-            Self::InFlight => "in_flight",
-            Self::PoolWaiting => "pool_waiting",
+            Self::QueueWait => "queue_wait",
+            Self::QueueFull => "queue_full",
             Self::DeliveryLag => "delivery_lag",
         }
     }
@@ -408,7 +411,7 @@ mod tests {
         // Other tests of this process may count too: at least ours.
         assert!(before(ErrorSource::Rest, ErrorCode::Conflict) >= rest + 2);
         assert!(before(ErrorSource::WebSocket, ErrorCode::Conflict) >= ws);
-        assert_eq!(error_counts().len(), 27);
+        assert_eq!(error_counts().len(), 3 * ERROR_CODES.len());
     }
 
     #[test]

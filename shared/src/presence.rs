@@ -93,6 +93,12 @@ impl Keys {
         format!("{}room:{room_id}:conns", self.prefix)
     }
 
+    /// The highest sequence id published for a room (see
+    /// [`Presence::join`]); expires an hour after the last publish.
+    pub fn room_seq(&self, room_id: &str) -> String {
+        format!("{}room:{room_id}:seq", self.prefix)
+    }
+
     /// Each relay's recent delivery lag (load shedding).
     pub fn relay_lags(&self) -> String {
         format!("{}relay:lags", self.prefix)
@@ -435,12 +441,23 @@ if removed == 1 and ARGV[7] ~= '' then redis.call('PUBLISH', ARGV[6], ARGV[7]) e
 return {user, removed}
 ";
 
-/// Subscribes a live connection to a room with its watermark.
+/// Subscribes a live connection to a room with its watermark (ARGV[4]);
+/// when a message above the watermark was published before the
+/// subscription existed (KEYS[4], see [`Presence::join`]), publishes the
+/// `Sync` control ARGV[6] (if not empty) on channel ARGV[5]; and answers which of the
+/// users ARGV[7..] are online (KEYS[5]). Returns {'0'} for a connection
+/// that is gone, else {'1', online users...}.
 const JOIN: &str = r"
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if redis.call('EXISTS', KEYS[1]) == 0 then return {'0'} end
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
 redis.call('SADD', KEYS[3], ARGV[3])
-return 1
+local published = tonumber(redis.call('GET', KEYS[4]) or '0')
+if published > tonumber(ARGV[4]) and ARGV[6] ~= '' then redis.call('PUBLISH', ARGV[5], ARGV[6]) end
+local out = {'1'}
+for i = 7, #ARGV do
+  if redis.call('SISMEMBER', KEYS[5], ARGV[i]) == 1 then out[#out + 1] = ARGV[i] end
+end
+return out
 ";
 
 /// How long a connection record outlives its last renewal at most: a guard
@@ -673,23 +690,53 @@ impl Presence {
         Ok((!user.is_empty()).then(|| (UserId::from_trusted(user), went_offline == 1)))
     }
 
-    /// Subscribes a connection to a room with the watermark of its snapshot;
-    /// false when the connection is gone.
+    /// Subscribes a connection to a room with the watermark of its snapshot
+    /// and answers which of `members` are online, in one round trip; `None`
+    /// when the connection is gone.
+    ///
+    /// A message stored after the snapshot was read may have been fanned out
+    /// before the subscription existed. Every `message` is published
+    /// together with its room's highest published sequence id
+    /// ([`crate::bus::Bus::publish_room_message`], one script), so the
+    /// subscription and that check are one atomic step: a message published
+    /// before it shows in the check, and `sync_envelope` (a `Sync` control)
+    /// is published for the relay to push what the connection is missing;
+    /// one published after it finds the subscription.
     ///
     /// # Errors
     /// `UNAVAILABLE` when Redis does not answer.
-    pub async fn join(&self, room_id: &RoomId, conn: &Connection, watermark: i64) -> Result<bool> {
+    pub async fn join(
+        &self,
+        room_id: &RoomId,
+        conn: &Connection,
+        watermark: i64,
+        members: &[UserId],
+        channel: &str,
+        sync_envelope: &str,
+    ) -> Result<Option<Vec<UserId>>> {
         let mut redis = CountedRedis(self.redis.clone());
-        let joined: i64 = JOIN_SCRIPT
+        let mut invocation = JOIN_SCRIPT.prepare_invoke();
+        invocation
             .key(self.keys.conn(&conn.connection_id))
             .key(self.keys.room_conns(room_id.as_str()))
             .key(self.keys.conn_rooms(&conn.connection_id))
+            .key(self.keys.room_seq(room_id.as_str()))
+            .key(self.keys.online())
             .arg(&conn.connection_id)
             .arg(Subscriber::encode(watermark, conn))
             .arg(room_id.as_str())
-            .invoke_async(&mut redis)
-            .await?;
-        Ok(joined == 1)
+            .arg(watermark)
+            .arg(channel)
+            .arg(sync_envelope);
+        for member in members {
+            invocation.arg(member.as_str());
+        }
+        let answer: Vec<String> = invocation.invoke_async(&mut redis).await?;
+        let mut answer = answer.into_iter();
+        if answer.next().as_deref() != Some("1") {
+            return Ok(None);
+        }
+        Ok(Some(answer.map(UserId::from_trusted).collect()))
     }
 
     /// Unsubscribes a connection from a room (nothing if it had not joined).

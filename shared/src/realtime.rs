@@ -6,8 +6,6 @@
 //! response. Everything for other connections, and the caller's own
 //! `message` acknowledgement, goes out on the bus for the relay.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use serde::Serialize;
@@ -15,15 +13,19 @@ use serde_json::{Value, json};
 
 use crate::auth::AuthUser;
 use crate::bus::{Control, Target, event_json};
-use crate::domain::{SequenceId, UserId};
+use crate::domain::{RoomId, SequenceId, UserId};
 use crate::error::{Error, Result};
 use crate::metrics::{self, ShedReason};
 use crate::model::rfc3339_millis;
 use crate::presence::{Connection, Touched};
 use crate::service::{Chat, RECOVERY_MESSAGES, SNAPSHOT_MESSAGES};
-use crate::store::{PageQuery, Stored};
+use crate::store::{RoomKey, Stored};
 
+mod admission;
 mod frame;
+
+use admission::Admission;
+pub use admission::AdmissionLimits;
 
 pub use frame::{
     CLIENT_EVENTS, ClientEvent, ClientFrame, JoinTarget, RequestIds, parse_client_event,
@@ -36,86 +38,6 @@ pub struct Realtime {
     presence_ttl: Duration,
     /// Load shedding for the requests that need PostgreSQL.
     admission: Admission,
-}
-
-/// Sheds load (PROTOCOL.md §2: "under overload the service sheds work
-/// promptly ... instead of queueing without bound"): a request that needs
-/// PostgreSQL is answered `RATE_LIMITED` at once, without touching Redis or
-/// PostgreSQL, when this process already has `max_in_flight` such requests
-/// in progress, or more than `max_waiting` callers wait for a pooled
-/// connection. What is accepted then waits behind a bounded queue, so its
-/// latency stays bounded whatever is offered.
-///
-/// Those bounds are local to a process; the fan-out after it (pub/sub, the
-/// relay, the posts) can fall behind too, and then every accepted message
-/// is late. The relays report their delivery lag to Redis every 100 ms and
-/// every frame's lease renewal reads the largest (no extra round trip):
-/// above a third of `max_delivery_lag_ms` sends are refused with a
-/// probability that grows linearly, all of them at `max_delivery_lag_ms`.
-/// The proportional refusal settles the accepted rate near what the fan-out
-/// can deliver instead of switching it on and off.
-///
-/// In Lambda a process handles one event at a time and the limits never
-/// bite there (Lambda concurrency and RDS Proxy bound the load); they are
-/// for processes that serve many sockets (the local gateway, a container).
-#[derive(Debug, Clone)]
-struct Admission {
-    /// Requests that need PostgreSQL in progress in this process.
-    in_flight: Arc<AtomicUsize>,
-    /// Most of them at once.
-    max_in_flight: usize,
-    /// Most waiters for a pooled connection before shedding.
-    max_waiting: usize,
-    /// Delivery lag (ms) at which every send is refused; 0 turns the
-    /// lag-based shedding off.
-    max_delivery_lag_ms: u64,
-}
-
-/// A request let in by [`Admission::admit`]; leaving it frees its place.
-struct Admitted(Arc<AtomicUsize>);
-
-impl Drop for Admitted {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-impl Admission {
-    fn unlimited() -> Self {
-        Self {
-            in_flight: Arc::default(),
-            max_in_flight: usize::MAX,
-            max_waiting: usize::MAX,
-            max_delivery_lag_ms: 0,
-        }
-    }
-
-    /// Whether to refuse a send while the fan-out is `lag_ms` behind.
-    fn sheds_for_lag(&self, lag_ms: u64) -> bool {
-        let hard = self.max_delivery_lag_ms;
-        let soft = hard / 3;
-        if hard == 0 || lag_ms <= soft {
-            return false;
-        }
-        lag_ms >= hard || rand::random::<f64>() < (lag_ms - soft) as f64 / (hard - soft) as f64
-    }
-
-    /// A place for one request, or `RATE_LIMITED` when there is none.
-    fn admit(&self, pool_waiting: usize) -> Result<Admitted> {
-        let busy = |reason| {
-            metrics::record_shed(reason);
-            Error::rate_limited("server busy, retry later", 1)
-        };
-        if pool_waiting > self.max_waiting {
-            return Err(busy(ShedReason::PoolWaiting));
-        }
-        let before = self.in_flight.fetch_add(1, Ordering::AcqRel);
-        let admitted = Admitted(Arc::clone(&self.in_flight));
-        if before >= self.max_in_flight {
-            return Err(busy(ShedReason::InFlight));
-        }
-        Ok(admitted)
-    }
 }
 
 /// Whether a request type needs PostgreSQL (and so can be shed); `ping`
@@ -157,12 +79,16 @@ pub fn error_event(
         message: String,
         request_type: Option<&'a str>,
         client_message_id: Option<&'a str>,
+        /// For the codes a client should retry: how long to wait first.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        retry_after_ms: Option<u64>,
     }
     let payload = Payload {
         code: err.code().on_websocket().as_str(),
         message: err.client_message(),
         request_type,
         client_message_id,
+        retry_after_ms: err.retry_after_secs().map(|s| s.saturating_mul(1000)),
     };
     event_json("error", &payload).unwrap_or_else(|_| {
         r#"{"type":"error","payload":{"code":"INTERNAL","message":"internal error","requestType":null,"clientMessageId":null}}"#
@@ -177,29 +103,29 @@ impl Realtime {
         Self {
             chat,
             presence_ttl,
-            admission: Admission::unlimited(),
+            admission: Admission::new(AdmissionLimits::UNLIMITED),
         }
     }
 
-    /// Sheds requests that need PostgreSQL beyond `max_in_flight` in
-    /// progress in this process, while more than `max_waiting` callers
-    /// wait for a pooled connection, or while the relays deliver more than
-    /// `max_delivery_lag_ms` late (`WS_MAX_IN_FLIGHT`, `PG_MAX_WAITING`,
-    /// `WS_MAX_DELIVERY_LAG_MS`; see [`Admission`]).
+    /// Queues the requests that need PostgreSQL beyond `limits.max_in_flight`
+    /// in progress in this process, and refuses them only when the wait
+    /// would be too long or the queue is full; refuses sends while the relays
+    /// deliver far behind (see [`AdmissionLimits`] and the `admission`
+    /// module).
     #[must_use]
-    pub fn with_load_limits(
-        mut self,
-        max_in_flight: usize,
-        max_waiting: usize,
-        max_delivery_lag_ms: u64,
-    ) -> Self {
-        self.admission = Admission {
-            in_flight: Arc::default(),
-            max_in_flight: max_in_flight.max(1),
-            max_waiting,
-            max_delivery_lag_ms,
-        };
+    pub fn with_admission(mut self, limits: AdmissionLimits) -> Self {
+        self.admission = Admission::new(limits);
         self
+    }
+
+    /// The admission limits in force.
+    pub fn admission_limits(&self) -> AdmissionLimits {
+        self.admission.limits()
+    }
+
+    /// Requests waiting for admission in this process now.
+    pub fn admission_queued(&self) -> usize {
+        self.admission.queued()
     }
 
     /// The REST-level service.
@@ -212,8 +138,14 @@ impl Realtime {
         self.presence_ttl
     }
 
-    async fn presence_envelope(&self, user_id: &UserId, status: &str) -> Result<Option<String>> {
-        let rooms = self.chat.store().member_room_ids(user_id).await?;
+    /// The `presenceUpdate` envelope of `user_id` for the members of
+    /// `rooms`; `None` when they are in no room.
+    fn presence_envelope(
+        &self,
+        user_id: &UserId,
+        status: &str,
+        rooms: Vec<String>,
+    ) -> Result<Option<String>> {
         if rooms.is_empty() {
             return Ok(None);
         }
@@ -241,10 +173,8 @@ impl Realtime {
     /// # Errors
     /// A dependency failure (the handshake is then refused).
     pub async fn connect(&self, conn: &Connection) -> Result<()> {
-        let (_, envelope) = tokio::try_join!(
-            self.chat.authenticate(&conn.user),
-            self.presence_envelope(&conn.user.id, "online"),
-        )?;
+        let rooms = self.chat.authenticate_with_rooms(&conn.user).await?;
+        let envelope = self.presence_envelope(&conn.user.id, "online", rooms)?;
         let presence = self.chat.presence();
         presence
             .connect(
@@ -280,7 +210,8 @@ impl Realtime {
         let Some(user) = presence.connection_user(connection_id).await? else {
             return Ok(());
         };
-        let envelope = self.presence_envelope(&user, "offline").await?;
+        let rooms = self.chat.member_room_ids(&user).await?;
+        let envelope = self.presence_envelope(&user, "offline", rooms)?;
         presence
             .disconnect(
                 connection_id,
@@ -334,7 +265,7 @@ impl Realtime {
         metrics::record_ws_request(kind);
         // Shed before any work, so refusing stays cheap under overload.
         let _admitted = if needs_postgres(kind) {
-            match self.admission.admit(self.chat.store().waiting()) {
+            match self.admission.admit(body.len()).await {
                 Ok(admitted) => Some(admitted),
                 Err(err) => {
                     let ids = match &frame {
@@ -420,9 +351,8 @@ impl Realtime {
         if !was_online {
             // The user's leases had all run out and they were announced
             // offline; this frame brings them back.
-            let envelope = self
-                .presence_envelope(&connection.user.id, "online")
-                .await?;
+            let rooms = self.chat.member_room_ids(&connection.user.id).await?;
+            let envelope = self.presence_envelope(&connection.user.id, "online", rooms)?;
             presence
                 .back_online(
                     &connection.user.id,
@@ -436,7 +366,8 @@ impl Realtime {
         }
         if sheddable && self.admission.sheds_for_lag(delivery_lag_ms) {
             metrics::record_shed(ShedReason::DeliveryLag);
-            return Err(Error::rate_limited("server busy, retry later", 1));
+            let secs = delivery_lag_ms.div_ceil(1000).max(1);
+            return Err(Error::rate_limited("server busy, retry later", secs));
         }
         Ok(connection)
     }
@@ -454,11 +385,17 @@ impl Realtime {
             return Ok(());
         }
         let deadline = tokio::time::Instant::now() + WAIT;
+        // Polls back off (2, 4, 8 ... 64 ms): the greeting usually lands
+        // within milliseconds, and during a reconnect storm thousands of
+        // new connections wait at once; polling each every 2 ms would add
+        // their polls to the very Redis the relay needs to greet them.
+        let mut pause = Duration::from_millis(2);
         while tokio::time::Instant::now() < deadline {
             if self.chat.presence().is_greeted(&conn.connection_id).await? {
                 return Ok(());
             }
-            tokio::time::sleep(Duration::from_millis(2)).await;
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(64));
         }
         Ok(())
     }
@@ -534,6 +471,9 @@ impl Realtime {
         }
     }
 
+    /// `joinRoom`: one PostgreSQL round trip ([`Chat::enter_room`]) and one
+    /// Redis round trip ([`crate::presence::Presence::join`]), besides the
+    /// lease renewal every frame makes.
     async fn join_room(
         &self,
         conn: &Connection,
@@ -541,28 +481,17 @@ impl Realtime {
         after: Option<SequenceId>,
     ) -> Result<String> {
         let user: &AuthUser = &conn.user;
-        let room_id = match target {
-            JoinTarget::Room(room_id) => room_id,
-            JoinTarget::Direct(target) => self.chat.direct_room(user, &target).await?,
-        };
         let limit = if after.is_some() {
             RECOVERY_MESSAGES
         } else {
             SNAPSHOT_MESSAGES
         };
-        let snap = self
-            .chat
-            .snapshot(
-                user,
-                &room_id,
-                PageQuery {
-                    before: None,
-                    after,
-                    limit,
-                },
-            )
-            .await?;
-        let online_users = self.chat.online_members(&snap.members).await?;
+        let key = match &target {
+            JoinTarget::Room(room_id) => RoomKey::Id(room_id),
+            JoinTarget::Direct(target) => RoomKey::DirectWith(target),
+        };
+        let snap = self.chat.enter_room(user, key, after, limit).await?;
+        let room_id = RoomId::from_trusted(snap.room.id.clone());
         // The connection has every message up to here; the relay pushes
         // only newer ones.
         let newest_in_page = snap
@@ -570,28 +499,38 @@ impl Realtime {
             .last()
             .map_or(SequenceId::ZERO, |m| m.sequence_id);
         let watermark = snap.room.last_sequence_id.max(newest_in_page);
-        let presence = self.chat.presence();
-        if !presence.join(&room_id, conn, watermark.get()).await? {
+        let bus = self.chat.bus();
+        // Published by the join itself when a message went out while we
+        // joined (see `Presence::join`): the relay then pushes what this
+        // connection is missing.
+        let sync = serde_json::to_string(&bus.control(
+            Target::Connection {
+                connection_id: conn.connection_id.clone(),
+            },
+            Control::Sync {
+                room_id: room_id.to_string(),
+                connection_id: conn.connection_id.clone(),
+            },
+        ))
+        .map_err(Error::internal)?;
+        let member_ids: Vec<UserId> = snap.members.iter().map(|m| m.profile.id.clone()).collect();
+        let Some(online_users) = self
+            .chat
+            .presence()
+            .join(
+                &room_id,
+                conn,
+                watermark.get(),
+                &member_ids,
+                bus.channel(),
+                &sync,
+            )
+            .await?
+        else {
             return Err(Error::unauthorized(
                 "this connection is no longer registered; reconnect",
             ));
-        }
-        // A message stored while we joined may have been fanned out before
-        // the subscription existed; if the room moved on, ask the relay to
-        // push what this connection is missing.
-        let room_now = self.chat.store().room(&room_id).await?;
-        if room_now.last_sequence_id > watermark {
-            let control = self.chat.bus().control(
-                Target::Connection {
-                    connection_id: conn.connection_id.clone(),
-                },
-                Control::Sync {
-                    room_id: room_id.to_string(),
-                    connection_id: conn.connection_id.clone(),
-                },
-            );
-            self.chat.bus().publish_envelope(&control).await?;
-        }
+        };
         let mut payload = json!({
             "room": snap.room_view(),
             "messages": snap.messages,
@@ -643,55 +582,6 @@ impl Realtime {
 #[cfg(test)]
 mod admission_tests {
     use super::*;
-
-    #[test]
-    fn admission_counts_requests_in_progress_and_frees_their_places() {
-        let admission = Admission {
-            in_flight: Arc::default(),
-            max_in_flight: 2,
-            max_waiting: 10,
-            max_delivery_lag_ms: 0,
-        };
-        let a = admission.admit(0).expect("first");
-        let b = admission.admit(0).expect("second");
-        let refused = admission.admit(0).err().expect("third is over the limit");
-        assert_eq!(refused.code(), crate::ErrorCode::RateLimited);
-        drop(a);
-        let c = admission.admit(0).expect("a place was freed");
-        drop((b, c));
-        assert_eq!(admission.in_flight.load(Ordering::Acquire), 0);
-    }
-
-    #[test]
-    fn admission_sheds_while_too_many_wait_for_the_pool() {
-        let admission = Admission {
-            in_flight: Arc::default(),
-            max_in_flight: 100,
-            max_waiting: 3,
-            max_delivery_lag_ms: 0,
-        };
-        assert!(admission.admit(3).is_ok());
-        assert!(admission.admit(4).is_err());
-        assert_eq!(admission.in_flight.load(Ordering::Acquire), 0);
-    }
-
-    #[test]
-    fn sends_are_shed_in_proportion_to_the_delivery_lag() {
-        let admission = Admission {
-            max_delivery_lag_ms: 150,
-            ..Admission::unlimited()
-        };
-        assert!(!admission.sheds_for_lag(0));
-        assert!(!admission.sheds_for_lag(50));
-        assert!(admission.sheds_for_lag(150));
-        assert!(admission.sheds_for_lag(10_000));
-        let shed = (0..10_000).filter(|_| admission.sheds_for_lag(100)).count();
-        assert!(
-            (4_000..6_000).contains(&shed),
-            "{shed} of 10,000 at the midpoint"
-        );
-        assert!(!Admission::unlimited().sheds_for_lag(u64::MAX));
-    }
 
     #[test]
     fn only_requests_that_need_postgres_are_shed() {

@@ -16,7 +16,7 @@ use crate::error::{Error, Result};
 use crate::limits::Limiter;
 use crate::model::{Member, Message, Room, RoomRow, rfc3339_millis};
 use crate::presence::Presence;
-use crate::store::{PageQuery, Store, Stored};
+use crate::store::{Conn, PageQuery, RoomKey, Store, Stored};
 
 /// Messages in `roomJoined` and `POST /direct` without `afterSequenceId`.
 pub const SNAPSHOT_MESSAGES: i64 = 50;
@@ -124,7 +124,27 @@ impl Chat {
     /// # Errors
     /// When PostgreSQL fails.
     pub async fn authenticate(&self, user: &AuthUser) -> Result<()> {
-        self.store.upsert_user(user).await
+        self.store.conn().await?.upsert_user(user).await
+    }
+
+    /// Makes a connecting user known ([`Chat::authenticate`]) and returns
+    /// the ids of their rooms (for the `online` presence update), pipelined
+    /// on one connection.
+    ///
+    /// # Errors
+    /// When PostgreSQL fails.
+    pub async fn authenticate_with_rooms(&self, user: &AuthUser) -> Result<Vec<String>> {
+        let db = self.store.conn().await?;
+        let ((), rooms) = tokio::try_join!(db.upsert_user(user), db.member_room_ids(&user.id))?;
+        Ok(rooms)
+    }
+
+    /// The ids of the rooms `user_id` is a member of.
+    ///
+    /// # Errors
+    /// When PostgreSQL fails.
+    pub async fn member_room_ids(&self, user_id: &UserId) -> Result<Vec<String>> {
+        self.store.conn().await?.member_room_ids(user_id).await
     }
 
     /// The room a caller is a member of, or the error that explains why not.
@@ -136,12 +156,11 @@ impl Chat {
         user: &AuthUser,
         room_id: &RoomId,
     ) -> Result<(RoomRow, SequenceId)> {
-        let found = self.store.room_for_user(room_id, &user.id).await?;
-        let cursor = found.member_cursor()?;
-        Ok((found.room, cursor))
+        require_member(&self.store.conn().await?, user, room_id).await
     }
 
-    /// Room, members, a page of messages and the unread count.
+    /// Room, members, a page of messages and the caller's unread count (the
+    /// history route; joins use [`Chat::enter_room`]).
     ///
     /// # Errors
     /// `NOT_FOUND` / `FORBIDDEN`, or a dependency failure.
@@ -151,11 +170,12 @@ impl Chat {
         room_id: &RoomId,
         page: PageQuery,
     ) -> Result<Snapshot> {
-        let (room, cursor) = self.require_member(user, room_id).await?;
+        let db = self.store.conn().await?;
+        let (room, cursor) = require_member(&db, user, room_id).await?;
         let (members, page, unread_count) = tokio::try_join!(
-            self.store.room_members(room_id.as_str()),
-            self.store.page(room_id.as_str(), page),
-            self.store.unread_count(room_id.as_str(), &user.id, cursor),
+            db.room_members(room_id.as_str()),
+            db.page(room_id.as_str(), page),
+            db.unread_count(room_id.as_str(), &user.id, cursor),
         )?;
         let messages = page
             .messages
@@ -171,17 +191,49 @@ impl Chat {
         })
     }
 
-    /// The DIRECT room with `target`, created if needed.
+    /// Enters a room: finds it (the DIRECT room with a user is created when
+    /// missing), checks membership, and reads the members, one page of
+    /// history (the newest `limit` messages, or the oldest `limit` after
+    /// `after`) and the caller's unread count. One PostgreSQL round trip
+    /// ([`crate::store::Conn::enter_room`]).
     ///
     /// # Errors
-    /// `BAD_REQUEST` for yourself, `NOT_FOUND` for an unknown user.
-    pub async fn direct_room(&self, user: &AuthUser, target: &UserId) -> Result<RoomId> {
-        if *target == user.id {
+    /// `BAD_REQUEST` for a DIRECT room with yourself, `NOT_FOUND` /
+    /// `FORBIDDEN`, or a dependency failure.
+    pub async fn enter_room(
+        &self,
+        user: &AuthUser,
+        room: RoomKey<'_>,
+        after: Option<SequenceId>,
+        limit: i64,
+    ) -> Result<Snapshot> {
+        if let RoomKey::DirectWith(target) = room
+            && *target == user.id
+        {
             return Err(Error::bad_request(
                 "cannot open a direct room with yourself",
             ));
         }
-        self.store.get_or_create_direct(&user.id, target).await
+        let entered = self
+            .store
+            .conn()
+            .await?
+            .enter_room(&user.id, room, after, limit)
+            .await?;
+        let members = entered.members;
+        let messages = entered
+            .page
+            .messages
+            .into_iter()
+            .map(|m| m.with_read_by(&members))
+            .collect();
+        Ok(Snapshot {
+            room: entered.room,
+            members,
+            messages,
+            has_more: entered.page.has_more,
+            unread_count: entered.unread_count,
+        })
     }
 
     /// Stores a message and broadcasts it to the room's joined connections.
@@ -217,11 +269,18 @@ impl Chat {
                 let event = event_json("message", &msg)?;
                 let include = connection_id.map(str::to_owned).into_iter().collect();
                 let envelope = self.bus.room_event(room_id.as_str(), event, include)?;
-                self.bus.publish_envelope(&envelope).await?;
+                self.bus
+                    .publish_room_message(&envelope, room_id.as_str(), msg.sequence_id.get())
+                    .await?;
                 Ok(Stored::New(msg))
             }
             Stored::Duplicate(msg) => {
-                let members = self.store.room_members(room_id.as_str()).await?;
+                let members = self
+                    .store
+                    .conn()
+                    .await?
+                    .room_members(room_id.as_str())
+                    .await?;
                 Ok(Stored::Duplicate(msg.with_read_by(&members)))
             }
         }
@@ -238,7 +297,12 @@ impl Chat {
         room_id: &RoomId,
         sequence_id: SequenceId,
     ) -> Result<SequenceId> {
-        let (cursor, moved) = self.store.mark_read(room_id, &user.id, sequence_id).await?;
+        let (cursor, moved) = self
+            .store
+            .conn()
+            .await?
+            .mark_read(room_id, &user.id, sequence_id)
+            .await?;
         if moved {
             #[derive(Serialize)]
             #[serde(rename_all = "camelCase")]
@@ -274,10 +338,9 @@ impl Chat {
     /// # Errors
     /// `NOT_FOUND` / `FORBIDDEN`, or a dependency failure.
     pub async fn unread_count(&self, user: &AuthUser, room_id: &RoomId) -> Result<i64> {
-        let (_, cursor) = self.require_member(user, room_id).await?;
-        self.store
-            .unread_count(room_id.as_str(), &user.id, cursor)
-            .await
+        let db = self.store.conn().await?;
+        let (_, cursor) = require_member(&db, user, room_id).await?;
+        db.unread_count(room_id.as_str(), &user.id, cursor).await
     }
 
     /// The members of a room with a live connection.
@@ -285,8 +348,11 @@ impl Chat {
     /// # Errors
     /// `NOT_FOUND` / `FORBIDDEN`, or a dependency failure.
     pub async fn online_in_room(&self, user: &AuthUser, room_id: &RoomId) -> Result<Vec<UserId>> {
-        self.require_member(user, room_id).await?;
-        let members = self.store.room_members(room_id.as_str()).await?;
+        let members = {
+            let db = self.store.conn().await?;
+            require_member(&db, user, room_id).await?;
+            db.room_members(room_id.as_str()).await?
+        };
         self.online_members(&members).await
     }
 
@@ -305,10 +371,11 @@ impl Chat {
     /// # Errors
     /// A dependency failure.
     pub async fn list_rooms(&self, user: &AuthUser) -> Result<Vec<RoomSummary>> {
-        let rooms = self.store.rooms_of(&user.id).await?;
+        let db = self.store.conn().await?;
+        let rooms = db.rooms_of(&user.id).await?;
         let ids: Vec<&str> = rooms.iter().map(|(r, _)| r.id.as_str()).collect();
-        let (mut members, mut last) =
-            tokio::try_join!(self.store.members(&ids), self.store.last_messages(&ids))?;
+        let (mut members, mut last) = tokio::try_join!(db.members(&ids), db.last_messages(&ids))?;
+        drop(db);
         Ok(rooms
             .iter()
             .map(|(row, unread_count)| {
@@ -334,7 +401,7 @@ impl Chat {
         if !user.is_admin {
             return Err(Error::forbidden("admin only"));
         }
-        self.store.cleanup(room_id).await
+        self.store.conn().await?.cleanup(room_id).await
     }
 
     /// Creates a GROUP or CALL room with the caller as a member. Returns the
@@ -354,12 +421,12 @@ impl Chat {
         };
         let mut ids = vec![user.id.clone()];
         ids.extend(member_ids.into_iter().filter(|id| *id != user.id));
-        self.require_users(&ids).await?;
-        let (room_id, created) = self
-            .store
+        let db = self.store.conn().await?;
+        require_users(&db, &ids).await?;
+        let (room_id, created) = db
             .create_room(kind, name.as_deref(), call_id.as_deref(), &user.id, &ids)
             .await?;
-        Ok((self.room_view(&room_id).await?, created))
+        Ok((room_view(&db, &room_id).await?, created))
     }
 
     /// Adds users to a GROUP or CALL room (any member may).
@@ -376,15 +443,16 @@ impl Chat {
         if user_ids.is_empty() {
             return Err(Error::bad_request("userIds must not be empty"));
         }
-        let (room, _) = self.require_member(user, room_id).await?;
+        let db = self.store.conn().await?;
+        let (room, _) = require_member(&db, user, room_id).await?;
         if room.kind == RoomType::Direct {
             return Err(Error::bad_request(
                 "the members of a DIRECT room cannot change",
             ));
         }
-        self.require_users(user_ids).await?;
-        self.store.add_members(room_id, user_ids).await?;
-        self.room_view(room_id).await
+        require_users(&db, user_ids).await?;
+        db.add_members(room_id, user_ids).await?;
+        room_view(&db, room_id).await
     }
 
     /// Removes a member (yourself, or anyone if you are an admin); their
@@ -400,7 +468,8 @@ impl Chat {
         room_id: &RoomId,
         target: &UserId,
     ) -> Result<()> {
-        let room = self.store.room(room_id).await?;
+        let db = self.store.conn().await?;
+        let room = db.room(room_id).await?;
         if *target != user.id && !user.is_admin {
             return Err(Error::forbidden(
                 "only the member themself or an admin may remove a member",
@@ -411,9 +480,11 @@ impl Chat {
                 "the members of a DIRECT room cannot change",
             ));
         }
-        if !self.store.remove_member(room_id, target).await? {
+        if !db.remove_member(room_id, target).await? {
             return Err(Error::not_found("not a member of this room"));
         }
+        // Redis next: the connection goes back to the pool first.
+        drop(db);
         let left = self.presence.unsubscribe_user(room_id, target).await?;
         if !left.is_empty() {
             let event = event_json("roomLeft", &serde_json::json!({ "roomId": room_id }))?;
@@ -425,28 +496,38 @@ impl Chat {
         }
         Ok(())
     }
+}
 
-    async fn require_users(&self, ids: &[UserId]) -> Result<()> {
-        let known = self.store.existing_users(ids).await?;
-        if known.len() == ids.len() {
-            return Ok(());
-        }
-        let missing: Vec<&str> = ids
-            .iter()
-            .filter(|id| !known.contains(id))
-            .map(UserId::as_str)
-            .collect();
-        Err(Error::not_found(format!(
-            "unknown users: {}",
-            missing.join(", ")
-        )))
-    }
+/// The room a caller is a member of, or the error that explains why not.
+async fn require_member(
+    db: &Conn,
+    user: &AuthUser,
+    room_id: &RoomId,
+) -> Result<(RoomRow, SequenceId)> {
+    let found = db.room_for_user(room_id, &user.id).await?;
+    let cursor = found.member_cursor()?;
+    Ok((found.room, cursor))
+}
 
-    async fn room_view(&self, room_id: &RoomId) -> Result<Room> {
-        let (room, members) = tokio::try_join!(
-            self.store.room(room_id),
-            self.store.room_members(room_id.as_str())
-        )?;
-        Ok(room.view(&members))
+/// `NOT_FOUND` unless every one of `ids` is a known user.
+async fn require_users(db: &Conn, ids: &[UserId]) -> Result<()> {
+    let known = db.existing_users(ids).await?;
+    if known.len() == ids.len() {
+        return Ok(());
     }
+    let missing: Vec<&str> = ids
+        .iter()
+        .filter(|id| !known.contains(id))
+        .map(UserId::as_str)
+        .collect();
+    Err(Error::not_found(format!(
+        "unknown users: {}",
+        missing.join(", ")
+    )))
+}
+
+/// The room view of a room (its row and members, pipelined).
+async fn room_view(db: &Conn, room_id: &RoomId) -> Result<Room> {
+    let (room, members) = tokio::try_join!(db.room(room_id), db.room_members(room_id.as_str()))?;
+    Ok(room.view(&members))
 }

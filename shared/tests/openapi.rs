@@ -217,6 +217,7 @@ async fn the_document_lists_every_route_with_its_shapes() {
         "RATE_LIMITED",
         "INTERNAL",
         "UNAVAILABLE",
+        "SERVICE_UNAVAILABLE",
     ] {
         assert!(
             codes.as_array().unwrap().contains(&Value::from(code)),

@@ -119,7 +119,7 @@ async fn a_subscription_behind_the_room_is_filled_from_the_ring() {
         .realtime
         .chat()
         .presence()
-        .join(&room_id, &stack.connection(&b1), 0)
+        .join(&room_id, &stack.connection(&b1), 0, &[], "unused", "")
         .await
         .unwrap();
     stack.send(&a1, &room, "three").await;
@@ -142,14 +142,9 @@ async fn sync_pushes_what_a_late_joiner_missed() {
     }
     stack.gateway.wait_sequence(&a1, 3).await;
     // Bob's snapshot had message 1; 2 and 3 went out before he subscribed.
+    // His join sees that the room's published messages are past his
+    // watermark and publishes the sync itself.
     let room_id = RoomId::parse(&room).unwrap();
-    stack
-        .realtime
-        .chat()
-        .presence()
-        .join(&room_id, &stack.connection(&b1), 1)
-        .await
-        .unwrap();
     let bus = stack.realtime.chat().bus();
     let control = bus.control(
         Target::Connection {
@@ -160,7 +155,22 @@ async fn sync_pushes_what_a_late_joiner_missed() {
             connection_id: b1.clone(),
         },
     );
-    bus.publish_envelope(&control).await.unwrap();
+    let sync = serde_json::to_string(&control).unwrap();
+    stack
+        .realtime
+        .chat()
+        .presence()
+        .join(
+            &room_id,
+            &stack.connection(&b1),
+            1,
+            &[],
+            bus.channel(),
+            &sync,
+        )
+        .await
+        .unwrap()
+        .expect("registered");
     assert_eq!(stack.gateway.wait_sequence(&b1, 3).await, [2, 3]);
     stack.send(&a1, &room, "four").await;
     assert_eq!(stack.gateway.wait_sequence(&b1, 4).await, [2, 3, 4]);

@@ -13,7 +13,7 @@ use crate::domain::{
 };
 use crate::error::{Error, Result};
 use crate::service::{NewRoom, SNAPSHOT_MESSAGES};
-use crate::store::{PageQuery, Stored};
+use crate::store::{PageQuery, RoomKey, Stored};
 
 use super::AppState;
 use super::extract::{Caller, JsonObject, Params, RoomPath, RoomUserPath, SendingCaller};
@@ -177,18 +177,9 @@ pub(super) async fn direct(
         Some(Value::String(s)) => UserId::parse(s, "targetUserId")?,
         _ => return Err(Error::bad_request("targetUserId must be a user id")),
     };
-    let room_id = state.chat.direct_room(&user, &target).await?;
     let snap = state
         .chat
-        .snapshot(
-            &user,
-            &room_id,
-            PageQuery {
-                before: None,
-                after: None,
-                limit: SNAPSHOT_MESSAGES,
-            },
-        )
+        .enter_room(&user, RoomKey::DirectWith(&target), None, SNAPSHOT_MESSAGES)
         .await?;
     Ok(Json(json!({
         "room": snap.room_view(),
