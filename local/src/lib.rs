@@ -171,13 +171,16 @@ impl Stack {
                 verifier: Arc::clone(&ws_state.verifier),
                 chat: app_state.chat.clone(),
                 telemetry: telemetry.clone(),
-                dev_tokens: options.dev_tokens.then(|| {
-                    Arc::new(DevTokens {
-                        secret: config.jwt_secret.clone(),
-                        issuer: config.jwt_issuer.clone(),
-                        audience: config.jwt_audience.clone(),
-                    })
-                }),
+                dev_tokens: options
+                    .dev_tokens
+                    .then_some(config.require_jwt_secret()?)
+                    .map(|secret| {
+                        Arc::new(DevTokens {
+                            secret: secret.clone(),
+                            issuer: config.jwt_issuer.clone(),
+                            audience: config.jwt_audience.clone(),
+                        })
+                    }),
             });
             let app = http::app(app_state)
                 .merge(emulator.router())

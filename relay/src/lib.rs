@@ -40,6 +40,7 @@
 //!   evicted room never redelivers.
 //! - `sweeper`: removes connections whose presence lease ran out.
 //! - [`metrics`], the counters.
+//! - [`health`], the loopback health endpoint and `relay health`.
 //! - `main.rs`: the `relay` binary, a thin shim.
 
 use std::sync::{Arc, Mutex};
@@ -54,6 +55,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 mod cluster;
+pub mod health;
 pub mod management;
 pub mod metrics;
 mod outbox;
@@ -164,10 +166,10 @@ impl Relay {
     /// # Errors
     /// When a URL is invalid or Redis does not answer at start-up.
     pub async fn new(config: &Config) -> anyhow::Result<Self> {
-        let state = chat_shared::bootstrap::app_state(config)
+        let chat = chat_shared::bootstrap::chat(config)
             .await
             .context("building the relay's clients")?;
-        let realtime = Realtime::new(state.chat, config.presence_ttl);
+        let realtime = Realtime::new(chat, config.presence_ttl);
         Ok(Self::from_parts(
             realtime,
             config.redis_url.clone(),
@@ -200,6 +202,11 @@ impl Relay {
     /// The relay's counters (live: keep the `Arc` and read it any time).
     pub fn metrics(&self) -> Arc<RelayMetrics> {
         self.metrics.clone()
+    }
+
+    /// The service this relay delivers for.
+    pub fn realtime(&self) -> &Realtime {
+        &self.realtime
     }
 
     /// This relay's id, as its shard leases in Redis hold it.

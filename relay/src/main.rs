@@ -1,9 +1,13 @@
 //! `relay`: the relay service binary (ECS Fargate in AWS, a container in
 //! `docker-compose.local.yml`). Reads the configuration, builds the clients
-//! once and runs [`chat_relay::Relay`] until SIGTERM or ctrl-c.
+//! once and runs [`chat_relay::Relay`] until SIGTERM or ctrl-c, with its
+//! health endpoint ([`chat_relay::health`]).
+//!
+//! `relay health` is the container health check: it asks a running relay's
+//! endpoint and exits 0 when it is healthy, 1 when not.
 
 use anyhow::Context as _;
-use chat_relay::Relay;
+use chat_relay::{Relay, health};
 use chat_shared::{Config, telemetry};
 use tokio_util::sync::CancellationToken;
 
@@ -13,16 +17,31 @@ use tokio_util::sync::CancellationToken;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> anyhow::Result<()> {
-    chat_shared::bootstrap::runtime()
-        .context("building the runtime")?
-        .block_on(run())
+    let runtime = chat_shared::bootstrap::runtime().context("building the runtime")?;
+    match std::env::args().nth(1).as_deref() {
+        None => runtime.block_on(run()),
+        Some("health") => {
+            let healthy = runtime.block_on(health::check(health::listen_addr()?));
+            std::process::exit(if healthy { 0 } else { 1 })
+        }
+        Some(other) => anyhow::bail!("unknown argument {other:?}; usage: relay [health]"),
+    }
 }
 
 async fn run() -> anyhow::Result<()> {
     let config = Config::from_env()?;
     telemetry::init(config.log_format, &config.log_filter);
+    let health_addr = health::listen_addr()?;
     let relay = Relay::new(&config).await?;
     let shutdown = CancellationToken::new();
+    let listener = tokio::net::TcpListener::bind(health_addr)
+        .await
+        .with_context(|| format!("binding the health endpoint on {health_addr}"))?;
+    tokio::spawn(health::serve(
+        listener,
+        relay.realtime().clone(),
+        shutdown.clone(),
+    ));
     tokio::spawn(cancel_on_signal(shutdown.clone()));
     relay.run(shutdown).await.context("relay")
 }

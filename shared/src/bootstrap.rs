@@ -60,11 +60,12 @@ pub async fn ws_state(config: &Config) -> anyhow::Result<WsState> {
     })
 }
 
-/// Builds the service and REST state from `config`.
+/// Builds the service over its stores from `config`: what the relay needs
+/// (it verifies no tokens, so it needs no `JWT_SECRET`).
 ///
 /// # Errors
 /// When a URL is invalid or Redis does not answer.
-pub async fn app_state(config: &Config) -> anyhow::Result<AppState> {
+pub async fn chat(config: &Config) -> anyhow::Result<Chat> {
     let pool = connect_pool(&config.database_url, config.pg_pool_max)?;
     let redis = connect_redis(&config.redis_url)
         .await
@@ -77,12 +78,21 @@ pub async fn app_state(config: &Config) -> anyhow::Result<AppState> {
         redis,
         config.broadcast_channel.clone(),
         config.instance_id.clone(),
-        keys.clone(),
+        keys,
     );
+    Ok(Chat::new(store, presence, bus, limiter))
+}
+
+/// Builds the service and REST state from `config`.
+///
+/// # Errors
+/// When `JWT_SECRET` is missing, a URL is invalid or Redis does not answer.
+pub async fn app_state(config: &Config) -> anyhow::Result<AppState> {
+    let secret = config.require_jwt_secret()?;
     Ok(AppState {
-        chat: Chat::new(store, presence, bus, limiter),
+        chat: chat(config).await?,
         verifier: Arc::new(Hs256Verifier::new(
-            &config.jwt_secret,
+            secret,
             config.jwt_issuer.as_deref(),
             config.jwt_audience.as_deref(),
         )),

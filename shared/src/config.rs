@@ -45,8 +45,10 @@ pub struct Config {
     /// Prepended to every Redis key, so deployments (and tests) can share a
     /// Redis database (`REDIS_KEY_PREFIX`, empty).
     pub redis_key_prefix: String,
-    /// HS256 secret for tokens (`JWT_SECRET`, required).
-    pub jwt_secret: SecretString,
+    /// HS256 secret for tokens (`JWT_SECRET`): required by the processes
+    /// that verify tokens (REST, WebSocket handlers, the local stack), not
+    /// by the relay ([`Config::require_jwt_secret`]).
+    pub jwt_secret: Option<SecretString>,
     /// Required `iss`, when set (`JWT_ISSUER`).
     pub jwt_issuer: Option<String>,
     /// Required `aud`, when set (`JWT_AUDIENCE`).
@@ -145,6 +147,17 @@ pub struct ConfigError {
 }
 
 impl Config {
+    /// The token secret, for the processes that verify tokens.
+    ///
+    /// # Errors
+    /// When `JWT_SECRET` is unset or empty.
+    pub fn require_jwt_secret(&self) -> Result<&SecretString, ConfigError> {
+        self.jwt_secret.as_ref().ok_or(ConfigError {
+            variable: "JWT_SECRET",
+            problem: "must be set: this process verifies tokens with it".into(),
+        })
+    }
+
     /// The WebSocket admission limits of this configuration.
     pub fn admission_limits(&self) -> crate::realtime::AdmissionLimits {
         crate::realtime::AdmissionLimits {
@@ -197,10 +210,7 @@ impl Config {
                 }
             },
         };
-        let jwt_secret = get("JWT_SECRET").ok_or(ConfigError {
-            variable: "JWT_SECRET",
-            problem: "must be set".into(),
-        })?;
+        let jwt_secret = get("JWT_SECRET").filter(|s| !s.is_empty());
         let message_retention = parse::<i64>(&get, "MESSAGE_RETENTION", 100)?;
         if message_retention < 0 {
             return Err(ConfigError {
@@ -253,7 +263,7 @@ impl Config {
             ws_max_delivery_lag_ms: parse::<u64>(&get, "WS_MAX_DELIVERY_LAG_MS", 5_000)?,
             redis_url: redis_url.into(),
             redis_key_prefix: get("REDIS_KEY_PREFIX").unwrap_or_default(),
-            jwt_secret: jwt_secret.into(),
+            jwt_secret: jwt_secret.map(SecretString::from),
             jwt_issuer: get("JWT_ISSUER"),
             jwt_audience: get("JWT_AUDIENCE"),
             message_retention,
@@ -423,6 +433,21 @@ mod tests {
             let err = Config::from_lookup(lookup(&pairs)).expect_err("refused");
             assert_eq!(err.variable, "RELAY_SHARDS");
         }
+    }
+
+    #[test]
+    fn the_relay_needs_no_jwt_secret_and_the_token_verifiers_do() {
+        let relay = [
+            ("DATABASE_URL", "postgres://x@h/db"),
+            ("REDIS_URL", "redis://h:1"),
+        ];
+        let c = Config::from_lookup(lookup(&relay)).expect("valid without JWT_SECRET");
+        let err = c
+            .require_jwt_secret()
+            .expect_err("required to verify tokens");
+        assert_eq!(err.variable, "JWT_SECRET");
+        let c = Config::from_lookup(lookup(&BASE)).expect("valid");
+        assert_eq!(c.require_jwt_secret().expect("set").expose_secret(), "s");
     }
 
     #[test]

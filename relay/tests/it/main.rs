@@ -11,6 +11,7 @@
 
 mod common;
 mod delivery;
+mod health;
 mod lifecycle;
 mod ordering;
 mod scale_out;
