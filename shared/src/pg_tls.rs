@@ -69,15 +69,14 @@ use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::server::ParsedCertificate;
 use rustls::{
-    CertificateError, ClientConfig, DigitallySignedStruct, OtherError, RootCertStore,
-    SignatureScheme,
+    CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
 };
 use secrecy::{ExposeSecret, SecretString};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::task::JoinHandle;
 use tokio_postgres::Client;
 use tokio_postgres::error::SqlState;
-use tokio_postgres::tls::MakeTlsConnect;
+use tokio_postgres::tls::{MakeTlsConnect, TlsConnect};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 /// Amazon RDS's global CA bundle, as published (see `shared/certs/README.md`).
@@ -164,6 +163,8 @@ impl fmt::Display for SslMode {
 pub struct PgTls {
     connector: MakeRustlsConnect,
     mode: SslMode,
+    /// Whose certificates we trust, for the "untrusted CA" text.
+    trusted: Arc<str>,
 }
 
 impl fmt::Debug for PgTls {
@@ -187,10 +188,10 @@ pub fn pg_config(url: &SecretString) -> anyhow::Result<(tokio_postgres::Config, 
     let mut config = tokio_postgres::Config::from_str(&rest)
         .context("DATABASE_URL is not a valid PostgreSQL URL")?;
     config.ssl_mode(mode.wire());
-    let verifier = match check {
-        Check::Nothing => Verifier::trusting_anything(),
-        Check::Chain(roots) => Verifier::new(&roots, false)?,
-        Check::ChainAndHost(roots) => Verifier::new(&roots, true)?,
+    let (verifier, trusted) = match check {
+        Check::Nothing => (Verifier::new(None, false), String::new()),
+        Check::Chain(roots) => (Verifier::new(Some(roots.load()?), false), roots.describe()),
+        Check::ChainAndHost(roots) => (Verifier::new(Some(roots.load()?), true), roots.describe()),
     };
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let tls = ClientConfig::builder_with_provider(provider)
@@ -204,6 +205,7 @@ pub fn pg_config(url: &SecretString) -> anyhow::Result<(tokio_postgres::Config, 
         PgTls {
             connector: MakeRustlsConnect::new(tls),
             mode,
+            trusted: trusted.into(),
         },
     ))
 }
@@ -225,8 +227,8 @@ impl PgTls {
     }
 
     /// Turns a failure to connect into an error that names its cause.
-    /// Certificate problems already do (our verifier words them); a server
-    /// that refuses plain text while `sslmode=disable` gets that said.
+    /// Certificate problems already do ([`PgTlsConnect`] words them); a
+    /// server that refuses plain text while `sslmode=disable` gets that said.
     pub fn explain(&self, err: tokio_postgres::Error) -> anyhow::Error {
         if self.refused_plain_text(&err) {
             anyhow::Error::new(err).context(DISABLE_HINT)
@@ -265,12 +267,110 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     type Stream = <MakeRustlsConnect as MakeTlsConnect<S>>::Stream;
-    type TlsConnect = <MakeRustlsConnect as MakeTlsConnect<S>>::TlsConnect;
+    type TlsConnect = PgTlsConnect<<MakeRustlsConnect as MakeTlsConnect<S>>::TlsConnect>;
     type Error = <MakeRustlsConnect as MakeTlsConnect<S>>::Error;
 
-    fn make_tls_connect(&mut self, domain: &str) -> Result<Self::TlsConnect, Self::Error> {
-        <MakeRustlsConnect as MakeTlsConnect<S>>::make_tls_connect(&mut self.connector, domain)
+    fn make_tls_connect(&mut self, host: &str) -> Result<Self::TlsConnect, Self::Error> {
+        Ok(PgTlsConnect {
+            inner: <MakeRustlsConnect as MakeTlsConnect<S>>::make_tls_connect(
+                &mut self.connector,
+                host,
+            )?,
+            host: host.to_owned(),
+            trusted: Arc::clone(&self.trusted),
+        })
     }
+}
+
+/// One TLS handshake with `host`: tokio-postgres-rustls's, with its
+/// certificate failures worded for whoever reads the log.
+pub struct PgTlsConnect<T> {
+    inner: T,
+    host: String,
+    trusted: Arc<str>,
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl<S, T> TlsConnect<S> for PgTlsConnect<T>
+where
+    T: TlsConnect<S>,
+    T::Future: Send + 'static,
+{
+    type Stream = T::Stream;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<T::Stream, BoxError>> + Send>>;
+
+    fn connect(self, stream: S) -> Self::Future {
+        let handshake = self.inner.connect(stream);
+        Box::pin(async move {
+            handshake
+                .await
+                .map_err(|e| reword(e.into(), &self.host, &self.trusted))
+        })
+    }
+}
+
+/// A certificate failure in our words; the cause keeps rustls's own.
+#[derive(Debug)]
+struct TlsProblem {
+    text: String,
+    cause: BoxError,
+}
+
+impl fmt::Display for TlsProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+impl std::error::Error for TlsProblem {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&*self.cause)
+    }
+}
+
+/// Says which check failed when a handshake fails on the certificate.
+fn reword(err: BoxError, host: &str, trusted: &str) -> BoxError {
+    // tokio-rustls hands rustls's error over inside an io::Error.
+    let rustls_error = err
+        .downcast_ref::<std::io::Error>()
+        .and_then(|io| io.get_ref())
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>());
+    let text = match rustls_error {
+        Some(rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer)) => {
+            format!("TLS: certificate signed by an untrusted CA (trusted: {trusted})")
+        }
+        Some(rustls::Error::InvalidCertificate(CertificateError::NotValidForNameContext {
+            presented,
+            ..
+        })) => format!(
+            "TLS: certificate not valid for host '{host}' (it is for {}); sslmode=verify-full \
+             needs DATABASE_URL's host to be a name the certificate lists",
+            names(presented)
+        ),
+        Some(rustls::Error::InvalidCertificate(CertificateError::NotValidForName)) => {
+            format!("TLS: certificate not valid for host '{host}'")
+        }
+        _ => return err,
+    };
+    Box::new(TlsProblem { text, cause: err })
+}
+
+/// rustls's `DnsName("db.example")` as `db.example`.
+fn names(presented: &[String]) -> String {
+    if presented.is_empty() {
+        return "no host name".to_owned();
+    }
+    presented
+        .iter()
+        .map(|name| {
+            name.strip_prefix("DnsName(\"")
+                .and_then(|n| n.strip_suffix("\")"))
+                .unwrap_or(name)
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 type ConnectFuture<'a> = Pin<
@@ -516,59 +616,28 @@ impl Roots {
 }
 
 /// Our server certificate verifier: nothing (`prefer`, `require`), the
-/// chain (`verify-ca`), or the chain and the host name (`verify-full`),
-/// with errors that say which check failed. rustls's own
-/// `WebPkiServerVerifier` always checks the name, so `verify-ca` needs one
-/// of our own; the two checks are rustls's public building blocks.
+/// chain (`verify-ca`), or the chain and the host name (`verify-full`).
+/// rustls's own `WebPkiServerVerifier` always checks the name, so
+/// `verify-ca` needs one of our own; both checks are rustls's public
+/// building blocks, and their errors stay rustls's (so the server gets the
+/// right alert); [`PgTlsConnect`] words them for people.
 #[derive(Debug)]
 struct Verifier {
     /// `None`: accept any certificate (the handshake's signatures are still
     /// checked, so the connection is encrypted to whoever holds that key).
     roots: Option<Arc<RootCertStore>>,
     check_host: bool,
-    /// For the "untrusted CA" text.
-    trusted: String,
     algorithms: WebPkiSupportedAlgorithms,
 }
 
 impl Verifier {
-    fn trusting_anything() -> Self {
+    fn new(roots: Option<Arc<RootCertStore>>, check_host: bool) -> Self {
         Self {
-            roots: None,
-            check_host: false,
-            trusted: String::new(),
+            roots,
+            check_host,
             algorithms: rustls::crypto::ring::default_provider().signature_verification_algorithms,
         }
     }
-
-    fn new(roots: &Roots, check_host: bool) -> anyhow::Result<Self> {
-        Ok(Self {
-            roots: Some(roots.load()?),
-            check_host,
-            trusted: roots.describe(),
-            algorithms: rustls::crypto::ring::default_provider().signature_verification_algorithms,
-        })
-    }
-}
-
-/// A certificate error in our words. rustls sends the server the alert
-/// `certificate_unknown` for it (rather than `unknown_ca` or
-/// `bad_certificate`); the server's log says less, ours says more.
-#[derive(Debug)]
-struct TlsProblem(String);
-
-impl fmt::Display for TlsProblem {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for TlsProblem {}
-
-fn problem(text: String) -> rustls::Error {
-    rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(TlsProblem(
-        text,
-    )))))
 }
 
 impl ServerCertVerifier for Verifier {
@@ -590,35 +659,9 @@ impl ServerCertVerifier for Verifier {
             intermediates,
             now,
             self.algorithms.all,
-        )
-        .map_err(|e| match e {
-            rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer) => problem(format!(
-                "TLS: certificate signed by an untrusted CA (trusted: {})",
-                self.trusted
-            )),
-            other => other,
-        })?;
+        )?;
         if self.check_host {
-            verify_server_name(&cert, server_name).map_err(|e| {
-                let host = server_name.to_str();
-                match e {
-                    rustls::Error::InvalidCertificate(
-                        CertificateError::NotValidForNameContext { presented, .. },
-                    ) => problem(format!(
-                        "TLS: certificate not valid for host '{host}' (it names {}); \
-                         sslmode=verify-full needs DATABASE_URL's host to be one of them",
-                        if presented.is_empty() {
-                            "no host".to_owned()
-                        } else {
-                            presented.join(", ")
-                        }
-                    )),
-                    rustls::Error::InvalidCertificate(CertificateError::NotValidForName) => {
-                        problem(format!("TLS: certificate not valid for host '{host}'"))
-                    }
-                    other => other,
-                }
-            })?;
+            verify_server_name(&cert, server_name)?;
         }
         Ok(ServerCertVerified::assertion())
     }
