@@ -378,8 +378,9 @@ type ConnectFuture<'a> = Pin<
 >;
 
 /// The pool's way to connect: as deadpool's own, plus a log line naming
-/// the cause when the server refuses plain text (the pool's error type is
-/// tokio-postgres's, which cannot carry that text, and no request shows it).
+/// the cause when the server refuses plain text. The pool's error type is
+/// tokio-postgres's, which cannot carry that text: requests that fail log
+/// only the server's "no pg_hba.conf entry … no encryption".
 impl deadpool_postgres::Connect for PgTls {
     fn connect(&self, pg_config: &tokio_postgres::Config) -> ConnectFuture<'_> {
         let config = pg_config.clone();
