@@ -23,7 +23,9 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     && cp target/release/chat-local target/release/relay /out/
 
 FROM debian:bookworm-slim
-# ca-certificates: TLS to ElastiCache (rediss://) and to the Management API.
+# ca-certificates: TLS to ElastiCache (rediss://), to the Management API, and to
+# PostgreSQL with sslrootcert=system (without sslrootcert, verify-full trusts roots
+# built into the binary).
 RUN apt-get update \
     && apt-get install -y --no-install-recommends ca-certificates \
     && rm -rf /var/lib/apt/lists/*

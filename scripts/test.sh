@@ -29,6 +29,16 @@ fi
 export TEST_DATABASE_URL="$DATABASE_URL"
 export TEST_REDIS_URL="$REDIS_URL"
 
+# shared/tests/pg_tls.rs starts a TLS-only PostgreSQL of its own, so it needs
+# the server binaries even when the suite's server is remote or a system
+# service (it fails, never skips, without them).
+if ! PG_BINDIR="$(_svc_pg_bindir)"; then
+    _svc_install postgresql
+    PG_BINDIR="$(_svc_pg_bindir)" ||
+        _svc_die "PostgreSQL server binaries (initdb, pg_ctl) still not found after installing postgresql"
+fi
+export PG_BINDIR
+
 # Drop test databases left behind by earlier runs (killed or crashed tests).
 # A database is only dropped when we own it, nobody is connected to it and, where the
 # server lets us see it, it is older than 10 minutes: other test runs may be

@@ -10,6 +10,7 @@
 //! - [`auth`]: JWT verification behind [`auth::TokenVerifier`].
 //! - [`model`]: the JSON shapes clients see.
 //! - [`store`]: PostgreSQL (every SQL statement) and migrations.
+//! - [`pg_tls`]: PostgreSQL over TLS (`sslmode`, `sslrootcert` in `DATABASE_URL`).
 //! - [`presence`]: Redis keys for connections, subscriptions, presence.
 //! - [`limits`]: rate limits and `typing` coalescing, in Redis.
 //! - [`bus`]: envelopes on the Redis pub/sub channel the relay consumes.
@@ -34,6 +35,7 @@ pub mod lambda;
 pub mod limits;
 pub mod metrics;
 pub mod model;
+pub mod pg_tls;
 pub mod presence;
 pub mod realtime;
 pub mod service;

@@ -18,20 +18,20 @@
 //! serve` at start-up) or admin cleanup.
 
 use std::collections::HashMap;
-use std::str::FromStr;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use chrono::{DateTime, Utc};
 use deadpool_postgres::{Hook, HookError, Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
-use secrecy::{ExposeSecret, SecretString};
+use secrecy::SecretString;
 use serde_json::Value;
-use tokio_postgres::{Error as PgError, NoTls, Row, Statement};
+use tokio_postgres::{Error as PgError, Row, Statement};
 
 use crate::auth::AuthUser;
 use crate::domain::{MessageId, MessageType, NewMessage, RoomId, RoomType, SequenceId, UserId};
 use crate::error::{Error, Result};
 use crate::model::{Member, Message, Profile, RoomRow};
+use crate::pg_tls;
 
 mod batch;
 
@@ -64,14 +64,16 @@ pub const SESSION_SETUP: &str = "SET random_page_cost = 1.1";
 /// Builds the connection pool. Connections are opened lazily, so this
 /// succeeds while the database is down; requests then get 503.
 ///
+/// TLS as the URL's `sslmode` / `sslrootcert` say ([`pg_tls`]).
+///
 /// # Errors
-/// When the URL does not parse.
+/// When the URL does not parse, or its TLS settings are invalid (see
+/// [`pg_tls::pg_config`]).
 pub fn connect_pool(url: &SecretString, max_size: usize) -> anyhow::Result<Pool> {
-    let pg = tokio_postgres::Config::from_str(url.expose_secret())
-        .context("DATABASE_URL is not a valid PostgreSQL URL")?;
-    let manager = Manager::from_config(
+    let (pg, tls) = pg_tls::pg_config(url)?;
+    let manager = Manager::from_connect(
         pg,
-        NoTls,
+        tls,
         ManagerConfig {
             recycling_method: RecyclingMethod::Fast,
         },
@@ -100,10 +102,9 @@ pub fn connect_pool(url: &SecretString, max_size: usize) -> anyhow::Result<Pool>
 /// # Errors
 /// When the database cannot be reached or a migration fails.
 pub async fn migrate(url: &SecretString) -> anyhow::Result<usize> {
-    let (mut client, connection) = tokio_postgres::connect(url.expose_secret(), NoTls)
+    let (mut client, conn_task) = pg_tls::connect(url)
         .await
         .context("connecting to PostgreSQL to migrate")?;
-    let conn_task = tokio::spawn(connection);
     client
         .execute("SELECT pg_advisory_lock(727273)", &[])
         .await

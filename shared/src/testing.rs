@@ -13,7 +13,6 @@ use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 
 use secrecy::SecretString;
-use tokio_postgres::NoTls;
 
 use crate::Config;
 use crate::auth::{DevClaims, mint_hs256};
@@ -38,7 +37,21 @@ pub fn random_suffix() -> String {
         .collect()
 }
 
+/// `url` with its database replaced by `db`. A URL keeps everything else,
+/// its query (`sslmode`, `sslrootcert`) included.
 fn with_database(url: &str, db: &str) -> String {
+    if let Some(rest) = ["postgres://", "postgresql://"]
+        .iter()
+        .find_map(|scheme| url.strip_prefix(scheme))
+    {
+        let authority_start = url.len() - rest.len() + rest.find('@').map_or(0, |at| at + 1);
+        let after = &url[authority_start..];
+        let path_start = authority_start + after.find(['/', '?']).unwrap_or(after.len());
+        let query = url[path_start..]
+            .find('?')
+            .map_or("", |q| &url[path_start + q..]);
+        return format!("{}/{db}{query}", &url[..path_start]);
+    }
     let mut config: tokio_postgres::Config = url.parse().expect("TEST_DATABASE_URL parses");
     config.dbname(db);
     // Rebuild a URL from the parts we use.
@@ -62,10 +75,11 @@ fn with_database(url: &str, db: &str) -> String {
 /// Creates a fresh database from the migrated template and returns its URL.
 pub async fn fresh_database() -> String {
     let admin = admin_db_url();
-    let (client, conn) = tokio_postgres::connect(&admin, NoTls).await.unwrap_or_else(|e| {
-        panic!("cannot reach PostgreSQL at TEST_DATABASE_URL={admin}: {e}. Run scripts/test.sh, which starts it.")
-    });
-    tokio::spawn(conn);
+    let (client, _conn) = crate::pg_tls::connect(&SecretString::from(admin.clone()))
+        .await
+        .unwrap_or_else(|e| {
+            panic!("cannot reach PostgreSQL at TEST_DATABASE_URL={admin}: {e:#}. Run scripts/test.sh, which starts it.")
+        });
     // The template's name carries a hash of the migrations, so a changed
     // migration gets a new template.
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
@@ -170,4 +184,30 @@ pub fn token_with(user: &str, edit: impl FnOnce(&mut DevClaims)) -> String {
     let mut claims = DevClaims::new(user, 3600);
     edit(&mut claims);
     mint_hs256(&SecretString::from(SECRET), &claims).expect("mint")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::with_database;
+
+    #[test]
+    fn with_database_keeps_the_rest_of_a_url() {
+        for (url, want) in [
+            (
+                "postgres://postgres@127.0.0.1:5432/postgres",
+                "postgres://postgres@127.0.0.1:5432/t",
+            ),
+            ("postgresql://h", "postgresql://h/t"),
+            (
+                "postgres://h?sslmode=require",
+                "postgres://h/t?sslmode=require",
+            ),
+            (
+                "postgres://u:a/b?c@h:1/postgres?sslmode=verify-full&sslrootcert=/ca.pem",
+                "postgres://u:a/b?c@h:1/t?sslmode=verify-full&sslrootcert=/ca.pem",
+            ),
+        ] {
+            assert_eq!(with_database(url, "t"), want, "{url}");
+        }
+    }
 }

@@ -167,11 +167,8 @@ async fn room_state(app: &TestApp, room: &str) -> Value {
 }
 
 async fn sql(app: &TestApp) -> tokio_postgres::Client {
-    let (client, conn) =
-        tokio_postgres::connect(&app.env.vars["DATABASE_URL"], tokio_postgres::NoTls)
-            .await
-            .expect("connect");
-    tokio::spawn(conn);
+    let url = app.env.vars["DATABASE_URL"].clone().into();
+    let (client, _conn) = chat_shared::pg_tls::connect(&url).await.expect("connect");
     client
 }
 
