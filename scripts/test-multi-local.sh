@@ -140,6 +140,12 @@ done
 echo "multi-test: alice (gateway 2) -> bob (gateway 1) and carol (gateway 3): delivered by the relay" >&2
 grep -q '"status":"ok"' <(curl -fsS "http://127.0.0.1:$g1/health") || fail "gateway 1 unhealthy after the exchange"
 
+# The deployment smoke test, as a user runs it after `sam deploy`: WebSocket
+# through gateway 1, REST through gateway 3, two users.
+scripts/smoke.sh "ws://127.0.0.1:$g1/ws" "http://127.0.0.1:$g3" "$("$bin" token dora)" "$("$bin" token eve)" \
+    >"$tmp/smoke.out" 2>&1 || fail "scripts/smoke.sh: $(cat "$tmp/smoke.out")"
+sed 's/^/multi-test: /' "$tmp/smoke.out" >&2
+
 echo /quit >&5
 echo /quit >&6
 echo /quit >&7
