@@ -56,7 +56,26 @@ pub fn app(state: AppState) -> Router {
         // the baseline answers), not axum's bare 405 without the error body.
         .method_not_allowed_fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(catch_panics())
         .with_state(state)
+}
+
+/// Turns a handler that panicked into a 500 `INTERNAL` with the API's
+/// error body, logged with the panic's message, instead of a dropped
+/// connection (the release binaries unwind, `panic = "unwind"`, so one
+/// bad request fails alone and the process goes on).
+pub fn catch_panics()
+-> tower_http::catch_panic::CatchPanicLayer<fn(Box<dyn std::any::Any + Send + 'static>) -> Response>
+{
+    fn answer(panic: Box<dyn std::any::Any + Send + 'static>) -> Response {
+        let message = panic
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic without a message".to_owned());
+        Error::internal(anyhow::anyhow!("handler panicked: {message}")).into_response()
+    }
+    tower_http::catch_panic::CatchPanicLayer::custom(answer as fn(_) -> _)
 }
 
 /// Longest request target (path and query string) the service reads.
