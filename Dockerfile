@@ -33,4 +33,7 @@ COPY --from=build /out/ /usr/local/bin/
 # Migrations are compiled into chat-local; nothing else is read from disk.
 USER 10001:10001
 EXPOSE 3000
+# The relay's health (its loopback endpoint, RELAY_HEALTH_LISTEN): 0 while it
+# reaches Redis. The gateways of docker-compose.local.yml set their own check.
+HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=3 CMD ["relay", "health"]
 CMD ["relay"]
