@@ -95,6 +95,16 @@ else
     "$ROOT/scripts/schemathesis.sh"
 fi
 
+# The WebSocket API's AsyncAPI document (docs/asyncapi.json, which
+# local/tests/asyncapi.rs keeps equal to what the service serves) through the
+# AsyncAPI project's own parser. Left out of a filtered run (ARGS given).
+if [ "$#" -gt 0 ]; then
+    step "skipping the AsyncAPI parser check (run scripts/asyncapi-check.sh)"
+else
+    step "AsyncAPI document through @asyncapi/parser (scripts/asyncapi-check.sh)"
+    "$ROOT/scripts/asyncapi-check.sh"
+fi
+
 # Bad input, attacked: each cargo-fuzz target of fuzz/ for FUZZ_SECONDS (30)
 # from its committed corpus. A filtered run (ARGS given) leaves it out, and
 # so does SKIP_FUZZ=1.

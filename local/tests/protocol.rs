@@ -125,7 +125,7 @@ async fn join_by_target_user_creates_the_direct_room_once() {
     alice.expect_error("BAD_REQUEST").await;
     alice.send("joinRoom", json!({"roomId": "room_nope"})).await;
     alice.expect_error("NOT_FOUND").await;
-    alice.send("joinRoom", json!({})).await;
+    alice.send_invalid("joinRoom", json!({})).await;
     alice.expect_error("BAD_REQUEST").await;
     alice.ping_pong().await;
     alice.close().await;
@@ -419,9 +419,9 @@ async fn typing_reaches_the_other_joined_connections_but_none_of_the_typists() {
     a2.assert_quiet(0).await;
     b2.assert_quiet(0).await;
 
-    a1.send("typing", json!({"roomId": room})).await;
+    a1.send_invalid("typing", json!({"roomId": room})).await;
     a1.expect_error("BAD_REQUEST").await;
-    a1.send("typing", json!({"roomId": room, "isTyping": "yes"}))
+    a1.send_invalid("typing", json!({"roomId": room, "isTyping": "yes"}))
         .await;
     a1.expect_error("BAD_REQUEST").await;
     a1.send("typing", json!({"roomId": "room_nope", "isTyping": true}))
@@ -503,9 +503,9 @@ async fn mark_read_sends_a_receipt_only_when_the_cursor_moves() {
     bob.assert_quiet(0).await;
     bob_idle.assert_quiet(0).await;
 
-    bob.send("markRead", json!({"roomId": room})).await;
+    bob.send_invalid("markRead", json!({"roomId": room})).await;
     bob.expect_error("BAD_REQUEST").await;
-    bob.send("markRead", json!({"roomId": room, "sequenceId": -1}))
+    bob.send_invalid("markRead", json!({"roomId": room, "sequenceId": -1}))
         .await;
     bob.expect_error("BAD_REQUEST").await;
     bob.send("markRead", json!({"roomId": "room_nope", "sequenceId": 1}))
@@ -635,7 +635,7 @@ async fn leave_room_answers_room_left_and_stops_delivery() {
     // Also when not joined.
     bob.send("leaveRoom", json!({"roomId": room})).await;
     assert_eq!(bob.expect("roomLeft").await, json!({"roomId": room}));
-    bob.send("leaveRoom", json!({})).await;
+    bob.send_invalid("leaveRoom", json!({})).await;
     assert_eq!(
         bob.expect_error("BAD_REQUEST").await["requestType"],
         "leaveRoom"

@@ -36,6 +36,58 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, connect_async};
 
+/// Panics unless `frame` (`{"type", "payload"}`) matches its message in the
+/// AsyncAPI document the service serves (`chat_shared::http::asyncapi`):
+/// client frames when `from_client`, server events otherwise. This is how a
+/// field that drifts from the contract fails the end-to-end tests.
+pub fn assert_frame_conforms(frame: &Value, from_client: bool, who: &str) {
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex, OnceLock};
+    type Validators = Mutex<HashMap<(String, bool), Arc<jsonschema::Validator>>>;
+    static VALIDATORS: OnceLock<Validators> = OnceLock::new();
+    let kind = frame["type"].as_str().unwrap_or_default().to_owned();
+    let validator = {
+        let mut cache = VALIDATORS
+            .get_or_init(Validators::default)
+            .lock()
+            .expect("validators");
+        let key = (kind.clone(), from_client);
+        if let Some(v) = cache.get(&key) {
+            Arc::clone(v)
+        } else {
+            let direction = if from_client { "client" } else { "server" };
+            let schema = chat_shared::http::asyncapi::frame_validation_schema(&kind, from_client)
+                .unwrap_or_else(|| {
+                    panic!("{who}: a {direction} frame of type {kind:?} is not in the AsyncAPI document: {frame}")
+                });
+            let validator = Arc::new(
+                jsonschema::options()
+                    .with_draft(jsonschema::Draft::Draft202012)
+                    .build(&schema)
+                    .expect("the AsyncAPI schemas compile"),
+            );
+            cache.insert(key, Arc::clone(&validator));
+            validator
+        }
+    };
+    let errors: Vec<String> = validator
+        .iter_errors(frame)
+        .map(|e| format!("{} at {}", e, e.instance_path()))
+        .collect();
+    assert!(
+        errors.is_empty(),
+        "{who}: this {} frame does not match the AsyncAPI document: {frame}\n{}",
+        if from_client { "client" } else { "server" },
+        errors.join("\n")
+    );
+}
+
+/// Whether the AsyncAPI document describes frames of type `kind` in that
+/// direction.
+pub fn frame_schema_exists(kind: &str, from_client: bool) -> bool {
+    chat_shared::http::asyncapi::frame_validation_schema(kind, from_client).is_some()
+}
+
 /// How long a test waits for an event before failing.
 pub const WAIT: Duration = Duration::from_secs(10);
 
@@ -412,7 +464,20 @@ impl Client {
         (client, connected)
     }
 
+    /// Sends a frame, which must conform to the AsyncAPI document
+    /// ([`assert_frame_conforms`]); deliberately bad ones go through
+    /// [`Client::send_invalid`].
     pub async fn send(&mut self, kind: &str, payload: Value) {
+        let frame = json!({"type": kind, "payload": payload});
+        assert_frame_conforms(&frame, true, &self.user);
+        self.socket
+            .send(Message::text(frame.to_string()))
+            .await
+            .expect("send");
+    }
+
+    /// Sends a frame that breaks the contract on purpose (bad-input tests).
+    pub async fn send_invalid(&mut self, kind: &str, payload: Value) {
         let frame = json!({"type": kind, "payload": payload}).to_string();
         self.socket.send(Message::text(frame)).await.expect("send");
     }
@@ -431,6 +496,13 @@ impl Client {
             match msg {
                 None => return None,
                 Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                Some(Ok(Message::Text(text))) => {
+                    // Every event the server sends must match the contract.
+                    if let Ok(event) = serde_json::from_str::<Value>(&text) {
+                        assert_frame_conforms(&event, false, &self.user);
+                    }
+                    return Some(Message::Text(text));
+                }
                 Some(Ok(msg)) => return Some(msg),
                 Some(Err(e)) => panic!("{}: socket failed: {e}", self.user),
             }

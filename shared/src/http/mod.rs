@@ -11,6 +11,7 @@
 //! - [`openapi`]: the OpenAPI description, served at `/api/v1/openapi.json`.
 //! - `error`: [`crate::Error`] as an HTTP response.
 
+pub mod asyncapi;
 mod error;
 pub mod extract;
 pub mod openapi;
@@ -50,6 +51,7 @@ pub fn app(state: AppState) -> Router {
     Router::new()
         .route("/health", get(health))
         .route(openapi::OPENAPI_PATH, get(openapi::serve))
+        .route(asyncapi::ASYNCAPI_PATH, get(asyncapi::serve))
         .nest("/api/v1/chat", routes::router(state.clone()))
         .fallback(not_found)
         // A known path with another method is "no such endpoint" too (as
