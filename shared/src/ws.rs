@@ -65,6 +65,17 @@ pub async fn handle_connect(
     event: ApiGatewayWebsocketProxyRequest,
 ) -> ApiGatewayProxyResponse {
     let ctx = &event.request_context;
+    // `?token=a&token=b` is ambiguous: proxies and frameworks disagree on
+    // which one counts, so it is refused rather than resolved.
+    if event
+        .multi_value_query_string_parameters
+        .all("token")
+        .is_some_and(|values| values.len() > 1)
+    {
+        return error_response(&Error::unauthorized(
+            "invalid token: the token parameter must appear once",
+        ));
+    }
     let token = event
         .query_string_parameters
         .first("token")
