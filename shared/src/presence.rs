@@ -10,7 +10,7 @@
 //! | `presence:online` | set | users with at least one live connection |
 //! | `presence:user:{userId}` | sorted set | the user's connection ids, scored by lease expiry (ms) |
 //! | `presence:leases` | sorted set | every connection id, scored by lease expiry: what the sweeper scans |
-//! | `conn:{connectionId}` | hash | `userId`, `username`, `displayName`, `avatar`, `admin`, `endpoint` (Management API callback URL), `connectedAt` (ms), `greeted` (set once `connected` was delivered) |
+//! | `conn:{connectionId}` | hash | `userId`, `username`, `displayName`, `avatar`, `admin`, `endpoint` (Management API callback URL), `connectedAt` (ms), `greeted` (set once `connected` was delivered), `exp` (the token's expiry, s; absent: none) |
 //! | `conn:{connectionId}:rooms` | set | rooms the connection has joined |
 //! | `room:{roomId}:conns` | hash | connection id → `watermark\|userId\|connectedAt\|endpoint`: what the relay fans out to in one read |
 //! | `relay:lease:{n}` | string, with a TTL | the relay id that owns cluster shard `n` (`SET NX PX`, renewed by compare-and-`PEXPIRE`; the relay crate's `cluster` module) |
@@ -156,6 +156,7 @@ static BACK_ONLINE_SCRIPT: LazyLock<redis::Script> =
 static DISCONNECT_SCRIPT: LazyLock<redis::Script> =
     LazyLock::new(|| redis::Script::new(DISCONNECT));
 static JOIN_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(JOIN));
+static RENEW_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(RENEW));
 
 /// Unsubscribes every connection of a user from a room, atomically, and
 /// returns the connections that were joined.
@@ -345,37 +346,105 @@ pub struct Touched {
     /// The largest delivery lag a relay reported in the last second (ms):
     /// how far behind the fan-out is.
     pub delivery_lag_ms: u64,
+    /// The expiry of the connection's token (s since the epoch), when one
+    /// was recorded.
+    pub expires_at: Option<i64>,
+}
+
+/// What a new connection's registration enforces besides its lease.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SessionLimits {
+    /// The token's `exp` (s since the epoch), recorded with the connection.
+    pub expires_at: Option<i64>,
+    /// How long after `expires_at` the connection may still be used.
+    pub grace: std::time::Duration,
+    /// Most live connections of the user; over it, the least recently
+    /// active ones are closed.
+    pub max_per_user: Option<usize>,
+}
+
+impl SessionLimits {
+    /// The lease expiry (ms) for a renewal at `now_ms` with `ttl`: never
+    /// past the token's expiry plus the grace.
+    fn lease(&self, now_ms: i64, ttl: std::time::Duration) -> i64 {
+        let lease = now_ms + ttl.as_millis() as i64;
+        match self.expires_at {
+            Some(exp) => lease.min(exp.saturating_mul(1000) + self.grace.as_millis() as i64),
+            None => lease,
+        }
+    }
 }
 
 /// Registers a connection and its lease; the user's first live connection
 /// adds them to the online set and publishes the `online` envelope in the
 /// same step, so presence transitions reach the bus in the order they
-/// happened.
+/// happened. ARGV[14] is the token's `exp` (s, may be empty).
+///
+/// When the user then holds more than ARGV[15] live connections (0: no
+/// cap), their least recently active ones (lowest lease) go, in the same
+/// step, so the cap holds however many handshakes race: each is removed
+/// with its subscriptions (keys under ARGV[16] `conn:` and ARGV[17]
+/// `room:`) and a `Control::Close` envelope from origin ARGV[18] asks the
+/// relay to close it at the gateway. Returns {added, evicted ids}.
 const CONNECT: &str = r"
 redis.call('HSET', KEYS[1], 'userId', ARGV[4], 'username', ARGV[5], 'displayName', ARGV[6],
   'avatar', ARGV[7], 'admin', ARGV[8], 'endpoint', ARGV[9], 'connectedAt', ARGV[10])
+if ARGV[14] ~= '' then redis.call('HSET', KEYS[1], 'exp', ARGV[14]) end
 redis.call('EXPIRE', KEYS[1], ARGV[11])
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[3])
 redis.call('EXPIRE', KEYS[2], ARGV[11])
 redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
+local evicted = {}
+local cap = tonumber(ARGV[15]) or 0
+local over = redis.call('ZCARD', KEYS[2]) - cap
+if cap > 0 and over > 0 then
+  for _, c in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
+    if over <= 0 then break end
+    if c ~= ARGV[1] then
+      local ck = ARGV[16] .. c
+      local endpoint = redis.call('HGET', ck, 'endpoint')
+      for _, room in ipairs(redis.call('SMEMBERS', ck .. ':rooms')) do
+        redis.call('HDEL', ARGV[17] .. room .. ':conns', c)
+      end
+      redis.call('DEL', ck, ck .. ':rooms')
+      redis.call('ZREM', KEYS[3], c)
+      redis.call('ZREM', KEYS[2], c)
+      if endpoint then
+        redis.call('PUBLISH', ARGV[12], cjson.encode({origin = ARGV[18],
+          target = {type = 'connection', connectionId = c},
+          control = {type = 'close', connectionId = c, endpoint = endpoint}}))
+      end
+      evicted[#evicted + 1] = c
+      over = over - 1
+    end
+  end
+end
 local added = redis.call('SADD', KEYS[4], ARGV[4])
 if added == 1 and ARGV[13] ~= '' then redis.call('PUBLISH', ARGV[12], ARGV[13]) end
-return added
+return {added, evicted}
 ";
 
 /// Renews a connection's lease, reads who it is and, when ARGV[4] (the
 /// GCRA interval, µs) is not empty, charges the frame to the connection's
 /// rate bucket KEYS[4] (burst ARGV[5]): one round trip per frame. f[10] is
-/// 0, or the µs to wait when the frame is over the rate.
+/// 0, or the µs to wait when the frame is over the rate. f[12] is the
+/// token's `exp` (s), if any: the lease never runs past `exp` + ARGV[6]
+/// (the grace, ms), so the sweeper closes an idle socket whose token ran
+/// out, as a frame would.
 const TOUCH: &str = concat!(
     crate::limits::gcra_lua!(),
     r"
 local f = redis.call('HMGET', KEYS[1], 'userId', 'username', 'displayName', 'avatar', 'admin',
-  'endpoint', 'connectedAt', 'greeted')
+  'endpoint', 'connectedAt', 'greeted', 'exp')
 if not f[1] then return false end
-redis.call('ZADD', ARGV[3] .. f[1], ARGV[2], ARGV[1])
-redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+local exp = f[9]
+local lease = tonumber(ARGV[2])
+local expn = exp and tonumber(exp)
+if expn then lease = math.min(lease, expn * 1000 + tonumber(ARGV[6])) end
+lease = string.format('%.0f', lease)
+redis.call('ZADD', ARGV[3] .. f[1], lease, ARGV[1])
+redis.call('ZADD', KEYS[2], lease, ARGV[1])
 f[9] = tostring(redis.call('SISMEMBER', KEYS[3], f[1]))
 f[10] = '0'
 if ARGV[4] ~= '' then f[10] = string.format('%.0f', gcra({{KEYS[4], ARGV[4], ARGV[5]}})) end
@@ -393,6 +462,7 @@ for i = 1, #lags, 2 do
   end
 end
 f[11] = tostring(lag)
+f[12] = exp
 return f
 "
 );
@@ -405,6 +475,18 @@ local now = t[1] * 1000 + math.floor(t[2] / 1000)
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. '|' .. now)
 redis.call('PEXPIRE', KEYS[1], 5000)
 return 0
+";
+
+/// A fresh token for a live connection: its expiry ARGV[3] and profile
+/// (ARGV[4..7]), and its lease ARGV[2] in the lease set and the user's set
+/// (KEYS[3]). Returns 0 for a connection that is gone.
+const RENEW: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], 'exp', ARGV[3], 'username', ARGV[4], 'displayName', ARGV[5],
+  'avatar', ARGV[6], 'admin', ARGV[7])
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
+return 1
 ";
 
 /// Records that a connection's `connected` event was delivered.
@@ -487,15 +569,44 @@ impl Presence {
         channel: &str,
         online_envelope: Option<&str>,
     ) -> Result<bool> {
+        let (added, _) = self
+            .connect_session(
+                conn,
+                ttl,
+                channel,
+                online_envelope,
+                SessionLimits::default(),
+                "",
+            )
+            .await?;
+        Ok(added)
+    }
+
+    /// Like [`Presence::connect`], also recording the token's expiry and
+    /// enforcing the per-user cap of `limits` in the same step. Returns
+    /// whether the user came online, and the connections closed to make
+    /// room (a `Control::Close` from `origin` was published for each).
+    ///
+    /// # Errors
+    /// `UNAVAILABLE` when Redis does not answer.
+    pub async fn connect_session(
+        &self,
+        conn: &Connection,
+        ttl: std::time::Duration,
+        channel: &str,
+        online_envelope: Option<&str>,
+        limits: SessionLimits,
+        origin: &str,
+    ) -> Result<(bool, Vec<String>)> {
         let now = now_ms();
         let mut redis = CountedRedis(self.redis.clone());
-        let added: i64 = CONNECT_SCRIPT
+        let (added, evicted): (i64, Vec<String>) = CONNECT_SCRIPT
             .key(self.keys.conn(&conn.connection_id))
             .key(self.keys.user_conns(conn.user.id.as_str()))
             .key(self.keys.leases())
             .key(self.keys.online())
             .arg(&conn.connection_id)
-            .arg(now + ttl.as_millis() as i64)
+            .arg(limits.lease(now, ttl))
             .arg(now)
             .arg(conn.user.id.as_str())
             .arg(&conn.user.username)
@@ -507,9 +618,43 @@ impl Presence {
             .arg(CONNECTION_RECORD_TTL_SECS)
             .arg(channel)
             .arg(online_envelope.unwrap_or(""))
+            .arg(limits.expires_at.map(|e| e.to_string()).unwrap_or_default())
+            .arg(limits.max_per_user.unwrap_or(0))
+            .arg(format!("{}conn:", self.keys.prefix()))
+            .arg(format!("{}room:", self.keys.prefix()))
+            .arg(origin)
             .invoke_async(&mut redis)
             .await?;
-        Ok(added == 1)
+        Ok((added == 1, evicted))
+    }
+
+    /// Records a fresh token for a live connection (`authenticate`): its
+    /// expiry and profile, and a lease renewed up to the new expiry plus
+    /// `limits.grace`. False when the connection is gone.
+    ///
+    /// # Errors
+    /// `UNAVAILABLE` when Redis does not answer.
+    pub async fn renew_session(
+        &self,
+        conn: &Connection,
+        ttl: std::time::Duration,
+        limits: SessionLimits,
+    ) -> Result<bool> {
+        let mut redis = CountedRedis(self.redis.clone());
+        let renewed: i64 = RENEW_SCRIPT
+            .key(self.keys.conn(&conn.connection_id))
+            .key(self.keys.leases())
+            .key(self.keys.user_conns(conn.user.id.as_str()))
+            .arg(&conn.connection_id)
+            .arg(limits.lease(now_ms(), ttl))
+            .arg(limits.expires_at.map(|e| e.to_string()).unwrap_or_default())
+            .arg(&conn.user.username)
+            .arg(conn.user.display_name.as_deref().unwrap_or(""))
+            .arg(conn.user.avatar.as_deref().unwrap_or(""))
+            .arg(if conn.user.is_admin { "1" } else { "0" })
+            .invoke_async(&mut redis)
+            .await?;
+        Ok(renewed == 1)
     }
 
     /// Renews a connection's lease (any frame does) and returns the
@@ -524,6 +669,7 @@ impl Presence {
         connection_id: &str,
         ttl: std::time::Duration,
         rate: Option<crate::config::Rate>,
+        token_grace: std::time::Duration,
     ) -> Result<Option<Touched>> {
         let (interval, burst) = match rate.map(crate::limits::bucket_args) {
             Some((interval, burst)) => (interval.to_string(), burst.to_string()),
@@ -541,12 +687,14 @@ impl Presence {
             .arg(self.keys.user_conns_prefix())
             .arg(interval)
             .arg(burst)
+            .arg(token_grace.as_millis() as i64)
             .invoke_async(&mut redis)
             .await?;
         let Some(mut f) = fields else {
             return Ok(None);
         };
-        f.resize(11, None);
+        f.resize(12, None);
+        let expires_at = f[11].as_deref().and_then(|v| v.parse().ok());
         let rate_limited = crate::limits::parse_wait(f[9].as_deref());
         let delivery_lag_ms = f[10].as_deref().and_then(|v| v.parse().ok()).unwrap_or(0);
         let mut take = |i: usize| f[i].take();
@@ -573,6 +721,7 @@ impl Presence {
             was_online: take(8).as_deref() == Some("1"),
             rate_limited,
             delivery_lag_ms,
+            expires_at,
         }))
     }
 

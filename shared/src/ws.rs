@@ -92,10 +92,11 @@ pub async fn handle_connect(
     let Some(token) = token else {
         return error_response(&Error::unauthorized("missing token"));
     };
-    let user = match state.verifier.verify(&token) {
-        Ok(user) => user,
+    let session = match state.verifier.verify_session(&token) {
+        Ok(session) => session,
         Err(err) => return error_response(&err),
     };
+    let user = session.user;
     let (Some(connection_id), Some(domain)) =
         (ctx.connection_id.clone(), ctx.domain_name.as_deref())
     else {
@@ -113,7 +114,11 @@ pub async fn handle_connect(
             chrono::Utc::now().timestamp_millis()
         },
     };
-    match state.realtime.connect(&conn).await {
+    match state
+        .realtime
+        .connect_session(&conn, Some(session.expires_at))
+        .await
+    {
         Ok(()) => response(200, None),
         Err(err) => error_response(&err),
     }
