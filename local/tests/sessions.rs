@@ -9,7 +9,10 @@
 //!   idle one is closed by the sweeper;
 //! - `authenticate` with a fresh token of the same user extends the
 //!   session; a forged, expired or another user's token is refused and
-//!   the socket closed.
+//!   the socket closed;
+//! - a revoked token (by `jti`, or every token of a user issued up to a
+//!   time) is refused at the handshake and over REST, and closes the
+//!   sockets it opened at their next frame.
 
 #![allow(clippy::unwrap_used)]
 
@@ -19,9 +22,10 @@ use std::time::Duration;
 
 use chat_shared::auth::DevClaims;
 use chat_shared::testing::{TestEnv, token_with};
-use common::{Client, TestStack, key, redis, token};
+use common::{Client, TestStack, handshake, key, redis, token};
 use serde_json::json;
 use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
 
 /// A token of `user` that expires `secs` from now.
 fn expiring(user: &str, secs: i64) -> (String, i64) {
@@ -253,5 +257,88 @@ async fn authenticate_refuses_forged_expired_and_foreign_tokens_and_closes() {
         .unwrap();
     assert_eq!(live, 1);
     alice.close().await;
+    stack.stop().await;
+}
+
+/// A token with these claims, signed with the test secret.
+fn signed(claims: &serde_json::Value) -> String {
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        claims,
+        &jsonwebtoken::EncodingKey::from_secret(chat_shared::testing::SECRET.as_bytes()),
+    )
+    .unwrap()
+}
+
+/// The handshake with `token` is refused with 401 "invalid token", and so
+/// is a REST call.
+async fn assert_refused_everywhere(stack: &TestStack, token: &str, what: &str) {
+    let request = stack.ws_url(token).into_client_request().unwrap();
+    match handshake(request).await {
+        Ok(_) => panic!("{what}: the handshake was accepted"),
+        Err((status, body)) => {
+            assert_eq!(status, 401, "{what}: {body}");
+            assert_eq!(body["error"]["message"], "invalid token", "{what}: {body}");
+        }
+    }
+    let reply = stack.call("GET", "/rooms", token, None).await;
+    assert_eq!(reply.status, 401, "{what}: {:?}", reply.body);
+    assert_eq!(reply.body["error"]["message"], "invalid token", "{what}");
+}
+
+#[tokio::test]
+async fn revoked_tokens_are_refused_and_close_the_sockets_they_opened() {
+    let env = TestEnv::new().await;
+    let stack = TestStack::all_in_one(&env).await;
+    let now = chrono::Utc::now().timestamp();
+    let mut redis = redis(&env).await;
+    let mut bob = Client::connect(&stack, "bob").await;
+
+    // By jti: that token alone.
+    let first = signed(&json!({"sub": "alice", "exp": now + 3600, "jti": "j-1"}));
+    let second = signed(&json!({"sub": "alice", "exp": now + 3600, "jti": "j-2"}));
+    let mut one = Client::connect_url(&stack.ws_url(&first), "alice").await;
+    let mut two = Client::connect_url(&stack.ws_url(&second), "alice").await;
+    let _: () = redis::cmd("SET")
+        .arg(key(&env, "revoked:jti:j-1"))
+        .arg("1")
+        .arg("EXAT")
+        .arg(now + 3600)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    one.send("ping", json!({})).await;
+    expect_refused_and_closed(&mut one, "token revoked", "ping", "revoked jti").await;
+    assert_refused_everywhere(&stack, &first, "revoked jti").await;
+    two.ping_pong().await;
+
+    // By user: every token issued up to the time, and any without `iat`.
+    let old = signed(&json!({"sub": "carol", "exp": now + 3600, "iat": now - 60}));
+    let mut carol = Client::connect_url(&stack.ws_url(&old), "carol").await;
+    carol.ping_pong().await;
+    let _: () = redis::cmd("SET")
+        .arg(key(&env, "revoked:user:carol"))
+        .arg(now)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    carol
+        .send("typing", json!({"roomId": "r", "isTyping": true}))
+        .await;
+    expect_refused_and_closed(&mut carol, "token revoked", "typing", "revoked user").await;
+    assert_refused_everywhere(&stack, &old, "issued before the revocation").await;
+    assert_refused_everywhere(&stack, &token("carol"), "no iat").await;
+    let fresh = signed(&json!({"sub": "carol", "exp": now + 3600, "iat": now + 1}));
+    let mut carol = Client::connect_url(&stack.ws_url(&fresh), "carol").await;
+    carol.ping_pong().await;
+    // A revoked token cannot renew a session either.
+    carol.send("authenticate", json!({"token": old})).await;
+    expect_refused_and_closed(&mut carol, "invalid token", "authenticate", "renewal").await;
+
+    // Nobody else noticed.
+    bob.ping_pong().await;
+    two.ping_pong().await;
+    bob.close().await;
+    two.close().await;
     stack.stop().await;
 }

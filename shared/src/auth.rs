@@ -42,6 +42,12 @@ pub struct Session {
     /// closed once it has passed (plus a grace), unless an `authenticate`
     /// frame brings a fresh token first.
     pub expires_at: i64,
+    /// The `jti` claim, when it is a string: what revokes this one token
+    /// ([`crate::presence::Presence::is_revoked`]).
+    pub jti: Option<String>,
+    /// The `iat` claim (s), when it is a number: a revocation of the user
+    /// covers the tokens issued up to its time.
+    pub issued_at: Option<i64>,
 }
 
 /// The one message every refused token gets.
@@ -162,8 +168,16 @@ fn session_from_claims(claims: &Map<String, Value>) -> Result<Session, Error> {
     };
     Ok(Session {
         user,
-        #[allow(clippy::cast_possible_truncation)]
         expires_at: expires_at.floor() as i64,
+        jti: claims
+            .get("jti")
+            .and_then(Value::as_str)
+            .filter(|j| !j.is_empty() && j.len() <= 256)
+            .map(str::to_owned),
+        issued_at: claims
+            .get("iat")
+            .and_then(Value::as_f64)
+            .map(|iat| iat.floor() as i64),
     })
 }
 

@@ -10,7 +10,7 @@
 //! | `presence:online` | set | users with at least one live connection |
 //! | `presence:user:{userId}` | sorted set | the user's connection ids, scored by lease expiry (ms) |
 //! | `presence:leases` | sorted set | every connection id, scored by lease expiry: what the sweeper scans |
-//! | `conn:{connectionId}` | hash | `userId`, `username`, `displayName`, `avatar`, `admin`, `endpoint` (Management API callback URL), `connectedAt` (ms), `greeted` (set once `connected` was delivered), `exp` (the token's expiry, s; absent: none) |
+//! | `conn:{connectionId}` | hash | `userId`, `username`, `displayName`, `avatar`, `admin`, `endpoint` (Management API callback URL), `connectedAt` (ms), `greeted` (set once `connected` was delivered), `exp` (the token's expiry, s; absent: none), `jti` and `iat` (the token's, when it has them: revocation) |
 //! | `conn:{connectionId}:rooms` | set | rooms the connection has joined |
 //! | `room:{roomId}:conns` | hash | connection id → `watermark\|userId\|connectedAt\|endpoint`: what the relay fans out to in one read |
 //! | `relay:lease:{n}` | string, with a TTL | the relay id that owns cluster shard `n` (`SET NX PX`, renewed by compare-and-`PEXPIRE`; the relay crate's `cluster` module) |
@@ -20,6 +20,8 @@
 //! | `rl:user:{userId}:send` | string | the user's REST send-rate bucket, likewise |
 //! | `rl:user:{userId}:rest` | string | the user's REST request-rate bucket, likewise |
 //! | `typing:{roomId}:{userId}` | string | `1` / `0`: the last `isTyping` fanned out, for 2 s (coalescing) |
+//! | `revoked:user:{userId}` | string | a time (s since the epoch): every token of the user issued at or before it (`iat`; a token without `iat` whatever its age) is refused, and their connections are closed at their next frame. Written by the operator, with a TTL of the longest token lifetime |
+//! | `revoked:jti:{jti}` | string | present: the token with that `jti` is refused, likewise. Written by the operator, expiring with the token |
 //!
 //! A room subscription carries its *watermark*: the highest sequence id the
 //! connection already has from its `roomJoined` snapshot. The relay never
@@ -135,6 +137,12 @@ impl Keys {
         format!("{}relay:members", self.prefix)
     }
 
+    /// The prefix of the revocation keys (`revoked:user:{id}`,
+    /// `revoked:jti:{jti}`).
+    pub fn revoked_prefix(&self) -> String {
+        format!("{}revoked:", self.prefix)
+    }
+
     /// The key prefix.
     pub fn prefix(&self) -> &str {
         &self.prefix
@@ -157,6 +165,7 @@ static DISCONNECT_SCRIPT: LazyLock<redis::Script> =
     LazyLock::new(|| redis::Script::new(DISCONNECT));
 static JOIN_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(JOIN));
 static RENEW_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(RENEW));
+static REVOKED_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(REVOKED));
 
 /// Unsubscribes every connection of a user from a room, atomically, and
 /// returns the connections that were joined.
@@ -349,13 +358,19 @@ pub struct Touched {
     /// The expiry of the connection's token (s since the epoch), when one
     /// was recorded.
     pub expires_at: Option<i64>,
+    /// The connection's token was revoked (by its `jti`, or by its user).
+    pub revoked: bool,
 }
 
 /// What a new connection's registration enforces besides its lease.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SessionLimits {
     /// The token's `exp` (s since the epoch), recorded with the connection.
     pub expires_at: Option<i64>,
+    /// The token's `jti`, recorded for revocation.
+    pub jti: Option<String>,
+    /// The token's `iat` (s), recorded for revocation.
+    pub issued_at: Option<i64>,
     /// How long after `expires_at` the connection may still be used.
     pub grace: std::time::Duration,
     /// Most live connections of the user; over it, the least recently
@@ -378,7 +393,8 @@ impl SessionLimits {
 /// Registers a connection and its lease; the user's first live connection
 /// adds them to the online set and publishes the `online` envelope in the
 /// same step, so presence transitions reach the bus in the order they
-/// happened. ARGV[14] is the token's `exp` (s, may be empty).
+/// happened. ARGV[14], ARGV[19] and ARGV[20] are the token's `exp` (s),
+/// `jti` and `iat` (s), each possibly empty.
 ///
 /// When the user then holds more than ARGV[15] live connections (0: no
 /// cap), their least recently active ones (lowest lease) go, in the same
@@ -390,6 +406,8 @@ const CONNECT: &str = r"
 redis.call('HSET', KEYS[1], 'userId', ARGV[4], 'username', ARGV[5], 'displayName', ARGV[6],
   'avatar', ARGV[7], 'admin', ARGV[8], 'endpoint', ARGV[9], 'connectedAt', ARGV[10])
 if ARGV[14] ~= '' then redis.call('HSET', KEYS[1], 'exp', ARGV[14]) end
+if ARGV[19] ~= '' then redis.call('HSET', KEYS[1], 'jti', ARGV[19]) end
+if ARGV[20] ~= '' then redis.call('HSET', KEYS[1], 'iat', ARGV[20]) end
 redis.call('EXPIRE', KEYS[1], ARGV[11])
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[3])
@@ -431,14 +449,21 @@ return {added, evicted}
 /// 0, or the µs to wait when the frame is over the rate. f[12] is the
 /// token's `exp` (s), if any: the lease never runs past `exp` + ARGV[6]
 /// (the grace, ms), so the sweeper closes an idle socket whose token ran
-/// out, as a frame would.
+/// out, as a frame would. f[13] is '1' when the token was revoked (keys
+/// under ARGV[7], see the module docs).
 const TOUCH: &str = concat!(
     crate::limits::gcra_lua!(),
     r"
 local f = redis.call('HMGET', KEYS[1], 'userId', 'username', 'displayName', 'avatar', 'admin',
-  'endpoint', 'connectedAt', 'greeted', 'exp')
+  'endpoint', 'connectedAt', 'greeted', 'exp', 'jti', 'iat')
 if not f[1] then return false end
-local exp = f[9]
+local exp, jti, iat = f[9], f[10], f[11]
+local revoked = '0'
+if jti and redis.call('EXISTS', ARGV[7] .. 'jti:' .. jti) == 1 then revoked = '1' end
+local since = redis.call('GET', ARGV[7] .. 'user:' .. f[1])
+if since and (not iat or not tonumber(since) or tonumber(iat) <= tonumber(since)) then
+  revoked = '1'
+end
 local lease = tonumber(ARGV[2])
 local expn = exp and tonumber(exp)
 if expn then lease = math.min(lease, expn * 1000 + tonumber(ARGV[6])) end
@@ -463,6 +488,7 @@ for i = 1, #lags, 2 do
 end
 f[11] = tostring(lag)
 f[12] = exp
+f[13] = revoked
 return f
 "
 );
@@ -477,16 +503,31 @@ redis.call('PEXPIRE', KEYS[1], 5000)
 return 0
 ";
 
-/// A fresh token for a live connection: its expiry ARGV[3] and profile
-/// (ARGV[4..7]), and its lease ARGV[2] in the lease set and the user's set
+/// A fresh token for a live connection: its expiry ARGV[3], profile
+/// (ARGV[4..7]), `jti` ARGV[8] and `iat` ARGV[9], and its lease ARGV[2] in the lease set and the user's set
 /// (KEYS[3]). Returns 0 for a connection that is gone.
 const RENEW: &str = r"
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 redis.call('HSET', KEYS[1], 'exp', ARGV[3], 'username', ARGV[4], 'displayName', ARGV[5],
   'avatar', ARGV[6], 'admin', ARGV[7])
+if ARGV[8] ~= '' then redis.call('HSET', KEYS[1], 'jti', ARGV[8]) else redis.call('HDEL', KEYS[1], 'jti') end
+if ARGV[9] ~= '' then redis.call('HSET', KEYS[1], 'iat', ARGV[9]) else redis.call('HDEL', KEYS[1], 'iat') end
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
 redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
 return 1
+";
+
+/// Whether a token (user ARGV[2], `jti` ARGV[3], `iat` ARGV[4], each of
+/// the last two possibly empty) is revoked under prefix ARGV[1]: the same
+/// rule as in TOUCH. Its keys are built from the token, so they are not
+/// declared (single shard, as the module docs say).
+const REVOKED: &str = r"
+if ARGV[3] ~= '' and redis.call('EXISTS', ARGV[1] .. 'jti:' .. ARGV[3]) == 1 then return 1 end
+local since = redis.call('GET', ARGV[1] .. 'user:' .. ARGV[2])
+if since and (ARGV[4] == '' or not tonumber(since) or tonumber(ARGV[4]) <= tonumber(since)) then
+  return 1
+end
+return 0
 ";
 
 /// Records that a connection's `connected` event was delivered.
@@ -623,6 +664,8 @@ impl Presence {
             .arg(format!("{}conn:", self.keys.prefix()))
             .arg(format!("{}room:", self.keys.prefix()))
             .arg(origin)
+            .arg(limits.jti.as_deref().unwrap_or(""))
+            .arg(limits.issued_at.map(|i| i.to_string()).unwrap_or_default())
             .invoke_async(&mut redis)
             .await?;
         Ok((added == 1, evicted))
@@ -652,9 +695,34 @@ impl Presence {
             .arg(conn.user.display_name.as_deref().unwrap_or(""))
             .arg(conn.user.avatar.as_deref().unwrap_or(""))
             .arg(if conn.user.is_admin { "1" } else { "0" })
+            .arg(limits.jti.as_deref().unwrap_or(""))
+            .arg(limits.issued_at.map(|i| i.to_string()).unwrap_or_default())
             .invoke_async(&mut redis)
             .await?;
         Ok(renewed == 1)
+    }
+
+    /// Whether a token of `user_id` with this `jti` and `iat` was revoked
+    /// (see the module docs): one round trip, at a handshake or a REST
+    /// call; open connections check in their lease renewal.
+    ///
+    /// # Errors
+    /// `UNAVAILABLE` when Redis does not answer.
+    pub async fn is_revoked(
+        &self,
+        user_id: &UserId,
+        jti: Option<&str>,
+        issued_at: Option<i64>,
+    ) -> Result<bool> {
+        let mut redis = CountedRedis(self.redis.clone());
+        let revoked: i64 = REVOKED_SCRIPT
+            .arg(self.keys.revoked_prefix())
+            .arg(user_id.as_str())
+            .arg(jti.unwrap_or(""))
+            .arg(issued_at.map(|i| i.to_string()).unwrap_or_default())
+            .invoke_async(&mut redis)
+            .await?;
+        Ok(revoked == 1)
     }
 
     /// Renews a connection's lease (any frame does) and returns the
@@ -688,13 +756,15 @@ impl Presence {
             .arg(interval)
             .arg(burst)
             .arg(token_grace.as_millis() as i64)
+            .arg(self.keys.revoked_prefix())
             .invoke_async(&mut redis)
             .await?;
         let Some(mut f) = fields else {
             return Ok(None);
         };
-        f.resize(12, None);
+        f.resize(13, None);
         let expires_at = f[11].as_deref().and_then(|v| v.parse().ok());
+        let revoked = f[12].as_deref() == Some("1");
         let rate_limited = crate::limits::parse_wait(f[9].as_deref());
         let delivery_lag_ms = f[10].as_deref().and_then(|v| v.parse().ok()).unwrap_or(0);
         let mut take = |i: usize| f[i].take();
@@ -722,6 +792,7 @@ impl Presence {
             rate_limited,
             delivery_lag_ms,
             expires_at,
+            revoked,
         }))
     }
 

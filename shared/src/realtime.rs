@@ -11,7 +11,7 @@ use std::time::Duration;
 use serde::Serialize;
 use serde_json::{Value, json};
 
-use crate::auth::AuthUser;
+use crate::auth::{AuthUser, Session};
 use crate::bus::{Control, Target, event_json};
 use crate::domain::{RoomId, SequenceId, UserId};
 use crate::error::{Error, Result};
@@ -35,6 +35,10 @@ pub use frame::{
 /// What an `error` says to a connection whose token ran out (its `exp`
 /// plus the grace has passed); the connection is then closed.
 pub const TOKEN_EXPIRED: &str = "token expired";
+
+/// What an `error` says to a connection whose token was revoked; the
+/// connection is then closed.
+pub const TOKEN_REVOKED: &str = "token revoked";
 
 /// The rules of a WebSocket session beyond its handshake (issue 15,
 /// "Tokens on open sockets" and the per-user cap).
@@ -167,9 +171,11 @@ impl Realtime {
         self.sessions
     }
 
-    fn session_limits(&self, expires_at: Option<i64>) -> crate::presence::SessionLimits {
+    fn session_limits(&self, session: Option<&Session>) -> crate::presence::SessionLimits {
         crate::presence::SessionLimits {
-            expires_at,
+            expires_at: session.map(|s| s.expires_at),
+            jti: session.and_then(|s| s.jti.clone()),
+            issued_at: session.and_then(|s| s.issued_at),
             grace: self.sessions.token_expiry_grace,
             max_per_user: self.sessions.max_connections_per_user,
         }
@@ -244,15 +250,23 @@ impl Realtime {
         self.connect_session(conn, None).await
     }
 
-    /// [`Realtime::connect`] for a token that expires at `expires_at` (s
-    /// since the epoch): the connection is closed once that (plus the
-    /// grace) has passed, unless an `authenticate` extends it. When the
-    /// user then holds more connections than the cap, their least recently
-    /// active ones are closed (see [`SessionPolicy`]).
+    /// [`Realtime::connect`] for the token `session` (verified, of
+    /// `conn.user`): the connection is closed once its `exp` (plus the
+    /// grace) has passed, unless an `authenticate` extends it, or once it
+    /// is revoked. When the user then holds more connections than the cap,
+    /// their least recently active ones are closed (see [`SessionPolicy`]).
     ///
     /// # Errors
-    /// A dependency failure (the handshake is then refused).
-    pub async fn connect_session(&self, conn: &Connection, expires_at: Option<i64>) -> Result<()> {
+    /// `UNAUTHORIZED` for a revoked token; a dependency failure (the
+    /// handshake is then refused).
+    pub async fn connect_session(
+        &self,
+        conn: &Connection,
+        session: Option<&Session>,
+    ) -> Result<()> {
+        if let Some(session) = session {
+            self.refuse_revoked(session).await?;
+        }
         let rooms = self.chat.authenticate_with_rooms(&conn.user).await?;
         let envelope = self.presence_envelope(&conn.user.id, "online", rooms)?;
         let presence = self.chat.presence();
@@ -262,7 +276,7 @@ impl Realtime {
                 self.presence_ttl,
                 self.chat.bus().channel(),
                 envelope.as_deref(),
-                self.session_limits(expires_at),
+                self.session_limits(session),
                 self.chat.bus().origin(),
             )
             .await?;
@@ -413,7 +427,8 @@ impl Realtime {
     ///
     /// # Errors
     /// `UNAUTHORIZED` for a connection that is no longer registered, or
-    /// (when `check_expiry`) whose token ran out ([`TOKEN_EXPIRED`]);
+    /// (when `check_expiry`) whose token was revoked ([`TOKEN_REVOKED`]) or
+    /// ran out ([`TOKEN_EXPIRED`]);
     /// `RATE_LIMITED` for a frame over the rate, or refused to shed load (its
     /// lease is renewed all the same, and nothing else is done for it).
     async fn touch(
@@ -432,6 +447,7 @@ impl Realtime {
             rate_limited,
             delivery_lag_ms,
             expires_at,
+            revoked,
         }) = presence
             .touch(
                 connection_id,
@@ -445,6 +461,9 @@ impl Realtime {
                 "this connection is no longer registered; reconnect",
             ));
         };
+        if check_expiry && revoked {
+            return Err(Error::unauthorized(TOKEN_REVOKED));
+        }
         if check_expiry && self.lapsed(expires_at) {
             return Err(Error::unauthorized(TOKEN_EXPIRED));
         }
@@ -475,6 +494,20 @@ impl Realtime {
         Ok(connection)
     }
 
+    /// `UNAUTHORIZED` "invalid token" for a revoked token.
+    async fn refuse_revoked(&self, session: &Session) -> Result<()> {
+        let revoked = self
+            .chat
+            .presence()
+            .is_revoked(&session.user.id, session.jti.as_deref(), session.issued_at)
+            .await?;
+        if revoked {
+            tracing::debug!(user_id = %session.user.id, "revoked token refused");
+            return Err(Error::unauthorized(crate::auth::INVALID_TOKEN));
+        }
+        Ok(())
+    }
+
     /// Whether a token expiring at `expires_at` (s) is past its grace.
     fn lapsed(&self, expires_at: Option<i64>) -> bool {
         let grace_ms =
@@ -490,8 +523,8 @@ impl Realtime {
     /// new token says). Answers `authenticated {exp}`.
     ///
     /// # Errors
-    /// `UNAUTHORIZED` "invalid token" for a token that fails verification
-    /// or belongs to another user: like every `UNAUTHORIZED`, the
+    /// `UNAUTHORIZED` "invalid token" for a token that fails verification,
+    /// is revoked or belongs to another user: like every `UNAUTHORIZED`, the
     /// connection is then closed.
     async fn authenticate(&self, conn: &Connection, token: &str) -> Result<String> {
         let Some(Verifier(verifier)) = &self.verifier else {
@@ -505,11 +538,12 @@ impl Realtime {
             );
             return Err(Error::unauthorized(crate::auth::INVALID_TOKEN));
         }
+        self.refuse_revoked(&session).await?;
+        let limits = self.session_limits(Some(&session));
         let renewed = Connection {
             user: session.user,
             ..conn.clone()
         };
-        let limits = self.session_limits(Some(session.expires_at));
         if !self
             .chat
             .presence()

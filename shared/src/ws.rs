@@ -96,7 +96,7 @@ pub async fn handle_connect(
         Ok(session) => session,
         Err(err) => return error_response(&err),
     };
-    let user = session.user;
+    let user = session.user.clone();
     let (Some(connection_id), Some(domain)) =
         (ctx.connection_id.clone(), ctx.domain_name.as_deref())
     else {
@@ -114,11 +114,7 @@ pub async fn handle_connect(
             chrono::Utc::now().timestamp_millis()
         },
     };
-    match state
-        .realtime
-        .connect_session(&conn, Some(session.expires_at))
-        .await
-    {
+    match state.realtime.connect_session(&conn, Some(&session)).await {
         Ok(()) => response(200, None),
         Err(err) => error_response(&err),
     }
