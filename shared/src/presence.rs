@@ -1189,6 +1189,27 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_lease_never_outlives_the_token_and_its_grace() {
+        let ttl = std::time::Duration::from_secs(90);
+        let grace = std::time::Duration::from_secs(30);
+        let now = 1_000_000_000_000;
+        let open = SessionLimits::default();
+        assert_eq!(open.lease(now, ttl), now + 90_000, "no token, no cap");
+        let far = SessionLimits {
+            expires_at: Some(now / 1000 + 3600),
+            grace,
+            ..SessionLimits::default()
+        };
+        assert_eq!(far.lease(now, ttl), now + 90_000);
+        let soon = SessionLimits {
+            expires_at: Some(now / 1000 + 10),
+            grace,
+            ..SessionLimits::default()
+        };
+        assert_eq!(soon.lease(now, ttl), now + 40_000, "exp + grace");
+    }
+
+    #[test]
     fn subscriber_values_round_trip_with_pipes_in_the_endpoint() {
         let conn = Connection {
             connection_id: "L0SM9cOFvHcCIhw=".into(),
