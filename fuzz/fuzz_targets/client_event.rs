@@ -19,7 +19,9 @@ use chat_shared::domain::{
     MAX_CLIENT_MESSAGE_ID_CHARS, MAX_CONTENT_CHARS, MAX_METADATA_BYTES, MAX_ROOM_ID_CHARS,
     MAX_SAFE_INTEGER, MessageType, RoomId, SequenceId, is_blank,
 };
-use chat_shared::realtime::{ClientEvent, JoinTarget, error_event, parse_client_event};
+use chat_shared::realtime::{
+    ClientEvent, JoinTarget, MAX_TOKEN_BYTES, error_event, parse_client_event,
+};
 use libfuzzer_sys::fuzz_target;
 
 fn check_room(room: &RoomId) {
@@ -103,6 +105,13 @@ fn check(event: &ClientEvent, is_admin: bool) {
             }
         }
         ClientEvent::Ping => {}
+        ClientEvent::Authenticate { token } => {
+            assert!(
+                (1..=MAX_TOKEN_BYTES).contains(&token.len()),
+                "token of {} bytes",
+                token.len()
+            );
+        }
     }
 }
 

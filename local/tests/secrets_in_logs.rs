@@ -2,8 +2,9 @@
 //! (`chat-local serve`, with its own telemetry set-up) runs as a child
 //! process at `RUST_LOG=trace`, once with JSON and once with pretty logs,
 //! while it serves authenticated REST calls, refuses bad tokens, upgrades
-//! WebSockets with `?token=` and with `Authorization: Bearer`, relays
-//! messages and shuts down. Its whole output is then searched for the JWT
+//! WebSockets with `?token=` and with `Authorization: Bearer`, renews and
+//! refuses sessions with `authenticate` frames, relays messages and shuts
+//! down. Its whole output is then searched for the JWT
 //! secret, every token used and every token's signature.
 //!
 //! Also: the configuration's `Debug` output (what a careless
@@ -197,9 +198,18 @@ async fn exercise(addr: SocketAddr) -> Vec<String> {
         let refused = handshake(request).await;
         assert_eq!(refused.err().map(|(status, _)| status), Some(401));
     }
+    // Tokens inside frames: a session renewed with `authenticate`, and one
+    // refused (which closes that socket).
+    let renewed = mint(SECRET, "alice", 7200);
+    a.send("authenticate", json!({"token": renewed})).await;
+    a.expect("authenticated").await;
+    let mut c = Client::connect_url(&format!("{base}?token={alice}"), "alice").await;
+    c.send("authenticate", json!({"token": forged})).await;
+    c.expect_error("UNAUTHORIZED").await;
+    c.expect_close().await;
     a.close().await;
     b.close().await;
-    vec![alice, bob, expired, forged, unsigned]
+    vec![alice, bob, expired, forged, unsigned, renewed]
 }
 
 #[tokio::test]

@@ -5,6 +5,10 @@
 //! trait later without touching the handlers. Only the configured algorithm
 //! is accepted, so `alg: none` and algorithm switching are refused, and
 //! expiry is checked with no leeway.
+//!
+//! Every refusal says "invalid token" to the client and nothing more: the
+//! reason (the library's own words, which name its internals) goes to the
+//! log at debug level, without the token.
 
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use secrecy::{ExposeSecret, SecretString};
@@ -29,14 +33,49 @@ pub struct AuthUser {
     pub is_admin: bool,
 }
 
+/// A verified token: who it belongs to and until when it is good.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Session {
+    /// The caller.
+    pub user: AuthUser,
+    /// The `exp` claim (seconds since the epoch): an open WebSocket is
+    /// closed once it has passed (plus a grace), unless an `authenticate`
+    /// frame brings a fresh token first.
+    pub expires_at: i64,
+    /// The `jti` claim, when it is a string: what revokes this one token
+    /// ([`crate::presence::Presence::is_revoked`]).
+    pub jti: Option<String>,
+    /// The `iat` claim (s), when it is a number: a revocation of the user
+    /// covers the tokens issued up to its time.
+    pub issued_at: Option<i64>,
+}
+
+/// The one message every refused token gets.
+pub const INVALID_TOKEN: &str = "invalid token";
+
 /// Checks a bearer token and says who it belongs to.
 pub trait TokenVerifier: Send + Sync + 'static {
+    /// Verifies `token`, also returning its expiry.
+    ///
+    /// # Errors
+    /// `UNAUTHORIZED` ("invalid token") for a malformed, expired, wrongly
+    /// signed or wrongly addressed token, one without a valid `sub`, or one
+    /// whose header names `crit` extensions.
+    fn verify_session(&self, token: &str) -> Result<Session, Error>;
+
     /// Verifies `token`.
     ///
     /// # Errors
-    /// `UNAUTHORIZED` for a malformed, expired, wrongly signed or wrongly
-    /// addressed token, or one without a valid `sub`.
-    fn verify(&self, token: &str) -> Result<AuthUser, Error>;
+    /// As [`TokenVerifier::verify_session`].
+    fn verify(&self, token: &str) -> Result<AuthUser, Error> {
+        self.verify_session(token).map(|session| session.user)
+    }
+}
+
+/// The refusal of a token; `reason` goes to the log only.
+fn refused(reason: &dyn std::fmt::Display) -> Error {
+    tracing::debug!(%reason, "token refused");
+    Error::unauthorized(INVALID_TOKEN)
 }
 
 /// HS256 with a shared secret.
@@ -82,24 +121,35 @@ impl Hs256Verifier {
 }
 
 impl TokenVerifier for Hs256Verifier {
-    fn verify(&self, token: &str) -> Result<AuthUser, Error> {
+    fn verify_session(&self, token: &str) -> Result<Session, Error> {
         let data = jsonwebtoken::decode::<Map<String, Value>>(token, &self.key, &self.validation)
-            .map_err(|e| Error::unauthorized(format!("invalid token: {e}")))?;
-        user_from_claims(&data.claims)
+            .map_err(|e| refused(&e))?;
+        // RFC 7515 §4.1.11: a recipient must refuse a token whose `crit`
+        // names extensions it does not understand. This service understands
+        // none, and an empty `crit` is invalid too.
+        if let Some(crit) = &data.header.crit {
+            return Err(refused(&format_args!(
+                "crit header names {} unsupported extension(s)",
+                crit.len()
+            )));
+        }
+        session_from_claims(&data.claims)
     }
 }
 
-/// Reads the caller from verified claims. Profile claims that are not
-/// storable strings are ignored rather than refused.
-fn user_from_claims(claims: &Map<String, Value>) -> Result<AuthUser, Error> {
-    if !claims.get("exp").is_some_and(Value::is_number) {
-        return Err(Error::unauthorized("token has no numeric exp claim"));
-    }
+/// Reads the caller and the expiry from verified claims. Profile claims
+/// that are not storable strings are ignored rather than refused.
+fn session_from_claims(claims: &Map<String, Value>) -> Result<Session, Error> {
+    // `exp` is required and was validated as a number; a fraction is
+    // rounded down, which only shortens the session.
+    let Some(expires_at) = claims.get("exp").and_then(Value::as_f64) else {
+        return Err(refused(&"token has no numeric exp claim"));
+    };
     let id = match claims.get("sub") {
         Some(Value::String(sub)) => {
-            UserId::parse(sub, "sub").map_err(|_| Error::unauthorized("invalid sub claim"))?
+            UserId::parse(sub, "sub").map_err(|_| refused(&"invalid sub claim"))?
         }
-        _ => return Err(Error::unauthorized("token has no sub claim")),
+        _ => return Err(refused(&"token has no sub claim")),
     };
     let text = |name: &str| match claims.get(name) {
         Some(Value::String(s))
@@ -109,12 +159,25 @@ fn user_from_claims(claims: &Map<String, Value>) -> Result<AuthUser, Error> {
         }
         _ => None,
     };
-    Ok(AuthUser {
+    let user = AuthUser {
         username: text("username").unwrap_or_else(|| id.to_string()),
         display_name: text("displayName"),
         avatar: text("avatar"),
         is_admin: claims.get("role").and_then(Value::as_str) == Some("admin"),
         id,
+    };
+    Ok(Session {
+        user,
+        expires_at: expires_at.floor() as i64,
+        jti: claims
+            .get("jti")
+            .and_then(Value::as_str)
+            .filter(|j| !j.is_empty() && j.len() <= 256)
+            .map(str::to_owned),
+        issued_at: claims
+            .get("iat")
+            .and_then(Value::as_f64)
+            .map(|iat| iat.floor() as i64),
     })
 }
 
@@ -249,6 +312,36 @@ mod tests {
             v.verify(&mint_hs256(&secret(), &claims).expect("mint"))
                 .is_ok()
         );
+    }
+
+    #[test]
+    fn refuses_crit_headers_and_says_only_invalid_token() {
+        for crit in [vec!["exp-ext".to_owned()], Vec::new()] {
+            let mut header = Header::new(Algorithm::HS256);
+            header.crit = Some(crit.clone());
+            let token = jsonwebtoken::encode(
+                &header,
+                &DevClaims::new("u1", 60),
+                &EncodingKey::from_secret(b"test-secret"),
+            )
+            .expect("encode");
+            let err = verifier().verify(&token).expect_err("refused");
+            assert_eq!(err.client_message(), INVALID_TOKEN, "crit {crit:?}");
+        }
+        let none = "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.eyJzdWIiOiJ1MSIsImV4cCI6NDEwMjQ0NDgwMH0.";
+        let expired = mint_hs256(&secret(), &DevClaims::new("u1", -5)).expect("mint");
+        for bad in [none, &expired, "x.y.z", "not a token"] {
+            let err = verifier().verify(bad).expect_err("refused");
+            assert_eq!(err.client_message(), INVALID_TOKEN, "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_session_carries_the_expiry() {
+        let claims = DevClaims::new("u1", 60);
+        let token = mint_hs256(&secret(), &claims).expect("mint");
+        let session = verifier().verify_session(&token).expect("valid");
+        assert_eq!(session.expires_at, claims.exp);
     }
 
     #[test]

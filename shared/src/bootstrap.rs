@@ -55,7 +55,8 @@ pub async fn ws_state(config: &Config) -> anyhow::Result<WsState> {
     let app = app_state(config).await?;
     Ok(WsState {
         realtime: Realtime::new(app.chat, config.presence_ttl)
-            .with_admission(config.admission_limits()),
+            .with_admission(config.admission_limits())
+            .with_sessions(config.session_policy(), app.verifier.clone()),
         verifier: app.verifier,
     })
 }

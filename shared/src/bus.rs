@@ -198,6 +198,11 @@ impl Bus {
         &self.channel
     }
 
+    /// The name this publisher gives itself in envelopes.
+    pub fn origin(&self) -> &str {
+        &self.origin
+    }
+
     /// Builds the envelope JSON for `event` (see [`event_json`]), ordered
     /// by `key` when given.
     ///

@@ -82,6 +82,14 @@ pub struct Config {
     /// Per-connection and per-user rate limits, kept in Redis so they hold
     /// across every Lambda instance.
     pub rate_limits: RateLimits,
+    /// Most live WebSocket connections one user may hold
+    /// (`MAX_CONNECTIONS_PER_USER`, 10; 0 turns the cap off). A new
+    /// connection over it closes the user's least recently active one.
+    pub max_connections_per_user: usize,
+    /// How long after its token's `exp` an open WebSocket may still be used
+    /// (`TOKEN_EXPIRY_GRACE_SECONDS`, 30): room for a client's clock and
+    /// for an `authenticate` with a fresh token in flight.
+    pub token_expiry_grace: Duration,
 }
 
 /// A token bucket: `per_sec` tokens a second, at most `burst` saved up.
@@ -166,6 +174,15 @@ impl Config {
             max_queued: self.ws_max_queued,
             max_queued_bytes: self.ws_max_queued_bytes,
             max_delivery_lag_ms: self.ws_max_delivery_lag_ms,
+        }
+    }
+
+    /// The WebSocket session rules of this configuration.
+    pub fn session_policy(&self) -> crate::realtime::SessionPolicy {
+        crate::realtime::SessionPolicy {
+            max_connections_per_user: (self.max_connections_per_user > 0)
+                .then_some(self.max_connections_per_user),
+            token_expiry_grace: self.token_expiry_grace,
         }
     }
 
@@ -296,6 +313,12 @@ impl Config {
                 messages: rate(&get, "RATE_LIMIT_PER_SEC", "RATE_LIMIT_BURST", 20)?,
                 rest: rate(&get, "REST_RATE_LIMIT_PER_SEC", "REST_RATE_LIMIT_BURST", 50)?,
             },
+            max_connections_per_user: parse::<usize>(&get, "MAX_CONNECTIONS_PER_USER", 10)?,
+            token_expiry_grace: Duration::from_secs(parse::<u64>(
+                &get,
+                "TOKEN_EXPIRY_GRACE_SECONDS",
+                30,
+            )?),
         })
     }
 }
@@ -367,6 +390,9 @@ mod tests {
         assert_eq!(c.port, 3000);
         assert_eq!(c.presence_ttl, Duration::from_secs(90));
         assert_eq!(c.log_format, LogFormat::Pretty);
+        assert_eq!(c.max_connections_per_user, 10);
+        assert_eq!(c.token_expiry_grace, Duration::from_secs(30));
+        assert_eq!(c.session_policy().max_connections_per_user, Some(10));
         assert_eq!(
             c.rate_limits,
             RateLimits {

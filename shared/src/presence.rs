@@ -10,7 +10,7 @@
 //! | `presence:online` | set | users with at least one live connection |
 //! | `presence:user:{userId}` | sorted set | the user's connection ids, scored by lease expiry (ms) |
 //! | `presence:leases` | sorted set | every connection id, scored by lease expiry: what the sweeper scans |
-//! | `conn:{connectionId}` | hash | `userId`, `username`, `displayName`, `avatar`, `admin`, `endpoint` (Management API callback URL), `connectedAt` (ms), `greeted` (set once `connected` was delivered) |
+//! | `conn:{connectionId}` | hash | `userId`, `username`, `displayName`, `avatar`, `admin`, `endpoint` (Management API callback URL), `connectedAt` (ms), `greeted` (set once `connected` was delivered), `exp` (the token's expiry, s; absent: none), `jti` and `iat` (the token's, when it has them: revocation) |
 //! | `conn:{connectionId}:rooms` | set | rooms the connection has joined |
 //! | `room:{roomId}:conns` | hash | connection id → `watermark\|userId\|connectedAt\|endpoint`: what the relay fans out to in one read |
 //! | `relay:lease:{n}` | string, with a TTL | the relay id that owns cluster shard `n` (`SET NX PX`, renewed by compare-and-`PEXPIRE`; the relay crate's `cluster` module) |
@@ -20,6 +20,8 @@
 //! | `rl:user:{userId}:send` | string | the user's REST send-rate bucket, likewise |
 //! | `rl:user:{userId}:rest` | string | the user's REST request-rate bucket, likewise |
 //! | `typing:{roomId}:{userId}` | string | `1` / `0`: the last `isTyping` fanned out, for 2 s (coalescing) |
+//! | `revoked:user:{userId}` | string | a time (s since the epoch): every token of the user issued at or before it (`iat`; a token without `iat` whatever its age) is refused, and their connections are closed at their next frame. Written by the operator, with a TTL of the longest token lifetime |
+//! | `revoked:jti:{jti}` | string | present: the token with that `jti` is refused, likewise. Written by the operator, expiring with the token |
 //!
 //! A room subscription carries its *watermark*: the highest sequence id the
 //! connection already has from its `roomJoined` snapshot. The relay never
@@ -135,6 +137,12 @@ impl Keys {
         format!("{}relay:members", self.prefix)
     }
 
+    /// The prefix of the revocation keys (`revoked:user:{id}`,
+    /// `revoked:jti:{jti}`).
+    pub fn revoked_prefix(&self) -> String {
+        format!("{}revoked:", self.prefix)
+    }
+
     /// The key prefix.
     pub fn prefix(&self) -> &str {
         &self.prefix
@@ -156,6 +164,8 @@ static BACK_ONLINE_SCRIPT: LazyLock<redis::Script> =
 static DISCONNECT_SCRIPT: LazyLock<redis::Script> =
     LazyLock::new(|| redis::Script::new(DISCONNECT));
 static JOIN_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(JOIN));
+static RENEW_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(RENEW));
+static REVOKED_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(REVOKED));
 
 /// Unsubscribes every connection of a user from a room, atomically, and
 /// returns the connections that were joined.
@@ -345,37 +355,121 @@ pub struct Touched {
     /// The largest delivery lag a relay reported in the last second (ms):
     /// how far behind the fan-out is.
     pub delivery_lag_ms: u64,
+    /// The expiry of the connection's token (s since the epoch), when one
+    /// was recorded.
+    pub expires_at: Option<i64>,
+    /// The connection's token was revoked (by its `jti`, or by its user).
+    pub revoked: bool,
+}
+
+/// What a new connection's registration enforces besides its lease.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SessionLimits {
+    /// The token's `exp` (s since the epoch), recorded with the connection.
+    pub expires_at: Option<i64>,
+    /// The token's `jti`, recorded for revocation.
+    pub jti: Option<String>,
+    /// The token's `iat` (s), recorded for revocation.
+    pub issued_at: Option<i64>,
+    /// How long after `expires_at` the connection may still be used.
+    pub grace: std::time::Duration,
+    /// Most live connections of the user; over it, the least recently
+    /// active ones are closed.
+    pub max_per_user: Option<usize>,
+}
+
+impl SessionLimits {
+    /// The lease expiry (ms) for a renewal at `now_ms` with `ttl`: never
+    /// past the token's expiry plus the grace.
+    fn lease(&self, now_ms: i64, ttl: std::time::Duration) -> i64 {
+        let lease = now_ms + ttl.as_millis() as i64;
+        match self.expires_at {
+            Some(exp) => lease.min(exp.saturating_mul(1000) + self.grace.as_millis() as i64),
+            None => lease,
+        }
+    }
 }
 
 /// Registers a connection and its lease; the user's first live connection
 /// adds them to the online set and publishes the `online` envelope in the
 /// same step, so presence transitions reach the bus in the order they
-/// happened.
+/// happened. ARGV[14], ARGV[19] and ARGV[20] are the token's `exp` (s),
+/// `jti` and `iat` (s), each possibly empty.
+///
+/// When the user then holds more than ARGV[15] live connections (0: no
+/// cap), their least recently active ones (lowest lease) go, in the same
+/// step, so the cap holds however many handshakes race: each is removed
+/// with its subscriptions (keys under ARGV[16] `conn:` and ARGV[17]
+/// `room:`) and a `Control::Close` envelope from origin ARGV[18] asks the
+/// relay to close it at the gateway. Returns {added, evicted ids}.
 const CONNECT: &str = r"
 redis.call('HSET', KEYS[1], 'userId', ARGV[4], 'username', ARGV[5], 'displayName', ARGV[6],
   'avatar', ARGV[7], 'admin', ARGV[8], 'endpoint', ARGV[9], 'connectedAt', ARGV[10])
+if ARGV[14] ~= '' then redis.call('HSET', KEYS[1], 'exp', ARGV[14]) end
+if ARGV[19] ~= '' then redis.call('HSET', KEYS[1], 'jti', ARGV[19]) end
+if ARGV[20] ~= '' then redis.call('HSET', KEYS[1], 'iat', ARGV[20]) end
 redis.call('EXPIRE', KEYS[1], ARGV[11])
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[3])
 redis.call('EXPIRE', KEYS[2], ARGV[11])
 redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
+local evicted = {}
+local cap = tonumber(ARGV[15]) or 0
+local over = redis.call('ZCARD', KEYS[2]) - cap
+if cap > 0 and over > 0 then
+  for _, c in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
+    if over <= 0 then break end
+    if c ~= ARGV[1] then
+      local ck = ARGV[16] .. c
+      local endpoint = redis.call('HGET', ck, 'endpoint')
+      for _, room in ipairs(redis.call('SMEMBERS', ck .. ':rooms')) do
+        redis.call('HDEL', ARGV[17] .. room .. ':conns', c)
+      end
+      redis.call('DEL', ck, ck .. ':rooms')
+      redis.call('ZREM', KEYS[3], c)
+      redis.call('ZREM', KEYS[2], c)
+      if endpoint then
+        redis.call('PUBLISH', ARGV[12], cjson.encode({origin = ARGV[18],
+          target = {type = 'connection', connectionId = c},
+          control = {type = 'close', connectionId = c, endpoint = endpoint}}))
+      end
+      evicted[#evicted + 1] = c
+      over = over - 1
+    end
+  end
+end
 local added = redis.call('SADD', KEYS[4], ARGV[4])
 if added == 1 and ARGV[13] ~= '' then redis.call('PUBLISH', ARGV[12], ARGV[13]) end
-return added
+return {added, evicted}
 ";
 
 /// Renews a connection's lease, reads who it is and, when ARGV[4] (the
 /// GCRA interval, µs) is not empty, charges the frame to the connection's
 /// rate bucket KEYS[4] (burst ARGV[5]): one round trip per frame. f[10] is
-/// 0, or the µs to wait when the frame is over the rate.
+/// 0, or the µs to wait when the frame is over the rate. f[12] is the
+/// token's `exp` (s), if any: the lease never runs past `exp` + ARGV[6]
+/// (the grace, ms), so the sweeper closes an idle socket whose token ran
+/// out, as a frame would. f[13] is '1' when the token was revoked (keys
+/// under ARGV[7], see the module docs).
 const TOUCH: &str = concat!(
     crate::limits::gcra_lua!(),
     r"
 local f = redis.call('HMGET', KEYS[1], 'userId', 'username', 'displayName', 'avatar', 'admin',
-  'endpoint', 'connectedAt', 'greeted')
+  'endpoint', 'connectedAt', 'greeted', 'exp', 'jti', 'iat')
 if not f[1] then return false end
-redis.call('ZADD', ARGV[3] .. f[1], ARGV[2], ARGV[1])
-redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+local exp, jti, iat = f[9], f[10], f[11]
+local revoked = '0'
+if jti and redis.call('EXISTS', ARGV[7] .. 'jti:' .. jti) == 1 then revoked = '1' end
+local since = redis.call('GET', ARGV[7] .. 'user:' .. f[1])
+if since and (not iat or not tonumber(since) or tonumber(iat) <= tonumber(since)) then
+  revoked = '1'
+end
+local lease = tonumber(ARGV[2])
+local expn = exp and tonumber(exp)
+if expn then lease = math.min(lease, expn * 1000 + tonumber(ARGV[6])) end
+lease = string.format('%.0f', lease)
+redis.call('ZADD', ARGV[3] .. f[1], lease, ARGV[1])
+redis.call('ZADD', KEYS[2], lease, ARGV[1])
 f[9] = tostring(redis.call('SISMEMBER', KEYS[3], f[1]))
 f[10] = '0'
 if ARGV[4] ~= '' then f[10] = string.format('%.0f', gcra({{KEYS[4], ARGV[4], ARGV[5]}})) end
@@ -393,6 +487,8 @@ for i = 1, #lags, 2 do
   end
 end
 f[11] = tostring(lag)
+f[12] = exp
+f[13] = revoked
 return f
 "
 );
@@ -404,6 +500,33 @@ local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. '|' .. now)
 redis.call('PEXPIRE', KEYS[1], 5000)
+return 0
+";
+
+/// A fresh token for a live connection: its expiry ARGV[3], profile
+/// (ARGV[4..7]), `jti` ARGV[8] and `iat` ARGV[9], and its lease ARGV[2] in the lease set and the user's set
+/// (KEYS[3]). Returns 0 for a connection that is gone.
+const RENEW: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], 'exp', ARGV[3], 'username', ARGV[4], 'displayName', ARGV[5],
+  'avatar', ARGV[6], 'admin', ARGV[7])
+if ARGV[8] ~= '' then redis.call('HSET', KEYS[1], 'jti', ARGV[8]) else redis.call('HDEL', KEYS[1], 'jti') end
+if ARGV[9] ~= '' then redis.call('HSET', KEYS[1], 'iat', ARGV[9]) else redis.call('HDEL', KEYS[1], 'iat') end
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
+return 1
+";
+
+/// Whether a token (user ARGV[2], `jti` ARGV[3], `iat` ARGV[4], each of
+/// the last two possibly empty) is revoked under prefix ARGV[1]: the same
+/// rule as in TOUCH. Its keys are built from the token, so they are not
+/// declared (single shard, as the module docs say).
+const REVOKED: &str = r"
+if ARGV[3] ~= '' and redis.call('EXISTS', ARGV[1] .. 'jti:' .. ARGV[3]) == 1 then return 1 end
+local since = redis.call('GET', ARGV[1] .. 'user:' .. ARGV[2])
+if since and (ARGV[4] == '' or not tonumber(since) or tonumber(ARGV[4]) <= tonumber(since)) then
+  return 1
+end
 return 0
 ";
 
@@ -487,15 +610,44 @@ impl Presence {
         channel: &str,
         online_envelope: Option<&str>,
     ) -> Result<bool> {
+        let (added, _) = self
+            .connect_session(
+                conn,
+                ttl,
+                channel,
+                online_envelope,
+                SessionLimits::default(),
+                "",
+            )
+            .await?;
+        Ok(added)
+    }
+
+    /// Like [`Presence::connect`], also recording the token's expiry and
+    /// enforcing the per-user cap of `limits` in the same step. Returns
+    /// whether the user came online, and the connections closed to make
+    /// room (a `Control::Close` from `origin` was published for each).
+    ///
+    /// # Errors
+    /// `UNAVAILABLE` when Redis does not answer.
+    pub async fn connect_session(
+        &self,
+        conn: &Connection,
+        ttl: std::time::Duration,
+        channel: &str,
+        online_envelope: Option<&str>,
+        limits: SessionLimits,
+        origin: &str,
+    ) -> Result<(bool, Vec<String>)> {
         let now = now_ms();
         let mut redis = CountedRedis(self.redis.clone());
-        let added: i64 = CONNECT_SCRIPT
+        let (added, evicted): (i64, Vec<String>) = CONNECT_SCRIPT
             .key(self.keys.conn(&conn.connection_id))
             .key(self.keys.user_conns(conn.user.id.as_str()))
             .key(self.keys.leases())
             .key(self.keys.online())
             .arg(&conn.connection_id)
-            .arg(now + ttl.as_millis() as i64)
+            .arg(limits.lease(now, ttl))
             .arg(now)
             .arg(conn.user.id.as_str())
             .arg(&conn.user.username)
@@ -507,9 +659,70 @@ impl Presence {
             .arg(CONNECTION_RECORD_TTL_SECS)
             .arg(channel)
             .arg(online_envelope.unwrap_or(""))
+            .arg(limits.expires_at.map(|e| e.to_string()).unwrap_or_default())
+            .arg(limits.max_per_user.unwrap_or(0))
+            .arg(format!("{}conn:", self.keys.prefix()))
+            .arg(format!("{}room:", self.keys.prefix()))
+            .arg(origin)
+            .arg(limits.jti.as_deref().unwrap_or(""))
+            .arg(limits.issued_at.map(|i| i.to_string()).unwrap_or_default())
             .invoke_async(&mut redis)
             .await?;
-        Ok(added == 1)
+        Ok((added == 1, evicted))
+    }
+
+    /// Records a fresh token for a live connection (`authenticate`): its
+    /// expiry and profile, and a lease renewed up to the new expiry plus
+    /// `limits.grace`. False when the connection is gone.
+    ///
+    /// # Errors
+    /// `UNAVAILABLE` when Redis does not answer.
+    pub async fn renew_session(
+        &self,
+        conn: &Connection,
+        ttl: std::time::Duration,
+        limits: SessionLimits,
+    ) -> Result<bool> {
+        let mut redis = CountedRedis(self.redis.clone());
+        let renewed: i64 = RENEW_SCRIPT
+            .key(self.keys.conn(&conn.connection_id))
+            .key(self.keys.leases())
+            .key(self.keys.user_conns(conn.user.id.as_str()))
+            .arg(&conn.connection_id)
+            .arg(limits.lease(now_ms(), ttl))
+            .arg(limits.expires_at.map(|e| e.to_string()).unwrap_or_default())
+            .arg(&conn.user.username)
+            .arg(conn.user.display_name.as_deref().unwrap_or(""))
+            .arg(conn.user.avatar.as_deref().unwrap_or(""))
+            .arg(if conn.user.is_admin { "1" } else { "0" })
+            .arg(limits.jti.as_deref().unwrap_or(""))
+            .arg(limits.issued_at.map(|i| i.to_string()).unwrap_or_default())
+            .invoke_async(&mut redis)
+            .await?;
+        Ok(renewed == 1)
+    }
+
+    /// Whether a token of `user_id` with this `jti` and `iat` was revoked
+    /// (see the module docs): one round trip, at a handshake or a REST
+    /// call; open connections check in their lease renewal.
+    ///
+    /// # Errors
+    /// `UNAVAILABLE` when Redis does not answer.
+    pub async fn is_revoked(
+        &self,
+        user_id: &UserId,
+        jti: Option<&str>,
+        issued_at: Option<i64>,
+    ) -> Result<bool> {
+        let mut redis = CountedRedis(self.redis.clone());
+        let revoked: i64 = REVOKED_SCRIPT
+            .arg(self.keys.revoked_prefix())
+            .arg(user_id.as_str())
+            .arg(jti.unwrap_or(""))
+            .arg(issued_at.map(|i| i.to_string()).unwrap_or_default())
+            .invoke_async(&mut redis)
+            .await?;
+        Ok(revoked == 1)
     }
 
     /// Renews a connection's lease (any frame does) and returns the
@@ -524,6 +737,7 @@ impl Presence {
         connection_id: &str,
         ttl: std::time::Duration,
         rate: Option<crate::config::Rate>,
+        token_grace: std::time::Duration,
     ) -> Result<Option<Touched>> {
         let (interval, burst) = match rate.map(crate::limits::bucket_args) {
             Some((interval, burst)) => (interval.to_string(), burst.to_string()),
@@ -541,12 +755,16 @@ impl Presence {
             .arg(self.keys.user_conns_prefix())
             .arg(interval)
             .arg(burst)
+            .arg(token_grace.as_millis() as i64)
+            .arg(self.keys.revoked_prefix())
             .invoke_async(&mut redis)
             .await?;
         let Some(mut f) = fields else {
             return Ok(None);
         };
-        f.resize(11, None);
+        f.resize(13, None);
+        let expires_at = f[11].as_deref().and_then(|v| v.parse().ok());
+        let revoked = f[12].as_deref() == Some("1");
         let rate_limited = crate::limits::parse_wait(f[9].as_deref());
         let delivery_lag_ms = f[10].as_deref().and_then(|v| v.parse().ok()).unwrap_or(0);
         let mut take = |i: usize| f[i].take();
@@ -573,6 +791,8 @@ impl Presence {
             was_online: take(8).as_deref() == Some("1"),
             rate_limited,
             delivery_lag_ms,
+            expires_at,
+            revoked,
         }))
     }
 
@@ -967,6 +1187,27 @@ fn glob_escape(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_lease_never_outlives_the_token_and_its_grace() {
+        let ttl = std::time::Duration::from_secs(90);
+        let grace = std::time::Duration::from_secs(30);
+        let now = 1_000_000_000_000;
+        let open = SessionLimits::default();
+        assert_eq!(open.lease(now, ttl), now + 90_000, "no token, no cap");
+        let far = SessionLimits {
+            expires_at: Some(now / 1000 + 3600),
+            grace,
+            ..SessionLimits::default()
+        };
+        assert_eq!(far.lease(now, ttl), now + 90_000);
+        let soon = SessionLimits {
+            expires_at: Some(now / 1000 + 10),
+            grace,
+            ..SessionLimits::default()
+        };
+        assert_eq!(soon.lease(now, ttl), now + 40_000, "exp + grace");
+    }
 
     #[test]
     fn subscriber_values_round_trip_with_pipes_in_the_endpoint() {

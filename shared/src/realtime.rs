@@ -11,7 +11,7 @@ use std::time::Duration;
 use serde::Serialize;
 use serde_json::{Value, json};
 
-use crate::auth::AuthUser;
+use crate::auth::{AuthUser, Session};
 use crate::bus::{Control, Target, event_json};
 use crate::domain::{RoomId, SequenceId, UserId};
 use crate::error::{Error, Result};
@@ -28,8 +28,46 @@ use admission::Admission;
 pub use admission::AdmissionLimits;
 
 pub use frame::{
-    CLIENT_EVENTS, ClientEvent, ClientFrame, JoinTarget, RequestIds, parse_client_event,
+    CLIENT_EVENTS, ClientEvent, ClientFrame, JoinTarget, MAX_TOKEN_BYTES, RequestIds,
+    parse_client_event,
 };
+
+/// What an `error` says to a connection whose token ran out (its `exp`
+/// plus the grace has passed); the connection is then closed.
+pub const TOKEN_EXPIRED: &str = "token expired";
+
+/// What an `error` says to a connection whose token was revoked; the
+/// connection is then closed.
+pub const TOKEN_REVOKED: &str = "token revoked";
+
+/// The rules of a WebSocket session beyond its handshake (issue 15,
+/// "Tokens on open sockets" and the per-user cap).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionPolicy {
+    /// Most live connections per user; a new one over it closes the user's
+    /// least recently active connection. `None`: no cap.
+    pub max_connections_per_user: Option<usize>,
+    /// How long after the token's `exp` a connection may still be used.
+    pub token_expiry_grace: Duration,
+}
+
+impl SessionPolicy {
+    /// No cap, and the default grace (what [`Realtime::new`] starts with).
+    pub const UNLIMITED: Self = Self {
+        max_connections_per_user: None,
+        token_expiry_grace: Duration::from_secs(30),
+    };
+}
+
+/// The verifier of `authenticate` frames (a newtype only to be `Debug`).
+#[derive(Clone)]
+struct Verifier(std::sync::Arc<dyn crate::auth::TokenVerifier>);
+
+impl std::fmt::Debug for Verifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Verifier")
+    }
+}
 
 /// The WebSocket side of the service.
 #[derive(Debug, Clone)]
@@ -38,6 +76,11 @@ pub struct Realtime {
     presence_ttl: Duration,
     /// Load shedding for the requests that need PostgreSQL.
     admission: Admission,
+    /// The per-user cap and the token grace.
+    sessions: SessionPolicy,
+    /// Checks the tokens of `authenticate` frames; without one they are
+    /// refused.
+    verifier: Option<Verifier>,
 }
 
 /// Whether a request type needs PostgreSQL (and so can be shed); `ping`
@@ -104,6 +147,37 @@ impl Realtime {
             chat,
             presence_ttl,
             admission: Admission::new(AdmissionLimits::UNLIMITED),
+            sessions: SessionPolicy::UNLIMITED,
+            verifier: None,
+        }
+    }
+
+    /// Enforces `policy` on connections registered with
+    /// [`Realtime::connect_session`], and checks `authenticate` frames with
+    /// `verifier`.
+    #[must_use]
+    pub fn with_sessions(
+        mut self,
+        policy: SessionPolicy,
+        verifier: std::sync::Arc<dyn crate::auth::TokenVerifier>,
+    ) -> Self {
+        self.sessions = policy;
+        self.verifier = Some(Verifier(verifier));
+        self
+    }
+
+    /// The session rules in force.
+    pub fn session_policy(&self) -> SessionPolicy {
+        self.sessions
+    }
+
+    fn session_limits(&self, session: Option<&Session>) -> crate::presence::SessionLimits {
+        crate::presence::SessionLimits {
+            expires_at: session.map(|s| s.expires_at),
+            jti: session.and_then(|s| s.jti.clone()),
+            issued_at: session.and_then(|s| s.issued_at),
+            grace: self.sessions.token_expiry_grace,
+            max_per_user: self.sessions.max_connections_per_user,
         }
     }
 
@@ -173,17 +247,46 @@ impl Realtime {
     /// # Errors
     /// A dependency failure (the handshake is then refused).
     pub async fn connect(&self, conn: &Connection) -> Result<()> {
+        self.connect_session(conn, None).await
+    }
+
+    /// [`Realtime::connect`] for the token `session` (verified, of
+    /// `conn.user`): the connection is closed once its `exp` (plus the
+    /// grace) has passed, unless an `authenticate` extends it, or once it
+    /// is revoked. When the user then holds more connections than the cap,
+    /// their least recently active ones are closed (see [`SessionPolicy`]).
+    ///
+    /// # Errors
+    /// `UNAUTHORIZED` for a revoked token; a dependency failure (the
+    /// handshake is then refused).
+    pub async fn connect_session(
+        &self,
+        conn: &Connection,
+        session: Option<&Session>,
+    ) -> Result<()> {
+        if let Some(session) = session {
+            self.refuse_revoked(session).await?;
+        }
         let rooms = self.chat.authenticate_with_rooms(&conn.user).await?;
         let envelope = self.presence_envelope(&conn.user.id, "online", rooms)?;
         let presence = self.chat.presence();
-        presence
-            .connect(
+        let (_, evicted) = presence
+            .connect_session(
                 conn,
                 self.presence_ttl,
                 self.chat.bus().channel(),
                 envelope.as_deref(),
+                self.session_limits(session),
+                self.chat.bus().origin(),
             )
             .await?;
+        if !evicted.is_empty() {
+            tracing::info!(
+                user_id = %conn.user.id,
+                closed = evicted.len(),
+                "over the per-user connection cap: closing the least recently active"
+            );
+        }
         let connected = event_json(
             "connected",
             &json!({"userId": conn.user.id, "connectionId": conn.connection_id, "timestamp": now()}),
@@ -280,11 +383,14 @@ impl Realtime {
         };
         // Every frame renews the presence lease, good or bad, and every
         // frame but `ping` is charged to the connection's message rate.
+        // A connection whose token ran out is closed at its next frame,
+        // except an `authenticate` bringing a fresh one.
         let touched = self
             .touch(
                 connection_id,
                 kind != Some("ping"),
                 kind == Some("sendMessage"),
+                kind != Some("authenticate"),
             )
             .await;
         let unregistered = matches!(touched, Err(Error::Unauthorized(_)));
@@ -320,7 +426,9 @@ impl Realtime {
     /// fan-out is behind ([`Admission`]).
     ///
     /// # Errors
-    /// `UNAUTHORIZED` for a connection that is no longer registered;
+    /// `UNAUTHORIZED` for a connection that is no longer registered, or
+    /// (when `check_expiry`) whose token was revoked ([`TOKEN_REVOKED`]) or
+    /// ran out ([`TOKEN_EXPIRED`]);
     /// `RATE_LIMITED` for a frame over the rate, or refused to shed load (its
     /// lease is renewed all the same, and nothing else is done for it).
     async fn touch(
@@ -328,6 +436,7 @@ impl Realtime {
         connection_id: &str,
         metered: bool,
         sheddable: bool,
+        check_expiry: bool,
     ) -> Result<Connection> {
         let presence = self.chat.presence();
         let rate = self.chat.limiter().limits().messages.filter(|_| metered);
@@ -337,14 +446,27 @@ impl Realtime {
             greeted,
             rate_limited,
             delivery_lag_ms,
+            expires_at,
+            revoked,
         }) = presence
-            .touch(connection_id, self.presence_ttl, rate)
+            .touch(
+                connection_id,
+                self.presence_ttl,
+                rate,
+                self.sessions.token_expiry_grace,
+            )
             .await?
         else {
             return Err(Error::unauthorized(
                 "this connection is no longer registered; reconnect",
             ));
         };
+        if check_expiry && revoked {
+            return Err(Error::unauthorized(TOKEN_REVOKED));
+        }
+        if check_expiry && self.lapsed(expires_at) {
+            return Err(Error::unauthorized(TOKEN_EXPIRED));
+        }
         if !greeted {
             self.await_greeting(&connection).await?;
         }
@@ -370,6 +492,69 @@ impl Realtime {
             return Err(Error::rate_limited("server busy, retry later", secs));
         }
         Ok(connection)
+    }
+
+    /// `UNAUTHORIZED` "invalid token" for a revoked token.
+    async fn refuse_revoked(&self, session: &Session) -> Result<()> {
+        let revoked = self
+            .chat
+            .presence()
+            .is_revoked(&session.user.id, session.jti.as_deref(), session.issued_at)
+            .await?;
+        if revoked {
+            tracing::debug!(user_id = %session.user.id, "revoked token refused");
+            return Err(Error::unauthorized(crate::auth::INVALID_TOKEN));
+        }
+        Ok(())
+    }
+
+    /// Whether a token expiring at `expires_at` (s) is past its grace.
+    fn lapsed(&self, expires_at: Option<i64>) -> bool {
+        let grace_ms =
+            i64::try_from(self.sessions.token_expiry_grace.as_millis()).unwrap_or(i64::MAX);
+        expires_at.is_some_and(|exp| {
+            chrono::Utc::now().timestamp_millis()
+                > exp.saturating_mul(1000).saturating_add(grace_ms)
+        })
+    }
+
+    /// `authenticate`: a fresh token for the same user extends the
+    /// connection's session (its expiry, and its profile and role as the
+    /// new token says). Answers `authenticated {exp}`.
+    ///
+    /// # Errors
+    /// `UNAUTHORIZED` "invalid token" for a token that fails verification,
+    /// is revoked or belongs to another user: like every `UNAUTHORIZED`, the
+    /// connection is then closed.
+    async fn authenticate(&self, conn: &Connection, token: &str) -> Result<String> {
+        let Some(Verifier(verifier)) = &self.verifier else {
+            return Err(Error::bad_request("authenticate is not supported here"));
+        };
+        let session = verifier.verify_session(token)?;
+        if session.user.id != conn.user.id {
+            tracing::debug!(
+                connection_id = %conn.connection_id,
+                "authenticate with another user's token: closing"
+            );
+            return Err(Error::unauthorized(crate::auth::INVALID_TOKEN));
+        }
+        self.refuse_revoked(&session).await?;
+        let limits = self.session_limits(Some(&session));
+        let renewed = Connection {
+            user: session.user,
+            ..conn.clone()
+        };
+        if !self
+            .chat
+            .presence()
+            .renew_session(&renewed, self.presence_ttl, limits)
+            .await?
+        {
+            return Err(Error::unauthorized(
+                "this connection is no longer registered; reconnect",
+            ));
+        }
+        event_json("authenticated", &json!({"exp": session.expires_at}))
     }
 
     /// `connected` is the first event a client sees. It is posted by the
@@ -468,6 +653,7 @@ impl Realtime {
                 Ok(None)
             }
             ClientEvent::Ping => event_json("pong", &json!({"timestamp": now()})).map(Some),
+            ClientEvent::Authenticate { token } => self.authenticate(conn, &token).await.map(Some),
         }
     }
 

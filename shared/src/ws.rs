@@ -65,6 +65,17 @@ pub async fn handle_connect(
     event: ApiGatewayWebsocketProxyRequest,
 ) -> ApiGatewayProxyResponse {
     let ctx = &event.request_context;
+    // `?token=a&token=b` is ambiguous: proxies and frameworks disagree on
+    // which one counts, so it is refused rather than resolved.
+    if event
+        .multi_value_query_string_parameters
+        .all("token")
+        .is_some_and(|values| values.len() > 1)
+    {
+        return error_response(&Error::unauthorized(
+            "invalid token: the token parameter must appear once",
+        ));
+    }
     let token = event
         .query_string_parameters
         .first("token")
@@ -81,10 +92,11 @@ pub async fn handle_connect(
     let Some(token) = token else {
         return error_response(&Error::unauthorized("missing token"));
     };
-    let user = match state.verifier.verify(&token) {
-        Ok(user) => user,
+    let session = match state.verifier.verify_session(&token) {
+        Ok(session) => session,
         Err(err) => return error_response(&err),
     };
+    let user = session.user.clone();
     let (Some(connection_id), Some(domain)) =
         (ctx.connection_id.clone(), ctx.domain_name.as_deref())
     else {
@@ -102,7 +114,7 @@ pub async fn handle_connect(
             chrono::Utc::now().timestamp_millis()
         },
     };
-    match state.realtime.connect(&conn).await {
+    match state.realtime.connect_session(&conn, Some(&session)).await {
         Ok(()) => response(200, None),
         Err(err) => error_response(&err),
     }

@@ -26,7 +26,7 @@ pub struct Caller(pub AuthUser);
 #[derive(Debug, Clone)]
 pub struct SendingCaller(pub AuthUser);
 
-/// Verifies the token, charges the user's rate buckets (the send bucket
+/// Verifies the token and that it is not revoked, charges the user's rate buckets (the send bucket
 /// too when `send`), then records the user. The limit comes before
 /// PostgreSQL, so a refused request costs one Redis call.
 async fn caller(parts: &Parts, state: &AppState, send: bool) -> Result<AuthUser, Error> {
@@ -39,7 +39,17 @@ async fn caller(parts: &Parts, state: &AppState, send: bool) -> Result<AuthUser,
         .ok()
         .and_then(bearer_token)
         .ok_or_else(|| Error::unauthorized("malformed Authorization header"))?;
-    let user = state.verifier.verify(token)?;
+    let session = state.verifier.verify_session(token)?;
+    let revoked = state
+        .chat
+        .presence()
+        .is_revoked(&session.user.id, session.jti.as_deref(), session.issued_at)
+        .await?;
+    if revoked {
+        tracing::debug!(user_id = %session.user.id, "revoked token refused");
+        return Err(Error::unauthorized(crate::auth::INVALID_TOKEN));
+    }
+    let user = session.user;
     state.chat.limiter().charge_rest(&user.id, send).await?;
     state.chat.authenticate(&user).await?;
     Ok(user)

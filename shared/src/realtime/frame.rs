@@ -18,14 +18,19 @@ use crate::domain::{
 use crate::error::Error;
 
 /// The client events of PROTOCOL §2.
-pub const CLIENT_EVENTS: [&str; 6] = [
+pub const CLIENT_EVENTS: [&str; 7] = [
     "joinRoom",
     "leaveRoom",
     "sendMessage",
     "typing",
     "markRead",
     "ping",
+    "authenticate",
 ];
+
+/// The longest token an `authenticate` frame may carry: far more than any
+/// JWT this service issues, and what a handshake's query could hold.
+pub const MAX_TOKEN_BYTES: usize = 8 * 1024;
 
 /// What an `error` reply echoes of the failing frame: its `type` when that
 /// is a string, and any string `payload.clientMessageId`, valid or not.
@@ -100,6 +105,12 @@ pub enum ClientEvent {
     },
     /// **new** `ping`.
     Ping,
+    /// **new** `authenticate`: a fresh token for the connection's user,
+    /// which extends the session past the handshake token's `exp`.
+    Authenticate {
+        /// The token, unverified yet.
+        token: String,
+    },
 }
 
 impl ClientEvent {
@@ -112,6 +123,7 @@ impl ClientEvent {
             Self::Typing { .. } => "typing",
             Self::MarkRead { .. } => "markRead",
             Self::Ping => "ping",
+            Self::Authenticate { .. } => "authenticate",
         }
     }
 }
@@ -213,6 +225,15 @@ fn event(kind: &str, p: &Map<String, Value>, is_admin: bool) -> Result<ClientEve
             }
         }
         "ping" => ClientEvent::Ping,
+        "authenticate" => {
+            let token = required_str(p, "token")?;
+            if token.is_empty() || token.len() > MAX_TOKEN_BYTES {
+                return Err(Error::bad_request("token must be a string of 1-8192 bytes"));
+            }
+            ClientEvent::Authenticate {
+                token: token.to_owned(),
+            }
+        }
         other => return Err(Error::bad_request(format!("unknown type {other}"))),
     })
 }
@@ -304,6 +325,16 @@ mod tests {
             }
         );
         assert_eq!(ok(r#"{"type":"ping"}"#), ClientEvent::Ping);
+        assert_eq!(
+            ok(r#"{"type":"authenticate","payload":{"token":"a.b.c"}}"#),
+            ClientEvent::Authenticate {
+                token: "a.b.c".into()
+            }
+        );
+        for payload in [r#"{}"#, r#"{"token":""}"#, r#"{"token":7}"#] {
+            let body = format!(r#"{{"type":"authenticate","payload":{payload}}}"#);
+            assert_eq!(refused(&body, false).1, ErrorCode::BadRequest, "{body}");
+        }
         assert_eq!(ok(r#"{"type":"ping","payload":null}"#).kind(), "ping");
     }
 
