@@ -66,6 +66,7 @@ fn every_frame_type_the_service_parses_is_described_both_ways() {
         "readReceipt",
         "roomLeft",
         "pong",
+        "authenticated",
         "error",
     ] {
         assert!(

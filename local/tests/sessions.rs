@@ -245,7 +245,7 @@ async fn authenticate_refuses_forged_expired_and_foreign_tokens_and_closes() {
     }
     // A frame without a token is a plain BAD_REQUEST: the socket stays.
     let mut alice = Client::connect(&stack, "alice").await;
-    alice.send("authenticate", json!({})).await;
+    alice.send_invalid("authenticate", json!({})).await;
     alice.expect_error("BAD_REQUEST").await;
     alice.ping_pong().await;
     // The refused ones left no registration behind; the good one remains.

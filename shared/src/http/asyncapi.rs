@@ -86,6 +86,16 @@ fn client_frames() -> Vec<(&'static str, Value, &'static str)> {
             json!({"type": "object", "maxProperties": 0}),
             "Answered by `pong`; renews the presence lease. Send one every 30 s.",
         ),
+        (
+            "authenticate",
+            json!({
+                "type": "object",
+                "properties": {"token": {"type": "string", "minLength": 1,
+                    "description": "A fresh token of the same user (same sub)."}},
+                "required": ["token"]
+            }),
+            "Extends the session to the new token's exp without reconnecting; answered by `authenticated`. A refused token gets `error` UNAUTHORIZED and the connection is closed.",
+        ),
     ]
 }
 
@@ -165,6 +175,16 @@ fn server_frames() -> Vec<(&'static str, Value, &'static str)> {
             "pong",
             json!({"type": "object", "properties": {"timestamp": timestamp}, "required": ["timestamp"]}),
             "The answer to `ping`.",
+        ),
+        (
+            "authenticated",
+            json!({
+                "type": "object",
+                "properties": {"exp": {"type": "integer",
+                    "description": "The accepted token's exp (seconds since the epoch): the session now lasts until then (plus the grace)."}},
+                "required": ["exp"]
+            }),
+            "The answer to `authenticate`.",
         ),
         (
             "error",
@@ -291,11 +311,11 @@ pub fn document() -> Value {
         "info": {
             "title": "Chat & presence WebSocket API",
             "version": env!("CARGO_PKG_VERSION"),
-            "description": "The WebSocket half of docs/PROTOCOL.md (section 2). Every frame, both ways, is one JSON text message {\"type\": ..., \"payload\": {...}} of at most 128 KiB; API Gateway carries frames of up to 32 KiB, so send one message per frame within that.\n\nClose codes: 1000/1001 normal (API Gateway closes every connection after 2 hours, or 10 minutes idle); 1009 a message over 128 KiB (or, on AWS, a frame over 32 KiB), with no error first. After any close, reconnect with backoff and rejoin each room with afterSequenceId.",
+            "description": "The WebSocket half of docs/PROTOCOL.md (section 2). Every frame, both ways, is one JSON text message {\"type\": ..., \"payload\": {...}} of at most 128 KiB; API Gateway carries frames of up to 32 KiB, so send one message per frame within that.\n\nClose codes: 1000 when the server ends a connection on purpose (after an UNAUTHORIZED error: the token ran out or was revoked, an authenticate was refused; without one: the user's connection cap, or the presence lease ran out); 1001 for the idle timeout (10 min), the 2-hour lifetime and shutdown; 1009 for a message over 128 KiB. There are no 4xxx codes: API Gateway's DeleteConnection always closes with 1000, so the reason travels in the error event before the close. After any close, reconnect with backoff and rejoin each room with afterSequenceId.",
             "x-close-codes": {
-                "1000": "normal closure",
-                "1001": "going away (API Gateway's 2-hour limit or idle timeout, a deploy)",
-                "1009": "message too big (over 128 KiB; over 32 KiB per frame on AWS)"
+                "1000": "ended on purpose by the server (see the error event before it, if any)",
+                "1001": "going away: idle timeout, the 2-hour lifetime, shutdown",
+                "1009": "message too big (over 128 KiB)"
             }
         },
         "defaultContentType": "application/json",
