@@ -90,6 +90,7 @@ export class Stack {
     };
     delete this.env.CHAT_LOCAL_BIN;
     this.procs = new Map(); // name -> {child, args, port, log}
+    this.clients = [];
     execFileSync("psql", [ADMIN_DB_URL, "-X", "-w", "-q", "-v", "ON_ERROR_STOP=1", "-c", `CREATE DATABASE "${this.db}"`]);
   }
 
@@ -180,10 +181,14 @@ export class Stack {
   /** A library client for `user` on gateway `name`, with `ws` as its WebSocket. */
   client(user, { gateway = "gateway", tokenProvider, ...options } = {}) {
     const provider = tokenProvider ?? (async () => this.token(user));
-    return connect(this.wsUrl(gateway), provider, { WebSocket, reconnectInitialDelayMs: 200, reconnectMaxDelayMs: 3000, ...options });
+    const client = connect(this.wsUrl(gateway), provider, { WebSocket, reconnectInitialDelayMs: 200, reconnectMaxDelayMs: 3000, ...options });
+    this.clients.push(client);
+    return client;
   }
 
+  /** Closes the clients, stops the processes, drops the database and the Redis keys. */
   async destroy() {
+    for (const c of this.clients) c.close();
     for (const [, p] of this.procs) {
       if (p.exited) continue;
       const gone = new Promise((r) => p.child.once("exit", r));
