@@ -46,6 +46,7 @@ test("an expired token is refreshed from the provider", { timeout: 120000 }, asy
   }
   assert.ok(calls.length >= 4, `the provider was asked before each exp (${calls.length} calls)`);
   assert.ok(renewals.authenticated + renewals.disconnected >= 2, `renewed: ${JSON.stringify(renewals)}`);
+  t.diagnostic(`provider calls: ${calls.length}, renewals: ${JSON.stringify(renewals)}`);
   assert.equal(carol.state, "open");
 
   const total = sent.length * 2;
