@@ -35,8 +35,10 @@ test(`${N} clients reconnect together after a restart and all rejoin`, { timeout
 
   await stack.kill("gateway");
   await waitFor("every client to notice", () => clients.every((c) => c.state === "reconnecting"), 30000);
+  const restarted = Date.now();
   await stack.startGateway();
   await waitFor(`all ${N} to rejoin`, () => rejoined.size === N, 180000, 200);
+  t.diagnostic(`all ${N} rejoined ${Date.now() - restarted} ms after the restart began`);
   assert.ok(clients.every((c) => c.state === "open"));
 
   // Each of them can talk again, and a message from host reaches a sample.

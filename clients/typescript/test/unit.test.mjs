@@ -168,3 +168,41 @@ test("close() rejects what is pending", async () => {
   await assert.rejects(p, /client closed/);
   assert.equal(client.state, "closed");
 });
+
+test("token renewal: authenticate when the server answers it, else a reconnect with a fresh token", async () => {
+  FakeSocket.all = [];
+  let calls = 0;
+  const provider = async () => {
+    calls++;
+    return mintJwt("s", { sub: "me", exp: Math.floor(Date.now() / 1000) + 2 });
+  };
+  const client = connect("ws://fake/ws", provider, { WebSocket: FakeSocket, reconnectInitialDelayMs: 10 });
+  await waitFor("a socket", () => FakeSocket.all.length === 1);
+  const ws = FakeSocket.all[0];
+  ws.open();
+  // Renewed before exp (at most a fifth of its life before it).
+  await waitFor("authenticate", () => ws.frames("authenticate").length === 1, 3000);
+  assert.equal(calls, 2);
+  ws.push("authenticated", { exp: Math.floor(Date.now() / 1000) + 2 });
+  await waitFor("the next authenticate", () => ws.frames("authenticate").length === 2, 3000);
+  assert.equal(FakeSocket.all.length, 1, "no reconnect while authenticate works");
+  // A server without authenticate: BAD_REQUEST, and the client renews by reconnecting.
+  ws.push("error", { code: "BAD_REQUEST", message: "unknown type", requestType: "authenticate", clientMessageId: null });
+  await waitFor("a new socket", () => FakeSocket.all.length === 2);
+  assert.equal(calls, 4, "a fresh token for the new socket");
+  client.close();
+});
+
+test("UNAUTHORIZED closes the socket and reconnects with a fresh token; the send goes again", async () => {
+  const { client, ws } = await setup();
+  const p = client.send("r1", "hi");
+  const cmid = ws.frames("sendMessage")[0].payload.clientMessageId;
+  ws.push("error", { code: "UNAUTHORIZED", message: "token expired", requestType: "sendMessage", clientMessageId: cmid });
+  await waitFor("a new socket", () => FakeSocket.all.length === 2);
+  const ws2 = FakeSocket.all[1];
+  ws2.open();
+  assert.equal(ws2.frames("sendMessage")[0].payload.clientMessageId, cmid, "same clientMessageId");
+  ws2.push("message", msg("r1", 1, { senderId: "me", clientMessageId: cmid }));
+  assert.equal((await p).content, "#1");
+  client.close();
+});
