@@ -487,7 +487,11 @@ export class ChatClient {
     if (ws !== this.socket) return;
     detach(ws);
     this.socket = null;
-    this.afterSocketGone(code, reason, null);
+    // 4001 "token expired" (a server that says so in the close code; PROTOCOL.md
+    // servers send `error` UNAUTHORIZED first): reconnect at once with a fresh
+    // token, as after UNAUTHORIZED.
+    if (code === 4001) this.reconnectAttempt = 0;
+    this.afterSocketGone(code, reason, code === 4001 ? 0 : null);
   }
 
   /** Replaces the socket (dead, or its token is being renewed by reconnecting). */

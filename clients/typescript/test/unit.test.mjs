@@ -206,3 +206,15 @@ test("UNAUTHORIZED closes the socket and reconnects with a fresh token; the send
   assert.equal((await p).content, "#1");
   client.close();
 });
+
+test("a close with 4001 (token expired) reconnects at once with a fresh token", async () => {
+  FakeSocket.all = [];
+  let calls = 0;
+  const client = connect("ws://fake/ws", async () => `t${++calls}`, { WebSocket: FakeSocket, reconnectInitialDelayMs: 5000 });
+  await waitFor("a socket", () => FakeSocket.all.length === 1);
+  FakeSocket.all[0].open();
+  FakeSocket.all[0].close(4001, "token expired");
+  await waitFor("a new socket without the 5 s backoff", () => FakeSocket.all.length === 2, 1000);
+  assert.equal(FakeSocket.all[1].url, "ws://fake/ws?token=t2");
+  client.close();
+});
