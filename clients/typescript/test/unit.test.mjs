@@ -218,3 +218,12 @@ test("a close with 4001 (token expired) reconnects at once with a fresh token", 
   assert.equal(FakeSocket.all[1].url, "ws://fake/ws?token=t2");
   client.close();
 });
+
+test("the package loads as ES module and as CommonJS", async () => {
+  const { createRequire } = await import("node:module");
+  const cjs = createRequire(import.meta.url)("@chat-backend/client");
+  const esm = await import("@chat-backend/client");
+  assert.equal(typeof cjs.connect, "function");
+  assert.equal(typeof esm.connect, "function");
+  assert.ok(cjs.RETRYABLE_CODES.has("RATE_LIMITED"));
+});
