@@ -6,6 +6,7 @@
 #   SKIP_FUZZ=1 scripts/test.sh  # skip the fuzz smoke test (scripts/fuzz-smoke.sh)
 #   SKIP_SCHEMATHESIS=1 scripts/test.sh  # skip schemathesis (scripts/schemathesis.sh)
 #   SKIP_CONSOLE_TESTS=1 scripts/test.sh  # skip the browser tests of /console
+#   SKIP_CLIENT_TESTS=1 scripts/test.sh  # skip the TypeScript client library's tests
 #
 # Tests get TEST_DATABASE_URL / TEST_REDIS_URL; they create their own
 # chat_test_* databases on that server and use random Redis key prefixes.
@@ -83,6 +84,16 @@ if [ "${SKIP_CONSOLE_TESTS:-0}" = 1 ] || [ "$#" -gt 0 ]; then
 else
     step "console browser tests (scripts/console-test.sh)"
     "$ROOT/scripts/console-test.sh"
+fi
+
+# The TypeScript client library (clients/typescript) against the real local
+# stack: npm ci, tsc, node --test (scripts/client-test.sh). Like the console
+# tests, left out of a filtered run (ARGS given) and with SKIP_CLIENT_TESTS=1.
+if [ "${SKIP_CLIENT_TESTS:-0}" = 1 ] || [ "$#" -gt 0 ]; then
+    step "skipping the client library tests (run scripts/client-test.sh)"
+else
+    step "client library tests (scripts/client-test.sh)"
+    "$ROOT/scripts/client-test.sh"
 fi
 
 # The REST API against its own OpenAPI description: schemathesis (PyPI) on
