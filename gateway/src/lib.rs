@@ -6,9 +6,15 @@
 //! the `$connect` / `$default` / `$disconnect` Lambdas: same event JSON, same
 //! refusal of the handshake when `$connect` answers non-2xx, same two-way
 //! route responses, same close codes and limits. Back ends push to clients
-//! through the Management API on the same router
-//! (`POST|GET|DELETE /{stage}/@connections/{connectionId}`), which the AWS
-//! SDK reaches with `endpoint_url("http://HOST:PORT/{stage}")`.
+//! through the Management API (`POST|GET|DELETE
+//! /{stage}/@connections/{connectionId}`), which is a separate router
+//! ([`Gateway::management_router`]) for a separate, internal listener: it is
+//! never served on the client port, and it requires SigV4 signatures made
+//! with [`GatewayConfig::management_credentials`], as API Gateway requires
+//! IAM-signed calls. The AWS SDK reaches it with
+//! `endpoint_url("http://MGMT_HOST:MGMT_PORT/{stage}")`; `$connect` events
+//! carry that address ([`GatewayConfig::domain_name`]) as
+//! `requestContext.domainName`, never the client's `Host`.
 //!
 //! ```no_run
 //! # async fn run(handlers: chat_gateway::Handlers) -> std::io::Result<()> {
@@ -16,6 +22,8 @@
 //! use chat_gateway::{Gateway, GatewayConfig};
 //!
 //! let gateway = Gateway::new(GatewayConfig::default(), handlers);
+//! let management = tokio::net::TcpListener::bind("127.0.0.1:3100").await?;
+//! tokio::spawn(axum::serve(management, gateway.management_router()).into_future());
 //! let app = gateway.router(); // .merge(rest_router)
 //! let listener = tokio::net::TcpListener::bind("127.0.0.1:3000").await?;
 //! // Connect info is what fills `identity.sourceIp`.
@@ -52,6 +60,8 @@
 //! * `connection` — the connection registry and the task that runs each live
 //!   socket (reader, writer, `$default` dispatcher, limits, close, `$disconnect`).
 //! * `management` — the `@connections` routes.
+//! * `sigv4` — the signature check of those routes, and [`sign`] for
+//!   callers without the SDK.
 //! * this file — [`GatewayConfig`], [`Gateway`] and its counters.
 
 #![forbid(unsafe_code)]
@@ -61,6 +71,7 @@ mod event;
 mod handler;
 mod handshake;
 mod management;
+pub mod sigv4;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -73,6 +84,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use handler::{Handlers, RouteHandler, integration_response};
+pub use sigv4::{ManagementCredentials, sign};
 
 use connection::Registry;
 
@@ -102,6 +114,13 @@ pub struct GatewayConfig {
     pub max_lifetime: Duration,
     /// Names this gateway in logs when several run side by side.
     pub instance_id: String,
+    /// `requestContext.domainName` of every event: the `host:port` of the
+    /// management listener, from which the handlers build the callback
+    /// endpoint (`http://{domain_name}/{stage}`). It is configuration, never
+    /// the client's `Host`, so a client cannot point the relay anywhere.
+    pub domain_name: String,
+    /// The key pair the Management API accepts (SigV4).
+    pub management_credentials: ManagementCredentials,
 }
 
 impl Default for GatewayConfig {
@@ -116,6 +135,11 @@ impl Default for GatewayConfig {
             idle_timeout: Duration::from_secs(10 * 60),
             max_lifetime: Duration::from_secs(2 * 60 * 60),
             instance_id: "local".into(),
+            domain_name: "127.0.0.1:3100".into(),
+            management_credentials: ManagementCredentials {
+                access_key_id: "LOCALDEVMANAGEMENTKEY".into(),
+                secret_access_key: "local-dev-management-secret-change-me".into(),
+            },
         }
     }
 }
@@ -193,20 +217,29 @@ impl Gateway {
         }
     }
 
-    /// The WebSocket endpoint (`GET {ws_path}`) and the Management API
-    /// (`/{stage}/@connections/{connectionId}`), ready to merge with other
-    /// routers. Serve it with
-    /// `into_make_service_with_connect_info::<SocketAddr>()`.
+    /// The client side: the WebSocket endpoint (`GET {ws_path}`), ready to
+    /// merge with other routers. Serve it with
+    /// `into_make_service_with_connect_info::<SocketAddr>()`. It has no
+    /// Management API: see [`Gateway::management_router`].
     ///
     /// # Panics
     ///
-    /// If `ws_path` or `stage` do not make valid, distinct route paths
-    /// (`ws_path` must start with `/`); this is a start-up error.
+    /// If `ws_path` is not a valid route path (it must start with `/`);
+    /// this is a start-up error.
     pub fn router(&self) -> Router {
         Router::new()
             .route(&self.shared.config.ws_path, get(handshake::upgrade))
-            .merge(management::routes(&self.shared.config.stage))
             .with_state(Arc::clone(&self.shared))
+    }
+
+    /// The Management API (`/{stage}/@connections/{connectionId}`), SigV4
+    /// required: for an internal listener only, never the client port.
+    ///
+    /// # Panics
+    ///
+    /// If `stage` does not make a valid route path; a start-up error.
+    pub fn management_router(&self) -> Router {
+        management::routes(&self.shared).with_state(Arc::clone(&self.shared))
     }
 
     /// Live sockets now (connections still in `$connect` are not counted).
