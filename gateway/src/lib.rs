@@ -47,7 +47,9 @@
 //!   `{"message": "Internal server error", ...}`, as from API Gateway).
 //! * Limits: a message over `max_message_bytes` or a frame over
 //!   `max_frame_bytes` closes with 1009; no frame from the client for
-//!   `idle_timeout`, or `max_lifetime` after connecting, closes with 1001.
+//!   `idle_timeout`, or `max_lifetime` after connecting, closes with 1001;
+//!   an outbound queue over `max_queued_bytes` (or 1,024 messages) closes
+//!   with 1008: the client does not read what it is sent.
 //! * `$disconnect` runs exactly once for every connection whose `$connect`
 //!   succeeded, after it left the registry, whatever closed it.
 //!
@@ -60,6 +62,8 @@
 //! * `connection` — the connection registry and the task that runs each live
 //!   socket (reader, writer, `$default` dispatcher, limits, close, `$disconnect`).
 //! * `management` — the `@connections` routes.
+//! * `listener` — [`EdgeListener`]: handshake deadline, handshake cap,
+//!   per-IP connection rate and file-descriptor reserve of the client port.
 //! * `sigv4` — the signature check of those routes, and [`sign`] for
 //!   callers without the SDK.
 //! * this file — [`GatewayConfig`], [`Gateway`] and its counters.
@@ -70,6 +74,7 @@ mod connection;
 mod event;
 mod handler;
 mod handshake;
+pub mod listener;
 mod management;
 pub mod sigv4;
 
@@ -84,6 +89,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use handler::{Handlers, RouteHandler, integration_response};
+pub use listener::{EdgeLimits, EdgeListener};
 pub use sigv4::{ManagementCredentials, sign};
 
 use connection::Registry;
@@ -112,6 +118,15 @@ pub struct GatewayConfig {
     /// A connection is closed with 1001 this long after it connected.
     /// API Gateway: 2 hours.
     pub max_lifetime: Duration,
+    /// Most bytes of messages waiting to be written to one client (the
+    /// queue also holds at most 1,024 messages). A post that would go over
+    /// is refused with 429 and the client, which is not reading, is closed
+    /// with 1008 "Slow consumer". 1 MiB.
+    pub max_queued_bytes: usize,
+    /// Most application `ping` frames a second per connection (ten times
+    /// that at once); more are answered `RATE_LIMITED` by the gateway without
+    /// reaching `$default`. 0: unlimited. 10.
+    pub max_pings_per_sec: u32,
     /// Names this gateway in logs when several run side by side.
     pub instance_id: String,
     /// `requestContext.domainName` of every event: the `host:port` of the
@@ -134,6 +149,8 @@ impl Default for GatewayConfig {
             max_frame_bytes: 32 * 1024,
             idle_timeout: Duration::from_secs(10 * 60),
             max_lifetime: Duration::from_secs(2 * 60 * 60),
+            max_queued_bytes: 1 << 20,
+            max_pings_per_sec: 10,
             instance_id: "local".into(),
             domain_name: "127.0.0.1:3100".into(),
             management_credentials: ManagementCredentials {

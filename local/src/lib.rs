@@ -26,7 +26,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use chat_gateway::{Gateway, GatewayConfig, Handlers, ManagementCredentials};
+use axum::serve::ListenerExt as _;
+use chat_gateway::{
+    EdgeLimits, EdgeListener, Gateway, GatewayConfig, Handlers, ManagementCredentials,
+};
 use chat_relay::{RelayMetrics, RelayOptions};
 use chat_shared::ws::{self, WsState};
 use chat_shared::{Config, bootstrap, http, store};
@@ -108,8 +111,21 @@ pub fn gateway_config(config: &Config, management: SocketAddr) -> GatewayConfig 
         max_frame_bytes: config.gateway.max_frame_bytes,
         idle_timeout: config.gateway.idle_timeout,
         max_lifetime: config.gateway.max_lifetime,
+        max_queued_bytes: config.gateway.max_queued_bytes,
+        max_pings_per_sec: config.gateway.max_pings_per_sec,
         instance_id: config.instance_id.clone(),
         ..GatewayConfig::default()
+    }
+}
+
+/// The client port's limits from the configuration (see
+/// [`chat_gateway::listener`]).
+pub fn edge_limits(config: &Config) -> EdgeLimits {
+    EdgeLimits {
+        handshake_timeout: config.gateway.handshake_timeout,
+        max_handshakes: config.gateway.max_handshakes,
+        connect_rate_per_ip: config.gateway.connect_rate_per_ip,
+        max_sockets: chat_gateway::listener::sockets_within_fd_limit(config.gateway.fd_reserve),
     }
 }
 
@@ -222,9 +238,12 @@ impl Stack {
                     })
                 }),
             });
+            // `/health` here too: it answers even while the client port is
+            // full (the file-descriptor reserve).
             let internal = emulator
                 .management_router()
-                .merge(metrics::router(telemetry));
+                .merge(metrics::router(telemetry))
+                .route("/health", axum::routing::get(|| async { "ok" }));
             let stop = shutdown.clone();
             tasks.push(tokio::spawn(async move {
                 axum::serve(management_listener, internal)
@@ -240,6 +259,7 @@ impl Stack {
                 .layer(axum::middleware::from_fn(http::limit_request_head));
             let stop = shutdown.clone();
             let closing = emulator.clone();
+            let listener = EdgeListener::new(listener, edge_limits(config)).tap_io(|_| ());
             tasks.push(tokio::spawn(async move {
                 axum::serve(
                     listener,

@@ -188,10 +188,24 @@ impl TestServer {
         Self::start_with(config, recording_handlers).await
     }
 
+    /// With the recording handlers, the client port behind an
+    /// [`chat_gateway::EdgeListener`] with `limits`.
+    pub async fn start_edge(config: GatewayConfig, limits: chat_gateway::EdgeLimits) -> Self {
+        Self::start_inner(config, recording_handlers, Some(limits)).await
+    }
+
     /// With handlers built around the recorder.
     pub async fn start_with(
         config: GatewayConfig,
         handlers: impl FnOnce(&Arc<Recorder>) -> Handlers,
+    ) -> Self {
+        Self::start_inner(config, handlers, None).await
+    }
+
+    async fn start_inner(
+        config: GatewayConfig,
+        handlers: impl FnOnce(&Arc<Recorder>) -> Handlers,
+        limits: Option<chat_gateway::EdgeLimits>,
     ) -> Self {
         let recorder = Arc::new(Recorder::default());
         let management_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -211,14 +225,30 @@ impl TestServer {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let app = gateway.router();
-        tokio::spawn(async move {
-            axum::serve(
-                listener,
-                app.into_make_service_with_connect_info::<SocketAddr>(),
-            )
-            .await
-            .unwrap();
-        });
+        match limits {
+            None => {
+                tokio::spawn(async move {
+                    axum::serve(
+                        listener,
+                        app.into_make_service_with_connect_info::<SocketAddr>(),
+                    )
+                    .await
+                    .unwrap();
+                });
+            }
+            Some(limits) => {
+                use axum::serve::ListenerExt as _;
+                let listener = chat_gateway::EdgeListener::new(listener, limits).tap_io(|_| ());
+                tokio::spawn(async move {
+                    axum::serve(
+                        listener,
+                        app.into_make_service_with_connect_info::<SocketAddr>(),
+                    )
+                    .await
+                    .unwrap();
+                });
+            }
+        }
         Self {
             gateway,
             addr,
