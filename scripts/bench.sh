@@ -237,12 +237,14 @@ start_ours() {
     empty_tables chat_bench
     redis-cli -p "$REDIS_PORT" -n 0 flushdb >/dev/null
     env "${OURS_ENV[@]}" INSTANCE_ID=gw1 "$BIN/chat-local" serve --no-relay --no-migrate \
-        --listen 127.0.0.1:4101 >>"$WORK/ours-gw1.log" 2>&1 &
+        --listen 127.0.0.1:4101 --management-listen 127.0.0.1:4111 >>"$WORK/ours-gw1.log" 2>&1 &
     SYSTEM_PIDS=($!)
     env "${OURS_ENV[@]}" INSTANCE_ID=gw2 "$BIN/chat-local" serve --no-relay --no-migrate \
-        --listen 127.0.0.1:4102 >>"$WORK/ours-gw2.log" 2>&1 &
+        --listen 127.0.0.1:4102 --management-listen 127.0.0.1:4112 >>"$WORK/ours-gw2.log" 2>&1 &
     SYSTEM_PIDS+=($!)
-    env "${OURS_ENV[@]}" INSTANCE_ID=relay "$BIN/chat-local" relay >>"$WORK/ours-relay.log" 2>&1 &
+    env "${OURS_ENV[@]}" INSTANCE_ID=relay \
+        RELAY_ALLOWED_ENDPOINTS=http://127.0.0.1:4111/local,http://127.0.0.1:4112/local \
+        "$BIN/chat-local" relay >>"$WORK/ours-relay.log" 2>&1 &
     SYSTEM_PIDS+=($!)
     PIDS_TO_STOP=("${SYSTEM_PIDS[@]}")
     wait_healthy http://127.0.0.1:4101 http://127.0.0.1:4102
@@ -250,7 +252,7 @@ start_ours() {
     mapfile -t extra < <(shared_pids)
     SYSTEM_ARGS=(--label ours --url "$OURS_URLS" --gateway-pid "${SYSTEM_PIDS[0]},${SYSTEM_PIDS[1]}"
         --pid "relay=${SYSTEM_PIDS[2]}" "${extra[@]}"
-        --metrics-url http://127.0.0.1:4101/metrics --metrics-url http://127.0.0.1:4102/metrics)
+        --metrics-url http://127.0.0.1:4111/metrics --metrics-url http://127.0.0.1:4112/metrics)
 }
 
 start_baseline() {
@@ -365,7 +367,7 @@ s5() {
     log "run $run: S5 process start to first /health (both servers)"
     empty_tables chat_bench
     env "${OURS_ENV[@]}" "$BENCH" process-start --label ours --runs 3 --url http://127.0.0.1:4101/health -- \
-        "$BIN/chat-local" serve --no-relay --listen 127.0.0.1:4101 >>"$RESULTS"
+        "$BIN/chat-local" serve --no-relay --listen 127.0.0.1:4101 --management-listen 127.0.0.1:4111 >>"$RESULTS"
     (cd "$BASELINE_DIR" && env "${BASE_ENV[@]}" PORT=4201 "$BENCH" process-start --label baseline --runs 3 \
         --url http://127.0.0.1:4201/health -- node server.js) >>"$RESULTS"
 }

@@ -11,7 +11,9 @@ long-running service; named volumes for PostgreSQL and Redis; the migration
 step runs `chat-local migrate` and the app waits for it to succeed; the
 gateways serve without a relay on distinct published ports; a relay; the
 app's environment names the compose services, and every variable it sets is
-one the README documents; the Dockerfile builds both binaries. Needs PyYAML
+one the README documents; each gateway's Management API listener is on
+loopback and unpublished, and the relay may post only to those listeners;
+the Dockerfile builds both binaries. Needs PyYAML
 (in the venv of scripts/lib/pytools.sh, as a dependency of cfn-lint).
 """
 
@@ -109,6 +111,24 @@ def main(path):
         if holder != name:
             need("relay" in services and services["relay"].get("network_mode") == mode,
                  "the relay must share the gateways' network namespace (callback URLs use localhost)")
+
+    # The Management API (SigV4) and /metrics stay internal: each gateway
+    # puts them on loopback in the shared namespace, on a port nobody
+    # publishes, and the relay may post only there.
+    all_published = set().union(*published.values()) if published else set()
+    management = {}
+    for name in GATEWAYS:
+        listen = env(name).get("GATEWAY_MANAGEMENT_LISTEN", "")
+        host, _, port = listen.rpartition(":")
+        need(host == "127.0.0.1",
+             f"{name} must set GATEWAY_MANAGEMENT_LISTEN to 127.0.0.1:PORT (internal), has {listen!r}")
+        need(port not in all_published, f"{name}'s management port {port} must not be published")
+        need(port != ports.get(name), f"{name}'s management port must differ from its client port")
+        management[name] = f"http://{listen}/local"
+    allowed = set(filter(None, env("relay").get("RELAY_ALLOWED_ENDPOINTS", "").split(",")))
+    need(allowed == set(management.values()),
+         f"the relay's RELAY_ALLOWED_ENDPOINTS must be exactly the gateways' management endpoints "
+         f"{sorted(management.values())}, is {sorted(allowed)}")
 
     readme_vars = documented_variables()
     instance_ids = set()

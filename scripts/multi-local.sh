@@ -111,7 +111,13 @@ for i in $(seq 1 "$gateways"); do
     ports+=("$port")
     start "gateway-$i" "$bin" serve --no-relay --no-migrate --listen "127.0.0.1:$port"
 done
-start relay "$bin" relay
+# Each gateway serves its Management API (SigV4) and /metrics on loopback,
+# on its port + 100; the relay may post only there.
+allowed=""
+for port in "${ports[@]}"; do
+    allowed="${allowed:+$allowed,}http://127.0.0.1:$((port + 100))/local"
+done
+RELAY_ALLOWED_ENDPOINTS="${RELAY_ALLOWED_ENDPOINTS:-$allowed}" start relay "$bin" relay
 
 # Ready when every gateway answers /health with everything ok.
 for port in "${ports[@]}"; do

@@ -16,7 +16,7 @@
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -35,10 +35,12 @@ use tokio_util::sync::CancellationToken;
 use crate::event::{self, ConnectionMeta, MessageBody};
 use crate::{ConnectionInfo, Shared, handler};
 
-/// Room for posts and route responses waiting to be written to one socket.
-/// A post that finds it full is refused with 429 `LimitExceededException`
-/// (API Gateway documents no such case; refusing is better than an unbounded
-/// queue or a post that blocks its caller).
+/// Room for posts and route responses waiting to be written to one socket,
+/// in messages; `GatewayConfig::max_queued_bytes` bounds it in bytes too. A
+/// post that finds either full is refused with 429 `LimitExceededException`
+/// and the connection is closed with 1008: a client that does not read is
+/// dropped, as API Gateway drops slow consumers, rather than holding up to
+/// 1,024 × 128 KiB of this process's memory.
 pub(crate) const OUTBOUND_QUEUE: usize = 1024;
 
 /// Messages read from one socket and waiting for `$default`. When it is full
@@ -146,12 +148,25 @@ impl Registry {
         let Some(Slot::Live(connection)) = slots.by_id.get(id) else {
             return Err(PostError::Gone);
         };
+        let size = message_bytes(&message);
+        let queued = connection.queued_bytes.load(Ordering::Relaxed);
+        if queued.saturating_add(size) > connection.max_queued_bytes && queued > 0 {
+            connection.request_close(Cause::SlowConsumer);
+            return Err(PostError::Full);
+        }
+        connection.queued_bytes.fetch_add(size, Ordering::Relaxed);
         connection
             .outbound
             .try_send(Box::new(Outbound::Message(message)))
-            .map_err(|error| match error {
-                TrySendError::Full(_) => PostError::Full,
-                TrySendError::Closed(_) => PostError::Gone,
+            .map_err(|error| {
+                connection.queued_bytes.fetch_sub(size, Ordering::Relaxed);
+                match error {
+                    TrySendError::Full(_) => {
+                        connection.request_close(Cause::SlowConsumer);
+                        PostError::Full
+                    }
+                    TrySendError::Closed(_) => PostError::Gone,
+                }
             })
     }
 
@@ -173,6 +188,10 @@ pub(crate) struct LiveConnection {
     pub(crate) meta: Arc<ConnectionMeta>,
     /// The writer's queue.
     outbound: mpsc::Sender<Box<Outbound>>,
+    /// Bytes of messages in `outbound` (added when queued, taken off when
+    /// the writer takes them), and the most it may hold.
+    queued_bytes: Arc<AtomicUsize>,
+    max_queued_bytes: usize,
     /// Epoch milliseconds of the client's last frame (`lastActiveAt`).
     last_active_ms: AtomicI64,
     /// Cancelled to ask the reader to close the socket.
@@ -182,11 +201,17 @@ pub(crate) struct LiveConnection {
 }
 
 impl LiveConnection {
-    fn new(meta: Arc<ConnectionMeta>, outbound: mpsc::Sender<Box<Outbound>>) -> Self {
+    fn new(
+        meta: Arc<ConnectionMeta>,
+        outbound: mpsc::Sender<Box<Outbound>>,
+        max_queued_bytes: usize,
+    ) -> Self {
         let connected_ms = meta.connected_at.timestamp_millis();
         Self {
             meta,
             outbound,
+            queued_bytes: Arc::new(AtomicUsize::new(0)),
+            max_queued_bytes,
             last_active_ms: AtomicI64::new(connected_ms),
             close_requested: CancellationToken::new(),
             close_cause: Mutex::new(None),
@@ -265,6 +290,8 @@ pub(crate) enum Cause {
     Shutdown,
     /// A message or frame over the configured size.
     TooBig,
+    /// The outbound queue filled up: the client does not read.
+    SlowConsumer,
     /// A text message that is not UTF-8.
     InvalidPayload,
     /// Any other WebSocket protocol violation by the client.
@@ -280,6 +307,8 @@ impl Cause {
             Self::Deleted => (1000, "Connection Closed Normally"),
             Self::Idle | Self::Lifetime | Self::Shutdown => (1001, "Going away"),
             Self::TooBig => (1009, "Message too big"),
+            // Policy: a client must read what it is sent.
+            Self::SlowConsumer => (1008, "Slow consumer"),
             Self::InvalidPayload => (1007, "Invalid frame payload data"),
             Self::Protocol => (1002, "Protocol error"),
         };
@@ -337,14 +366,22 @@ pub(crate) async fn serve(
     started: Instant,
 ) {
     let (outbound_tx, outbound_rx) = mpsc::channel(OUTBOUND_QUEUE);
-    let live = Arc::new(LiveConnection::new(Arc::clone(&meta), outbound_tx));
+    let live = Arc::new(LiveConnection::new(
+        Arc::clone(&meta),
+        outbound_tx,
+        shared.config.max_queued_bytes,
+    ));
     shared
         .registry
         .go_live(&meta.connection_id, Arc::clone(&live));
     tracing::info!(source_ip = %meta.source_ip, "connected");
 
     let (sink, mut stream) = socket.split();
-    let writer = tokio::spawn(write_loop(sink, outbound_rx));
+    let writer = tokio::spawn(write_loop(
+        sink,
+        outbound_rx,
+        Arc::clone(&live.queued_bytes),
+    ));
     let mut dispatcher = None;
 
     let cause = read_loop(&shared, &live, &mut stream, &mut dispatcher, started).await;
@@ -397,6 +434,7 @@ async fn read_loop(
     let config = &shared.config;
     let lifetime_end = started + config.max_lifetime;
     let mut last_active = Instant::now();
+    let mut pings = PingBucket::new(config.max_pings_per_sec);
     loop {
         let idle_end = last_active + config.idle_timeout;
         let frame = tokio::select! {
@@ -416,6 +454,21 @@ async fn read_loop(
         last_active = Instant::now();
         live.touch();
         let message = match message {
+            Message::Text(text) if is_ping(&text) && !pings.take(Instant::now()) => {
+                // Answered here: extra pings never reach `$default`.
+                let refusal = Message::Text(PING_REFUSAL.into());
+                live.queued_bytes
+                    .fetch_add(PING_REFUSAL.len(), Ordering::Relaxed);
+                if live
+                    .outbound
+                    .try_send(Box::new(Outbound::Message(refusal)))
+                    .is_err()
+                {
+                    live.queued_bytes
+                        .fetch_sub(PING_REFUSAL.len(), Ordering::Relaxed);
+                }
+                continue;
+            }
             Message::Text(text) => Inbound::Text(text),
             Message::Binary(bytes) => Inbound::Binary(bytes),
             // tungstenite has already queued the pong.
@@ -435,14 +488,71 @@ async fn read_loop(
     }
 }
 
+/// How many seconds' worth of pings may come at once.
+const PING_BURST: f64 = 10.0;
+
+/// The answer to a `ping` over the connection's ping rate.
+const PING_REFUSAL: &str = r#"{"type":"error","payload":{"code":"RATE_LIMITED","message":"too many pings","requestType":"ping","clientMessageId":null,"retryAfterMs":1000}}"#;
+
+/// Whether a client message is an application `ping` (`{"type":"ping",…}`).
+/// Only short messages are looked at: a ping is a few dozen bytes.
+fn is_ping(text: &str) -> bool {
+    text.len() <= 512
+        && text.contains("ping")
+        && serde_json::from_str::<serde_json::Value>(text).is_ok_and(|value| {
+            value.get("type").and_then(serde_json::Value::as_str) == Some("ping")
+        })
+}
+
+/// A token bucket for one connection's `ping`s: `per_sec` a second, ten
+/// times that at once (a client that pings after every request, as a
+/// keep-alive or a latency probe, must not be refused). Pings were never rate limited (they renew presence and
+/// answer `pong` without PostgreSQL), so a client could make the server
+/// spend CPU on 100,000 of them; this keeps them generous but bounded.
+struct PingBucket {
+    /// `None`: unlimited.
+    per_sec: Option<f64>,
+    tokens: f64,
+    last: Instant,
+}
+
+impl PingBucket {
+    fn new(per_sec: u32) -> Self {
+        let per_sec = (per_sec > 0).then_some(f64::from(per_sec));
+        Self {
+            per_sec,
+            tokens: per_sec.map_or(0.0, |rate| rate * PING_BURST),
+            last: Instant::now(),
+        }
+    }
+
+    /// Takes a token; `false` when there is none.
+    fn take(&mut self, now: Instant) -> bool {
+        let Some(rate) = self.per_sec else {
+            return true;
+        };
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + elapsed * rate).min(rate * PING_BURST);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
 /// Writes queued messages in order; stops after a close frame or an error.
 async fn write_loop(
     mut sink: SplitSink<WebSocket, Message>,
     mut outbound: mpsc::Receiver<Box<Outbound>>,
+    queued_bytes: Arc<AtomicUsize>,
 ) {
     while let Some(item) = outbound.recv().await {
         match *item {
             Outbound::Message(message) => {
+                queued_bytes.fetch_sub(message_bytes(&message), Ordering::Relaxed);
                 if sink.feed(message).await.is_err() {
                     return;
                 }
@@ -486,6 +596,7 @@ async fn dispatch_loop(
             ),
         };
         if let Some(text) = reply {
+            live.queued_bytes.fetch_add(text.len(), Ordering::Relaxed);
             // Wait for room rather than drop a route response; this fails
             // only once the socket is closed.
             let _ = live
@@ -493,6 +604,15 @@ async fn dispatch_loop(
                 .send(Box::new(Outbound::Message(Message::Text(text.into()))))
                 .await;
         }
+    }
+}
+
+/// The payload bytes a queued message holds.
+fn message_bytes(message: &Message) -> usize {
+    match message {
+        Message::Text(text) => text.len(),
+        Message::Binary(bytes) => bytes.len(),
+        _ => 0,
     }
 }
 
@@ -578,7 +698,7 @@ pub(crate) fn test_connection(registry: &Registry, id: &str, capacity: usize) ->
         source_ip: std::net::Ipv4Addr::LOCALHOST.into(),
         user_agent: None,
     });
-    registry.go_live(id, Arc::new(LiveConnection::new(meta, tx)));
+    registry.go_live(id, Arc::new(LiveConnection::new(meta, tx, usize::MAX)));
     TestConnection(rx)
 }
 
@@ -608,7 +728,10 @@ mod tests {
         assert_eq!(registry.live_count(), 0);
 
         let (tx, mut rx) = mpsc::channel(1);
-        registry.go_live(&id, Arc::new(LiveConnection::new(meta(&id), tx)));
+        registry.go_live(
+            &id,
+            Arc::new(LiveConnection::new(meta(&id), tx, usize::MAX)),
+        );
         assert_eq!(registry.live_count(), 1);
         assert_eq!(registry.post(&id, Message::Text("a".into())), Ok(()));
         assert_eq!(

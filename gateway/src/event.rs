@@ -37,7 +37,8 @@ pub(crate) struct ConnectionMeta {
     pub connection_id: String,
     /// When the upgrade request arrived (`connectedAt`), millisecond precision.
     pub connected_at: DateTime<Utc>,
-    /// The upgrade request's `Host` (e.g. `127.0.0.1:3000`): the relay builds
+    /// The configured management listener (`GatewayConfig::domain_name`,
+    /// e.g. `127.0.0.1:3100`), never the client's `Host`: the relay builds
     /// its callback URL from it, as it would from `<api>.execute-api...`.
     pub domain_name: String,
     /// The TCP peer's address (`identity.sourceIp`).

@@ -52,7 +52,9 @@ pub(crate) async fn upgrade(State(shared): State<Arc<Shared>>, request: Request)
             .get(name)
             .map(|value| String::from_utf8_lossy(value.as_bytes()).into_owned())
     };
-    let domain_name = header_text(header::HOST).unwrap_or_else(|| "localhost".into());
+    // The callback endpoint comes from configuration: the client's `Host`
+    // reaches nothing the relay uses.
+    let domain_name = shared.config.domain_name.clone();
     let user_agent = header_text(header::USER_AGENT);
     let now = now_millis();
 

@@ -6,9 +6,15 @@
 //! the `$connect` / `$default` / `$disconnect` Lambdas: same event JSON, same
 //! refusal of the handshake when `$connect` answers non-2xx, same two-way
 //! route responses, same close codes and limits. Back ends push to clients
-//! through the Management API on the same router
-//! (`POST|GET|DELETE /{stage}/@connections/{connectionId}`), which the AWS
-//! SDK reaches with `endpoint_url("http://HOST:PORT/{stage}")`.
+//! through the Management API (`POST|GET|DELETE
+//! /{stage}/@connections/{connectionId}`), which is a separate router
+//! ([`Gateway::management_router`]) for a separate, internal listener: it is
+//! never served on the client port, and it requires SigV4 signatures made
+//! with [`GatewayConfig::management_credentials`], as API Gateway requires
+//! IAM-signed calls. The AWS SDK reaches it with
+//! `endpoint_url("http://MGMT_HOST:MGMT_PORT/{stage}")`; `$connect` events
+//! carry that address ([`GatewayConfig::domain_name`]) as
+//! `requestContext.domainName`, never the client's `Host`.
 //!
 //! ```no_run
 //! # async fn run(handlers: chat_gateway::Handlers) -> std::io::Result<()> {
@@ -16,6 +22,8 @@
 //! use chat_gateway::{Gateway, GatewayConfig};
 //!
 //! let gateway = Gateway::new(GatewayConfig::default(), handlers);
+//! let management = tokio::net::TcpListener::bind("127.0.0.1:3100").await?;
+//! tokio::spawn(axum::serve(management, gateway.management_router()).into_future());
 //! let app = gateway.router(); // .merge(rest_router)
 //! let listener = tokio::net::TcpListener::bind("127.0.0.1:3000").await?;
 //! // Connect info is what fills `identity.sourceIp`.
@@ -39,7 +47,9 @@
 //!   `{"message": "Internal server error", ...}`, as from API Gateway).
 //! * Limits: a message over `max_message_bytes` or a frame over
 //!   `max_frame_bytes` closes with 1009; no frame from the client for
-//!   `idle_timeout`, or `max_lifetime` after connecting, closes with 1001.
+//!   `idle_timeout`, or `max_lifetime` after connecting, closes with 1001;
+//!   an outbound queue over `max_queued_bytes` (or 1,024 messages) closes
+//!   with 1008: the client does not read what it is sent.
 //! * `$disconnect` runs exactly once for every connection whose `$connect`
 //!   succeeded, after it left the registry, whatever closed it.
 //!
@@ -52,6 +62,10 @@
 //! * `connection` — the connection registry and the task that runs each live
 //!   socket (reader, writer, `$default` dispatcher, limits, close, `$disconnect`).
 //! * `management` — the `@connections` routes.
+//! * `listener` — [`EdgeListener`]: handshake deadline, handshake cap,
+//!   per-IP connection rate and file-descriptor reserve of the client port.
+//! * `sigv4` — the signature check of those routes, and [`sign`] for
+//!   callers without the SDK.
 //! * this file — [`GatewayConfig`], [`Gateway`] and its counters.
 
 #![forbid(unsafe_code)]
@@ -60,7 +74,9 @@ mod connection;
 mod event;
 mod handler;
 mod handshake;
+pub mod listener;
 mod management;
+pub mod sigv4;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -73,6 +89,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use handler::{Handlers, RouteHandler, integration_response};
+pub use listener::{EdgeLimits, EdgeListener};
+pub use sigv4::{ManagementCredentials, sign};
 
 use connection::Registry;
 
@@ -100,8 +118,24 @@ pub struct GatewayConfig {
     /// A connection is closed with 1001 this long after it connected.
     /// API Gateway: 2 hours.
     pub max_lifetime: Duration,
+    /// Most bytes of messages waiting to be written to one client (the
+    /// queue also holds at most 1,024 messages). A post that would go over
+    /// is refused with 429 and the client, which is not reading, is closed
+    /// with 1008 "Slow consumer". 1 MiB.
+    pub max_queued_bytes: usize,
+    /// Most application `ping` frames a second per connection (ten times
+    /// that at once); more are answered `RATE_LIMITED` by the gateway without
+    /// reaching `$default`. 0: unlimited. 10.
+    pub max_pings_per_sec: u32,
     /// Names this gateway in logs when several run side by side.
     pub instance_id: String,
+    /// `requestContext.domainName` of every event: the `host:port` of the
+    /// management listener, from which the handlers build the callback
+    /// endpoint (`http://{domain_name}/{stage}`). It is configuration, never
+    /// the client's `Host`, so a client cannot point the relay anywhere.
+    pub domain_name: String,
+    /// The key pair the Management API accepts (SigV4).
+    pub management_credentials: ManagementCredentials,
 }
 
 impl Default for GatewayConfig {
@@ -115,7 +149,14 @@ impl Default for GatewayConfig {
             max_frame_bytes: 32 * 1024,
             idle_timeout: Duration::from_secs(10 * 60),
             max_lifetime: Duration::from_secs(2 * 60 * 60),
+            max_queued_bytes: 1 << 20,
+            max_pings_per_sec: 10,
             instance_id: "local".into(),
+            domain_name: "127.0.0.1:3100".into(),
+            management_credentials: ManagementCredentials {
+                access_key_id: "LOCALDEVMANAGEMENTKEY".into(),
+                secret_access_key: "local-dev-management-secret-change-me".into(),
+            },
         }
     }
 }
@@ -193,20 +234,29 @@ impl Gateway {
         }
     }
 
-    /// The WebSocket endpoint (`GET {ws_path}`) and the Management API
-    /// (`/{stage}/@connections/{connectionId}`), ready to merge with other
-    /// routers. Serve it with
-    /// `into_make_service_with_connect_info::<SocketAddr>()`.
+    /// The client side: the WebSocket endpoint (`GET {ws_path}`), ready to
+    /// merge with other routers. Serve it with
+    /// `into_make_service_with_connect_info::<SocketAddr>()`. It has no
+    /// Management API: see [`Gateway::management_router`].
     ///
     /// # Panics
     ///
-    /// If `ws_path` or `stage` do not make valid, distinct route paths
-    /// (`ws_path` must start with `/`); this is a start-up error.
+    /// If `ws_path` is not a valid route path (it must start with `/`);
+    /// this is a start-up error.
     pub fn router(&self) -> Router {
         Router::new()
             .route(&self.shared.config.ws_path, get(handshake::upgrade))
-            .merge(management::routes(&self.shared.config.stage))
             .with_state(Arc::clone(&self.shared))
+    }
+
+    /// The Management API (`/{stage}/@connections/{connectionId}`), SigV4
+    /// required: for an internal listener only, never the client port.
+    ///
+    /// # Panics
+    ///
+    /// If `stage` does not make a valid route path; a start-up error.
+    pub fn management_router(&self) -> Router {
+        management::routes(&self.shared).with_state(Arc::clone(&self.shared))
     }
 
     /// Live sockets now (connections still in `$connect` are not counted).

@@ -2,20 +2,25 @@
 //! /{stage}/@connections/{connectionId}`, the PostToConnection,
 //! GetConnection and DeleteConnection calls of `apigatewaymanagementapi`.
 //!
-//! Requests are accepted whatever their `Authorization` (the SDK signs them
-//! with SigV4; nothing here checks it). The id in the path arrives
+//! These routes are served only on the management listener, never on the
+//! client port, and every request must carry a valid SigV4 signature made
+//! with the configured [`crate::ManagementCredentials`] (module `sigv4`);
+//! anything else gets 403 `ForbiddenException`, as from API Gateway, and
+//! changes nothing. The id in the path arrives
 //! percent-encoded (`=` as `%3D`) and is decoded; `@` may be encoded too.
 //! Errors carry `x-amzn-ErrorType`, which is how the SDK tells them apart
 //! (`is_gone_exception()` needs it), and a JSON `{"message": ...}` body.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::SystemTime;
 
 use axum::Router;
 use axum::body::Body;
 use axum::extract::ws::Message;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use serde_json::{Value, json};
@@ -24,8 +29,9 @@ use crate::Shared;
 use crate::connection::{Cause, PostError};
 use crate::event::iso_millis;
 
-/// The `@connections` routes for `stage`.
-pub(crate) fn routes(stage: &str) -> Router<Arc<Shared>> {
+/// The `@connections` routes for `stage`, each behind the SigV4 check.
+pub(crate) fn routes(shared: &Arc<Shared>) -> Router<Arc<Shared>> {
+    let stage = &shared.config.stage;
     let methods = || {
         post(post_to_connection)
             .get(get_connection)
@@ -40,6 +46,38 @@ pub(crate) fn routes(stage: &str) -> Router<Arc<Shared>> {
             &format!("/{stage}/%40connections/{{connection_id}}"),
             methods(),
         )
+        .route_layer(axum::middleware::from_fn_with_state(
+            Arc::clone(shared),
+            require_sigv4,
+        ))
+}
+
+/// Lets a request through only with a valid signature; reads the body (up
+/// to the message limit) to check it, and hands it on.
+async fn require_sigv4(
+    State(shared): State<Arc<Shared>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let (parts, body) = request.into_parts();
+    let limit = shared.config.max_message_bytes;
+    let Ok(bytes) = axum::body::to_bytes(body, limit).await else {
+        return ManagementError::PayloadTooLarge(limit).into_response();
+    };
+    let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    if let Err(why) = crate::sigv4::verify(
+        &shared.config.management_credentials,
+        parts.method.as_str(),
+        target,
+        &parts.headers,
+        &bytes,
+        SystemTime::now(),
+    ) {
+        tracing::debug!(%why, method = %parts.method, "Management API call refused");
+        return ManagementError::Forbidden.into_response();
+    }
+    next.run(Request::from_parts(parts, Body::from(bytes)))
+        .await
 }
 
 /// A Management API error, in the shape the AWS SDK parses.
@@ -55,6 +93,10 @@ pub(crate) enum ManagementError {
     /// The connection's outbound queue is full (429 `LimitExceededException`).
     #[error("too many messages are waiting to be sent to this connection")]
     LimitExceeded,
+    /// Unsigned, or not signed with the configured credentials (403
+    /// `ForbiddenException`).
+    #[error("Forbidden")]
+    Forbidden,
 }
 
 impl IntoResponse for ManagementError {
@@ -70,6 +112,11 @@ impl IntoResponse for ManagementError {
             Self::LimitExceeded => (
                 StatusCode::TOO_MANY_REQUESTS,
                 "LimitExceededException",
+                self.to_string().into(),
+            ),
+            Self::Forbidden => (
+                StatusCode::FORBIDDEN,
+                "ForbiddenException",
                 self.to_string().into(),
             ),
         };
@@ -164,13 +211,51 @@ mod tests {
         Gateway::new(GatewayConfig::default(), Handlers::new(ok, ok, ok))
     }
 
-    async fn call(gateway: &Gateway, method: &str, path: &str, body: &'static str) -> Response {
-        let request = Request::builder()
+    /// A request signed with the gateway's (default) credentials.
+    fn signed(gateway: &Gateway, method: &str, path: &str, body: Vec<u8>) -> Request<Body> {
+        let mut request = Request::builder()
             .method(method)
             .uri(path)
-            .body(Body::from(body))
-            .unwrap();
-        gateway.router().oneshot(request).await.unwrap()
+            .header("host", "gw.test");
+        let url = format!("http://gw.test{path}");
+        let credentials = &gateway.shared.config.management_credentials;
+        for (name, value) in crate::sigv4::sign(credentials, method, &url, &[], &body, "us-east-1")
+        {
+            request = request.header(name, value);
+        }
+        request.body(Body::from(body)).unwrap()
+    }
+
+    async fn call(gateway: &Gateway, method: &str, path: &str, body: &'static str) -> Response {
+        let request = signed(gateway, method, path, body.as_bytes().to_vec());
+        gateway.management_router().oneshot(request).await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn unsigned_calls_are_forbidden_and_the_client_port_has_no_management_api() {
+        let gateway = gateway();
+        let mut messages =
+            crate::connection::test_connection(&gateway.shared.registry, "DDDDDDDDDDDDDDD=", 4);
+        let path = "/local/@connections/DDDDDDDDDDDDDDD%3D";
+        for method in ["POST", "GET", "DELETE"] {
+            let request = Request::builder()
+                .method(method)
+                .uri(path)
+                .header("host", "gw.test")
+                .body(Body::from("forged"))
+                .unwrap();
+            let response = gateway.management_router().oneshot(request).await.unwrap();
+            assert_eq!(response.status(), StatusCode::FORBIDDEN, "{method}");
+            assert_eq!(response.headers()["x-amzn-errortype"], "ForbiddenException");
+            let request = signed(&gateway, method, path, b"forged".to_vec());
+            let response = gateway.router().oneshot(request).await.unwrap();
+            assert_eq!(response.status(), StatusCode::NOT_FOUND, "{method}");
+        }
+        assert!(messages.try_recv().is_none(), "nothing reached the socket");
+        assert!(
+            gateway.connection("DDDDDDDDDDDDDDD=").is_some(),
+            "still live"
+        );
     }
 
     #[tokio::test]
@@ -231,12 +316,13 @@ mod tests {
         let gateway = gateway();
         let mut messages =
             crate::connection::test_connection(&gateway.shared.registry, "BBBBBBBBBBBBBBB=", 1);
-        let request = Request::builder()
-            .method("POST")
-            .uri("/local/@connections/BBBBBBBBBBBBBBB%3D")
-            .body(Body::from(vec![0xff, 0x00]))
-            .unwrap();
-        let response = gateway.router().oneshot(request).await.unwrap();
+        let request = signed(
+            &gateway,
+            "POST",
+            "/local/@connections/BBBBBBBBBBBBBBB%3D",
+            vec![0xff, 0x00],
+        );
+        let response = gateway.management_router().oneshot(request).await.unwrap();
         assert_eq!(response.status(), StatusCode::OK);
         assert_eq!(
             messages.try_recv().unwrap(),

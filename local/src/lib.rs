@@ -1,6 +1,8 @@
 //! The local stack: REST, `/health`, the API Gateway WebSocket emulator
 //! (with the real `$connect` / `$default` / `$disconnect` handlers) and,
-//! by default, the relay, in one process on one port.
+//! by default, the relay, in one process. Clients use one port; the
+//! Management API (SigV4) and `/metrics` are on a second, internal one
+//! (loopback by default), never on the client port.
 //!
 //! Flags pick parts, so several gateways and a separate relay can run side
 //! by side against one PostgreSQL and one Redis, as they do in AWS.
@@ -24,10 +26,14 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use chat_gateway::{Gateway, GatewayConfig, Handlers};
-use chat_relay::RelayMetrics;
+use axum::serve::ListenerExt as _;
+use chat_gateway::{
+    EdgeLimits, EdgeListener, Gateway, GatewayConfig, Handlers, ManagementCredentials,
+};
+use chat_relay::{RelayMetrics, RelayOptions};
 use chat_shared::ws::{self, WsState};
 use chat_shared::{Config, bootstrap, http, store};
+use secrecy::ExposeSecret as _;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -64,8 +70,11 @@ pub struct Options {
     pub dev_tokens: bool,
     /// Serve `GET /metrics` on this listener too. For a stack without a
     /// gateway (`chat-local relay --metrics-listen`); a gateway serves
-    /// `/metrics` on its own listener anyway.
+    /// `/metrics` on its management listener anyway.
     pub metrics_listener: Option<TcpListener>,
+    /// Where the gateway serves the Management API and `/metrics`
+    /// (`GATEWAY_MANAGEMENT_LISTEN`); `127.0.0.1:0` when not given.
+    pub management_listener: Option<TcpListener>,
 }
 
 /// A running stack.
@@ -78,20 +87,45 @@ pub struct Stack {
     pub relay: Option<Arc<RelayMetrics>>,
     /// Where `/metrics` answers on [`Options::metrics_listener`].
     pub metrics_addr: Option<SocketAddr>,
+    /// Where the gateway's Management API (SigV4) and `/metrics` answer.
+    pub management_addr: Option<SocketAddr>,
     shutdown: CancellationToken,
     tasks: Vec<JoinHandle<anyhow::Result<()>>>,
 }
 
-/// The emulator's settings from the configuration.
-pub fn gateway_config(config: &Config) -> GatewayConfig {
+/// The emulator's settings from the configuration, with its Management
+/// API on `management` (what `$connect` records as the callback endpoint).
+pub fn gateway_config(config: &Config, management: SocketAddr) -> GatewayConfig {
     GatewayConfig {
+        domain_name: management.to_string(),
+        management_credentials: ManagementCredentials {
+            access_key_id: config.management.access_key_id.clone(),
+            secret_access_key: config
+                .management
+                .secret_access_key
+                .expose_secret()
+                .to_owned(),
+        },
         stage: config.gateway.stage.clone(),
         max_message_bytes: config.gateway.max_message_bytes,
         max_frame_bytes: config.gateway.max_frame_bytes,
         idle_timeout: config.gateway.idle_timeout,
         max_lifetime: config.gateway.max_lifetime,
+        max_queued_bytes: config.gateway.max_queued_bytes,
+        max_pings_per_sec: config.gateway.max_pings_per_sec,
         instance_id: config.instance_id.clone(),
         ..GatewayConfig::default()
+    }
+}
+
+/// The client port's limits from the configuration (see
+/// [`chat_gateway::listener`]).
+pub fn edge_limits(config: &Config) -> EdgeLimits {
+    EdgeLimits {
+        handshake_timeout: config.gateway.handshake_timeout,
+        max_handshakes: config.gateway.max_handshakes,
+        connect_rate_per_ip: config.gateway.connect_rate_per_ip,
+        max_sockets: chat_gateway::listener::sockets_within_fd_limit(config.gateway.fd_reserve),
     }
 }
 
@@ -129,8 +163,8 @@ impl Stack {
     }
 
     /// Starts the parts in `parts` with `options`; the gateway serves on
-    /// `listener` (REST, `/health`, `/ws`, the Management API, `/metrics`
-    /// and the console).
+    /// `listener` (REST, `/health`, `/ws` and the console) and on its
+    /// management listener (the Management API and `/metrics`).
     ///
     /// # Errors
     /// When Redis does not answer or a URL is invalid.
@@ -145,10 +179,30 @@ impl Stack {
         let mut tasks = Vec::new();
         let mut addr = None;
         let mut gateway = None;
+        let mut management_addr = None;
+        let management_listener = if parts.gateway {
+            let listener = match options.management_listener {
+                Some(listener) => listener,
+                None => TcpListener::bind("127.0.0.1:0")
+                    .await
+                    .context("binding the management listener")?,
+            };
+            management_addr = Some(listener.local_addr()?);
+            Some(listener)
+        } else {
+            None
+        };
         // The relay is built first so the gateway's `/metrics` and ops
-        // view can read its counters.
+        // view can read its counters. In one process with the gateway it
+        // may call that gateway's endpoint.
         let relay = if parts.relay {
-            Some(chat_relay::Relay::new(config).await?)
+            let mut relay_options = RelayOptions::from_config(config);
+            if let Some(management) = management_addr {
+                relay_options.endpoints = relay_options
+                    .endpoints
+                    .allowing(format!("http://{management}/{}", config.gateway.stage));
+            }
+            Some(chat_relay::Relay::with_options(config, relay_options).await?)
         } else {
             None
         };
@@ -161,7 +215,12 @@ impl Stack {
                 verifier: Arc::clone(&ws_state.verifier),
                 max_waiting: config.pg_max_waiting,
             };
-            let emulator = Gateway::new(gateway_config(config), handlers(ws_state.clone()));
+            let management_listener =
+                management_listener.context("the gateway needs a management listener")?;
+            let emulator = Gateway::new(
+                gateway_config(config, management_listener.local_addr()?),
+                handlers(ws_state.clone()),
+            );
             let telemetry = Telemetry {
                 instance_id: config.instance_id.clone(),
                 gateway: Some(emulator.clone()),
@@ -182,15 +241,28 @@ impl Stack {
                         })
                     }),
             });
+            // `/health` here too: it answers even while the client port is
+            // full (the file-descriptor reserve).
+            let internal = emulator
+                .management_router()
+                .merge(metrics::router(telemetry))
+                .route("/health", axum::routing::get(|| async { "ok" }));
+            let stop = shutdown.clone();
+            tasks.push(tokio::spawn(async move {
+                axum::serve(management_listener, internal)
+                    .with_graceful_shutdown(stop.cancelled_owned())
+                    .await
+                    .context("serving the Management API")
+            }));
             let app = http::app(app_state)
                 .merge(emulator.router())
-                .merge(metrics::router(telemetry))
                 .merge(console)
                 // Oversized request lines and headers get a clear 414 / 431
                 // (REST, /health and the WebSocket handshake alike).
                 .layer(axum::middleware::from_fn(http::limit_request_head));
             let stop = shutdown.clone();
             let closing = emulator.clone();
+            let listener = EdgeListener::new(listener, edge_limits(config)).tap_io(|_| ());
             tasks.push(tokio::spawn(async move {
                 axum::serve(
                     listener,
@@ -233,6 +305,7 @@ impl Stack {
             gateway,
             relay: relay_metrics,
             metrics_addr,
+            management_addr,
             shutdown,
             tasks,
         })

@@ -2,8 +2,10 @@
 //! operational commands.
 //!
 //! - `serve`: migrations, then REST, `/health`, the WebSocket gateway at
-//!   `/ws`, the Management API at `/{stage}/@connections/{id}`, `/metrics`
-//!   and the console at `/console` on `PORT`, plus the relay (unless
+//!   `/ws` and the console at `/console` on `PORT`; the Management API at
+//!   `/{stage}/@connections/{id}` (SigV4) and `/metrics` on the internal
+//!   management listener (`GATEWAY_MANAGEMENT_LISTEN`, default
+//!   127.0.0.1 on the client port + 100); plus the relay (unless
 //!   `--no-relay`); `--dev-tokens` lets the console mint tokens.
 //! - `relay`: the relay alone (for side-by-side runs), with `/metrics` on
 //!   `--metrics-listen` when given.
@@ -44,6 +46,11 @@ enum Command {
         /// Address to bind (overrides PORT).
         #[arg(long)]
         listen: Option<SocketAddr>,
+        /// Address of the internal listener for the Management API and
+        /// /metrics (overrides GATEWAY_MANAGEMENT_LISTEN; default
+        /// 127.0.0.1 on the client port + 100). Never expose it.
+        #[arg(long)]
+        management_listen: Option<SocketAddr>,
         /// Do not apply migrations at start-up.
         #[arg(long)]
         no_migrate: bool,
@@ -120,6 +127,7 @@ async fn run() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Serve {
             listen,
+            management_listen,
             no_migrate,
             no_relay,
             dev_tokens,
@@ -134,12 +142,21 @@ async fn run() -> anyhow::Result<()> {
             let listener = tokio::net::TcpListener::bind(addr)
                 .await
                 .with_context(|| format!("binding {addr}"))?;
+            let management_addr = management_listen
+                .or(config.management.listen)
+                .unwrap_or_else(|| {
+                    SocketAddr::from(([127, 0, 0, 1], addr.port().saturating_add(100)))
+                });
+            let management_listener = tokio::net::TcpListener::bind(management_addr)
+                .await
+                .with_context(|| format!("binding {management_addr} (the management listener)"))?;
             let parts = Parts {
                 gateway: true,
                 relay: !no_relay,
             };
             let options = Options {
                 dev_tokens,
+                management_listener: Some(management_listener),
                 ..Options::default()
             };
             let stack = Stack::start_with(&config, Some(listener), parts, options).await?;
@@ -156,10 +173,12 @@ async fn run() -> anyhow::Result<()> {
             });
             tracing::info!(
                 %addr,
+                %management_addr,
                 instance = %config.instance_id,
                 relay = parts.relay,
                 "chat-local listening: REST /api/v1/chat, WebSocket /ws, health /health, \
-                 metrics /metrics, console http://{addr}/console"
+                 console http://{addr}/console; Management API (SigV4) and metrics at \
+                 http://{management_addr}"
             );
             if dev_tokens {
                 tracing::warn!(

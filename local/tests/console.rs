@@ -229,7 +229,7 @@ async fn metrics_expose_gateway_relay_and_error_counters() {
     let env = TestEnv::new().await;
     let stack = TestStack::all_in_one(&env).await;
     common::wait_relays(&env, 1).await;
-    let text = scrape(stack.addr()).await;
+    let text = scrape(stack.management_addr()).await;
     assert_exposition(&text);
     assert_eq!(
         sample(&text, "chat_gateway_connections{gateway=\"test\"}"),
@@ -266,7 +266,7 @@ async fn metrics_expose_gateway_relay_and_error_counters() {
     .await;
     assert_eq!(handshake.err().map(|(status, _)| status), Some(401));
 
-    let text = scrape(stack.addr()).await;
+    let text = scrape(stack.management_addr()).await;
     assert_exposition(&text);
     assert_eq!(
         sample(&text, "chat_gateway_connections{gateway=\"test\"}"),

@@ -347,6 +347,9 @@ impl Deployment {
             .env("RATE_LIMIT_PER_SEC", "0")
             .env("REST_RATE_LIMIT_PER_SEC", "0")
             .env("INSTANCE_ID", name)
+            // The relays post to the gateways' management listeners, on
+            // free loopback ports.
+            .env("RELAY_ALLOWED_ENDPOINTS", "http://127.0.0.1:*/local")
             .env("LOG_FORMAT", "pretty")
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
@@ -362,7 +365,9 @@ impl Deployment {
         let mut serve = self.chat_local(name);
         serve
             .args(["serve", "--no-relay", "--no-migrate", "--listen"])
-            .arg(addr.to_string());
+            .arg(addr.to_string())
+            .arg("--management-listen")
+            .arg(format!("127.0.0.1:{}", free_port()));
         let child = serve.spawn().expect("chat-local serve");
         self.remember_pid(&child);
         self.gateways.push((name.to_owned(), addr, Some(child)));

@@ -67,7 +67,7 @@ mod sweeper;
 mod watermarks;
 
 pub use cluster::ClusterOptions;
-pub use management::Management;
+pub use management::{EndpointPolicy, Management};
 pub use metrics::{MetricsSnapshot, RelayMetrics};
 
 /// Envelopes queued per shard before the bus reader waits for it.
@@ -106,6 +106,9 @@ pub struct RelayOptions {
     /// that died without a FIN (a failover, a NAT timeout) is otherwise
     /// never noticed. 10 s.
     pub bus_ping_interval: Duration,
+    /// Which Management API endpoints may be called (`MANAGEMENT_ENDPOINT`,
+    /// `RELAY_ALLOWED_ENDPOINTS`) and the local emulator's key pair.
+    pub endpoints: EndpointPolicy,
 }
 
 impl RelayOptions {
@@ -123,6 +126,7 @@ impl RelayOptions {
             drain_timeout: Duration::from_secs(5),
             aws_region: config.aws_region.clone(),
             bus_ping_interval: Duration::from_secs(10),
+            endpoints: EndpointPolicy::from_config(config),
         }
     }
 }
@@ -166,6 +170,15 @@ impl Relay {
     /// # Errors
     /// When a URL is invalid or Redis does not answer at start-up.
     pub async fn new(config: &Config) -> anyhow::Result<Self> {
+        Self::with_options(config, RelayOptions::from_config(config)).await
+    }
+
+    /// Like [`Relay::new`], with `options` (e.g. a local stack allowing its
+    /// own gateway's endpoint).
+    ///
+    /// # Errors
+    /// When a URL is invalid or Redis does not answer at start-up.
+    pub async fn with_options(config: &Config, options: RelayOptions) -> anyhow::Result<Self> {
         let chat = chat_shared::bootstrap::chat(config)
             .await
             .context("building the relay's clients")?;
@@ -174,7 +187,7 @@ impl Relay {
             realtime,
             config.redis_url.clone(),
             config.broadcast_channel.clone(),
-            RelayOptions::from_config(config),
+            options,
         ))
     }
 
@@ -186,7 +199,10 @@ impl Relay {
         channel: String,
         options: RelayOptions,
     ) -> Self {
-        let management = Arc::new(Management::new(options.aws_region.clone()));
+        let management = Arc::new(Management::new(
+            options.aws_region.clone(),
+            options.endpoints.clone(),
+        ));
         let id = unique_id(&options.instance_id);
         Self {
             realtime,

@@ -266,7 +266,10 @@ impl Outboxes {
                 }
                 tracing::info!(%connection_id, "connection is gone; removing it");
                 if let Err(err) = self.inner.realtime.disconnect(&connection_id).await {
-                    tracing::warn!(%connection_id, error = %err, "removing a stale connection failed");
+                    // Connection ids stay out of WARN lines (they are
+                    // capabilities wherever the Management API is open).
+                    tracing::warn!(error = %err, "removing a stale connection failed");
+                    tracing::debug!(%connection_id, "the stale connection");
                 }
                 return;
             }
@@ -304,7 +307,8 @@ impl Outboxes {
                         // The connection's first replies wait for this.
                         let presence = inner.realtime.chat().presence();
                         if let Err(err) = presence.mark_greeted(&route.connection_id).await {
-                            tracing::warn!(connection_id = %route.connection_id, error = %err, "marking a connection greeted failed");
+                            tracing::warn!(error = %err, "marking a connection greeted failed");
+                            tracing::debug!(connection_id = %route.connection_id, "the connection");
                         }
                     }
                     return Pushed::Done;
@@ -320,13 +324,21 @@ impl Outboxes {
                     RelayMetrics::bump(&inner.metrics.posts_gone);
                     return Pushed::Stale;
                 }
+                // Logged where it was refused; never retried.
+                PostOutcome::Refused => {
+                    RelayMetrics::bump(&inner.metrics.posts_gone);
+                    return Pushed::Stale;
+                }
                 PostOutcome::Failed(cause) => {
                     RelayMetrics::bump(&inner.metrics.post_errors);
                     tracing::warn!(
-                        connection_id = %route.connection_id,
-                        endpoint = %route.endpoint,
                         %cause,
                         "PostToConnection failed; event dropped for this connection"
+                    );
+                    tracing::debug!(
+                        connection_id = %route.connection_id,
+                        endpoint = %route.endpoint,
+                        "the failed post's connection"
                     );
                     return Pushed::Done;
                 }

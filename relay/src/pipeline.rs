@@ -56,13 +56,25 @@ impl Endpoint {
 
     /// Sends one request (`method path`, with `body`) and waits for its
     /// answer.
-    pub(crate) async fn call(&self, method: &str, path: &str, body: &[u8]) -> Answer {
-        let mut request = Vec::with_capacity(160 + path.len() + body.len());
+    pub(crate) async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(String, String)],
+        body: &[u8],
+    ) -> Answer {
+        let mut request = Vec::with_capacity(400 + path.len() + body.len());
         request.extend_from_slice(method.as_bytes());
         request.push(b' ');
         request.extend_from_slice(path.as_bytes());
         request.extend_from_slice(b" HTTP/1.1\r\nhost: ");
         request.extend_from_slice(self.authority.as_bytes());
+        for (name, value) in headers {
+            request.extend_from_slice(b"\r\n");
+            request.extend_from_slice(name.as_bytes());
+            request.extend_from_slice(b": ");
+            request.extend_from_slice(value.as_bytes());
+        }
         request.extend_from_slice(b"\r\ncontent-type: application/json\r\ncontent-length: ");
         request.extend_from_slice(body.len().to_string().as_bytes());
         request.extend_from_slice(b"\r\n\r\n");

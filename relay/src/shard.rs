@@ -364,7 +364,8 @@ impl Shard {
                 Ok(false) => self.deliver(&envelope).await,
                 Ok(true) => {}
                 Err(err) => {
-                    tracing::warn!(%connection_id, error = %err, "could not check a missed greeting");
+                    tracing::warn!(error = %err, "could not check a missed greeting");
+                    tracing::debug!(%connection_id, "the connection");
                 }
             }
         }

@@ -79,6 +79,9 @@ pub struct Config {
     pub aws_region: String,
     /// The local API Gateway emulator's limits and names.
     pub gateway: GatewaySettings,
+    /// Where the Management API is and who may call it: the emulator's
+    /// internal listener and credentials, the relay's endpoint policy.
+    pub management: ManagementSettings,
     /// Per-connection and per-user rate limits, kept in Redis so they hold
     /// across every Lambda instance.
     pub rate_limits: RateLimits,
@@ -133,7 +136,61 @@ pub struct GatewaySettings {
     pub idle_timeout: Duration,
     /// Connection lifetime (`GATEWAY_MAX_LIFETIME_SECONDS`, 7200 as API Gateway).
     pub max_lifetime: Duration,
+    /// Most bytes waiting to be written to one client
+    /// (`GATEWAY_MAX_QUEUED_BYTES`, 1 MiB); a client that lets more pile
+    /// up is closed with 1008.
+    pub max_queued_bytes: usize,
+    /// A client must finish its upgrade request within this
+    /// (`GATEWAY_HANDSHAKE_TIMEOUT_SECONDS`, 10), headers included.
+    pub handshake_timeout: Duration,
+    /// Most handshakes (`$connect` included) in progress at once
+    /// (`GATEWAY_MAX_HANDSHAKES`, 1024); more get 503.
+    pub max_handshakes: usize,
+    /// New connections a second from one IP address
+    /// (`GATEWAY_CONNECT_RATE_PER_IP`, 2000; burst twice that; 0 turns it
+    /// off); more get 429.
+    pub connect_rate_per_ip: u32,
+    /// The client port stops accepting while fewer than this many file
+    /// descriptors are left below `RLIMIT_NOFILE` (`GATEWAY_FD_RESERVE`,
+    /// 64), so `/health` and the Management API still answer.
+    pub fd_reserve: u64,
+    /// Most `ping` frames a second per connection
+    /// (`GATEWAY_MAX_PINGS_PER_SEC`, 10; burst ten times that; 0 turns it
+    /// off).
+    pub max_pings_per_sec: u32,
 }
+
+/// The Management API (`@connections`): the emulator's internal listener,
+/// the SigV4 credentials it accepts (and the relay signs local calls
+/// with), and which endpoints the relay may call.
+#[derive(Debug, Clone)]
+pub struct ManagementSettings {
+    /// Where the emulator serves the Management API and `/metrics`
+    /// (`GATEWAY_MANAGEMENT_LISTEN`; unset: 127.0.0.1 on the client port +
+    /// 100). Never the client port.
+    pub listen: Option<std::net::SocketAddr>,
+    /// The access key id the emulator accepts and the relay signs local
+    /// calls with (`GATEWAY_MANAGEMENT_ACCESS_KEY_ID`, a local-dev value).
+    pub access_key_id: String,
+    /// Its secret (`GATEWAY_MANAGEMENT_SECRET_ACCESS_KEY`, a local-dev
+    /// value: set a real one wherever the listener is reachable by others).
+    pub secret_access_key: SecretString,
+    /// Every Management API call goes here when set (`MANAGEMENT_ENDPOINT`,
+    /// e.g. `https://{api-id}.execute-api.{region}.amazonaws.com/{stage}`);
+    /// connections' own endpoints only when unset.
+    pub endpoint: Option<String>,
+    /// URL prefixes the relay may call (`RELAY_ALLOWED_ENDPOINTS`,
+    /// comma-separated; `*` stands for one DNS label). Unset: the
+    /// configured `MANAGEMENT_ENDPOINT` when set, else
+    /// `https://*.execute-api.{AWS_REGION}.amazonaws.com/`.
+    pub allowed_endpoints: Option<Vec<String>>,
+}
+
+/// The local-dev access key of the Management API, shared by the local
+/// stack, the scripts and the relay when nothing else is configured.
+pub const DEV_MANAGEMENT_ACCESS_KEY_ID: &str = "LOCALDEVMANAGEMENTKEY";
+/// Its secret: fine on loopback, never on a reachable listener.
+pub const DEV_MANAGEMENT_SECRET_ACCESS_KEY: &str = "local-dev-management-secret-change-me";
 
 /// How logs are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -308,6 +365,37 @@ impl Config {
                     "GATEWAY_MAX_LIFETIME_SECONDS",
                     7200,
                 )?),
+                max_queued_bytes: parse::<usize>(&get, "GATEWAY_MAX_QUEUED_BYTES", 1 << 20)?,
+                handshake_timeout: Duration::from_secs(
+                    parse::<u64>(&get, "GATEWAY_HANDSHAKE_TIMEOUT_SECONDS", 10)?.max(1),
+                ),
+                max_handshakes: parse::<usize>(&get, "GATEWAY_MAX_HANDSHAKES", 1024)?.max(1),
+                connect_rate_per_ip: parse::<u32>(&get, "GATEWAY_CONNECT_RATE_PER_IP", 2000)?,
+                fd_reserve: parse::<u64>(&get, "GATEWAY_FD_RESERVE", 64)?,
+                max_pings_per_sec: parse::<u32>(&get, "GATEWAY_MAX_PINGS_PER_SEC", 10)?,
+            },
+            management: ManagementSettings {
+                listen: match get("GATEWAY_MANAGEMENT_LISTEN") {
+                    None => None,
+                    Some(raw) => Some(raw.trim().parse().map_err(|e| ConfigError {
+                        variable: "GATEWAY_MANAGEMENT_LISTEN",
+                        problem: format!("{raw:?} is not an address like 127.0.0.1:3100: {e}"),
+                    })?),
+                },
+                access_key_id: get("GATEWAY_MANAGEMENT_ACCESS_KEY_ID")
+                    .unwrap_or_else(|| DEV_MANAGEMENT_ACCESS_KEY_ID.into()),
+                secret_access_key: get("GATEWAY_MANAGEMENT_SECRET_ACCESS_KEY")
+                    .unwrap_or_else(|| DEV_MANAGEMENT_SECRET_ACCESS_KEY.into())
+                    .into(),
+                endpoint: get("MANAGEMENT_ENDPOINT")
+                    .map(|e| e.trim().trim_end_matches('/').to_owned()),
+                allowed_endpoints: get("RELAY_ALLOWED_ENDPOINTS").map(|list| {
+                    list.split(',')
+                        .map(str::trim)
+                        .filter(|e| !e.is_empty())
+                        .map(str::to_owned)
+                        .collect()
+                }),
             },
             rate_limits: RateLimits {
                 messages: rate(&get, "RATE_LIMIT_PER_SEC", "RATE_LIMIT_BURST", 20)?,

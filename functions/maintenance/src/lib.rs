@@ -18,7 +18,7 @@
 //!   [`Maintenance::run`] does one pass and returns a [`Report`].
 //! - `main.rs`: the Lambda shim.
 
-use chat_relay::Management;
+use chat_relay::{EndpointPolicy, Management};
 use chat_shared::realtime::Realtime;
 use chat_shared::{Config, bootstrap};
 use futures::StreamExt as _;
@@ -87,7 +87,12 @@ impl Maintenance {
         let state = bootstrap::ws_state(config).await?;
         Ok(Self::new(
             state.realtime,
-            Management::new(config.aws_region.clone()),
+            // The same endpoint policy as the relay: MANAGEMENT_ENDPOINT, or
+            // only allowed endpoints from the connections' records.
+            Management::new(
+                config.aws_region.clone(),
+                EndpointPolicy::from_config(config),
+            ),
             config.message_retention,
         ))
     }

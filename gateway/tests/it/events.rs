@@ -117,7 +117,8 @@ async fn events_carry_the_connection_and_the_request() {
     assert_eq!(context.event_type.as_deref(), Some("CONNECT"));
     assert_eq!(context.stage.as_deref(), Some("local"));
     assert_eq!(context.apiid.as_deref(), Some("testapi"));
-    assert_eq!(context.domain_name, Some(server.addr.to_string()));
+    // The configured management listener, never the client's `Host`.
+    assert_eq!(context.domain_name, Some(server.management.to_string()));
     assert_eq!(context.message_direction.as_deref(), Some("IN"));
     assert_eq!(context.identity.source_ip.as_deref(), Some("127.0.0.1"));
     assert_eq!(

@@ -170,11 +170,16 @@ pub fn config() -> GatewayConfig {
     }
 }
 
-/// A gateway served on `127.0.0.1:0` with connect info.
+/// A gateway served on `127.0.0.1:0` with connect info, and its
+/// Management API on a second listener, as the local stack serves them.
 pub struct TestServer {
     pub gateway: Gateway,
+    /// The client port (`/ws`).
     pub addr: SocketAddr,
+    /// The management listener (`@connections`, SigV4).
+    pub management: SocketAddr,
     pub recorder: Arc<Recorder>,
+    pub credentials: chat_gateway::ManagementCredentials,
 }
 
 impl TestServer {
@@ -183,28 +188,73 @@ impl TestServer {
         Self::start_with(config, recording_handlers).await
     }
 
+    /// With the recording handlers, the client port behind an
+    /// [`chat_gateway::EdgeListener`] with `limits`.
+    pub async fn start_edge(config: GatewayConfig, limits: chat_gateway::EdgeLimits) -> Self {
+        Self::start_inner(config, recording_handlers, Some(limits)).await
+    }
+
     /// With handlers built around the recorder.
     pub async fn start_with(
         config: GatewayConfig,
         handlers: impl FnOnce(&Arc<Recorder>) -> Handlers,
     ) -> Self {
+        Self::start_inner(config, handlers, None).await
+    }
+
+    async fn start_inner(
+        config: GatewayConfig,
+        handlers: impl FnOnce(&Arc<Recorder>) -> Handlers,
+        limits: Option<chat_gateway::EdgeLimits>,
+    ) -> Self {
         let recorder = Arc::new(Recorder::default());
+        let management_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let management = management_listener.local_addr().unwrap();
+        let config = GatewayConfig {
+            domain_name: management.to_string(),
+            ..config
+        };
+        let credentials = config.management_credentials.clone();
         let gateway = Gateway::new(config, handlers(&recorder));
+        let management_app = gateway.management_router();
+        tokio::spawn(async move {
+            axum::serve(management_listener, management_app)
+                .await
+                .unwrap();
+        });
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let app = gateway.router();
-        tokio::spawn(async move {
-            axum::serve(
-                listener,
-                app.into_make_service_with_connect_info::<SocketAddr>(),
-            )
-            .await
-            .unwrap();
-        });
+        match limits {
+            None => {
+                tokio::spawn(async move {
+                    axum::serve(
+                        listener,
+                        app.into_make_service_with_connect_info::<SocketAddr>(),
+                    )
+                    .await
+                    .unwrap();
+                });
+            }
+            Some(limits) => {
+                use axum::serve::ListenerExt as _;
+                let listener = chat_gateway::EdgeListener::new(listener, limits).tap_io(|_| ());
+                tokio::spawn(async move {
+                    axum::serve(
+                        listener,
+                        app.into_make_service_with_connect_info::<SocketAddr>(),
+                    )
+                    .await
+                    .unwrap();
+                });
+            }
+        }
         Self {
             gateway,
             addr,
+            management,
             recorder,
+            credentials,
         }
     }
 
@@ -243,10 +293,16 @@ impl TestServer {
         (client, id)
     }
 
-    /// A Management API call, over real HTTP, signed the way the SDK signs
-    /// (the gateway does not check it).
+    /// A Management API call on the management listener, over real HTTP,
+    /// signed the way the SDK signs.
     pub async fn http(&self, method: &str, path: &str, body: &[u8]) -> HttpResponse {
-        http(self.addr, method, path, body).await
+        let url = format!("http://{}{path}", self.management);
+        let signed = chat_gateway::sign(&self.credentials, method, &url, &[], body, "us-east-1");
+        let headers: Vec<(&str, &str)> = signed
+            .iter()
+            .map(|(name, value)| (name.as_str(), value.as_str()))
+            .collect();
+        http(self.management, method, path, &headers, body).await
     }
 
     /// PostToConnection, with the id percent-encoded as the SDK sends it.
@@ -344,14 +400,24 @@ impl HttpResponse {
     }
 }
 
-/// One HTTP/1.1 request over a fresh TCP connection (`Connection: close`).
-pub async fn http(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> HttpResponse {
+/// One HTTP/1.1 request over a fresh TCP connection (`Connection: close`),
+/// with `headers` (e.g. a signature) besides `Host` and `Content-Length`.
+pub async fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> HttpResponse {
     let mut stream = TcpStream::connect(addr).await.unwrap();
+    let extra: String = headers
+        .iter()
+        .map(|(name, value)| format!("{name}: {value}\r\n"))
+        .collect();
     let head = format!(
         "{method} {path} HTTP/1.1\r\n\
          Host: {addr}\r\n\
-         Authorization: AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE/20261128/us-east-1/execute-api/aws4_request, SignedHeaders=host;x-amz-date, Signature=0123456789abcdef\r\n\
-         X-Amz-Date: 20261128T084543Z\r\n\
+         {extra}\
          Content-Length: {}\r\n\
          Connection: close\r\n\r\n",
         body.len()

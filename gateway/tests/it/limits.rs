@@ -205,3 +205,85 @@ async fn the_lifetime_limit_closes_with_1001_even_when_active() {
     let disconnect = server.recorder.disconnect_of(&id).await;
     assert_eq!(status_of(&disconnect), (1001, "Going away".into()));
 }
+
+/// A client that stops reading is not allowed to pile up memory: once
+/// its queue holds `max_queued_bytes` the next post is refused with 429
+/// and the connection is closed with 1008 (its `$disconnect` says so).
+#[tokio::test]
+async fn a_client_that_does_not_read_is_closed_with_1008() {
+    let server = TestServer::start(GatewayConfig {
+        max_queued_bytes: 256 * 1024,
+        ..config()
+    })
+    .await;
+    let (_client, id) = server.connect().await;
+    let chunk = "x".repeat(64 * 1024);
+    let mut accepted = 0usize;
+    let refused = loop {
+        let response = server.post(&id, &chunk).await;
+        match response.status {
+            200 => accepted += 1,
+            status => {
+                break response
+                    .header("x-amzn-ErrorType")
+                    .map(str::to_owned)
+                    .map(|t| (status, t));
+            }
+        }
+        // Socket buffers take a few MB before the queue fills.
+        assert!(accepted < 2000, "never refused");
+    };
+    let (status, error_type) = refused.expect("an error type");
+    assert!(status == 429 || status == 410, "{status}");
+    if status == 429 {
+        assert_eq!(error_type, "LimitExceededException");
+    }
+    let disconnect = server.recorder.disconnect_of(&id).await;
+    assert_eq!(status_of(&disconnect), (1008, "Slow consumer".into()));
+    assert!(server.gateway.connection(&id).is_none());
+}
+
+/// Application pings are bounded per connection: beyond the rate (and its
+/// burst of ten times the rate) the gateway answers `RATE_LIMITED` itself and
+/// `$default` never sees them; other messages are not affected.
+#[tokio::test]
+async fn pings_over_the_rate_are_answered_without_reaching_the_handler() {
+    let server = TestServer::start(GatewayConfig {
+        max_pings_per_sec: 2,
+        ..config()
+    })
+    .await;
+    let (mut client, id) = server.connect().await;
+    let ping = r#"{"type":"ping","payload":{}}"#;
+    for _ in 0..30 {
+        client.send(Message::text(ping)).await.unwrap();
+    }
+    client.send(Message::text("after")).await.unwrap();
+    let mut echoed = 0;
+    let mut limited = 0;
+    loop {
+        let text = next_text(&mut client).await;
+        if text == "echo:after" {
+            break;
+        }
+        if text.starts_with("echo:") {
+            echoed += 1;
+        } else {
+            assert!(text.contains(r#""code":"RATE_LIMITED""#), "{text}");
+            limited += 1;
+        }
+    }
+    assert_eq!(echoed + limited, 30);
+    assert!(
+        (20..=22).contains(&echoed),
+        "{echoed} pings reached $default"
+    );
+    let defaults = server
+        .recorder
+        .of(&id)
+        .iter()
+        .filter(|event| route_of(event) == "$default")
+        .count();
+    // whoami, the pings let through, and "after".
+    assert_eq!(defaults, 1 + echoed + 1);
+}

@@ -3,6 +3,7 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod edge;
 mod events;
 mod helpers;
 mod lifecycle;

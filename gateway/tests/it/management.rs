@@ -206,13 +206,13 @@ async fn the_aws_sdk_works_against_the_emulator() {
             .behavior_version(BehaviorVersion::latest())
             .region(Region::new("us-east-1"))
             .credentials_provider(Credentials::new(
-                "AKIDEXAMPLE",
-                "secret",
+                &server.credentials.access_key_id,
+                &server.credentials.secret_access_key,
                 None,
                 None,
                 "test",
             ))
-            .endpoint_url(format!("http://{}/local", server.addr))
+            .endpoint_url(format!("http://{}/local", server.management))
             .http_client(aws_smithy_http_client::Builder::new().build_http())
             .build(),
     );
@@ -296,4 +296,87 @@ async fn the_aws_sdk_works_against_the_emulator() {
             .is_some_and(|e| e.is_gone_exception()),
         "{gone:?}"
     );
+}
+
+/// The attacks of issue 15, finding 1: anyone who can reach the client
+/// port, and knows a connection id, tried to forge a message into the
+/// socket, read its IP and User-Agent, and kill it. The client port has no
+/// Management API; the management listener answers 403 to unsigned and
+/// wrongly signed calls; nothing reaches the socket and it stays up.
+#[tokio::test]
+async fn the_management_api_is_not_on_the_client_port_and_requires_sigv4() {
+    let server = TestServer::start(config()).await;
+    let (mut client, id) = server
+        .connect_with("", &[("user-agent", "victim/1.0")])
+        .await;
+    let path = format!("/local/@connections/{}", encode_id(&id));
+    for method in ["POST", "GET", "DELETE"] {
+        // On the client port: no such route, whatever the signature.
+        let url = format!("http://{}{path}", server.addr);
+        let signed = chat_gateway::sign(
+            &server.credentials,
+            method,
+            &url,
+            &[],
+            b"forged",
+            "us-east-1",
+        );
+        let headers: Vec<(&str, &str)> = signed
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.as_str()))
+            .collect();
+        let response = http(server.addr, method, &path, &headers, b"forged").await;
+        assert_eq!(response.status, 404, "{method} on the client port");
+        assert!(!response.text().contains("victim"));
+
+        // On the management listener, unsigned.
+        let response = http(server.management, method, &path, &[], b"forged").await;
+        assert_eq!(response.status, 403, "{method} unsigned");
+        assert_eq!(
+            response.header("x-amzn-ErrorType"),
+            Some("ForbiddenException")
+        );
+        assert!(!response.text().contains("victim"));
+
+        // Signed with a guessed secret, and with the signature of another
+        // request replayed.
+        let wrong = chat_gateway::ManagementCredentials {
+            access_key_id: server.credentials.access_key_id.clone(),
+            secret_access_key: "guessed".into(),
+        };
+        let url = format!("http://{}{path}", server.management);
+        let signed = chat_gateway::sign(&wrong, method, &url, &[], b"forged", "us-east-1");
+        let headers: Vec<(&str, &str)> = signed
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.as_str()))
+            .collect();
+        let response = http(server.management, method, &path, &headers, b"forged").await;
+        assert_eq!(response.status, 403, "{method} wrongly signed");
+        assert_eq!(
+            response.header("x-amzn-ErrorType"),
+            Some("ForbiddenException")
+        );
+        let signed = chat_gateway::sign(
+            &server.credentials,
+            method,
+            &url,
+            &[],
+            b"harmless",
+            "us-east-1",
+        );
+        let headers: Vec<(&str, &str)> = signed
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.as_str()))
+            .collect();
+        let response = http(server.management, method, &path, &headers, b"forged").await;
+        assert_eq!(
+            response.status, 403,
+            "{method} with another body's signature"
+        );
+    }
+    // Nothing happened to the connection: no message, still live, and a
+    // signed call still works.
+    assert!(server.gateway.connection(&id).is_some());
+    assert_eq!(server.post(&id, "genuine").await.status, 200);
+    assert_eq!(next_text(&mut client).await, "genuine");
 }

@@ -125,7 +125,13 @@ impl TestStack {
         listener: Option<tokio::net::TcpListener>,
     ) -> Self {
         init_logs();
-        let stack = Stack::start(&env.config(), listener, parts)
+        let mut config = env.config();
+        if config.management.allowed_endpoints.is_none() {
+            // A test's relays call its gateways, each on its own loopback
+            // management port (tests of the allow-list itself set it).
+            config.management.allowed_endpoints = Some(vec!["http://127.0.0.1:*/local".into()]);
+        }
+        let stack = Stack::start(&config, listener, parts)
             .await
             .expect("stack starts");
         let addr = stack.addr;
@@ -172,7 +178,19 @@ impl TestStack {
     /// The Management API endpoint connections of this gateway register
     /// (what `$connect` stores as their callback URL).
     pub fn endpoint(&self) -> String {
-        format!("http://{}/local", self.addr())
+        format!(
+            "http://{}/local",
+            self.stack
+                .management_addr
+                .expect("this stack runs a gateway")
+        )
+    }
+
+    /// Where the Management API and `/metrics` answer.
+    pub fn management_addr(&self) -> SocketAddr {
+        self.stack
+            .management_addr
+            .expect("this stack runs a gateway")
     }
 
     pub async fn stop(self) {

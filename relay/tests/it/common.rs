@@ -327,7 +327,8 @@ impl Stack {
             .await
             .unwrap_or_else(|e| panic!("cannot build the shared state (is Redis up?): {e:#}"));
         let gateway = FakeGateway::start().await;
-        let options = RelayOptions::from_config(&config);
+        let mut options = RelayOptions::from_config(&config);
+        options.endpoints = options.endpoints.allowing(gateway.endpoint());
         Self {
             relay_redis_url: redis_url(),
             vars,

@@ -1,0 +1,148 @@
+//! Bounded memory per connection (issue 15, finding 3), in a process of
+//! its own so that its RSS is this test's: eight connections that stop
+//! reading are fed through the (signed) Management API until the gateway
+//! drops them with 1008, the process's RSS stays under a stated bound, and
+//! an unrelated pair chats meanwhile without a single refusal.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use chat_shared::testing::TestEnv;
+use common::{Client, TestStack};
+use serde_json::json;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::TcpStream;
+
+/// Slow consumers fed at once.
+const SLOW: usize = 8;
+/// Size of each post (under the 128 KiB message limit).
+const POST_BYTES: usize = 100 * 1024;
+/// Most the process may grow while they are fed: 8 × (1 MiB of queue +
+/// buffers) and the allocator's slack. Before the byte bound, eight such
+/// connections took it from 100 MB to 1.26 GB.
+const RSS_GROWTH_BOUND_KB: u64 = 96 * 1024;
+
+fn rss_kb() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .expect("/proc/self/status")
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS")
+}
+
+/// A signed PostToConnection; the status code.
+async fn post(management: SocketAddr, id: &str, body: &[u8]) -> u16 {
+    let path = format!("/local/@connections/{}", id.replace('=', "%3D"));
+    let credentials = chat_gateway::ManagementCredentials {
+        access_key_id: chat_shared::config::DEV_MANAGEMENT_ACCESS_KEY_ID.into(),
+        secret_access_key: chat_shared::config::DEV_MANAGEMENT_SECRET_ACCESS_KEY.into(),
+    };
+    let url = format!("http://{management}{path}");
+    let headers: String = chat_gateway::sign(&credentials, "POST", &url, &[], body, "us-east-1")
+        .into_iter()
+        .map(|(name, value)| format!("{name}: {value}\r\n"))
+        .collect();
+    let mut stream = TcpStream::connect(management).await.expect("connect");
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: {management}\r\n{headers}Content-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await.expect("write");
+    stream.write_all(body).await.expect("write");
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).await.expect("read");
+    String::from_utf8_lossy(&raw)
+        .split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .expect("a status")
+}
+
+#[tokio::test]
+async fn clients_that_do_not_read_are_dropped_and_memory_stays_bounded() {
+    let env = TestEnv::new().await;
+    let stack = TestStack::all_in_one(&env).await;
+    let management = stack.management_addr();
+    let room = stack.direct("alice", "bob").await;
+    let mut alice = Client::connect(&stack, "alice").await;
+    let mut bob = Client::connect(&stack, "bob").await;
+    alice.join(&room).await;
+    bob.join(&room).await;
+    let gateway = stack.stack.gateway.clone().expect("a gateway");
+
+    let mut slow = Vec::new();
+    for n in 0..SLOW {
+        // Connected, then never read again.
+        slow.push(Client::connect(&stack, &format!("slow{n}")).await);
+    }
+    let before = rss_kb();
+
+    let feeders: Vec<_> = slow
+        .iter()
+        .map(|client| {
+            let id = client.connection_id.clone();
+            tokio::spawn(async move {
+                let body = vec![b'x'; POST_BYTES];
+                let mut accepted = 0usize;
+                loop {
+                    match post(management, &id, &body).await {
+                        200 => accepted += 1,
+                        429 | 410 => return accepted,
+                        other => panic!("unexpected status {other}"),
+                    }
+                    assert!(accepted < 1000, "never refused");
+                }
+            })
+        })
+        .collect();
+
+    // Meanwhile the unrelated pair chats: every send acknowledged and
+    // delivered, none refused.
+    for i in 0..20 {
+        let content = format!("m{i}");
+        alice
+            .send(
+                "sendMessage",
+                json!({"roomId": room, "content": content, "clientMessageId": format!("c-{i}")}),
+            )
+            .await;
+        // The sender's acknowledgement is the `message` itself; a
+        // refusal would be an `error`.
+        let ack = alice.next().await;
+        assert_eq!(ack["type"], "message", "refused: {ack}");
+        let message = bob.wait_for("message").await;
+        assert_eq!(message["content"], content);
+    }
+
+    let mut peak = before;
+    for feeder in feeders {
+        let accepted = feeder.await.expect("feeder");
+        peak = peak.max(rss_kb());
+        // 1 MiB of queue, plus what the kernel's socket buffers took.
+        assert!(accepted >= 10, "only {accepted} accepted before a refusal");
+    }
+    // Every slow consumer is gone.
+    let deadline = tokio::time::Instant::now() + common::WAIT;
+    while slow
+        .iter()
+        .any(|c| gateway.connection(&c.connection_id).is_some())
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "a slow consumer is still open"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    peak = peak.max(rss_kb());
+    let growth = peak.saturating_sub(before);
+    eprintln!("RSS before {before} kB, peak {peak} kB, growth {growth} kB");
+    assert!(
+        growth < RSS_GROWTH_BOUND_KB,
+        "RSS grew {growth} kB (bound {RSS_GROWTH_BOUND_KB} kB)"
+    );
+    drop(slow);
+    stack.stop().await;
+}
