@@ -151,6 +151,18 @@ def main(path):
             need(deps.get("redis") == "service_healthy", f"{name} must wait for a healthy redis")
     need(len(instance_ids) == len(GATEWAYS) + 1, f"INSTANCE_IDs must differ: {instance_ids}")
 
+    # The image is built once: one service builds it, the rest use its tag
+    # and never try to pull it from a registry.
+    builders = [n for n, svc in services.items() if svc.get("build")]
+    need(len(builders) == 1, f"exactly one service must build the image, not {builders}")
+    if builders:
+        tag = services[builders[0]].get("image")
+        need(tag, f"{builders[0]} must tag the image it builds")
+        for name, svc in services.items():
+            if name not in builders and svc.get("image") == tag:
+                need(svc.get("pull_policy") == "never",
+                     f"{name} uses the built image {tag} and must not pull it (pull_policy: never)")
+
     dockerfile = os.path.join(os.path.dirname(os.path.abspath(path)), "Dockerfile")
     need(os.path.exists(dockerfile), "Dockerfile is missing")
     if os.path.exists(dockerfile):
