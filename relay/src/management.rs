@@ -23,10 +23,13 @@
 //! so one keep-alive connection pool. Credentials follow the scheme:
 //! - `http://…` is a local emulator on an internal listener. Its calls are
 //!   signed (SigV4) with the configured `GATEWAY_MANAGEMENT_*` key pair,
-//!   which the emulator checks, and go over pipelined HTTP/1.1 connections
-//!   (module `pipeline`) rather than the SDK: measured on the local stack,
-//!   the SDK's orchestrator was a large share of the relay's CPU, and a
-//!   general HTTP client most of the rest.
+//!   which the emulator checks. By default they go through the SDK, as in
+//!   AWS, so the local stack, the tests and the benchmark run the path AWS
+//!   runs (signing, timeouts, error mapping). `RELAY_LOCAL_FAST_PATH=true`
+//!   sends them over pipelined HTTP/1.1 connections instead (module
+//!   `pipeline`): measured on the local stack, the SDK's orchestrator was a
+//!   large share of the relay's CPU, and a general HTTP client most of the
+//!   rest.
 //! - `https://…` is API Gateway itself: the SDK, with the `aws-config`
 //!   default chain (the ECS task role in AWS), loaded once on first use,
 //!   with the configured region.
@@ -84,6 +87,9 @@ pub struct EndpointPolicy {
     /// The key pair that signs calls to `http://` (emulator) endpoints.
     access_key_id: String,
     secret_access_key: SecretString,
+    /// `http://` endpoints over the pipelined client instead of the SDK
+    /// (`RELAY_LOCAL_FAST_PATH`).
+    local_fast_path: bool,
 }
 
 impl std::fmt::Debug for EndpointPolicy {
@@ -114,7 +120,14 @@ impl EndpointPolicy {
             allowed,
             access_key_id: config.management.access_key_id.clone(),
             secret_access_key: config.management.secret_access_key.clone(),
+            local_fast_path: config.management.local_fast_path,
         }
+    }
+
+    /// Whether `http://` endpoints use the pipelined client rather than the
+    /// SDK.
+    pub fn local_fast_path(&self) -> bool {
+        self.local_fast_path
     }
 
     /// The same policy, also allowing `endpoint` (a local stack allows its
@@ -380,7 +393,7 @@ impl Management {
         let Some(endpoint) = self.route(endpoint) else {
             return PostOutcome::Refused;
         };
-        if endpoint.starts_with("http://") {
+        if self.policy.local_fast_path && endpoint.starts_with("http://") {
             return match self.local_call("POST", endpoint, connection_id, data).await {
                 Ok((200..=299, _)) => PostOutcome::Delivered,
                 Ok((410, _)) => PostOutcome::Gone,
@@ -420,7 +433,7 @@ impl Management {
         let Some(endpoint) = self.route(endpoint) else {
             return Ok(());
         };
-        if endpoint.starts_with("http://") {
+        if self.policy.local_fast_path && endpoint.starts_with("http://") {
             return match self
                 .local_call("DELETE", endpoint, connection_id, &[])
                 .await?
@@ -473,6 +486,7 @@ mod tests {
             allowed: allowed.iter().map(|s| (*s).to_owned()).collect(),
             access_key_id: "k".into(),
             secret_access_key: "s".to_owned().into(),
+            local_fast_path: false,
         }
     }
 

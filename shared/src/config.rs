@@ -184,6 +184,11 @@ pub struct ManagementSettings {
     /// configured `MANAGEMENT_ENDPOINT` when set, else
     /// `https://*.execute-api.{AWS_REGION}.amazonaws.com/`.
     pub allowed_endpoints: Option<Vec<String>>,
+    /// Calls to `http://` (local emulator) endpoints skip the AWS SDK and go
+    /// over the relay's own pipelined HTTP/1.1 client
+    /// (`RELAY_LOCAL_FAST_PATH`, false). Off, the local stack runs the
+    /// path AWS runs: the SDK, SigV4, its timeouts and error mapping.
+    pub local_fast_path: bool,
 }
 
 /// The local-dev access key of the Management API, shared by the local
@@ -396,6 +401,7 @@ impl Config {
                         .map(str::to_owned)
                         .collect()
                 }),
+                local_fast_path: parse::<bool>(&get, "RELAY_LOCAL_FAST_PATH", false)?,
             },
             rate_limits: RateLimits {
                 messages: rate(&get, "RATE_LIMIT_PER_SEC", "RATE_LIMIT_BURST", 20)?,
