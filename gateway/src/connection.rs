@@ -294,6 +294,8 @@ pub(crate) enum Cause {
     SlowConsumer,
     /// A text message that is not UTF-8.
     InvalidPayload,
+    /// A binary message, which API Gateway does not accept.
+    Binary,
     /// Any other WebSocket protocol violation by the client.
     Protocol,
 }
@@ -310,6 +312,8 @@ impl Cause {
             // Policy: a client must read what it is sent.
             Self::SlowConsumer => (1008, "Slow consumer"),
             Self::InvalidPayload => (1007, "Invalid frame payload data"),
+            // API Gateway refuses binary frames and disconnects with 1003.
+            Self::Binary => (1003, "Unsupported data"),
             Self::Protocol => (1002, "Protocol error"),
         };
         Some(CloseFrame {
@@ -470,6 +474,7 @@ async fn read_loop(
                 continue;
             }
             Message::Text(text) => Inbound::Text(text),
+            Message::Binary(_) if !shared.config.accept_binary_frames => return Cause::Binary,
             Message::Binary(bytes) => Inbound::Binary(bytes),
             // tungstenite has already queued the pong.
             Message::Ping(_) | Message::Pong(_) => continue,
@@ -583,7 +588,19 @@ async fn dispatch_loop(
         };
         let (event, request_id) =
             event::message_event(&shared.config, &live.meta, body, Utc::now());
-        let reply = match handler::invoke(&shared.handlers.default, "$default", event).await {
+        let invoked = tokio::time::timeout(
+            shared.config.integration_timeout,
+            handler::invoke(&shared.handlers.default, "$default", event),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            tracing::warn!(
+                timeout = ?shared.config.integration_timeout,
+                "$default integration timed out"
+            );
+            None
+        });
+        let reply = match invoked {
             Some(response) => handler::response_text(&response),
             // What API Gateway sends the client when the integration fails.
             None => Some(

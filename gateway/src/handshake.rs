@@ -75,7 +75,14 @@ pub(crate) async fn upgrade(State(shared): State<Arc<Shared>>, request: Request)
         parts.uri.query(),
         now,
     );
-    let Some(response) = handler::invoke(&shared.handlers.connect, "$connect", event).await else {
+    let invoked = tokio::time::timeout(
+        shared.config.integration_timeout,
+        handler::invoke(&shared.handlers.connect, "$connect", event),
+    )
+    .await
+    .ok()
+    .flatten();
+    let Some(response) = invoked else {
         return internal_error();
     };
     if !(200..300).contains(&response.status_code) {

@@ -112,6 +112,13 @@ pub struct GatewayConfig {
     /// Largest single frame; beyond it the socket closes with 1009.
     /// API Gateway: 32 KiB.
     pub max_frame_bytes: usize,
+    /// Binary frames are passed to `$default` base64-encoded when true;
+    /// API Gateway refuses them and closes the socket with 1003 (false).
+    pub accept_binary_frames: bool,
+    /// An integration that has not answered after this long fails: the
+    /// client gets API Gateway's "Internal server error" message (the
+    /// invocation itself may go on, as a Lambda does). API Gateway: 29 s.
+    pub integration_timeout: Duration,
     /// No frame from the client for this long closes the socket with 1001.
     /// API Gateway: 10 minutes.
     pub idle_timeout: Duration,
@@ -147,6 +154,8 @@ impl Default for GatewayConfig {
             ws_path: "/ws".into(),
             max_message_bytes: 128 * 1024,
             max_frame_bytes: 32 * 1024,
+            accept_binary_frames: false,
+            integration_timeout: Duration::from_secs(29),
             idle_timeout: Duration::from_secs(10 * 60),
             max_lifetime: Duration::from_secs(2 * 60 * 60),
             max_queued_bytes: 1 << 20,

@@ -109,6 +109,8 @@ pub fn gateway_config(config: &Config, management: SocketAddr) -> GatewayConfig 
         stage: config.gateway.stage.clone(),
         max_message_bytes: config.gateway.max_message_bytes,
         max_frame_bytes: config.gateway.max_frame_bytes,
+        accept_binary_frames: config.gateway.accept_binary_frames,
+        integration_timeout: config.gateway.integration_timeout,
         idle_timeout: config.gateway.idle_timeout,
         max_lifetime: config.gateway.max_lifetime,
         max_queued_bytes: config.gateway.max_queued_bytes,

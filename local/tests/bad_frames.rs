@@ -8,9 +8,30 @@ use chat_shared::testing::TestEnv;
 use common::{Client, TestStack};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
 
 /// 128 KiB: the largest message the gateway accepts.
 const MAX_MESSAGE: usize = 131_072;
+/// 32 KiB: the largest frame (API Gateway's limit, the emulator's default).
+const MAX_FRAME: usize = 32_768;
+
+/// Sends `text` as one message in fragments of at most [`MAX_FRAME`] bytes,
+/// as a client library does with a message over the frame limit.
+async fn send_fragmented(client: &mut Client, text: &str) {
+    let chunks: Vec<&[u8]> = text.as_bytes().chunks(MAX_FRAME).collect();
+    for (i, chunk) in chunks.iter().enumerate() {
+        let opcode = if i == 0 {
+            OpCode::Data(Data::Text)
+        } else {
+            OpCode::Data(Data::Continue)
+        };
+        let last = i == chunks.len() - 1;
+        client
+            .send_raw(Message::Frame(Frame::message(chunk.to_vec(), opcode, last)))
+            .await;
+    }
+}
 
 /// Frames with the error each must get: (frame, requestType, clientMessageId).
 /// Every one is `BAD_REQUEST`.
@@ -238,19 +259,19 @@ async fn bad_frames_get_bad_request_and_the_connection_stays_usable() {
         alice.ping_pong().await;
     }
 
-    alice
-        .send_raw(Message::binary(br#"{"type":"ping","payload":{}}"#.to_vec()))
-        .await;
-    let error = alice.expect_error("BAD_REQUEST").await;
-    assert_eq!(error["requestType"], Value::Null);
-    alice.ping_pong().await;
-
     bob.assert_quiet(300).await;
     assert!(
         stack.history("bob", &room).await.is_empty(),
         "nothing stored"
     );
-    alice.close().await;
+
+    // A binary frame: API Gateway refuses it and closes with 1003, no
+    // `error` first.
+    alice
+        .send_raw(Message::binary(br#"{"type":"ping","payload":{}}"#.to_vec()))
+        .await;
+    let close = alice.expect_close().await.expect("a close frame");
+    assert_eq!(u16::from(close.code), 1003, "{close:?}");
     bob.close().await;
     stack.stop().await;
 }
@@ -306,7 +327,7 @@ fn padded_send(room: &str, content: &str, size: usize) -> String {
 }
 
 #[tokio::test]
-async fn a_message_of_exactly_128_kib_is_accepted_and_a_larger_one_closes_with_1009() {
+async fn a_message_of_exactly_128_kib_in_fragments_is_accepted_and_a_larger_one_closes_with_1009() {
     let env = TestEnv::new().await;
     let stack = TestStack::all_in_one(&env).await;
     let room = stack.group("alice", &["bob"]).await;
@@ -314,21 +335,21 @@ async fn a_message_of_exactly_128_kib_is_accepted_and_a_larger_one_closes_with_1
     let mut bob = Client::connect(&stack, "bob").await;
     bob.join(&room).await;
 
+    // One frame of exactly 32 KiB is fine.
     alice
-        .send_raw(Message::text(padded_send(&room, "just fits", MAX_MESSAGE)))
+        .send_raw(Message::text(padded_send(&room, "one frame", MAX_FRAME)))
         .await;
+    let one = alice.expect("message").await;
+    assert_eq!(one["content"], "one frame");
+    assert_eq!(bob.expect("message").await["id"], one["id"]);
+
+    send_fragmented(&mut alice, &padded_send(&room, "just fits", MAX_MESSAGE)).await;
     let sent = alice.expect("message").await;
     assert_eq!(sent["content"], "just fits");
     assert_eq!(bob.expect("message").await["id"], sent["id"]);
     alice.ping_pong().await;
 
-    alice
-        .send_raw(Message::text(padded_send(
-            &room,
-            "too big",
-            MAX_MESSAGE + 1,
-        )))
-        .await;
+    send_fragmented(&mut alice, &padded_send(&room, "too big", MAX_MESSAGE + 1)).await;
     // No `error` first: the close is the next frame.
     let close = alice.expect_close().await.expect("a close frame");
     assert_eq!(u16::from(close.code), 1009, "{close:?}");
@@ -340,8 +361,30 @@ async fn a_message_of_exactly_128_kib_is_accepted_and_a_larger_one_closes_with_1
     assert_eq!(presence["status"], "offline");
     bob.assert_quiet(300).await;
     let history = stack.history("bob", &room).await;
-    assert_eq!(history.len(), 1);
-    assert_eq!(history[0]["content"], "just fits");
+    assert_eq!(history.len(), 2);
+    assert_eq!(history[1]["content"], "just fits");
     bob.close().await;
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn a_single_frame_over_32_kib_closes_with_1009_as_on_aws() {
+    let env = TestEnv::new().await;
+    let stack = TestStack::all_in_one(&env).await;
+    let room = stack.group("alice", &["bob"]).await;
+    let mut alice = Client::connect(&stack, "alice").await;
+    alice
+        .send_raw(Message::text(padded_send(
+            &room,
+            "one frame too big",
+            MAX_FRAME + 1,
+        )))
+        .await;
+    let close = alice.expect_close().await.expect("a close frame");
+    assert_eq!(u16::from(close.code), 1009, "{close:?}");
+    assert!(
+        stack.history("bob", &room).await.is_empty(),
+        "nothing stored"
+    );
     stack.stop().await;
 }

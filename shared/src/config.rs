@@ -126,12 +126,17 @@ pub struct GatewaySettings {
     /// Largest WebSocket message; larger closes with 1009
     /// (`GATEWAY_MAX_MESSAGE_BYTES`, 131072 as API Gateway).
     pub max_message_bytes: usize,
-    /// Largest single frame (`GATEWAY_MAX_FRAME_BYTES`, 131072). API Gateway
-    /// allows 32 KiB frames; PROTOCOL.md promises that any message up to
-    /// 128 KiB is accepted, and most client libraries send a message as one
-    /// frame, so locally the frame limit defaults to the message limit. Set
-    /// 32768 to reproduce AWS exactly.
+    /// Largest single frame (`GATEWAY_MAX_FRAME_BYTES`, 32768 as API
+    /// Gateway): a larger frame closes with 1009; a message of up to
+    /// `max_message_bytes` arrives in fragments of at most this.
     pub max_frame_bytes: usize,
+    /// Binary frames reach `$default` (base64) instead of closing the
+    /// socket with 1003 as API Gateway does (`GATEWAY_ACCEPT_BINARY_FRAMES`,
+    /// false).
+    pub accept_binary_frames: bool,
+    /// An integration that has not answered after this long fails, as in
+    /// API Gateway (`GATEWAY_INTEGRATION_TIMEOUT_SECONDS`, 29).
+    pub integration_timeout: Duration,
     /// Idle timeout (`GATEWAY_IDLE_TIMEOUT_SECONDS`, 600 as API Gateway).
     pub idle_timeout: Duration,
     /// Connection lifetime (`GATEWAY_MAX_LIFETIME_SECONDS`, 7200 as API Gateway).
@@ -359,7 +364,13 @@ impl Config {
             gateway: GatewaySettings {
                 stage: get("GATEWAY_STAGE").unwrap_or_else(|| "local".into()),
                 max_message_bytes: parse::<usize>(&get, "GATEWAY_MAX_MESSAGE_BYTES", 131_072)?,
-                max_frame_bytes: parse::<usize>(&get, "GATEWAY_MAX_FRAME_BYTES", 131_072)?,
+                max_frame_bytes: parse::<usize>(&get, "GATEWAY_MAX_FRAME_BYTES", 32_768)?,
+                accept_binary_frames: parse::<bool>(&get, "GATEWAY_ACCEPT_BINARY_FRAMES", false)?,
+                integration_timeout: Duration::from_secs(parse::<u64>(
+                    &get,
+                    "GATEWAY_INTEGRATION_TIMEOUT_SECONDS",
+                    29,
+                )?),
                 idle_timeout: Duration::from_secs(parse::<u64>(
                     &get,
                     "GATEWAY_IDLE_TIMEOUT_SECONDS",

@@ -8,6 +8,8 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
+use chat_gateway::GatewayConfig;
+
 use crate::helpers::*;
 
 const CONNECT_FIXTURE: &str =
@@ -187,8 +189,12 @@ async fn without_a_query_there_are_no_query_parameters() {
 }
 
 #[tokio::test]
-async fn binary_messages_are_base64_encoded() {
-    let server = TestServer::start(config()).await;
+async fn binary_messages_are_base64_encoded_when_accepted() {
+    let server = TestServer::start(GatewayConfig {
+        accept_binary_frames: true,
+        ..config()
+    })
+    .await;
     let (mut client, id) = server.connect().await;
     client
         .send(Message::binary(vec![0u8, 1, 2, 255]))
@@ -198,6 +204,29 @@ async fn binary_messages_are_base64_encoded() {
     let message = server.recorder.of(&id).pop().unwrap();
     assert!(message.is_base64_encoded);
     assert_eq!(message.body.as_deref(), Some("AAEC/w=="));
+}
+
+#[tokio::test]
+async fn binary_frames_close_with_1003_as_on_aws_by_default() {
+    let server = TestServer::start(config()).await;
+    let (mut client, id) = server.connect().await;
+    client
+        .send(Message::binary(vec![0u8, 1, 2, 255]))
+        .await
+        .unwrap();
+    let frame = expect_close(&mut client).await;
+    assert_eq!(u16::from(frame.code), 1003, "{frame:?}");
+    let disconnect = server.recorder.disconnect_of(&id).await;
+    assert_eq!(status_of(&disconnect).0, 1003);
+    // `$default` never saw it.
+    assert!(
+        server
+            .recorder
+            .of(&id)
+            .iter()
+            .all(|event| !event.is_base64_encoded),
+        "a binary frame reached $default"
+    );
 }
 
 #[tokio::test]

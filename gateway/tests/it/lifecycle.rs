@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use chat_gateway::{Handlers, integration_response};
+use chat_gateway::{Handlers, RouteHandler as _, integration_response};
 use futures::SinkExt;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
@@ -117,6 +117,61 @@ async fn a_failing_default_is_an_internal_server_error() {
     assert!(reply["requestId"].as_str().is_some_and(|r| r.len() == 16));
     // The connection stays open.
     assert_eq!(whoami(&mut client).await, id);
+}
+
+#[tokio::test]
+async fn an_integration_over_its_timeout_fails_as_on_aws() {
+    let slow = |_event: Event| async {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        integration_response(200, Some("too late".into()))
+    };
+    let config = chat_gateway::GatewayConfig {
+        integration_timeout: Duration::from_millis(300),
+        ..config()
+    };
+    // `$default` too slow: the client gets API Gateway's error message, and
+    // the connection stays open.
+    let server = TestServer::start_with(config.clone(), |recorder| {
+        let recording = recording_handlers(recorder);
+        let fast = Arc::clone(&recording.default);
+        let default = move |event: Event| {
+            let fast = Arc::clone(&fast);
+            async move {
+                if event.body.as_deref() == Some("slow") {
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                    return integration_response(200, Some("too late".into()));
+                }
+                fast.call(event).await
+            }
+        };
+        Handlers {
+            default: Arc::new(default),
+            ..recording
+        }
+    })
+    .await;
+    let (mut client, id) = server.connect().await;
+    let started = std::time::Instant::now();
+    client.send(Message::text("slow")).await.unwrap();
+    let reply: serde_json::Value = serde_json::from_str(&next_text(&mut client).await).unwrap();
+    assert_eq!(reply["message"], "Internal server error");
+    assert_eq!(reply["connectionId"], id.as_str());
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(whoami(&mut client).await, id, "the connection stays open");
+    // `$connect` too slow: the handshake is refused with 500.
+    let server = TestServer::start_with(config, |recorder| Handlers {
+        connect: Arc::new(slow),
+        ..recording_handlers(recorder)
+    })
+    .await;
+    match connect_async(server.ws_url()).await {
+        Err(WsError::Http(response)) => assert_eq!(response.status(), 500),
+        other => panic!("expected 500, got {other:?}"),
+    }
 }
 
 #[tokio::test]

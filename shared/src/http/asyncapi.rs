@@ -311,11 +311,13 @@ pub fn document() -> Value {
         "info": {
             "title": "Chat & presence WebSocket API",
             "version": env!("CARGO_PKG_VERSION"),
-            "description": "The WebSocket half of docs/PROTOCOL.md (section 2). Every frame, both ways, is one JSON text message {\"type\": ..., \"payload\": {...}} of at most 128 KiB; API Gateway carries frames of up to 32 KiB, so send one message per frame within that.\n\nClose codes: 1000 when the server ends a connection on purpose (after an UNAUTHORIZED error: the token ran out or was revoked, an authenticate was refused; without one: the user's connection cap, or the presence lease ran out); 1001 for the idle timeout (10 min), the 2-hour lifetime and shutdown; 1009 for a message over 128 KiB. There are no 4xxx codes: API Gateway's DeleteConnection always closes with 1000, so the reason travels in the error event before the close. After any close, reconnect with backoff and rejoin each room with afterSequenceId.",
+            "description": "The WebSocket half of docs/PROTOCOL.md (section 2). Every frame, both ways, is one JSON text message {\"type\": ..., \"payload\": {...}} of at most 128 KiB; API Gateway carries frames of up to 32 KiB, so send one message per frame within that.\n\nClose codes: 1000 when the server ends a connection on purpose (after an UNAUTHORIZED error: the token ran out or was revoked, an authenticate was refused; without one: the user's connection cap, or the presence lease ran out); 1001 for the idle timeout (10 min), the 2-hour lifetime and shutdown; 1003 for a binary frame; 1008 for a client that stops reading; 1009 for a message over 128 KiB or a frame over 32 KiB. There are no 4xxx codes: API Gateway's DeleteConnection always closes with 1000, so the reason travels in the error event before the close. After any close, reconnect with backoff and rejoin each room with afterSequenceId.",
             "x-close-codes": {
                 "1000": "ended on purpose by the server (see the error event before it, if any)",
                 "1001": "going away: idle timeout, the 2-hour lifetime, shutdown",
-                "1009": "message too big (over 128 KiB)"
+                "1003": "a binary frame (every message is JSON text)",
+                "1008": "slow consumer: more than 1 MiB waited for a client that does not read",
+                "1009": "message too big (over 128 KiB), or a single frame over 32 KiB"
             }
         },
         "defaultContentType": "application/json",
