@@ -297,12 +297,12 @@ fn shuffle<T>(items: &mut [T], mut seed: u64) {
     }
 }
 
-fn ws_url(base: &str, path: &str, token: &str) -> String {
+pub(crate) fn ws_url(base: &str, path: &str, token: &str) -> String {
     let host = base.trim_start_matches("http://").trim_end_matches('/');
     format!("ws://{host}{path}?token={token}")
 }
 
-fn mint(secret: &SecretString, user: &str) -> anyhow::Result<String> {
+pub(crate) fn mint(secret: &SecretString, user: &str) -> anyhow::Result<String> {
     let claims = chat_shared::auth::DevClaims::new(user, 6 * 3600);
     chat_shared::auth::mint_hs256(secret, &claims).map_err(|e| anyhow::anyhow!("{e}"))
 }
@@ -645,7 +645,7 @@ async fn connect_all(
     (conns, h, r, errors)
 }
 
-fn error_kind(e: &tokio_tungstenite::tungstenite::Error) -> &'static str {
+pub(crate) fn error_kind(e: &tokio_tungstenite::tungstenite::Error) -> &'static str {
     use tokio_tungstenite::tungstenite::Error as E;
     match e {
         E::ConnectionClosed | E::AlreadyClosed => "closed",
@@ -767,7 +767,7 @@ async fn connection_task(
     }
 }
 
-fn bump(map: &mut BTreeMap<String, u64>, key: &str) {
+pub(crate) fn bump(map: &mut BTreeMap<String, u64>, key: &str) {
     match map.get_mut(key) {
         Some(v) => *v += 1,
         None => {
@@ -1091,7 +1091,7 @@ pub fn step_held(step: &Step, p99_limit_ms: f64) -> bool {
 }
 
 /// Reads every `/metrics` URL and sums the series over them.
-async fn scrape(urls: &[String]) -> BTreeMap<String, f64> {
+pub(crate) async fn scrape(urls: &[String]) -> BTreeMap<String, f64> {
     let mut sums = BTreeMap::new();
     for url in urls {
         let Some((base, path)) = url

@@ -4,6 +4,8 @@
 //! - `run`: one load run (or a rate sweep) against a list of instances;
 //!   prints one JSON line per rate, and a progress line per second on
 //!   stderr.
+//! - `storm`: S6, a reconnect storm (every client connects and joins at
+//!   once); one JSON line.
 //! - `cold-start`: the four function binaries under a Lambda Runtime API
 //!   emulator; one JSON line per function.
 //! - `process-start`: spawn a server command and time it to its first
@@ -21,6 +23,7 @@ use anyhow::{Context as _, bail};
 use chat_bench::lambda::{self, events};
 use chat_bench::load::{self, RoomKind, RunConfig, RunReport, Step};
 use chat_bench::report;
+use chat_bench::storm::{self, StormConfig};
 use clap::{Parser, Subcommand, ValueEnum};
 use secrecy::SecretString;
 use serde_json::json;
@@ -47,6 +50,8 @@ enum Rooms {
 enum Command {
     /// One load run, or a rate sweep with several --rate values.
     Run(Box<RunArgs>),
+    /// S6: a reconnect storm, every client connecting and joining at once.
+    Storm(Box<StormArgs>),
     /// Cold starts of the four function binaries.
     ColdStart {
         /// Directory with the release binaries rest, ws-connect, ws-message, ws-disconnect.
@@ -171,6 +176,72 @@ struct RunArgs {
     tags: Vec<String>,
 }
 
+#[derive(clap::Args)]
+struct StormArgs {
+    /// System under test, copied to the report (`ours`, `baseline`).
+    #[arg(long, default_value = "ours")]
+    label: String,
+    /// Scenario name, copied to the report.
+    #[arg(long, default_value = "S6")]
+    scenario: String,
+    /// Base URL of an instance (`http://127.0.0.1:3000`); repeat, or comma-separate.
+    #[arg(long = "url", required = true, value_delimiter = ',')]
+    urls: Vec<String>,
+    /// WebSocket path.
+    #[arg(long, default_value = "/ws")]
+    ws_path: String,
+    /// HS256 secret to mint tokens.
+    #[arg(long, env = "JWT_SECRET", hide_env_values = true)]
+    secret: String,
+    /// Clients (a multiple of 4: half direct pairs, half recovery pairs).
+    #[arg(long, default_value_t = 2000)]
+    users: usize,
+    /// Most WebSocket handshakes in flight at once.
+    #[arg(long, default_value_t = 500)]
+    connect_concurrency: usize,
+    /// Also pace new connections at this rate (per second); 0: no pacing.
+    #[arg(long, default_value_t = 0.0)]
+    connect_rate: f64,
+    /// Seconds a client has, from its first connect attempt, to get its
+    /// `roomJoined`.
+    #[arg(long, default_value_t = 60.0)]
+    deadline: f64,
+    /// `afterSequenceId` of the recovery joins (messages already seen).
+    #[arg(long, default_value_t = 5)]
+    after_sequence_id: u64,
+    /// Messages after it that each recovery join must get back.
+    #[arg(long, default_value_t = 20)]
+    missed: u64,
+    /// Pid of the process behind each --url, same order.
+    #[arg(long = "gateway-pid", value_delimiter = ',')]
+    gateway_pids: Vec<u32>,
+    /// Another process to watch: LABEL=PID.
+    #[arg(long = "pid")]
+    pids: Vec<String>,
+    /// A process watched with all its descendants: LABEL=PID (PostgreSQL).
+    #[arg(long = "pid-tree")]
+    pid_trees: Vec<String>,
+    /// A `/metrics` URL read around each phase (repeatable).
+    #[arg(long = "metrics-url")]
+    metrics_urls: Vec<String>,
+    /// Prefix of the user ids (default: from the clock, so every run is fresh).
+    #[arg(long)]
+    run_id: Option<String>,
+    /// REST calls in flight while preparing the recovery rooms (each is a
+    /// stored message, so the more in flight, the more share a commit).
+    #[arg(long, default_value_t = 64)]
+    setup_concurrency: usize,
+    /// No progress lines.
+    #[arg(long)]
+    quiet: bool,
+    /// Also append the JSON line to this file.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Extra `key=value` fields copied into the JSON line (session, run).
+    #[arg(long = "tag")]
+    tags: Vec<String>,
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -181,6 +252,7 @@ fn main() -> anyhow::Result<()> {
     local.block_on(&runtime, async move {
         match cli.command {
             Command::Run(args) => run(*args).await,
+            Command::Storm(args) => storm(*args).await,
             Command::ColdStart {
                 dir,
                 runs,
@@ -238,6 +310,19 @@ fn parse_tags(tags: &[String]) -> anyhow::Result<Vec<(String, String)>> {
         .collect()
 }
 
+/// `LABEL=PID` arguments.
+fn labelled_pids(list: &[String]) -> anyhow::Result<Vec<(String, u32)>> {
+    list.iter()
+        .map(|p| {
+            let (label, pid) = p.split_once('=').context("--pid LABEL=PID")?;
+            Ok((
+                label.to_owned(),
+                pid.parse().context("--pid: not a number")?,
+            ))
+        })
+        .collect()
+}
+
 /// Whether a sweep step held, by the strict rule of `load::step_failures`.
 fn held(r: &RunReport, p99_limit: f64) -> bool {
     load::step_held(&Step::from(r), p99_limit)
@@ -245,19 +330,8 @@ fn held(r: &RunReport, p99_limit: f64) -> bool {
 
 async fn run(a: RunArgs) -> anyhow::Result<()> {
     let tags = parse_tags(&a.tags)?;
-    let labelled = |list: &[String]| {
-        list.iter()
-            .map(|p| {
-                let (label, pid) = p.split_once('=').context("--pid LABEL=PID")?;
-                Ok((
-                    label.to_owned(),
-                    pid.parse().context("--pid: not a number")?,
-                ))
-            })
-            .collect::<anyhow::Result<Vec<(String, u32)>>>()
-    };
-    let pids = labelled(&a.pids)?;
-    let pid_trees = labelled(&a.pid_trees)?;
+    let pids = labelled_pids(&a.pids)?;
+    let pid_trees = labelled_pids(&a.pid_trees)?;
     let run_id = a
         .run_id
         .clone()
@@ -331,6 +405,36 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
             a.out.as_ref(),
         );
     }
+    Ok(())
+}
+
+async fn storm(a: StormArgs) -> anyhow::Result<()> {
+    let tags = parse_tags(&a.tags)?;
+    let cfg = StormConfig {
+        label: a.label.clone(),
+        scenario: a.scenario.clone(),
+        urls: a.urls.clone(),
+        ws_path: a.ws_path.clone(),
+        secret: SecretString::from(a.secret.clone()),
+        users: a.users,
+        connect_concurrency: a.connect_concurrency,
+        connect_rate: a.connect_rate,
+        deadline: Duration::from_secs_f64(a.deadline),
+        seen: a.after_sequence_id,
+        missed: a.missed,
+        gateway_pids: a.gateway_pids.clone(),
+        pids: labelled_pids(&a.pids)?,
+        pid_trees: labelled_pids(&a.pid_trees)?,
+        metrics_urls: a.metrics_urls.clone(),
+        run_id: a
+            .run_id
+            .clone()
+            .unwrap_or_else(|| format!("s{}", load::now_us() / 1000 % 100_000_000)),
+        setup_concurrency: a.setup_concurrency,
+        progress: !a.quiet,
+    };
+    let report = storm::run(cfg).await?;
+    emit(&serde_json::to_value(&report)?, &tags, a.out.as_ref());
     Ok(())
 }
 
