@@ -16,6 +16,11 @@
 //!   `roomId` with `afterSequenceId = seen`: each must get exactly the
 //!   `missed` messages after it, in order, with `recovered: true`.
 //!
+//! Against a server on loopback each client connects from a loopback
+//! address of its own ([`source_address`]): a storm comes from many
+//! addresses, and a server that limits new connections per address must
+//! see it so, not as one address opening thousands.
+//!
 //! # Phases
 //! 0. **Warm up** (untimed, not counted): a small storm of other users
 //!    ([`WARM_UP_USERS`], prepared and made known as below), so the
@@ -53,6 +58,7 @@
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -162,6 +168,63 @@ pub fn backoff(attempt: u32, least: Duration, salt: u64) -> Duration {
 /// the retryable dependency error in both spellings).
 pub fn retryable(code: &str) -> bool {
     matches!(code, "RATE_LIMITED" | "SERVICE_UNAVAILABLE" | "UNAVAILABLE")
+}
+
+/// The loopback address client `user` connects from: 127.1.0.1,
+/// 127.1.0.2, … (no `.0` or `.255`), distinct for the first 15 million.
+pub fn source_address(user: usize) -> Ipv4Addr {
+    let i = user as u64;
+    let octet = |v: u64| u8::try_from(v).unwrap_or(u8::MAX);
+    Ipv4Addr::new(
+        127,
+        octet(1 + i / 62_500 % 254),
+        octet(1 + i / 250 % 250),
+        octet(1 + i % 250),
+    )
+}
+
+/// Where one client connects: the WebSocket URL, the server's address
+/// and, on loopback, the client's own source address.
+#[derive(Debug, Clone)]
+struct Dial {
+    url: String,
+    server: Option<SocketAddr>,
+    source: Option<Ipv4Addr>,
+}
+
+/// The first address of each base URL's host, resolved once.
+async fn resolve(urls: &[String]) -> Vec<Option<SocketAddr>> {
+    let mut out = Vec::with_capacity(urls.len());
+    for base in urls {
+        let host = base
+            .trim_start_matches("http://")
+            .trim_end_matches('/')
+            .to_owned();
+        let addr = tokio::net::lookup_host(host)
+            .await
+            .ok()
+            .and_then(|mut a| a.next());
+        out.push(addr);
+    }
+    out
+}
+
+fn dial(
+    urls: &[String],
+    servers: &[Option<SocketAddr>],
+    ws_path: &str,
+    token: &str,
+    user: usize,
+) -> Dial {
+    let i = user % urls.len();
+    let server = servers.get(i).copied().flatten();
+    Dial {
+        url: ws_url(&urls[i], ws_path, token),
+        server,
+        source: server
+            .filter(|a| a.ip().is_loopback() && a.is_ipv4())
+            .map(|_| source_address(user)),
+    }
 }
 
 /// The `Max open files` soft limit from the text of `/proc/self/limits`.
@@ -324,6 +387,8 @@ pub fn round_trips_per_join(
 /// Users, tokens and prepared rooms: what every client task reads.
 struct Plan {
     urls: Vec<String>,
+    /// The address of each URL's server.
+    servers: Vec<Option<SocketAddr>>,
     ws_path: String,
     user_ids: Vec<String>,
     tokens: Vec<String>,
@@ -334,6 +399,16 @@ struct Plan {
 }
 
 impl Plan {
+    fn dial(&self, user: usize) -> Dial {
+        dial(
+            &self.urls,
+            &self.servers,
+            &self.ws_path,
+            &self.tokens[user],
+            user,
+        )
+    }
+
     fn join_frame(&self, user: usize) -> String {
         let payload = match role(user) {
             Role::Direct => json!({"targetUserId": self.user_ids[partner(user)]}),
@@ -507,14 +582,48 @@ fn retry_after(headers: &http::HeaderMap) -> Duration {
         .map_or(Duration::ZERO, Duration::from_secs)
 }
 
+/// What went wrong with a socket, in a word.
+fn io_kind(e: &std::io::Error) -> &'static str {
+    match e.kind() {
+        std::io::ErrorKind::ConnectionRefused => "refused",
+        std::io::ErrorKind::ConnectionReset => "reset",
+        std::io::ErrorKind::AddrNotAvailable | std::io::ErrorKind::AddrInUse => "no_local_port",
+        std::io::ErrorKind::TimedOut => "timeout",
+        _ => "io",
+    }
+}
+
+/// Opens the TCP connection of a [`Dial`], from its source address when
+/// it has one.
+async fn open(d: &Dial) -> std::io::Result<tokio::net::TcpStream> {
+    let (Some(server), Some(source)) = (d.server, d.source) else {
+        let host = d
+            .url
+            .trim_start_matches("ws://")
+            .split(['/', '?'])
+            .next()
+            .unwrap_or_default();
+        return tokio::net::TcpStream::connect(host).await;
+    };
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::new(source.into(), 0))?;
+    let stream = socket.connect(server).await?;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
 /// One WebSocket handshake; the error is a cause (`http_429`, `reset`, …)
 /// and the `Retry-After` of a refusal.
-async fn handshake(url: &str) -> Result<Ws, (String, Duration)> {
+async fn handshake(d: &Dial) -> Result<Ws, (String, Duration)> {
     let config = WebSocketConfig::default()
         .read_buffer_size(8 * 1024)
         .write_buffer_size(0)
         .max_write_buffer_size(1 << 20);
-    match tokio_tungstenite::connect_async_with_config(url, Some(config), true).await {
+    let stream = open(d)
+        .await
+        .map_err(|e| (io_kind(&e).to_owned(), Duration::ZERO))?;
+    let stream = tokio_tungstenite::MaybeTlsStream::Plain(stream);
+    match tokio_tungstenite::client_async_with_config(d.url.as_str(), stream, Some(config)).await {
         Ok((ws, _)) => Ok(ws),
         Err(tokio_tungstenite::tungstenite::Error::Http(response)) => Err((
             format!("http_{}", response.status().as_u16()),
@@ -528,11 +637,7 @@ async fn handshake(url: &str) -> Result<Ws, (String, Duration)> {
 /// join or wait for `connected`, then keep the socket open until `close`.
 async fn client(phase: Rc<Phase>, user: usize, mut close: watch::Receiver<bool>) {
     let plan = Rc::clone(&phase.plan);
-    let url = ws_url(
-        &plan.urls[user % plan.urls.len()],
-        &plan.ws_path,
-        &plan.tokens[user],
-    );
+    let target = plan.dial(user);
     let mut started: Option<Instant> = None;
     let mut attempt = 0u32;
     let mut ws = loop {
@@ -543,7 +648,7 @@ async fn client(phase: Rc<Phase>, user: usize, mut close: watch::Receiver<bool>)
         let t = Instant::now();
         let first = *started.get_or_insert(t);
         let deadline = first + phase.deadline;
-        let result = tokio::time::timeout_at(deadline.into(), handshake(&url)).await;
+        let result = tokio::time::timeout_at(deadline.into(), handshake(&target)).await;
         drop(permit);
         match result {
             Ok(Ok(ws)) => {
@@ -719,11 +824,11 @@ async fn hold(phase: &Phase, mut ws: Ws, close: &mut watch::Receiver<bool>) {
 
 /// Connects and waits for `connected` (the user is known from then on),
 /// retrying refused handshakes.
-async fn connect_ready(url: &str, deadline: Instant) -> anyhow::Result<Ws> {
+async fn connect_ready(target: &Dial, deadline: Instant) -> anyhow::Result<Ws> {
     let mut attempt = 0;
     let mut ws = loop {
         attempt += 1;
-        match tokio::time::timeout_at(deadline.into(), handshake(url)).await {
+        match tokio::time::timeout_at(deadline.into(), handshake(target)).await {
             Ok(Ok(ws)) => break ws,
             Ok(Err((cause, least))) if cause == "http_429" || cause == "http_503" => {
                 tokio::time::sleep(backoff(attempt, least, attempt.into())).await;
@@ -786,14 +891,14 @@ async fn next_answer(
 /// row (each with a `clientMessageId`, so a retry stores nothing twice),
 /// and waits until each came back to it. Returns the room.
 async fn prepare_pair(
-    url_a: &str,
-    url_b: &str,
+    dial_a: &Dial,
+    dial_b: &Dial,
     b_id: &str,
     messages: u64,
 ) -> anyhow::Result<String> {
     let deadline = Instant::now() + Duration::from_secs(120);
-    let mut b = connect_ready(url_b, deadline).await?;
-    let mut a = connect_ready(url_a, deadline).await?;
+    let mut b = connect_ready(dial_b, deadline).await?;
+    let mut a = connect_ready(dial_a, deadline).await?;
     let join = json!({"type": "joinRoom", "payload": {"targetUserId": b_id}}).to_string();
     let mut attempt = 0;
     let room = loop {
@@ -857,8 +962,9 @@ async fn prepare_pair(
 ///
 /// # Errors
 /// A pair that cannot be prepared.
-pub async fn prepare(
+async fn prepare(
     urls: &[String],
+    servers: &[Option<SocketAddr>],
     ws_path: &str,
     user_ids: &[String],
     tokens: &[String],
@@ -873,13 +979,13 @@ pub async fn prepare(
     let mut tasks = Vec::with_capacity(recovery.len());
     for pair in recovery {
         let (a, b) = (2 * pair, 2 * pair + 1);
-        let url_a = ws_url(&urls[a % urls.len()], ws_path, &tokens[a]);
-        let url_b = ws_url(&urls[b % urls.len()], ws_path, &tokens[b]);
+        let dial_a = dial(urls, servers, ws_path, &tokens[a], a);
+        let dial_b = dial(urls, servers, ws_path, &tokens[b], b);
         let b_id = user_ids[b].clone();
         let limit = Rc::clone(&limit);
         tasks.push(spawn_local(async move {
             let _permit = limit.acquire().await?;
-            let room = prepare_pair(&url_a, &url_b, &b_id, messages)
+            let room = prepare_pair(&dial_a, &dial_b, &b_id, messages)
                 .await
                 .with_context(|| format!("preparing the room of {b_id}"))?;
             anyhow::Ok((pair, room))
@@ -1036,9 +1142,11 @@ async fn build_plan(
         .iter()
         .map(|u| mint(&cfg.secret, u))
         .collect::<anyhow::Result<_>>()?;
+    let servers = resolve(&cfg.urls).await;
     let t = Instant::now();
     let rooms = prepare(
         &cfg.urls,
+        &servers,
         &cfg.ws_path,
         &user_ids,
         &tokens,
@@ -1058,6 +1166,7 @@ async fn build_plan(
     }
     let plan = Plan {
         urls: cfg.urls.clone(),
+        servers,
         ws_path: cfg.ws_path.clone(),
         user_ids,
         tokens,
@@ -1290,6 +1399,7 @@ mod tests {
     fn join_frames_name_the_partner_or_the_prepared_room() {
         let plan = Plan {
             urls: vec!["http://127.0.0.1:1".into()],
+            servers: vec![None],
             ws_path: "/ws".into(),
             user_ids: (0..4).map(|i| format!("r-u{i}")).collect(),
             tokens: vec![String::new(); 4],
@@ -1419,6 +1529,29 @@ mod tests {
         no_count.remove("chat_ws_requests_total{type=\"joinRoom\"}");
         let r = round_trips_per_join(&no_count, &calibration, 1000, 1000, 500);
         assert_eq!(r["pg_round_trips_per_join"], 2.0);
+    }
+
+    #[test]
+    fn every_client_has_a_loopback_address_of_its_own() {
+        assert_eq!(source_address(0), Ipv4Addr::new(127, 1, 1, 1));
+        assert_eq!(source_address(249), Ipv4Addr::new(127, 1, 1, 250));
+        assert_eq!(source_address(250), Ipv4Addr::new(127, 1, 2, 1));
+        let all: std::collections::BTreeSet<_> = (0..100_000).map(source_address).collect();
+        assert_eq!(all.len(), 100_000);
+        assert!(
+            all.iter()
+                .all(|a| a.is_loopback() && a.octets()[1..].iter().all(|o| *o != 0 && *o != 255))
+        );
+        let urls = vec![
+            "http://127.0.0.1:4101".to_owned(),
+            "http://example.invalid:80".to_owned(),
+        ];
+        let servers = vec![Some(SocketAddr::from(([127, 0, 0, 1], 4101))), None];
+        let local = dial(&urls, &servers, "/ws", "t", 6);
+        assert_eq!(local.url, "ws://127.0.0.1:4101/ws?token=t");
+        assert_eq!(local.source, Some(source_address(6)));
+        // Elsewhere the system picks the source.
+        assert_eq!(dial(&urls, &servers, "/ws", "t", 7).source, None);
     }
 
     #[test]
