@@ -2,10 +2,11 @@
 # Benchmarks this stack against the Node.js original, side by side, and writes
 # the results table into docs/BENCHMARKS.md.
 #
-#   scripts/bench.sh [--quick] [--runs N] [--only S1,S2,S3,S4,S5,overload,pgbench]
+#   scripts/bench.sh [--quick] [--runs N] [--only S1,S2,S3,S4,S5,S6,overload,pgbench] [--no-docs]
 #
 # What it does (each step prints what it is doing on stderr):
-#   1. builds the release binaries (chat-local, chat-bench, the four functions);
+#   1. builds the release binaries (chat-local, chat-bench; the four functions
+#      only when S5 runs);
 #   2. starts a private PostgreSQL cluster and a private redis-server for the
 #      session (.local/bench/, ports BENCH_PG_PORT=55442, BENCH_REDIS_PORT=56389),
 #      so the shared servers are never touched; stock PostgreSQL settings;
@@ -14,16 +15,28 @@
 #        S1 idle        10,000 connections
 #        S2 direct      2,000 users in DIRECT rooms, members on different instances, 2,000 msg/s, 60 s
 #        S3 fan-out     1,000 users in GROUP rooms of 100, 100 msg/s (10,000 deliveries/s)
-#        S4 saturation  DIRECT rate raised until p99 > 100 ms
+#        S4 saturation  DIRECT rate raised until a step is not held: any send
+#                       refused, any loss, or p99 > 100 ms
 #        overload       DIRECT at 3x the S4 rate of the same run
+#        S6 storm       N clients connect (at most S6_CONCURRENCY=500 handshakes
+#                       in flight) and each joins at once: half new DIRECT rooms
+#                       by targetUserId, half rejoining with afterSequenceId and
+#                       20 missed messages; for each N of S6_SIZES (2000,5000,10000)
 #        S5             function cold starts and sizes, process start of each server
 #      each scenario against our stack (2 x `chat-local serve --no-relay` + 1 x
 #      `chat-local relay`, release build) and against the baseline (2 Node.js
 #      instances), each on a fresh start of its processes and emptied tables;
 #   4. writes the JSON lines to .local/bench/<session>.jsonl and
-#      docs/benchmarks/latest.jsonl, and the table to docs/BENCHMARKS.md.
+#      docs/benchmarks/latest.jsonl, and the table to docs/BENCHMARKS.md
+#      (with --no-docs: to .local/bench/<session>.md, docs/ untouched).
 #
-# --quick: one run, shorter scenarios (a smoke test of the harness, ~15 min).
+# --quick: one run, shorter scenarios and S6 at 2,000 only (a smoke test of
+# the harness, ~15 min).
+# --only (or SCENARIOS=...): the scenarios to run, comma-separated, in any
+# case (`--only s4,s6`); S4 is needed for overload's rate.
+# --no-docs: leave docs/ alone; the table goes to .local/bench/<session>.md
+# (for probes and smoke tests, whose partial tables must not replace the
+# session's).
 # The baseline is the read-only copy in ../shared/baseline, copied to
 # .local/baseline and installed with `npm ci` when missing.
 #
@@ -33,9 +46,16 @@
 # Other knobs: BENCH_WORK (work directory), BENCH_BASELINE_DIR (installed
 # baseline), BENCH_PG_POOL_MAX (24), BENCH_WORKER_THREADS (Tokio worker
 # threads per server process of ours, 1), S4_OURS_RATES / S4_BASE_RATES (the
-# sweeps), CARGO_TARGET_DIR.
+# sweeps), S6_SIZES (clients per storm, comma-separated), S6_CONCURRENCY
+# (handshakes in flight, 500), S6_DEADLINE (seconds a client has to join, 60),
+# CARGO_TARGET_DIR.
 #
-# Not for CI: a full session takes about an hour.
+# Open files: the generator holds one socket per client and each server half
+# of them, so the script raises its soft limit to the hard one and stops
+# early when that is below the largest scenario's need.
+#
+# Not for CI: a full session takes about an hour and a half (S6 at 2,000,
+# 5,000 and 10,000 adds about 8 minutes a run).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -45,18 +65,31 @@ cd "$ROOT"
 
 RUNS=3
 QUICK=0
-ONLY="pgbench,S1,S2,S3,S4,overload,S5"
+DOCS=1
+ONLY="${SCENARIOS:-pgbench,S1,S2,S3,S4,overload,S6,S5}"
 while [ $# -gt 0 ]; do
     case "$1" in
         --quick) QUICK=1; RUNS=1 ;;
         --runs) RUNS="$2"; shift ;;
         --only) ONLY="$2"; shift ;;
-        -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
+        --no-docs) DOCS=0 ;;
+        -h|--help) sed -n '2,57p' "$0"; exit 0 ;;
         *) echo "unknown argument: $1" >&2; exit 2 ;;
     esac
     shift
 done
-wants() { case ",$ONLY," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
+ONLY="$(printf '%s' "$ONLY" | tr '[:lower:]' '[:upper:]' | tr -d ' ')"
+for s in ${ONLY//,/ }; do
+    case "$s" in
+        PGBENCH|S1|S2|S3|S4|OVERLOAD|S5|S6) ;;
+        *) echo "--only: unknown scenario $s (pgbench, S1-S6, overload)" >&2; exit 2 ;;
+    esac
+done
+wants() {
+    local want
+    want="$(printf '%s' "$1" | tr '[:lower:]' '[:upper:]')"
+    case ",$ONLY," in *",$want,"*) return 0 ;; *) return 1 ;; esac
+}
 
 log() { printf '\033[1m[bench %s]\033[0m %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 
@@ -75,13 +108,36 @@ BASELINE_DIR="${BENCH_BASELINE_DIR:-$ROOT/.local/baseline}"
 # Durations (seconds) and rates.
 if [ "$QUICK" = 1 ]; then
     S2_SECS=15; S3_SECS=15; S4_SECS=8; OVERLOAD_SECS=10; IDLE_HOLD=3; PGBENCH_SECS=5
+    S6_SIZES="${S6_SIZES:-2000}"
 else
     S2_SECS=60; S3_SECS=60; S4_SECS=15; OVERLOAD_SECS=30; IDLE_HOLD=10; PGBENCH_SECS=15
+    S6_SIZES="${S6_SIZES:-2000,5000,10000}"
 fi
 S4_OURS_RATES="${S4_OURS_RATES:-1000,2000,3000,4000,5000,6000,6500,7000,7500,8000,8500,9000,10000}"
 S4_BASE_RATES="${S4_BASE_RATES:-400,600,800,1000,1500,2000,2500,3000,3500,4000,5000}"
+S6_CONCURRENCY="${S6_CONCURRENCY:-500}"
+S6_DEADLINE="${S6_DEADLINE:-60}"
+for n in ${S6_SIZES//,/ }; do
+    case "$n" in
+        *[!0-9]*|'') _svc_die "S6_SIZES: $n is not a number" ;;
+    esac
+    [ $((n % 4)) = 0 ] && [ "$n" -ge 4 ] || _svc_die "S6_SIZES: $n is not a multiple of 4 (direct and recovery pairs)"
+done
 
-ulimit -n 200000 2>/dev/null || ulimit -n 100000 2>/dev/null || true
+# Every client is a socket in the generator (S1: 10,000; S6: the largest
+# size), each server holds its share, and the limit is inherited by all of
+# them from here. The soft limit goes up to the hard one; the hard one is
+# the system's to raise (limits.conf, LimitNOFILE, the container runtime).
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+need_files=0
+wants S1 && need_files=10000
+if wants S6; then
+    for n in ${S6_SIZES//,/ }; do [ "$n" -gt "$need_files" ] && need_files="$n"; done
+fi
+need_files=$((need_files + 1024))
+if [ "$(ulimit -n)" != unlimited ] && [ "$(ulimit -n)" -lt "$need_files" ]; then
+    _svc_die "open files: the limit is $(ulimit -n) (hard $(ulimit -Hn)), the scenarios need about $need_files; raise the hard limit or run smaller S6_SIZES"
+fi
 
 # What the session needs besides cargo; each missing tool is named with where
 # it comes from, before anything is built.
@@ -98,11 +154,16 @@ fi
 # ---------------------------------------------------------------------------
 # Build
 
-log "building release binaries (a clean build takes ~9 min on 2 cores)"
-cargo build --release -q -p chat-local -p chat-bench -p rest -p ws-connect -p ws-message -p ws-disconnect
+# The four function binaries are only for S5's cold starts.
+BINARIES=(chat-local chat-bench)
+wants S5 && BINARIES+=(rest ws-connect ws-message ws-disconnect)
+log "building release binaries: ${BINARIES[*]} (a clean build takes ~9 min on 2 cores)"
+PACKAGES=()
+for b in "${BINARIES[@]}"; do PACKAGES+=(-p "$b"); done
+cargo build --release -q "${PACKAGES[@]}"
 # A copy: others may rebuild the shared target directory during the session.
 mkdir -p "$WORK/bin"
-for b in chat-local chat-bench rest ws-connect ws-message ws-disconnect; do
+for b in "${BINARIES[@]}"; do
     cp "$BIN/$b" "$WORK/bin/$b"
 done
 BIN="$WORK/bin"
@@ -299,17 +360,18 @@ bench_run() {
         --tag "load=$LOAD_AT_START" "$@" >/dev/null
 }
 
-# Runs "$@" against both systems, the order alternating between runs.
+# Runs scenario $2 against both systems, the order alternating between runs:
+# `$2 RUN SYSTEM [the rest of the arguments]`.
 both() {
-    local run="$1" system
-    shift
+    local run="$1" scenario="$2" system
+    shift 2
     local order=(ours baseline)
     [ $((run % 2)) = 0 ] && order=(baseline ours)
     for system in "${order[@]}"; do
         wait_quiet
         "start_$system"
-        log "run $run: $* ($system)"
-        "$@" "$run" "$system" || log "run $run: $1 ($system) failed; continuing"
+        log "run $run: $scenario${*:+ $*} ($system)"
+        "$scenario" "$run" "$system" "$@" || log "run $run: $scenario${*:+ $*} ($system) failed; continuing"
         stop_system
     done
 }
@@ -338,6 +400,15 @@ overload() {
     log "overload: $2 at 3 x $held = $rate msg/s"
     bench_run "$1" --scenario overload --users 2000 --rooms direct --rate "$rate" \
         --duration "$OVERLOAD_SECS" --drain 10
+}
+
+# S6: a reconnect storm of $3 clients (a fresh start of the system per size,
+# so each size's peak memory is its own).
+s6() {
+    local run="$1" users="$3"
+    "$BENCH" storm "${SYSTEM_ARGS[@]}" --out "$RESULTS" --tag "session=$SESSION" --tag "run=$run" \
+        --tag "load=$LOAD_AT_START" --users "$users" --connect-concurrency "$S6_CONCURRENCY" \
+        --deadline "$S6_DEADLINE" >/dev/null
 }
 
 pgbench_ceiling() {
@@ -383,16 +454,28 @@ for run in $(seq "$RUNS"); do
     if wants S3; then both "$run" s3; fi
     if wants S4; then both "$run" s4; fi
     if wants overload; then both "$run" overload; fi
+    if wants S6; then
+        for n in ${S6_SIZES//,/ }; do both "$run" s6 "$n"; done
+    fi
     if wants S5; then s5 "$run"; fi
 done
 
-mkdir -p "$ROOT/docs/benchmarks"
-cp "$RESULTS" "$ROOT/docs/benchmarks/latest.jsonl"
 {
     echo "Session \`$SESSION\` ($RUNS run(s)$([ "$QUICK" = 1 ] && echo ', --quick')), commit \`$(git rev-parse --short HEAD)\`,"
     echo "$(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB, $(uname -r), PostgreSQL $(psql_q postgres 'SHOW server_version'),"
     echo "Redis $(redis-server --version | sed -nE 's/.*v=([0-9.]+).*/\1/p'), Node.js $(node --version). Medians of the runs;"
-    echo "raw JSON lines in [\`docs/benchmarks/latest.jsonl\`](benchmarks/latest.jsonl)."
+    if [ "$DOCS" = 1 ]; then
+        echo "raw JSON lines in [\`docs/benchmarks/latest.jsonl\`](benchmarks/latest.jsonl)."
+    else
+        echo "raw JSON lines in \`$RESULTS\`."
+    fi
 } >"$WORK/preamble.md"
-"$BENCH" report --input "$RESULTS" --output "$ROOT/docs/BENCHMARKS.md" --preamble "$WORK/preamble.md"
-log "done: docs/BENCHMARKS.md"
+if [ "$DOCS" = 1 ]; then
+    mkdir -p "$ROOT/docs/benchmarks"
+    cp "$RESULTS" "$ROOT/docs/benchmarks/latest.jsonl"
+    "$BENCH" report --input "$RESULTS" --output "$ROOT/docs/BENCHMARKS.md" --preamble "$WORK/preamble.md"
+    log "done: docs/BENCHMARKS.md"
+else
+    "$BENCH" report --input "$RESULTS" --output "$WORK/$SESSION.md" --preamble "$WORK/preamble.md"
+    log "done: $WORK/$SESSION.md and $RESULTS (docs/ left alone: --no-docs)"
+fi

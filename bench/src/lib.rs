@@ -7,7 +7,10 @@
 //! and the latest results, and `scripts/bench.sh` for a whole session.
 //!
 //! # Layout
-//! - [`load`]: one run — connect, build rooms, send open-loop, measure.
+//! - [`load`]: one run — connect, build rooms, send open-loop, measure;
+//!   and the rule that says whether a sweep step held.
+//! - [`storm`]: S6, a reconnect storm — every client connects and joins
+//!   at once.
 //! - [`accounting`]: loss, duplicate and order detection at receivers.
 //! - [`summary`]: latency histograms and medians.
 //! - [`procstat`]: RSS and CPU of server processes from `/proc`.
@@ -21,4 +24,5 @@ pub mod load;
 pub mod procstat;
 pub mod report;
 pub mod rest;
+pub mod storm;
 pub mod summary;

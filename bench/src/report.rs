@@ -1,7 +1,7 @@
 //! The results table: medians of the JSON lines of a benchmark session,
 //! side by side for the two systems, with the ratios and the targets.
 //!
-//! Input: the JSON lines `chat-bench` printed (`run`, `sweep`,
+//! Input: the JSON lines `chat-bench` printed (`run`, `sweep`, `storm`,
 //! `cold_start`, `process_start`) plus `pgbench` lines the script writes.
 //! Output: a Markdown table, put between the markers
 //! `<!-- results:begin -->` and `<!-- results:end -->` of the docs page so
@@ -42,6 +42,9 @@ pub enum Target {
     AtLeast(f64),
     /// At least this many times the baseline.
     TimesBaseline(f64),
+    /// Less than the baseline (a time): met when ours finished and the
+    /// baseline took longer or never finished.
+    UnderBaseline,
 }
 
 /// One row of the table.
@@ -64,9 +67,13 @@ pub struct Row {
 }
 
 impl Row {
-    /// `baseline / ours` for lower-is-better, `ours / baseline` otherwise.
+    /// `baseline / ours` for lower-is-better, `ours / baseline` otherwise;
+    /// none when either is "never" (infinite).
     pub fn ratio(&self) -> Option<f64> {
         let (o, b) = (self.ours?, self.baseline?);
+        if !o.is_finite() || !b.is_finite() {
+            return None;
+        }
         match self.better {
             Better::Lower if o > 0.0 => Some(b / o),
             Better::Higher if b > 0.0 => Some(o / b),
@@ -81,6 +88,10 @@ impl Row {
             Target::AtMost(v) => ours <= v,
             Target::AtLeast(v) => ours >= v,
             Target::TimesBaseline(k) => ours >= k * self.baseline?,
+            Target::UnderBaseline => {
+                let baseline = self.baseline?;
+                ours.is_finite() && ours < baseline
+            }
         })
     }
 }
@@ -92,13 +103,54 @@ fn get(v: &Value, pointer: &str) -> Option<f64> {
 }
 
 fn lines<'a>(all: &'a [Value], kind: &str, label: &str, scenario: &str) -> Vec<&'a Value> {
+    lines_where(all, kind, label, scenario, &|_| true)
+}
+
+fn lines_where<'a>(
+    all: &'a [Value],
+    kind: &str,
+    label: &str,
+    scenario: &str,
+    select: &dyn Fn(&Value) -> bool,
+) -> Vec<&'a Value> {
     all.iter()
         .filter(|v| {
             v["kind"] == kind
                 && v["label"] == label
                 && (scenario.is_empty() || v["scenario"] == scenario)
+                && select(v)
         })
         .collect()
+}
+
+/// Sum of the counts of a `{code: count}` object for the codes `pick`
+/// accepts (0 when the object is missing or empty: nothing was counted).
+fn count_codes(v: &Value, pointer: &str, pick: &dyn Fn(&str) -> bool) -> f64 {
+    v.pointer(pointer)
+        .and_then(Value::as_object)
+        .map_or(0.0, |m| {
+            m.iter()
+                .filter(|(code, _)| pick(code))
+                .filter_map(|(_, n)| n.as_f64())
+                .sum()
+        })
+}
+
+/// The first step of a sweep that was not held.
+fn first_failed_step(v: &Value) -> Option<&Value> {
+    v["steps"].as_array()?.iter().find(|s| s["held"] == false)
+}
+
+/// Refused sends of a sweep step, % of those sent: from the counts when
+/// the step has them, else from the rates.
+fn step_refused_percent(step: &Value) -> Option<f64> {
+    match (get(step, "/rejected"), get(step, "/sent")) {
+        (Some(r), Some(n)) => Some(r / n.max(1.0) * 100.0),
+        _ => {
+            let (sent, accepted) = (get(step, "/send_rate")?, get(step, "/accepted_rate")?);
+            (sent > 0.0).then(|| (sent - accepted).max(0.0) / sent * 100.0)
+        }
+    }
 }
 
 fn med(values: &[&Value], f: &dyn Fn(&Value) -> Option<f64>) -> (Option<f64>, usize) {
@@ -130,8 +182,24 @@ impl Builder<'_> {
         better: Better,
         target: Option<Target>,
     ) {
-        let (ours, n_ours) = med(&lines(self.all, kind, OURS, scenario), f);
-        let (baseline, n_base) = med(&lines(self.all, kind, BASELINE, scenario), f);
+        self.row_where(kind, scenario, &|_| true, title, metric, f, better, target);
+    }
+
+    /// A row of the lines of `kind` and `scenario` that `select` accepts.
+    #[allow(clippy::too_many_arguments)]
+    fn row_where(
+        &mut self,
+        kind: &str,
+        scenario: &str,
+        select: &dyn Fn(&Value) -> bool,
+        title: &str,
+        metric: &str,
+        f: &dyn Fn(&Value) -> Option<f64>,
+        better: Better,
+        target: Option<Target>,
+    ) {
+        let (ours, n_ours) = med(&lines_where(self.all, kind, OURS, scenario, select), f);
+        let (baseline, n_base) = med(&lines_where(self.all, kind, BASELINE, scenario, select), f);
         self.rows.push(Row {
             scenario: title.to_owned(),
             metric: metric.to_owned(),
@@ -223,6 +291,15 @@ pub fn rows(all: &[Value]) -> Vec<Row> {
         s2,
         "out-of-order deliveries",
         &|v| get(v, "/tally/out_of_order"),
+        Lower,
+        Some(Target::AtMost(0.0)),
+    );
+    b.row(
+        "run",
+        "S2",
+        s2,
+        "sends refused (any code)",
+        &|v| get(v, "/rejected"),
         Lower,
         Some(Target::AtMost(0.0)),
     );
@@ -331,6 +408,15 @@ pub fn rows(all: &[Value]) -> Vec<Row> {
         "run",
         "S3",
         s3,
+        "sends refused (any code)",
+        &|v| get(v, "/rejected"),
+        Lower,
+        Some(Target::AtMost(0.0)),
+    );
+    b.row(
+        "run",
+        "S3",
+        s3,
         "latency p50 (ms)",
         &|v| get(v, "/latency/p50_ms"),
         Lower,
@@ -355,7 +441,7 @@ pub fn rows(all: &[Value]) -> Vec<Row> {
         None,
     );
 
-    let s4 = "S4 saturation: DIRECT rate raised until p99 > 100 ms";
+    let s4 = "S4 saturation: DIRECT rate raised until a step is not held (any send refused, any loss, or p99 > 100 ms)";
     b.row(
         "sweep",
         "S4",
@@ -436,6 +522,26 @@ pub fn rows(all: &[Value]) -> Vec<Row> {
         target: None,
         runs: (best.len(), 0),
     });
+    // What ended each sweep: refusals (which the rule no longer allows in
+    // any share) or latency. None when the top of the list still held.
+    b.row(
+        "sweep",
+        "S4",
+        s4,
+        "first rate not held: sends refused (% of sent)",
+        &|v| first_failed_step(v).and_then(step_refused_percent),
+        Lower,
+        None,
+    );
+    b.row(
+        "sweep",
+        "S4",
+        s4,
+        "first rate not held: latency p99 (ms)",
+        &|v| first_failed_step(v).and_then(|s| get(s, "/p99_ms")),
+        Lower,
+        None,
+    );
 
     let s5 = "S5 cold start (Lambda Runtime API emulator) and binary size";
     for f in ["rest", "ws-connect", "ws-message", "ws-disconnect"] {
@@ -484,7 +590,9 @@ pub fn rows(all: &[Value]) -> Vec<Row> {
         None,
     );
 
-    let ov = "Overload: DIRECT at 3× the S4 rate";
+    storm_rows(&mut b, all);
+
+    let ov = "Overload: DIRECT at 3× the S4 rate held (strict rule)";
     b.row(
         "run",
         "overload",
@@ -507,11 +615,32 @@ pub fn rows(all: &[Value]) -> Vec<Row> {
         "run",
         "overload",
         ov,
+        "sends refused, any code (% of sent)",
+        &|v| Some(get(v, "/rejected")? / get(v, "/sent")?.max(1.0) * 100.0),
+        Higher,
+        None,
+    );
+    b.row(
+        "run",
+        "overload",
+        ov,
         "refused with RATE_LIMITED (% of sent)",
         &|v| {
             Some(get(v, "/errors/RATE_LIMITED").unwrap_or(0.0) / get(v, "/sent")?.max(1.0) * 100.0)
         },
         Higher,
+        None,
+    );
+    b.row(
+        "run",
+        "overload",
+        ov,
+        "refused with another code (% of sent)",
+        &|v| {
+            let others = count_codes(v, "/errors", &|c| c != "RATE_LIMITED");
+            Some(others / get(v, "/sent")?.max(1.0) * 100.0)
+        },
+        Lower,
         None,
     );
     b.row(
@@ -556,6 +685,141 @@ pub fn rows(all: &[Value]) -> Vec<Row> {
     b.rows
 }
 
+/// The S6 rows, one block per storm size found in the lines (smallest
+/// first), each median over the runs of that size.
+fn storm_rows(b: &mut Builder<'_>, all: &[Value]) {
+    use Better::{Higher, Lower};
+    let mut sizes: Vec<u64> = all
+        .iter()
+        .filter(|v| v["kind"] == "storm" && v["scenario"] == "S6")
+        .filter_map(|v| v["users"].as_u64())
+        .collect();
+    sizes.sort_unstable();
+    sizes.dedup();
+    for n in sizes {
+        let of_size = move |v: &Value| v["users"].as_u64() == Some(n);
+        let first = all
+            .iter()
+            .find(|v| v["kind"] == "storm" && of_size(v))
+            .unwrap_or(&Value::Null);
+        let missed = first["missed_messages"].as_u64().unwrap_or(20);
+        let deadline = first["deadline_s"].as_f64().unwrap_or(60.0);
+        let title = format!(
+            "S6 reconnect storm: {} clients connect and join at once (half new DIRECT rooms, half recovering {missed} missed messages)",
+            group_thousands(n as i64)
+        );
+        let zero = Some(Target::AtMost(0.0));
+        let mut row = |metric: &str,
+                       f: &dyn Fn(&Value) -> Option<f64>,
+                       better: Better,
+                       target: Option<Target>| {
+            b.row_where("storm", "S6", &of_size, &title, metric, f, better, target);
+        };
+        row(
+            "clients with their roomJoined",
+            &|v| get(v, "/joined"),
+            Higher,
+            Some(Target::AtLeast(n as f64)),
+        );
+        // A run in which some client never joined took forever: it counts
+        // as "never", and a median of "never" is "never".
+        row(
+            "time from the first connect until every client had its roomJoined (s)",
+            &|v| {
+                if get(v, "/joined")? >= n as f64 {
+                    get(v, "/all_joined_s")
+                } else {
+                    Some(f64::INFINITY)
+                }
+            },
+            Lower,
+            (n >= 10_000).then_some(Target::UnderBaseline),
+        );
+        row(
+            "each client, first connect to roomJoined: p99 (ms)",
+            &|v| get(v, "/join_time/p99_ms"),
+            Lower,
+            None,
+        );
+        row(
+            "joins refused with RATE_LIMITED (every attempt)",
+            &|v| Some(count_codes(v, "/join_errors", &|c| c == "RATE_LIMITED")),
+            Lower,
+            zero,
+        );
+        row(
+            "joins refused with SERVICE_UNAVAILABLE (every attempt)",
+            &|v| {
+                Some(count_codes(v, "/join_errors", &|c| {
+                    c == "SERVICE_UNAVAILABLE" || c == "UNAVAILABLE"
+                }))
+            },
+            Lower,
+            zero,
+        );
+        row(
+            "joins answered INTERNAL",
+            &|v| Some(count_codes(v, "/join_errors", &|c| c == "INTERNAL")),
+            Lower,
+            zero,
+        );
+        row(
+            "joins answered with another error code",
+            &|v| {
+                Some(count_codes(v, "/join_errors", &|c| {
+                    !matches!(
+                        c,
+                        "RATE_LIMITED" | "SERVICE_UNAVAILABLE" | "UNAVAILABLE" | "INTERNAL"
+                    )
+                }))
+            },
+            Lower,
+            zero,
+        );
+        row(
+            "connections refused, failed or dropped (every attempt)",
+            &|v| {
+                Some(
+                    count_codes(v, "/handshake_errors", &|_| true)
+                        + get(v, "/unexpected_closes").unwrap_or(0.0),
+                )
+            },
+            Lower,
+            zero,
+        );
+        row(
+            &format!("joins unanswered within the deadline ({deadline:.0} s)"),
+            &|v| Some(count_codes(v, "/failed", &|c| c == "no_answer")),
+            Lower,
+            zero,
+        );
+        row(
+            "wrong roomJoined (DIRECT pair split, recovery not exact)",
+            &|v| Some(count_codes(v, "/wrong_answers", &|_| true)),
+            Lower,
+            zero,
+        );
+        row(
+            "PostgreSQL round trips per joinRoom",
+            &|v| get(v, "/counters/pg_round_trips_per_join"),
+            Lower,
+            Some(Target::AtMost(1.0)),
+        );
+        row(
+            "Redis round trips per joinRoom",
+            &|v| get(v, "/counters/redis_round_trips_per_join"),
+            Lower,
+            Some(Target::AtMost(1.0)),
+        );
+        row(
+            "server peak RSS (MiB, all processes)",
+            &|v| process_sum(v, "rss_peak_mib"),
+            Lower,
+            None,
+        );
+    }
+}
+
 /// The best pgbench figure (of its client counts) of each run, by
 /// [`run_key`].
 fn best_per_run(all: &[Value]) -> std::collections::BTreeMap<String, f64> {
@@ -577,6 +841,7 @@ fn run_key(v: &Value) -> String {
 fn fmt(v: Option<f64>) -> String {
     match v {
         None => "–".to_owned(),
+        Some(x) if x.is_infinite() => "never".to_owned(),
         Some(x) if x == x.trunc() || x.abs() >= 100.0 => group_thousands(x.round() as i64),
         Some(x) if x.abs() >= 10.0 => format!("{x:.1}"),
         Some(x) => format!("{x:.2}"),
@@ -601,6 +866,7 @@ fn target_text(t: Option<Target>) -> String {
         Some(Target::AtMost(v)) => format!("≤ {}", fmt(Some(v))),
         Some(Target::AtLeast(v)) => format!("≥ {}", fmt(Some(v))),
         Some(Target::TimesBaseline(k)) => format!("≥ {k}× baseline"),
+        Some(Target::UnderBaseline) => "< baseline".to_owned(),
     }
 }
 
@@ -777,6 +1043,195 @@ mod tests {
         let share = find("% of the same run's pgbench");
         assert_eq!(share.ours, Some(7500.0 / 11000.0 * 100.0));
         assert_eq!(share.met(), Some(false));
+    }
+
+    /// A storm line of `n` clients: `joined` of them joined, the last at
+    /// `secs`, with these join errors.
+    fn storm(label: &str, n: u64, joined: u64, secs: f64, join_errors: Value) -> Value {
+        json!({"kind": "storm", "label": label, "scenario": "S6", "users": n, "joined": joined,
+        "all_joined_s": if joined == n { json!(secs) } else { Value::Null },
+        "missed_messages": 20, "deadline_s": 60.0,
+        "join_time": {"p99_ms": secs * 500.0}, "join_errors": join_errors,
+        "handshake_errors": {}, "failed": {}, "wrong_answers": {}, "unexpected_closes": 0,
+        "processes": [{"rss_peak_mib": 100.0}, {"rss_peak_mib": 50.0}],
+        // Only our servers count their round trips.
+        "counters": if label == OURS {
+            json!({"pg_round_trips_per_join": 1.0, "redis_round_trips_per_join": 3.0})
+        } else {
+            json!({})
+        }})
+    }
+
+    fn find<'a>(rows: &'a [Row], scenario: &str, metric: &str) -> &'a Row {
+        rows.iter()
+            .find(|r| r.scenario.starts_with(scenario) && r.metric.starts_with(metric))
+            .unwrap_or_else(|| panic!("no row {scenario} / {metric}"))
+    }
+
+    #[test]
+    fn s6_has_a_block_per_size() {
+        let mut base_10k = storm(BASELINE, 10_000, 9_100, 0.0, json!({"INTERNAL": 900}));
+        base_10k["failed"] = json!({"join:INTERNAL": 900});
+        base_10k["handshake_errors"] = json!({"http_503": 40, "reset": 2});
+        let all = vec![
+            storm(OURS, 2_000, 2_000, 1.5, json!({})),
+            storm(OURS, 10_000, 10_000, 6.0, json!({})),
+            storm(OURS, 10_000, 10_000, 8.0, json!({"RATE_LIMITED": 3})),
+            storm(OURS, 10_000, 9_999, 0.0, json!({"SERVICE_UNAVAILABLE": 1})),
+            storm(BASELINE, 2_000, 2_000, 4.0, json!({})),
+            base_10k,
+        ];
+        let rows = rows(&all);
+        let small = "S6 reconnect storm: 2,000 clients";
+        let big = "S6 reconnect storm: 10,000 clients";
+        // Smallest size first, each size its own block.
+        let first = rows
+            .iter()
+            .position(|r| r.scenario.starts_with(small))
+            .expect("2,000 block");
+        let second = rows
+            .iter()
+            .position(|r| r.scenario.starts_with(big))
+            .expect("10,000 block");
+        assert!(first < second);
+        let time = find(&rows, small, "time from the first connect");
+        assert_eq!((time.ours, time.baseline), (Some(1.5), Some(4.0)));
+        assert_eq!(time.target, None);
+        // 6 s, 8 s and a run that never finished: the median is 8 s. The
+        // baseline never finished: "never", and ours is faster.
+        let time = find(&rows, big, "time from the first connect");
+        assert_eq!(time.ours, Some(8.0));
+        assert_eq!(time.baseline, Some(f64::INFINITY));
+        assert_eq!(time.ratio(), None);
+        assert_eq!(time.met(), Some(true));
+        let joined = find(&rows, big, "clients with their roomJoined");
+        assert_eq!((joined.ours, joined.met()), (Some(10_000.0), Some(true)));
+        let limited = find(&rows, big, "joins refused with RATE_LIMITED");
+        assert_eq!((limited.ours, limited.met()), (Some(0.0), Some(true)));
+        let internal = find(&rows, big, "joins answered INTERNAL");
+        assert_eq!(internal.baseline, Some(900.0));
+        let conns = find(&rows, big, "connections refused, failed or dropped");
+        assert_eq!(conns.baseline, Some(42.0));
+        let pg = find(&rows, big, "PostgreSQL round trips per joinRoom");
+        assert_eq!(
+            (pg.ours, pg.baseline, pg.met()),
+            (Some(1.0), None, Some(true))
+        );
+        let redis = find(&rows, big, "Redis round trips per joinRoom");
+        assert_eq!(redis.met(), Some(false));
+        let rss = find(&rows, big, "server peak RSS");
+        assert_eq!(rss.ours, Some(150.0));
+        let table = table(&rows);
+        assert!(
+            table.contains("| time from the first connect until every client had its roomJoined (s) | 8 | never |  | < baseline | yes |"),
+            "{table}"
+        );
+        assert!(
+            table
+                .contains("| joins unanswered within the deadline (60 s) | 0 | 0 |  | ≤ 0 | yes |"),
+            "{table}"
+        );
+    }
+
+    #[test]
+    fn a_storm_that_never_finishes_misses_the_time_target() {
+        let all = vec![
+            storm(OURS, 10_000, 9_000, 0.0, json!({"RATE_LIMITED": 5000})),
+            storm(BASELINE, 10_000, 10_000, 5.0, json!({})),
+        ];
+        let rows = rows(&all);
+        let big = "S6 reconnect storm: 10,000 clients";
+        let time = find(&rows, big, "time from the first connect");
+        assert_eq!(time.ours, Some(f64::INFINITY));
+        assert_eq!(time.met(), Some(false));
+        let limited = find(&rows, big, "joins refused with RATE_LIMITED");
+        assert_eq!((limited.ours, limited.met()), (Some(5000.0), Some(false)));
+        assert!(table(&rows).contains("| never | 5 |"));
+    }
+
+    #[test]
+    fn s4_shows_what_ended_each_sweep_under_the_strict_rule() {
+        let mut ours = sweep(OURS, 1, 7000.0);
+        ours["steps"] = json!([
+            {"rate": 7000.0, "held": true, "p99_ms": 40.0, "sent": 105000, "rejected": 0},
+            {"rate": 7500.0, "held": false, "p99_ms": 55.0, "sent": 112500, "rejected": 1125},
+        ]);
+        // A line of an earlier session: rates only.
+        let mut base = sweep(BASELINE, 1, 1500.0);
+        base["steps"] = json!([
+            {"rate": 1500.0, "held": true, "p99_ms": 20.0, "send_rate": 1500.0, "accepted_rate": 1500.0},
+            {"rate": 2000.0, "held": false, "p99_ms": 900.0, "send_rate": 2000.0, "accepted_rate": 1900.0},
+        ]);
+        let rows = rows(&[ours, base]);
+        let refused = find(&rows, "S4", "first rate not held: sends refused");
+        assert_eq!(refused.ours, Some(1.0));
+        assert_eq!(refused.baseline, Some(5.0));
+        let p99 = find(&rows, "S4", "first rate not held: latency p99");
+        assert_eq!((p99.ours, p99.baseline), (Some(55.0), Some(900.0)));
+        // A sweep whose every step held has no failed step.
+        let mut top = sweep(OURS, 1, 9000.0);
+        top["steps"] = json!([{"rate": 9000.0, "held": true, "p99_ms": 40.0}]);
+        let rows = super::rows(&[top]);
+        assert_eq!(
+            find(&rows, "S4", "first rate not held: sends refused").ours,
+            None
+        );
+    }
+
+    #[test]
+    fn refusals_are_shown_where_they_happen() {
+        let overload = |label: &str, errors: Value, rejected: u64| {
+            json!({"kind": "run", "label": label, "scenario": "overload", "sent": 1000,
+                   "rejected": rejected, "errors": errors})
+        };
+        let mut s2_line = s2(OURS, 10.0, 0);
+        s2_line["rejected"] = json!(0);
+        let all = vec![
+            s2_line,
+            overload(
+                OURS,
+                json!({"RATE_LIMITED": 600, "SERVICE_UNAVAILABLE": 100}),
+                700,
+            ),
+            overload(BASELINE, json!({}), 0),
+        ];
+        let rows = rows(&all);
+        let s2_refused = find(&rows, "S2", "sends refused");
+        assert_eq!((s2_refused.ours, s2_refused.met()), (Some(0.0), Some(true)));
+        assert_eq!(
+            find(&rows, "Overload", "sends refused, any code").ours,
+            Some(70.0)
+        );
+        assert_eq!(
+            find(&rows, "Overload", "refused with RATE_LIMITED").ours,
+            Some(60.0)
+        );
+        let other = find(&rows, "Overload", "refused with another code");
+        assert_eq!((other.ours, other.baseline), (Some(10.0), Some(0.0)));
+    }
+
+    #[test]
+    fn under_baseline_targets() {
+        let mut r = Row {
+            scenario: "S6".into(),
+            metric: "time".into(),
+            ours: Some(5.0),
+            baseline: Some(6.0),
+            better: Better::Lower,
+            target: Some(Target::UnderBaseline),
+            runs: (3, 3),
+        };
+        assert_eq!(r.met(), Some(true));
+        assert_eq!(target_text(r.target), "< baseline");
+        r.baseline = Some(5.0);
+        assert_eq!(r.met(), Some(false));
+        r.baseline = Some(f64::INFINITY);
+        assert_eq!(r.met(), Some(true));
+        r.ours = Some(f64::INFINITY);
+        assert_eq!(r.met(), Some(false));
+        r.baseline = None;
+        assert_eq!(r.met(), None);
+        assert_eq!(fmt(Some(f64::INFINITY)), "never");
     }
 
     #[test]

@@ -91,9 +91,11 @@ pub fn round3(v: f64) -> f64 {
 }
 
 /// The median of some values (the mean of the middle two for an even
-/// count); `None` when there are none.
+/// count); `None` when there are none. NaNs are left out; infinities are
+/// kept, as "never" (a storm run in which not every client joined has an
+/// infinite time to all joined, and that must pull the median up).
 pub fn median(values: &[f64]) -> Option<f64> {
-    let mut v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
+    let mut v: Vec<f64> = values.iter().copied().filter(|x| !x.is_nan()).collect();
     if v.is_empty() {
         return None;
     }
@@ -152,5 +154,10 @@ mod tests {
         assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), Some(2.5));
         assert_eq!(median(&[]), None);
         assert_eq!(median(&[f64::NAN, 1.0]), Some(1.0));
+        assert_eq!(median(&[3.0, f64::INFINITY, 4.0]), Some(4.0));
+        assert_eq!(
+            median(&[f64::INFINITY, 2.0, f64::INFINITY]),
+            Some(f64::INFINITY)
+        );
     }
 }
