@@ -366,21 +366,6 @@ impl Realtime {
             _ => None,
         };
         metrics::record_ws_request(kind);
-        // Shed before any work, so refusing stays cheap under overload.
-        let _admitted = if needs_postgres(kind) {
-            match self.admission.admit(body.len()).await {
-                Ok(admitted) => Some(admitted),
-                Err(err) => {
-                    let ids = match &frame {
-                        Some(Ok(frame)) => frame.ids().clone(),
-                        _ => RequestIds::default(),
-                    };
-                    return (ids, Err(err), false);
-                }
-            }
-        } else {
-            None
-        };
         // Every frame renews the presence lease, good or bad, and every
         // frame but `ping` is charged to the connection's message rate.
         // A connection whose token ran out is closed at its next frame,
@@ -394,6 +379,25 @@ impl Realtime {
             )
             .await;
         let unregistered = matches!(touched, Err(Error::Unauthorized(_)));
+        // Admission guards PostgreSQL, so it comes after the lease renewal
+        // (Redis) and the wait for a new connection's `connected` greeting:
+        // in a reconnect storm thousands of new connections wait for their
+        // greeting at once, and none of them may hold a place that a ready
+        // request could use.
+        let _admitted = if needs_postgres(kind) && touched.is_ok() {
+            match self.admission.admit(body.len()).await {
+                Ok(admitted) => Some(admitted),
+                Err(err) => {
+                    let ids = match &frame {
+                        Some(Ok(frame)) => frame.ids().clone(),
+                        _ => RequestIds::default(),
+                    };
+                    return (ids, Err(err), unregistered);
+                }
+            }
+        } else {
+            None
+        };
         let frame = match frame {
             None => {
                 return (
