@@ -37,8 +37,9 @@
 # --no-docs: leave docs/ alone; the table goes to .local/bench/<session>.md
 # (for probes and smoke tests, whose partial tables must not replace the
 # session's).
-# The baseline is the read-only copy in ../shared/baseline, copied to
-# .local/baseline and installed with `npm ci` when missing.
+# The baseline is bench/baseline (the original Node.js design, kept in the
+# repository), copied to .local/baseline and installed with `npm ci` when
+# missing.
 #
 # The machine is shared: before each system's run the script waits (up to
 # BENCH_QUIET_WAIT=120 s) for the load average to fall below
@@ -148,8 +149,8 @@ done
 if [ "${#missing[@]}" -gt 0 ]; then
     _svc_die "scripts/bench.sh needs: ${missing[*]} (Debian: apt-get install postgresql postgresql-contrib redis-server nodejs npm jq curl)"
 fi
-[ -d "$ROOT/../shared/baseline" ] || [ -d "$BASELINE_DIR/node_modules" ] ||
-    _svc_die "the baseline is missing: expected ../shared/baseline beside the project (or BENCH_BASELINE_DIR)"
+[ -d "$ROOT/bench/baseline" ] || [ -d "$BASELINE_DIR/node_modules" ] ||
+    _svc_die "the baseline is missing: expected bench/baseline (or BENCH_BASELINE_DIR)"
 
 # ---------------------------------------------------------------------------
 # Build
@@ -172,7 +173,7 @@ BENCH="$BIN/chat-bench"
 if [ ! -d "$BASELINE_DIR/node_modules" ]; then
     log "installing the baseline into .local/baseline"
     rm -rf "$BASELINE_DIR"
-    cp -r "$ROOT/../shared/baseline" "$BASELINE_DIR"
+    cp -r "$ROOT/bench/baseline" "$BASELINE_DIR"
     chmod -R u+w "$BASELINE_DIR"
     (cd "$BASELINE_DIR" && npm ci --silent)
 fi
@@ -398,8 +399,11 @@ overload() {
     fi
     local rate=$((${held%.*} * 3))
     log "overload: $2 at 3 x $held = $rate msg/s"
+    # The drain covers what an accepted message may wait: up to the
+    # admission queue's bound (WS_MAX_QUEUE_WAIT_MS, 10 s) plus the fan-out
+    # behind it (sends are refused once that is 5 s late).
     bench_run "$1" --scenario overload --users 2000 --rooms direct --rate "$rate" \
-        --duration "$OVERLOAD_SECS" --drain 10
+        --duration "$OVERLOAD_SECS" --drain 20
 }
 
 # S6: a reconnect storm of $3 clients (a fresh start of the system per size,

@@ -87,7 +87,8 @@ impl Row {
         Some(match self.target? {
             Target::AtMost(v) => ours <= v,
             Target::AtLeast(v) => ours >= v,
-            Target::TimesBaseline(k) => ours >= k * self.baseline?,
+            // Nothing held is not "5× nothing".
+            Target::TimesBaseline(k) => ours > 0.0 && ours >= k * self.baseline?,
             Target::UnderBaseline => {
                 let baseline = self.baseline?;
                 ours.is_finite() && ours < baseline
