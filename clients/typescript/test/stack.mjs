@@ -86,6 +86,9 @@ export class Stack {
       REST_RATE_LIMIT_PER_SEC: "0",
       RUST_LOG: process.env.RUST_LOG || "warn",
       LOG_FORMAT: "pretty",
+      // A standalone relay may call only allowed Management API endpoints:
+      // here, the gateways' management listeners on this machine.
+      RELAY_ALLOWED_ENDPOINTS: "http://127.0.0.1:*/local",
       ...env,
     };
     delete this.env.CHAT_LOCAL_BIN;
