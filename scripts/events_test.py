@@ -158,6 +158,9 @@ def main():
         PRESENCE_TTL_SECONDS=str(PRESENCE_TTL),
         MESSAGE_RETENTION="100",
         PG_POOL_MAX="2",
+        # The maintenance function closes swept connections only at allowed
+        # Management API endpoints: here, the stub on this machine.
+        RELAY_ALLOWED_ENDPOINTS="http://127.0.0.1:*/prod",
         RUST_LOG="warn",
         # A start-up error is then its message, not pages of backtrace.
         RUST_BACKTRACE="0",
