@@ -11,8 +11,6 @@ mod common;
 
 use std::time::Duration;
 
-use chat_shared::auth::AuthUser;
-use chat_shared::domain::UserId;
 use chat_shared::metrics::{ShedReason, shed_counts};
 use chat_shared::presence::Connection;
 use chat_shared::realtime::{AdmissionLimits, Realtime};
@@ -20,19 +18,7 @@ use common::{TestApp, TestEnv};
 use serde_json::{Value, json};
 
 fn connection(id: &str, user: &str) -> Connection {
-    Connection {
-        connection_id: id.to_owned(),
-        user: AuthUser {
-            id: UserId::parse(user, "user").unwrap(),
-            username: user.to_owned(),
-            display_name: None,
-            avatar: None,
-            is_admin: false,
-        },
-        endpoint: "http://127.0.0.1:9/local".to_owned(),
-        // Old enough that no reply waits for the `connected` greeting.
-        connected_at_ms: chrono::Utc::now().timestamp_millis() - 60_000,
-    }
+    common::ws_connection(id, user)
 }
 
 /// How many requests this process has shed for `reason`.

@@ -14,8 +14,6 @@ mod common;
 use std::time::{Duration, Instant};
 
 use axum::http::StatusCode;
-use chat_shared::auth::AuthUser;
-use chat_shared::domain::UserId;
 use chat_shared::presence::Connection;
 use chat_shared::realtime::Realtime;
 use common::{TestApp, TestEnv};
@@ -24,19 +22,7 @@ use serde_json::{Value, json};
 const PAIRS: usize = 40;
 
 fn connection(id: &str, user: &str) -> Connection {
-    Connection {
-        connection_id: id.to_owned(),
-        user: AuthUser {
-            id: UserId::parse(user, "user").unwrap(),
-            username: user.to_owned(),
-            display_name: None,
-            avatar: None,
-            is_admin: false,
-        },
-        endpoint: "http://127.0.0.1:9/local".to_owned(),
-        // Old enough that no reply waits for the `connected` greeting.
-        connected_at_ms: chrono::Utc::now().timestamp_millis() - 60_000,
-    }
+    common::ws_connection(id, user)
 }
 
 /// The app (REST router and WebSocket handlers) with `PG_POOL_MAX=1`.

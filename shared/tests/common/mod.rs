@@ -743,3 +743,21 @@ impl TestApp {
         .await
     }
 }
+
+/// A registered WebSocket connection of `user`, old enough that no reply
+/// waits for its `connected` greeting (for tests that drive `Realtime`
+/// directly).
+pub fn ws_connection(id: &str, user: &str) -> chat_shared::presence::Connection {
+    chat_shared::presence::Connection {
+        connection_id: id.to_owned(),
+        user: chat_shared::auth::AuthUser {
+            id: chat_shared::domain::UserId::parse(user, "user").expect("user id"),
+            username: user.to_owned(),
+            display_name: None,
+            avatar: None,
+            is_admin: false,
+        },
+        endpoint: "http://127.0.0.1:9/local".to_owned(),
+        connected_at_ms: chrono::Utc::now().timestamp_millis() - 60_000,
+    }
+}
