@@ -10,7 +10,6 @@ use aws_lambda_events::encodings::Body;
 use http::HeaderValue;
 
 use crate::auth::{TokenVerifier, bearer_token};
-use crate::bus::{Control, Target};
 use crate::error::Error;
 use crate::presence::Connection;
 use crate::realtime::Realtime;
@@ -139,19 +138,10 @@ pub async fn handle_default(
         let ctx = &event.request_context;
         if let Some(domain) = ctx.domain_name.as_deref() {
             let endpoint = callback_endpoint(domain, ctx.stage.as_deref().unwrap_or_default());
-            let bus = state.realtime.chat().bus();
-            let close = bus.control(
-                Target::Connection {
-                    connection_id: connection_id.to_owned(),
-                },
-                Control::Close {
-                    connection_id: connection_id.to_owned(),
-                    endpoint,
-                },
-            );
-            if let Err(err) = bus.publish_envelope(&close).await {
-                err.log_if_server_error("asking the relay to close an unregistered connection");
-            }
+            state
+                .realtime
+                .close_unregistered(connection_id, endpoint)
+                .await;
         }
     }
     response(200, outcome.reply)

@@ -40,19 +40,7 @@ async fn caller(parts: &Parts, state: &AppState, send: bool) -> Result<AuthUser,
         .and_then(bearer_token)
         .ok_or_else(|| Error::unauthorized("malformed Authorization header"))?;
     let session = state.verifier.verify_session(token)?;
-    let revoked = state
-        .chat
-        .presence()
-        .is_revoked(&session.user.id, session.jti.as_deref(), session.issued_at)
-        .await?;
-    if revoked {
-        tracing::debug!(user_id = %session.user.id, "revoked token refused");
-        return Err(Error::unauthorized(crate::auth::INVALID_TOKEN));
-    }
-    let user = session.user;
-    state.chat.limiter().charge_rest(&user.id, send).await?;
-    state.chat.authenticate(&user).await?;
-    Ok(user)
+    state.chat.admit_rest_caller(session, send).await
 }
 
 impl<S> FromRequestParts<S> for Caller

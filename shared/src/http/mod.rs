@@ -132,7 +132,7 @@ pub(crate) async fn shed_load(
     request: Request,
     next: Next,
 ) -> Response {
-    if state.chat.store().waiting() > state.max_waiting {
+    if state.chat.store_waiting() > state.max_waiting {
         return Error::rate_limited("server busy, retry later", 1).into_response();
     }
     next.run(request).await
@@ -149,13 +149,9 @@ async fn not_found() -> Error {
         (status = 200, description = "PostgreSQL and Redis answer", body = openapi::Health),
         (status = 503, description = "A dependency does not answer", body = openapi::Health)))]
 async fn health(State(state): State<AppState>) -> Response {
-    let timeout = Duration::from_secs(2);
-    let (pg, redis) = tokio::join!(
-        tokio::time::timeout(timeout, state.chat.store().ping()),
-        tokio::time::timeout(timeout, state.chat.presence().ping()),
-    );
+    let health = state.chat.health(Duration::from_secs(2)).await;
     let word = |ok: bool| if ok { "ok" } else { "down" };
-    let (pg_ok, redis_ok) = (matches!(pg, Ok(Ok(()))), matches!(redis, Ok(Ok(()))));
+    let (pg_ok, redis_ok) = (health.postgres, health.redis);
     let all_ok = pg_ok && redis_ok;
     let status = if all_ok {
         StatusCode::OK
