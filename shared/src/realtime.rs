@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 
 use crate::auth::Session;
 use crate::bus::event_json;
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorDetail, Result};
 use crate::metrics::{self, ShedReason};
 use crate::model::rfc3339_millis;
 use crate::presence::{Connection, Touched};
@@ -109,8 +109,8 @@ pub fn error_event(
     #[derive(Serialize)]
     #[serde(rename_all = "camelCase")]
     struct Payload<'a> {
-        code: &'static str,
-        message: String,
+        #[serde(flatten)]
+        error: ErrorDetail,
         request_type: Option<&'a str>,
         client_message_id: Option<&'a str>,
         /// For the codes a client should retry: how long to wait first.
@@ -118,8 +118,7 @@ pub fn error_event(
         retry_after_ms: Option<u64>,
     }
     let payload = Payload {
-        code: err.code().on_websocket().as_str(),
-        message: err.client_message(),
+        error: ErrorDetail::on_websocket(err),
         request_type,
         client_message_id,
         retry_after_ms: err.retry_after_secs().map(|s| s.saturating_mul(1000)),

@@ -9,8 +9,8 @@ use aws_lambda_events::apigw::{ApiGatewayProxyResponse, ApiGatewayWebsocketProxy
 use aws_lambda_events::encodings::Body;
 use http::HeaderValue;
 
-use crate::auth::{TokenVerifier, bearer_token};
-use crate::error::Error;
+use crate::auth::{TokenVerifier, bearer_from_headers};
+use crate::error::{Error, ErrorBody};
 use crate::presence::Connection;
 use crate::realtime::Realtime;
 
@@ -40,9 +40,7 @@ fn error_response(err: &Error) -> ApiGatewayProxyResponse {
     err.log_if_server_error("$connect failed");
     let code = err.code();
     crate::metrics::record_error(crate::metrics::ErrorSource::Handshake, code);
-    let body =
-        serde_json::json!({"error": {"code": code.as_str(), "message": err.client_message()}});
-    response(code.status(), Some(body.to_string()))
+    response(code.status(), Some(ErrorBody::of(err).to_json()))
 }
 
 /// The Management API endpoint of the connection's API: `https://{domain}/{stage}`
@@ -81,11 +79,8 @@ pub async fn handle_connect(
         .filter(|t| !t.is_empty())
         .map(str::to_owned)
         .or_else(|| {
-            event
-                .headers
-                .get(http::header::AUTHORIZATION)
-                .and_then(|v| v.to_str().ok())
-                .and_then(bearer_token)
+            bearer_from_headers(&event.headers)
+                .ok()
                 .map(str::to_owned)
         });
     let Some(token) = token else {
