@@ -1,5 +1,10 @@
-//! The WebSocket use cases (PROTOCOL.md §2): what `$connect`, `$default`
+//! The WebSocket session (PROTOCOL.md §2): what `$connect`, `$default`
 //! and `$disconnect` do, independent of how the event arrived.
+//!
+//! A frame is parsed (module `frame`), renews its connection's lease, is
+//! admitted (module `admission`, for the requests that need PostgreSQL), and
+//! then makes one use-case call on [`Chat`]; the session itself touches no
+//! store, presence or bus.
 //!
 //! Replies to the caller (`roomJoined`, `roomLeft`, `pong`, `error`) are
 //! return values, which API Gateway sends back as the `$default` route
@@ -498,9 +503,7 @@ impl Realtime {
                 room_joined_event(&joined).map(Some)
             }
             ClientEvent::LeaveRoom { room_id } => {
-                self.chat
-                    .leave_room(&room_id, &conn.connection_id)
-                    .await?;
+                self.chat.leave_room(&room_id, &conn.connection_id).await?;
                 event_json("roomLeft", &json!({"roomId": room_id})).map(Some)
             }
             ClientEvent::SendMessage { room_id, message } => {

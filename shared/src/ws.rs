@@ -78,11 +78,7 @@ pub async fn handle_connect(
         .first("token")
         .filter(|t| !t.is_empty())
         .map(str::to_owned)
-        .or_else(|| {
-            bearer_from_headers(&event.headers)
-                .ok()
-                .map(str::to_owned)
-        });
+        .or_else(|| bearer_from_headers(&event.headers).ok().map(str::to_owned));
     let Some(token) = token else {
         return error_response(&Error::unauthorized("missing token"));
     };

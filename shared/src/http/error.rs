@@ -3,6 +3,7 @@
 use axum::Json;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+
 use crate::error::{Error, ErrorBody};
 use crate::metrics::{ErrorSource, record_error};
 

@@ -16,11 +16,11 @@ use crate::service::{NewRoom, SNAPSHOT_MESSAGES};
 use crate::store::{PageQuery, RoomKey, Stored};
 
 use super::AppState;
+use super::extract::{Caller, JsonObject, Params, RoomPath, RoomUserPath, SendingCaller};
 use super::openapi::{
     Cleanup, DirectRoom, History, MarkedRead, MessageEnvelope, Online, RoomEnvelope, RoomList,
     Unread,
 };
-use super::extract::{Caller, JsonObject, Params, RoomPath, RoomUserPath, SendingCaller};
 
 /// The routes, with load shedding in front of them.
 pub fn router(state: AppState) -> Router<AppState> {

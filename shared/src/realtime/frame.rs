@@ -332,7 +332,10 @@ mod tests {
             let body = format!(r#"{{"type":"authenticate","payload":{payload}}}"#);
             assert_eq!(refused(&body, false).1, ErrorCode::BadRequest, "{body}");
         }
-        assert_eq!(ok(r#"{"type":"ping","payload":null}"#).kind(), RequestKind::Ping);
+        assert_eq!(
+            ok(r#"{"type":"ping","payload":null}"#).kind(),
+            RequestKind::Ping
+        );
     }
 
     #[test]

@@ -117,7 +117,8 @@ impl Chat {
 
 /// The adapters themselves, for the processes around the request path: the
 /// relay, the maintenance task, the local console, and tests. Request-path
-/// code (`realtime`, `ws`, `http`) calls the use cases instead.
+/// code (`realtime`, `ws`, `http`) calls the use cases instead, and nothing
+/// outside this module reaches the [`Limiter`].
 impl Chat {
     /// The PostgreSQL repository (not for the request path).
     pub fn store(&self) -> &Store {
@@ -132,11 +133,6 @@ impl Chat {
     /// The bus publisher (not for the request path).
     pub fn bus(&self) -> &Bus {
         &self.bus
-    }
-
-    /// The rate limits and `typing` coalescing (not for the request path).
-    pub fn limiter(&self) -> &Limiter {
-        &self.limiter
     }
 }
 

@@ -103,7 +103,10 @@ pub(super) struct Client(deadpool_postgres::Object);
 type Params<'a> = &'a [&'a (dyn tokio_postgres::types::ToSql + Sync)];
 
 impl Client {
-    pub(super) async fn prepare_cached(&self, query: &str) -> std::result::Result<Statement, PgError> {
+    pub(super) async fn prepare_cached(
+        &self,
+        query: &str,
+    ) -> std::result::Result<Statement, PgError> {
         let cached = self.0.statement_cache.size();
         let statement = self.0.prepare_cached(query).await?;
         if self.0.statement_cache.size() != cached {
