@@ -60,6 +60,16 @@ pub struct History {
     pub unread_count: i64,
 }
 
+/// The path parameter of every `/rooms/{roomId}/...` route.
+#[derive(Debug, utoipa::IntoParams)]
+#[into_params(parameter_in = Path, rename_all = "camelCase")]
+#[allow(dead_code)] // only describes the path; `RoomPath` reads it
+pub struct RoomIdPath {
+    /// A room id (1-128 characters)
+    #[param(min_length = 1, max_length = 128)]
+    room_id: String,
+}
+
 /// Query parameters of `GET /rooms/{roomId}/messages`.
 #[derive(Debug, utoipa::IntoParams)]
 #[into_params(parameter_in = Query, rename_all = "camelCase")]

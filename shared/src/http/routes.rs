@@ -56,7 +56,7 @@ pub(super) async fn list_rooms(
 
 /// A page of a room's history, ascending `sequenceId`.
 #[utoipa::path(get, path = "/api/v1/chat/rooms/{roomId}/messages", tag = "chat",
-    params(("roomId" = String, Path, description = "A room id (1-128 characters)", min_length = 1, max_length = 128), super::openapi::HistoryQuery),
+    params(super::openapi::RoomIdPath, super::openapi::HistoryQuery),
     responses((status = 200, description = "A page of messages", body = super::openapi::History)))]
 pub(super) async fn history(
     State(state): State<AppState>,
@@ -98,7 +98,7 @@ pub(super) async fn history(
 
 /// Stores a message and broadcasts it like a WebSocket `sendMessage`.
 #[utoipa::path(post, path = "/api/v1/chat/rooms/{roomId}/messages", tag = "chat",
-    params(("roomId" = String, Path, description = "A room id (1-128 characters)", min_length = 1, max_length = 128)),
+    params(super::openapi::RoomIdPath),
     request_body = super::openapi::SendMessageBody,
     responses(
         (status = 201, description = "Stored", body = super::openapi::MessageEnvelope),
@@ -124,7 +124,7 @@ pub(super) async fn send_message(
 
 /// The caller's unread count in a room.
 #[utoipa::path(get, path = "/api/v1/chat/rooms/{roomId}/unread", tag = "chat",
-    params(("roomId" = String, Path, description = "A room id (1-128 characters)", min_length = 1, max_length = 128)),
+    params(super::openapi::RoomIdPath),
     responses((status = 200, description = "Unread count", body = super::openapi::Unread)))]
 pub(super) async fn unread(
     State(state): State<AppState>,
@@ -140,7 +140,7 @@ pub(super) async fn unread(
 
 /// Moves the caller's read cursor.
 #[utoipa::path(post, path = "/api/v1/chat/rooms/{roomId}/read", tag = "chat",
-    params(("roomId" = String, Path, description = "A room id (1-128 characters)", min_length = 1, max_length = 128)),
+    params(super::openapi::RoomIdPath),
     request_body = super::openapi::MarkReadBody,
     responses((status = 200, description = "The cursor after the call", body = super::openapi::MarkedRead)))]
 pub(super) async fn mark_read(
@@ -163,7 +163,7 @@ pub(super) async fn mark_read(
 
 /// The room's members with a live connection.
 #[utoipa::path(get, path = "/api/v1/chat/rooms/{roomId}/online", tag = "chat",
-    params(("roomId" = String, Path, description = "A room id (1-128 characters)", min_length = 1, max_length = 128)),
+    params(super::openapi::RoomIdPath),
     responses((status = 200, description = "Online members", body = super::openapi::Online)))]
 pub(super) async fn online(
     State(state): State<AppState>,
@@ -204,7 +204,7 @@ pub(super) async fn direct(
 
 /// Admin only: applies the retention rule to a room now.
 #[utoipa::path(delete, path = "/api/v1/chat/rooms/{roomId}/cleanup", tag = "chat",
-    params(("roomId" = String, Path, description = "A room id (1-128 characters)", min_length = 1, max_length = 128)),
+    params(super::openapi::RoomIdPath),
     responses((status = 200, description = "What was deleted and kept", body = super::openapi::Cleanup)))]
 pub(super) async fn cleanup(
     State(state): State<AppState>,
@@ -277,7 +277,7 @@ pub(super) async fn create_room(
 
 /// Adds members to a GROUP or CALL room (any member may).
 #[utoipa::path(post, path = "/api/v1/chat/rooms/{roomId}/members", tag = "chat",
-    params(("roomId" = String, Path, description = "A room id (1-128 characters)", min_length = 1, max_length = 128)),
+    params(super::openapi::RoomIdPath),
     request_body = super::openapi::AddMembersBody,
     responses((status = 200, description = "The room", body = super::openapi::RoomEnvelope)))]
 pub(super) async fn add_members(
@@ -293,7 +293,7 @@ pub(super) async fn add_members(
 
 /// Removes a member (yourself, or anyone as an admin).
 #[utoipa::path(delete, path = "/api/v1/chat/rooms/{roomId}/members/{userId}", tag = "chat",
-    params(("roomId" = String, Path, description = "A room id (1-128 characters)", min_length = 1, max_length = 128),
+    params(super::openapi::RoomIdPath,
         ("userId" = String, Path, description = "The member to remove", pattern = "^[A-Za-z0-9_.:-]{1,64}$")),
     responses((status = 204, description = "Removed")))]
 pub(super) async fn remove_member(
