@@ -8,8 +8,9 @@
 //! arrive together share that statement and its commit ([`messages`]).
 //!
 //! Retention on a send deletes exactly the messages that this send pushed
-//! out of the room's newest `MESSAGE_RETENTION`: one primary-key lookup,
-//! where a `sequence_id <= last - retention` range would walk the index
+//! out of the room's newest `MESSAGE_RETENTION`: a primary-key range
+//! bounded on both sides (one key for a send alone), where an open
+//! `sequence_id <= last - retention` range would walk the index
 //! entries of every message deleted since the last vacuum (measured with
 //! the benchmark's pgbench script and rooms at the limit: 3,900 → 5,900
 //! sends/s). That keeps a room at the limit as long as the limit does not
