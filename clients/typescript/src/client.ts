@@ -814,15 +814,20 @@ export class ChatClient {
     };
   }
 
-  /** After the rejoins: the sends whose echo never came, and the read cursors kept while offline. */
+  /**
+   * After the rejoins: the read cursors kept while offline, then the sends
+   * whose echo never came. Reads first: a send moves the sender's own cursor
+   * past what they read, and the server sends a `readReceipt` only when a
+   * cursor moves, so a read sent after it would never reach the others.
+   */
   private flushSends(): void {
-    for (const p of this.pendingSends.values()) {
-      if (!p.retryTimer) this.transmit("sendMessage", p.payload);
-    }
     const reads = [...this.pendingReads];
     this.pendingReads.clear();
     for (const [roomId, sequenceId] of reads) {
       if (!this.transmit("markRead", { roomId, sequenceId })) this.pendingReads.set(roomId, sequenceId);
+    }
+    for (const p of this.pendingSends.values()) {
+      if (!p.retryTimer) this.transmit("sendMessage", p.payload);
     }
   }
 

@@ -216,6 +216,7 @@ test("markRead while offline or rejoining is kept, the newest per room, and sent
   client.markRead("r1", 3);
   client.markRead("r1", 2);
   client.markRead("r2", 7);
+  const sending = client.send("r1", "written offline");
   await waitFor("a second socket", () => FakeSocket.all.length === 2);
   const ws2 = FakeSocket.all[1];
   ws2.open();
@@ -223,9 +224,12 @@ test("markRead while offline or rejoining is kept, the newest per room, and sent
   assert.equal(ws2.frames("markRead").length, 0, "not before the rejoins");
   ws2.push("roomJoined", { room: room("r1"), messages: [msg("r1", 2), msg("r1", 3), msg("r1", 4)], unreadCount: 0, onlineUsers: [], hasMore: false, recovered: true });
   assert.deepEqual(ws2.frames("markRead").map((f) => f.payload), [{ roomId: "r1", sequenceId: 4 }, { roomId: "r2", sequenceId: 7 }]);
+  // Reads before sends: a send moves the sender's cursor, and a read behind it would not reach the others.
+  assert.deepEqual(ws2.sent.map((f) => f.type), ["joinRoom", "markRead", "markRead", "sendMessage"]);
   client.markRead("r1", 4);
   assert.equal(ws2.frames("markRead").length, 3, "online again: at once");
   client.close();
+  await assert.rejects(sending, /client closed/);
 });
 
 test("no pong in time replaces the socket", async () => {
