@@ -307,6 +307,32 @@ describe('console', () => {
     });
   });
 
+  test('a dev-token session whose token ran out renews it instead of signing out', async () => {
+    await withScreenshotsOnFailure('renew', async () => {
+      const frank = uid('frank');
+      const f = await signIn(frank, 'Frank');
+      // The tab's saved session, as after a day away: its token has expired.
+      // (Its signature is never checked: the console must not send it.)
+      const b64 = (value) => Buffer.from(JSON.stringify(value)).toString('base64url');
+      const now = Math.floor(Date.now() / 1000);
+      const expired = `${b64({alg: 'HS256', typ: 'JWT'})}.${b64({sub: frank, displayName: 'Frank', iat: now - 7200, exp: now - 60})}.x`;
+      await f.page.evaluate(
+        ([token, userId]) =>
+          sessionStorage.setItem('chat-console-session', JSON.stringify({token, dev: {userId, displayName: 'Frank'}})),
+        [expired, frank],
+      );
+      await f.page.reload();
+      await f.page.locator('[data-testid=connection-status][data-state=online]').waitFor({timeout: WAIT});
+      await f.page.locator('[data-testid=activity] li', {hasText: 'Renewed the session token'}).first().waitFor({timeout: WAIT});
+      assert.equal(await f.page.getByTestId('me-name').textContent(), 'Frank');
+      const saved = await f.page.evaluate(() => JSON.parse(sessionStorage.getItem('chat-console-session')));
+      assert.notEqual(saved.token, expired, 'a fresh token is saved');
+      const exp = JSON.parse(Buffer.from(saved.token.split('.')[1], 'base64url').toString()).exp;
+      assert.ok(exp > now + 3600, 'the fresh token lives on');
+      await f.context.close();
+    });
+  });
+
   test('the operator view needs an admin token and shows live counts', async () => {
     await withScreenshotsOnFailure('ops', async () => {
       // Some traffic to look at: a user in a group room.

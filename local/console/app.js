@@ -50,6 +50,7 @@ function el(tag, attrs = {}, ...children) {
 const state = {
   token: null,
   dev: null, // {userId, displayName} when signed in with a dev token (renewable)
+  renewing: null, // the dev-token renewal in flight
   me: null, // {id, displayName}
   client: null, // the library's ChatClient
   connected: false,
@@ -138,7 +139,7 @@ function activity(kind, text) {
 // ---------------------------------------------------------------- REST
 
 async function api(method, path, body) {
-  const headers = {Authorization: `Bearer ${state.token}`};
+  const headers = {Authorization: `Bearer ${await tokenProvider()}`};
   if (body !== undefined) headers['Content-Type'] = 'application/json';
   const res = await fetch(API + path, {
     method,
@@ -256,23 +257,35 @@ function start(token, claims, dev) {
 }
 
 /**
- * The library asks for a token before every (re)connect and before the
- * current one's exp: a dev-token session gets a fresh one near its end, a
- * pasted token is used until it runs out.
+ * The session's token, for REST calls and for the library, which asks
+ * before every (re)connect and before the current one's exp: a dev-token
+ * session gets a fresh one near its end, a pasted token is used until it
+ * runs out.
  */
 async function tokenProvider() {
+  if (!state.token) throw new Error('signed out');
   const expMs = tokenExpiryMs(state.token);
-  if (expMs !== null && expMs - Date.now() < TOKEN_RENEW_MS) {
-    if (state.dev) {
-      state.token = await mintDevToken(state.dev.userId, state.dev.displayName);
-      saveSession();
-      activity('info', 'Renewed the session token.');
-    } else if (expMs <= Date.now()) {
-      signOut('Your token expired; sign in again.');
-      throw new Error('the token expired');
-    }
+  if (expMs === null || expMs - Date.now() >= TOKEN_RENEW_MS) return state.token;
+  if (!state.dev) {
+    if (expMs > Date.now()) return state.token;
+    signOut('Your token expired; sign in again.');
+    throw new Error('the token expired');
   }
-  return state.token;
+  if (!state.renewing) {
+    const dev = state.dev;
+    state.renewing = mintDevToken(dev.userId, dev.displayName)
+      .then((token) => {
+        if (state.dev !== dev) throw new Error('signed out');
+        state.token = token;
+        saveSession();
+        activity('info', 'Renewed the session token.');
+        return token;
+      })
+      .finally(() => {
+        state.renewing = null;
+      });
+  }
+  return state.renewing;
 }
 
 // ---------------------------------------------------------------- the library's events
