@@ -163,6 +163,11 @@ pub struct GatewaySettings {
     /// (`GATEWAY_MAX_PINGS_PER_SEC`, 10; burst ten times that; 0 turns it
     /// off).
     pub max_pings_per_sec: u32,
+    /// How many `$default` invocations of one connection run at once
+    /// (`GATEWAY_DISPATCH`: `concurrent`, as API Gateway, or `serial`, one
+    /// at a time in arrival order; `GATEWAY_DISPATCH_CONCURRENCY`, 8, the
+    /// bound in concurrent mode). 1 is serial.
+    pub dispatch_concurrency: usize,
 }
 
 /// The Management API (`@connections`): the emulator's internal listener,
@@ -389,6 +394,18 @@ impl Config {
                 connect_rate_per_ip: parse::<u32>(&get, "GATEWAY_CONNECT_RATE_PER_IP", 2000)?,
                 fd_reserve: parse::<u64>(&get, "GATEWAY_FD_RESERVE", 64)?,
                 max_pings_per_sec: parse::<u32>(&get, "GATEWAY_MAX_PINGS_PER_SEC", 10)?,
+                dispatch_concurrency: match get("GATEWAY_DISPATCH").as_deref().map(str::trim) {
+                    None | Some("concurrent") => {
+                        parse::<usize>(&get, "GATEWAY_DISPATCH_CONCURRENCY", 8)?.max(1)
+                    }
+                    Some("serial") => 1,
+                    Some(other) => {
+                        return Err(ConfigError {
+                            variable: "GATEWAY_DISPATCH",
+                            problem: format!("{other:?} is not `concurrent` or `serial`"),
+                        });
+                    }
+                },
             },
             management: ManagementSettings {
                 listen: match get("GATEWAY_MANAGEMENT_LISTEN") {
@@ -511,6 +528,27 @@ mod tests {
                 }),
             }
         );
+    }
+
+    #[test]
+    fn gateway_dispatch_is_concurrent_unless_set_serial() {
+        let dispatch = |pairs: &[(&str, &str)]| {
+            let mut all = BASE.to_vec();
+            all.extend_from_slice(pairs);
+            Config::from_lookup(lookup(&all)).map(|c| c.gateway.dispatch_concurrency)
+        };
+        assert_eq!(dispatch(&[]).ok(), Some(8));
+        assert_eq!(dispatch(&[("GATEWAY_DISPATCH", "serial")]).ok(), Some(1));
+        assert_eq!(
+            dispatch(&[
+                ("GATEWAY_DISPATCH", "concurrent"),
+                ("GATEWAY_DISPATCH_CONCURRENCY", "3")
+            ])
+            .ok(),
+            Some(3)
+        );
+        let err = dispatch(&[("GATEWAY_DISPATCH", "parallel")]).expect_err("refused");
+        assert_eq!(err.variable, "GATEWAY_DISPATCH");
     }
 
     #[test]
