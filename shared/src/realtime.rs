@@ -23,6 +23,9 @@ use crate::store::{RoomKey, Stored};
 
 mod admission;
 mod frame;
+mod ordering; // issue 16: frames with `seq` are handled in `seq` order
+
+pub use ordering::{MAX_SEQ, OrderingLimits};
 
 use admission::Admission;
 pub use admission::AdmissionLimits;
@@ -81,6 +84,9 @@ pub struct Realtime {
     /// Checks the tokens of `authenticate` frames; without one they are
     /// refused.
     verifier: Option<Verifier>,
+    /// Issue 16: keeps each connection's frames that carry `seq` in order,
+    /// across processes (realtime/ordering.rs).
+    ordering: ordering::Sequencer,
 }
 
 /// Whether a request type needs PostgreSQL (and so can be shed); `ping`
@@ -143,7 +149,15 @@ impl Realtime {
     /// The WebSocket use cases over `chat`, with presence leases of
     /// `presence_ttl`.
     pub fn new(chat: Chat, presence_ttl: Duration) -> Self {
+        let presence = chat.presence();
+        // Issue 16 (realtime/ordering.rs).
+        let ordering = ordering::Sequencer::new(
+            presence.redis(),
+            presence.keys().clone(),
+            OrderingLimits::DEFAULT,
+        );
         Self {
+            ordering,
             chat,
             presence_ttl,
             admission: Admission::new(AdmissionLimits::UNLIMITED),
@@ -190,6 +204,20 @@ impl Realtime {
     pub fn with_admission(mut self, limits: AdmissionLimits) -> Self {
         self.admission = Admission::new(limits);
         self
+    }
+
+    /// Bounds the wait of frames that carry `seq` for their turn (issue 16;
+    /// tests shorten them).
+    #[must_use]
+    pub fn with_ordering(mut self, limits: OrderingLimits) -> Self {
+        let presence = self.chat.presence();
+        self.ordering = ordering::Sequencer::new(presence.redis(), presence.keys().clone(), limits);
+        self
+    }
+
+    /// The ordering bounds in force.
+    pub fn ordering_limits(&self) -> OrderingLimits {
+        self.ordering.limits()
     }
 
     /// The admission limits in force.
@@ -335,7 +363,17 @@ impl Realtime {
     /// Like [`Realtime::message`], also saying whether the connection is
     /// still registered.
     pub async fn frame(&self, connection_id: &str, body: &str, binary: bool) -> FrameOutcome {
-        let (ids, result, unregistered) = self.dispatch(connection_id, body, binary).await;
+        // Issue 16 (realtime/ordering.rs): a frame with `seq` waits for the
+        // frames before it, and lets the next one go once it is handled.
+        let (ids, result, unregistered) =
+            match self.ordering.enter(connection_id, body, binary).await {
+                Ok(turn) => {
+                    let outcome = self.dispatch(connection_id, body, binary).await;
+                    self.ordering.leave(turn).await;
+                    outcome
+                }
+                Err((ids, err)) => (ids, Err(err), false),
+            };
         let reply = match result {
             Ok(reply) => reply,
             Err(err) => {
