@@ -35,6 +35,15 @@ pub struct Config {
     /// Most bytes of frames waiting for a place per process
     /// (`WS_MAX_QUEUED_BYTES`, 64 MiB).
     pub ws_max_queued_bytes: usize,
+    /// Most WebSocket requests of one user waiting for a place per process
+    /// (`WS_MAX_QUEUED_PER_USER`, 256): one user cannot fill the queue.
+    pub ws_max_queued_per_user: usize,
+    /// Most bytes of one user's frames waiting per process
+    /// (`WS_MAX_QUEUED_BYTES_PER_USER`, 4 MiB).
+    pub ws_max_queued_bytes_per_user: usize,
+    /// Most WebSocket requests of one connection waiting per process
+    /// (`WS_MAX_QUEUED_PER_CONNECTION`, 64).
+    pub ws_max_queued_per_connection: usize,
     /// Sends are refused, more of them as it grows, while the relays
     /// deliver later than half of this; all of them beyond it
     /// (`WS_MAX_DELIVERY_LAG_MS`, 5,000; 0 turns it off).
@@ -245,6 +254,9 @@ impl Config {
             max_wait: std::time::Duration::from_millis(self.ws_max_queue_wait_ms),
             max_queued: self.ws_max_queued,
             max_queued_bytes: self.ws_max_queued_bytes,
+            max_queued_per_user: self.ws_max_queued_per_user,
+            max_queued_bytes_per_user: self.ws_max_queued_bytes_per_user,
+            max_queued_per_connection: self.ws_max_queued_per_connection,
             max_delivery_lag_ms: self.ws_max_delivery_lag_ms,
         }
     }
@@ -349,6 +361,13 @@ impl Config {
             ws_max_queue_wait_ms: parse::<u64>(&get, "WS_MAX_QUEUE_WAIT_MS", 10_000)?,
             ws_max_queued: parse::<usize>(&get, "WS_MAX_QUEUED", 20_000)?,
             ws_max_queued_bytes: parse::<usize>(&get, "WS_MAX_QUEUED_BYTES", 64 << 20)?,
+            ws_max_queued_per_user: parse::<usize>(&get, "WS_MAX_QUEUED_PER_USER", 256)?,
+            ws_max_queued_bytes_per_user: parse::<usize>(
+                &get,
+                "WS_MAX_QUEUED_BYTES_PER_USER",
+                4 << 20,
+            )?,
+            ws_max_queued_per_connection: parse::<usize>(&get, "WS_MAX_QUEUED_PER_CONNECTION", 64)?,
             ws_max_delivery_lag_ms: parse::<u64>(&get, "WS_MAX_DELIVERY_LAG_MS", 5_000)?,
             redis_url: redis_url.into(),
             redis_key_prefix: get("REDIS_KEY_PREFIX").unwrap_or_default(),

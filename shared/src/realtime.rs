@@ -422,8 +422,15 @@ impl Realtime {
         // in a reconnect storm thousands of new connections wait for their
         // greeting at once, and none of them may hold a place that a ready
         // request could use.
-        let _admitted = if needs_postgres(kind) && touched.is_ok() {
-            match self.admission.admit(body.len()).await {
+        let _admitted = if needs_postgres(kind)
+            && let Ok(conn) = &touched
+        {
+            // Issue 15: queued and served per user (realtime/admission.rs).
+            let owner = admission::Owner {
+                user: conn.user.id.as_str(),
+                connection: connection_id,
+            };
+            match self.admission.admit(owner, body.len()).await {
                 Ok(admitted) => Some(admitted),
                 Err(err) => {
                     let ids = match &frame {
@@ -528,7 +535,12 @@ impl Realtime {
         if let Some(wait) = rate_limited {
             return Err(crate::limits::refused(wait));
         }
-        if sheddable && self.admission.sheds_for_lag(delivery_lag_ms) {
+        // Issue 15: only users sending their fair share or more are refused.
+        if sheddable
+            && self
+                .admission
+                .sheds_for_lag(connection.user.id.as_str(), delivery_lag_ms)
+        {
             metrics::record_shed(ShedReason::DeliveryLag);
             let secs = delivery_lag_ms.div_ceil(1000).max(1);
             return Err(Error::rate_limited("server busy, retry later", secs));
