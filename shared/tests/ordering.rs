@@ -159,3 +159,53 @@ async fn a_frame_that_waits_past_its_bound_is_refused_and_stores_nothing() {
     assert_eq!(a.message("conn-ann", &v1, false).await, None);
     assert_eq!(stored(&app, &room).await, ["v1"]);
 }
+
+#[tokio::test]
+async fn a_frame_whose_handling_is_abandoned_gives_its_turn_back_at_once() {
+    let limits = OrderingLimits {
+        claim: Duration::from_secs(20),
+        max_wait: Duration::from_secs(5),
+        ..OrderingLimits::DEFAULT
+    };
+    let env = TestEnv::new().await;
+    let app = TestApp::with_env(env.sharing()).await;
+    app.register(&["ann", "ben"]).await;
+    let room = app.direct("ann", "ben").await;
+    // A process with a one-connection pool, so the test can hold it.
+    let mut small = env.sharing();
+    small.set("PG_POOL_MAX", "1");
+    let state = chat_shared::bootstrap::app_state(&small.config())
+        .await
+        .unwrap();
+    let realtime = Realtime::new(state.chat.clone(), Duration::from_secs(90)).with_ordering(limits);
+    realtime
+        .connect(&common::ws_connection("conn-ann", "ann"))
+        .await
+        .unwrap();
+    let store = state.chat.store();
+    let held = store.pool().get().await.unwrap();
+    // Frame 1 (a join) holds the turn while it waits for the pool; then
+    // its handling is abandoned (as when a handler panics).
+    let join = json!({"type": "joinRoom", "seq": 1, "payload": {"roomId": room}}).to_string();
+    let one = spawn_frame(&realtime, join);
+    while store.waiting() == 0 {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    one.abort();
+    assert!(one.await.is_err(), "cancelled");
+    drop(held);
+    // Frame 2 goes at once, not after the 20 s claim (nor the 5 s wait).
+    let started = Instant::now();
+    assert_eq!(
+        realtime
+            .message("conn-ann", &send(&room, 2, "two"), false)
+            .await,
+        None
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(stored(&app, &room).await, ["two"]);
+}

@@ -186,12 +186,28 @@ impl std::fmt::Debug for Sequencer {
 }
 
 /// A frame's claimed turn: give it back with [`Sequencer::leave`] once the
-/// frame is handled.
+/// frame is handled. Dropped without that (the handler panicked, or its
+/// future was dropped), it is given back from a task of its own, so the
+/// next frame does not wait for the claim to run out.
 #[derive(Debug)]
 pub(crate) struct Turn {
     key: String,
     seq: u64,
     slot: usize,
+    /// `Some` until given back.
+    sequencer: Option<Sequencer>,
+}
+
+impl Drop for Turn {
+    fn drop(&mut self) {
+        let Some(sequencer) = self.sequencer.take() else {
+            return;
+        };
+        let (key, seq, slot) = (std::mem::take(&mut self.key), self.seq, self.slot);
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move { sequencer.advance(&key, seq, slot).await });
+        }
+    }
 }
 
 /// The only part of a frame read before its turn: `seq`, with every other
@@ -307,7 +323,14 @@ impl Sequencer {
                 .invoke_async(&mut redis)
                 .await?;
             match code {
-                0 => return Ok(Turn { key, seq, slot }),
+                0 => {
+                    return Ok(Turn {
+                        key,
+                        seq,
+                        slot,
+                        sequencer: Some(self.clone()),
+                    });
+                }
                 2 => {
                     tracing::debug!(connection_id, seq, turn, "late frame refused");
                     return Err(Error::Conflict(format!(
@@ -337,12 +360,17 @@ impl Sequencer {
     /// go. A failure is logged, not returned: the frame was handled, and
     /// the next one goes after the gap wait.
     pub(crate) async fn leave(&self, turn: Option<Turn>) {
-        let Some(Turn { key, seq, slot }) = turn else {
+        let Some(mut turn) = turn else {
             return;
         };
+        turn.sequencer = None;
+        self.advance(&turn.key, turn.seq, turn.slot).await;
+    }
+
+    async fn advance(&self, key: &str, seq: u64, slot: usize) {
         let mut redis = CountedRedis(self.redis.clone());
         let advanced: redis::RedisResult<u8> = LEAVE_SCRIPT
-            .key(&key)
+            .key(key)
             .arg(seq)
             .arg(millis(self.limits.ttl))
             .invoke_async(&mut redis)
