@@ -12,6 +12,7 @@
 //! | `presence:leases` | sorted set | every connection id, scored by lease expiry: what the sweeper scans |
 //! | `conn:{connectionId}` | hash | `userId`, `username`, `displayName`, `avatar`, `admin`, `endpoint` (Management API callback URL), `connectedAt` (ms), `greeted` (set once `connected` was delivered), `exp` (the token's expiry, s; absent: none), `jti` and `iat` (the token's, when it has them: revocation) |
 //! | `conn:{connectionId}:rooms` | set | rooms the connection has joined |
+//! | `conn:{connectionId}:order` | hash | `turn`, `until`, `since`, `min`: the turn of the connection's frames that carry `seq` ([`crate::realtime`]'s `ordering` module); expires 2 h 10 min after its last change |
 //! | `room:{roomId}:conns` | hash | connection id → `watermark\|userId\|connectedAt\|endpoint`: what the relay fans out to in one read |
 //! | `relay:lease:{n}` | string, with a TTL | the relay id that owns cluster shard `n` (`SET NX PX`, renewed by compare-and-`PEXPIRE`; the relay crate's `cluster` module) |
 //! | `relay:members` | sorted set | live relay ids, scored by their last heartbeat (ms, Redis clock): what a relay's fair share is computed from |
@@ -88,6 +89,12 @@ impl Keys {
     /// The rooms a connection has joined.
     pub fn conn_rooms(&self, connection_id: &str) -> String {
         format!("{}conn:{connection_id}:rooms", self.prefix)
+    }
+
+    /// The turn of a connection's sequenced frames (issue 16; the
+    /// `ordering` module of [`crate::realtime`]).
+    pub fn conn_order(&self, connection_id: &str) -> String {
+        format!("{}conn:{connection_id}:order", self.prefix)
     }
 
     /// The connections joined to a room.

@@ -60,7 +60,7 @@ export interface ClientOptions {
   joinTimeoutMs?: number;
   /** Renew the token this long (ms) before its `exp` (at most a fifth of its lifetime). Default 60000. */
   tokenRefreshMarginMs?: number;
-  /** Most retries of a request refused with a retryable code (RATE_LIMITED, SERVICE_UNAVAILABLE). Default 8. */
+  /** Most retries of a request refused with a retryable code (RATE_LIMITED, SERVICE_UNAVAILABLE, CONFLICT). Default 8. */
   maxRetries?: number;
   /** Longest retry delay (ms) for retryable errors. Default 30000 (PROTOCOL.md). */
   retryMaxDelayMs?: number;
@@ -195,6 +195,8 @@ export class ChatClient {
 
   private listeners = new Map<string, Set<Listener<never>>>();
   private socket: WebSocketLike | null = null;
+  /** The `seq` of the last numbered frame sent on this socket. */
+  private frameSeq = 0;
   private stateValue: ConnectionState = "connecting";
   private closedByUser = false;
   private reconnectAttempt = 0;
@@ -337,7 +339,7 @@ export class ChatClient {
    * Sends a message; resolves with the server's own `message` event for it
    * (its `sequenceId`, `createdAt`...). Survives reconnects: the same
    * `clientMessageId` is sent again after a reconnect, which the server
-   * treats as a repeat. Retries RATE_LIMITED / SERVICE_UNAVAILABLE with
+   * treats as a repeat. Retries RATE_LIMITED / SERVICE_UNAVAILABLE / CONFLICT with
    * backoff; rejects with a ChatError for any other error, or on `close()`.
    */
   send(roomId: string, content: string, options: SendOptions = {}): Promise<ChatMessage> {
@@ -490,6 +492,7 @@ export class ChatClient {
       return;
     }
     this.socket = ws;
+    this.frameSeq = 0; // numbering starts again on every socket
     ws.onopen = () => this.onOpen(ws, token);
     ws.onmessage = (ev) => this.onFrame(ev.data);
     ws.onerror = () => undefined; // a close follows
@@ -600,11 +603,24 @@ export class ChatClient {
     return !!this.socket && this.socket.readyState === OPEN && !this.resyncing;
   }
 
+  /**
+   * Sends one frame. Every frame but `ping` is numbered (`seq`: 1, 2, 3 ... on
+   * each socket), so the server handles them in the order sent even when API
+   * Gateway invokes it for several at once (PROTOCOL.md, "Order of a sender's
+   * frames"); a retry is a new frame with a new number. Pings are not numbered:
+   * they need no order, and one the gateway refuses never reaches the server.
+   */
   private transmit<K extends keyof ClientCommands>(type: K, payload: ClientCommands[K]): boolean {
     const ws = this.socket;
     if (!ws || ws.readyState !== OPEN) return false;
     try {
-      ws.send(JSON.stringify({ type, payload }));
+      if (type === "ping") {
+        ws.send(JSON.stringify({ type, payload }));
+      } else {
+        const seq = this.frameSeq + 1;
+        ws.send(JSON.stringify({ type, seq, payload }));
+        this.frameSeq = seq;
+      }
       return true;
     } catch {
       return false;

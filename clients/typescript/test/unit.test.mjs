@@ -305,3 +305,34 @@ test("the package loads as ES module and as CommonJS", async () => {
   assert.equal(typeof esm.connect, "function");
   assert.ok(cjs.RETRYABLE_CODES.has("RATE_LIMITED"));
 });
+
+test("frames but ping are numbered per socket; a CONFLICT send goes again with a new number", async () => {
+  const { client, ws } = await setup({ pingIntervalMs: 20 });
+  const a = client.send("r1", "a");
+  const b = client.send("r1", "b");
+  client.typing("r1", true);
+  await waitFor("a ping", () => ws.frames("ping").length > 0);
+  assert.equal(ws.frames("ping")[0].seq, undefined, "pings are not numbered");
+  const numbered = ws.sent.filter((f) => f.type !== "ping");
+  assert.deepEqual(numbered.map((f) => [f.type, f.seq]), [["sendMessage", 1], ["sendMessage", 2], ["typing", 3]]);
+  // The server handled a later frame before "a" arrived: it is sent again,
+  // numbered after everything sent so far, with the same clientMessageId.
+  const [first, second] = ws.frames("sendMessage");
+  ws.push("error", { code: "CONFLICT", message: "late", requestType: "sendMessage", clientMessageId: first.payload.clientMessageId });
+  await waitFor("the resend", () => ws.frames("sendMessage").length === 3);
+  const resent = ws.frames("sendMessage")[2];
+  assert.equal(resent.payload.clientMessageId, first.payload.clientMessageId);
+  assert.equal(resent.seq, 4);
+  ws.push("message", msg("r1", 1, { senderId: "me", clientMessageId: second.payload.clientMessageId }));
+  ws.push("message", msg("r1", 2, { senderId: "me", clientMessageId: first.payload.clientMessageId }));
+  assert.equal((await b).sequenceId, 1);
+  assert.equal((await a).sequenceId, 2);
+  // A new socket numbers from 1 again.
+  ws.close(1006, "");
+  await waitFor("a second socket", () => FakeSocket.all.length === 2);
+  const ws2 = FakeSocket.all[1];
+  ws2.open();
+  client.typing("r1", false);
+  assert.deepEqual(ws2.sent.filter((f) => f.type !== "ping").map((f) => f.seq), [1]);
+  client.close();
+});

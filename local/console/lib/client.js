@@ -22,6 +22,8 @@ export class ChatClient {
         var _a, _b, _c, _d, _e, _f, _g, _h, _j, _k, _l, _m;
         this.listeners = new Map();
         this.socket = null;
+        /** The `seq` of the last numbered frame sent on this socket. */
+        this.frameSeq = 0;
         this.stateValue = "connecting";
         this.closedByUser = false;
         this.reconnectAttempt = 0;
@@ -153,7 +155,7 @@ export class ChatClient {
      * Sends a message; resolves with the server's own `message` event for it
      * (its `sequenceId`, `createdAt`...). Survives reconnects: the same
      * `clientMessageId` is sent again after a reconnect, which the server
-     * treats as a repeat. Retries RATE_LIMITED / SERVICE_UNAVAILABLE with
+     * treats as a repeat. Retries RATE_LIMITED / SERVICE_UNAVAILABLE / CONFLICT with
      * backoff; rejects with a ChatError for any other error, or on `close()`.
      */
     send(roomId, content, options = {}) {
@@ -319,6 +321,7 @@ export class ChatClient {
             return;
         }
         this.socket = ws;
+        this.frameSeq = 0; // numbering starts again on every socket
         ws.onopen = () => this.onOpen(ws, token);
         ws.onmessage = (ev) => this.onFrame(ev.data);
         ws.onerror = () => undefined; // a close follows
@@ -431,12 +434,26 @@ export class ChatClient {
     canSend() {
         return !!this.socket && this.socket.readyState === OPEN && !this.resyncing;
     }
+    /**
+     * Sends one frame. Every frame but `ping` is numbered (`seq`: 1, 2, 3 ... on
+     * each socket), so the server handles them in the order sent even when API
+     * Gateway invokes it for several at once (PROTOCOL.md, "Order of a sender's
+     * frames"); a retry is a new frame with a new number. Pings are not numbered:
+     * they need no order, and one the gateway refuses never reaches the server.
+     */
     transmit(type, payload) {
         const ws = this.socket;
         if (!ws || ws.readyState !== OPEN)
             return false;
         try {
-            ws.send(JSON.stringify({ type, payload }));
+            if (type === "ping") {
+                ws.send(JSON.stringify({ type, payload }));
+            }
+            else {
+                const seq = this.frameSeq + 1;
+                ws.send(JSON.stringify({ type, seq, payload }));
+                this.frameSeq = seq;
+            }
             return true;
         }
         catch {

@@ -2,5 +2,9 @@
 // Do not edit: change the library, then run scripts/build-console-lib.sh.
 // The wire contract of docs/PROTOCOL.md §2, as TypeScript types. Every frame,
 // both ways, is one JSON text message {"type": "...", "payload": {...}}.
-/** Codes worth retrying (PROTOCOL.md "Retrying"); every other code fails the same way again. */
-export const RETRYABLE_CODES = new Set(["RATE_LIMITED", "SERVICE_UNAVAILABLE"]);
+/**
+ * Codes worth retrying (PROTOCOL.md "Retrying"); every other code fails the same
+ * way again. CONFLICT: a numbered frame that came after a later one, sent again
+ * with a new number.
+ */
+export const RETRYABLE_CODES = new Set(["RATE_LIMITED", "SERVICE_UNAVAILABLE", "CONFLICT"]);
