@@ -359,9 +359,7 @@ impl Realtime {
         // greeting at once, and none of them may hold a place that a ready
         // request could use.
         let needs_postgres = kind.is_some_and(RequestKind::needs_postgres);
-        let _admitted = if needs_postgres
-            && let Ok(conn) = &touched
-        {
+        let _admitted = if needs_postgres && let Ok(conn) = &touched {
             // Issue 15: queued and served per user (realtime/admission.rs).
             let owner = admission::Owner {
                 user: conn.user.id.as_str(),
