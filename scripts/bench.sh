@@ -50,6 +50,10 @@
 # sweeps), S6_SIZES (clients per storm, comma-separated), S6_CONCURRENCY
 # (handshakes in flight, 500), S6_DEADLINE (seconds a client has to join, 60),
 # CARGO_TARGET_DIR.
+# BENCH_BEFORE_DIR: a directory holding a `chat-local` built from an earlier
+# commit (e.g. `git worktree add /tmp/before <commit>` and a release build
+# there); S2 and S3 then also run against it, labelled "before", in the same
+# session, and the page gets a table of this build beside it.
 #
 # Open files: the generator holds one socket per client and each server half
 # of them, so the script raises its soft limit to the hard one and stops
@@ -74,7 +78,7 @@ while [ $# -gt 0 ]; do
         --runs) RUNS="$2"; shift ;;
         --only) ONLY="$2"; shift ;;
         --no-docs) DOCS=0 ;;
-        -h|--help) sed -n '2,57p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,62p' "$0"; exit 0 ;;
         *) echo "unknown argument: $1" >&2; exit 2 ;;
     esac
     shift
@@ -169,6 +173,14 @@ for b in "${BINARIES[@]}"; do
 done
 BIN="$WORK/bin"
 BENCH="$BIN/chat-bench"
+BEFORE_BIN=""
+if [ -n "${BENCH_BEFORE_DIR:-}" ]; then
+    [ -x "$BENCH_BEFORE_DIR/chat-local" ] ||
+        _svc_die "BENCH_BEFORE_DIR=$BENCH_BEFORE_DIR holds no executable chat-local"
+    BEFORE_BIN="$WORK/bin-before"
+    mkdir -p "$BEFORE_BIN"
+    cp "$BENCH_BEFORE_DIR/chat-local" "$BEFORE_BIN/chat-local"
+fi
 
 if [ ! -d "$BASELINE_DIR/node_modules" ]; then
     log "installing the baseline into .local/baseline"
@@ -317,6 +329,15 @@ start_ours() {
         --metrics-url http://127.0.0.1:4111/metrics --metrics-url http://127.0.0.1:4112/metrics)
 }
 
+# An earlier build of our stack (BENCH_BEFORE_DIR), started exactly as ours.
+start_before() {
+    local saved="$BIN"
+    BIN="$BEFORE_BIN"
+    start_ours
+    BIN="$saved"
+    SYSTEM_ARGS[1]=before
+}
+
 start_baseline() {
     empty_tables peer_bench 2>/dev/null || true
     redis-cli -p "$REDIS_PORT" -n 1 flushdb >/dev/null
@@ -368,6 +389,11 @@ both() {
     shift 2
     local order=(ours baseline)
     [ $((run % 2)) = 0 ] && order=(baseline ours)
+    # S2 and S3 also run against an earlier build, when there is one.
+    if [ -n "$BEFORE_BIN" ] && { [ "$scenario" = s2 ] || [ "$scenario" = s3 ]; }; then
+        order=(ours before baseline)
+        [ $((run % 2)) = 0 ] && order=(before baseline ours)
+    fi
     for system in "${order[@]}"; do
         wait_quiet
         "start_$system"

@@ -560,6 +560,11 @@ fn write_report(
         generated.push('\n');
     }
     generated.push_str(&report::table(&report::rows(&all)));
+    if let Some(before_after) = report::before_after_table(&all) {
+        generated
+            .push_str("\nThis build beside an earlier one (`BENCH_BEFORE_DIR`), same session:\n\n");
+        generated.push_str(&before_after);
+    }
     let page = std::fs::read_to_string(&output).unwrap_or_default();
     std::fs::write(&output, report::splice(&page, &generated))
         .with_context(|| format!("writing {}", output.display()))?;

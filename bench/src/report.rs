@@ -20,6 +20,9 @@ use crate::summary::median;
 pub const OURS: &str = "ours";
 /// The label of the Node.js original.
 pub const BASELINE: &str = "baseline";
+/// The label of an earlier build of this stack (`BENCH_BEFORE_DIR`), run
+/// beside the current one to show what a change cost.
+pub const BEFORE: &str = "before";
 
 const BEGIN: &str = "<!-- results:begin -->";
 const END: &str = "<!-- results:end -->";
@@ -166,6 +169,19 @@ fn process_sum(v: &Value, field: &str) -> Option<f64> {
     (!xs.is_empty()).then(|| xs.iter().sum())
 }
 
+/// The relay's CPU per `PostToConnection` (µs) over the send phase: its
+/// CPU seconds divided by the deliveries measured (each delivery, the
+/// sender's own copy included, is one post).
+fn relay_cpu_per_post_us(v: &Value) -> Option<f64> {
+    let relay = v["processes"]
+        .as_array()?
+        .iter()
+        .find(|p| p["label"] == "relay")?;
+    let cpu = relay["cpu_send_seconds"].as_f64()?;
+    let posts = get(v, "/latency/count")?;
+    (posts > 0.0).then(|| cpu / posts * 1e6)
+}
+
 struct Builder<'a> {
     all: &'a [Value],
     rows: Vec<Row>,
@@ -258,7 +274,7 @@ pub fn rows(all: &[Value]) -> Vec<Row> {
         None,
     );
 
-    let s2 = "S2 direct: 2,000 users, 1,000 DIRECT rooms across 2 instances, 2,000 msg/s, 60 s";
+    let s2 = "S2 direct: 2,000 users, 1,000 DIRECT rooms across 2 instances, 2,000 msg/s, 60 s (ours: relay posts through the AWS SDK, SigV4-signed)";
     b.row(
         "run",
         "S2",
@@ -376,8 +392,17 @@ pub fn rows(all: &[Value]) -> Vec<Row> {
         Lower,
         Some(Target::AtMost(2.0)),
     );
+    b.row(
+        "run",
+        "S2",
+        s2,
+        "relay CPU per PostToConnection (µs)",
+        &relay_cpu_per_post_us,
+        Lower,
+        None,
+    );
 
-    let s3 = "S3 fan-out: 1,000 users in GROUP rooms of 100, 100 msg/s (10,000 deliveries/s)";
+    let s3 = "S3 fan-out: 1,000 users in GROUP rooms of 100, 100 msg/s (10,000 deliveries/s; ours: relay posts through the AWS SDK)";
     b.row(
         "run",
         "S3",
@@ -438,6 +463,15 @@ pub fn rows(all: &[Value]) -> Vec<Row> {
         s3,
         "server CPU (% of one core, all processes)",
         &|v| process_sum(v, "cpu_send_percent"),
+        Lower,
+        None,
+    );
+    b.row(
+        "run",
+        "S3",
+        s3,
+        "relay CPU per PostToConnection (µs)",
+        &relay_cpu_per_post_us,
         Lower,
         None,
     );
@@ -903,6 +937,54 @@ pub fn table(rows: &[Row]) -> String {
     out
 }
 
+/// S2 and S3 of this build beside an earlier one (label [`BEFORE`]) run
+/// in the same session: medians, and after ÷ before. `None` when the
+/// session has no earlier build's lines.
+pub fn before_after_table(all: &[Value]) -> Option<String> {
+    if !all.iter().any(|v| v["label"] == BEFORE) {
+        return None;
+    }
+    type Metric = (&'static str, fn(&Value) -> Option<f64>);
+    let metrics: [Metric; 7] = [
+        ("latency p50 (ms)", |v| get(v, "/latency/p50_ms")),
+        ("latency p99 (ms)", |v| get(v, "/latency/p99_ms")),
+        ("lost + refused", |v| {
+            Some(get(v, "/lost")? + get(v, "/rejected")?)
+        }),
+        ("server CPU (% of one core, all processes)", |v| {
+            process_sum(v, "cpu_send_percent")
+        }),
+        ("relay CPU per PostToConnection (µs)", relay_cpu_per_post_us),
+        ("PostgreSQL round trips per sendMessage", |v| {
+            get(v, "/counters/pg_round_trips_per_send")
+        }),
+        ("Redis round trips per sendMessage", |v| {
+            get(v, "/counters/redis_round_trips_per_send")
+        }),
+    ];
+    let mut out = String::from(
+        "| scenario | metric | this build | earlier build | this ÷ earlier | runs |\n|---|---|---:|---:|---:|---|\n",
+    );
+    for scenario in ["S2", "S3"] {
+        for (i, (metric, f)) in metrics.iter().enumerate() {
+            let (now, n_now) = med(&lines(all, "run", OURS, scenario), f);
+            let (then, n_then) = med(&lines(all, "run", BEFORE, scenario), f);
+            let ratio = match (now, then) {
+                (Some(a), Some(b)) if b > 0.0 => format!("{:.2}", a / b),
+                _ => String::new(),
+            };
+            let _ = writeln!(
+                out,
+                "| {} | {metric} | {} | {} | {ratio} | {n_now} / {n_then} |",
+                if i == 0 { scenario } else { "" },
+                fmt(now),
+                fmt(then),
+            );
+        }
+    }
+    Some(out)
+}
+
 /// Puts `generated` between the markers of `page` (or appends the markers
 /// and it when the page has none).
 pub fn splice(page: &str, generated: &str) -> String {
@@ -1242,6 +1324,18 @@ mod tests {
         assert_eq!(out, format!("# B\nintro\n{BEGIN}\nnew\n{END}\nanalysis\n"));
         let fresh = splice("# B\n", "t\n");
         assert!(fresh.ends_with(&format!("{BEGIN}\nt\n{END}\n")));
+    }
+
+    #[test]
+    fn an_earlier_build_gets_its_own_table() {
+        assert_eq!(before_after_table(&[s2(OURS, 10.0, 0)]), None);
+        let table = before_after_table(&[s2(OURS, 10.0, 0), s2(BEFORE, 20.0, 0)])
+            .expect("a table when an earlier build ran");
+        assert!(table.contains("| S2 | latency p50 (ms) |"), "{table}");
+        assert!(
+            table.contains("| latency p99 (ms) | 10 | 20 | 0.50 | 1 / 1 |"),
+            "{table}"
+        );
     }
 
     #[test]
