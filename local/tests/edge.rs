@@ -16,11 +16,10 @@ use chat_shared::auth::AuthUser;
 use chat_shared::domain::UserId;
 use chat_shared::presence::Connection;
 use chat_shared::testing::TestEnv;
-use common::{Client, TestStack, key, redis, token};
+use common::{Client, TestStack, dev_credentials, key, raw_http, redis, signed, token};
 use redis::AsyncCommands as _;
 use serde_json::json;
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
 
 /// A listener that counts the connections made to it and answers nothing:
@@ -37,58 +36,6 @@ async fn foreign_listener() -> (SocketAddr, Arc<AtomicUsize>) {
         }
     });
     (addr, hits)
-}
-
-/// One raw HTTP/1.1 request; the status code and body.
-async fn raw_http(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    headers: &[(String, String)],
-    body: &[u8],
-) -> (u16, String, String) {
-    let mut stream = TcpStream::connect(addr).await.expect("connect");
-    let extra: String = headers
-        .iter()
-        .map(|(name, value)| format!("{name}: {value}\r\n"))
-        .collect();
-    let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{extra}Content-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    stream.write_all(head.as_bytes()).await.expect("write");
-    stream.write_all(body).await.expect("write");
-    let mut raw = Vec::new();
-    tokio::time::timeout(common::WAIT, stream.read_to_end(&mut raw))
-        .await
-        .expect("an answer")
-        .expect("read");
-    let text = String::from_utf8_lossy(&raw).into_owned();
-    let status = text
-        .split(' ')
-        .nth(1)
-        .and_then(|code| code.parse().ok())
-        .expect("a status line");
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    (status, head.to_ascii_lowercase(), body.to_owned())
-}
-
-fn signed(
-    credentials: &chat_gateway::ManagementCredentials,
-    method: &str,
-    addr: SocketAddr,
-    path: &str,
-    body: &[u8],
-) -> Vec<(String, String)> {
-    let url = format!("http://{addr}{path}");
-    chat_gateway::sign(credentials, method, &url, &[], body, "us-east-1")
-}
-
-fn dev_credentials() -> chat_gateway::ManagementCredentials {
-    chat_gateway::ManagementCredentials {
-        access_key_id: chat_shared::config::DEV_MANAGEMENT_ACCESS_KEY_ID.into(),
-        secret_access_key: chat_shared::config::DEV_MANAGEMENT_SECRET_ACCESS_KEY.into(),
-    }
 }
 
 /// Finding 1: a client that knows bob's connection id tries to forge a

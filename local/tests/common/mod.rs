@@ -791,3 +791,56 @@ impl PrivateRedis {
         .expect("redis-server answers");
     }
 }
+
+/// One raw HTTP/1.1 request: the status code, the lower-cased head and
+/// the body.
+pub async fn raw_http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(String, String)],
+    body: &[u8],
+) -> (u16, String, String) {
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    let extra: String = headers
+        .iter()
+        .map(|(name, value)| format!("{name}: {value}\r\n"))
+        .collect();
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{extra}Content-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await.expect("write");
+    stream.write_all(body).await.expect("write");
+    let mut raw = Vec::new();
+    tokio::time::timeout(WAIT, stream.read_to_end(&mut raw))
+        .await
+        .expect("an answer")
+        .expect("read");
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .expect("a status line");
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    (status, head.to_ascii_lowercase(), body.to_owned())
+}
+
+pub fn signed(
+    credentials: &chat_gateway::ManagementCredentials,
+    method: &str,
+    addr: SocketAddr,
+    path: &str,
+    body: &[u8],
+) -> Vec<(String, String)> {
+    let url = format!("http://{addr}{path}");
+    chat_gateway::sign(credentials, method, &url, &[], body, "us-east-1")
+}
+
+pub fn dev_credentials() -> chat_gateway::ManagementCredentials {
+    chat_gateway::ManagementCredentials {
+        access_key_id: chat_shared::config::DEV_MANAGEMENT_ACCESS_KEY_ID.into(),
+        secret_access_key: chat_shared::config::DEV_MANAGEMENT_SECRET_ACCESS_KEY.into(),
+    }
+}
