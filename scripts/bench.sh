@@ -49,6 +49,7 @@
 # threads per server process of ours, 1), S4_OURS_RATES / S4_BASE_RATES (the
 # sweeps), S6_SIZES (clients per storm, comma-separated), S6_CONCURRENCY
 # (handshakes in flight, 500), S6_DEADLINE (seconds a client has to join, 60),
+# S2_SECS / S3_SECS / S4_SECS / OVERLOAD_SECS (durations; 60/60/15/30),
 # CARGO_TARGET_DIR.
 # BENCH_BEFORE_DIR: a directory holding a `chat-local` built from an earlier
 # commit (e.g. `git worktree add /tmp/before <commit>` and a release build
@@ -78,7 +79,7 @@ while [ $# -gt 0 ]; do
         --runs) RUNS="$2"; shift ;;
         --only) ONLY="$2"; shift ;;
         --no-docs) DOCS=0 ;;
-        -h|--help) sed -n '2,62p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,63p' "$0"; exit 0 ;;
         *) echo "unknown argument: $1" >&2; exit 2 ;;
     esac
     shift
@@ -115,7 +116,8 @@ if [ "$QUICK" = 1 ]; then
     S2_SECS=15; S3_SECS=15; S4_SECS=8; OVERLOAD_SECS=10; IDLE_HOLD=3; PGBENCH_SECS=5
     S6_SIZES="${S6_SIZES:-2000}"
 else
-    S2_SECS=60; S3_SECS=60; S4_SECS=15; OVERLOAD_SECS=30; IDLE_HOLD=10; PGBENCH_SECS=15
+    S2_SECS="${S2_SECS:-60}"; S3_SECS="${S3_SECS:-60}"; S4_SECS="${S4_SECS:-15}"
+    OVERLOAD_SECS="${OVERLOAD_SECS:-30}"; IDLE_HOLD=10; PGBENCH_SECS=15
     S6_SIZES="${S6_SIZES:-2000,5000,10000}"
 fi
 S4_OURS_RATES="${S4_OURS_RATES:-1000,2000,3000,4000,5000,6000,6500,7000,7500,8000,8500,9000,10000}"
