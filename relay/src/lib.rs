@@ -47,8 +47,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context as _;
-use chat_shared::Config;
-use chat_shared::realtime::Realtime;
+use chat_shared::bootstrap::Adapters;
+use chat_shared::config::RelayProcessConfig;
+use chat_shared::departures::Departures;
+use chat_shared::presence::Presence;
+use chat_shared::store::Store;
 use secrecy::{ExposeSecret as _, SecretString};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
@@ -113,20 +116,21 @@ pub struct RelayOptions {
 
 impl RelayOptions {
     /// The defaults, with what `config` sets.
-    pub fn from_config(config: &Config) -> Self {
+    pub fn from_config(config: &RelayProcessConfig) -> Self {
+        let common = &config.common;
         Self {
-            concurrency: config.relay_concurrency,
+            concurrency: config.relay.concurrency,
             young_connection: Duration::from_secs(5),
-            sweep_interval: (config.presence_ttl / 10)
+            sweep_interval: (common.presence_ttl / 10)
                 .clamp(Duration::from_secs(1), Duration::from_secs(5)),
             shards: 16,
-            cluster: ClusterOptions::new(config.relay_shards),
-            instance_id: config.instance_id.clone(),
+            cluster: ClusterOptions::new(config.relay.lease_shards),
+            instance_id: common.instance_id.clone(),
             room_idle: Duration::from_secs(300),
             drain_timeout: Duration::from_secs(5),
-            aws_region: config.aws_region.clone(),
+            aws_region: common.aws_region.clone(),
             bus_ping_interval: Duration::from_secs(10),
-            endpoints: EndpointPolicy::from_config(config),
+            endpoints: EndpointPolicy::new(&config.relay.management, &common.aws_region),
         }
     }
 }
@@ -134,9 +138,8 @@ impl RelayOptions {
 /// The relay service. Build it once ([`Relay::new`] or
 /// [`Relay::from_parts`]) and [`run`](Relay::run) it until shutdown.
 pub struct Relay {
-    /// Presence (subscriptions, routes), Store (missed messages), Bus
-    /// channel, and the disconnect and sweep use cases.
-    realtime: Realtime,
+    /// What the relay reads and writes: presence, the store, departures.
+    stores: Stores,
     /// The pub/sub subscription needs its own connection (a subscribed
     /// connection can do nothing else), so the relay keeps the URL.
     redis_url: SecretString,
@@ -169,7 +172,7 @@ impl Relay {
     ///
     /// # Errors
     /// When a URL is invalid or Redis does not answer at start-up.
-    pub async fn new(config: &Config) -> anyhow::Result<Self> {
+    pub async fn new(config: &RelayProcessConfig) -> anyhow::Result<Self> {
         Self::with_options(config, RelayOptions::from_config(config)).await
     }
 
@@ -178,34 +181,41 @@ impl Relay {
     ///
     /// # Errors
     /// When a URL is invalid or Redis does not answer at start-up.
-    pub async fn with_options(config: &Config, options: RelayOptions) -> anyhow::Result<Self> {
-        let chat = chat_shared::bootstrap::chat(config)
+    pub async fn with_options(
+        config: &RelayProcessConfig,
+        options: RelayOptions,
+    ) -> anyhow::Result<Self> {
+        let adapters = chat_shared::bootstrap::adapters(&config.common)
             .await
             .context("building the relay's clients")?;
-        let realtime = Realtime::new(chat, config.presence_ttl);
         Ok(Self::from_parts(
-            realtime,
-            config.redis_url.clone(),
-            config.broadcast_channel.clone(),
+            adapters,
+            config.common.redis_url.clone(),
             options,
         ))
     }
 
-    /// A relay over clients the caller already has (the local stack,
-    /// tests). `redis_url` is for the pub/sub subscription on `channel`.
-    pub fn from_parts(
-        realtime: Realtime,
-        redis_url: SecretString,
-        channel: String,
-        options: RelayOptions,
-    ) -> Self {
+    /// A relay over adapters the caller already has (the local stack,
+    /// tests). `redis_url` is for the pub/sub subscription on the bus's
+    /// channel.
+    pub fn from_parts(adapters: Adapters, redis_url: SecretString, options: RelayOptions) -> Self {
+        let channel = adapters.bus.channel().to_owned();
+        let stores = Stores {
+            departures: Departures::new(
+                adapters.store.clone(),
+                adapters.presence.clone(),
+                adapters.bus,
+            ),
+            store: adapters.store,
+            presence: adapters.presence,
+        };
         let management = Arc::new(Management::new(
             options.aws_region.clone(),
             options.endpoints.clone(),
         ));
         let id = unique_id(&options.instance_id);
         Self {
-            realtime,
+            stores,
             redis_url,
             channel,
             options,
@@ -220,9 +230,10 @@ impl Relay {
         self.metrics.clone()
     }
 
-    /// The service this relay delivers for.
-    pub fn realtime(&self) -> &Realtime {
-        &self.realtime
+    /// The presence adapter the relay reads routes from (its health
+    /// endpoint pings Redis through it).
+    pub fn presence(&self) -> &Presence {
+        &self.stores.presence
     }
 
     /// This relay's id, as its shard leases in Redis hold it.
@@ -247,7 +258,7 @@ impl Relay {
             .context("REDIS_URL is not a valid Redis URL")?;
         let outboxes = outbox::Outboxes::new(
             self.management.clone(),
-            self.realtime.clone(),
+            self.stores.clone(),
             self.metrics.clone(),
             self.options.concurrency,
             self.options.young_connection,
@@ -264,7 +275,7 @@ impl Relay {
             let (tx, rx) = mpsc::channel(SHARD_QUEUE);
             senders.push(tx);
             let shard = shard::Shard::new(
-                self.realtime.clone(),
+                self.stores.clone(),
                 outboxes.clone(),
                 self.management.clone(),
                 self.metrics.clone(),
@@ -282,8 +293,8 @@ impl Relay {
         background.spawn(
             cluster::Cluster {
                 id: self.id.clone(),
-                redis: self.realtime.chat().presence().redis(),
-                keys: self.realtime.chat().presence().keys().clone(),
+                redis: self.stores.presence.redis(),
+                keys: self.stores.presence.keys().clone(),
                 options: self.options.cluster.clone(),
                 ownership: ownership.clone(),
                 missed: missed.clone(),
@@ -294,14 +305,14 @@ impl Relay {
             .run(cluster_stop.clone(), refresh_requests),
         );
         background.spawn(report_delivery_lag(
-            self.realtime.clone(),
+            self.stores.presence.clone(),
             self.metrics.clone(),
             self.id.clone(),
             cluster_stop.clone(),
         ));
         background.spawn(
             sweeper::Sweeper {
-                realtime: self.realtime.clone(),
+                departures: self.stores.departures.clone(),
                 management: self.management.clone(),
                 outboxes: outboxes.clone(),
                 metrics: self.metrics.clone(),
@@ -361,6 +372,17 @@ impl Relay {
     }
 }
 
+/// What the relay's tasks read and write through, cloned into each.
+#[derive(Debug, Clone)]
+pub(crate) struct Stores {
+    /// Stored messages, for gap fills and catch-ups.
+    pub(crate) store: Store,
+    /// Subscriptions, routes, watermarks, greetings.
+    pub(crate) presence: Presence,
+    /// Removing stale and expired connections.
+    pub(crate) departures: Departures,
+}
+
 /// The cluster shard (of `shards`, `RELAY_SHARDS`) that handles an
 /// ordering key (a room id, a user id for presence, a connection id):
 /// whoever holds lease `relay:lease:{n}` for it delivers its events.
@@ -385,7 +407,7 @@ const LAG_REPORT_INTERVAL: Duration = Duration::from_millis(100);
 /// behind (`chat_shared::realtime::Realtime::with_admission`). A relay
 /// that stops reporting is forgotten after a second.
 async fn report_delivery_lag(
-    realtime: Realtime,
+    presence: Presence,
     metrics: Arc<RelayMetrics>,
     relay: String,
     stop: CancellationToken,
@@ -400,12 +422,7 @@ async fn report_delivery_lag(
         let lag = metrics
             .delivery_lag_ms
             .swap(0, std::sync::atomic::Ordering::Relaxed);
-        if let Err(err) = realtime
-            .chat()
-            .presence()
-            .report_delivery_lag(&relay, lag)
-            .await
-        {
+        if let Err(err) = presence.report_delivery_lag(&relay, lag).await {
             tracing::debug!(error = %err, "reporting the delivery lag failed");
         }
     }

@@ -34,10 +34,11 @@ use std::time::{Duration, Instant};
 use chat_shared::bus::{Control, Envelope, Target, event_json};
 use chat_shared::domain::SequenceId;
 use chat_shared::presence::Subscriber;
-use chat_shared::realtime::Realtime;
+use chat_shared::store::Store;
 use serde::Deserialize;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::Stores;
 use crate::cluster::{Missed, Ownership};
 use crate::management::Management;
 use crate::metrics::RelayMetrics;
@@ -95,6 +96,10 @@ pub(crate) fn shard_of(envelope: &Envelope, shards: usize) -> usize {
 }
 
 /// What a worker is given to do, in order.
+///
+/// Nearly every item is an envelope, so the envelope stays inline: boxing
+/// it would cost an allocation per envelope to save queue slots' bytes.
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum Work {
     /// An envelope of cluster shard `shard`, which this relay held when
     /// the bus reader dispatched it.
@@ -229,7 +234,7 @@ impl RoomState {
 /// One shard: its room state and what it needs to act on envelopes.
 pub(crate) struct Shard {
     /// Reads subscriptions and routes (Presence) and messages (Store).
-    realtime: Realtime,
+    stores: Stores,
     /// Where resolved events go.
     outboxes: Outboxes,
     /// Closes connections that are no longer registered (`Control::Close`).
@@ -252,7 +257,7 @@ pub(crate) struct Shard {
 
 impl Shard {
     pub(crate) fn new(
-        realtime: Realtime,
+        stores: Stores,
         outboxes: Outboxes,
         management: Arc<Management>,
         metrics: Arc<RelayMetrics>,
@@ -261,7 +266,7 @@ impl Shard {
         missed: Arc<Mutex<Missed>>,
     ) -> Self {
         Self {
-            realtime,
+            stores,
             outboxes,
             management,
             metrics,
@@ -354,12 +359,7 @@ impl Shard {
             let Target::Connection { connection_id } = &envelope.target else {
                 continue;
             };
-            let greeted = self
-                .realtime
-                .chat()
-                .presence()
-                .is_greeted(connection_id)
-                .await;
+            let greeted = self.stores.presence.is_greeted(connection_id).await;
             match greeted {
                 Ok(false) => self.deliver(&envelope).await,
                 Ok(true) => {}
@@ -385,9 +385,8 @@ impl Shard {
     /// already.
     async fn catch_up(&mut self, room_id: &str, seen: Option<i64>) -> chat_shared::Result<()> {
         let subscribers: Vec<Subscriber> = self
-            .realtime
-            .chat()
-            .presence()
+            .stores
+            .presence
             .subscribers(&[room_id])
             .await?
             .into_iter()
@@ -414,7 +413,7 @@ impl Shard {
         }
         let low = seen.map_or(low, |seen| low.max(seen - MAX_FILL));
         RelayMetrics::bump(&self.metrics.store_reads);
-        let events = stored_events(&self.realtime, room_id, low, i64::MAX).await?;
+        let events = stored_events(&self.stores.store, room_id, low, i64::MAX).await?;
         for (sequence_id, event) in &events {
             state.remember(*sequence_id, event.clone());
         }
@@ -490,7 +489,7 @@ impl Shard {
             return Ok(());
         };
         let event: Arc<str> = Arc::from(event.get());
-        let recipients = resolve::recipients(self.realtime.chat().presence(), envelope).await?;
+        let recipients = resolve::recipients(&self.stores.presence, envelope).await?;
         let sequence = match &envelope.target {
             Target::Room { .. } => message_sequence(&event),
             _ => None,
@@ -562,7 +561,7 @@ impl Shard {
                         .collect()
                 } else {
                     RelayMetrics::bump(&self.metrics.store_reads);
-                    match stored_events(&self.realtime, room_id, low, sequence_id).await {
+                    match stored_events(&self.stores.store, room_id, low, sequence_id).await {
                         Ok(events) => {
                             for (k, v) in &events {
                                 state.remember(*k, v.clone());
@@ -622,7 +621,7 @@ impl Shard {
     /// `Control::Sync`: pushes every stored message above the connection's
     /// mark in the room.
     async fn sync(&mut self, room_id: &str, connection_id: &str) -> chat_shared::Result<()> {
-        let presence = self.realtime.chat().presence();
+        let presence = &self.stores.presence;
         let subscription = presence
             .subscribers(&[room_id])
             .await?
@@ -641,7 +640,7 @@ impl Shard {
         state.last_used = now;
         let mark = state.mark_of(connection_id, subscription.watermark);
         RelayMetrics::bump(&self.metrics.store_reads);
-        let events = stored_events(&self.realtime, room_id, mark, i64::MAX).await?;
+        let events = stored_events(&self.stores.store, room_id, mark, i64::MAX).await?;
         let route = Route::from(&subscription);
         let mut last = mark;
         for (sequence_id, event) in events {
@@ -690,7 +689,7 @@ impl Shard {
         if batch.is_empty() {
             return Ok(());
         }
-        watermarks::raise(self.realtime.chat().presence(), &batch).await?;
+        watermarks::raise(&self.stores.presence, &batch).await?;
         for (room, marks) in batch {
             if let Some(state) = self.rooms.get_mut(&room) {
                 for (connection_id, queued) in marks {
@@ -707,13 +706,13 @@ impl Shard {
 /// The stored messages strictly between `after` and `before`, as `message`
 /// events with `readBy` as of now.
 async fn stored_events(
-    realtime: &Realtime,
+    store: &Store,
     room_id: &str,
     after: i64,
     before: i64,
 ) -> chat_shared::Result<Vec<(i64, Arc<str>)>> {
     // One pooled connection for both reads.
-    let db = realtime.chat().store().conn().await?;
+    let db = store.conn().await?;
     let messages = db
         .messages_between(
             room_id,

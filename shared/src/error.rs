@@ -9,7 +9,8 @@
 use serde::Serialize;
 
 /// The error codes of PROTOCOL.md §2 and §4.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[cfg_attr(feature = "http", derive(utoipa::ToSchema))]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum ErrorCode {
     /// Malformed JSON, unknown type, bad field.

@@ -16,9 +16,12 @@
 //! - [`bus`]: envelopes on the Redis pub/sub channel the relay consumes.
 //! - [`service`]: the use cases.
 //! - [`realtime`]: the WebSocket use cases (connect, messages, disconnect, sweep).
-//! - [`ws`]: the `$connect` / `$default` / `$disconnect` handlers over API Gateway events.
-//! - [`http`]: the REST API as an axum router.
-//! - [`bootstrap`]: builds all of the above once per process.
+//! - `ws` (feature `ws`): the `$connect` / `$default` / `$disconnect` handlers over API Gateway events.
+//! - `http` (feature `http`): the REST API as an axum router.
+//! - [`departures`]: connections leaving (disconnect, the presence sweep,
+//!   sweep-and-close), for the handlers, the relay and the maintenance job.
+//! - [`bootstrap`]: builds the adapters once per process, and over them
+//!   what each process needs.
 //! - [`metrics`]: error counters by code, and the Prometheus text format.
 //! - `testing` (feature `testing`): fresh databases and key prefixes for tests.
 //! - `lambda` (feature `lambda`): the `lambda_runtime` shim of the WebSocket functions.
@@ -27,8 +30,10 @@ pub mod auth;
 pub mod bootstrap;
 pub mod bus;
 pub mod config;
+pub mod departures;
 pub mod domain;
 pub mod error;
+#[cfg(feature = "http")]
 pub mod http;
 #[cfg(feature = "lambda")]
 pub mod lambda;
@@ -43,6 +48,7 @@ pub mod store;
 pub mod telemetry;
 #[cfg(feature = "testing")]
 pub mod testing;
+#[cfg(feature = "ws")]
 pub mod ws;
 
 pub use config::Config;

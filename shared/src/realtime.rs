@@ -220,23 +220,7 @@ impl Realtime {
         status: &str,
         rooms: Vec<String>,
     ) -> Result<Option<String>> {
-        if rooms.is_empty() {
-            return Ok(None);
-        }
-        let event = event_json(
-            "presenceUpdate",
-            &json!({"userId": user_id, "status": status, "timestamp": now()}),
-        )?;
-        self.chat
-            .bus()
-            .envelope(
-                Target::Rooms { room_ids: rooms },
-                event,
-                Vec::new(),
-                Vec::new(),
-                Some(user_id.to_string()),
-            )
-            .map(Some)
+        self.chat.bus().presence_update(user_id, status, rooms)
     }
 
     /// `$connect` after the token was verified: records the user and the
@@ -309,21 +293,13 @@ impl Realtime {
     /// # Errors
     /// A dependency failure.
     pub async fn disconnect(&self, connection_id: &str) -> Result<()> {
-        let presence = self.chat.presence();
-        let Some(user) = presence.connection_user(connection_id).await? else {
-            return Ok(());
-        };
-        let rooms = self.chat.member_room_ids(&user).await?;
-        let envelope = self.presence_envelope(&user, "offline", rooms)?;
-        presence
-            .disconnect(
-                connection_id,
-                Some(&user),
-                self.chat.bus().channel(),
-                envelope.as_deref(),
-            )
-            .await?;
-        Ok(())
+        crate::departures::disconnect(
+            self.chat.store(),
+            self.chat.presence(),
+            self.chat.bus(),
+            connection_id,
+        )
+        .await
     }
 
     /// `$default`: one client message. Returns the reply to send back on the
@@ -738,34 +714,6 @@ impl Realtime {
             payload["recovered"] = Value::Bool(recovered);
         }
         event_json("roomJoined", &payload)
-    }
-
-    /// One sweep of expired presence leases: each connection whose lease ran
-    /// out is removed (and its user announced offline when it was their
-    /// last). Returns the removed connections with their Management API
-    /// endpoints, so the caller can close them at API Gateway.
-    ///
-    /// # Errors
-    /// A dependency failure.
-    pub async fn sweep_expired(&self, limit: usize) -> Result<Vec<(String, Option<String>)>> {
-        let presence = self.chat.presence();
-        let now = chrono::Utc::now().timestamp_millis();
-        let expired = presence.expired_connections(now, limit).await?;
-        let routes = presence.connection_routes(&expired).await?;
-        let mut removed = Vec::with_capacity(expired.len());
-        for (conn, route) in expired.into_iter().zip(routes) {
-            match self.chat.presence().connection_user(&conn).await? {
-                Some(_) => self.disconnect(&conn).await?,
-                // A lease without a record: drop the lease alone.
-                None => {
-                    presence
-                        .disconnect(&conn, None, self.chat.bus().channel(), None)
-                        .await?;
-                }
-            }
-            removed.push((conn, route.map(|r| r.endpoint)));
-        }
-        Ok(removed)
     }
 }
 

@@ -38,9 +38,8 @@ struct Node {
 impl Node {
     fn start(stack: &Stack) -> Self {
         let relay = Relay::from_parts(
-            stack.realtime.clone(),
+            stack.adapters.clone(),
             SecretString::from(stack.relay_redis_url.clone()),
-            stack.channel(),
             stack.options.clone(),
         );
         let id = relay.id().to_owned();
