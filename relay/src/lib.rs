@@ -8,18 +8,18 @@
 //! Fargate service in AWS, as the `relay` binary, or inside the local stack.
 //!
 //! Several relays share the work: each holds the leases of some of the
-//! `RELAY_SHARDS` cluster shards in Redis and handles only the envelopes
+//! `RELAY_SHARDS` lease shards in Redis and handles only the envelopes
 //! whose ordering key falls in them; when a relay joins, leaves or dies
 //! the others rebalance within seconds (module `cluster`).
 //!
 //! Guarantees (PROTOCOL.md §2, "Who receives what"):
 //! - a room's events reach each connection in publish order: envelopes are
-//!   sharded by ordering key, one relay at a time handles a shard, each
+//!   sharded by ordering key, one relay at a time handles a lease shard, each
 //!   worker handles its envelopes one at a time, and each connection's
 //!   posts leave one at a time in queue order;
 //! - a room's `message` events reach each joined connection once each, in
 //!   increasing `sequenceId`, with no gap: repeats are skipped and gaps are
-//!   filled from memory or PostgreSQL (module `shard`);
+//!   filled from memory or PostgreSQL (module `worker`);
 //! - a `410 Gone` removes a stale connection (after a grace period for
 //!   connections still in `$connect`), and expired presence leases are
 //!   swept.
@@ -27,17 +27,17 @@
 //! # Layout
 //! - `lib.rs`: [`Relay`] (wiring, [`Relay::run`], shutdown) and
 //!   [`RelayOptions`].
-//! - `cluster`: shard leases, fair shares, handover and takeover.
+//! - `cluster`: lease shards' leases, fair shares, handover and takeover.
 //! - `subscriber`: the pub/sub subscription, with reconnects; hands each
-//!   envelope of a held cluster shard to its worker.
-//! - `shard`: ordered handling per ordering key; per-room dedupe, gap fill
+//!   envelope of a held lease shard to its worker.
+//! - `lanes`: ordering key → lease shard → worker lane, and `Work`, what
+//!   a lane carries (the three meanings "shard" once had, named apart).
+//! - `worker`: ordered handling per worker lane; per-room dedupe, gap fill
 //!   and `Control::Sync`.
 //! - `resolve`: target → connections, with batched Redis reads.
 //! - `outbox`: per-connection ordered queues, the global in-flight bound,
 //!   the `410` policy.
 //! - [`management`], the API Gateway Management API clients.
-//! - `watermarks`: writes delivered marks back to Redis, so a restart or an
-//!   evicted room never redelivers.
 //! - `sweeper`: removes connections whose presence lease ran out.
 //! - [`metrics`], the counters.
 //! - [`health`], the loopback health endpoint and `relay health`.
@@ -59,22 +59,22 @@ use tokio_util::sync::CancellationToken;
 
 mod cluster;
 pub mod health;
+mod lanes;
 pub mod management;
 pub mod metrics;
 mod outbox;
 mod pipeline;
 mod resolve;
-mod shard;
 mod subscriber;
 mod sweeper;
-mod watermarks;
+mod worker;
 
 pub use cluster::ClusterOptions;
 pub use management::{EndpointPolicy, Management};
 pub use metrics::{MetricsSnapshot, RelayMetrics};
 
-/// Envelopes queued per shard before the bus reader waits for it.
-const SHARD_QUEUE: usize = 1024;
+/// Envelopes queued per worker lane before the bus reader waits for it.
+const LANE_QUEUE: usize = 1024;
 
 /// How the relay behaves; [`RelayOptions::from_config`] gives the defaults.
 #[derive(Debug, Clone)]
@@ -90,9 +90,9 @@ pub struct RelayOptions {
     /// `PRESENCE_TTL_SECONDS / 10`, between 1 s and 5 s.
     pub sweep_interval: Duration,
     /// Workers (ordered lanes) handling envelopes in parallel; cluster
-    /// shard `n` is handled by worker `n % shards`. 16.
-    pub shards: usize,
-    /// The cluster shards and their leases (`RELAY_SHARDS`).
+    /// shard `n` is handled by worker lane `n % lanes`. 16.
+    pub lanes: usize,
+    /// The lease shards and their leases (`RELAY_SHARDS`).
     pub cluster: ClusterOptions,
     /// Names this relay in leases and logs; a unique suffix is added per
     /// [`Relay`] (`INSTANCE_ID`).
@@ -123,7 +123,7 @@ impl RelayOptions {
             young_connection: Duration::from_secs(5),
             sweep_interval: (common.presence_ttl / 10)
                 .clamp(Duration::from_secs(1), Duration::from_secs(5)),
-            shards: 16,
+            lanes: 16,
             cluster: ClusterOptions::new(config.relay.lease_shards),
             instance_id: common.instance_id.clone(),
             room_idle: Duration::from_secs(300),
@@ -236,7 +236,7 @@ impl Relay {
         &self.stores.presence
     }
 
-    /// This relay's id, as its shard leases in Redis hold it.
+    /// This relay's id, as its lease shards' leases in Redis hold it.
     pub fn id(&self) -> &str {
         &self.id
     }
@@ -244,7 +244,7 @@ impl Relay {
     /// Runs the lease loop, the bus subscription, the workers, the
     /// outboxes and the sweeper until `shutdown` is cancelled; then stops
     /// reading, finishes queued envelopes and posts (for at most
-    /// `drain_timeout`), writes the delivered marks back, gives its shard
+    /// `drain_timeout`), writes the delivered marks back, gives its lease shards'
     /// leases back and returns.
     ///
     /// Dropping the returned future instead (aborting its task) stops
@@ -263,18 +263,18 @@ impl Relay {
             self.options.concurrency,
             self.options.young_connection,
         );
-        let cluster_shards = self.options.cluster.shards.max(1);
-        let ownership = Arc::new(cluster::Ownership::new(cluster_shards));
+        let lease_shards = self.options.cluster.lease_shards.max(1);
+        let ownership = Arc::new(cluster::Ownership::new(lease_shards));
         let missed = Arc::new(Mutex::new(cluster::Missed::new(
-            cluster_shards,
+            lease_shards,
             self.options.cluster.missed_window(),
         )));
         let mut workers = JoinSet::new();
-        let mut senders = Vec::with_capacity(self.options.shards.max(1));
-        for _ in 0..self.options.shards.max(1) {
-            let (tx, rx) = mpsc::channel(SHARD_QUEUE);
+        let mut senders = Vec::with_capacity(self.options.lanes.max(1));
+        for _ in 0..self.options.lanes.max(1) {
+            let (tx, rx) = mpsc::channel(LANE_QUEUE);
             senders.push(tx);
-            let shard = shard::Shard::new(
+            let worker = worker::Worker::new(
                 self.stores.clone(),
                 outboxes.clone(),
                 self.management.clone(),
@@ -283,7 +283,7 @@ impl Relay {
                 ownership.clone(),
                 missed.clone(),
             );
-            workers.spawn(shard.run(rx));
+            workers.spawn(worker.run(rx));
         }
         // Spawned into a set owned by this future, so that dropping it
         // (a crash in tests) stops the lease renewals too.
@@ -323,8 +323,8 @@ impl Relay {
         tracing::info!(
             relay = %self.id,
             channel = %self.channel,
-            workers = self.options.shards,
-            cluster_shards,
+            lanes = self.options.lanes,
+            lease_shards,
             concurrency = self.options.concurrency,
             "relay started"
         );
@@ -383,11 +383,11 @@ pub(crate) struct Stores {
     pub(crate) departures: Departures,
 }
 
-/// The cluster shard (of `shards`, `RELAY_SHARDS`) that handles an
+/// The lease shard (of `lease_shards`, `RELAY_SHARDS`) that handles an
 /// ordering key (a room id, a user id for presence, a connection id):
 /// whoever holds lease `relay:lease:{n}` for it delivers its events.
-pub fn cluster_shard(key: &str, shards: usize) -> usize {
-    shard::key_shard(key, shards)
+pub fn lease_shard(key: &str, lease_shards: usize) -> usize {
+    lanes::lease_shard_of_key(key, lease_shards)
 }
 
 /// `instance` with a suffix unique to this process and call: the time in

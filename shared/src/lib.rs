@@ -11,8 +11,10 @@
 //! - [`model`]: the JSON shapes clients see.
 //! - [`store`]: PostgreSQL (every SQL statement) and migrations.
 //! - [`pg_tls`]: PostgreSQL over TLS (`sslmode`, `sslrootcert` in `DATABASE_URL`).
-//! - [`presence`]: Redis keys for connections, subscriptions, presence.
-//! - [`limits`]: rate limits and `typing` coalescing, in Redis.
+//! - [`presence`]: the Redis key schema ([`presence::keys`]), connections,
+//!   subscriptions, watermarks, the online set, operator scans.
+//! - [`limits`]: rate limits and `typing` coalescing, in Redis (the GCRA
+//!   script they share with `presence` is in `gcra`).
 //! - [`bus`]: envelopes on the Redis pub/sub channel the relay consumes.
 //! - [`service`]: the use cases.
 //! - [`realtime`]: the WebSocket use cases (connect, messages, disconnect, sweep).
@@ -33,6 +35,7 @@ pub mod config;
 pub mod departures;
 pub mod domain;
 pub mod error;
+mod gcra;
 #[cfg(feature = "http")]
 pub mod http;
 #[cfg(feature = "lambda")]
