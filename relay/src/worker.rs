@@ -306,12 +306,7 @@ impl Worker {
             .into_iter()
             .flatten()
             .collect();
-        let now = Instant::now();
-        let state = self
-            .rooms
-            .entry(room_id.to_owned())
-            .or_insert_with(|| RoomState::new(now));
-        state.last_used = now;
+        let state = used_room(&mut self.rooms, room_id);
         let marks: Vec<(Subscriber, i64)> = subscribers
             .into_iter()
             .map(|s| {
@@ -426,12 +421,7 @@ impl Worker {
         event: Arc<str>,
         recipients: Recipients,
     ) {
-        let now = Instant::now();
-        let state = self
-            .rooms
-            .entry(room_id.to_owned())
-            .or_insert_with(|| RoomState::new(now));
-        state.last_used = now;
+        let state = used_room(&mut self.rooms, room_id);
         state.remember(sequence_id, event.clone());
         // Forget connections that left the room (or are gone): they start
         // again from a new watermark if they come back.
@@ -542,12 +532,7 @@ impl Worker {
             // It left the room, or the connection is gone.
             return Ok(());
         };
-        let now = Instant::now();
-        let state = self
-            .rooms
-            .entry(room_id.to_owned())
-            .or_insert_with(|| RoomState::new(now));
-        state.last_used = now;
+        let state = used_room(&mut self.rooms, room_id);
         let mark = state.mark_of(connection_id, subscription.watermark);
         RelayMetrics::bump(&self.metrics.store_reads);
         let events = stored_events(&self.stores.store, room_id, mark, i64::MAX).await?;
@@ -611,6 +596,16 @@ impl Worker {
         }
         Ok(())
     }
+}
+
+/// A room's state, made when missing, marked used now.
+fn used_room<'a>(rooms: &'a mut HashMap<String, RoomState>, room_id: &str) -> &'a mut RoomState {
+    let now = Instant::now();
+    let state = rooms
+        .entry(room_id.to_owned())
+        .or_insert_with(|| RoomState::new(now));
+    state.last_used = now;
+    state
 }
 
 /// The stored messages strictly between `after` and `before`, as `message`
