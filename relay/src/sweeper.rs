@@ -81,10 +81,7 @@ impl Sweeper {
             management: &self.management,
             outboxes: &self.outboxes,
         };
-        let report = self
-            .departures
-            .sweep_and_close(&closer, LIMITS, || true)
-            .await?;
+        let report = self.departures.sweep_and_close(&closer, LIMITS).await?;
         self.metrics
             .swept
             .fetch_add(report.swept as u64, std::sync::atomic::Ordering::Relaxed);

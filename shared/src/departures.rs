@@ -184,9 +184,9 @@ impl Departures {
     }
 
     /// Sweep-and-close: removes expired connections step by step (at most
-    /// `limits.max_batches` steps, and only while `go_on` says so between
-    /// steps) and closes each at API Gateway through `closer`, best effort:
-    /// a failed close is counted and logged.
+    /// `limits.max_batches` steps; a step that is not full ends the sweep)
+    /// and closes each at API Gateway through `closer`, best effort: a
+    /// failed close is counted and logged.
     ///
     /// # Errors
     /// When Redis or PostgreSQL does not answer; what was removed before
@@ -195,13 +195,9 @@ impl Departures {
         &self,
         closer: &impl CloseConnection,
         limits: SweepLimits,
-        go_on: impl Fn() -> bool,
     ) -> Result<SweepReport> {
         let mut report = SweepReport::default();
-        for step in 0..limits.max_batches.max(1) {
-            if step > 0 && !go_on() {
-                break;
-            }
+        for _ in 0..limits.max_batches.max(1) {
             let removed = self.sweep_expired(limits.batch).await?;
             report.swept += removed.len();
             report.more = removed.len() >= limits.batch;

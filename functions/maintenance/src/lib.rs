@@ -111,8 +111,7 @@ impl Maintenance {
     /// function's `Errors` metric shows it and EventBridge retries.
     pub async fn run(&self) -> chat_shared::Result<Report> {
         let (swept, deleted) = tokio::join!(
-            self.departures
-                .sweep_and_close(&self.management, SWEEP, || true),
+            self.departures.sweep_and_close(&self.management, SWEEP),
             self.store.cleanup_all(self.retention)
         );
         if let Err(err) = &swept {
