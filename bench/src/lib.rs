@@ -16,11 +16,13 @@
 //! - [`procstat`]: RSS and CPU of server processes from `/proc`.
 //! - [`rest`]: the small HTTP client of the set-up phase and `/metrics`.
 //! - [`lambda`]: a Lambda Runtime API emulator for cold starts.
+//! - [`pgbench`]: the pgbench script of the ceiling, from the store's SQL.
 //! - [`report`]: the results table of a session, with targets and ratios.
 
 pub mod accounting;
 pub mod lambda;
 pub mod load;
+pub mod pgbench;
 pub mod procstat;
 pub mod report;
 pub mod rest;

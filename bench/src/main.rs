@@ -82,6 +82,9 @@ enum Command {
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
+    /// Prints the pgbench script of the ceiling: the service's send
+    /// statement, from the store's own SQL.
+    PgbenchScript,
     /// Writes the results table of a session into a docs page.
     Report {
         /// JSON-lines files of the session.
@@ -270,6 +273,10 @@ fn main() -> anyhow::Result<()> {
                 output,
                 preamble,
             } => write_report(input, output, preamble),
+            Command::PgbenchScript => {
+                print!("{}", chat_bench::pgbench::script());
+                Ok(())
+            }
         }
     })
 }

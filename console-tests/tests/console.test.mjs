@@ -228,8 +228,8 @@ describe('console', () => {
       await openRoom(d.page, room);
 
       // Carol's network goes away: the socket drops and reconnects fail.
-      await c.context.setOffline(true);
       await c.page.evaluate(() => window.chatConsole.dropConnection());
+      await c.context.setOffline(true);
       await c.page.getByTestId('reconnect-banner').waitFor({state: 'visible', timeout: WAIT});
       await eventually(() => memberOnline(d.page, carol), (v) => v === 'false', 'carol offline for dave');
       for (const text of ['missed 1', 'missed 2', 'missed 3']) await say(d.page, text);
@@ -250,8 +250,8 @@ describe('console', () => {
 
       // Longer than retention: what was missed is partly gone, so the room
       // is reloaded (recovered: false), and older history pages in.
-      await c.context.setOffline(true);
       await c.page.evaluate(() => window.chatConsole.dropConnection());
+      await c.context.setOffline(true);
       await c.page.getByTestId('reconnect-banner').waitFor({state: 'visible', timeout: WAIT});
       // (Same display name: each authentication refreshes the profile.)
       const token = await mintToken(dave, 'Dave');

@@ -847,8 +847,16 @@
   window.chatConsole = {
     state,
     /** Closes the socket as a network failure would (for tests). */
+    // As a client that has noticed its network is gone: the socket is
+    // given up at once (its close handshake may never complete), and the
+    // reconnect loop starts.
     dropConnection() {
-      if (state.ws) state.ws.close(4001, 'dropped');
+      const ws = state.ws;
+      if (!ws) return;
+      ws.onclose = null;
+      ws.onmessage = null;
+      ws.close(4001, 'dropped');
+      disconnected();
     },
   };
 

@@ -24,7 +24,7 @@ use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use chat_shared::auth::{AuthUser, DevClaims, TokenVerifier, bearer_token, mint_hs256};
+use chat_shared::auth::{AuthUser, DevClaims, TokenVerifier, bearer_from_headers, mint_hs256};
 use chat_shared::domain::UserId;
 use chat_shared::error::{Error, Result};
 use chat_shared::http::extract::JsonObject;
@@ -157,14 +157,7 @@ async fn dev_token(
 /// The caller of an admin-only endpoint: 401 without a valid token, 403
 /// when it is not an admin's.
 fn admin(state: &ConsoleState, headers: &HeaderMap) -> Result<AuthUser> {
-    let header = headers
-        .get(header::AUTHORIZATION)
-        .ok_or_else(|| Error::unauthorized("missing bearer token"))?;
-    let token = header
-        .to_str()
-        .ok()
-        .and_then(bearer_token)
-        .ok_or_else(|| Error::unauthorized("malformed Authorization header"))?;
+    let token = bearer_from_headers(headers)?;
     let user = state.verifier.verify(token)?;
     if !user.is_admin {
         return Err(Error::forbidden("the operator view needs an admin token"));

@@ -51,7 +51,7 @@ fn every_frame_type_the_service_parses_is_described_both_ways() {
         .values()
         .filter_map(|m| m["name"].as_str())
         .collect();
-    for kind in chat_shared::realtime::CLIENT_EVENTS {
+    for kind in chat_shared::realtime::RequestKind::ALL.map(|k| k.as_str()) {
         assert!(
             common::frame_schema_exists(kind, true),
             "client frame {kind} is not described"

@@ -245,6 +245,24 @@ pub fn bearer_token(header: &str) -> Option<&str> {
     (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
 }
 
+/// The bearer token of a request's `Authorization` header: the one place
+/// every HTTP entry point (REST, the WebSocket handshake, the console)
+/// reads it.
+///
+/// # Errors
+/// `UNAUTHORIZED` "missing bearer token" without the header, "malformed
+/// Authorization header" when it is not `Bearer <token>`.
+pub fn bearer_from_headers(headers: &http::HeaderMap) -> Result<&str, Error> {
+    let header = headers
+        .get(http::header::AUTHORIZATION)
+        .ok_or_else(|| Error::unauthorized("missing bearer token"))?;
+    header
+        .to_str()
+        .ok()
+        .and_then(bearer_token)
+        .ok_or_else(|| Error::unauthorized("malformed Authorization header"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -31,6 +31,91 @@ pub const MAX_CALL_ID_CHARS: usize = 128;
 /// Most user ids accepted in one `memberIds` / `userIds` list.
 pub const MAX_MEMBER_IDS: usize = 1000;
 
+/// The client requests of PROTOCOL §2: the one list of their wire names,
+/// and what each costs (what `$default` checks, admits and counts).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RequestKind {
+    /// `joinRoom`.
+    JoinRoom,
+    /// `leaveRoom`.
+    LeaveRoom,
+    /// `sendMessage`.
+    SendMessage,
+    /// `typing`.
+    Typing,
+    /// `markRead`.
+    MarkRead,
+    /// **new** `ping`.
+    Ping,
+    /// **new** `authenticate`.
+    Authenticate,
+}
+
+impl RequestKind {
+    /// Every request, in PROTOCOL's order.
+    pub const ALL: [Self; 7] = [
+        Self::JoinRoom,
+        Self::LeaveRoom,
+        Self::SendMessage,
+        Self::Typing,
+        Self::MarkRead,
+        Self::Ping,
+        Self::Authenticate,
+    ];
+
+    /// The wire name (a frame's `type`).
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::JoinRoom => "joinRoom",
+            Self::LeaveRoom => "leaveRoom",
+            Self::SendMessage => "sendMessage",
+            Self::Typing => "typing",
+            Self::MarkRead => "markRead",
+            Self::Ping => "ping",
+            Self::Authenticate => "authenticate",
+        }
+    }
+
+    /// The request of a wire name, if it is one.
+    pub fn from_wire(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.as_str() == name)
+    }
+
+    /// Whether it needs PostgreSQL (and so waits for admission and can be
+    /// shed); `ping`, `leaveRoom` and `authenticate` only touch Redis and
+    /// always go through.
+    pub const fn needs_postgres(self) -> bool {
+        matches!(
+            self,
+            Self::SendMessage | Self::JoinRoom | Self::MarkRead | Self::Typing
+        )
+    }
+
+    /// Whether it is charged to the connection's message rate (all but
+    /// `ping`).
+    pub const fn metered(self) -> bool {
+        !matches!(self, Self::Ping)
+    }
+
+    /// Whether it is refused while the relays deliver far behind: the
+    /// requests that drive the fan-out.
+    pub const fn sheddable(self) -> bool {
+        matches!(self, Self::SendMessage)
+    }
+
+    /// Whether an expired or revoked token closes the connection at this
+    /// request: all but `authenticate`, which may bring a fresh token.
+    pub const fn checks_expiry(self) -> bool {
+        !matches!(self, Self::Authenticate)
+    }
+}
+
+impl fmt::Display for RequestKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Whether PostgreSQL can store the string unchanged.
 fn storable(s: &str) -> bool {
     !s.contains('\0')

@@ -203,6 +203,74 @@ impl Error {
     }
 }
 
+/// The error shape of every REST failure and refused handshake:
+/// `{"error": {"code", "message"}}` (PROTOCOL §4). What is sent and what the
+/// OpenAPI description shows are this one type.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[cfg_attr(feature = "http", derive(utoipa::ToSchema))]
+pub struct ErrorBody {
+    /// What went wrong.
+    pub error: ErrorDetail,
+}
+
+/// The `error` object, and the first two fields of a WebSocket `error`
+/// event's payload.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[cfg_attr(feature = "http", derive(utoipa::ToSchema))]
+pub struct ErrorDetail {
+    /// The protocol's error code; on REST it matches the HTTP status.
+    pub code: ErrorCode,
+    /// For people; a 5xx only ever says "internal error" or "a dependency
+    /// is unavailable, retry later".
+    pub message: String,
+}
+
+impl ErrorDetail {
+    /// What a REST response (or a refused handshake) says of `err`.
+    pub fn of(err: &Error) -> Self {
+        Self {
+            code: err.code(),
+            message: err.client_message(),
+        }
+    }
+
+    /// What a WebSocket `error` event says of `err` (see
+    /// [`ErrorCode::on_websocket`]).
+    pub fn on_websocket(err: &Error) -> Self {
+        Self {
+            code: err.code().on_websocket(),
+            message: err.client_message(),
+        }
+    }
+}
+
+impl ErrorBody {
+    /// The body for `code` with `message`.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            error: ErrorDetail {
+                code,
+                message: message.into(),
+            },
+        }
+    }
+
+    /// The body of a REST response (or a refused handshake) for `err`.
+    pub fn of(err: &Error) -> Self {
+        Self {
+            error: ErrorDetail::of(err),
+        }
+    }
+
+    /// The body as JSON text.
+    pub fn to_json(&self) -> String {
+        // Two strings and a unit enum: serialising cannot fail.
+        serde_json::to_string(self).unwrap_or_else(|_| {
+            r#"{"error":{"code":"INTERNAL","message":"internal error"}}"#.to_owned()
+        })
+    }
+}
+
 impl From<tokio_postgres::Error> for Error {
     fn from(err: tokio_postgres::Error) -> Self {
         // Closed connections, and the SQLSTATE classes 08 (connection
@@ -260,5 +328,19 @@ mod tests {
         );
         assert_eq!(ErrorCode::Forbidden.on_websocket(), ErrorCode::Forbidden);
         assert_eq!(ErrorCode::Unavailable.status(), 503, "REST keeps its 503");
+    }
+
+    #[test]
+    fn the_error_body_is_the_documented_shape() {
+        let body = ErrorBody::of(&Error::not_found("no such room"));
+        assert_eq!(
+            body.to_json(),
+            r#"{"error":{"code":"NOT_FOUND","message":"no such room"}}"#
+        );
+        let hidden = ErrorBody::of(&Error::internal(anyhow::anyhow!("secret cause")));
+        assert_eq!(
+            hidden.to_json(),
+            r#"{"error":{"code":"INTERNAL","message":"internal error"}}"#
+        );
     }
 }

@@ -9,15 +9,16 @@
 //! - [`domain`]: newtypes and validation of everything clients send.
 //! - [`auth`]: JWT verification behind [`auth::TokenVerifier`].
 //! - [`model`]: the JSON shapes clients see.
-//! - [`store`]: PostgreSQL (every SQL statement) and migrations.
+//! - [`store`]: PostgreSQL (every SQL statement, one module a part) and migrations.
 //! - [`pg_tls`]: PostgreSQL over TLS (`sslmode`, `sslrootcert` in `DATABASE_URL`).
 //! - [`presence`]: the Redis key schema ([`presence::keys`]), connections,
 //!   subscriptions, watermarks, the online set, operator scans.
 //! - [`limits`]: rate limits and `typing` coalescing, in Redis (the GCRA
 //!   script they share with `presence` is in `gcra`).
 //! - [`bus`]: envelopes on the Redis pub/sub channel the relay consumes.
-//! - [`service`]: the use cases.
-//! - [`realtime`]: the WebSocket use cases (connect, messages, disconnect, sweep).
+//! - [`service`]: the use cases, one module each: the only request-path code
+//!   that calls [`store`], [`presence`], [`limits`] and [`bus`].
+//! - [`realtime`]: the WebSocket session: parse a frame, admit it, call one use case.
 //! - `ws` (feature `ws`): the `$connect` / `$default` / `$disconnect` handlers over API Gateway events.
 //! - `http` (feature `http`): the REST API as an axum router.
 //! - [`departures`]: connections leaving (disconnect, the presence sweep,

@@ -25,6 +25,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use redis::aio::ConnectionLike;
 use redis::{Cmd, Pipeline, RedisFuture, Value};
 
+use crate::domain::RequestKind;
 use crate::error::ErrorCode;
 
 /// Where an error was answered.
@@ -154,27 +155,26 @@ pub fn round_trips() -> RoundTrips {
     }
 }
 
-/// The WebSocket request types counted by [`record_ws_request`]; anything
-/// else (bad frames) is `other`.
-pub const WS_REQUEST_TYPES: [&str; 7] = [
-    "joinRoom",
-    "leaveRoom",
-    "sendMessage",
-    "typing",
-    "markRead",
-    "ping",
-    "other",
-];
+/// The WebSocket request types counted by [`record_ws_request`]: every
+/// [`RequestKind`], then `other` for anything else (bad frames).
+pub const WS_REQUEST_TYPES: [&str; RequestKind::ALL.len() + 1] = {
+    let mut names = ["other"; RequestKind::ALL.len() + 1];
+    let mut i = 0;
+    while i < RequestKind::ALL.len() {
+        names[i] = RequestKind::ALL[i].as_str();
+        i += 1;
+    }
+    names
+};
 
 static WS_REQUESTS: [AtomicU64; WS_REQUEST_TYPES.len()] =
     [const { AtomicU64::new(0) }; WS_REQUEST_TYPES.len()];
 
-/// Counts one `$default` request of type `kind`.
-pub fn record_ws_request(kind: Option<&str>) {
-    let last = WS_REQUEST_TYPES.len() - 1;
+/// Counts one `$default` request of `kind` (`None`: not a known request).
+pub fn record_ws_request(kind: Option<RequestKind>) {
     let i = kind
-        .and_then(|k| WS_REQUEST_TYPES[..last].iter().position(|t| *t == k))
-        .unwrap_or(last);
+        .and_then(|k| RequestKind::ALL.iter().position(|t| *t == k))
+        .unwrap_or(RequestKind::ALL.len());
     WS_REQUESTS[i].fetch_add(1, Ordering::Relaxed);
 }
 
@@ -426,8 +426,7 @@ mod tests {
         let sends =
             |v: Vec<(&str, u64)>| v.iter().find(|(t, _)| *t == "sendMessage").map(|(_, c)| *c);
         let was = sends(ws_requests()).unwrap_or_default();
-        record_ws_request(Some("sendMessage"));
-        record_ws_request(Some("nonsense"));
+        record_ws_request(Some(RequestKind::SendMessage));
         record_ws_request(None);
         assert!(sends(ws_requests()).unwrap_or_default() > was);
         let mut out = Exposition::new();

@@ -1,5 +1,10 @@
-//! The WebSocket use cases (PROTOCOL.md §2): what `$connect`, `$default`
+//! The WebSocket session (PROTOCOL.md §2): what `$connect`, `$default`
 //! and `$disconnect` do, independent of how the event arrived.
+//!
+//! A frame is parsed (module `frame`), renews its connection's lease, is
+//! admitted (module `admission`, for the requests that need PostgreSQL), and
+//! then makes one use-case call on [`Chat`]; the session itself touches no
+//! store, presence or bus.
 //!
 //! Replies to the caller (`roomJoined`, `roomLeft`, `pong`, `error`) are
 //! return values, which API Gateway sends back as the `$default` route
@@ -11,15 +16,15 @@ use std::time::Duration;
 use serde::Serialize;
 use serde_json::{Value, json};
 
-use crate::auth::{AuthUser, Session};
-use crate::bus::{Control, Target, event_json};
-use crate::domain::{RoomId, SequenceId, UserId};
-use crate::error::{Error, Result};
+use crate::auth::Session;
+use crate::bus::event_json;
+use crate::error::{Error, ErrorDetail, Result};
 use crate::metrics::{self, ShedReason};
 use crate::model::rfc3339_millis;
 use crate::presence::{Connection, Touched};
-use crate::service::{Chat, RECOVERY_MESSAGES, SNAPSHOT_MESSAGES};
-use crate::store::{RoomKey, Stored};
+use crate::service::rooms::Joined;
+use crate::service::{Chat, Touch};
+use crate::store::RoomKey;
 
 mod admission;
 mod frame;
@@ -27,9 +32,9 @@ mod frame;
 use admission::Admission;
 pub use admission::AdmissionLimits;
 
+pub use crate::domain::RequestKind;
 pub use frame::{
-    CLIENT_EVENTS, ClientEvent, ClientFrame, JoinTarget, MAX_TOKEN_BYTES, RequestIds,
-    parse_client_event,
+    ClientEvent, ClientFrame, JoinTarget, MAX_TOKEN_BYTES, RequestIds, parse_client_event,
 };
 
 /// What an `error` says to a connection whose token ran out (its `exp`
@@ -83,15 +88,6 @@ pub struct Realtime {
     verifier: Option<Verifier>,
 }
 
-/// Whether a request type needs PostgreSQL (and so can be shed); `ping`
-/// and `leaveRoom` only touch Redis and always go through.
-fn needs_postgres(kind: Option<&str>) -> bool {
-    matches!(
-        kind,
-        Some("sendMessage" | "joinRoom" | "markRead" | "typing")
-    )
-}
-
 fn now() -> String {
     rfc3339_millis(&chrono::Utc::now())
 }
@@ -118,8 +114,8 @@ pub fn error_event(
     #[derive(Serialize)]
     #[serde(rename_all = "camelCase")]
     struct Payload<'a> {
-        code: &'static str,
-        message: String,
+        #[serde(flatten)]
+        error: ErrorDetail,
         request_type: Option<&'a str>,
         client_message_id: Option<&'a str>,
         /// For the codes a client should retry: how long to wait first.
@@ -127,8 +123,7 @@ pub fn error_event(
         retry_after_ms: Option<u64>,
     }
     let payload = Payload {
-        code: err.code().on_websocket().as_str(),
-        message: err.client_message(),
+        error: ErrorDetail::on_websocket(err),
         request_type,
         client_message_id,
         retry_after_ms: err.retry_after_secs().map(|s| s.saturating_mul(1000)),
@@ -212,17 +207,6 @@ impl Realtime {
         self.presence_ttl
     }
 
-    /// The `presenceUpdate` envelope of `user_id` for the members of
-    /// `rooms`; `None` when they are in no room.
-    fn presence_envelope(
-        &self,
-        user_id: &UserId,
-        status: &str,
-        rooms: Vec<String>,
-    ) -> Result<Option<String>> {
-        self.chat.bus().presence_update(user_id, status, rooms)
-    }
-
     /// `$connect` after the token was verified: records the user and the
     /// connection, announces `online` for their first connection, and
     /// queues the `connected` event (the relay delivers it once the
@@ -248,40 +232,12 @@ impl Realtime {
         conn: &Connection,
         session: Option<&Session>,
     ) -> Result<()> {
-        if let Some(session) = session {
-            self.refuse_revoked(session).await?;
-        }
-        let rooms = self.chat.authenticate_with_rooms(&conn.user).await?;
-        let envelope = self.presence_envelope(&conn.user.id, "online", rooms)?;
-        let presence = self.chat.presence();
-        let (_, evicted) = presence
-            .connect_session(
-                conn,
-                self.presence_ttl,
-                self.chat.bus().channel(),
-                envelope.as_deref(),
-                self.session_limits(session),
-                self.chat.bus().origin(),
-            )
-            .await?;
-        if !evicted.is_empty() {
-            tracing::info!(
-                user_id = %conn.user.id,
-                closed = evicted.len(),
-                "over the per-user connection cap: closing the least recently active"
-            );
-        }
-        let connected = event_json(
-            "connected",
-            &json!({"userId": conn.user.id, "connectionId": conn.connection_id, "timestamp": now()}),
-        )?;
         self.chat
-            .bus()
-            .publish(
-                Target::Connection {
-                    connection_id: conn.connection_id.clone(),
-                },
-                connected,
+            .connect(
+                conn,
+                session,
+                self.presence_ttl,
+                self.session_limits(session),
             )
             .await
     }
@@ -293,13 +249,17 @@ impl Realtime {
     /// # Errors
     /// A dependency failure.
     pub async fn disconnect(&self, connection_id: &str) -> Result<()> {
-        crate::departures::disconnect(
-            self.chat.store(),
-            self.chat.presence(),
-            self.chat.bus(),
-            connection_id,
-        )
-        .await
+        self.chat.disconnect(connection_id).await
+    }
+
+    /// Has the relay close the socket of a connection that is no longer
+    /// registered ([`FrameOutcome::unregistered`]), after the reply in
+    /// flight, so that its client reconnects; `endpoint` is its Management
+    /// API. Failures are logged: the client is told to reconnect anyway.
+    pub async fn close_unregistered(&self, connection_id: &str, endpoint: String) {
+        if let Err(err) = self.chat.close_connection(connection_id, endpoint).await {
+            err.log_if_server_error("asking the relay to close an unregistered connection");
+        }
     }
 
     /// `$default`: one client message. Returns the reply to send back on the
@@ -330,6 +290,10 @@ impl Realtime {
         }
     }
 
+    /// Parse, renew the lease, admit, then one use case.
+    #[tracing::instrument(skip_all, fields(
+        connection_id = %connection_id,
+        request_kind = tracing::field::Empty))]
     async fn dispatch(
         &self,
         connection_id: &str,
@@ -338,29 +302,26 @@ impl Realtime {
     ) -> (RequestIds, Result<Option<String>>, bool) {
         let frame = (!binary).then(|| ClientFrame::parse(body));
         let kind = match &frame {
-            Some(Ok(frame)) => frame.ids().request_type.as_deref(),
+            Some(Ok(frame)) => frame.kind(),
             _ => None,
         };
+        if let Some(kind) = kind {
+            tracing::Span::current().record("request_kind", kind.as_str());
+        }
         metrics::record_ws_request(kind);
         // Every frame renews the presence lease, good or bad, and every
         // frame but `ping` is charged to the connection's message rate.
         // A connection whose token ran out is closed at its next frame,
         // except an `authenticate` bringing a fresh one.
-        let touched = self
-            .touch(
-                connection_id,
-                kind != Some("ping"),
-                kind == Some("sendMessage"),
-                kind != Some("authenticate"),
-            )
-            .await;
+        let touched = self.touch(connection_id, kind).await;
         let unregistered = matches!(touched, Err(Error::Unauthorized(_)));
         // Admission guards PostgreSQL, so it comes after the lease renewal
         // (Redis) and the wait for a new connection's `connected` greeting:
         // in a reconnect storm thousands of new connections wait for their
         // greeting at once, and none of them may hold a place that a ready
         // request could use.
-        let _admitted = if needs_postgres(kind) && touched.is_ok() {
+        let needs_postgres = kind.is_some_and(RequestKind::needs_postgres);
+        let _admitted = if needs_postgres && touched.is_ok() {
             match self.admission.admit(body.len()).await {
                 Ok(admitted) => Some(admitted),
                 Err(err) => {
@@ -400,26 +361,27 @@ impl Realtime {
         (frame.ids().clone(), result, unregistered)
     }
 
-    /// Renews the connection's lease and, when `metered`, charges the frame
-    /// to its message rate (one Redis round trip for both). A `sheddable`
-    /// frame (`sendMessage`, what drives the fan-out) is refused while the
-    /// fan-out is behind ([`Admission`]).
+    /// Renews the connection's lease and, unless the request is a `ping`,
+    /// charges the frame to its message rate (one Redis round trip for
+    /// both). A `sendMessage` (what drives the fan-out) is refused while the
+    /// fan-out is behind ([`Admission`]). `kind` is `None` for a frame that
+    /// names no request.
     ///
     /// # Errors
     /// `UNAUTHORIZED` for a connection that is no longer registered, or
-    /// (when `check_expiry`) whose token was revoked ([`TOKEN_REVOKED`]) or
-    /// ran out ([`TOKEN_EXPIRED`]);
+    /// (but for `authenticate`) whose token was revoked ([`TOKEN_REVOKED`])
+    /// or ran out ([`TOKEN_EXPIRED`]);
     /// `RATE_LIMITED` for a frame over the rate, or refused to shed load (its
     /// lease is renewed all the same, and nothing else is done for it).
-    async fn touch(
-        &self,
-        connection_id: &str,
-        metered: bool,
-        sheddable: bool,
-        check_expiry: bool,
-    ) -> Result<Connection> {
-        let presence = self.chat.presence();
-        let rate = self.chat.limiter().limits().messages.filter(|_| metered);
+    async fn touch(&self, connection_id: &str, kind: Option<RequestKind>) -> Result<Connection> {
+        let metered = kind.is_none_or(RequestKind::metered);
+        let sheddable = kind.is_some_and(RequestKind::sheddable);
+        let check_expiry = kind.is_none_or(RequestKind::checks_expiry);
+        let touch = Touch {
+            ttl: self.presence_ttl,
+            metered,
+            token_grace: self.sessions.token_expiry_grace,
+        };
         let Some(Touched {
             connection,
             was_online,
@@ -428,14 +390,7 @@ impl Realtime {
             delivery_lag_ms,
             expires_at,
             revoked,
-        }) = presence
-            .touch(
-                connection_id,
-                self.presence_ttl,
-                rate,
-                self.sessions.token_expiry_grace,
-            )
-            .await?
+        }) = self.chat.touch(connection_id, touch).await?
         else {
             return Err(Error::unauthorized(
                 "this connection is no longer registered; reconnect",
@@ -453,15 +408,7 @@ impl Realtime {
         if !was_online {
             // The user's leases had all run out and they were announced
             // offline; this frame brings them back.
-            let rooms = self.chat.member_room_ids(&connection.user.id).await?;
-            let envelope = self.presence_envelope(&connection.user.id, "online", rooms)?;
-            presence
-                .back_online(
-                    &connection.user.id,
-                    self.chat.bus().channel(),
-                    envelope.as_deref(),
-                )
-                .await?;
+            self.chat.back_online(&connection.user.id).await?;
         }
         if let Some(wait) = rate_limited {
             return Err(crate::limits::refused(wait));
@@ -472,20 +419,6 @@ impl Realtime {
             return Err(Error::rate_limited("server busy, retry later", secs));
         }
         Ok(connection)
-    }
-
-    /// `UNAUTHORIZED` "invalid token" for a revoked token.
-    async fn refuse_revoked(&self, session: &Session) -> Result<()> {
-        let revoked = self
-            .chat
-            .presence()
-            .is_revoked(&session.user.id, session.jti.as_deref(), session.issued_at)
-            .await?;
-        if revoked {
-            tracing::debug!(user_id = %session.user.id, "revoked token refused");
-            return Err(Error::unauthorized(crate::auth::INVALID_TOKEN));
-        }
-        Ok(())
     }
 
     /// Whether a token expiring at `expires_at` (s) is past its grace.
@@ -518,23 +451,12 @@ impl Realtime {
             );
             return Err(Error::unauthorized(crate::auth::INVALID_TOKEN));
         }
-        self.refuse_revoked(&session).await?;
         let limits = self.session_limits(Some(&session));
-        let renewed = Connection {
-            user: session.user,
-            ..conn.clone()
-        };
-        if !self
-            .chat
-            .presence()
-            .renew_session(&renewed, self.presence_ttl, limits)
-            .await?
-        {
-            return Err(Error::unauthorized(
-                "this connection is no longer registered; reconnect",
-            ));
-        }
-        event_json("authenticated", &json!({"exp": session.expires_at}))
+        let expires_at = session.expires_at;
+        self.chat
+            .renew_session(conn, session, self.presence_ttl, limits)
+            .await?;
+        event_json("authenticated", &json!({"exp": expires_at}))
     }
 
     /// `connected` is the first event a client sees. It is posted by the
@@ -556,7 +478,7 @@ impl Realtime {
         // their polls to the very Redis the relay needs to greet them.
         let mut pause = Duration::from_millis(2);
         while tokio::time::Instant::now() < deadline {
-            if self.chat.presence().is_greeted(&conn.connection_id).await? {
+            if self.chat.is_greeted(&conn.connection_id).await? {
                 return Ok(());
             }
             tokio::time::sleep(pause).await;
@@ -565,64 +487,33 @@ impl Realtime {
         Ok(())
     }
 
+    /// One use case for one parsed event; the reply, if any.
     async fn handle(&self, conn: &Connection, event: ClientEvent) -> Result<Option<String>> {
         let user = &conn.user;
         match event {
             ClientEvent::JoinRoom {
                 target,
                 after_sequence_id,
-            } => self
-                .join_room(conn, target, after_sequence_id)
-                .await
-                .map(Some),
+            } => {
+                let key = match &target {
+                    JoinTarget::Room(room_id) => RoomKey::Id(room_id),
+                    JoinTarget::Direct(target) => RoomKey::DirectWith(target),
+                };
+                let joined = self.chat.join_room(conn, key, after_sequence_id).await?;
+                room_joined_event(&joined).map(Some)
+            }
             ClientEvent::LeaveRoom { room_id } => {
-                self.chat
-                    .presence()
-                    .leave(&room_id, &conn.connection_id)
-                    .await?;
+                self.chat.leave_room(&room_id, &conn.connection_id).await?;
                 event_json("roomLeft", &json!({"roomId": room_id})).map(Some)
             }
             ClientEvent::SendMessage { room_id, message } => {
-                let stored = self
-                    .chat
+                self.chat
                     .send_message_from(user, &room_id, &message, Some(&conn.connection_id))
                     .await?;
-                if let Stored::Duplicate(original) = stored {
-                    // Only the sender sees the original again.
-                    self.chat
-                        .bus()
-                        .publish(
-                            Target::Connection {
-                                connection_id: conn.connection_id.clone(),
-                            },
-                            event_json("message", &original)?,
-                        )
-                        .await?;
-                }
                 Ok(None)
             }
             ClientEvent::Typing { room_id, is_typing } => {
-                self.chat.require_member(user, &room_id).await?;
-                let event = event_json(
-                    "typing",
-                    &json!({"roomId": room_id, "userId": user.id, "username": user.username, "isTyping": is_typing}),
-                )?;
-                let bus = self.chat.bus();
-                let envelope = bus.envelope(
-                    Target::Room {
-                        room_id: room_id.to_string(),
-                    },
-                    event,
-                    Vec::new(),
-                    vec![user.id.to_string()],
-                    None,
-                )?;
-                // Coalesced: a repeat of the state that went out less than
-                // 2 s ago is dropped; a change always goes out.
-                self.chat
-                    .limiter()
-                    .publish_typing(&room_id, &user.id, is_typing, bus.channel(), &envelope)
-                    .await?;
+                self.chat.typing(user, &room_id, is_typing).await?;
                 Ok(None)
             }
             ClientEvent::MarkRead {
@@ -636,85 +527,22 @@ impl Realtime {
             ClientEvent::Authenticate { token } => self.authenticate(conn, &token).await.map(Some),
         }
     }
+}
 
-    /// `joinRoom`: one PostgreSQL round trip ([`Chat::enter_room`]) and one
-    /// Redis round trip ([`crate::presence::Presence::join`]), besides the
-    /// lease renewal every frame makes.
-    async fn join_room(
-        &self,
-        conn: &Connection,
-        target: JoinTarget,
-        after: Option<SequenceId>,
-    ) -> Result<String> {
-        let user: &AuthUser = &conn.user;
-        let limit = if after.is_some() {
-            RECOVERY_MESSAGES
-        } else {
-            SNAPSHOT_MESSAGES
-        };
-        let key = match &target {
-            JoinTarget::Room(room_id) => RoomKey::Id(room_id),
-            JoinTarget::Direct(target) => RoomKey::DirectWith(target),
-        };
-        let snap = self.chat.enter_room(user, key, after, limit).await?;
-        let room_id = RoomId::from_trusted(snap.room.id.clone());
-        // The connection has every message up to here; the relay pushes
-        // only newer ones.
-        let newest_in_page = snap
-            .messages
-            .last()
-            .map_or(SequenceId::ZERO, |m| m.sequence_id);
-        let watermark = snap.room.last_sequence_id.max(newest_in_page);
-        let bus = self.chat.bus();
-        // Published by the join itself when a message went out while we
-        // joined (see `Presence::join`): the relay then pushes what this
-        // connection is missing.
-        let sync = serde_json::to_string(&bus.control(
-            Target::Connection {
-                connection_id: conn.connection_id.clone(),
-            },
-            Control::Sync {
-                room_id: room_id.to_string(),
-                connection_id: conn.connection_id.clone(),
-            },
-        ))
-        .map_err(Error::internal)?;
-        let member_ids: Vec<UserId> = snap.members.iter().map(|m| m.profile.id.clone()).collect();
-        let Some(online_users) = self
-            .chat
-            .presence()
-            .join(
-                &room_id,
-                conn,
-                watermark.get(),
-                &member_ids,
-                bus.channel(),
-                &sync,
-            )
-            .await?
-        else {
-            return Err(Error::unauthorized(
-                "this connection is no longer registered; reconnect",
-            ));
-        };
-        let mut payload = json!({
-            "room": snap.room_view(),
-            "messages": snap.messages,
-            "unreadCount": snap.unread_count,
-            "onlineUsers": online_users,
-            "hasMore": snap.has_more,
-        });
-        if let Some(after) = after {
-            // Retention deletes a room's oldest messages, so everything after
-            // `after` is still stored exactly when its first message is.
-            let recovered = match snap.messages.first() {
-                Some(first) => first.sequence_id.get() == after.get() + 1,
-                None => after >= snap.room.last_sequence_id,
-            };
-            payload["recovered"] = Value::Bool(recovered);
-        }
-        event_json("roomJoined", &payload)
+/// The `roomJoined` reply.
+fn room_joined_event(joined: &Joined) -> Result<String> {
+    let snap = &joined.snapshot;
+    let mut payload = json!({
+        "room": snap.room_view(),
+        "messages": snap.messages,
+        "unreadCount": snap.unread_count,
+        "onlineUsers": joined.online_users,
+        "hasMore": snap.has_more,
+    });
+    if let Some(recovered) = joined.recovered {
+        payload["recovered"] = Value::Bool(recovered);
     }
+    event_json("roomJoined", &payload)
 }
 
 #[cfg(test)]
@@ -723,11 +551,16 @@ mod admission_tests {
 
     #[test]
     fn only_requests_that_need_postgres_are_shed() {
-        for kind in ["sendMessage", "joinRoom", "markRead", "typing"] {
-            assert!(needs_postgres(Some(kind)), "{kind}");
+        use RequestKind::*;
+        for kind in [SendMessage, JoinRoom, MarkRead, Typing] {
+            assert!(kind.needs_postgres(), "{kind}");
         }
-        for kind in [Some("ping"), Some("leaveRoom"), Some("bogus"), None] {
-            assert!(!needs_postgres(kind), "{kind:?}");
+        for kind in [Ping, LeaveRoom, Authenticate] {
+            assert!(!kind.needs_postgres(), "{kind}");
+        }
+        assert_eq!(RequestKind::from_wire("bogus"), None);
+        for kind in RequestKind::ALL {
+            assert_eq!(RequestKind::from_wire(kind.as_str()), Some(kind));
         }
     }
 }

@@ -9,9 +9,8 @@ use aws_lambda_events::apigw::{ApiGatewayProxyResponse, ApiGatewayWebsocketProxy
 use aws_lambda_events::encodings::Body;
 use http::HeaderValue;
 
-use crate::auth::{TokenVerifier, bearer_token};
-use crate::bus::{Control, Target};
-use crate::error::Error;
+use crate::auth::{TokenVerifier, bearer_from_headers};
+use crate::error::{Error, ErrorBody};
 use crate::presence::Connection;
 use crate::realtime::Realtime;
 
@@ -41,9 +40,7 @@ fn error_response(err: &Error) -> ApiGatewayProxyResponse {
     err.log_if_server_error("$connect failed");
     let code = err.code();
     crate::metrics::record_error(crate::metrics::ErrorSource::Handshake, code);
-    let body =
-        serde_json::json!({"error": {"code": code.as_str(), "message": err.client_message()}});
-    response(code.status(), Some(body.to_string()))
+    response(code.status(), Some(ErrorBody::of(err).to_json()))
 }
 
 /// The Management API endpoint of the connection's API: `https://{domain}/{stage}`
@@ -81,14 +78,7 @@ pub async fn handle_connect(
         .first("token")
         .filter(|t| !t.is_empty())
         .map(str::to_owned)
-        .or_else(|| {
-            event
-                .headers
-                .get(http::header::AUTHORIZATION)
-                .and_then(|v| v.to_str().ok())
-                .and_then(bearer_token)
-                .map(str::to_owned)
-        });
+        .or_else(|| bearer_from_headers(&event.headers).ok().map(str::to_owned));
     let Some(token) = token else {
         return error_response(&Error::unauthorized("missing token"));
     };
@@ -139,19 +129,10 @@ pub async fn handle_default(
         let ctx = &event.request_context;
         if let Some(domain) = ctx.domain_name.as_deref() {
             let endpoint = callback_endpoint(domain, ctx.stage.as_deref().unwrap_or_default());
-            let bus = state.realtime.chat().bus();
-            let close = bus.control(
-                Target::Connection {
-                    connection_id: connection_id.to_owned(),
-                },
-                Control::Close {
-                    connection_id: connection_id.to_owned(),
-                    endpoint,
-                },
-            );
-            if let Err(err) = bus.publish_envelope(&close).await {
-                err.log_if_server_error("asking the relay to close an unregistered connection");
-            }
+            state
+                .realtime
+                .close_unregistered(connection_id, endpoint)
+                .await;
         }
     }
     response(200, outcome.reply)

@@ -3,9 +3,8 @@
 use axum::Json;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use serde_json::json;
 
-use crate::error::Error;
+use crate::error::{Error, ErrorBody};
 use crate::metrics::{ErrorSource, record_error};
 
 impl IntoResponse for Error {
@@ -15,8 +14,7 @@ impl IntoResponse for Error {
         record_error(ErrorSource::Rest, code);
         let status =
             StatusCode::from_u16(code.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        let body = json!({"error": {"code": code.as_str(), "message": self.client_message()}});
-        let mut response = (status, Json(body)).into_response();
+        let mut response = (status, Json(ErrorBody::of(&self))).into_response();
         if let Some(secs) = self.retry_after_secs() {
             response
                 .headers_mut()

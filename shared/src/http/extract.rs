@@ -7,7 +7,7 @@ use axum::http::request::Parts;
 use serde_json::{Map, Value};
 use std::collections::HashMap;
 
-use crate::auth::{AuthUser, bearer_token};
+use crate::auth::{AuthUser, bearer_from_headers};
 use crate::domain::{RoomId, UserId};
 use crate::error::Error;
 
@@ -30,29 +30,9 @@ pub struct SendingCaller(pub AuthUser);
 /// too when `send`), then records the user. The limit comes before
 /// PostgreSQL, so a refused request costs one Redis call.
 async fn caller(parts: &Parts, state: &AppState, send: bool) -> Result<AuthUser, Error> {
-    let header = parts
-        .headers
-        .get(axum::http::header::AUTHORIZATION)
-        .ok_or_else(|| Error::unauthorized("missing bearer token"))?;
-    let token = header
-        .to_str()
-        .ok()
-        .and_then(bearer_token)
-        .ok_or_else(|| Error::unauthorized("malformed Authorization header"))?;
+    let token = bearer_from_headers(&parts.headers)?;
     let session = state.verifier.verify_session(token)?;
-    let revoked = state
-        .chat
-        .presence()
-        .is_revoked(&session.user.id, session.jti.as_deref(), session.issued_at)
-        .await?;
-    if revoked {
-        tracing::debug!(user_id = %session.user.id, "revoked token refused");
-        return Err(Error::unauthorized(crate::auth::INVALID_TOKEN));
-    }
-    let user = session.user;
-    state.chat.limiter().charge_rest(&user.id, send).await?;
-    state.chat.authenticate(&user).await?;
-    Ok(user)
+    state.chat.admit_rest_caller(session, send).await
 }
 
 impl<S> FromRequestParts<S> for Caller

@@ -26,7 +26,6 @@ use axum::http::StatusCode;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use serde_json::json;
 
 use crate::auth::TokenVerifier;
 use crate::error::Error;
@@ -121,7 +120,7 @@ pub async fn limit_request_head(request: Request, next: Next) -> Response {
 }
 
 fn head_too_large(status: StatusCode, message: &str) -> Response {
-    let body = json!({"error": {"code": "BAD_REQUEST", "message": message}});
+    let body = crate::error::ErrorBody::new(crate::error::ErrorCode::BadRequest, message);
     (status, axum::Json(body)).into_response()
 }
 
@@ -132,7 +131,7 @@ pub(crate) async fn shed_load(
     request: Request,
     next: Next,
 ) -> Response {
-    if state.chat.store().waiting() > state.max_waiting {
+    if state.chat.store_waiting() > state.max_waiting {
         return Error::rate_limited("server busy, retry later", 1).into_response();
     }
     next.run(request).await
@@ -149,19 +148,17 @@ async fn not_found() -> Error {
         (status = 200, description = "PostgreSQL and Redis answer", body = openapi::Health),
         (status = 503, description = "A dependency does not answer", body = openapi::Health)))]
 async fn health(State(state): State<AppState>) -> Response {
-    let timeout = Duration::from_secs(2);
-    let (pg, redis) = tokio::join!(
-        tokio::time::timeout(timeout, state.chat.store().ping()),
-        tokio::time::timeout(timeout, state.chat.presence().ping()),
-    );
-    let word = |ok: bool| if ok { "ok" } else { "down" };
-    let (pg_ok, redis_ok) = (matches!(pg, Ok(Ok(()))), matches!(redis, Ok(Ok(()))));
-    let all_ok = pg_ok && redis_ok;
+    let health = state.chat.health(Duration::from_secs(2)).await;
+    let all_ok = health.postgres && health.redis;
     let status = if all_ok {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    let body = json!({"status": word(all_ok), "postgres": word(pg_ok), "redis": word(redis_ok)});
+    let body = openapi::Health {
+        postgres: openapi::HealthWord::of(health.postgres),
+        redis: openapi::HealthWord::of(health.redis),
+        status: openapi::HealthWord::of(all_ok),
+    };
     (status, axum::Json(body)).into_response()
 }

@@ -31,44 +31,43 @@ use crate::service::RoomSummary;
 /// Where the description is served.
 pub const OPENAPI_PATH: &str = "/api/v1/openapi.json";
 
-/// The error shape of every failure: `{"error": {"code", "message"}}`.
-#[derive(Debug, Serialize, ToSchema)]
-pub struct ErrorBody {
-    /// What went wrong.
-    pub error: ErrorDetail,
-}
+pub use crate::error::{ErrorBody, ErrorDetail};
 
-/// The `error` object.
-#[derive(Debug, Serialize, ToSchema)]
-pub struct ErrorDetail {
-    /// The protocol's error code; it matches the HTTP status.
-    pub code: ErrorCode,
-    /// For people; a 5xx only ever says "internal error" or "a dependency
-    /// is unavailable, retry later".
-    pub message: String,
-}
+// The response bodies below are what the handlers of `routes.rs` return,
+// so the description is of the code that answers. Their fields are in
+// alphabetical order: the order the wire has always had.
 
 /// `GET /rooms`.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct RoomList {
-    /// The caller's rooms, newest activity first.
-    pub rooms: Vec<RoomSummary>,
     /// How many rooms there are.
     pub count: usize,
+    /// The caller's rooms, newest activity first.
+    pub rooms: Vec<RoomSummary>,
 }
 
 /// `GET /rooms/{roomId}/messages`.
 #[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct History {
-    /// The page, in ascending `sequenceId`.
-    pub messages: Vec<Message>,
     /// How many messages the page holds.
     pub count: usize,
-    /// The caller's unread count in the room.
-    pub unread_count: i64,
     /// Whether more of the requested range exists beyond the page.
     pub has_more: bool,
+    /// The page, in ascending `sequenceId`.
+    pub messages: Vec<Message>,
+    /// The caller's unread count in the room.
+    pub unread_count: i64,
+}
+
+/// The path parameter of every `/rooms/{roomId}/...` route.
+#[derive(Debug, utoipa::IntoParams)]
+#[into_params(parameter_in = Path, rename_all = "camelCase")]
+#[allow(dead_code)] // only describes the path; `RoomPath` reads it
+pub struct RoomIdPath {
+    /// A room id (1-128 characters)
+    #[param(min_length = 1, max_length = 128)]
+    room_id: String,
 }
 
 /// Query parameters of `GET /rooms/{roomId}/messages`.
@@ -101,35 +100,35 @@ pub struct Unread {
 #[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct MarkedRead {
-    /// Always true.
-    pub success: bool,
-    /// The room.
-    pub room_id: String,
     /// The caller's cursor after the call (never moves backwards, clamped
     /// to the room's last message).
     pub marked_up_to: SequenceId,
+    /// The room.
+    pub room_id: String,
+    /// Always true.
+    pub success: bool,
 }
 
 /// `GET /rooms/{roomId}/online`.
 #[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Online {
-    /// The room.
-    pub room_id: String,
-    /// Members with a live connection.
-    pub online_users: Vec<UserId>,
     /// How many.
     pub count: usize,
+    /// Members with a live connection.
+    pub online_users: Vec<UserId>,
+    /// The room.
+    pub room_id: String,
 }
 
 /// `POST /direct`.
 #[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct DirectRoom {
-    /// The DIRECT room of the two users.
-    pub room: Room,
     /// Its last 50 messages, ascending.
     pub messages: Vec<Message>,
+    /// The DIRECT room of the two users.
+    pub room: Room,
     /// The caller's unread count.
     pub unread_count: i64,
 }
@@ -138,12 +137,12 @@ pub struct DirectRoom {
 #[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Cleanup {
-    /// The room.
-    pub room_id: String,
     /// Messages deleted now.
     pub deleted: i64,
     /// Messages kept.
     pub kept: i64,
+    /// The room.
+    pub room_id: String,
 }
 
 /// `{message}`: a stored message.
@@ -163,22 +162,29 @@ pub struct RoomEnvelope {
 /// `GET /health`.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Health {
-    /// `ok`, or `down` when a dependency does not answer.
-    pub status: HealthWord,
     /// PostgreSQL.
     pub postgres: HealthWord,
     /// Redis.
     pub redis: HealthWord,
+    /// `ok`, or `down` when a dependency does not answer.
+    pub status: HealthWord,
 }
 
 /// A health state.
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Clone, Copy, Serialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum HealthWord {
     /// Answers.
     Ok,
     /// Does not answer within 2 s.
     Down,
+}
+
+impl HealthWord {
+    /// `Ok` when `up`.
+    pub fn of(up: bool) -> Self {
+        if up { Self::Ok } else { Self::Down }
+    }
 }
 
 /// `POST /rooms/{roomId}/messages` (the fields of a WebSocket `sendMessage`).

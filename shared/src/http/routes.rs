@@ -5,7 +5,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use crate::domain::{
     MAX_CALL_ID_CHARS, NewMessage, SequenceId, UserId, parse_query_int, parse_room_name,
@@ -17,6 +17,10 @@ use crate::store::{PageQuery, RoomKey, Stored};
 
 use super::AppState;
 use super::extract::{Caller, JsonObject, Params, RoomPath, RoomUserPath, SendingCaller};
+use super::openapi::{
+    Cleanup, DirectRoom, History, MarkedRead, MessageEnvelope, Online, RoomEnvelope, RoomList,
+    Unread,
+};
 
 /// The routes, with load shedding in front of them.
 pub fn router(state: AppState) -> Router<AppState> {
@@ -42,21 +46,24 @@ pub fn router(state: AppState) -> Router<AppState> {
 pub(super) async fn list_rooms(
     State(state): State<AppState>,
     Caller(user): Caller,
-) -> Result<Json<Value>> {
+) -> Result<Json<RoomList>> {
     let rooms = state.chat.list_rooms(&user).await?;
-    Ok(Json(json!({"count": rooms.len(), "rooms": rooms})))
+    Ok(Json(RoomList {
+        count: rooms.len(),
+        rooms,
+    }))
 }
 
 /// A page of a room's history, ascending `sequenceId`.
 #[utoipa::path(get, path = "/api/v1/chat/rooms/{roomId}/messages", tag = "chat",
-    params(("roomId" = String, Path, description = "A room id (1-128 characters)", min_length = 1, max_length = 128), super::openapi::HistoryQuery),
+    params(super::openapi::RoomIdPath, super::openapi::HistoryQuery),
     responses((status = 200, description = "A page of messages", body = super::openapi::History)))]
 pub(super) async fn history(
     State(state): State<AppState>,
     Caller(user): Caller,
     RoomPath(room_id): RoomPath,
     Params(params): Params,
-) -> Result<Json<Value>> {
+) -> Result<Json<History>> {
     let limit = match params.get("limit") {
         Some(raw) => parse_query_int(raw, "limit", 1, 100)?,
         None => 100,
@@ -81,17 +88,17 @@ pub(super) async fn history(
             },
         )
         .await?;
-    Ok(Json(json!({
-        "messages": snap.messages,
-        "count": snap.messages.len(),
-        "unreadCount": snap.unread_count,
-        "hasMore": snap.has_more,
-    })))
+    Ok(Json(History {
+        count: snap.messages.len(),
+        has_more: snap.has_more,
+        messages: snap.messages,
+        unread_count: snap.unread_count,
+    }))
 }
 
 /// Stores a message and broadcasts it like a WebSocket `sendMessage`.
 #[utoipa::path(post, path = "/api/v1/chat/rooms/{roomId}/messages", tag = "chat",
-    params(("roomId" = String, Path, description = "A room id (1-128 characters)", min_length = 1, max_length = 128)),
+    params(super::openapi::RoomIdPath),
     request_body = super::openapi::SendMessageBody,
     responses(
         (status = 201, description = "Stored", body = super::openapi::MessageEnvelope),
@@ -105,11 +112,11 @@ pub(super) async fn send_message(
     let message = NewMessage::parse(&body, user.is_admin)?;
     Ok(
         match state.chat.send_message(&user, &room_id, &message).await? {
-            Stored::New(msg) => {
-                (StatusCode::CREATED, Json(json!({"message": msg}))).into_response()
+            Stored::New(message) => {
+                (StatusCode::CREATED, Json(MessageEnvelope { message })).into_response()
             }
-            Stored::Duplicate(msg) => {
-                (StatusCode::OK, Json(json!({"message": msg}))).into_response()
+            Stored::Duplicate(message) => {
+                (StatusCode::OK, Json(MessageEnvelope { message })).into_response()
             }
         },
     )
@@ -117,20 +124,23 @@ pub(super) async fn send_message(
 
 /// The caller's unread count in a room.
 #[utoipa::path(get, path = "/api/v1/chat/rooms/{roomId}/unread", tag = "chat",
-    params(("roomId" = String, Path, description = "A room id (1-128 characters)", min_length = 1, max_length = 128)),
+    params(super::openapi::RoomIdPath),
     responses((status = 200, description = "Unread count", body = super::openapi::Unread)))]
 pub(super) async fn unread(
     State(state): State<AppState>,
     Caller(user): Caller,
     RoomPath(room_id): RoomPath,
-) -> Result<Json<Value>> {
-    let count = state.chat.unread_count(&user, &room_id).await?;
-    Ok(Json(json!({"roomId": room_id, "unreadCount": count})))
+) -> Result<Json<Unread>> {
+    let unread_count = state.chat.unread_count(&user, &room_id).await?;
+    Ok(Json(Unread {
+        room_id: room_id.to_string(),
+        unread_count,
+    }))
 }
 
 /// Moves the caller's read cursor.
 #[utoipa::path(post, path = "/api/v1/chat/rooms/{roomId}/read", tag = "chat",
-    params(("roomId" = String, Path, description = "A room id (1-128 characters)", min_length = 1, max_length = 128)),
+    params(super::openapi::RoomIdPath),
     request_body = super::openapi::MarkReadBody,
     responses((status = 200, description = "The cursor after the call", body = super::openapi::MarkedRead)))]
 pub(super) async fn mark_read(
@@ -138,30 +148,34 @@ pub(super) async fn mark_read(
     Caller(user): Caller,
     RoomPath(room_id): RoomPath,
     JsonObject(body): JsonObject,
-) -> Result<Json<Value>> {
+) -> Result<Json<MarkedRead>> {
     let sequence_id = match body.get("sequenceId") {
         Some(v) => SequenceId::from_json(v, "sequenceId")?,
         None => return Err(Error::bad_request("sequenceId is required")),
     };
     let cursor = state.chat.mark_read(&user, &room_id, sequence_id).await?;
-    Ok(Json(
-        json!({"success": true, "roomId": room_id, "markedUpTo": cursor}),
-    ))
+    Ok(Json(MarkedRead {
+        marked_up_to: cursor,
+        room_id: room_id.to_string(),
+        success: true,
+    }))
 }
 
 /// The room's members with a live connection.
 #[utoipa::path(get, path = "/api/v1/chat/rooms/{roomId}/online", tag = "chat",
-    params(("roomId" = String, Path, description = "A room id (1-128 characters)", min_length = 1, max_length = 128)),
+    params(super::openapi::RoomIdPath),
     responses((status = 200, description = "Online members", body = super::openapi::Online)))]
 pub(super) async fn online(
     State(state): State<AppState>,
     Caller(user): Caller,
     RoomPath(room_id): RoomPath,
-) -> Result<Json<Value>> {
-    let users = state.chat.online_in_room(&user, &room_id).await?;
-    Ok(Json(
-        json!({"roomId": room_id, "onlineUsers": users, "count": users.len()}),
-    ))
+) -> Result<Json<Online>> {
+    let online_users = state.chat.online_in_room(&user, &room_id).await?;
+    Ok(Json(Online {
+        count: online_users.len(),
+        online_users,
+        room_id: room_id.to_string(),
+    }))
 }
 
 /// The DIRECT room with another user, created if needed.
@@ -172,7 +186,7 @@ pub(super) async fn direct(
     State(state): State<AppState>,
     Caller(user): Caller,
     JsonObject(body): JsonObject,
-) -> Result<Json<Value>> {
+) -> Result<Json<DirectRoom>> {
     let target = match body.get("targetUserId") {
         Some(Value::String(s)) => UserId::parse(s, "targetUserId")?,
         _ => return Err(Error::bad_request("targetUserId must be a user id")),
@@ -181,26 +195,28 @@ pub(super) async fn direct(
         .chat
         .enter_room(&user, RoomKey::DirectWith(&target), None, SNAPSHOT_MESSAGES)
         .await?;
-    Ok(Json(json!({
-        "room": snap.room_view(),
-        "messages": snap.messages,
-        "unreadCount": snap.unread_count,
-    })))
+    Ok(Json(DirectRoom {
+        room: snap.room_view(),
+        messages: snap.messages,
+        unread_count: snap.unread_count,
+    }))
 }
 
 /// Admin only: applies the retention rule to a room now.
 #[utoipa::path(delete, path = "/api/v1/chat/rooms/{roomId}/cleanup", tag = "chat",
-    params(("roomId" = String, Path, description = "A room id (1-128 characters)", min_length = 1, max_length = 128)),
+    params(super::openapi::RoomIdPath),
     responses((status = 200, description = "What was deleted and kept", body = super::openapi::Cleanup)))]
 pub(super) async fn cleanup(
     State(state): State<AppState>,
     Caller(user): Caller,
     RoomPath(room_id): RoomPath,
-) -> Result<Json<Value>> {
+) -> Result<Json<Cleanup>> {
     let (deleted, kept) = state.chat.cleanup(&user, &room_id).await?;
-    Ok(Json(
-        json!({"roomId": room_id, "deleted": deleted, "kept": kept}),
-    ))
+    Ok(Json(Cleanup {
+        deleted,
+        kept,
+        room_id: room_id.to_string(),
+    }))
 }
 
 /// Creates a GROUP room, or a CALL room (one per `callId`).
@@ -256,12 +272,12 @@ pub(super) async fn create_room(
     } else {
         StatusCode::OK
     };
-    Ok((status, Json(json!({"room": room}))).into_response())
+    Ok((status, Json(RoomEnvelope { room })).into_response())
 }
 
 /// Adds members to a GROUP or CALL room (any member may).
 #[utoipa::path(post, path = "/api/v1/chat/rooms/{roomId}/members", tag = "chat",
-    params(("roomId" = String, Path, description = "A room id (1-128 characters)", min_length = 1, max_length = 128)),
+    params(super::openapi::RoomIdPath),
     request_body = super::openapi::AddMembersBody,
     responses((status = 200, description = "The room", body = super::openapi::RoomEnvelope)))]
 pub(super) async fn add_members(
@@ -269,15 +285,15 @@ pub(super) async fn add_members(
     Caller(user): Caller,
     RoomPath(room_id): RoomPath,
     JsonObject(body): JsonObject,
-) -> Result<Json<Value>> {
+) -> Result<Json<RoomEnvelope>> {
     let user_ids = parse_user_ids(body.get("userIds"), "userIds")?;
     let room = state.chat.add_members(&user, &room_id, &user_ids).await?;
-    Ok(Json(json!({"room": room})))
+    Ok(Json(RoomEnvelope { room }))
 }
 
 /// Removes a member (yourself, or anyone as an admin).
 #[utoipa::path(delete, path = "/api/v1/chat/rooms/{roomId}/members/{userId}", tag = "chat",
-    params(("roomId" = String, Path, description = "A room id (1-128 characters)", min_length = 1, max_length = 128),
+    params(super::openapi::RoomIdPath,
         ("userId" = String, Path, description = "The member to remove", pattern = "^[A-Za-z0-9_.:-]{1,64}$")),
     responses((status = 204, description = "Removed")))]
 pub(super) async fn remove_member(

@@ -13,20 +13,10 @@
 use serde_json::{Map, Value};
 
 use crate::domain::{
-    NewMessage, RoomId, SequenceId, UserId, optional_sequence, optional_str, required_str,
+    NewMessage, RequestKind, RoomId, SequenceId, UserId, optional_sequence, optional_str,
+    required_str,
 };
 use crate::error::Error;
-
-/// The client events of PROTOCOL §2.
-pub const CLIENT_EVENTS: [&str; 7] = [
-    "joinRoom",
-    "leaveRoom",
-    "sendMessage",
-    "typing",
-    "markRead",
-    "ping",
-    "authenticate",
-];
 
 /// The longest token an `authenticate` frame may carry: far more than any
 /// JWT this service issues, and what a handshake's query could hold.
@@ -114,16 +104,16 @@ pub enum ClientEvent {
 }
 
 impl ClientEvent {
-    /// The wire name of the event.
-    pub fn kind(&self) -> &'static str {
+    /// The kind of request.
+    pub fn kind(&self) -> RequestKind {
         match self {
-            Self::JoinRoom { .. } => "joinRoom",
-            Self::LeaveRoom { .. } => "leaveRoom",
-            Self::SendMessage { .. } => "sendMessage",
-            Self::Typing { .. } => "typing",
-            Self::MarkRead { .. } => "markRead",
-            Self::Ping => "ping",
-            Self::Authenticate { .. } => "authenticate",
+            Self::JoinRoom { .. } => RequestKind::JoinRoom,
+            Self::LeaveRoom { .. } => RequestKind::LeaveRoom,
+            Self::SendMessage { .. } => RequestKind::SendMessage,
+            Self::Typing { .. } => RequestKind::Typing,
+            Self::MarkRead { .. } => RequestKind::MarkRead,
+            Self::Ping => RequestKind::Ping,
+            Self::Authenticate { .. } => RequestKind::Authenticate,
         }
     }
 }
@@ -153,6 +143,14 @@ impl ClientFrame {
         &self.ids
     }
 
+    /// The kind of request its `type` names, when it names one.
+    pub fn kind(&self) -> Option<RequestKind> {
+        self.ids
+            .request_type
+            .as_deref()
+            .and_then(RequestKind::from_wire)
+    }
+
     /// The second step: the envelope and the event's fields. `is_admin`
     /// decides whether a `system` message may be sent.
     ///
@@ -164,12 +162,12 @@ impl ClientFrame {
         let Value::Object(frame) = &self.value else {
             return Err(Error::bad_request("a message must be a JSON object"));
         };
-        let Some(kind) = self.ids.request_type.as_deref() else {
+        let Some(name) = self.ids.request_type.as_deref() else {
             return Err(Error::bad_request("type must be a string"));
         };
-        if !CLIENT_EVENTS.contains(&kind) {
-            return Err(Error::bad_request(format!("unknown type {kind}")));
-        }
+        let Some(kind) = RequestKind::from_wire(name) else {
+            return Err(Error::bad_request(format!("unknown type {name}")));
+        };
         let empty = Map::new();
         let payload = match frame.get("payload") {
             None | Some(Value::Null) => &empty,
@@ -182,10 +180,10 @@ impl ClientFrame {
 
 /// The fields of each event, checked in the order the handlers always
 /// checked them (so a frame with several bad fields names the same one).
-fn event(kind: &str, p: &Map<String, Value>, is_admin: bool) -> Result<ClientEvent, Error> {
+fn event(kind: RequestKind, p: &Map<String, Value>, is_admin: bool) -> Result<ClientEvent, Error> {
     let room = |p: &Map<String, Value>| RoomId::parse(required_str(p, "roomId")?);
     Ok(match kind {
-        "joinRoom" => {
+        RequestKind::JoinRoom => {
             let after_sequence_id = optional_sequence(p, "afterSequenceId")?;
             let target = match (optional_str(p, "roomId")?, optional_str(p, "targetUserId")?) {
                 (Some(room), _) => JoinTarget::Room(RoomId::parse(room)?),
@@ -199,22 +197,22 @@ fn event(kind: &str, p: &Map<String, Value>, is_admin: bool) -> Result<ClientEve
                 after_sequence_id,
             }
         }
-        "leaveRoom" => ClientEvent::LeaveRoom { room_id: room(p)? },
-        "sendMessage" => {
+        RequestKind::LeaveRoom => ClientEvent::LeaveRoom { room_id: room(p)? },
+        RequestKind::SendMessage => {
             let room_id = room(p)?;
             ClientEvent::SendMessage {
                 room_id,
                 message: NewMessage::parse(p, is_admin)?,
             }
         }
-        "typing" => {
+        RequestKind::Typing => {
             let room_id = room(p)?;
             let Some(is_typing) = p.get("isTyping").and_then(Value::as_bool) else {
                 return Err(Error::bad_request("isTyping must be a boolean"));
             };
             ClientEvent::Typing { room_id, is_typing }
         }
-        "markRead" => {
+        RequestKind::MarkRead => {
             let room_id = room(p)?;
             let Some(sequence_id) = optional_sequence(p, "sequenceId")? else {
                 return Err(Error::bad_request("sequenceId is required"));
@@ -224,8 +222,8 @@ fn event(kind: &str, p: &Map<String, Value>, is_admin: bool) -> Result<ClientEve
                 sequence_id,
             }
         }
-        "ping" => ClientEvent::Ping,
-        "authenticate" => {
+        RequestKind::Ping => ClientEvent::Ping,
+        RequestKind::Authenticate => {
             let token = required_str(p, "token")?;
             if token.is_empty() || token.len() > MAX_TOKEN_BYTES {
                 return Err(Error::bad_request("token must be a string of 1-8192 bytes"));
@@ -234,7 +232,6 @@ fn event(kind: &str, p: &Map<String, Value>, is_admin: bool) -> Result<ClientEve
                 token: token.to_owned(),
             }
         }
-        other => return Err(Error::bad_request(format!("unknown type {other}"))),
     })
 }
 
@@ -335,7 +332,10 @@ mod tests {
             let body = format!(r#"{{"type":"authenticate","payload":{payload}}}"#);
             assert_eq!(refused(&body, false).1, ErrorCode::BadRequest, "{body}");
         }
-        assert_eq!(ok(r#"{"type":"ping","payload":null}"#).kind(), "ping");
+        assert_eq!(
+            ok(r#"{"type":"ping","payload":null}"#).kind(),
+            RequestKind::Ping
+        );
     }
 
     #[test]

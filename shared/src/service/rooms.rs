@@ -1,58 +1,19 @@
-//! The use cases: what REST routes and WebSocket events do, independent of
-//! the transport.
-//!
-//! Each method takes the authenticated caller and parsed domain values,
-//! enforces the rules of PROTOCOL.md §3 (membership, admin, retention,
-//! cursors), touches PostgreSQL through [`Store`] and Redis through
-//! [`Presence`], and publishes the events other connections must see on the
-//! [`Bus`]. Replies to the caller are return values.
+//! Rooms: entering one (`joinRoom`, the history route, `POST /direct`),
+//! creating them, their members, the caller's list, and retention.
 
 use serde::Serialize;
 
 use crate::auth::AuthUser;
-use crate::bus::{Bus, Target, event_json};
-use crate::domain::{NewMessage, RoomId, RoomType, SequenceId, UserId};
+use crate::bus::{Control, Target, event_json};
+use crate::domain::{RoomId, RoomType, SequenceId, UserId};
 use crate::error::{Error, Result};
-use crate::limits::Limiter;
-use crate::model::{Member, Message, Room, RoomRow, rfc3339_millis};
-use crate::presence::Presence;
-use crate::store::{Conn, PageQuery, RoomKey, Store, Stored};
+use crate::model::{Message, Room, RoomRow};
+use crate::presence::Connection;
+use crate::store::{PageQuery, RoomKey};
 
-/// Messages in `roomJoined` and `POST /direct` without `afterSequenceId`.
-pub const SNAPSHOT_MESSAGES: i64 = 50;
-/// Most messages in a `roomJoined` with `afterSequenceId`.
-pub const RECOVERY_MESSAGES: i64 = 100;
-
-/// The service: the repository, presence, the bus and the rate limits.
-#[derive(Debug, Clone)]
-pub struct Chat {
-    store: Store,
-    presence: Presence,
-    bus: Bus,
-    limiter: Limiter,
-}
-
-/// Everything a client needs on entering a room.
-#[derive(Debug, Clone)]
-pub struct Snapshot {
-    /// The room row.
-    pub room: RoomRow,
-    /// Its members, with cursors.
-    pub members: Vec<Member>,
-    /// The requested page, `readBy` filled in.
-    pub messages: Vec<Message>,
-    /// Whether more of the requested range exists beyond the page.
-    pub has_more: bool,
-    /// The caller's unread count.
-    pub unread_count: i64,
-}
-
-impl Snapshot {
-    /// The room view.
-    pub fn room_view(&self) -> Room {
-        self.room.view(&self.members)
-    }
-}
+use super::{
+    Chat, RECOVERY_MESSAGES, SNAPSHOT_MESSAGES, Snapshot, require_member, require_users, room_view,
+};
 
 /// One entry of `GET /rooms`.
 #[derive(Debug, Clone, Serialize)]
@@ -89,65 +50,19 @@ pub enum NewRoom {
     },
 }
 
+/// What `joinRoom` found and subscribed to.
+#[derive(Debug, Clone)]
+pub struct Joined {
+    /// The room, its members, the page and the unread count.
+    pub snapshot: Snapshot,
+    /// The members with a live connection.
+    pub online_users: Vec<UserId>,
+    /// With `afterSequenceId`: whether every message after it was still
+    /// stored (retention had not deleted any of them).
+    pub recovered: Option<bool>,
+}
+
 impl Chat {
-    /// The service over its adapters.
-    pub fn new(store: Store, presence: Presence, bus: Bus, limiter: Limiter) -> Self {
-        Self {
-            store,
-            presence,
-            bus,
-            limiter,
-        }
-    }
-
-    /// The PostgreSQL repository.
-    pub fn store(&self) -> &Store {
-        &self.store
-    }
-
-    /// The Redis presence side.
-    pub fn presence(&self) -> &Presence {
-        &self.presence
-    }
-
-    /// The bus publisher.
-    pub fn bus(&self) -> &Bus {
-        &self.bus
-    }
-
-    /// The rate limits and `typing` coalescing.
-    pub fn limiter(&self) -> &Limiter {
-        &self.limiter
-    }
-
-    /// Makes the caller known and refreshes their profile (PROTOCOL §1).
-    ///
-    /// # Errors
-    /// When PostgreSQL fails.
-    pub async fn authenticate(&self, user: &AuthUser) -> Result<()> {
-        self.store.conn().await?.upsert_user(user).await
-    }
-
-    /// Makes a connecting user known ([`Chat::authenticate`]) and returns
-    /// the ids of their rooms (for the `online` presence update), pipelined
-    /// on one connection.
-    ///
-    /// # Errors
-    /// When PostgreSQL fails.
-    pub async fn authenticate_with_rooms(&self, user: &AuthUser) -> Result<Vec<String>> {
-        let db = self.store.conn().await?;
-        let ((), rooms) = tokio::try_join!(db.upsert_user(user), db.member_room_ids(&user.id))?;
-        Ok(rooms)
-    }
-
-    /// The ids of the rooms `user_id` is a member of.
-    ///
-    /// # Errors
-    /// When PostgreSQL fails.
-    pub async fn member_room_ids(&self, user_id: &UserId) -> Result<Vec<String>> {
-        self.store.conn().await?.member_room_ids(user_id).await
-    }
-
     /// The room a caller is a member of, or the error that explains why not.
     ///
     /// # Errors
@@ -165,6 +80,8 @@ impl Chat {
     ///
     /// # Errors
     /// `NOT_FOUND` / `FORBIDDEN`, or a dependency failure.
+    #[tracing::instrument(skip_all, fields(
+        request_kind = "history", user_id = %user.id, room_id = %room_id))]
     pub async fn snapshot(
         &self,
         user: &AuthUser,
@@ -201,6 +118,7 @@ impl Chat {
     /// # Errors
     /// `BAD_REQUEST` for a DIRECT room with yourself, `NOT_FOUND` /
     /// `FORBIDDEN`, or a dependency failure.
+    #[tracing::instrument(skip_all, fields(request_kind = "enterRoom", user_id = %user.id))]
     pub async fn enter_room(
         &self,
         user: &AuthUser,
@@ -237,136 +155,93 @@ impl Chat {
         })
     }
 
-    /// Stores a message and broadcasts it to the room's joined connections.
-    /// A repeated `clientMessageId` stores and broadcasts nothing and
-    /// returns the original.
+    /// `joinRoom`: one PostgreSQL round trip ([`Chat::enter_room`]) and one
+    /// Redis round trip ([`crate::presence::Presence::join`]) that
+    /// subscribes the connection with the snapshot's watermark, and has the
+    /// relay push (a `Sync` control) what a message published meanwhile
+    /// would have missed.
     ///
     /// # Errors
-    /// `NOT_FOUND` / `FORBIDDEN`, or a dependency failure.
-    pub async fn send_message(
+    /// `UNAUTHORIZED` for a connection that is gone; those of
+    /// [`Chat::enter_room`].
+    #[tracing::instrument(skip_all, fields(
+        request_kind = "joinRoom", connection_id = %conn.connection_id, user_id = %conn.user.id))]
+    pub async fn join_room(
         &self,
-        user: &AuthUser,
-        room_id: &RoomId,
-        message: &NewMessage,
-    ) -> Result<Stored> {
-        self.send_message_from(user, room_id, message, None).await
-    }
-
-    /// Like [`Chat::send_message`], from a WebSocket connection: the
-    /// `message` event also goes to `connection_id` whether it joined the
-    /// room or not (it is the sender's acknowledgement).
-    ///
-    /// # Errors
-    /// `NOT_FOUND` / `FORBIDDEN`, or a dependency failure.
-    pub async fn send_message_from(
-        &self,
-        user: &AuthUser,
-        room_id: &RoomId,
-        message: &NewMessage,
-        connection_id: Option<&str>,
-    ) -> Result<Stored> {
-        match self.store.store_message(room_id, &user.id, message).await? {
-            Stored::New(msg) => {
-                let event = event_json("message", &msg)?;
-                let include = connection_id.map(str::to_owned).into_iter().collect();
-                let envelope = self.bus.message_event(
-                    room_id.as_str(),
-                    msg.sequence_id.get(),
-                    event,
-                    include,
-                )?;
-                self.bus.publish_room_message(&envelope).await?;
-                Ok(Stored::New(msg))
-            }
-            Stored::Duplicate(msg) => {
-                let members = self
-                    .store
-                    .conn()
-                    .await?
-                    .room_members(room_id.as_str())
-                    .await?;
-                Ok(Stored::Duplicate(msg.with_read_by(&members)))
-            }
-        }
-    }
-
-    /// Moves the caller's read cursor (forward only, clamped) and sends a
-    /// `readReceipt` to the room when it moved. Returns the cursor.
-    ///
-    /// # Errors
-    /// `NOT_FOUND` / `FORBIDDEN`, or a dependency failure.
-    pub async fn mark_read(
-        &self,
-        user: &AuthUser,
-        room_id: &RoomId,
-        sequence_id: SequenceId,
-    ) -> Result<SequenceId> {
-        let (cursor, moved) = self
-            .store
-            .conn()
-            .await?
-            .mark_read(room_id, &user.id, sequence_id)
-            .await?;
-        if moved {
-            #[derive(Serialize)]
-            #[serde(rename_all = "camelCase")]
-            struct ReadReceipt<'a> {
-                room_id: &'a str,
-                user_id: &'a str,
-                sequence_id: SequenceId,
-                timestamp: String,
-            }
-            let event = event_json(
-                "readReceipt",
-                &ReadReceipt {
-                    room_id: room_id.as_str(),
-                    user_id: user.id.as_str(),
-                    sequence_id: cursor,
-                    timestamp: rfc3339_millis(&chrono::Utc::now()),
-                },
-            )?;
-            self.bus
-                .publish(
-                    Target::Room {
-                        room_id: room_id.to_string(),
-                    },
-                    event,
-                )
-                .await?;
-        }
-        Ok(cursor)
-    }
-
-    /// The caller's unread count in a room.
-    ///
-    /// # Errors
-    /// `NOT_FOUND` / `FORBIDDEN`, or a dependency failure.
-    pub async fn unread_count(&self, user: &AuthUser, room_id: &RoomId) -> Result<i64> {
-        let db = self.store.conn().await?;
-        let (_, cursor) = require_member(&db, user, room_id).await?;
-        db.unread_count(room_id.as_str(), &user.id, cursor).await
-    }
-
-    /// The members of a room with a live connection.
-    ///
-    /// # Errors
-    /// `NOT_FOUND` / `FORBIDDEN`, or a dependency failure.
-    pub async fn online_in_room(&self, user: &AuthUser, room_id: &RoomId) -> Result<Vec<UserId>> {
-        let members = {
-            let db = self.store.conn().await?;
-            require_member(&db, user, room_id).await?;
-            db.room_members(room_id.as_str()).await?
+        conn: &Connection,
+        room: RoomKey<'_>,
+        after: Option<SequenceId>,
+    ) -> Result<Joined> {
+        let limit = if after.is_some() {
+            RECOVERY_MESSAGES
+        } else {
+            SNAPSHOT_MESSAGES
         };
-        self.online_members(&members).await
+        let snapshot = self.enter_room(&conn.user, room, after, limit).await?;
+        let room_id = RoomId::from_trusted(snapshot.room.id.clone());
+        // The connection has every message up to here; the relay pushes
+        // only newer ones.
+        let newest_in_page = snapshot
+            .messages
+            .last()
+            .map_or(SequenceId::ZERO, |m| m.sequence_id);
+        let watermark = snapshot.room.last_sequence_id.max(newest_in_page);
+        // Published by the join itself when a message went out while we
+        // joined (see `Presence::join`): the relay then pushes what this
+        // connection is missing.
+        let sync = serde_json::to_string(&self.bus.control(
+            Target::Connection {
+                connection_id: conn.connection_id.clone(),
+            },
+            Control::Sync {
+                room_id: room_id.to_string(),
+                connection_id: conn.connection_id.clone(),
+            },
+        ))
+        .map_err(Error::internal)?;
+        let member_ids: Vec<UserId> = snapshot
+            .members
+            .iter()
+            .map(|m| m.profile.id.clone())
+            .collect();
+        let Some(online_users) = self
+            .presence
+            .join(
+                &room_id,
+                conn,
+                watermark.get(),
+                &member_ids,
+                self.bus.channel(),
+                &sync,
+            )
+            .await?
+        else {
+            return Err(Error::unauthorized(
+                "this connection is no longer registered; reconnect",
+            ));
+        };
+        // Retention deletes a room's oldest messages, so everything after
+        // `after` is still stored exactly when its first message is.
+        let recovered = after.map(|after| match snapshot.messages.first() {
+            Some(first) => first.sequence_id.get() == after.get() + 1,
+            None => after >= snapshot.room.last_sequence_id,
+        });
+        Ok(Joined {
+            snapshot,
+            online_users,
+            recovered,
+        })
     }
 
-    /// Which of `members` are online.
+    /// `leaveRoom`: unsubscribes a connection from a room (nothing if it
+    /// had not joined).
     ///
     /// # Errors
     /// `UNAVAILABLE` when Redis does not answer.
-    pub async fn online_members(&self, members: &[Member]) -> Result<Vec<UserId>> {
-        let ids: Vec<UserId> = members.iter().map(|m| m.profile.id.clone()).collect();
-        self.presence.online_among(&ids).await
+    #[tracing::instrument(skip_all, fields(
+        request_kind = "leaveRoom", connection_id = %connection_id, room_id = %room_id))]
+    pub async fn leave_room(&self, room_id: &RoomId, connection_id: &str) -> Result<()> {
+        self.presence.leave(room_id, connection_id).await
     }
 
     /// The caller's rooms, newest activity first, each with its last message
@@ -374,6 +249,7 @@ impl Chat {
     ///
     /// # Errors
     /// A dependency failure.
+    #[tracing::instrument(skip_all, fields(request_kind = "listRooms", user_id = %user.id))]
     pub async fn list_rooms(&self, user: &AuthUser) -> Result<Vec<RoomSummary>> {
         let db = self.store.conn().await?;
         let rooms = db.rooms_of(&user.id).await?;
@@ -401,6 +277,7 @@ impl Chat {
     ///
     /// # Errors
     /// `FORBIDDEN` for a non-admin, `NOT_FOUND` for an unknown room.
+    #[tracing::instrument(skip_all, fields(request_kind = "cleanup", user_id = %user.id, room_id = %room_id))]
     pub async fn cleanup(&self, user: &AuthUser, room_id: &RoomId) -> Result<(i64, i64)> {
         if !user.is_admin {
             return Err(Error::forbidden("admin only"));
@@ -414,6 +291,7 @@ impl Chat {
     /// # Errors
     /// `NOT_FOUND` for unknown members, `FORBIDDEN` for an existing CALL room
     /// the caller is not in.
+    #[tracing::instrument(skip_all, fields(request_kind = "createRoom", user_id = %user.id))]
     pub async fn create_room(&self, user: &AuthUser, request: NewRoom) -> Result<(Room, bool)> {
         let (kind, name, call_id, member_ids) = match request {
             NewRoom::Group { name, member_ids } => (RoomType::Group, Some(name), None, member_ids),
@@ -438,6 +316,7 @@ impl Chat {
     /// # Errors
     /// `BAD_REQUEST` for an empty list or a DIRECT room, `FORBIDDEN` for a
     /// non-member caller, `NOT_FOUND` for an unknown room or user.
+    #[tracing::instrument(skip_all, fields(request_kind = "addMembers", user_id = %user.id, room_id = %room_id))]
     pub async fn add_members(
         &self,
         user: &AuthUser,
@@ -466,6 +345,7 @@ impl Chat {
     /// `NOT_FOUND` for an unknown room or a non-member target, `FORBIDDEN`
     /// for removing someone else without being admin, `BAD_REQUEST` for a
     /// DIRECT room.
+    #[tracing::instrument(skip_all, fields(request_kind = "removeMember", user_id = %user.id, room_id = %room_id))]
     pub async fn remove_member(
         &self,
         user: &AuthUser,
@@ -500,32 +380,4 @@ impl Chat {
         }
         Ok(())
     }
-}
-
-/// The room a caller is a member of, or the error that explains why not.
-async fn require_member(
-    db: &Conn,
-    user: &AuthUser,
-    room_id: &RoomId,
-) -> Result<(RoomRow, SequenceId)> {
-    let found = db.room_for_user(room_id, &user.id).await?;
-    let cursor = found.member_cursor()?;
-    Ok((found.room, cursor))
-}
-
-/// `NOT_FOUND` unless every one of `ids` is a known user. The message does
-/// not say which ones are unknown: naming them would let any caller test
-/// a thousand ids a request for existence.
-async fn require_users(db: &Conn, ids: &[UserId]) -> Result<()> {
-    let known = db.existing_users(ids).await?;
-    if known.len() == ids.len() {
-        return Ok(());
-    }
-    Err(Error::not_found("one or more users are unknown"))
-}
-
-/// The room view of a room (its row and members, pipelined).
-async fn room_view(db: &Conn, room_id: &RoomId) -> Result<Room> {
-    let (room, members) = tokio::try_join!(db.room(room_id), db.room_members(room_id.as_str()))?;
-    Ok(room.view(&members))
 }

@@ -1,13 +1,15 @@
-//! Group commit for messages: sends that arrive while others are being
+//! Messages: storing them, and reading history.
+//!
+//! Storing is group commit: sends that arrive while others are being
 //! stored share one statement, one round trip and one commit.
 //!
 //! Every send is queued. A worker (at most [`MAX_WORKERS`] per process) takes
 //! what is queued, up to [`MAX_BATCH`] messages at a time, and stores it
-//! with one statement: one message alone goes through the single-message
-//! statement of [`Store::store_message`]'s module docs; two or more through
-//! [`BATCH_SQL`]. Under light load every send finds an idle worker and is
-//! stored at once, alone, as before; under heavy load batches form by
-//! themselves while the previous ones commit, so nothing waits on a timer.
+//! with one statement, [`BATCH_SQL`]: a message alone is a batch of one, so
+//! every rule of a send is stated once. Under light load every send finds an
+//! idle worker and is stored at once, alone; under heavy load batches form
+//! by themselves while the previous ones commit, so nothing waits on a
+//! timer.
 //!
 //! Why: measured on the benchmark machine, PostgreSQL spent ~450 µs of CPU
 //! per single-message transaction and ~150–250 µs per message in batches of
@@ -27,10 +29,9 @@
 //!   the batch is retried and then finds the original;
 //! - the sender's read cursor moves to its message; retention applies.
 //!
-//! Rooms are locked in id order (`FOR NO KEY UPDATE`: the mode of the
-//! single-message `UPDATE`, which foreign-key checks do not wait on), so two
-//! batches (or a batch and a single send) never deadlock on each other's
-//! rooms; a room's member rows and messages are only written by whoever
+//! Rooms are locked in id order (`FOR NO KEY UPDATE`: the mode of an
+//! `UPDATE` that changes no key, which foreign-key checks do not wait on),
+//! so two batches never deadlock on each other's rooms; a room's member rows and messages are only written by whoever
 //! holds the room's lock (a mark-read takes no room lock).
 //!
 //! Queued sends are bounded by their callers: every caller waits for its
@@ -40,12 +41,274 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
+use chrono::{DateTime, Utc};
 use serde_json::Value;
 use tokio::sync::oneshot;
+use tokio_postgres::Row;
 
-use super::{Store, Stored};
-use crate::domain::{MessageId, NewMessage, RoomId, UserId};
+use super::{Conn, Page, PageQuery, Store, Stored};
+use crate::domain::{MessageId, MessageType, NewMessage, RoomId, SequenceId, UserId};
 use crate::error::{Error, Result};
+use crate::model::{Message, Profile};
+
+pub(super) const MESSAGE_COLS: &str = "m.id, m.room_id, m.sender_id, m.content, m.type, m.metadata, \
+     m.sequence_id, m.client_message_id, m.created_at, u.username, u.display_name, u.avatar";
+
+/// Reads a JSONB column. Every stored value was written by serde_json, and
+/// with its `float_roundtrip` feature every number PostgreSQL prints back
+/// (it may print 1e308 as 309 digits) parses to the same value; should one
+/// still fail, that is a 500 for the request, not a panic that drops the
+/// connection.
+pub(super) fn json_column(row: &Row, column: &str) -> Result<Option<Value>> {
+    row.try_get(column).map_err(Error::internal)
+}
+
+pub(super) fn message_from_row(row: &Row) -> Result<Message> {
+    let sender_id = UserId::from_trusted(row.get("sender_id"));
+    Ok(Message {
+        id: row.get("id"),
+        room_id: row.get("room_id"),
+        content: row.get("content"),
+        kind: MessageType::from_stored(row.get("type")),
+        metadata: json_column(row, "metadata")?,
+        sequence_id: SequenceId::from_trusted(row.get("sequence_id")),
+        client_message_id: row.get("client_message_id"),
+        sender: Profile {
+            id: sender_id.clone(),
+            username: row.get("username"),
+            display_name: row.get("display_name"),
+            avatar: row.get("avatar"),
+        },
+        sender_id,
+        read_by: Vec::new(),
+        created_at: row.get("created_at"),
+    })
+}
+
+/// The message object of a stored message (new, or the original of a
+/// repeated `clientMessageId`).
+fn message_stored(
+    id: String,
+    room_id: &RoomId,
+    sender: &UserId,
+    message: &NewMessage,
+    profile: Profile,
+    sequence_id: i64,
+    created_at: DateTime<Utc>,
+) -> Message {
+    Message {
+        id,
+        room_id: room_id.to_string(),
+        sender_id: sender.clone(),
+        content: message.content.clone(),
+        kind: message.kind,
+        metadata: message.metadata.clone(),
+        sequence_id: SequenceId::from_trusted(sequence_id),
+        client_message_id: message
+            .client_message_id
+            .as_ref()
+            .map(|c| c.as_str().to_owned()),
+        sender: profile,
+        // Filled in from the members by whoever needs it (a new message has
+        // no reader but its sender yet).
+        read_by: Vec::new(),
+        created_at,
+    }
+}
+
+/// What [`BATCH_SQL`]'s row says about one message: refused, a duplicate
+/// of an earlier `clientMessageId`, or newly stored.
+fn stored_from_row(
+    row: &tokio_postgres::Row,
+    id: &MessageId,
+    room_id: &RoomId,
+    sender: &UserId,
+    message: &NewMessage,
+) -> Result<Stored> {
+    if !row.get::<_, bool>("room_exists") {
+        return Err(Error::not_found("room not found"));
+    }
+    if !row.get::<_, bool>("is_member") {
+        return Err(Error::forbidden("not a member of this room"));
+    }
+    let Some(username) = row.get::<_, Option<String>>("username") else {
+        return Err(Error::internal(anyhow::anyhow!(
+            "sender is not a known user"
+        )));
+    };
+    let profile = Profile {
+        id: sender.clone(),
+        username,
+        display_name: row.get("display_name"),
+        avatar: row.get("avatar"),
+    };
+    if let Some(dup_id) = row.get::<_, Option<String>>("dup_id") {
+        let original = NewMessage {
+            content: row.get("dup_content"),
+            kind: MessageType::from_stored(row.get("dup_type")),
+            metadata: json_column(row, "dup_metadata")?,
+            client_message_id: message.client_message_id.clone(),
+        };
+        return Ok(Stored::Duplicate(message_stored(
+            dup_id,
+            room_id,
+            sender,
+            &original,
+            profile,
+            row.get("dup_sequence_id"),
+            row.get("dup_created_at"),
+        )));
+    }
+    let sequence_id: Option<i64> = row.get("new_sequence_id");
+    let created_at: Option<DateTime<Utc>> = row.get("new_created_at");
+    let (Some(sequence_id), Some(created_at)) = (sequence_id, created_at) else {
+        return Err(Error::internal(anyhow::anyhow!(
+            "message insert returned nothing"
+        )));
+    };
+    Ok(Stored::New(message_stored(
+        id.to_string(),
+        room_id,
+        sender,
+        message,
+        profile,
+        sequence_id,
+        created_at,
+    )))
+}
+
+/// Whether a send failed only because a concurrent one stored the same
+/// `clientMessageId` first: the unique index refused it, and another
+/// attempt (a new snapshot) finds the original.
+fn lost_idempotency_race(e: &tokio_postgres::Error) -> bool {
+    e.as_db_error().and_then(|d| d.constraint()) == Some("messages_client_message_id_key")
+}
+
+impl Store {
+    /// Stores a message in one statement (see the module docs), shared with
+    /// the sends queued at the same moment.
+    ///
+    /// # Errors
+    /// `NOT_FOUND` for an unknown room, `FORBIDDEN` for a non-member.
+    #[tracing::instrument(skip_all, fields(room_id = %room_id, user_id = %sender))]
+    pub async fn store_message(
+        &self,
+        room_id: &RoomId,
+        sender: &UserId,
+        message: &NewMessage,
+    ) -> Result<Stored> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.batcher.push(
+            self,
+            Pending {
+                room_id: room_id.clone(),
+                sender: sender.clone(),
+                message: message.clone(),
+                reply,
+            },
+        );
+        answer.await.unwrap_or_else(|_| {
+            Err(Error::internal(anyhow::anyhow!(
+                "the message's batch was abandoned"
+            )))
+        })
+    }
+}
+
+impl Conn {
+    /// One page of a room's history, ascending.
+    ///
+    /// Without `after`: the newest `limit` messages (below `before`, if
+    /// given), `has_more` when older ones exist. With `after`: the oldest
+    /// `limit` messages above it (and below `before`), `has_more` when more
+    /// of that range follows.
+    ///
+    /// # Errors
+    /// When PostgreSQL fails.
+    pub async fn page(&self, room_id: &str, query: PageQuery) -> Result<Page> {
+        let client = &self.client;
+        let ascending = query.after.is_some();
+        let stmt = client
+            .prepare_cached(&format!(
+                "SELECT {MESSAGE_COLS} FROM messages m JOIN users u ON u.id = m.sender_id
+                  WHERE m.room_id = $1
+                    AND ($2::bigint IS NULL OR m.sequence_id < $2)
+                    AND ($3::bigint IS NULL OR m.sequence_id > $3)
+                  ORDER BY m.sequence_id {} LIMIT $4",
+                if ascending { "ASC" } else { "DESC" }
+            ))
+            .await?;
+        let rows = client
+            .query(
+                &stmt,
+                &[
+                    &room_id,
+                    &query.before.map(SequenceId::get),
+                    &query.after.map(SequenceId::get),
+                    &(query.limit + 1),
+                ],
+            )
+            .await?;
+        let has_more = rows.len() as i64 > query.limit;
+        let mut messages: Vec<Message> = rows
+            .iter()
+            .take(query.limit as usize)
+            .map(message_from_row)
+            .collect::<Result<_>>()?;
+        if !ascending {
+            messages.reverse();
+        }
+        Ok(Page { messages, has_more })
+    }
+
+    /// Messages strictly between two sequence ids, ascending: what a relay
+    /// needs to fill a gap.
+    ///
+    /// # Errors
+    /// When PostgreSQL fails.
+    pub async fn messages_between(
+        &self,
+        room_id: &str,
+        after: SequenceId,
+        before: SequenceId,
+    ) -> Result<Vec<Message>> {
+        let client = &self.client;
+        let stmt = client
+            .prepare_cached(&format!(
+                "SELECT {MESSAGE_COLS} FROM messages m JOIN users u ON u.id = m.sender_id
+                  WHERE m.room_id = $1 AND m.sequence_id > $2 AND m.sequence_id < $3
+                  ORDER BY m.sequence_id"
+            ))
+            .await?;
+        let rows = client
+            .query(&stmt, &[&room_id, &after.get(), &before.get()])
+            .await?;
+        rows.iter().map(message_from_row).collect()
+    }
+
+    /// The newest stored message of each room (rooms without one are absent).
+    ///
+    /// # Errors
+    /// When PostgreSQL fails.
+    pub async fn last_messages(&self, room_ids: &[&str]) -> Result<HashMap<String, Message>> {
+        if room_ids.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let client = &self.client;
+        let stmt = client
+            .prepare_cached(&format!(
+                "SELECT {MESSAGE_COLS} FROM rooms r
+                   JOIN messages m ON m.room_id = r.id AND m.sequence_id = r.last_sequence_id
+                   JOIN users u ON u.id = m.sender_id
+                  WHERE r.id = ANY($1)"
+            ))
+            .await?;
+        let rows = client.query(&stmt, &[&room_ids]).await?;
+        rows.iter()
+            .map(|r| Ok((r.get::<_, String>("room_id"), message_from_row(r)?)))
+            .collect()
+    }
+}
 
 /// Most statements storing messages at once per process. Two: while one
 /// is in PostgreSQL the next batch gathers, and is sent when the other
@@ -61,7 +324,7 @@ pub const MAX_WORKERS: usize = 2;
 /// Most messages in one statement.
 pub const MAX_BATCH: usize = 64;
 
-/// The statement for two or more messages (see the module docs). Inputs are
+/// The statement that stores messages, one or many (see the module docs). Inputs are
 /// parallel arrays, one element per message, in queue order.
 ///
 /// The per-message lookups of `room_members`, `rooms` and `users` are scalar
@@ -136,11 +399,11 @@ SELECT c.ord, (SELECT true FROM rooms WHERE id = c.room_id) IS NOT NULL AS room_
  ORDER BY c.ord";
 
 /// A send waiting to be stored.
-pub(super) struct Pending {
-    pub(super) room_id: RoomId,
-    pub(super) sender: UserId,
-    pub(super) message: NewMessage,
-    pub(super) reply: oneshot::Sender<Result<Stored>>,
+struct Pending {
+    room_id: RoomId,
+    sender: UserId,
+    message: NewMessage,
+    reply: oneshot::Sender<Result<Stored>>,
 }
 
 impl Pending {
@@ -163,7 +426,7 @@ struct State {
 
 /// The queue and its workers. Cheap to clone; every clone is the same queue.
 #[derive(Clone, Default)]
-pub(super) struct Batcher {
+pub(crate) struct Batcher {
     state: Arc<Mutex<State>>,
 }
 
@@ -173,13 +436,13 @@ impl Batcher {
     }
 
     /// Sends queued and not yet taken by a worker.
-    pub(super) fn queued(&self) -> usize {
+    pub(crate) fn queued(&self) -> usize {
         self.lock().queue.len()
     }
 
     /// Queues a send; starts a worker (on the caller's runtime) when fewer
     /// than [`MAX_WORKERS`] run.
-    pub(super) fn push(&self, store: &Store, pending: Pending) {
+    fn push(&self, store: &Store, pending: Pending) {
         let start = {
             let mut state = self.lock();
             state.queue.push_back(pending);
@@ -249,13 +512,6 @@ async fn work(store: Store) {
 impl Store {
     /// Stores one batch and answers each of its senders.
     async fn store_batch(&self, batch: Vec<Pending>) {
-        if batch.len() == 1 {
-            for p in batch {
-                let stored = self.store_one(&p.room_id, &p.sender, &p.message).await;
-                let _ = p.reply.send(stored);
-            }
-            return;
-        }
         match self.store_many(&batch).await {
             Ok(results) => {
                 for (p, result) in batch.into_iter().zip(results) {
@@ -271,7 +527,7 @@ impl Store {
         }
     }
 
-    /// Runs [`BATCH_SQL`] for two or more messages; one result per message,
+    /// Runs [`BATCH_SQL`] for one or more messages; one result per message,
     /// in order.
     async fn store_many(&self, batch: &[Pending]) -> Result<Vec<Result<Stored>>> {
         let client = self.client().await?;
@@ -305,7 +561,7 @@ impl Store {
         let rows = loop {
             match client.query(&stmt, &params).await {
                 Ok(rows) => break rows,
-                Err(e) if attempt < 2 && super::lost_idempotency_race(&e) => {
+                Err(e) if attempt < 2 && lost_idempotency_race(&e) => {
                     attempt += 1;
                 }
                 Err(e) => return Err(e.into()),
@@ -323,7 +579,7 @@ impl Store {
                 let row = by_ord.remove(&(i as i64 + 1)).ok_or_else(|| {
                     Error::internal(anyhow::anyhow!("no result for a batched message"))
                 })?;
-                super::stored_from_row(&row, id, &p.room_id, &p.sender, &p.message)
+                stored_from_row(&row, id, &p.room_id, &p.sender, &p.message)
             })
             .collect())
     }
