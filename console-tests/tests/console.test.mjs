@@ -233,14 +233,24 @@ describe('console', () => {
       await c.page.getByTestId('reconnect-banner').waitFor({state: 'visible', timeout: WAIT});
       await eventually(() => memberOnline(d.page, carol), (v) => v === 'false', 'carol offline for dave');
       for (const text of ['missed 1', 'missed 2', 'missed 3']) await say(d.page, text);
+      // Carol writes while offline: the library keeps the send (pending in
+      // the UI) and sends it after the rejoin.
+      await c.page.getByTestId('composer-input').fill('written offline');
+      await c.page.getByTestId('composer-send').click();
+      await c.page.locator('[data-testid=pending-message]', {hasText: 'written offline'}).waitFor({timeout: WAIT});
       await shot(c.page, '06-offline-banner');
 
-      // Back online: the banner goes, the missed messages arrive once, in order.
+      // Back online: the banner goes, the missed messages arrive once, in
+      // order, and the offline send goes out once, after them.
       await c.context.setOffline(false);
       await c.page.getByTestId('reconnect-banner').waitFor({state: 'hidden', timeout: WAIT});
-      const list = await eventually(() => messages(c.page), (l) => l.length === 4, 'recovered messages');
-      assertOrdered(list);
-      assert.deepEqual(list.map((m) => m.text), ['before the outage', 'missed 1', 'missed 2', 'missed 3']);
+      const expected = ['before the outage', 'missed 1', 'missed 2', 'missed 3', 'written offline'];
+      for (const page of [c.page, d.page]) {
+        const list = await eventually(() => messages(page), (l) => l.length === expected.length, 'recovered messages');
+        assertOrdered(list);
+        assert.deepEqual(list.map((m) => m.text), expected);
+      }
+      await eventually(() => c.page.getByTestId('pending-message').count(), (n) => n === 0, 'nothing pending');
       await c.page.locator('[data-testid=activity] li[data-kind=recovered]', {hasText: 'Recovered 3 missed messages'}).waitFor();
       await eventually(() => memberOnline(d.page, carol), (v) => v === 'true', 'carol online again');
       // Carol read them after coming back: Dave sees the receipt.
@@ -267,7 +277,7 @@ describe('console', () => {
       await c.context.setOffline(false);
       await c.page.getByTestId('reconnect-banner').waitFor({state: 'hidden', timeout: WAIT});
       await c.page.locator('[data-testid=activity] li[data-kind=reloaded]').waitFor({timeout: WAIT});
-      const newest = 4 + total;
+      const newest = expected.length + total;
       const reloaded = await eventually(
         () => messages(c.page),
         (l) => l.length > 0 && l[l.length - 1].seq === newest,
@@ -294,6 +304,32 @@ describe('console', () => {
       await shot(c.page, '09-history-start');
       await c.context.close();
       await d.context.close();
+    });
+  });
+
+  test('a dev-token session whose token ran out renews it instead of signing out', async () => {
+    await withScreenshotsOnFailure('renew', async () => {
+      const frank = uid('frank');
+      const f = await signIn(frank, 'Frank');
+      // The tab's saved session, as after a day away: its token has expired.
+      // (Its signature is never checked: the console must not send it.)
+      const b64 = (value) => Buffer.from(JSON.stringify(value)).toString('base64url');
+      const now = Math.floor(Date.now() / 1000);
+      const expired = `${b64({alg: 'HS256', typ: 'JWT'})}.${b64({sub: frank, displayName: 'Frank', iat: now - 7200, exp: now - 60})}.x`;
+      await f.page.evaluate(
+        ([token, userId]) =>
+          sessionStorage.setItem('chat-console-session', JSON.stringify({token, dev: {userId, displayName: 'Frank'}})),
+        [expired, frank],
+      );
+      await f.page.reload();
+      await f.page.locator('[data-testid=connection-status][data-state=online]').waitFor({timeout: WAIT});
+      await f.page.locator('[data-testid=activity] li', {hasText: 'Renewed the session token'}).first().waitFor({timeout: WAIT});
+      assert.equal(await f.page.getByTestId('me-name').textContent(), 'Frank');
+      const saved = await f.page.evaluate(() => JSON.parse(sessionStorage.getItem('chat-console-session')));
+      assert.notEqual(saved.token, expired, 'a fresh token is saved');
+      const exp = JSON.parse(Buffer.from(saved.token.split('.')[1], 'base64url').toString()).exp;
+      assert.ok(exp > now + 3600, 'the fresh token lives on');
+      await f.context.close();
     });
   });
 

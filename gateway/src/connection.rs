@@ -7,8 +7,10 @@
 //!   shutdown);
 //! * the **writer** owns the sending half and is fed by a bounded queue:
 //!   Management API posts and route responses, then at most one close frame;
-//! * the **dispatcher** calls `$default` for one message at a time, in
-//!   arrival order, and queues the route response.
+//! * the **dispatcher** calls `$default` for each message, started in
+//!   arrival order: one at a time ([`crate::Dispatch::Serial`]) or up to a
+//!   bound at once ([`crate::Dispatch::Concurrent`], API Gateway's
+//!   behaviour), and queues each route response as its invocation ends.
 //!
 //! Whatever ends the connection, the reader then removes it from the registry
 //! (later posts get 410), finishes the closing handshake, lets the dispatcher
@@ -23,7 +25,7 @@ use std::time::Duration;
 use axum::body::Bytes;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use chrono::{DateTime, Utc};
-use futures::stream::{SplitSink, SplitStream};
+use futures::stream::{FuturesUnordered, SplitSink, SplitStream};
 use futures::{SinkExt, StreamExt};
 use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TrySendError;
@@ -574,53 +576,72 @@ async fn write_loop(
     }
 }
 
-/// Calls `$default` for each message, one at a time, and queues non-empty
-/// route responses for the client.
+/// Calls `$default` for each message and queues non-empty route responses
+/// for the client: one message at a time in [`crate::Dispatch::Serial`] mode;
+/// in [`crate::Dispatch::Concurrent`] mode (API Gateway's behaviour) up to its bound
+/// at once, started in arrival order, each response queued when its
+/// invocation ends. While that many run, no more are taken from the
+/// inbound queue, so the reader stops and TCP pushes back on the client.
+/// Returns once the queue is closed and every invocation has ended.
 async fn dispatch_loop(
     shared: Arc<Shared>,
     live: Arc<LiveConnection>,
     mut inbound: mpsc::Receiver<Box<Inbound>>,
 ) {
-    while let Some(message) = inbound.recv().await {
-        let body = match &*message {
-            Inbound::Text(text) => MessageBody::Text(text.as_str()),
-            Inbound::Binary(bytes) => MessageBody::Binary(bytes),
-        };
-        let (event, request_id) =
-            event::message_event(&shared.config, &live.meta, body, Utc::now());
-        let invoked = tokio::time::timeout(
-            shared.config.integration_timeout,
-            handler::invoke(&shared.handlers.default, "$default", event),
-        )
-        .await
-        .unwrap_or_else(|_| {
-            tracing::warn!(
-                timeout = ?shared.config.integration_timeout,
-                "$default integration timed out"
-            );
-            None
-        });
-        let reply = match invoked {
-            Some(response) => handler::response_text(&response),
-            // What API Gateway sends the client when the integration fails.
-            None => Some(
-                serde_json::json!({
-                    "message": "Internal server error",
-                    "connectionId": live.meta.connection_id,
-                    "requestId": request_id,
-                })
-                .to_string(),
-            ),
-        };
-        if let Some(text) = reply {
-            live.queued_bytes.fetch_add(text.len(), Ordering::Relaxed);
-            // Wait for room rather than drop a route response; this fails
-            // only once the socket is closed.
-            let _ = live
-                .outbound
-                .send(Box::new(Outbound::Message(Message::Text(text.into()))))
-                .await;
+    let limit = shared.config.dispatch.max_in_flight();
+    let mut running = FuturesUnordered::new();
+    loop {
+        tokio::select! {
+            biased;
+            Some(()) = running.next(), if !running.is_empty() => {}
+            message = inbound.recv(), if running.len() < limit => match message {
+                Some(message) => running.push(dispatch_one(&shared, &live, message)),
+                None => break,
+            },
         }
+    }
+    while running.next().await.is_some() {}
+}
+
+/// One `$default` invocation and its route response.
+async fn dispatch_one(shared: &Shared, live: &LiveConnection, message: Box<Inbound>) {
+    let body = match &*message {
+        Inbound::Text(text) => MessageBody::Text(text.as_str()),
+        Inbound::Binary(bytes) => MessageBody::Binary(bytes),
+    };
+    let (event, request_id) = event::message_event(&shared.config, &live.meta, body, Utc::now());
+    let invoked = tokio::time::timeout(
+        shared.config.integration_timeout,
+        handler::invoke(&shared.handlers.default, "$default", event),
+    )
+    .await
+    .unwrap_or_else(|_| {
+        tracing::warn!(
+            timeout = ?shared.config.integration_timeout,
+            "$default integration timed out"
+        );
+        None
+    });
+    let reply = match invoked {
+        Some(response) => handler::response_text(&response),
+        // What API Gateway sends the client when the integration fails.
+        None => Some(
+            serde_json::json!({
+                "message": "Internal server error",
+                "connectionId": live.meta.connection_id,
+                "requestId": request_id,
+            })
+            .to_string(),
+        ),
+    };
+    if let Some(text) = reply {
+        live.queued_bytes.fetch_add(text.len(), Ordering::Relaxed);
+        // Wait for room rather than drop a route response; this fails
+        // only once the socket is closed.
+        let _ = live
+            .outbound
+            .send(Box::new(Outbound::Message(Message::Text(text.into()))))
+            .await;
     }
 }
 

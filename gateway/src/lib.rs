@@ -42,8 +42,11 @@
 //! * A connection is "connecting" while `$connect` runs and until the socket
 //!   is live; the Management API answers `410 GoneException` for it, as AWS
 //!   does for posts made from inside `$connect`.
-//! * Messages of one connection reach `$default` one at a time, in arrival
-//!   order; a panicking handler is a failed integration (the client gets
+//! * Messages of one connection reach `$default` as API Gateway sends them:
+//!   several at once ([`Dispatch::Concurrent`], the default), started in
+//!   arrival order, so their handling may finish, and their route responses
+//!   arrive, in another order; [`Dispatch::Serial`] (one at a time, in
+//!   arrival order) is an explicit deviation. A panicking handler is a failed integration (the client gets
 //!   `{"message": "Internal server error", ...}`, as from API Gateway).
 //! * Limits: a message over `max_message_bytes` or a frame over
 //!   `max_frame_bytes` closes with 1009; no frame from the client for
@@ -143,6 +146,52 @@ pub struct GatewayConfig {
     pub domain_name: String,
     /// The key pair the Management API accepts (SigV4).
     pub management_credentials: ManagementCredentials,
+    /// How one connection's messages are handed to `$default`.
+    /// API Gateway: concurrently ([`Dispatch::DEFAULT`]).
+    pub dispatch: Dispatch,
+}
+
+/// How the messages of one connection are handed to `$default`.
+///
+/// API Gateway does not promise to invoke `$default` one message at a
+/// time per connection: it invokes the integration for each message as it
+/// arrives, so a client that sends several without waiting may have them
+/// handled at once, and finished in any order. [`Dispatch::Concurrent`]
+/// does the same (bounded, so one connection cannot start unbounded work),
+/// and is the default, so the local stack runs what AWS runs;
+/// [`Dispatch::Serial`] is the emulator's older, gentler behaviour, kept
+/// as an explicit option (`GATEWAY_DISPATCH=serial`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dispatch {
+    /// One message at a time, in arrival order: the next invocation starts
+    /// when the previous one has answered.
+    Serial,
+    /// Up to this many invocations of one connection at once (at least 1),
+    /// started in arrival order; more messages wait, unread, so TCP pushes
+    /// back on the client.
+    Concurrent(usize),
+}
+
+impl Dispatch {
+    /// Concurrent, up to 8 invocations per connection: enough that a
+    /// client sending a burst without waiting sees its messages handled
+    /// at once, as on API Gateway, while one connection can hold only a
+    /// few handler tasks.
+    pub const DEFAULT: Self = Self::Concurrent(8);
+
+    /// How many invocations of one connection may run at once.
+    pub fn max_in_flight(self) -> usize {
+        match self {
+            Self::Serial => 1,
+            Self::Concurrent(n) => n.max(1),
+        }
+    }
+}
+
+impl Default for Dispatch {
+    fn default() -> Self {
+        Self::DEFAULT
+    }
 }
 
 impl Default for GatewayConfig {
@@ -166,6 +215,7 @@ impl Default for GatewayConfig {
                 access_key_id: "LOCALDEVMANAGEMENTKEY".into(),
                 secret_access_key: "local-dev-management-secret-change-me".into(),
             },
+            dispatch: Dispatch::DEFAULT,
         }
     }
 }

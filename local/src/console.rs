@@ -5,7 +5,11 @@
 //! The pages are plain HTML, CSS and JavaScript in `local/console/`,
 //! compiled into the binary with `include_str!`, so `chat-local` needs no
 //! files at run time. Only the local stack serves them; no Lambda links
-//! this module.
+//! this module. The chat page runs on the TypeScript client library
+//! (`clients/typescript`): its ES modules, as `npm run build` emits them,
+//! are committed in `local/console/lib/` by `scripts/build-console-lib.sh`
+//! (whose `--check` CI runs) and served at `/console/lib/*.js`, so the
+//! cargo build needs neither npm nor a bundler.
 //!
 //! Two endpoints exist only here:
 //! - `POST /console/dev-token {userId, displayName?, admin?}` → `{token}`
@@ -86,6 +90,9 @@ pub fn router(state: ConsoleState) -> Router {
         .route("/console/ops", get(|| page(HTML, OPS)))
         .route("/console/ops.js", get(|| page(JS, OPS_JS)))
         .route("/console/api/ops", get(ops));
+    for &(name, body) in LIB {
+        router = router.route(&format!("/console/lib/{name}"), get(move || page(JS, body)));
+    }
     if state.dev_tokens.is_some() {
         router = router.route("/console/dev-token", post(dev_token));
     }
@@ -97,6 +104,15 @@ const APP_JS: &str = include_str!("../console/app.js");
 const STYLE_CSS: &str = include_str!("../console/style.css");
 const OPS: &str = include_str!("../console/ops.html");
 const OPS_JS: &str = include_str!("../console/ops.js");
+/// The client library's ES modules that app.js imports, by file name: every
+/// `.js` file in `local/console/lib/` (scripts/build-console-lib.sh lists
+/// them when it refreshes the copy; the console test checks none is missing).
+const LIB: &[(&str, &str)] = &[
+    ("index.js", include_str!("../console/lib/index.js")),
+    ("client.js", include_str!("../console/lib/client.js")),
+    ("protocol.js", include_str!("../console/lib/protocol.js")),
+    ("util.js", include_str!("../console/lib/util.js")),
+];
 
 const HTML: &str = "text/html; charset=utf-8";
 const JS: &str = "text/javascript; charset=utf-8";

@@ -28,7 +28,7 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use axum::serve::ListenerExt as _;
 use chat_gateway::{
-    EdgeLimits, EdgeListener, Gateway, GatewayConfig, Handlers, ManagementCredentials,
+    Dispatch, EdgeLimits, EdgeListener, Gateway, GatewayConfig, Handlers, ManagementCredentials,
 };
 use chat_relay::{RelayMetrics, RelayOptions};
 use chat_shared::ws::{self, WsState};
@@ -116,6 +116,10 @@ pub fn gateway_config(config: &Config, management: SocketAddr) -> GatewayConfig 
         max_lifetime: config.local.gateway.max_lifetime,
         max_queued_bytes: config.local.gateway.max_queued_bytes,
         max_pings_per_sec: config.local.gateway.max_pings_per_sec,
+        dispatch: match config.local.gateway.dispatch_concurrency {
+            1 => Dispatch::Serial,
+            n => Dispatch::Concurrent(n),
+        },
         instance_id: config.common.instance_id.clone(),
         ..GatewayConfig::default()
     }

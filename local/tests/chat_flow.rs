@@ -73,6 +73,7 @@ async fn connected_comes_first_even_when_the_client_sends_at_once() {
             socket,
             user: user.clone(),
             connection_id: String::new(),
+            seq: 0,
         };
         // No waiting for `connected`: the ping goes out with the handshake.
         client

@@ -117,7 +117,12 @@ async fn console_pages_are_served_from_the_binary() {
         (
             "/console/app.js",
             "text/javascript; charset=utf-8",
-            "joinRoom",
+            "./lib/index.js",
+        ),
+        (
+            "/console/lib/index.js",
+            "text/javascript; charset=utf-8",
+            "ChatClient",
         ),
         ("/console/style.css", "text/css; charset=utf-8", ".messages"),
         ("/console/ops", "text/html; charset=utf-8", "Operator view"),
@@ -137,6 +142,57 @@ async fn console_pages_are_served_from_the_binary() {
     let missing = http(stack.addr(), "GET", "/console/nope.js", None, None).await;
     assert_eq!(missing.status, 404);
     assert_eq!(missing.body["error"]["code"], "NOT_FOUND");
+    stack.stop().await;
+}
+
+/// Every module of the client library copied into `local/console/lib/`
+/// (scripts/build-console-lib.sh) is served as it is on disk: a module the
+/// copy gained but `LIB` in console.rs lacks would break the console's
+/// imports in the browser.
+#[tokio::test]
+async fn every_client_library_module_is_served() {
+    let env = TestEnv::new().await;
+    let stack = TestStack::all_in_one(&env).await;
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("console/lib");
+    let mut served = 0;
+    for entry in std::fs::read_dir(&dir).expect("local/console/lib") {
+        let path = entry.expect("a directory entry").path();
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .expect("a file name");
+        assert!(
+            name.ends_with(".js"),
+            "only the library's .js modules belong in local/console/lib: {name}"
+        );
+        let on_disk = std::fs::read_to_string(&path).expect("a text file");
+        let reply = http(
+            stack.addr(),
+            "GET",
+            &format!("/console/lib/{name}"),
+            None,
+            None,
+        )
+        .await;
+        assert_eq!(
+            reply.status, 200,
+            "/console/lib/{name} is not served: add it to LIB in local/src/console.rs"
+        );
+        assert_eq!(
+            reply.header("content-type"),
+            Some("text/javascript; charset=utf-8")
+        );
+        assert_eq!(
+            reply.body.as_str(),
+            Some(on_disk.as_str()),
+            "/console/lib/{name} differs from the file: rebuild chat-local"
+        );
+        served += 1;
+    }
+    assert!(
+        served >= 4,
+        "the library has at least 4 modules, found {served}"
+    );
     stack.stop().await;
 }
 

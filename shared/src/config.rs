@@ -68,6 +68,15 @@ pub struct ApiConfig {
     /// Most bytes of frames waiting for a place per process
     /// (`WS_MAX_QUEUED_BYTES`, 64 MiB).
     pub ws_max_queued_bytes: usize,
+    /// Most WebSocket requests of one user waiting for a place per process
+    /// (`WS_MAX_QUEUED_PER_USER`, 256): one user cannot fill the queue.
+    pub ws_max_queued_per_user: usize,
+    /// Most bytes of one user's frames waiting per process
+    /// (`WS_MAX_QUEUED_BYTES_PER_USER`, 4 MiB).
+    pub ws_max_queued_bytes_per_user: usize,
+    /// Most WebSocket requests of one connection waiting per process
+    /// (`WS_MAX_QUEUED_PER_CONNECTION`, 64).
+    pub ws_max_queued_per_connection: usize,
     /// Sends are refused, more of them as it grows, while the relays
     /// deliver later than half of this; all of them beyond it
     /// (`WS_MAX_DELIVERY_LAG_MS`, 5,000; 0 turns it off).
@@ -225,6 +234,11 @@ pub struct GatewaySettings {
     /// (`GATEWAY_MAX_PINGS_PER_SEC`, 10; burst ten times that; 0 turns it
     /// off).
     pub max_pings_per_sec: u32,
+    /// How many `$default` invocations of one connection run at once
+    /// (`GATEWAY_DISPATCH`: `concurrent`, as API Gateway, or `serial`, one
+    /// at a time in arrival order; `GATEWAY_DISPATCH_CONCURRENCY`, 8, the
+    /// bound in concurrent mode). 1 is serial.
+    pub dispatch_concurrency: usize,
 }
 
 /// The Management API (`@connections`): the SigV4 credentials the
@@ -369,6 +383,9 @@ impl ApiConfig {
             max_wait: std::time::Duration::from_millis(self.ws_max_queue_wait_ms),
             max_queued: self.ws_max_queued,
             max_queued_bytes: self.ws_max_queued_bytes,
+            max_queued_per_user: self.ws_max_queued_per_user,
+            max_queued_bytes_per_user: self.ws_max_queued_bytes_per_user,
+            max_queued_per_connection: self.ws_max_queued_per_connection,
             max_delivery_lag_ms: self.ws_max_delivery_lag_ms,
         }
     }
@@ -396,6 +413,13 @@ impl ApiConfig {
             ws_max_queue_wait_ms: parse::<u64>(get, "WS_MAX_QUEUE_WAIT_MS", 10_000)?,
             ws_max_queued: parse::<usize>(get, "WS_MAX_QUEUED", 20_000)?,
             ws_max_queued_bytes: parse::<usize>(get, "WS_MAX_QUEUED_BYTES", 64 << 20)?,
+            ws_max_queued_per_user: parse::<usize>(get, "WS_MAX_QUEUED_PER_USER", 256)?,
+            ws_max_queued_bytes_per_user: parse::<usize>(
+                get,
+                "WS_MAX_QUEUED_BYTES_PER_USER",
+                4 << 20,
+            )?,
+            ws_max_queued_per_connection: parse::<usize>(get, "WS_MAX_QUEUED_PER_CONNECTION", 64)?,
             ws_max_delivery_lag_ms: parse::<u64>(get, "WS_MAX_DELIVERY_LAG_MS", 5_000)?,
             rate_limits: RateLimits {
                 messages: rate(get, "RATE_LIMIT_PER_SEC", "RATE_LIMIT_BURST", 20)?,
@@ -481,6 +505,18 @@ impl LocalConfig {
                 connect_rate_per_ip: parse::<u32>(get, "GATEWAY_CONNECT_RATE_PER_IP", 2000)?,
                 fd_reserve: parse::<u64>(get, "GATEWAY_FD_RESERVE", 64)?,
                 max_pings_per_sec: parse::<u32>(get, "GATEWAY_MAX_PINGS_PER_SEC", 10)?,
+                dispatch_concurrency: match get("GATEWAY_DISPATCH").as_deref().map(str::trim) {
+                    None | Some("concurrent") => {
+                        parse::<usize>(get, "GATEWAY_DISPATCH_CONCURRENCY", 8)?.max(1)
+                    }
+                    Some("serial") => 1,
+                    Some(other) => {
+                        return Err(ConfigError {
+                            variable: "GATEWAY_DISPATCH",
+                            problem: format!("{other:?} is not `concurrent` or `serial`"),
+                        });
+                    }
+                },
             },
             management_listen: match get("GATEWAY_MANAGEMENT_LISTEN") {
                 None => None,
@@ -648,6 +684,27 @@ mod tests {
                 }),
             }
         );
+    }
+
+    #[test]
+    fn gateway_dispatch_is_concurrent_unless_set_serial() {
+        let dispatch = |pairs: &[(&str, &str)]| {
+            let mut all = BASE.to_vec();
+            all.extend_from_slice(pairs);
+            Config::from_lookup(lookup(&all)).map(|c| c.local.gateway.dispatch_concurrency)
+        };
+        assert_eq!(dispatch(&[]).ok(), Some(8));
+        assert_eq!(dispatch(&[("GATEWAY_DISPATCH", "serial")]).ok(), Some(1));
+        assert_eq!(
+            dispatch(&[
+                ("GATEWAY_DISPATCH", "concurrent"),
+                ("GATEWAY_DISPATCH_CONCURRENCY", "3")
+            ])
+            .ok(),
+            Some(3)
+        );
+        let err = dispatch(&[("GATEWAY_DISPATCH", "parallel")]).expect_err("refused");
+        assert_eq!(err.variable, "GATEWAY_DISPATCH");
     }
 
     #[test]

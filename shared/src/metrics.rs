@@ -196,13 +196,23 @@ pub enum ShedReason {
     /// The admission queue was full (`WS_MAX_QUEUED` requests or
     /// `WS_MAX_QUEUED_BYTES` bytes).
     QueueFull,
-    /// The relays' delivery lag was over half of `WS_MAX_DELIVERY_LAG_MS`.
+    /// The relays' delivery lag was over half of `WS_MAX_DELIVERY_LAG_MS`
+    /// and the user sent at least their fair share.
     DeliveryLag,
+    /// The user's (or connection's) share of the admission queue was full
+    /// (`WS_MAX_QUEUED_PER_USER`, `WS_MAX_QUEUED_BYTES_PER_USER`,
+    /// `WS_MAX_QUEUED_PER_CONNECTION`).
+    UserShare,
 }
 
 impl ShedReason {
     /// Every reason, in the order of the counters.
-    pub const ALL: [Self; 3] = [Self::QueueWait, Self::QueueFull, Self::DeliveryLag];
+    pub const ALL: [Self; 4] = [
+        Self::QueueWait,
+        Self::QueueFull,
+        Self::DeliveryLag,
+        Self::UserShare,
+    ];
 
     /// The `reason` label.
     pub fn as_str(self) -> &'static str {
@@ -210,6 +220,7 @@ impl ShedReason {
             Self::QueueWait => "queue_wait",
             Self::QueueFull => "queue_full",
             Self::DeliveryLag => "delivery_lag",
+            Self::UserShare => "user_share",
         }
     }
 }

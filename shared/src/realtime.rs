@@ -28,6 +28,9 @@ use crate::store::RoomKey;
 
 mod admission;
 mod frame;
+mod ordering; // issue 16: frames with `seq` are handled in `seq` order
+
+pub use ordering::{MAX_SEQ, OrderingLimits};
 
 use admission::Admission;
 pub use admission::AdmissionLimits;
@@ -86,6 +89,9 @@ pub struct Realtime {
     /// Checks the tokens of `authenticate` frames; without one they are
     /// refused.
     verifier: Option<Verifier>,
+    /// Issue 16: keeps each connection's frames that carry `seq` in order,
+    /// across processes (realtime/ordering.rs).
+    ordering: ordering::Sequencer,
 }
 
 fn now() -> String {
@@ -138,7 +144,15 @@ impl Realtime {
     /// The WebSocket use cases over `chat`, with presence leases of
     /// `presence_ttl`.
     pub fn new(chat: Chat, presence_ttl: Duration) -> Self {
+        let presence = chat.presence();
+        // Issue 16 (realtime/ordering.rs).
+        let ordering = ordering::Sequencer::new(
+            presence.redis(),
+            presence.keys().clone(),
+            OrderingLimits::DEFAULT,
+        );
         Self {
+            ordering,
             chat,
             presence_ttl,
             admission: Admission::new(AdmissionLimits::UNLIMITED),
@@ -185,6 +199,20 @@ impl Realtime {
     pub fn with_admission(mut self, limits: AdmissionLimits) -> Self {
         self.admission = Admission::new(limits);
         self
+    }
+
+    /// Bounds the wait of frames that carry `seq` for their turn (issue 16;
+    /// tests shorten them).
+    #[must_use]
+    pub fn with_ordering(mut self, limits: OrderingLimits) -> Self {
+        let presence = self.chat.presence();
+        self.ordering = ordering::Sequencer::new(presence.redis(), presence.keys().clone(), limits);
+        self
+    }
+
+    /// The ordering bounds in force.
+    pub fn ordering_limits(&self) -> OrderingLimits {
+        self.ordering.limits()
     }
 
     /// The admission limits in force.
@@ -271,7 +299,17 @@ impl Realtime {
     /// Like [`Realtime::message`], also saying whether the connection is
     /// still registered.
     pub async fn frame(&self, connection_id: &str, body: &str, binary: bool) -> FrameOutcome {
-        let (ids, result, unregistered) = self.dispatch(connection_id, body, binary).await;
+        // Issue 16 (realtime/ordering.rs): a frame with `seq` waits for the
+        // frames before it, and lets the next one go once it is handled.
+        let (ids, result, unregistered) =
+            match self.ordering.enter(connection_id, body, binary).await {
+                Ok(turn) => {
+                    let outcome = self.dispatch(connection_id, body, binary).await;
+                    self.ordering.leave(turn).await;
+                    outcome
+                }
+                Err((ids, err)) => (ids, Err(err), false),
+            };
         let reply = match result {
             Ok(reply) => reply,
             Err(err) => {
@@ -321,8 +359,13 @@ impl Realtime {
         // greeting at once, and none of them may hold a place that a ready
         // request could use.
         let needs_postgres = kind.is_some_and(RequestKind::needs_postgres);
-        let _admitted = if needs_postgres && touched.is_ok() {
-            match self.admission.admit(body.len()).await {
+        let _admitted = if needs_postgres && let Ok(conn) = &touched {
+            // Issue 15: queued and served per user (realtime/admission.rs).
+            let owner = admission::Owner {
+                user: conn.user.id.as_str(),
+                connection: connection_id,
+            };
+            match self.admission.admit(owner, body.len()).await {
                 Ok(admitted) => Some(admitted),
                 Err(err) => {
                     let ids = match &frame {
@@ -413,7 +456,12 @@ impl Realtime {
         if let Some(wait) = rate_limited {
             return Err(crate::limits::refused(wait));
         }
-        if sheddable && self.admission.sheds_for_lag(delivery_lag_ms) {
+        // Issue 15: only users sending their fair share or more are refused.
+        if sheddable
+            && self
+                .admission
+                .sheds_for_lag(connection.user.id.as_str(), delivery_lag_ms)
+        {
             metrics::record_shed(ShedReason::DeliveryLag);
             let secs = delivery_lag_ms.div_ceil(1000).max(1);
             return Err(Error::rate_limited("server busy, retry later", secs));

@@ -41,6 +41,9 @@ fn limits(max_in_flight: usize, max_wait_ms: u64, max_delivery_lag_ms: u64) -> A
         max_wait: Duration::from_millis(max_wait_ms),
         max_queued: 1_000,
         max_queued_bytes: 1 << 20,
+        max_queued_per_user: 1_000,
+        max_queued_bytes_per_user: 1 << 20,
+        max_queued_per_connection: 1_000,
         max_delivery_lag_ms,
     }
 }

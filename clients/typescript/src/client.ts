@@ -60,11 +60,11 @@ export interface ClientOptions {
   joinTimeoutMs?: number;
   /** Renew the token this long (ms) before its `exp` (at most a fifth of its lifetime). Default 60000. */
   tokenRefreshMarginMs?: number;
-  /** Most retries of a request refused with a retryable code (RATE_LIMITED, SERVICE_UNAVAILABLE). Default 8. */
+  /** Most retries of a request refused with a retryable code (RATE_LIMITED, SERVICE_UNAVAILABLE, CONFLICT). Default 8. */
   maxRetries?: number;
   /** Longest retry delay (ms) for retryable errors. Default 30000 (PROTOCOL.md). */
   retryMaxDelayMs?: number;
-  /** How long someone shows as typing after their last `typing: true` (ms). Default 6000. */
+  /** How long someone shows as typing after their last `typing: true` (ms); a message from them ends it sooner. Default 6000. */
   typingTimeoutMs?: number;
   /** How long an out-of-order message waits for the ones before it (ms). Default 2000. */
   reorderWindowMs?: number;
@@ -98,6 +98,8 @@ export interface ClientEvents {
   connected: ConnectedPayload;
   /** The socket closed; the client reconnects unless `close()` was called. */
   disconnected: { code: number; reason: string };
+  /** The next connection attempt (1 for the first after a working socket) starts in `delayMs`. */
+  reconnecting: { attempt: number; delayMs: number };
   /**
    * A message, delivered once per `sequenceId` and in order per joined room:
    * live messages, messages recovered by a rejoin, and the echoes of your
@@ -193,6 +195,8 @@ export class ChatClient {
 
   private listeners = new Map<string, Set<Listener<never>>>();
   private socket: WebSocketLike | null = null;
+  /** The `seq` of the last numbered frame sent on this socket. */
+  private frameSeq = 0;
   private stateValue: ConnectionState = "connecting";
   private closedByUser = false;
   private reconnectAttempt = 0;
@@ -213,6 +217,8 @@ export class ChatClient {
   /** Messages of not-yet-known rooms that arrived while a `{targetUserId}` join was in flight. */
   private orphanMessages: ChatMessage[] = [];
   private pendingSends = new Map<string, PendingSend>();
+  /** The newest `markRead` per room asked for while a socket could not take it. */
+  private pendingReads = new Map<string, number>();
   /** True between a socket's open and the end of its rejoins: sends wait. */
   private resyncing = false;
   private firstConnect: { resolve: () => void; reject: (e: Error) => void; promise: Promise<void> };
@@ -333,7 +339,7 @@ export class ChatClient {
    * Sends a message; resolves with the server's own `message` event for it
    * (its `sequenceId`, `createdAt`...). Survives reconnects: the same
    * `clientMessageId` is sent again after a reconnect, which the server
-   * treats as a repeat. Retries RATE_LIMITED / SERVICE_UNAVAILABLE with
+   * treats as a repeat. Retries RATE_LIMITED / SERVICE_UNAVAILABLE / CONFLICT with
    * backoff; rejects with a ChatError for any other error, or on `close()`.
    */
   send(roomId: string, content: string, options: SendOptions = {}): Promise<ChatMessage> {
@@ -356,9 +362,13 @@ export class ChatClient {
     if (this.canSend()) this.transmit("typing", { roomId, isTyping });
   }
 
-  /** Moves your read cursor. Dropped while offline (the next markRead covers it). */
+  /**
+   * Moves your read cursor. While offline (or rejoining) the newest one per
+   * room is kept and sent once the rooms are rejoined.
+   */
   markRead(roomId: string, sequenceId: number): void {
-    if (this.canSend()) this.transmit("markRead", { roomId, sequenceId });
+    if (this.canSend() && this.transmit("markRead", { roomId, sequenceId })) return;
+    this.pendingReads.set(roomId, Math.max(sequenceId, this.pendingReads.get(roomId) ?? 0));
   }
 
   /** The client's view of a room: online members, who is typing, last delivered sequenceId. */
@@ -382,8 +392,26 @@ export class ChatClient {
   /** Drops the socket and reconnects now (e.g. when a mobile app returns to the foreground on another network). */
   reconnect(): void {
     if (this.closedByUser) return;
+    if (!this.socket && this.reconnectTimer) {
+      // Waiting for the next attempt: make it now.
+      this.clearTimer("reconnectTimer");
+      this.reconnectAttempt = 0;
+      this.scheduleReconnect(0);
+      return;
+    }
     this.reconnectAttempt = 0;
     this.dropSocket(1000, "client reconnect", 0);
+  }
+
+  /**
+   * Drops the socket as a failed network would: no close handshake is
+   * awaited, `disconnected` (code 1006) and `reconnecting` are emitted before
+   * this returns, and the client reconnects after the usual backoff, then
+   * rejoins and recovers. For tests and demos of the recovery path.
+   */
+  dropConnection(): void {
+    if (this.closedByUser || !this.socket) return;
+    this.dropSocket(1000, "connection dropped", null, 1006);
   }
 
   /** Closes the connection for good: pending sends and joins reject. */
@@ -409,6 +437,7 @@ export class ChatClient {
       p.reject(err);
     }
     this.pendingSends.clear();
+    this.pendingReads.clear();
     const joins = this.joinInFlight ? [this.joinInFlight, ...this.joinQueue] : this.joinQueue;
     for (const j of joins) j.reject?.(err);
     this.joinQueue = [];
@@ -463,6 +492,7 @@ export class ChatClient {
       return;
     }
     this.socket = ws;
+    this.frameSeq = 0; // numbering starts again on every socket
     ws.onopen = () => this.onOpen(ws, token);
     ws.onmessage = (ev) => this.onFrame(ev.data);
     ws.onerror = () => undefined; // a close follows
@@ -500,8 +530,11 @@ export class ChatClient {
     this.afterSocketGone(code, reason, code === 4001 ? 0 : null);
   }
 
-  /** Replaces the socket (dead, or its token is being renewed by reconnecting). */
-  private dropSocket(code: number, reason: string, delayMs: number | null): void {
+  /**
+   * Replaces the socket (dead, or its token is being renewed by reconnecting).
+   * `code` goes to the server; `reported` (default `code`) to `disconnected`.
+   */
+  private dropSocket(code: number, reason: string, delayMs: number | null, reported = code): void {
     const ws = this.socket;
     if (!ws) return;
     detach(ws);
@@ -513,7 +546,7 @@ export class ChatClient {
     } catch {
       /* already closed */
     }
-    this.afterSocketGone(code, reason, delayMs);
+    this.afterSocketGone(reported, reason, delayMs);
   }
 
   private afterSocketGone(code: number, reason: string, delayMs: number | null): void {
@@ -544,6 +577,7 @@ export class ChatClient {
       delayMs ?? backoffMs(this.reconnectAttempt, this.opt.reconnectInitialDelayMs, this.opt.reconnectMaxDelayMs, this.opt.random);
     this.reconnectAttempt++;
     this.reconnectTimer = setTimeout(() => void this.openSocket(), delay);
+    this.emit("reconnecting", { attempt: this.reconnectAttempt, delayMs: delay });
   }
 
   private stopSocketTimers(): void {
@@ -569,11 +603,24 @@ export class ChatClient {
     return !!this.socket && this.socket.readyState === OPEN && !this.resyncing;
   }
 
+  /**
+   * Sends one frame. Every frame but `ping` is numbered (`seq`: 1, 2, 3 ... on
+   * each socket), so the server handles them in the order sent even when API
+   * Gateway invokes it for several at once (PROTOCOL.md, "Order of a sender's
+   * frames"); a retry is a new frame with a new number. Pings are not numbered:
+   * they need no order, and one the gateway refuses never reaches the server.
+   */
   private transmit<K extends keyof ClientCommands>(type: K, payload: ClientCommands[K]): boolean {
     const ws = this.socket;
     if (!ws || ws.readyState !== OPEN) return false;
     try {
-      ws.send(JSON.stringify({ type, payload }));
+      if (type === "ping") {
+        ws.send(JSON.stringify({ type, payload }));
+      } else {
+        const seq = this.frameSeq + 1;
+        ws.send(JSON.stringify({ type, seq, payload }));
+        this.frameSeq = seq;
+      }
       return true;
     } catch {
       return false;
@@ -783,7 +830,18 @@ export class ChatClient {
     };
   }
 
+  /**
+   * After the rejoins: the read cursors kept while offline, then the sends
+   * whose echo never came. Reads first: a send moves the sender's own cursor
+   * past what they read, and the server sends a `readReceipt` only when a
+   * cursor moves, so a read sent after it would never reach the others.
+   */
   private flushSends(): void {
+    const reads = [...this.pendingReads];
+    this.pendingReads.clear();
+    for (const [roomId, sequenceId] of reads) {
+      if (!this.transmit("markRead", { roomId, sequenceId })) this.pendingReads.set(roomId, sequenceId);
+    }
     for (const p of this.pendingSends.values()) {
       if (!p.retryTimer) this.transmit("sendMessage", p.payload);
     }
@@ -896,6 +954,7 @@ export class ChatClient {
       this.emit("message", m);
       return;
     }
+    this.stopTyping(st, m.senderId); // a message ends its sender's typing
     if (st.lastSeq === null) {
       st.buffer.set(m.sequenceId, m); // its join is in flight
       return;
@@ -949,6 +1008,7 @@ export class ChatClient {
   private forgetRoom(st: RoomState): void {
     this.clearRoomTimers(st);
     this.rooms.delete(st.id);
+    this.pendingReads.delete(st.id);
   }
 
   private clearRoomTimers(st: RoomState): void {
@@ -982,10 +1042,9 @@ export class ChatClient {
     this.emit("typing", p);
     const st = this.rooms.get(p.roomId);
     if (!st || !st.joined || p.userId === this.userIdValue) return;
-    const had = st.typing.has(p.userId);
-    const old = st.typing.get(p.userId);
-    if (old) clearTimeout(old);
     if (p.isTyping) {
+      const had = st.typing.get(p.userId);
+      if (had !== undefined) clearTimeout(had);
       st.typing.set(
         p.userId,
         setTimeout(() => {
@@ -993,11 +1052,18 @@ export class ChatClient {
           this.emit("typingUsers", { roomId: st.id, userIds: [...st.typing.keys()].sort() });
         }, this.opt.typingTimeoutMs),
       );
-      if (!had) this.emit("typingUsers", { roomId: st.id, userIds: [...st.typing.keys()].sort() });
-    } else if (had) {
-      st.typing.delete(p.userId);
-      this.emit("typingUsers", { roomId: st.id, userIds: [...st.typing.keys()].sort() });
+      if (had === undefined) this.emit("typingUsers", { roomId: st.id, userIds: [...st.typing.keys()].sort() });
+    } else {
+      this.stopTyping(st, p.userId);
     }
+  }
+
+  private stopTyping(st: RoomState, userId: string): void {
+    const timer = st.typing.get(userId);
+    if (timer === undefined) return;
+    clearTimeout(timer);
+    st.typing.delete(userId);
+    this.emit("typingUsers", { roomId: st.id, userIds: [...st.typing.keys()].sort() });
   }
 }
 

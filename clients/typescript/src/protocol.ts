@@ -103,7 +103,9 @@ export type ErrorCode =
   | "RATE_LIMITED"
   | "INTERNAL"
   | "SERVICE_UNAVAILABLE"
-  | "UNAUTHORIZED";
+  | "UNAUTHORIZED"
+  /** Only for a frame with `seq`: it came after a later frame; nothing was done. */
+  | "CONFLICT";
 
 export interface ErrorPayload {
   code: ErrorCode | (string & {});
@@ -160,8 +162,17 @@ export interface ClientCommands {
 }
 
 export type ClientFrame = {
-  [K in keyof ClientCommands]: { type: K; payload: ClientCommands[K] };
+  /**
+   * `seq` (optional): the frame's number on its connection (1, 2, 3 ...); the
+   * server handles numbered frames in this order (PROTOCOL.md, "Order of a
+   * sender's frames").
+   */
+  [K in keyof ClientCommands]: { type: K; seq?: number; payload: ClientCommands[K] };
 }[keyof ClientCommands];
 
-/** Codes worth retrying (PROTOCOL.md "Retrying"); every other code fails the same way again. */
-export const RETRYABLE_CODES: ReadonlySet<string> = new Set(["RATE_LIMITED", "SERVICE_UNAVAILABLE"]);
+/**
+ * Codes worth retrying (PROTOCOL.md "Retrying"); every other code fails the same
+ * way again. CONFLICT: a numbered frame that came after a later one, sent again
+ * with a new number.
+ */
+export const RETRYABLE_CODES: ReadonlySet<string> = new Set(["RATE_LIMITED", "SERVICE_UNAVAILABLE", "CONFLICT"]);

@@ -154,6 +154,84 @@ test("presence and typing state per room", async () => {
   client.close();
 });
 
+test("a message from a typist ends their typing", async () => {
+  const { client, ws } = await setup();
+  const changes = [];
+  client.on("typingUsers", (t) => changes.push(t.userIds));
+  const j = client.join("r1");
+  ws.push("roomJoined", { room: room("r1"), messages: [], unreadCount: 0, onlineUsers: [], hasMore: false });
+  await j;
+  ws.push("typing", { roomId: "r1", userId: "bob", username: "bob", isTyping: true });
+  ws.push("typing", { roomId: "r1", userId: "eve", username: "eve", isTyping: true });
+  ws.push("message", msg("r1", 1, { senderId: "bob" }));
+  assert.deepEqual(client.getRoom("r1").typingUsers, ["eve"]);
+  ws.push("typing", { roomId: "r1", userId: "eve", username: "eve", isTyping: false });
+  ws.push("typing", { roomId: "r1", userId: "eve", username: "eve", isTyping: false });
+  assert.deepEqual(changes, [["bob"], ["bob", "eve"], ["eve"], []]);
+  client.close();
+});
+
+test("dropConnection() drops the socket as a failed network would, then reconnects with backoff and rejoins", async () => {
+  const { client, ws } = await setup({ reconnectInitialDelayMs: 200 });
+  const j = client.join("r1");
+  ws.push("roomJoined", { room: room("r1"), messages: [msg("r1", 1)], unreadCount: 0, onlineUsers: [], hasMore: false });
+  await j;
+  const seen = [];
+  client.on("disconnected", (d) => seen.push(["disconnected", d.code]));
+  client.on("reconnecting", (r) => seen.push(["reconnecting", r.attempt, r.delayMs]));
+  client.dropConnection();
+  // Synchronously: the events, the state, and the old socket closed.
+  assert.deepEqual(seen, [["disconnected", 1006], ["reconnecting", 1, 150]]);
+  assert.equal(client.state, "reconnecting");
+  assert.equal(ws.readyState, 3);
+  assert.equal(ws.onmessage, null, "the old socket is given up");
+  await sleep(100);
+  assert.equal(FakeSocket.all.length, 1, "not before the backoff");
+  await waitFor("a new socket", () => FakeSocket.all.length === 2);
+  const ws2 = FakeSocket.all[1];
+  ws2.open();
+  assert.deepEqual(ws2.frames("joinRoom").map((f) => f.payload), [{ roomId: "r1", afterSequenceId: 1 }]);
+  client.close();
+});
+
+test("reconnect() while waiting for the next attempt makes it now", async () => {
+  const { client, ws } = await setup({ reconnectInitialDelayMs: 60000 });
+  ws.close(1006, "");
+  assert.equal(client.state, "reconnecting");
+  await sleep(20);
+  assert.equal(FakeSocket.all.length, 1, "waiting out the backoff");
+  client.reconnect();
+  await waitFor("a new socket at once", () => FakeSocket.all.length === 2, 1000);
+  client.close();
+});
+
+test("markRead while offline or rejoining is kept, the newest per room, and sent after the rejoins", async () => {
+  const { client, ws } = await setup();
+  const j = client.join("r1");
+  ws.push("roomJoined", { room: room("r1"), messages: [msg("r1", 1)], unreadCount: 0, onlineUsers: [], hasMore: false });
+  await j;
+  client.markRead("r1", 1);
+  assert.deepEqual(ws.frames("markRead").map((f) => f.payload), [{ roomId: "r1", sequenceId: 1 }], "online: at once");
+  ws.close(1006, "");
+  client.markRead("r1", 3);
+  client.markRead("r1", 2);
+  client.markRead("r2", 7);
+  const sending = client.send("r1", "written offline");
+  await waitFor("a second socket", () => FakeSocket.all.length === 2);
+  const ws2 = FakeSocket.all[1];
+  ws2.open();
+  client.markRead("r1", 4); // rejoining: kept too
+  assert.equal(ws2.frames("markRead").length, 0, "not before the rejoins");
+  ws2.push("roomJoined", { room: room("r1"), messages: [msg("r1", 2), msg("r1", 3), msg("r1", 4)], unreadCount: 0, onlineUsers: [], hasMore: false, recovered: true });
+  assert.deepEqual(ws2.frames("markRead").map((f) => f.payload), [{ roomId: "r1", sequenceId: 4 }, { roomId: "r2", sequenceId: 7 }]);
+  // Reads before sends: a send moves the sender's cursor, and a read behind it would not reach the others.
+  assert.deepEqual(ws2.sent.map((f) => f.type), ["joinRoom", "markRead", "markRead", "sendMessage"]);
+  client.markRead("r1", 4);
+  assert.equal(ws2.frames("markRead").length, 3, "online again: at once");
+  client.close();
+  await assert.rejects(sending, /client closed/);
+});
+
 test("no pong in time replaces the socket", async () => {
   const { client, ws } = await setup({ pingIntervalMs: 50, pongTimeoutMs: 50 });
   await waitFor("a ping", () => ws.frames("ping").length >= 1);
@@ -226,4 +304,35 @@ test("the package loads as ES module and as CommonJS", async () => {
   assert.equal(typeof cjs.connect, "function");
   assert.equal(typeof esm.connect, "function");
   assert.ok(cjs.RETRYABLE_CODES.has("RATE_LIMITED"));
+});
+
+test("frames but ping are numbered per socket; a CONFLICT send goes again with a new number", async () => {
+  const { client, ws } = await setup({ pingIntervalMs: 20 });
+  const a = client.send("r1", "a");
+  const b = client.send("r1", "b");
+  client.typing("r1", true);
+  await waitFor("a ping", () => ws.frames("ping").length > 0);
+  assert.equal(ws.frames("ping")[0].seq, undefined, "pings are not numbered");
+  const numbered = ws.sent.filter((f) => f.type !== "ping");
+  assert.deepEqual(numbered.map((f) => [f.type, f.seq]), [["sendMessage", 1], ["sendMessage", 2], ["typing", 3]]);
+  // The server handled a later frame before "a" arrived: it is sent again,
+  // numbered after everything sent so far, with the same clientMessageId.
+  const [first, second] = ws.frames("sendMessage");
+  ws.push("error", { code: "CONFLICT", message: "late", requestType: "sendMessage", clientMessageId: first.payload.clientMessageId });
+  await waitFor("the resend", () => ws.frames("sendMessage").length === 3);
+  const resent = ws.frames("sendMessage")[2];
+  assert.equal(resent.payload.clientMessageId, first.payload.clientMessageId);
+  assert.equal(resent.seq, 4);
+  ws.push("message", msg("r1", 1, { senderId: "me", clientMessageId: second.payload.clientMessageId }));
+  ws.push("message", msg("r1", 2, { senderId: "me", clientMessageId: first.payload.clientMessageId }));
+  assert.equal((await b).sequenceId, 1);
+  assert.equal((await a).sequenceId, 2);
+  // A new socket numbers from 1 again.
+  ws.close(1006, "");
+  await waitFor("a second socket", () => FakeSocket.all.length === 2);
+  const ws2 = FakeSocket.all[1];
+  ws2.open();
+  client.typing("r1", false);
+  assert.deepEqual(ws2.sent.filter((f) => f.type !== "ping").map((f) => f.seq), [1]);
+  client.close();
 });

@@ -175,11 +175,15 @@ async fn an_integration_over_its_timeout_fails_as_on_aws() {
 }
 
 #[tokio::test]
-async fn messages_are_handled_one_at_a_time_in_order() {
+async fn serial_dispatch_handles_messages_one_at_a_time_in_order() {
     let running = Arc::new(AtomicUsize::new(0));
     let most = Arc::new(AtomicUsize::new(0));
     let (running_in, most_in) = (Arc::clone(&running), Arc::clone(&most));
-    let server = TestServer::start_with(config(), move |recorder| {
+    let serial = chat_gateway::GatewayConfig {
+        dispatch: chat_gateway::Dispatch::Serial,
+        ..config()
+    };
+    let server = TestServer::start_with(serial, move |recorder| {
         let recording = recording_handlers(recorder);
         let default = move |event: Event| {
             let (running, most) = (Arc::clone(&running_in), Arc::clone(&most_in));

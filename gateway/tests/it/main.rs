@@ -3,6 +3,7 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod dispatch;
 mod edge;
 mod events;
 mod helpers;

@@ -447,6 +447,12 @@ pub struct Client {
     pub socket: Socket,
     pub user: String,
     pub connection_id: String,
+    /// The `seq` of the last numbered frame [`Client::send`] sent: like the
+    /// client library, it numbers every frame but `ping`, so the server
+    /// handles them in the order sent although the gateway invokes
+    /// `$default` for several at once (PROTOCOL.md, "Order of a sender's
+    /// frames").
+    pub seq: u64,
 }
 
 impl Client {
@@ -476,6 +482,7 @@ impl Client {
             socket,
             user: user.to_owned(),
             connection_id: String::new(),
+            seq: 0,
         };
         let connected = client.expect("connected").await;
         assert_eq!(connected["userId"], user);
@@ -483,11 +490,16 @@ impl Client {
         (client, connected)
     }
 
-    /// Sends a frame, which must conform to the AsyncAPI document
-    /// ([`assert_frame_conforms`]); deliberately bad ones go through
-    /// [`Client::send_invalid`].
+    /// Sends a frame, numbered (`seq`) unless it is a `ping`, which must
+    /// conform to the AsyncAPI document ([`assert_frame_conforms`]);
+    /// deliberately bad ones go through [`Client::send_invalid`] (not
+    /// numbered).
     pub async fn send(&mut self, kind: &str, payload: Value) {
-        let frame = json!({"type": kind, "payload": payload});
+        let mut frame = json!({"type": kind, "payload": payload});
+        if kind != "ping" {
+            self.seq += 1;
+            frame["seq"] = json!(self.seq);
+        }
         assert_frame_conforms(&frame, true, &self.user);
         self.socket
             .send(Message::text(frame.to_string()))

@@ -200,7 +200,7 @@ fn server_frames() -> Vec<(&'static str, Value, &'static str)> {
                 },
                 "required": ["code", "message", "requestType", "clientMessageId"]
             }),
-            "A request failed; the connection stays open. Retry only RATE_LIMITED and SERVICE_UNAVAILABLE (docs/PROTOCOL.md, \"Retrying\").",
+            "A request failed; the connection stays open. Retry only RATE_LIMITED and SERVICE_UNAVAILABLE; CONFLICT (only for a frame with seq) means it came after a later frame and nothing was done: send it again with a new seq (docs/PROTOCOL.md, \"Retrying\").",
         ),
     ]
 }
@@ -219,10 +219,14 @@ fn message_name(kind: &str, from_client: bool) -> String {
     }
 }
 
-fn frame_schema(kind: &str, payload: Value) -> Value {
+fn frame_schema(kind: &str, payload: Value, from_client: bool) -> Value {
+    let mut properties = json!({"type": {"const": kind}, "payload": payload});
+    if from_client {
+        properties["seq"] = json!({"$ref": "#/components/schemas/FrameSeq"});
+    }
     json!({
         "type": "object",
-        "properties": {"type": {"const": kind}, "payload": payload},
+        "properties": properties,
         "required": ["type", "payload"]
     })
 }
@@ -241,7 +245,7 @@ pub fn document() -> Value {
                     "name": kind,
                     "title": kind,
                     "summary": description,
-                    "payload": frame_schema(kind, payload),
+                    "payload": frame_schema(kind, payload, from_client),
                 }),
             );
             channel_messages.insert(
@@ -301,6 +305,11 @@ pub fn document() -> Value {
         "Timestamp".to_owned(),
         json!({"type": "string", "format": "date-time",
                "description": "RFC 3339, UTC, with milliseconds: 2025-11-06T12:00:00.000Z"}),
+    );
+    schemas.insert(
+        "FrameSeq".to_owned(),
+        json!({"type": "integer", "minimum": 1, "maximum": crate::realtime::MAX_SEQ,
+               "description": "Optional, on any client frame: the connection's frame counter (1, 2, 3 ... on each new connection). Frames that carry it are handled in seq order, even when API Gateway invokes several at once: a frame waits for every lower seq (a missing one is given up after 2 s), one that comes after a higher seq was handled is refused with CONFLICT and nothing is done (send it again with a new seq). Frames without it are handled in no promised order (docs/PROTOCOL.md, \"Order of a sender's frames\")."}),
     );
     schemas.insert(
         "RoomIdField".to_owned(),

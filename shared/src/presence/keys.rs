@@ -15,6 +15,7 @@
 //! | `presence:leases` | sorted set | every connection id, scored by lease expiry: what the sweeper scans |
 //! | `conn:{connectionId}` | hash | `userId`, `username`, `displayName`, `avatar`, `admin`, `endpoint` (Management API callback URL), `connectedAt` (ms), `greeted` (set once `connected` was delivered), `exp` (the token's expiry, s; absent: none), `jti` and `iat` (the token's, when it has them: revocation) |
 //! | `conn:{connectionId}:rooms` | set | rooms the connection has joined |
+//! | `conn:{connectionId}:order` | hash | `turn`, `until`, `since`, `min`: the turn of the connection's frames that carry `seq` (`realtime`'s `ordering` module); expires 2 h 10 min after its last change |
 //! | `room:{roomId}:conns` | hash | connection id → `watermark\|userId\|connectedAt\|endpoint`: what the relay fans out to in one read |
 //! | `room:{roomId}:seq` | string, 1 h TTL | the highest sequence id published for the room: what a join checks for a fan-out it missed |
 //! | `relay:lease:{n}` | string, with a TTL | the relay id that holds lease shard `n` (`SET NX PX`, renewed by compare-and-`PEXPIRE`; the relay crate's `cluster` module) |
@@ -40,6 +41,7 @@ const USER_CONNS: &str = "presence:user:";
 const LEASES: &str = "presence:leases";
 const CONN: &str = "conn:";
 const CONN_ROOMS_TAIL: &str = ":rooms";
+const CONN_ORDER_TAIL: &str = ":order";
 const ROOM: &str = "room:";
 const ROOM_CONNS_TAIL: &str = ":conns";
 const ROOM_SEQ_TAIL: &str = ":seq";
@@ -136,6 +138,12 @@ impl Keys {
     /// [`Keys::conn_rooms`] of a connection a script finds.
     pub fn conn_rooms_pattern(&self) -> KeyPattern {
         self.pattern(CONN, CONN_ROOMS_TAIL)
+    }
+
+    /// The turn of a connection's sequenced frames (issue 16; the
+    /// `ordering` module of `realtime`).
+    pub fn conn_order(&self, connection_id: &str) -> String {
+        format!("{}{CONN}{connection_id}{CONN_ORDER_TAIL}", self.prefix)
     }
 
     /// The connections joined to a room.
@@ -239,6 +247,7 @@ mod tests {
             (keys.leases(), "p:presence:leases"),
             (keys.conn("c1"), "p:conn:c1"),
             (keys.conn_rooms("c1"), "p:conn:c1:rooms"),
+            (keys.conn_order("c1"), "p:conn:c1:order"),
             (keys.room_conns("r1"), "p:room:r1:conns"),
             (keys.room_seq("r1"), "p:room:r1:seq"),
             (keys.relay_lags(), "p:relay:lags"),

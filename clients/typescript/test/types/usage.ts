@@ -9,6 +9,8 @@ const viaDom: ChatClient = connect("ws://x/ws", provider, { WebSocket: globalThi
 viaWs.on("message", (m: ChatMessage) => m.sequenceId.toFixed());
 viaWs.on("reloaded", (r: { roomId: string; snapshot: RoomJoinedPayload }) => r.snapshot.recovered);
 viaWs.on("error", (e: ErrorPayload) => e.retryAfterMs ?? e.code);
+viaWs.on("reconnecting", (r: { attempt: number; delayMs: number }) => r.delayMs + r.attempt);
+viaWs.dropConnection();
 async function use(): Promise<number> {
   const joined = await viaDom.join({ targetUserId: "bob" }, { afterSequenceId: 3 });
   const m = await viaDom.send(joined.room.id, "hi", { type: "text", metadata: { a: 1 } });
