@@ -99,27 +99,28 @@ pub fn gateway_config(config: &Config, management: SocketAddr) -> GatewayConfig 
     GatewayConfig {
         domain_name: management.to_string(),
         management_credentials: ManagementCredentials {
-            access_key_id: config.management.access_key_id.clone(),
+            access_key_id: config.relay.management.access_key_id.clone(),
             secret_access_key: config
+                .relay
                 .management
                 .secret_access_key
                 .expose_secret()
                 .to_owned(),
         },
-        stage: config.gateway.stage.clone(),
-        max_message_bytes: config.gateway.max_message_bytes,
-        max_frame_bytes: config.gateway.max_frame_bytes,
-        accept_binary_frames: config.gateway.accept_binary_frames,
-        integration_timeout: config.gateway.integration_timeout,
-        idle_timeout: config.gateway.idle_timeout,
-        max_lifetime: config.gateway.max_lifetime,
-        max_queued_bytes: config.gateway.max_queued_bytes,
-        max_pings_per_sec: config.gateway.max_pings_per_sec,
-        dispatch: match config.gateway.dispatch_concurrency {
+        stage: config.local.gateway.stage.clone(),
+        max_message_bytes: config.local.gateway.max_message_bytes,
+        max_frame_bytes: config.local.gateway.max_frame_bytes,
+        accept_binary_frames: config.local.gateway.accept_binary_frames,
+        integration_timeout: config.local.gateway.integration_timeout,
+        idle_timeout: config.local.gateway.idle_timeout,
+        max_lifetime: config.local.gateway.max_lifetime,
+        max_queued_bytes: config.local.gateway.max_queued_bytes,
+        max_pings_per_sec: config.local.gateway.max_pings_per_sec,
+        dispatch: match config.local.gateway.dispatch_concurrency {
             1 => Dispatch::Serial,
             n => Dispatch::Concurrent(n),
         },
-        instance_id: config.instance_id.clone(),
+        instance_id: config.common.instance_id.clone(),
         ..GatewayConfig::default()
     }
 }
@@ -128,10 +129,12 @@ pub fn gateway_config(config: &Config, management: SocketAddr) -> GatewayConfig 
 /// [`chat_gateway::listener`]).
 pub fn edge_limits(config: &Config) -> EdgeLimits {
     EdgeLimits {
-        handshake_timeout: config.gateway.handshake_timeout,
-        max_handshakes: config.gateway.max_handshakes,
-        connect_rate_per_ip: config.gateway.connect_rate_per_ip,
-        max_sockets: chat_gateway::listener::sockets_within_fd_limit(config.gateway.fd_reserve),
+        handshake_timeout: config.local.gateway.handshake_timeout,
+        max_handshakes: config.local.gateway.max_handshakes,
+        connect_rate_per_ip: config.local.gateway.connect_rate_per_ip,
+        max_sockets: chat_gateway::listener::sockets_within_fd_limit(
+            config.local.gateway.fd_reserve,
+        ),
     }
 }
 
@@ -180,7 +183,7 @@ impl Stack {
         parts: Parts,
         options: Options,
     ) -> anyhow::Result<Self> {
-        let ws_state = bootstrap::ws_state(config).await?;
+        let ws_state = bootstrap::ws_state(&config.handlers()).await?;
         let shutdown = CancellationToken::new();
         let mut tasks = Vec::new();
         let mut addr = None;
@@ -202,13 +205,14 @@ impl Stack {
         // view can read its counters. In one process with the gateway it
         // may call that gateway's endpoint.
         let relay = if parts.relay {
-            let mut relay_options = RelayOptions::from_config(config);
+            let mut relay_options = RelayOptions::from_config(&config.relay_process());
             if let Some(management) = management_addr {
-                relay_options.endpoints = relay_options
-                    .endpoints
-                    .allowing(format!("http://{management}/{}", config.gateway.stage));
+                relay_options.endpoints = relay_options.endpoints.allowing(format!(
+                    "http://{management}/{}",
+                    config.local.gateway.stage
+                ));
             }
-            Some(chat_relay::Relay::with_options(config, relay_options).await?)
+            Some(chat_relay::Relay::with_options(&config.relay_process(), relay_options).await?)
         } else {
             None
         };
@@ -219,7 +223,7 @@ impl Stack {
             let app_state = http::AppState {
                 chat: ws_state.realtime.chat().clone(),
                 verifier: Arc::clone(&ws_state.verifier),
-                max_waiting: config.pg_max_waiting,
+                max_waiting: config.api.pg_max_waiting,
             };
             let management_listener =
                 management_listener.context("the gateway needs a management listener")?;
@@ -228,7 +232,7 @@ impl Stack {
                 handlers(ws_state.clone()),
             );
             let telemetry = Telemetry {
-                instance_id: config.instance_id.clone(),
+                instance_id: config.common.instance_id.clone(),
                 gateway: Some(emulator.clone()),
                 relay: relay_metrics.clone(),
             };
@@ -236,16 +240,13 @@ impl Stack {
                 verifier: Arc::clone(&ws_state.verifier),
                 chat: app_state.chat.clone(),
                 telemetry: telemetry.clone(),
-                dev_tokens: options
-                    .dev_tokens
-                    .then_some(config.require_jwt_secret()?)
-                    .map(|secret| {
-                        Arc::new(DevTokens {
-                            secret: secret.clone(),
-                            issuer: config.jwt_issuer.clone(),
-                            audience: config.jwt_audience.clone(),
-                        })
-                    }),
+                dev_tokens: options.dev_tokens.then(|| {
+                    Arc::new(DevTokens {
+                        secret: config.api.jwt_secret.clone(),
+                        issuer: config.api.jwt_issuer.clone(),
+                        audience: config.api.jwt_audience.clone(),
+                    })
+                }),
             });
             // `/health` here too: it answers even while the client port is
             // full (the file-descriptor reserve).
@@ -290,7 +291,7 @@ impl Stack {
         if let Some(listener) = options.metrics_listener {
             metrics_addr = Some(listener.local_addr()?);
             let app = metrics::router(Telemetry {
-                instance_id: config.instance_id.clone(),
+                instance_id: config.common.instance_id.clone(),
                 gateway: gateway.clone(),
                 relay: relay_metrics.clone(),
             });
@@ -354,7 +355,8 @@ impl Stack {
 /// # Errors
 /// When `DATABASE_URL` is invalid or PostgreSQL fails.
 pub async fn apply_retention(config: &Config) -> anyhow::Result<u64> {
-    let pool = store::connect_pool(&config.database_url, 1)?;
-    let store = store::Store::new(pool, config.message_retention);
-    Ok(store.cleanup_all(config.message_retention).await?)
+    let common = &config.common;
+    let pool = store::connect_pool(&common.database_url, 1)?;
+    let store = store::Store::new(pool, common.message_retention);
+    Ok(store.cleanup_all(common.message_retention).await?)
 }

@@ -133,17 +133,18 @@ async fn run() -> anyhow::Result<()> {
             dev_tokens,
         } => {
             let config = Config::from_env()?;
-            telemetry::init(config.log_format, &config.log_filter);
+            telemetry::init(config.common.log_format, &config.common.log_filter);
             if !no_migrate {
-                let applied = store::migrate(&config.database_url).await?;
+                let applied = store::migrate(&config.common.database_url).await?;
                 tracing::info!(applied, "migrations up to date");
             }
-            let addr = listen.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], config.port)));
+            let addr =
+                listen.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], config.local.port)));
             let listener = tokio::net::TcpListener::bind(addr)
                 .await
                 .with_context(|| format!("binding {addr}"))?;
             let management_addr = management_listen
-                .or(config.management.listen)
+                .or(config.local.management_listen)
                 .unwrap_or_else(|| {
                     SocketAddr::from(([127, 0, 0, 1], addr.port().saturating_add(100)))
                 });
@@ -174,7 +175,7 @@ async fn run() -> anyhow::Result<()> {
             tracing::info!(
                 %addr,
                 %management_addr,
-                instance = %config.instance_id,
+                instance = %config.common.instance_id,
                 relay = parts.relay,
                 "chat-local listening: REST /api/v1/chat, WebSocket /ws, health /health, \
                  console http://{addr}/console; Management API (SigV4) and metrics at \
@@ -190,7 +191,7 @@ async fn run() -> anyhow::Result<()> {
         }
         Command::Relay { metrics_listen } => {
             let config = Config::from_env()?;
-            telemetry::init(config.log_format, &config.log_filter);
+            telemetry::init(config.common.log_format, &config.common.log_filter);
             let parts = Parts {
                 gateway: false,
                 relay: true,
@@ -210,10 +211,10 @@ async fn run() -> anyhow::Result<()> {
             let stack = Stack::start_with(&config, None, parts, options).await?;
             match stack.metrics_addr {
                 Some(metrics) => tracing::info!(
-                    instance = %config.instance_id,
+                    instance = %config.common.instance_id,
                     "relay running; metrics at http://{metrics}/metrics"
                 ),
-                None => tracing::info!(instance = %config.instance_id, "relay running"),
+                None => tracing::info!(instance = %config.common.instance_id, "relay running"),
             }
             run_until_signal(stack).await
         }
@@ -230,8 +231,8 @@ async fn run() -> anyhow::Result<()> {
         }
         Command::Migrate => {
             let config = Config::from_env()?;
-            telemetry::init(config.log_format, &config.log_filter);
-            let applied = store::migrate(&config.database_url).await?;
+            telemetry::init(config.common.log_format, &config.common.log_filter);
+            let applied = store::migrate(&config.common.database_url).await?;
             println!("applied {applied} migration(s); the schema is up to date");
             Ok(())
         }

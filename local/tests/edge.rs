@@ -177,7 +177,7 @@ async fn a_poisoned_record_gets_no_request() {
     let env = strict_env().await;
     let stack = TestStack::all_in_one(&env).await;
     let (foreign, hits) = foreign_listener().await;
-    let state = chat_shared::bootstrap::ws_state(&env.config())
+    let state = chat_shared::bootstrap::ws_state(&env.config().handlers())
         .await
         .expect("handlers' state");
     stack.register(&["eve"]).await;
@@ -259,7 +259,7 @@ async fn a_custom_domain_connection_is_posted_to_the_configured_endpoint() {
     carol.ping_pong().await;
 
     // A `$connect` event as API Gateway sends it behind a custom domain.
-    let state = chat_shared::bootstrap::ws_state(&config)
+    let state = chat_shared::bootstrap::ws_state(&config.handlers())
         .await
         .expect("handlers' state");
     let event: ApiGatewayWebsocketProxyRequest = serde_json::from_value(json!({

@@ -1162,7 +1162,7 @@ async fn redis_restarting_while_messages_flow() {
 async fn a_relay_killed_with_sigkill_while_messages_flow() {
     limited(async {
         let (mut deployment, room, alice, bob) = flowing(Duration::ZERO).await;
-        let shard = chat_relay::cluster_shard(&room, SHARDS);
+        let shard = chat_relay::lease_shard(&room, SHARDS);
         let (_, owners) = relay_view(&deployment.redis_url()).await.expect("Redis");
         let victim = relay_name(owners[shard].as_deref().expect("an owner")).to_owned();
         let survivor = if victim == "relay1" { "relay2" } else { "relay1" };
@@ -1273,7 +1273,7 @@ async fn a_gateway_killed_with_sigkill_while_messages_flow() {
 async fn a_relay_stopped_with_sigterm_drains_and_hands_over() {
     limited(async {
         let (mut deployment, room, alice, bob) = flowing(Duration::ZERO).await;
-        let shard = chat_relay::cluster_shard(&room, SHARDS);
+        let shard = chat_relay::lease_shard(&room, SHARDS);
         let (_, owners) = relay_view(&deployment.redis_url()).await.expect("Redis");
         let victim = relay_name(owners[shard].as_deref().expect("an owner")).to_owned();
         let survivor = if victim == "relay1" { "relay2" } else { "relay1" };

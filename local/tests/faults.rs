@@ -26,7 +26,7 @@ async fn stale_connection(
     room: &str,
     age_ms: i64,
 ) -> Connection {
-    let state = chat_shared::bootstrap::ws_state(&env.config())
+    let state = chat_shared::bootstrap::ws_state(&env.config().handlers())
         .await
         .expect("handlers' state");
     let conn = Connection {

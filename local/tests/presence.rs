@@ -81,7 +81,7 @@ async fn online_with_the_first_connection_offline_after_the_last() {
 /// A connection registered the way `$connect` registers one, at a gateway
 /// that has no such socket: it will never send a frame or be closed.
 async fn ghost(env: &TestEnv, stack: &TestStack, user: &str, connected_at_ms: i64) -> Connection {
-    let state = chat_shared::bootstrap::ws_state(&env.config())
+    let state = chat_shared::bootstrap::ws_state(&env.config().handlers())
         .await
         .expect("handlers' state");
     let conn = Connection {

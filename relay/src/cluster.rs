@@ -1,9 +1,9 @@
-//! Cluster shards: how several relays split the bus without delivering
+//! Lease shards: how several relays split the bus without delivering
 //! anything twice.
 //!
 //! Pub/sub is broadcast: every relay subscribes to the channel and reads
 //! every envelope. Each envelope belongs to one of `RELAY_SHARDS` (64)
-//! cluster shards, by its ordering key ([`crate::shard::shard_of`]), and
+//! lease shards, by its ordering key ([`crate::lanes::lease_shard_of`]), and
 //! a relay hands an envelope to its workers only while it holds that
 //! shard's lease; the others drop it. So each envelope is handled by at
 //! most one relay, and a room (one ordering key) is always handled by one
@@ -66,14 +66,14 @@ use redis::aio::ConnectionManager;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
+use crate::lanes::Work;
 use crate::metrics::RelayMetrics;
-use crate::shard::{Work, message_sequence};
 
 /// Lease timing, fixed for a relay's life.
 #[derive(Debug, Clone)]
 pub struct ClusterOptions {
-    /// Cluster shards (`RELAY_SHARDS`, 64); the same for every relay.
-    pub shards: usize,
+    /// Lease shards (`RELAY_SHARDS`, 64); the same for every relay.
+    pub lease_shards: usize,
     /// Lease lifetime in Redis, renewed every [`ClusterOptions::renew`].
     /// 5 s.
     pub ttl: Duration,
@@ -90,10 +90,10 @@ pub struct ClusterOptions {
 }
 
 impl ClusterOptions {
-    /// The defaults for `shards` cluster shards.
-    pub fn new(shards: usize) -> Self {
+    /// The defaults for `lease_shards` lease shards.
+    pub fn new(lease_shards: usize) -> Self {
         Self {
-            shards: shards.max(1),
+            lease_shards: lease_shards.max(1),
             ttl: Duration::from_secs(5),
             renew: Duration::from_millis(500),
             margin: Duration::from_secs(1),
@@ -108,7 +108,7 @@ impl ClusterOptions {
     }
 }
 
-/// Which cluster shards this relay may handle right now. Written by the
+/// Which lease shards this relay may handle right now. Written by the
 /// cluster loop and the bus reader, read (lock-free) for every envelope.
 #[derive(Debug)]
 pub(crate) struct Ownership {
@@ -135,7 +135,7 @@ impl Ownership {
         }
     }
 
-    /// Number of cluster shards.
+    /// Number of lease shards.
     pub(crate) fn shards(&self) -> usize {
         self.until.len()
     }
@@ -254,9 +254,9 @@ impl Missed {
         }
         let room = match (&envelope.control, &envelope.target, &envelope.event) {
             (Some(Control::Sync { room_id, .. }), _, _) => Some((room_id.clone(), None)),
-            (None, Target::Room { room_id }, Some(event)) => {
-                message_sequence(event.get()).map(|seq| (room_id.clone(), Some(seq)))
-            }
+            (None, Target::Room { .. }, Some(_)) => envelope
+                .room_message()
+                .map(|(room_id, seq)| (room_id.to_owned(), Some(seq))),
             (None, Target::Connection { .. }, Some(event))
                 if event.get().starts_with(r#"{"type":"connected""#) =>
             {
@@ -507,7 +507,7 @@ impl Cluster {
         if held.len() < share && !free.is_empty() && !draining {
             // Start at an offset of our own, so relays that start together
             // do not all reach for the same shards first.
-            let offset = crate::shard::key_hash(&self.id) as usize % free.len();
+            let offset = crate::lanes::key_hash(&self.id) as usize % free.len();
             let candidates: Vec<usize> = free[offset..]
                 .iter()
                 .chain(&free[..offset])
@@ -539,7 +539,7 @@ impl Cluster {
         if !new.is_empty() {
             tracing::info!(
                 relay = %self.id, shards = ?new, held = held.len(), share,
-                members = members.len(), "took cluster shards"
+                members = members.len(), "took lease shards"
             );
             for shard in &new {
                 self.acquired(*shard).await;
@@ -574,7 +574,7 @@ impl Cluster {
 
     fn worker(&self, shard: usize) -> Option<mpsc::Sender<Work>> {
         self.workers
-            .get(shard % self.workers.len().max(1))
+            .get(crate::lanes::lane_of(shard, self.workers.len()))
             .and_then(mpsc::WeakSender::upgrade)
     }
 
@@ -637,7 +637,7 @@ impl Cluster {
         self.metrics
             .shards_released
             .fetch_add(released.len() as u64, Ordering::Relaxed);
-        tracing::info!(relay = %self.id, shards = ?released, "handed cluster shards over");
+        tracing::info!(relay = %self.id, shards = ?released, "handed lease shards over");
         // A failed DEL leaves leases that expire by themselves (ttl).
         result.map(|_| ())
     }
@@ -732,11 +732,15 @@ mod tests {
         let mut missed = Missed::new(2, Duration::from_secs(30));
         let message = |seq: i64| {
             envelope(&format!(
-                r#"{{"origin":"t","target":{{"type":"room","roomId":"r1"}},"event":{{"type":"message","payload":{{"sequenceId":{seq}}}}}}}"#
+                r#"{{"origin":"t","target":{{"type":"room","roomId":"r1"}},"sequenceId":{seq},"event":{{"type":"message","payload":{{"sequenceId":{seq}}}}}}}"#
             ))
         };
         missed.note(1, message(4));
         missed.note(1, message(3));
+        // The relay reads the sequence id from the envelope, never the event.
+        missed.note(1, envelope(
+            r#"{"origin":"t","target":{"type":"room","roomId":"r4"},"event":{"type":"message","payload":{"sequenceId":9}}}"#,
+        ));
         missed.note(1, envelope(
             r#"{"origin":"t","target":{"type":"room","roomId":"r2"},"event":{"type":"typing","payload":{}}}"#,
         ));
@@ -759,7 +763,7 @@ mod tests {
     fn missed_forgets_what_is_older_than_its_window() {
         let mut missed = Missed::new(1, Duration::ZERO);
         missed.note(0, envelope(
-            r#"{"origin":"t","target":{"type":"room","roomId":"r1"},"event":{"type":"message","payload":{"sequenceId":1}}}"#,
+            r#"{"origin":"t","target":{"type":"room","roomId":"r1"},"sequenceId":1,"event":{"type":"message","payload":{"sequenceId":1}}}"#,
         ));
         let (rooms, greetings) = missed.take(0);
         assert!(rooms.is_empty() && greetings.is_empty());

@@ -12,7 +12,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use chat_shared::realtime::Realtime;
+use chat_shared::presence::Presence;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -33,7 +33,7 @@ pub fn listen_addr() -> anyhow::Result<SocketAddr> {
 }
 
 /// Serves `GET /health` on `listener` until `shutdown`.
-pub async fn serve(listener: TcpListener, realtime: Realtime, shutdown: CancellationToken) {
+pub async fn serve(listener: TcpListener, presence: Presence, shutdown: CancellationToken) {
     loop {
         let stream = tokio::select! {
             () = shutdown.cancelled() => return,
@@ -46,14 +46,14 @@ pub async fn serve(listener: TcpListener, realtime: Realtime, shutdown: Cancella
                 }
             },
         };
-        let realtime = realtime.clone();
+        let presence = presence.clone();
         tokio::spawn(async move {
-            let _ = tokio::time::timeout(DEADLINE * 2, answer(stream, &realtime)).await;
+            let _ = tokio::time::timeout(DEADLINE * 2, answer(stream, &presence)).await;
         });
     }
 }
 
-async fn answer(mut stream: TcpStream, realtime: &Realtime) -> std::io::Result<()> {
+async fn answer(mut stream: TcpStream, presence: &Presence) -> std::io::Result<()> {
     let mut request = Vec::with_capacity(256);
     let mut buf = [0_u8; 512];
     while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < 4096 {
@@ -66,7 +66,7 @@ async fn answer(mut stream: TcpStream, realtime: &Realtime) -> std::io::Result<(
         request.extend_from_slice(&buf[..n]);
     }
     let (status, body) = if request.starts_with(b"GET /health ") {
-        let redis = tokio::time::timeout(DEADLINE, realtime.chat().presence().ping()).await;
+        let redis = tokio::time::timeout(DEADLINE, presence.ping()).await;
         match redis {
             Ok(Ok(())) => ("200 OK", r#"{"status":"ok","redis":"ok"}"#),
             _ => (

@@ -8,18 +8,18 @@
 //! Fargate service in AWS, as the `relay` binary, or inside the local stack.
 //!
 //! Several relays share the work: each holds the leases of some of the
-//! `RELAY_SHARDS` cluster shards in Redis and handles only the envelopes
+//! `RELAY_SHARDS` lease shards in Redis and handles only the envelopes
 //! whose ordering key falls in them; when a relay joins, leaves or dies
 //! the others rebalance within seconds (module `cluster`).
 //!
 //! Guarantees (PROTOCOL.md §2, "Who receives what"):
 //! - a room's events reach each connection in publish order: envelopes are
-//!   sharded by ordering key, one relay at a time handles a shard, each
+//!   sharded by ordering key, one relay at a time handles a lease shard, each
 //!   worker handles its envelopes one at a time, and each connection's
 //!   posts leave one at a time in queue order;
 //! - a room's `message` events reach each joined connection once each, in
 //!   increasing `sequenceId`, with no gap: repeats are skipped and gaps are
-//!   filled from memory or PostgreSQL (module `shard`);
+//!   filled from memory or PostgreSQL (module `worker`);
 //! - a `410 Gone` removes a stale connection (after a grace period for
 //!   connections still in `$connect`), and expired presence leases are
 //!   swept.
@@ -27,17 +27,17 @@
 //! # Layout
 //! - `lib.rs`: [`Relay`] (wiring, [`Relay::run`], shutdown) and
 //!   [`RelayOptions`].
-//! - `cluster`: shard leases, fair shares, handover and takeover.
+//! - `cluster`: lease shards' leases, fair shares, handover and takeover.
 //! - `subscriber`: the pub/sub subscription, with reconnects; hands each
-//!   envelope of a held cluster shard to its worker.
-//! - `shard`: ordered handling per ordering key; per-room dedupe, gap fill
+//!   envelope of a held lease shard to its worker.
+//! - `lanes`: ordering key → lease shard → worker lane, and `Work`, what
+//!   a lane carries (the three meanings "shard" once had, named apart).
+//! - `worker`: ordered handling per worker lane; per-room dedupe, gap fill
 //!   and `Control::Sync`.
 //! - `resolve`: target → connections, with batched Redis reads.
 //! - `outbox`: per-connection ordered queues, the global in-flight bound,
 //!   the `410` policy.
 //! - [`management`], the API Gateway Management API clients.
-//! - `watermarks`: writes delivered marks back to Redis, so a restart or an
-//!   evicted room never redelivers.
 //! - `sweeper`: removes connections whose presence lease ran out.
 //! - [`metrics`], the counters.
 //! - [`health`], the loopback health endpoint and `relay health`.
@@ -47,8 +47,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context as _;
-use chat_shared::Config;
-use chat_shared::realtime::Realtime;
+use chat_shared::bootstrap::Adapters;
+use chat_shared::config::RelayProcessConfig;
+use chat_shared::departures::Departures;
+use chat_shared::presence::Presence;
+use chat_shared::store::Store;
 use secrecy::{ExposeSecret as _, SecretString};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
@@ -56,22 +59,22 @@ use tokio_util::sync::CancellationToken;
 
 mod cluster;
 pub mod health;
+mod lanes;
 pub mod management;
 pub mod metrics;
 mod outbox;
 mod pipeline;
 mod resolve;
-mod shard;
 mod subscriber;
 mod sweeper;
-mod watermarks;
+mod worker;
 
 pub use cluster::ClusterOptions;
 pub use management::{EndpointPolicy, Management};
 pub use metrics::{MetricsSnapshot, RelayMetrics};
 
-/// Envelopes queued per shard before the bus reader waits for it.
-const SHARD_QUEUE: usize = 1024;
+/// Envelopes queued per worker lane before the bus reader waits for it.
+const LANE_QUEUE: usize = 1024;
 
 /// How the relay behaves; [`RelayOptions::from_config`] gives the defaults.
 #[derive(Debug, Clone)]
@@ -87,9 +90,9 @@ pub struct RelayOptions {
     /// `PRESENCE_TTL_SECONDS / 10`, between 1 s and 5 s.
     pub sweep_interval: Duration,
     /// Workers (ordered lanes) handling envelopes in parallel; cluster
-    /// shard `n` is handled by worker `n % shards`. 16.
-    pub shards: usize,
-    /// The cluster shards and their leases (`RELAY_SHARDS`).
+    /// shard `n` is handled by worker lane `n % lanes`. 16.
+    pub lanes: usize,
+    /// The lease shards and their leases (`RELAY_SHARDS`).
     pub cluster: ClusterOptions,
     /// Names this relay in leases and logs; a unique suffix is added per
     /// [`Relay`] (`INSTANCE_ID`).
@@ -113,20 +116,21 @@ pub struct RelayOptions {
 
 impl RelayOptions {
     /// The defaults, with what `config` sets.
-    pub fn from_config(config: &Config) -> Self {
+    pub fn from_config(config: &RelayProcessConfig) -> Self {
+        let common = &config.common;
         Self {
-            concurrency: config.relay_concurrency,
+            concurrency: config.relay.concurrency,
             young_connection: Duration::from_secs(5),
-            sweep_interval: (config.presence_ttl / 10)
+            sweep_interval: (common.presence_ttl / 10)
                 .clamp(Duration::from_secs(1), Duration::from_secs(5)),
-            shards: 16,
-            cluster: ClusterOptions::new(config.relay_shards),
-            instance_id: config.instance_id.clone(),
+            lanes: 16,
+            cluster: ClusterOptions::new(config.relay.lease_shards),
+            instance_id: common.instance_id.clone(),
             room_idle: Duration::from_secs(300),
             drain_timeout: Duration::from_secs(5),
-            aws_region: config.aws_region.clone(),
+            aws_region: common.aws_region.clone(),
             bus_ping_interval: Duration::from_secs(10),
-            endpoints: EndpointPolicy::from_config(config),
+            endpoints: EndpointPolicy::new(&config.relay.management, &common.aws_region),
         }
     }
 }
@@ -134,9 +138,8 @@ impl RelayOptions {
 /// The relay service. Build it once ([`Relay::new`] or
 /// [`Relay::from_parts`]) and [`run`](Relay::run) it until shutdown.
 pub struct Relay {
-    /// Presence (subscriptions, routes), Store (missed messages), Bus
-    /// channel, and the disconnect and sweep use cases.
-    realtime: Realtime,
+    /// What the relay reads and writes: presence, the store, departures.
+    stores: Stores,
     /// The pub/sub subscription needs its own connection (a subscribed
     /// connection can do nothing else), so the relay keeps the URL.
     redis_url: SecretString,
@@ -169,7 +172,7 @@ impl Relay {
     ///
     /// # Errors
     /// When a URL is invalid or Redis does not answer at start-up.
-    pub async fn new(config: &Config) -> anyhow::Result<Self> {
+    pub async fn new(config: &RelayProcessConfig) -> anyhow::Result<Self> {
         Self::with_options(config, RelayOptions::from_config(config)).await
     }
 
@@ -178,34 +181,41 @@ impl Relay {
     ///
     /// # Errors
     /// When a URL is invalid or Redis does not answer at start-up.
-    pub async fn with_options(config: &Config, options: RelayOptions) -> anyhow::Result<Self> {
-        let chat = chat_shared::bootstrap::chat(config)
+    pub async fn with_options(
+        config: &RelayProcessConfig,
+        options: RelayOptions,
+    ) -> anyhow::Result<Self> {
+        let adapters = chat_shared::bootstrap::adapters(&config.common)
             .await
             .context("building the relay's clients")?;
-        let realtime = Realtime::new(chat, config.presence_ttl);
         Ok(Self::from_parts(
-            realtime,
-            config.redis_url.clone(),
-            config.broadcast_channel.clone(),
+            adapters,
+            config.common.redis_url.clone(),
             options,
         ))
     }
 
-    /// A relay over clients the caller already has (the local stack,
-    /// tests). `redis_url` is for the pub/sub subscription on `channel`.
-    pub fn from_parts(
-        realtime: Realtime,
-        redis_url: SecretString,
-        channel: String,
-        options: RelayOptions,
-    ) -> Self {
+    /// A relay over adapters the caller already has (the local stack,
+    /// tests). `redis_url` is for the pub/sub subscription on the bus's
+    /// channel.
+    pub fn from_parts(adapters: Adapters, redis_url: SecretString, options: RelayOptions) -> Self {
+        let channel = adapters.bus.channel().to_owned();
+        let stores = Stores {
+            departures: Departures::new(
+                adapters.store.clone(),
+                adapters.presence.clone(),
+                adapters.bus,
+            ),
+            store: adapters.store,
+            presence: adapters.presence,
+        };
         let management = Arc::new(Management::new(
             options.aws_region.clone(),
             options.endpoints.clone(),
         ));
         let id = unique_id(&options.instance_id);
         Self {
-            realtime,
+            stores,
             redis_url,
             channel,
             options,
@@ -220,12 +230,13 @@ impl Relay {
         self.metrics.clone()
     }
 
-    /// The service this relay delivers for.
-    pub fn realtime(&self) -> &Realtime {
-        &self.realtime
+    /// The presence adapter the relay reads routes from (its health
+    /// endpoint pings Redis through it).
+    pub fn presence(&self) -> &Presence {
+        &self.stores.presence
     }
 
-    /// This relay's id, as its shard leases in Redis hold it.
+    /// This relay's id, as its lease shards' leases in Redis hold it.
     pub fn id(&self) -> &str {
         &self.id
     }
@@ -233,7 +244,7 @@ impl Relay {
     /// Runs the lease loop, the bus subscription, the workers, the
     /// outboxes and the sweeper until `shutdown` is cancelled; then stops
     /// reading, finishes queued envelopes and posts (for at most
-    /// `drain_timeout`), writes the delivered marks back, gives its shard
+    /// `drain_timeout`), writes the delivered marks back, gives its lease shards'
     /// leases back and returns.
     ///
     /// Dropping the returned future instead (aborting its task) stops
@@ -247,24 +258,24 @@ impl Relay {
             .context("REDIS_URL is not a valid Redis URL")?;
         let outboxes = outbox::Outboxes::new(
             self.management.clone(),
-            self.realtime.clone(),
+            self.stores.clone(),
             self.metrics.clone(),
             self.options.concurrency,
             self.options.young_connection,
         );
-        let cluster_shards = self.options.cluster.shards.max(1);
-        let ownership = Arc::new(cluster::Ownership::new(cluster_shards));
+        let lease_shards = self.options.cluster.lease_shards.max(1);
+        let ownership = Arc::new(cluster::Ownership::new(lease_shards));
         let missed = Arc::new(Mutex::new(cluster::Missed::new(
-            cluster_shards,
+            lease_shards,
             self.options.cluster.missed_window(),
         )));
         let mut workers = JoinSet::new();
-        let mut senders = Vec::with_capacity(self.options.shards.max(1));
-        for _ in 0..self.options.shards.max(1) {
-            let (tx, rx) = mpsc::channel(SHARD_QUEUE);
+        let mut senders = Vec::with_capacity(self.options.lanes.max(1));
+        for _ in 0..self.options.lanes.max(1) {
+            let (tx, rx) = mpsc::channel(LANE_QUEUE);
             senders.push(tx);
-            let shard = shard::Shard::new(
-                self.realtime.clone(),
+            let worker = worker::Worker::new(
+                self.stores.clone(),
                 outboxes.clone(),
                 self.management.clone(),
                 self.metrics.clone(),
@@ -272,7 +283,7 @@ impl Relay {
                 ownership.clone(),
                 missed.clone(),
             );
-            workers.spawn(shard.run(rx));
+            workers.spawn(worker.run(rx));
         }
         // Spawned into a set owned by this future, so that dropping it
         // (a crash in tests) stops the lease renewals too.
@@ -282,8 +293,8 @@ impl Relay {
         background.spawn(
             cluster::Cluster {
                 id: self.id.clone(),
-                redis: self.realtime.chat().presence().redis(),
-                keys: self.realtime.chat().presence().keys().clone(),
+                redis: self.stores.presence.redis(),
+                keys: self.stores.presence.keys().clone(),
                 options: self.options.cluster.clone(),
                 ownership: ownership.clone(),
                 missed: missed.clone(),
@@ -294,14 +305,14 @@ impl Relay {
             .run(cluster_stop.clone(), refresh_requests),
         );
         background.spawn(report_delivery_lag(
-            self.realtime.clone(),
+            self.stores.presence.clone(),
             self.metrics.clone(),
             self.id.clone(),
             cluster_stop.clone(),
         ));
         background.spawn(
             sweeper::Sweeper {
-                realtime: self.realtime.clone(),
+                departures: self.stores.departures.clone(),
                 management: self.management.clone(),
                 outboxes: outboxes.clone(),
                 metrics: self.metrics.clone(),
@@ -312,8 +323,8 @@ impl Relay {
         tracing::info!(
             relay = %self.id,
             channel = %self.channel,
-            workers = self.options.shards,
-            cluster_shards,
+            lanes = self.options.lanes,
+            lease_shards,
             concurrency = self.options.concurrency,
             "relay started"
         );
@@ -361,11 +372,22 @@ impl Relay {
     }
 }
 
-/// The cluster shard (of `shards`, `RELAY_SHARDS`) that handles an
+/// What the relay's tasks read and write through, cloned into each.
+#[derive(Debug, Clone)]
+pub(crate) struct Stores {
+    /// Stored messages, for gap fills and catch-ups.
+    pub(crate) store: Store,
+    /// Subscriptions, routes, watermarks, greetings.
+    pub(crate) presence: Presence,
+    /// Removing stale and expired connections.
+    pub(crate) departures: Departures,
+}
+
+/// The lease shard (of `lease_shards`, `RELAY_SHARDS`) that handles an
 /// ordering key (a room id, a user id for presence, a connection id):
 /// whoever holds lease `relay:lease:{n}` for it delivers its events.
-pub fn cluster_shard(key: &str, shards: usize) -> usize {
-    shard::key_shard(key, shards)
+pub fn lease_shard(key: &str, lease_shards: usize) -> usize {
+    lanes::lease_shard_of_key(key, lease_shards)
 }
 
 /// `instance` with a suffix unique to this process and call: the time in
@@ -385,7 +407,7 @@ const LAG_REPORT_INTERVAL: Duration = Duration::from_millis(100);
 /// behind (`chat_shared::realtime::Realtime::with_admission`). A relay
 /// that stops reporting is forgotten after a second.
 async fn report_delivery_lag(
-    realtime: Realtime,
+    presence: Presence,
     metrics: Arc<RelayMetrics>,
     relay: String,
     stop: CancellationToken,
@@ -400,12 +422,7 @@ async fn report_delivery_lag(
         let lag = metrics
             .delivery_lag_ms
             .swap(0, std::sync::atomic::Ordering::Relaxed);
-        if let Err(err) = realtime
-            .chat()
-            .presence()
-            .report_delivery_lag(&relay, lag)
-            .await
-        {
+        if let Err(err) = presence.report_delivery_lag(&relay, lag).await {
             tracing::debug!(error = %err, "reporting the delivery lag failed");
         }
     }

@@ -8,7 +8,8 @@
 
 use anyhow::Context as _;
 use chat_relay::{Relay, health};
-use chat_shared::{Config, telemetry};
+use chat_shared::config::RelayProcessConfig;
+use chat_shared::telemetry;
 use tokio_util::sync::CancellationToken;
 
 /// mimalloc rather than glibc's malloc, measured as in `chat-local`'s
@@ -29,8 +30,8 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run() -> anyhow::Result<()> {
-    let config = Config::from_env()?;
-    telemetry::init(config.log_format, &config.log_filter);
+    let config = RelayProcessConfig::from_env()?;
+    telemetry::init(config.common.log_format, &config.common.log_filter);
     let health_addr = health::listen_addr()?;
     let relay = Relay::new(&config).await?;
     let shutdown = CancellationToken::new();
@@ -39,7 +40,7 @@ async fn run() -> anyhow::Result<()> {
         .with_context(|| format!("binding the health endpoint on {health_addr}"))?;
     tokio::spawn(health::serve(
         listener,
-        relay.realtime().clone(),
+        relay.presence().clone(),
         shutdown.clone(),
     ));
     tokio::spawn(cancel_on_signal(shutdown.clone()));

@@ -54,7 +54,8 @@ use aws_smithy_http_client::tls::{Provider, rustls_provider::CryptoMode};
 use std::sync::Arc;
 
 use crate::pipeline;
-use chat_shared::Config;
+use chat_shared::config::ManagementSettings;
+use chat_shared::departures::CloseConnection;
 use secrecy::{ExposeSecret as _, SecretString};
 use tokio::sync::OnceCell;
 
@@ -103,24 +104,21 @@ impl std::fmt::Debug for EndpointPolicy {
 
 impl EndpointPolicy {
     /// `MANAGEMENT_ENDPOINT`, `RELAY_ALLOWED_ENDPOINTS` (default: the
-    /// fixed endpoint when set, else execute-api in `AWS_REGION`) and the
+    /// fixed endpoint when set, else execute-api in `aws_region`) and the
     /// `GATEWAY_MANAGEMENT_*` key pair.
-    pub fn from_config(config: &Config) -> Self {
-        let fixed = config.management.endpoint.clone();
-        let allowed = match (&config.management.allowed_endpoints, &fixed) {
+    pub fn new(settings: &ManagementSettings, aws_region: &str) -> Self {
+        let fixed = settings.endpoint.clone();
+        let allowed = match (&settings.allowed_endpoints, &fixed) {
             (Some(list), _) => list.clone(),
             (None, Some(fixed)) => vec![fixed.clone()],
-            (None, None) => vec![format!(
-                "https://*.execute-api.{}.amazonaws.com/",
-                config.aws_region
-            )],
+            (None, None) => vec![format!("https://*.execute-api.{aws_region}.amazonaws.com/")],
         };
         Self {
             fixed,
             allowed,
-            access_key_id: config.management.access_key_id.clone(),
-            secret_access_key: config.management.secret_access_key.clone(),
-            local_fast_path: config.management.local_fast_path,
+            access_key_id: settings.access_key_id.clone(),
+            secret_access_key: settings.secret_access_key.clone(),
+            local_fast_path: settings.local_fast_path,
         }
     }
 
@@ -222,6 +220,14 @@ impl std::fmt::Debug for Management {
         f.debug_struct("Management")
             .field("region", &self.region)
             .finish_non_exhaustive()
+    }
+}
+
+/// The sweep (the relay's, the maintenance job's) closes swept
+/// connections with [`Management::delete`].
+impl CloseConnection for Management {
+    async fn close(&self, endpoint: &str, connection_id: &str) -> Result<(), String> {
+        self.delete(endpoint, connection_id).await
     }
 }
 

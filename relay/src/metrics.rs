@@ -47,15 +47,15 @@ pub struct RelayMetrics {
     /// room envelope since the last report to Redis; the reporter
     /// resets it (a gauge, not a counter). Gateways shed sends on it.
     pub delivery_lag_ms: AtomicU64,
-    /// Envelopes of cluster shards this relay does not hold (another relay
+    /// Envelopes of lease shards this relay does not hold (another relay
     /// handles them, or nobody during a takeover): read and dropped.
     pub envelopes_not_owned: AtomicU64,
-    /// Cluster shards this relay holds now (a gauge).
+    /// Lease shards this relay holds now (a gauge).
     pub shards_owned: AtomicU64,
-    /// Cluster shards this relay took (at start-up, from a relay that
+    /// Lease shards this relay took (at start-up, from a relay that
     /// left or died, or back after its own lease lapsed).
     pub shards_acquired: AtomicU64,
-    /// Cluster shards this relay handed over to a relay that joined.
+    /// Lease shards this relay handed over to a relay that joined.
     pub shards_released: AtomicU64,
 }
 
@@ -185,25 +185,25 @@ impl MetricsSnapshot {
         )
         .single(
             "chat_relay_envelopes_not_owned_total",
-            "Envelopes of cluster shards this relay does not hold, dropped.",
+            "Envelopes of lease shards this relay does not hold, dropped.",
             Kind::Counter,
             n(self.envelopes_not_owned),
         )
         .single(
             "chat_relay_shards_owned",
-            "Cluster shards this relay holds.",
+            "Lease shards this relay holds.",
             Kind::Gauge,
             n(self.shards_owned),
         )
         .single(
             "chat_relay_shards_acquired_total",
-            "Cluster shards this relay took.",
+            "Lease shards this relay took.",
             Kind::Counter,
             n(self.shards_acquired),
         )
         .single(
             "chat_relay_shards_released_total",
-            "Cluster shards this relay handed over.",
+            "Lease shards this relay handed over.",
             Kind::Counter,
             n(self.shards_released),
         );

@@ -26,10 +26,10 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use chat_shared::presence::Subscriber;
-use chat_shared::realtime::Realtime;
 use tokio::sync::{Semaphore, oneshot};
 use tokio_util::task::TaskTracker;
 
+use crate::Stores;
 use crate::management::{Management, PostOutcome};
 use crate::metrics::RelayMetrics;
 
@@ -111,8 +111,8 @@ struct Inner {
     tasks: TaskTracker,
     /// Posts the events.
     management: Arc<Management>,
-    /// Removes stale connections (410 Gone).
-    realtime: Realtime,
+    /// Removes stale connections (410 Gone), marks greetings.
+    stores: Stores,
     /// Counts posts, 410s, failures and latency.
     metrics: Arc<RelayMetrics>,
     /// How long after connecting a 410 means "not yet" rather than "gone".
@@ -128,7 +128,7 @@ pub(crate) struct Outboxes {
 impl Outboxes {
     pub(crate) fn new(
         management: Arc<Management>,
-        realtime: Realtime,
+        stores: Stores,
         metrics: Arc<RelayMetrics>,
         concurrency: usize,
         young: Duration,
@@ -139,7 +139,7 @@ impl Outboxes {
                 permits: Semaphore::new(concurrency.max(1)),
                 tasks: TaskTracker::new(),
                 management,
-                realtime,
+                stores,
                 metrics,
                 young,
             }),
@@ -265,7 +265,13 @@ impl Outboxes {
                     }
                 }
                 tracing::info!(%connection_id, "connection is gone; removing it");
-                if let Err(err) = self.inner.realtime.disconnect(&connection_id).await {
+                if let Err(err) = self
+                    .inner
+                    .stores
+                    .departures
+                    .disconnect(&connection_id)
+                    .await
+                {
                     // Connection ids stay out of WARN lines (they are
                     // capabilities wherever the Management API is open).
                     tracing::warn!(error = %err, "removing a stale connection failed");
@@ -305,7 +311,7 @@ impl Outboxes {
                     RelayMetrics::bump(&inner.metrics.posts_ok);
                     if event.starts_with(r#"{"type":"connected""#) {
                         // The connection's first replies wait for this.
-                        let presence = inner.realtime.chat().presence();
+                        let presence = &inner.stores.presence;
                         if let Err(err) = presence.mark_greeted(&route.connection_id).await {
                             tracing::warn!(error = %err, "marking a connection greeted failed");
                             tracing::debug!(connection_id = %route.connection_id, "the connection");

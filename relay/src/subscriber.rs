@@ -1,6 +1,6 @@
 //! The bus subscription: reads envelopes from the Redis pub/sub channel and
 //! hands each to its shard's worker, when this relay holds the envelope's
-//! cluster shard (module `cluster`); otherwise notes what a later owner
+//! lease shard (module `cluster`); otherwise notes what a later owner
 //! must catch up on, and drops it.
 //!
 //! A pub/sub connection does not reconnect by itself (unlike the
@@ -11,7 +11,7 @@
 //! lost, as pub/sub goes; the next `message` of a room fills that room's gap
 //! from PostgreSQL.
 //!
-//! Losing the subscription revokes every cluster shard locally (Redis may
+//! Losing the subscription revokes every lease shard locally (Redis may
 //! have restarted without its leases, and another relay may take them).
 //! After each successful `SUBSCRIBE` the reader asks the lease loop for a
 //! renewal and only then reads: pub/sub keeps what arrives meanwhile on
@@ -28,8 +28,8 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::cluster::{Missed, Ownership, Refresh};
+use crate::lanes::{Work, lane_of, lease_shard_of};
 use crate::metrics::RelayMetrics;
-use crate::shard::{Work, shard_of};
 
 /// First wait before resubscribing.
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
@@ -49,7 +49,7 @@ pub(crate) struct BusReader {
     /// One sender per worker; dropped when the reader returns, which lets
     /// the workers finish their queues and stop.
     pub(crate) workers: Vec<mpsc::Sender<Work>>,
-    /// Which cluster shards this relay handles.
+    /// Which lease shards this relay handles.
     pub(crate) ownership: Arc<Ownership>,
     /// Where dropped envelopes are noted.
     pub(crate) missed: Arc<Mutex<Missed>>,
@@ -73,7 +73,7 @@ impl BusReader {
                     tracing::warn!(
                         error = format!("{err:#}"),
                         retry_in_ms = backoff.as_millis() as u64,
-                        "bus subscription lost; cluster shards revoked until renewed"
+                        "bus subscription lost; lease shards revoked until renewed"
                     );
                 }
             }
@@ -142,7 +142,7 @@ impl BusReader {
             }
         };
         RelayMetrics::bump(&self.metrics.envelopes);
-        let shard = shard_of(&envelope, self.ownership.shards());
+        let shard = lease_shard_of(&envelope, self.ownership.shards());
         if !self.ownership.dispatches(shard) {
             RelayMetrics::bump(&self.metrics.envelopes_not_owned);
             self.missed
@@ -151,7 +151,7 @@ impl BusReader {
                 .note(shard, envelope);
             return;
         }
-        let Some(tx) = self.workers.get(shard % self.workers.len().max(1)) else {
+        let Some(tx) = self.workers.get(lane_of(shard, self.workers.len())) else {
             return;
         };
         if tx.send(Work::Envelope { shard, envelope }).await.is_err() {

@@ -6,7 +6,11 @@
 //! when it was their last) and closed at API Gateway with
 //! `DeleteConnection`.
 //!
-//! With several relays, only the one holding cluster shard 0 sweeps, so
+//! The sweep itself (removal, `DeleteConnection`) is the shared crate's
+//! sweep-and-close (`chat_shared::departures`), which the maintenance job
+//! runs too; this module is the loop around it.
+//!
+//! With several relays, only the one holding lease shard 0 sweeps, so
 //! an expired connection is closed at API Gateway once. Removal would be
 //! safe from several at once anyway: the disconnect script is atomic and
 //! announces `offline` only when it removes the user's last connection.
@@ -16,7 +20,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use chat_shared::realtime::Realtime;
+use chat_shared::departures::{CloseConnection, Departures, SweepLimits, SweepReport};
 use tokio_util::sync::CancellationToken;
 
 use crate::cluster::Ownership;
@@ -24,54 +28,64 @@ use crate::management::Management;
 use crate::metrics::RelayMetrics;
 use crate::outbox::Outboxes;
 
-/// Most connections removed per sweep step; a full batch is followed by
-/// another step at once.
-const BATCH: usize = 500;
+/// One step's limits: a full batch is followed by another step at once,
+/// while this relay still holds lease shard 0.
+const LIMITS: SweepLimits = SweepLimits {
+    batch: 500,
+    max_batches: 1,
+    close_concurrency: 64,
+};
 /// How often the loop logs the counters.
 const REPORT_EVERY: Duration = Duration::from_secs(60);
 
 /// What the sweeper needs.
 pub(crate) struct Sweeper {
-    /// Finds and removes expired connections (`Realtime::sweep_expired`).
-    pub(crate) realtime: Realtime,
+    /// Finds and removes expired connections (sweep-and-close).
+    pub(crate) departures: Departures,
     /// Closes them at API Gateway.
     pub(crate) management: Arc<Management>,
     /// Drops whatever was still queued for them.
     pub(crate) outboxes: Outboxes,
     /// Counts sweeps; the loop also logs all counters now and then.
     pub(crate) metrics: Arc<RelayMetrics>,
-    /// Sweeping is the job of the holder of cluster shard 0.
+    /// Sweeping is the job of the holder of lease shard 0.
     pub(crate) ownership: Arc<Ownership>,
 }
 
+/// Closing a swept connection, as the relay does it: drop its queued
+/// posts, then `DeleteConnection`.
+struct Closer<'a> {
+    management: &'a Management,
+    outboxes: &'a Outboxes,
+}
+
+impl CloseConnection for Closer<'_> {
+    async fn close(&self, endpoint: &str, connection_id: &str) -> Result<(), String> {
+        self.management.delete(endpoint, connection_id).await
+    }
+
+    fn removed(&self, connection_id: &str) {
+        self.outboxes.forget(connection_id);
+    }
+}
+
 impl Sweeper {
-    /// One sweep: removes up to a batch of expired connections and closes
-    /// them at API Gateway. Returns how many were removed.
+    /// One sweep step: removes up to a batch of expired connections and
+    /// closes them at API Gateway.
     ///
     /// # Errors
     /// When Redis or PostgreSQL does not answer.
-    pub(crate) async fn step(&self) -> chat_shared::Result<usize> {
+    pub(crate) async fn step(&self) -> chat_shared::Result<SweepReport> {
         RelayMetrics::bump(&self.metrics.sweeps);
-        let removed = self.realtime.sweep_expired(BATCH).await?;
+        let closer = Closer {
+            management: &self.management,
+            outboxes: &self.outboxes,
+        };
+        let report = self.departures.sweep_and_close(&closer, LIMITS).await?;
         self.metrics
             .swept
-            .fetch_add(removed.len() as u64, std::sync::atomic::Ordering::Relaxed);
-        for (connection_id, _) in &removed {
-            self.outboxes.forget(connection_id);
-        }
-        let closes = removed.iter().filter_map(|(connection_id, endpoint)| {
-            let endpoint = endpoint.as_deref()?;
-            Some(async move {
-                if let Err(cause) = self.management.delete(endpoint, connection_id).await {
-                    tracing::debug!(%connection_id, %cause, "DeleteConnection failed (best effort)");
-                }
-            })
-        });
-        futures::future::join_all(closes).await;
-        if !removed.is_empty() {
-            tracing::info!(removed = removed.len(), "swept expired connections");
-        }
-        Ok(removed.len())
+            .fetch_add(report.swept as u64, std::sync::atomic::Ordering::Relaxed);
+        Ok(report)
     }
 
     /// Sweeps every `interval` until `shutdown`.
@@ -86,7 +100,7 @@ impl Sweeper {
             }
             while self.ownership.holds(0) {
                 match self.step().await {
-                    Ok(n) if n == BATCH && !shutdown.is_cancelled() => continue,
+                    Ok(report) if report.more && !shutdown.is_cancelled() => continue,
                     Ok(_) => break,
                     Err(err) => {
                         tracing::warn!(error = %err, "sweep failed; will retry");

@@ -1,21 +1,20 @@
 //! Building the clients once per process (a Lambda cold start, the local
-//! stack, the relay): pool, Redis connection, verifier, service; and the
-//! runtime of the long-running processes.
-
-use std::sync::Arc;
+//! stack, the relay), and handing each process the adapters it needs:
+//! [`adapters`] (PostgreSQL, Redis, the bus) for every process,
+//! [`chat`] (the service over them) for the handlers, [`app_state`] for
+//! REST and [`ws_state`] for the WebSocket handlers. The relay takes the
+//! adapters alone: it builds no service and no REST state.
+//! Also the runtime of the long-running processes.
 
 use anyhow::Context as _;
+use redis::aio::ConnectionManager;
 
-use crate::auth::Hs256Verifier;
 use crate::bus::Bus;
-use crate::config::Config;
-use crate::http::AppState;
+use crate::config::{ApiConfig, CommonConfig, HandlerConfig};
 use crate::limits::Limiter;
 use crate::presence::{Keys, Presence, connect_redis};
-use crate::realtime::Realtime;
 use crate::service::Chat;
 use crate::store::{Store, connect_pool};
-use crate::ws::WsState;
 
 /// The Tokio runtime of a long-running process (the local stack, a gateway,
 /// the relay), sized like `#[tokio::main]`: `TOKIO_WORKER_THREADS` when set,
@@ -47,56 +46,106 @@ pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
     builder.enable_all().build()
 }
 
-/// Builds the WebSocket handlers' state from `config`.
-///
-/// # Errors
-/// When a URL is invalid or Redis does not answer.
-pub async fn ws_state(config: &Config) -> anyhow::Result<WsState> {
-    let app = app_state(config).await?;
-    Ok(WsState {
-        realtime: Realtime::new(app.chat, config.presence_ttl)
-            .with_admission(config.admission_limits())
-            .with_sessions(config.session_policy(), app.verifier.clone()),
-        verifier: app.verifier,
-    })
+/// The adapters every process talks to the stores through.
+#[derive(Debug, Clone)]
+pub struct Adapters {
+    /// PostgreSQL.
+    pub store: Store,
+    /// Connections, subscriptions and presence in Redis.
+    pub presence: Presence,
+    /// The pub/sub bus.
+    pub bus: Bus,
+    /// The Redis connection they share (the rate limiter takes it too).
+    pub redis: ConnectionManager,
+    /// The Redis key schema under this deployment's prefix.
+    pub keys: Keys,
 }
 
-/// Builds the service over its stores from `config`: what the relay needs
-/// (it verifies no tokens, so it needs no `JWT_SECRET`).
+/// Builds the adapters from the common configuration: the PostgreSQL
+/// pool, one Redis connection manager, presence and the bus over it.
 ///
 /// # Errors
 /// When a URL is invalid or Redis does not answer.
-pub async fn chat(config: &Config) -> anyhow::Result<Chat> {
+pub async fn adapters(config: &CommonConfig) -> anyhow::Result<Adapters> {
     let pool = connect_pool(&config.database_url, config.pg_pool_max)?;
     let redis = connect_redis(&config.redis_url)
         .await
         .context("REDIS_URL")?;
-    let store = Store::new(pool, config.message_retention);
     let keys = Keys::new(config.redis_key_prefix.clone());
-    let presence = Presence::new(redis.clone(), keys.clone());
-    let limiter = Limiter::new(redis.clone(), keys.clone(), config.rate_limits);
-    let bus = Bus::new(
+    Ok(Adapters {
+        store: Store::new(pool, config.message_retention),
+        presence: Presence::new(redis.clone(), keys.clone()),
+        bus: Bus::new(
+            redis.clone(),
+            config.broadcast_channel.clone(),
+            config.instance_id.clone(),
+            keys.clone(),
+        ),
         redis,
-        config.broadcast_channel.clone(),
-        config.instance_id.clone(),
         keys,
-    );
-    Ok(Chat::new(store, presence, bus, limiter))
+    })
 }
 
-/// Builds the service and REST state from `config`.
+/// The service of the handlers over `adapters`, with the rate limits of
+/// `api`.
+pub fn chat_over(adapters: Adapters, api: &ApiConfig) -> Chat {
+    let limiter = Limiter::new(adapters.redis, adapters.keys, api.rate_limits);
+    Chat::new(adapters.store, adapters.presence, adapters.bus, limiter)
+}
+
+/// Builds the service of the REST and WebSocket handlers.
 ///
 /// # Errors
-/// When `JWT_SECRET` is missing, a URL is invalid or Redis does not answer.
-pub async fn app_state(config: &Config) -> anyhow::Result<AppState> {
-    let secret = config.require_jwt_secret()?;
-    Ok(AppState {
-        chat: chat(config).await?,
-        verifier: Arc::new(Hs256Verifier::new(
-            secret,
-            config.jwt_issuer.as_deref(),
-            config.jwt_audience.as_deref(),
-        )),
-        max_waiting: config.pg_max_waiting,
-    })
+/// When a URL is invalid or Redis does not answer.
+pub async fn chat(config: &HandlerConfig) -> anyhow::Result<Chat> {
+    Ok(chat_over(adapters(&config.common).await?, &config.api))
+}
+
+/// The token verifier of `api`.
+pub fn verifier(api: &ApiConfig) -> std::sync::Arc<crate::auth::Hs256Verifier> {
+    std::sync::Arc::new(crate::auth::Hs256Verifier::new(
+        &api.jwt_secret,
+        api.jwt_issuer.as_deref(),
+        api.jwt_audience.as_deref(),
+    ))
+}
+
+/// Builds the WebSocket handlers' state from `config`.
+///
+/// # Errors
+/// When a URL is invalid or Redis does not answer.
+#[cfg(feature = "ws")]
+pub async fn ws_state(config: &HandlerConfig) -> anyhow::Result<crate::ws::WsState> {
+    Ok(ws_state_over(chat(config).await?, config))
+}
+
+/// The WebSocket handlers' state over an existing service.
+#[cfg(feature = "ws")]
+pub fn ws_state_over(chat: Chat, config: &HandlerConfig) -> crate::ws::WsState {
+    let verifier = verifier(&config.api);
+    crate::ws::WsState {
+        realtime: crate::realtime::Realtime::new(chat, config.common.presence_ttl)
+            .with_admission(config.api.admission_limits())
+            .with_sessions(config.api.session_policy(), verifier.clone()),
+        verifier,
+    }
+}
+
+/// Builds the REST state from `config`.
+///
+/// # Errors
+/// When a URL is invalid or Redis does not answer.
+#[cfg(feature = "http")]
+pub async fn app_state(config: &HandlerConfig) -> anyhow::Result<crate::http::AppState> {
+    Ok(app_state_over(chat(config).await?, &config.api))
+}
+
+/// The REST state over an existing service.
+#[cfg(feature = "http")]
+pub fn app_state_over(chat: Chat, api: &ApiConfig) -> crate::http::AppState {
+    crate::http::AppState {
+        chat,
+        verifier: verifier(api),
+        max_waiting: api.pg_max_waiting,
+    }
 }

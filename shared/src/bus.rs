@@ -7,9 +7,13 @@
 //!
 //! ```json
 //! {"origin": "instance-1", "target": {"type": "room", "roomId": "room_01J..."},
-//!  "exclude": ["L0SM9cOFvHcCIhw="], "excludeUsers": ["u1"],
+//!  "exclude": ["L0SM9cOFvHcCIhw="], "excludeUsers": ["u1"], "sequenceId": 42,
 //!  "event": {"type": "message", "payload": {...}}}
 //! ```
+//!
+//! What the relay routes and orders by travels on the envelope: the target
+//! (the room), the ordering key and, for a room's `message`, its
+//! `sequenceId`; the relay never parses the event.
 
 use std::sync::LazyLock;
 
@@ -89,9 +93,25 @@ pub struct Envelope {
     /// (`Realtime::with_admission`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ts: Option<i64>,
+    /// A room's `message` event: its sequence id (the one in the event's
+    /// payload), which the relay orders, deduplicates and fills gaps by.
+    /// Absent on every other event.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sequence_id: Option<i64>,
 }
 
 impl Envelope {
+    /// The room and sequence id of a room's `message` event; `None` for
+    /// every other envelope.
+    pub fn room_message(&self) -> Option<(&str, i64)> {
+        match (&self.target, self.sequence_id, &self.event) {
+            (Target::Room { room_id }, Some(sequence_id), Some(_)) => {
+                Some((room_id.as_str(), sequence_id))
+            }
+            _ => None,
+        }
+    }
+
     /// The ordering key (see [`Envelope::key`]).
     pub fn ordering_key(&self) -> &str {
         if let Some(key) = &self.key {
@@ -226,8 +246,40 @@ impl Bus {
             control: None,
             key,
             ts: None,
+            sequence_id: None,
         };
         serde_json::to_string(&envelope).map_err(Error::internal)
+    }
+
+    /// The `presenceUpdate` envelope of `user_id` (`status` `online` or
+    /// `offline`) for the members of `rooms`, ordered by the user id so a
+    /// user's online and offline never overtake each other; `None` when
+    /// they are in no room.
+    ///
+    /// # Errors
+    /// Only if serialization fails.
+    pub fn presence_update(
+        &self,
+        user_id: &crate::domain::UserId,
+        status: &str,
+        rooms: Vec<String>,
+    ) -> Result<Option<String>> {
+        if rooms.is_empty() {
+            return Ok(None);
+        }
+        let timestamp = crate::model::rfc3339_millis(&chrono::Utc::now());
+        let event = event_json(
+            "presenceUpdate",
+            &serde_json::json!({"userId": user_id, "status": status, "timestamp": timestamp}),
+        )?;
+        self.envelope(
+            Target::Rooms { room_ids: rooms },
+            event,
+            Vec::new(),
+            Vec::new(),
+            Some(user_id.to_string()),
+        )
+        .map(Some)
     }
 
     /// Publishes a ready envelope.
@@ -239,19 +291,19 @@ impl Bus {
         self.publish_raw(payload).await
     }
 
-    /// Publishes a room's new `message` envelope and records `sequence_id`
-    /// as the room's highest published one, in one step (one round trip):
-    /// what lets a join that subscribes at the same moment tell whether it
-    /// missed the fan-out ([`crate::presence::Presence::join`]).
+    /// Publishes a room's new `message` envelope ([`Bus::message_event`])
+    /// and records its sequence id as the room's highest published one, in
+    /// one step (one round trip): what lets a join that subscribes at the
+    /// same moment tell whether it missed the fan-out
+    /// ([`crate::presence::Presence::join`]).
     ///
     /// # Errors
-    /// `UNAVAILABLE` when Redis does not answer.
-    pub async fn publish_room_message(
-        &self,
-        envelope: &Envelope,
-        room_id: &str,
-        sequence_id: i64,
-    ) -> Result<()> {
+    /// `UNAVAILABLE` when Redis does not answer; `INTERNAL` for an envelope
+    /// that is no room's `message`.
+    pub async fn publish_room_message(&self, envelope: &Envelope) -> Result<()> {
+        let (room_id, sequence_id) = envelope
+            .room_message()
+            .ok_or_else(|| Error::internal(anyhow::anyhow!("not a room's message")))?;
         let payload = serde_json::to_string(envelope).map_err(Error::internal)?;
         let mut redis = CountedRedis(self.redis.clone());
         let _: i64 = PUBLISH_MESSAGE_SCRIPT
@@ -265,7 +317,26 @@ impl Bus {
         Ok(())
     }
 
-    /// A message event for a room, also delivered to `include`.
+    /// A room's new `message` event with its sequence id, also delivered
+    /// to `include`.
+    ///
+    /// # Errors
+    /// Only if serialization fails.
+    pub fn message_event(
+        &self,
+        room_id: &str,
+        sequence_id: i64,
+        event: String,
+        include: Vec<String>,
+    ) -> Result<Envelope> {
+        Ok(Envelope {
+            sequence_id: Some(sequence_id),
+            ..self.room_event(room_id, event, include)?
+        })
+    }
+
+    /// Another event for a room (no sequence id), also delivered to
+    /// `include`.
     ///
     /// # Errors
     /// Only if serialization fails.
@@ -287,6 +358,7 @@ impl Bus {
             control: None,
             key: None,
             ts: Some(chrono::Utc::now().timestamp_millis()),
+            sequence_id: None,
         })
     }
 
@@ -302,6 +374,7 @@ impl Bus {
             control: Some(control),
             key: None,
             ts: None,
+            sequence_id: None,
         }
     }
 
@@ -360,6 +433,7 @@ mod tests {
             control: None,
             key: None,
             ts: None,
+            sequence_id: None,
         })
         .expect("serializes");
         assert!(json.contains(r#""target":{"type":"room","roomId":"room_1"}"#));
@@ -370,5 +444,43 @@ mod tests {
             back.event.map(|e| e.get().to_owned()).as_deref(),
             Some(event)
         );
+    }
+
+    #[test]
+    fn a_room_message_carries_its_sequence_id_and_nothing_else_does() {
+        let message = Envelope {
+            origin: "a".into(),
+            target: Target::Room {
+                room_id: "room_1".into(),
+            },
+            exclude: vec![],
+            exclude_users: vec![],
+            include: vec!["c1".into()],
+            event: Some(
+                RawValue::from_string(r#"{"type":"message","payload":{"sequenceId":7}}"#.into())
+                    .expect("valid"),
+            ),
+            control: None,
+            key: None,
+            ts: Some(1),
+            sequence_id: Some(7),
+        };
+        let json = serde_json::to_string(&message).expect("serializes");
+        assert!(json.contains(r#""sequenceId":7"#), "{json}");
+        let back: Envelope = serde_json::from_str(&json).expect("parses");
+        assert_eq!(back.room_message(), Some(("room_1", 7)));
+        // Another event to a room, or a message to one connection, has none.
+        let receipt = Envelope {
+            sequence_id: None,
+            ..serde_json::from_str(&json).expect("parses")
+        };
+        assert_eq!(receipt.room_message(), None);
+        let direct = Envelope {
+            target: Target::Connection {
+                connection_id: "c1".into(),
+            },
+            ..serde_json::from_str(&json).expect("parses")
+        };
+        assert_eq!(direct.room_message(), None);
     }
 }

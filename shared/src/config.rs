@@ -10,13 +10,46 @@ use std::time::Duration;
 
 use secrecy::SecretString;
 
-/// Everything the handlers, the relay and the local stack are configured by.
+/// What every process reads: where the stores are, how it logs, who it is.
 #[derive(Debug, Clone)]
-pub struct Config {
+pub struct CommonConfig {
     /// PostgreSQL connection URL (`DATABASE_URL`).
     pub database_url: SecretString,
     /// Most PostgreSQL connections per process (`PG_POOL_MAX`, 16).
     pub pg_pool_max: usize,
+    /// Redis URL (`REDIS_URL`, or built from `REDIS_HOST` / `REDIS_PORT` /
+    /// `REDIS_PASSWORD` / `REDIS_TLS`).
+    pub redis_url: SecretString,
+    /// Prepended to every Redis key, so deployments (and tests) can share a
+    /// Redis database (`REDIS_KEY_PREFIX`, empty).
+    pub redis_key_prefix: String,
+    /// Messages kept per room; 0 keeps all (`MESSAGE_RETENTION`, 100).
+    pub message_retention: i64,
+    /// The Redis pub/sub channel of the internal bus (`BROADCAST_CHANNEL`).
+    pub broadcast_channel: String,
+    /// Names this process in bus envelopes and logs (`INSTANCE_ID`).
+    pub instance_id: String,
+    /// How long a connection stays online without a frame
+    /// (`PRESENCE_TTL_SECONDS`, 90).
+    pub presence_ttl: Duration,
+    /// `json` (Lambda) or `pretty` (local) (`LOG_FORMAT`).
+    pub log_format: LogFormat,
+    /// The tracing filter (`RUST_LOG`, `info`).
+    pub log_filter: String,
+    /// AWS region for the Management API client (`AWS_REGION`, `us-east-1`).
+    pub aws_region: String,
+}
+
+/// What the processes that answer clients read: the REST function and
+/// the WebSocket handlers (and the local stack, which runs both).
+#[derive(Debug, Clone)]
+pub struct ApiConfig {
+    /// HS256 secret for tokens (`JWT_SECRET`, required).
+    pub jwt_secret: SecretString,
+    /// Required `iss`, when set (`JWT_ISSUER`).
+    pub jwt_issuer: Option<String>,
+    /// Required `aud`, when set (`JWT_AUDIENCE`).
+    pub jwt_audience: Option<String>,
     /// REST answers 429 while more requests than this wait for a PostgreSQL
     /// connection (`PG_MAX_WAITING`, 1000): shedding load beats an unbounded
     /// queue.
@@ -48,49 +81,6 @@ pub struct Config {
     /// deliver later than half of this; all of them beyond it
     /// (`WS_MAX_DELIVERY_LAG_MS`, 5,000; 0 turns it off).
     pub ws_max_delivery_lag_ms: u64,
-    /// Redis URL (`REDIS_URL`, or built from `REDIS_HOST` / `REDIS_PORT` /
-    /// `REDIS_PASSWORD` / `REDIS_TLS`).
-    pub redis_url: SecretString,
-    /// Prepended to every Redis key, so deployments (and tests) can share a
-    /// Redis database (`REDIS_KEY_PREFIX`, empty).
-    pub redis_key_prefix: String,
-    /// HS256 secret for tokens (`JWT_SECRET`): required by the processes
-    /// that verify tokens (REST, WebSocket handlers, the local stack), not
-    /// by the relay ([`Config::require_jwt_secret`]).
-    pub jwt_secret: Option<SecretString>,
-    /// Required `iss`, when set (`JWT_ISSUER`).
-    pub jwt_issuer: Option<String>,
-    /// Required `aud`, when set (`JWT_AUDIENCE`).
-    pub jwt_audience: Option<String>,
-    /// Messages kept per room; 0 keeps all (`MESSAGE_RETENTION`, 100).
-    pub message_retention: i64,
-    /// The Redis pub/sub channel of the internal bus (`BROADCAST_CHANNEL`).
-    pub broadcast_channel: String,
-    /// HTTP port of the local stack (`PORT`, 3000).
-    pub port: u16,
-    /// Names this process in bus envelopes and logs (`INSTANCE_ID`).
-    pub instance_id: String,
-    /// How long a connection stays online without a frame
-    /// (`PRESENCE_TTL_SECONDS`, 90).
-    pub presence_ttl: Duration,
-    /// `json` (Lambda) or `pretty` (local) (`LOG_FORMAT`).
-    pub log_format: LogFormat,
-    /// The tracing filter (`RUST_LOG`, `info`).
-    pub log_filter: String,
-    /// Most `PostToConnection` calls the relay has in flight
-    /// (`RELAY_CONCURRENCY`, 256).
-    pub relay_concurrency: usize,
-    /// Cluster shards the relays split the bus into, each leased by one
-    /// relay at a time (`RELAY_SHARDS`, 64, at most 1024). Every relay of
-    /// a deployment must use the same number.
-    pub relay_shards: usize,
-    /// AWS region for the Management API client (`AWS_REGION`, `us-east-1`).
-    pub aws_region: String,
-    /// The local API Gateway emulator's limits and names.
-    pub gateway: GatewaySettings,
-    /// Where the Management API is and who may call it: the emulator's
-    /// internal listener and credentials, the relay's endpoint policy.
-    pub management: ManagementSettings,
     /// Per-connection and per-user rate limits, kept in Redis so they hold
     /// across every Lambda instance.
     pub rate_limits: RateLimits,
@@ -102,6 +92,78 @@ pub struct Config {
     /// (`TOKEN_EXPIRY_GRACE_SECONDS`, 30): room for a client's clock and
     /// for an `authenticate` with a fresh token in flight.
     pub token_expiry_grace: Duration,
+}
+
+/// What the relay reads (the maintenance job reads its `management` part
+/// too: it closes connections through the same endpoint policy).
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    /// Most `PostToConnection` calls the relay has in flight
+    /// (`RELAY_CONCURRENCY`, 256).
+    pub concurrency: usize,
+    /// Lease shards the relays split the bus into, each leased by one
+    /// relay at a time (`RELAY_SHARDS`, 64, at most 1024). Every relay of
+    /// a deployment must use the same number.
+    pub lease_shards: usize,
+    /// Where the Management API is, which endpoints may be called, and the
+    /// key pair that signs calls to the local emulator.
+    pub management: ManagementSettings,
+}
+
+/// What only the local stack reads: its port and the API Gateway
+/// emulator's limits and names.
+#[derive(Debug, Clone)]
+pub struct LocalConfig {
+    /// HTTP port of the local stack (`PORT`, 3000).
+    pub port: u16,
+    /// The local API Gateway emulator's limits and names.
+    pub gateway: GatewaySettings,
+    /// Where the emulator serves the Management API and `/metrics`
+    /// (`GATEWAY_MANAGEMENT_LISTEN`; unset: 127.0.0.1 on the client port +
+    /// 100). Never the client port.
+    pub management_listen: Option<std::net::SocketAddr>,
+}
+
+/// The REST function's and the WebSocket handlers' configuration.
+#[derive(Debug, Clone)]
+pub struct HandlerConfig {
+    /// Stores, logging, name.
+    pub common: CommonConfig,
+    /// Tokens, limits, admission.
+    pub api: ApiConfig,
+}
+
+/// The relay's configuration.
+#[derive(Debug, Clone)]
+pub struct RelayProcessConfig {
+    /// Stores, logging, name.
+    pub common: CommonConfig,
+    /// Workers, leases, the Management API.
+    pub relay: RelayConfig,
+}
+
+/// The maintenance job's configuration: the common part and the
+/// Management API settings it closes swept connections with.
+#[derive(Debug, Clone)]
+pub struct MaintenanceConfig {
+    /// Stores, logging, name, retention.
+    pub common: CommonConfig,
+    /// The Management API endpoint policy (`MANAGEMENT_ENDPOINT`, ...).
+    pub management: ManagementSettings,
+}
+
+/// The local stack's configuration: it runs every process, so it reads
+/// every part.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Stores, logging, name.
+    pub common: CommonConfig,
+    /// The REST and WebSocket handlers.
+    pub api: ApiConfig,
+    /// The relay.
+    pub relay: RelayConfig,
+    /// The port and the API Gateway emulator.
+    pub local: LocalConfig,
 }
 
 /// A token bucket: `per_sec` tokens a second, at most `burst` saved up.
@@ -179,15 +241,11 @@ pub struct GatewaySettings {
     pub dispatch_concurrency: usize,
 }
 
-/// The Management API (`@connections`): the emulator's internal listener,
-/// the SigV4 credentials it accepts (and the relay signs local calls
-/// with), and which endpoints the relay may call.
+/// The Management API (`@connections`): the SigV4 credentials the
+/// emulator accepts (and the relay signs local calls with), and which
+/// endpoints the relay and the maintenance job may call.
 #[derive(Debug, Clone)]
 pub struct ManagementSettings {
-    /// Where the emulator serves the Management API and `/metrics`
-    /// (`GATEWAY_MANAGEMENT_LISTEN`; unset: 127.0.0.1 on the client port +
-    /// 100). Never the client port.
-    pub listen: Option<std::net::SocketAddr>,
     /// The access key id the emulator accepts and the relay signs local
     /// calls with (`GATEWAY_MANAGEMENT_ACCESS_KEY_ID`, a local-dev value).
     pub access_key_id: String,
@@ -235,18 +293,89 @@ pub struct ConfigError {
     pub problem: String,
 }
 
-impl Config {
-    /// The token secret, for the processes that verify tokens.
-    ///
-    /// # Errors
-    /// When `JWT_SECRET` is unset or empty.
-    pub fn require_jwt_secret(&self) -> Result<&SecretString, ConfigError> {
-        self.jwt_secret.as_ref().ok_or(ConfigError {
-            variable: "JWT_SECRET",
-            problem: "must be set: this process verifies tokens with it".into(),
+/// `lookup`, with blank values read as unset.
+type Get<'a> = &'a dyn Fn(&str) -> Option<String>;
+
+impl CommonConfig {
+    fn read(get: Get<'_>, lambda: bool) -> Result<Self, ConfigError> {
+        let database_url = get("DATABASE_URL").ok_or(ConfigError {
+            variable: "DATABASE_URL",
+            problem: "must be set (e.g. postgres://postgres@127.0.0.1:5432/chat)".into(),
+        })?;
+        let redis_url = match get("REDIS_URL") {
+            Some(url) => url,
+            None => match get("REDIS_HOST") {
+                Some(host) => {
+                    let port = parse::<u16>(get, "REDIS_PORT", 6379)?;
+                    let scheme = if parse::<bool>(get, "REDIS_TLS", false)? {
+                        "rediss"
+                    } else {
+                        "redis"
+                    };
+                    match get("REDIS_PASSWORD") {
+                        Some(pw) => format!("{scheme}://:{pw}@{host}:{port}"),
+                        None => format!("{scheme}://{host}:{port}"),
+                    }
+                }
+                None => {
+                    return Err(ConfigError {
+                        variable: "REDIS_URL",
+                        problem: "must be set (or REDIS_HOST), e.g. redis://127.0.0.1:6379".into(),
+                    });
+                }
+            },
+        };
+        let message_retention = parse::<i64>(get, "MESSAGE_RETENTION", 100)?;
+        if message_retention < 0 {
+            return Err(ConfigError {
+                variable: "MESSAGE_RETENTION",
+                problem: "must be 0 (keep all) or a positive number".into(),
+            });
+        }
+        let presence_ttl_secs = parse::<u64>(get, "PRESENCE_TTL_SECONDS", 90)?;
+        if presence_ttl_secs == 0 {
+            return Err(ConfigError {
+                variable: "PRESENCE_TTL_SECONDS",
+                problem: "must be at least 1".into(),
+            });
+        }
+        let pg_pool_max = parse::<usize>(get, "PG_POOL_MAX", 16)?;
+        if pg_pool_max == 0 {
+            return Err(ConfigError {
+                variable: "PG_POOL_MAX",
+                problem: "must be at least 1".into(),
+            });
+        }
+        let log_format = match get("LOG_FORMAT").as_deref() {
+            None if lambda => LogFormat::Json,
+            None => LogFormat::Pretty,
+            Some("json") => LogFormat::Json,
+            Some("pretty") => LogFormat::Pretty,
+            Some(other) => {
+                return Err(ConfigError {
+                    variable: "LOG_FORMAT",
+                    problem: format!("must be json or pretty, not {other:?}"),
+                });
+            }
+        };
+        Ok(Self {
+            database_url: database_url.into(),
+            pg_pool_max,
+            redis_url: redis_url.into(),
+            redis_key_prefix: get("REDIS_KEY_PREFIX").unwrap_or_default(),
+            message_retention,
+            broadcast_channel: get("BROADCAST_CHANNEL").unwrap_or_else(|| "chat:broadcast".into()),
+            instance_id: get("INSTANCE_ID")
+                .unwrap_or_else(|| format!("instance-{}", std::process::id())),
+            presence_ttl: Duration::from_secs(presence_ttl_secs),
+            log_format,
+            log_filter: get("RUST_LOG").unwrap_or_else(|| "info".into()),
+            aws_region: get("AWS_REGION").unwrap_or_else(|| "us-east-1".into()),
         })
     }
+}
 
+impl ApiConfig {
     /// The WebSocket admission limits of this configuration.
     pub fn admission_limits(&self) -> crate::realtime::AdmissionLimits {
         crate::realtime::AdmissionLimits {
@@ -270,152 +399,115 @@ impl Config {
         }
     }
 
-    /// Reads the process environment.
-    ///
-    /// # Errors
-    /// A [`ConfigError`] naming the first variable that is missing or bad.
-    pub fn from_env() -> Result<Self, ConfigError> {
-        Self::from_lookup(|name| std::env::var(name).ok())
-    }
-
-    /// Reads configuration through `lookup` (the environment, or a test map).
-    ///
-    /// # Errors
-    /// A [`ConfigError`] naming the first variable that is missing or bad.
-    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
-        let get = |name: &str| lookup(name).filter(|v| !v.trim().is_empty());
-        let database_url = get("DATABASE_URL").ok_or(ConfigError {
-            variable: "DATABASE_URL",
-            problem: "must be set (e.g. postgres://postgres@127.0.0.1:5432/chat)".into(),
+    fn read(get: Get<'_>) -> Result<Self, ConfigError> {
+        let jwt_secret = get("JWT_SECRET").ok_or(ConfigError {
+            variable: "JWT_SECRET",
+            problem: "must be set: this process verifies tokens with it".into(),
         })?;
-        let redis_url = match get("REDIS_URL") {
-            Some(url) => url,
-            None => match get("REDIS_HOST") {
-                Some(host) => {
-                    let port = parse::<u16>(&get, "REDIS_PORT", 6379)?;
-                    let scheme = if parse::<bool>(&get, "REDIS_TLS", false)? {
-                        "rediss"
-                    } else {
-                        "redis"
-                    };
-                    match get("REDIS_PASSWORD") {
-                        Some(pw) => format!("{scheme}://:{pw}@{host}:{port}"),
-                        None => format!("{scheme}://{host}:{port}"),
-                    }
-                }
-                None => {
-                    return Err(ConfigError {
-                        variable: "REDIS_URL",
-                        problem: "must be set (or REDIS_HOST), e.g. redis://127.0.0.1:6379".into(),
-                    });
-                }
-            },
-        };
-        let jwt_secret = get("JWT_SECRET").filter(|s| !s.is_empty());
-        let message_retention = parse::<i64>(&get, "MESSAGE_RETENTION", 100)?;
-        if message_retention < 0 {
-            return Err(ConfigError {
-                variable: "MESSAGE_RETENTION",
-                problem: "must be 0 (keep all) or a positive number".into(),
-            });
-        }
-        let presence_ttl_secs = parse::<u64>(&get, "PRESENCE_TTL_SECONDS", 90)?;
-        if presence_ttl_secs == 0 {
-            return Err(ConfigError {
-                variable: "PRESENCE_TTL_SECONDS",
-                problem: "must be at least 1".into(),
-            });
-        }
-        let pg_pool_max = parse::<usize>(&get, "PG_POOL_MAX", 16)?;
-        if pg_pool_max == 0 {
-            return Err(ConfigError {
-                variable: "PG_POOL_MAX",
-                problem: "must be at least 1".into(),
-            });
-        }
-        let relay_shards = parse::<usize>(&get, "RELAY_SHARDS", 64)?;
-        if !(1..=1024).contains(&relay_shards) {
-            return Err(ConfigError {
-                variable: "RELAY_SHARDS",
-                problem: format!("must be between 1 and 1024, not {relay_shards}"),
-            });
-        }
-        let lambda = lookup("AWS_LAMBDA_FUNCTION_NAME").is_some();
-        let log_format = match get("LOG_FORMAT").as_deref() {
-            None if lambda => LogFormat::Json,
-            None => LogFormat::Pretty,
-            Some("json") => LogFormat::Json,
-            Some("pretty") => LogFormat::Pretty,
-            Some(other) => {
-                return Err(ConfigError {
-                    variable: "LOG_FORMAT",
-                    problem: format!("must be json or pretty, not {other:?}"),
-                });
-            }
-        };
         Ok(Self {
-            database_url: database_url.into(),
-            pg_pool_max,
-            pg_max_waiting: parse::<usize>(&get, "PG_MAX_WAITING", 1000)?,
-            ws_max_in_flight: parse::<usize>(&get, "WS_MAX_IN_FLIGHT", 96)?,
-            ws_max_queue_wait_ms: parse::<u64>(&get, "WS_MAX_QUEUE_WAIT_MS", 10_000)?,
-            ws_max_queued: parse::<usize>(&get, "WS_MAX_QUEUED", 20_000)?,
-            ws_max_queued_bytes: parse::<usize>(&get, "WS_MAX_QUEUED_BYTES", 64 << 20)?,
-            ws_max_queued_per_user: parse::<usize>(&get, "WS_MAX_QUEUED_PER_USER", 256)?,
+            jwt_secret: jwt_secret.into(),
+            jwt_issuer: get("JWT_ISSUER"),
+            jwt_audience: get("JWT_AUDIENCE"),
+            pg_max_waiting: parse::<usize>(get, "PG_MAX_WAITING", 1000)?,
+            ws_max_in_flight: parse::<usize>(get, "WS_MAX_IN_FLIGHT", 96)?,
+            ws_max_queue_wait_ms: parse::<u64>(get, "WS_MAX_QUEUE_WAIT_MS", 10_000)?,
+            ws_max_queued: parse::<usize>(get, "WS_MAX_QUEUED", 20_000)?,
+            ws_max_queued_bytes: parse::<usize>(get, "WS_MAX_QUEUED_BYTES", 64 << 20)?,
+            ws_max_queued_per_user: parse::<usize>(get, "WS_MAX_QUEUED_PER_USER", 256)?,
             ws_max_queued_bytes_per_user: parse::<usize>(
-                &get,
+                get,
                 "WS_MAX_QUEUED_BYTES_PER_USER",
                 4 << 20,
             )?,
-            ws_max_queued_per_connection: parse::<usize>(&get, "WS_MAX_QUEUED_PER_CONNECTION", 64)?,
-            ws_max_delivery_lag_ms: parse::<u64>(&get, "WS_MAX_DELIVERY_LAG_MS", 5_000)?,
-            redis_url: redis_url.into(),
-            redis_key_prefix: get("REDIS_KEY_PREFIX").unwrap_or_default(),
-            jwt_secret: jwt_secret.map(SecretString::from),
-            jwt_issuer: get("JWT_ISSUER"),
-            jwt_audience: get("JWT_AUDIENCE"),
-            message_retention,
-            broadcast_channel: get("BROADCAST_CHANNEL").unwrap_or_else(|| "chat:broadcast".into()),
-            port: parse::<u16>(&get, "PORT", 3000)?,
-            instance_id: get("INSTANCE_ID")
-                .unwrap_or_else(|| format!("instance-{}", std::process::id())),
-            presence_ttl: Duration::from_secs(presence_ttl_secs),
-            log_format,
-            log_filter: get("RUST_LOG").unwrap_or_else(|| "info".into()),
-            relay_concurrency: parse::<usize>(&get, "RELAY_CONCURRENCY", 256)?.max(1),
-            relay_shards,
-            aws_region: get("AWS_REGION").unwrap_or_else(|| "us-east-1".into()),
+            ws_max_queued_per_connection: parse::<usize>(get, "WS_MAX_QUEUED_PER_CONNECTION", 64)?,
+            ws_max_delivery_lag_ms: parse::<u64>(get, "WS_MAX_DELIVERY_LAG_MS", 5_000)?,
+            rate_limits: RateLimits {
+                messages: rate(get, "RATE_LIMIT_PER_SEC", "RATE_LIMIT_BURST", 20)?,
+                rest: rate(get, "REST_RATE_LIMIT_PER_SEC", "REST_RATE_LIMIT_BURST", 50)?,
+            },
+            max_connections_per_user: parse::<usize>(get, "MAX_CONNECTIONS_PER_USER", 10)?,
+            token_expiry_grace: Duration::from_secs(parse::<u64>(
+                get,
+                "TOKEN_EXPIRY_GRACE_SECONDS",
+                30,
+            )?),
+        })
+    }
+}
+
+impl ManagementSettings {
+    fn read(get: Get<'_>) -> Result<Self, ConfigError> {
+        Ok(Self {
+            access_key_id: get("GATEWAY_MANAGEMENT_ACCESS_KEY_ID")
+                .unwrap_or_else(|| DEV_MANAGEMENT_ACCESS_KEY_ID.into()),
+            secret_access_key: get("GATEWAY_MANAGEMENT_SECRET_ACCESS_KEY")
+                .unwrap_or_else(|| DEV_MANAGEMENT_SECRET_ACCESS_KEY.into())
+                .into(),
+            endpoint: get("MANAGEMENT_ENDPOINT").map(|e| e.trim().trim_end_matches('/').to_owned()),
+            allowed_endpoints: get("RELAY_ALLOWED_ENDPOINTS").map(|list| {
+                list.split(',')
+                    .map(str::trim)
+                    .filter(|e| !e.is_empty())
+                    .map(str::to_owned)
+                    .collect()
+            }),
+            local_fast_path: parse::<bool>(get, "RELAY_LOCAL_FAST_PATH", false)?,
+        })
+    }
+}
+
+impl RelayConfig {
+    fn read(get: Get<'_>) -> Result<Self, ConfigError> {
+        let lease_shards = parse::<usize>(get, "RELAY_SHARDS", 64)?;
+        if !(1..=1024).contains(&lease_shards) {
+            return Err(ConfigError {
+                variable: "RELAY_SHARDS",
+                problem: format!("must be between 1 and 1024, not {lease_shards}"),
+            });
+        }
+        Ok(Self {
+            concurrency: parse::<usize>(get, "RELAY_CONCURRENCY", 256)?.max(1),
+            lease_shards,
+            management: ManagementSettings::read(get)?,
+        })
+    }
+}
+
+impl LocalConfig {
+    fn read(get: Get<'_>) -> Result<Self, ConfigError> {
+        Ok(Self {
+            port: parse::<u16>(get, "PORT", 3000)?,
             gateway: GatewaySettings {
                 stage: get("GATEWAY_STAGE").unwrap_or_else(|| "local".into()),
-                max_message_bytes: parse::<usize>(&get, "GATEWAY_MAX_MESSAGE_BYTES", 131_072)?,
-                max_frame_bytes: parse::<usize>(&get, "GATEWAY_MAX_FRAME_BYTES", 32_768)?,
-                accept_binary_frames: parse::<bool>(&get, "GATEWAY_ACCEPT_BINARY_FRAMES", false)?,
+                max_message_bytes: parse::<usize>(get, "GATEWAY_MAX_MESSAGE_BYTES", 131_072)?,
+                max_frame_bytes: parse::<usize>(get, "GATEWAY_MAX_FRAME_BYTES", 32_768)?,
+                accept_binary_frames: parse::<bool>(get, "GATEWAY_ACCEPT_BINARY_FRAMES", false)?,
                 integration_timeout: Duration::from_secs(parse::<u64>(
-                    &get,
+                    get,
                     "GATEWAY_INTEGRATION_TIMEOUT_SECONDS",
                     29,
                 )?),
                 idle_timeout: Duration::from_secs(parse::<u64>(
-                    &get,
+                    get,
                     "GATEWAY_IDLE_TIMEOUT_SECONDS",
                     600,
                 )?),
                 max_lifetime: Duration::from_secs(parse::<u64>(
-                    &get,
+                    get,
                     "GATEWAY_MAX_LIFETIME_SECONDS",
                     7200,
                 )?),
-                max_queued_bytes: parse::<usize>(&get, "GATEWAY_MAX_QUEUED_BYTES", 1 << 20)?,
+                max_queued_bytes: parse::<usize>(get, "GATEWAY_MAX_QUEUED_BYTES", 1 << 20)?,
                 handshake_timeout: Duration::from_secs(
-                    parse::<u64>(&get, "GATEWAY_HANDSHAKE_TIMEOUT_SECONDS", 10)?.max(1),
+                    parse::<u64>(get, "GATEWAY_HANDSHAKE_TIMEOUT_SECONDS", 10)?.max(1),
                 ),
-                max_handshakes: parse::<usize>(&get, "GATEWAY_MAX_HANDSHAKES", 1024)?.max(1),
-                connect_rate_per_ip: parse::<u32>(&get, "GATEWAY_CONNECT_RATE_PER_IP", 2000)?,
-                fd_reserve: parse::<u64>(&get, "GATEWAY_FD_RESERVE", 64)?,
-                max_pings_per_sec: parse::<u32>(&get, "GATEWAY_MAX_PINGS_PER_SEC", 10)?,
+                max_handshakes: parse::<usize>(get, "GATEWAY_MAX_HANDSHAKES", 1024)?.max(1),
+                connect_rate_per_ip: parse::<u32>(get, "GATEWAY_CONNECT_RATE_PER_IP", 2000)?,
+                fd_reserve: parse::<u64>(get, "GATEWAY_FD_RESERVE", 64)?,
+                max_pings_per_sec: parse::<u32>(get, "GATEWAY_MAX_PINGS_PER_SEC", 10)?,
                 dispatch_concurrency: match get("GATEWAY_DISPATCH").as_deref().map(str::trim) {
                     None | Some("concurrent") => {
-                        parse::<usize>(&get, "GATEWAY_DISPATCH_CONCURRENCY", 8)?.max(1)
+                        parse::<usize>(get, "GATEWAY_DISPATCH_CONCURRENCY", 8)?.max(1)
                     }
                     Some("serial") => 1,
                     Some(other) => {
@@ -426,48 +518,92 @@ impl Config {
                     }
                 },
             },
-            management: ManagementSettings {
-                listen: match get("GATEWAY_MANAGEMENT_LISTEN") {
-                    None => None,
-                    Some(raw) => Some(raw.trim().parse().map_err(|e| ConfigError {
-                        variable: "GATEWAY_MANAGEMENT_LISTEN",
-                        problem: format!("{raw:?} is not an address like 127.0.0.1:3100: {e}"),
-                    })?),
-                },
-                access_key_id: get("GATEWAY_MANAGEMENT_ACCESS_KEY_ID")
-                    .unwrap_or_else(|| DEV_MANAGEMENT_ACCESS_KEY_ID.into()),
-                secret_access_key: get("GATEWAY_MANAGEMENT_SECRET_ACCESS_KEY")
-                    .unwrap_or_else(|| DEV_MANAGEMENT_SECRET_ACCESS_KEY.into())
-                    .into(),
-                endpoint: get("MANAGEMENT_ENDPOINT")
-                    .map(|e| e.trim().trim_end_matches('/').to_owned()),
-                allowed_endpoints: get("RELAY_ALLOWED_ENDPOINTS").map(|list| {
-                    list.split(',')
-                        .map(str::trim)
-                        .filter(|e| !e.is_empty())
-                        .map(str::to_owned)
-                        .collect()
-                }),
-                local_fast_path: parse::<bool>(&get, "RELAY_LOCAL_FAST_PATH", false)?,
+            management_listen: match get("GATEWAY_MANAGEMENT_LISTEN") {
+                None => None,
+                Some(raw) => Some(raw.trim().parse().map_err(|e| ConfigError {
+                    variable: "GATEWAY_MANAGEMENT_LISTEN",
+                    problem: format!("{raw:?} is not an address like 127.0.0.1:3100: {e}"),
+                })?),
             },
-            rate_limits: RateLimits {
-                messages: rate(&get, "RATE_LIMIT_PER_SEC", "RATE_LIMIT_BURST", 20)?,
-                rest: rate(&get, "REST_RATE_LIMIT_PER_SEC", "REST_RATE_LIMIT_BURST", 50)?,
-            },
-            max_connections_per_user: parse::<usize>(&get, "MAX_CONNECTIONS_PER_USER", 10)?,
-            token_expiry_grace: Duration::from_secs(parse::<u64>(
-                &get,
-                "TOKEN_EXPIRY_GRACE_SECONDS",
-                30,
-            )?),
         })
+    }
+}
+
+/// `from_env` and `from_lookup` of a process's configuration, which
+/// reads its parts with `read`: each process reads only its parts, so a
+/// process is never refused for a variable it does not use.
+macro_rules! process_config {
+    ($process:ty, |$get:ident, $lambda:ident| $read:expr) => {
+        impl $process {
+            /// Reads the process environment.
+            ///
+            /// # Errors
+            /// A [`ConfigError`] naming the first variable that is missing or bad.
+            pub fn from_env() -> Result<Self, ConfigError> {
+                Self::from_lookup(|name| std::env::var(name).ok())
+            }
+
+            /// Reads configuration through `lookup` (the environment, or a
+            /// test map).
+            ///
+            /// # Errors
+            /// A [`ConfigError`] naming the first variable that is missing or bad.
+            pub fn from_lookup(
+                lookup: impl Fn(&str) -> Option<String>,
+            ) -> Result<Self, ConfigError> {
+                let $lambda = lookup("AWS_LAMBDA_FUNCTION_NAME").is_some();
+                let $get: Get<'_> = &|name| lookup(name).filter(|v| !v.trim().is_empty());
+                $read
+            }
+        }
+    };
+}
+
+process_config!(HandlerConfig, |get, lambda| Ok(Self {
+    common: CommonConfig::read(get, lambda)?,
+    api: ApiConfig::read(get)?,
+}));
+
+process_config!(RelayProcessConfig, |get, lambda| Ok(Self {
+    common: CommonConfig::read(get, lambda)?,
+    relay: RelayConfig::read(get)?,
+}));
+
+process_config!(MaintenanceConfig, |get, lambda| Ok(Self {
+    common: CommonConfig::read(get, lambda)?,
+    management: ManagementSettings::read(get)?,
+}));
+
+process_config!(Config, |get, lambda| Ok(Self {
+    common: CommonConfig::read(get, lambda)?,
+    api: ApiConfig::read(get)?,
+    relay: RelayConfig::read(get)?,
+    local: LocalConfig::read(get)?,
+}));
+
+impl Config {
+    /// The relay's part of the local stack's configuration, as the relay
+    /// process would read it.
+    pub fn relay_process(&self) -> RelayProcessConfig {
+        RelayProcessConfig {
+            common: self.common.clone(),
+            relay: self.relay.clone(),
+        }
+    }
+
+    /// The handlers' part of the local stack's configuration.
+    pub fn handlers(&self) -> HandlerConfig {
+        HandlerConfig {
+            common: self.common.clone(),
+            api: self.api.clone(),
+        }
     }
 }
 
 /// A rate from `per_sec_var` (0 turns it off) and `burst_var` (default
 /// twice the rate, so raising the rate alone raises the burst with it).
 fn rate(
-    get: &impl Fn(&str) -> Option<String>,
+    get: Get<'_>,
     per_sec_var: &'static str,
     burst_var: &'static str,
     default_per_sec: u32,
@@ -487,7 +623,7 @@ fn rate(
 }
 
 fn parse<T: std::str::FromStr>(
-    get: &impl Fn(&str) -> Option<String>,
+    get: Get<'_>,
     variable: &'static str,
     default: T,
 ) -> Result<T, ConfigError>
@@ -526,16 +662,17 @@ mod tests {
     #[test]
     fn defaults_follow_the_architecture() {
         let c = Config::from_lookup(lookup(&BASE)).expect("valid");
-        assert_eq!(c.message_retention, 100);
-        assert_eq!(c.broadcast_channel, "chat:broadcast");
-        assert_eq!(c.port, 3000);
-        assert_eq!(c.presence_ttl, Duration::from_secs(90));
-        assert_eq!(c.log_format, LogFormat::Pretty);
-        assert_eq!(c.max_connections_per_user, 10);
-        assert_eq!(c.token_expiry_grace, Duration::from_secs(30));
-        assert_eq!(c.session_policy().max_connections_per_user, Some(10));
+        assert_eq!(c.common.message_retention, 100);
+        assert_eq!(c.common.broadcast_channel, "chat:broadcast");
+        assert_eq!(c.local.port, 3000);
+        assert_eq!(c.common.presence_ttl, Duration::from_secs(90));
+        assert_eq!(c.common.log_format, LogFormat::Pretty);
+        assert_eq!(c.api.max_connections_per_user, 10);
+        assert_eq!(c.api.token_expiry_grace, Duration::from_secs(30));
+        assert_eq!(c.api.session_policy().max_connections_per_user, Some(10));
+        assert_eq!(c.relay.lease_shards, 64);
         assert_eq!(
-            c.rate_limits,
+            c.api.rate_limits,
             RateLimits {
                 messages: Some(Rate {
                     per_sec: 20,
@@ -554,7 +691,7 @@ mod tests {
         let dispatch = |pairs: &[(&str, &str)]| {
             let mut all = BASE.to_vec();
             all.extend_from_slice(pairs);
-            Config::from_lookup(lookup(&all)).map(|c| c.gateway.dispatch_concurrency)
+            Config::from_lookup(lookup(&all)).map(|c| c.local.gateway.dispatch_concurrency)
         };
         assert_eq!(dispatch(&[]).ok(), Some(8));
         assert_eq!(dispatch(&[("GATEWAY_DISPATCH", "serial")]).ok(), Some(1));
@@ -580,18 +717,18 @@ mod tests {
         ]);
         let c = Config::from_lookup(lookup(&pairs)).expect("valid");
         assert_eq!(
-            c.rate_limits.messages,
+            c.api.rate_limits.messages,
             Some(Rate {
                 per_sec: 5,
                 burst: 10
             }),
             "the burst follows the rate"
         );
-        assert_eq!(c.rate_limits.rest, None, "0 turns it off");
+        assert_eq!(c.api.rate_limits.rest, None, "0 turns it off");
         pairs.push(("RATE_LIMIT_BURST", "1"));
         let c = Config::from_lookup(lookup(&pairs)).expect("valid");
         assert_eq!(
-            c.rate_limits.messages,
+            c.api.rate_limits.messages,
             Some(Rate {
                 per_sec: 5,
                 burst: 1
@@ -624,18 +761,29 @@ mod tests {
     }
 
     #[test]
-    fn the_relay_needs_no_jwt_secret_and_the_token_verifiers_do() {
-        let relay = [
+    fn each_process_reads_only_its_part() {
+        let common = [
             ("DATABASE_URL", "postgres://x@h/db"),
             ("REDIS_URL", "redis://h:1"),
         ];
-        let c = Config::from_lookup(lookup(&relay)).expect("valid without JWT_SECRET");
-        let err = c
-            .require_jwt_secret()
-            .expect_err("required to verify tokens");
+        // The relay and the maintenance job verify no tokens.
+        let relay = RelayProcessConfig::from_lookup(lookup(&common)).expect("valid");
+        assert_eq!(relay.relay.concurrency, 256);
+        MaintenanceConfig::from_lookup(lookup(&common)).expect("valid without JWT_SECRET");
+        // The handlers and the local stack do.
+        let err = HandlerConfig::from_lookup(lookup(&common)).expect_err("required");
         assert_eq!(err.variable, "JWT_SECRET");
-        let c = Config::from_lookup(lookup(&BASE)).expect("valid");
-        assert_eq!(c.require_jwt_secret().expect("set").expose_secret(), "s");
+        let err = Config::from_lookup(lookup(&common)).expect_err("required");
+        assert_eq!(err.variable, "JWT_SECRET");
+        let c = HandlerConfig::from_lookup(lookup(&BASE)).expect("valid");
+        assert_eq!(c.api.jwt_secret.expose_secret(), "s");
+        // A bad value of another process's part is not this one's concern.
+        let mut pairs = common.to_vec();
+        pairs.extend([("RELAY_SHARDS", "0"), ("GATEWAY_MAX_FRAME_BYTES", "big")]);
+        HandlerConfig::from_lookup(lookup(&[&pairs[..], &BASE[2..]].concat()))
+            .expect("the handlers do not read RELAY_SHARDS or GATEWAY_*");
+        let err = RelayProcessConfig::from_lookup(lookup(&pairs)).expect_err("refused");
+        assert_eq!(err.variable, "RELAY_SHARDS");
     }
 
     #[test]
@@ -648,7 +796,10 @@ mod tests {
             ("REDIS_TLS", "true"),
         ];
         let c = Config::from_lookup(lookup(&pairs)).expect("valid");
-        assert_eq!(c.redis_url.expose_secret(), "rediss://:pw@cache.local:6379");
+        assert_eq!(
+            c.common.redis_url.expose_secret(),
+            "rediss://:pw@cache.local:6379"
+        );
     }
 
     #[test]
@@ -656,6 +807,6 @@ mod tests {
         let mut pairs = BASE.to_vec();
         pairs.push(("AWS_LAMBDA_FUNCTION_NAME", "rest"));
         let c = Config::from_lookup(lookup(&pairs)).expect("valid");
-        assert_eq!(c.log_format, LogFormat::Json);
+        assert_eq!(c.common.log_format, LogFormat::Json);
     }
 }

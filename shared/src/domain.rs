@@ -140,7 +140,8 @@ fn bounded_string(value: &str, field: &str, max: usize) -> Result<String, Error>
 macro_rules! string_newtype {
     ($(#[$doc:meta])* $name:ident) => {
         $(#[$doc])*
-        #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, utoipa::ToSchema)]
+        #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+        #[cfg_attr(feature = "http", derive(utoipa::ToSchema))]
         #[serde(transparent)]
         pub struct $name(String);
 
@@ -243,7 +244,8 @@ impl ClientMessageId {
 
 /// A position in a room's message sequence (1, 2, 3, ...; 0 means "before
 /// the first message").
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[cfg_attr(feature = "http", derive(utoipa::ToSchema))]
 #[serde(transparent)]
 pub struct SequenceId(i64);
 
@@ -318,7 +320,8 @@ pub fn parse_query_int(value: &str, field: &str, min: i64, max: i64) -> Result<i
 }
 
 /// The kinds of room.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[cfg_attr(feature = "http", derive(utoipa::ToSchema))]
 #[serde(rename_all = "UPPERCASE")]
 pub enum RoomType {
     /// Exactly two users; one room per unordered pair.
@@ -351,7 +354,8 @@ impl RoomType {
 }
 
 /// The kinds of message.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[cfg_attr(feature = "http", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum MessageType {
     /// Plain text (the default).

@@ -9,7 +9,8 @@
 use serde::Serialize;
 
 /// The error codes of PROTOCOL.md §2 and §4.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[cfg_attr(feature = "http", derive(utoipa::ToSchema))]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum ErrorCode {
     /// Malformed JSON, unknown type, bad field.
@@ -205,7 +206,8 @@ impl Error {
 /// The error shape of every REST failure and refused handshake:
 /// `{"error": {"code", "message"}}` (PROTOCOL §4). What is sent and what the
 /// OpenAPI description shows are this one type.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[cfg_attr(feature = "http", derive(utoipa::ToSchema))]
 pub struct ErrorBody {
     /// What went wrong.
     pub error: ErrorDetail,
@@ -213,7 +215,8 @@ pub struct ErrorBody {
 
 /// The `error` object, and the first two fields of a WebSocket `error`
 /// event's payload.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[cfg_attr(feature = "http", derive(utoipa::ToSchema))]
 pub struct ErrorDetail {
     /// The protocol's error code; on REST it matches the HTTP status.
     pub code: ErrorCode,

@@ -6,8 +6,9 @@ use std::future::Future;
 use aws_lambda_events::apigw::{ApiGatewayProxyResponse, ApiGatewayWebsocketProxyRequest};
 use lambda_runtime::{LambdaEvent, service_fn};
 
+use crate::config::HandlerConfig;
 use crate::ws::WsState;
-use crate::{Config, bootstrap, telemetry};
+use crate::{bootstrap, telemetry};
 
 /// The error type Lambda binaries return from `main`.
 pub type Error = lambda_runtime::Error;
@@ -23,8 +24,8 @@ where
     F: Fn(WsState, ApiGatewayWebsocketProxyRequest) -> Fut,
     Fut: Future<Output = ApiGatewayProxyResponse>,
 {
-    let config = Config::from_env()?;
-    telemetry::init(config.log_format, &config.log_filter);
+    let config = HandlerConfig::from_env()?;
+    telemetry::init(config.common.log_format, &config.common.log_filter);
     let state = bootstrap::ws_state(&config).await?;
     lambda_runtime::run(service_fn(
         |event: LambdaEvent<ApiGatewayWebsocketProxyRequest>| {

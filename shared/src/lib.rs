@@ -11,15 +11,20 @@
 //! - [`model`]: the JSON shapes clients see.
 //! - [`store`]: PostgreSQL (every SQL statement, one module a part) and migrations.
 //! - [`pg_tls`]: PostgreSQL over TLS (`sslmode`, `sslrootcert` in `DATABASE_URL`).
-//! - [`presence`]: Redis keys for connections, subscriptions, presence.
-//! - [`limits`]: rate limits and `typing` coalescing, in Redis.
+//! - [`presence`]: the Redis key schema ([`presence::keys`]), connections,
+//!   subscriptions, watermarks, the online set, operator scans.
+//! - [`limits`]: rate limits and `typing` coalescing, in Redis (the GCRA
+//!   script they share with `presence` is in `gcra`).
 //! - [`bus`]: envelopes on the Redis pub/sub channel the relay consumes.
 //! - [`service`]: the use cases, one module each: the only request-path code
 //!   that calls [`store`], [`presence`], [`limits`] and [`bus`].
 //! - [`realtime`]: the WebSocket session: parse a frame, admit it, call one use case.
-//! - [`ws`]: the `$connect` / `$default` / `$disconnect` handlers over API Gateway events.
-//! - [`http`]: the REST API as an axum router.
-//! - [`bootstrap`]: builds all of the above once per process.
+//! - `ws` (feature `ws`): the `$connect` / `$default` / `$disconnect` handlers over API Gateway events.
+//! - `http` (feature `http`): the REST API as an axum router.
+//! - [`departures`]: connections leaving (disconnect, the presence sweep,
+//!   sweep-and-close), for the handlers, the relay and the maintenance job.
+//! - [`bootstrap`]: builds the adapters once per process, and over them
+//!   what each process needs.
 //! - [`metrics`]: error counters by code, and the Prometheus text format.
 //! - `testing` (feature `testing`): fresh databases and key prefixes for tests.
 //! - `lambda` (feature `lambda`): the `lambda_runtime` shim of the WebSocket functions.
@@ -28,8 +33,11 @@ pub mod auth;
 pub mod bootstrap;
 pub mod bus;
 pub mod config;
+pub mod departures;
 pub mod domain;
 pub mod error;
+mod gcra;
+#[cfg(feature = "http")]
 pub mod http;
 #[cfg(feature = "lambda")]
 pub mod lambda;
@@ -44,6 +52,7 @@ pub mod store;
 pub mod telemetry;
 #[cfg(feature = "testing")]
 pub mod testing;
+#[cfg(feature = "ws")]
 pub mod ws;
 
 pub use config::Config;

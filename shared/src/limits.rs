@@ -18,7 +18,7 @@
 //! Redis `TIME`, so instances with skewed clocks share one time line.
 //!
 //! Round trips: the connection's bucket is charged inside the `TOUCH`
-//! script that every frame runs anyway ([`crate::presence`]), so a
+//! script that every frame runs anyway (`presence`), so a
 //! WebSocket `sendMessage` still costs one Redis round trip before
 //! PostgreSQL. A REST request charges its buckets (the request bucket, and
 //! for a send the send bucket too) in one script call, all or nothing: a
@@ -41,9 +41,10 @@ use std::time::Duration;
 
 use redis::aio::ConnectionManager;
 
-use crate::config::{Rate, RateLimits};
+use crate::config::RateLimits;
 use crate::domain::{RoomId, UserId};
 use crate::error::{Error, Result};
+use crate::gcra::{bucket_args, parse_wait};
 use crate::metrics::CountedRedis;
 use crate::presence::Keys;
 
@@ -51,41 +52,10 @@ use crate::presence::Keys;
 /// last one fanned out are dropped.
 pub const TYPING_WINDOW: Duration = Duration::from_secs(2);
 
-/// The GCRA function the rate-limit scripts share (see the module docs).
-/// `gcra({{key, interval_us, burst}, ...})` charges every bucket and
-/// returns 0, or charges none and returns the µs until all would allow a
-/// request. A macro, so scripts can be `concat!`-ed into constants.
-macro_rules! gcra_lua {
-    () => {
-        r"
-local function gcra(buckets)
-  local t = redis.call('TIME')
-  local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-  local wait, tats = 0, {}
-  for i, b in ipairs(buckets) do
-    local interval, burst = tonumber(b[2]), tonumber(b[3])
-    local tat = tonumber(redis.call('GET', b[1]) or now)
-    if tat < now then tat = now end
-    tats[i] = tat + interval
-    local early = tats[i] - interval * burst - now
-    if early > wait then wait = early end
-  end
-  if wait > 0 then return wait end
-  for i, b in ipairs(buckets) do
-    redis.call('SET', b[1], string.format('%.0f', tats[i]),
-      'PX', string.format('%d', math.max(1, math.ceil((tats[i] - now) / 1000))))
-  end
-  return 0
-end
-"
-    };
-}
-pub(crate) use gcra_lua;
-
 /// Charges one request to each bucket in KEYS (ARGV: interval µs and
 /// burst per key), all or nothing; returns 0 or the µs to wait.
 const CHARGE: &str = concat!(
-    gcra_lua!(),
+    crate::gcra::gcra_lua!(),
     r"
 local buckets = {}
 for i, key in ipairs(KEYS) do buckets[i] = {key, ARGV[2 * i - 1], ARGV[2 * i]} end
@@ -106,21 +76,6 @@ return 1
 // Built once: `Script::new` hashes the source.
 static CHARGE_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(CHARGE));
 static TYPING_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(TYPING));
-
-/// The arguments of one bucket: its GCRA interval (µs) and burst.
-pub(crate) fn bucket_args(rate: Rate) -> (u64, u32) {
-    (
-        1_000_000 / u64::from(rate.per_sec.max(1)),
-        rate.burst.max(1),
-    )
-}
-
-/// Parses a script's "µs to wait" answer: `None` when the request was
-/// allowed.
-pub(crate) fn parse_wait(answer: Option<&str>) -> Option<Duration> {
-    let micros: u64 = answer?.parse().ok()?;
-    (micros > 0).then(|| Duration::from_micros(micros))
-}
 
 /// The `RATE_LIMITED` error for a request that may succeed after `wait`;
 /// `Retry-After` is `wait` rounded up to whole seconds.
@@ -245,21 +200,5 @@ mod tests {
             refused(Duration::from_millis(2001)).retry_after_secs(),
             Some(3)
         );
-    }
-
-    #[test]
-    fn waits_parse_and_zero_means_allowed() {
-        assert_eq!(parse_wait(Some("0")), None);
-        assert_eq!(parse_wait(None), None);
-        assert_eq!(parse_wait(Some("50000")), Some(Duration::from_millis(50)));
-    }
-
-    #[test]
-    fn bucket_intervals_are_microseconds() {
-        let (interval, burst) = bucket_args(Rate {
-            per_sec: 20,
-            burst: 40,
-        });
-        assert_eq!((interval, burst), (50_000, 40));
     }
 }

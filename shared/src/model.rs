@@ -25,7 +25,8 @@ fn opt_ts<S: Serializer>(at: &Option<DateTime<Utc>>, s: S) -> Result<S::Ok, S::E
 }
 
 /// A user's public profile.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[cfg_attr(feature = "http", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct Profile {
     /// User id.
@@ -33,10 +34,10 @@ pub struct Profile {
     /// Username (defaults to the id).
     pub username: String,
     /// Display name, if any.
-    #[schema(required)]
+    #[cfg_attr(feature = "http", schema(required))]
     pub display_name: Option<String>,
     /// Avatar URL, if any.
-    #[schema(required)]
+    #[cfg_attr(feature = "http", schema(required))]
     pub avatar: Option<String>,
 }
 
@@ -50,7 +51,8 @@ pub struct Member {
 }
 
 /// A stored message, as every event and REST answer shows it.
-#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Serialize)]
+#[cfg_attr(feature = "http", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct Message {
     /// `msg_<ULID>`.
@@ -65,13 +67,13 @@ pub struct Message {
     #[serde(rename = "type")]
     pub kind: MessageType,
     /// A JSON object or null.
-    #[schema(value_type = Option<Object>)]
-    #[schema(required)]
+    #[cfg_attr(feature = "http", schema(value_type = Option<Object>))]
+    #[cfg_attr(feature = "http", schema(required))]
     pub metadata: Option<Value>,
     /// Position in the room.
     pub sequence_id: SequenceId,
     /// The sender's idempotency key, or null.
-    #[schema(required)]
+    #[cfg_attr(feature = "http", schema(required))]
     pub client_message_id: Option<String>,
     /// The sender's profile as it is now.
     pub sender: Profile,
@@ -79,7 +81,7 @@ pub struct Message {
     pub read_by: Vec<UserId>,
     /// When it was stored.
     #[serde(serialize_with = "ts")]
-    #[schema(value_type = String, format = DateTime)]
+    #[cfg_attr(feature = "http", schema(value_type = String, format = DateTime))]
     pub created_at: DateTime<Utc>,
 }
 
@@ -96,7 +98,8 @@ impl Message {
 }
 
 /// A room, with its members' profiles.
-#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Serialize)]
+#[cfg_attr(feature = "http", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct Room {
     /// `room_<ULID>`.
@@ -105,16 +108,16 @@ pub struct Room {
     #[serde(rename = "type")]
     pub kind: RoomType,
     /// GROUP name (CALL rooms may have one too).
-    #[schema(required)]
+    #[cfg_attr(feature = "http", schema(required))]
     pub name: Option<String>,
     /// CALL rooms: the call id.
-    #[schema(required)]
+    #[cfg_attr(feature = "http", schema(required))]
     pub call_id: Option<String>,
     /// DIRECT rooms: the first user (ids sorted); null otherwise.
-    #[schema(required)]
+    #[cfg_attr(feature = "http", schema(required))]
     pub user1: Option<Profile>,
     /// DIRECT rooms: the second user; null otherwise.
-    #[schema(required)]
+    #[cfg_attr(feature = "http", schema(required))]
     pub user2: Option<Profile>,
     /// Every member's profile.
     pub members: Vec<Profile>,
@@ -122,15 +125,15 @@ pub struct Room {
     pub last_sequence_id: SequenceId,
     /// When the newest message was sent.
     #[serde(serialize_with = "opt_ts")]
-    #[schema(value_type = Option<String>, format = DateTime)]
-    #[schema(required)]
+    #[cfg_attr(feature = "http", schema(value_type = Option<String>, format = DateTime))]
+    #[cfg_attr(feature = "http", schema(required))]
     pub last_message_at: Option<DateTime<Utc>>,
     /// The newest message's content.
-    #[schema(required)]
+    #[cfg_attr(feature = "http", schema(required))]
     pub last_message_text: Option<String>,
     /// When the room was created.
     #[serde(serialize_with = "ts")]
-    #[schema(value_type = String, format = DateTime)]
+    #[cfg_attr(feature = "http", schema(value_type = String, format = DateTime))]
     pub created_at: DateTime<Utc>,
 }
 

@@ -575,17 +575,6 @@ impl Realtime {
             ClientEvent::Authenticate { token } => self.authenticate(conn, &token).await.map(Some),
         }
     }
-
-    /// One sweep of expired presence leases: each connection whose lease ran
-    /// out is removed (and its user announced offline when it was their
-    /// last). Returns the removed connections with their Management API
-    /// endpoints, so the caller can close them at API Gateway.
-    ///
-    /// # Errors
-    /// A dependency failure.
-    pub async fn sweep_expired(&self, limit: usize) -> Result<Vec<(String, Option<String>)>> {
-        self.chat.sweep_expired(limit).await
-    }
 }
 
 /// The `roomJoined` reply.

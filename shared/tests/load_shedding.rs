@@ -58,7 +58,7 @@ async fn sends_past_the_in_flight_limit_wait_in_line_and_are_refused_only_at_the
     let app = TestApp::with_env(env).await;
     app.register(&["ann", "ben"]).await;
     let room = app.direct("ann", "ben").await;
-    let state = chat_shared::bootstrap::app_state(&small.config())
+    let state = chat_shared::bootstrap::app_state(&small.config().handlers())
         .await
         .unwrap();
     let realtime = Realtime::new(state.chat.clone(), Duration::from_secs(90))

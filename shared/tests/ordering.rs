@@ -24,7 +24,7 @@ fn send(room: &str, seq: u64, content: &str) -> String {
 
 /// A `$default` process of its own over the same database and Redis.
 async fn process(env: &TestEnv, limits: OrderingLimits) -> Realtime {
-    let state = chat_shared::bootstrap::app_state(&env.config())
+    let state = chat_shared::bootstrap::app_state(&env.config().handlers())
         .await
         .unwrap();
     Realtime::new(state.chat.clone(), Duration::from_secs(90)).with_ordering(limits)
@@ -174,7 +174,7 @@ async fn a_frame_whose_handling_is_abandoned_gives_its_turn_back_at_once() {
     // A process with a one-connection pool, so the test can hold it.
     let mut small = env.sharing();
     small.set("PG_POOL_MAX", "1");
-    let state = chat_shared::bootstrap::app_state(&small.config())
+    let state = chat_shared::bootstrap::app_state(&small.config().handlers())
         .await
         .unwrap();
     let realtime = Realtime::new(state.chat.clone(), Duration::from_secs(90)).with_ordering(limits);

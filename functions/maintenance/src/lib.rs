@@ -2,12 +2,13 @@
 //! minutes (`template.yaml`), for the two things no request does by itself.
 //!
 //! - **Presence sweep.** `$disconnect` is best effort in AWS, so a
-//!   connection whose presence lease ran out is removed
-//!   ([`Realtime::sweep_expired`]: its subscriptions go, and its user is
-//!   announced `offline` when it was their last) and closed at API Gateway
-//!   with `DeleteConnection`. The relay sweeps too, every few seconds; this
-//!   job keeps presence right while the relay is down or being replaced.
-//!   Removal is idempotent, so both may sweep at once.
+//!   connection whose presence lease ran out is removed (its subscriptions
+//!   go, and its user is announced `offline` when it was their last) and
+//!   closed at API Gateway with `DeleteConnection`: sweep-and-close
+//!   ([`Departures::sweep_and_close`]), the same code the relay sweeps
+//!   with every few seconds; this job keeps presence right while the
+//!   relay is down or being replaced. Removal is idempotent, so both may
+//!   sweep at once.
 //! - **Retention.** A send deletes what it pushes out of its room's newest
 //!   `MESSAGE_RETENTION`;
 //!   [`Store::cleanup_all`](chat_shared::store::Store::cleanup_all) applies
@@ -19,18 +20,21 @@
 //! - `main.rs`: the Lambda shim.
 
 use chat_relay::{EndpointPolicy, Management};
-use chat_shared::realtime::Realtime;
-use chat_shared::{Config, bootstrap};
-use futures::StreamExt as _;
+use chat_shared::bootstrap;
+use chat_shared::config::MaintenanceConfig;
+use chat_shared::departures::{Departures, SweepLimits};
+use chat_shared::store::Store;
 use serde::Serialize;
 
-/// Connections removed per sweep step (one Redis round of reads and writes).
-const BATCH: usize = 500;
-/// Most sweep steps per run: a backlog beyond 20,000 expired connections is
-/// left to the next run rather than risking the Lambda timeout.
-const MAX_BATCHES: usize = 40;
-/// `DeleteConnection` calls in flight at once.
-const CLOSE_CONCURRENCY: usize = 32;
+/// One run's sweep: batches of 500 connections (one Redis round of reads
+/// and writes each), at most 40 of them (a backlog beyond 20,000 expired
+/// connections is left to the next run rather than risking the Lambda
+/// timeout), 32 `DeleteConnection` calls in flight.
+const SWEEP: SweepLimits = SweepLimits {
+    batch: 500,
+    max_batches: 40,
+    close_concurrency: 32,
+};
 
 /// What one run did; also the Lambda's response (visible in test invokes
 /// and in the function's logs).
@@ -53,8 +57,10 @@ pub struct Report {
 
 /// The job and the clients it needs.
 pub struct Maintenance {
-    /// The sweep use case; its service also holds the store.
-    realtime: Realtime,
+    /// The sweep (sweep-and-close, shared with the relay).
+    departures: Departures,
+    /// Retention over every room.
+    store: Store,
     /// Closes swept connections at their own API Gateway endpoint.
     management: Management,
     /// Messages kept per room (`MESSAGE_RETENTION`).
@@ -71,9 +77,10 @@ impl std::fmt::Debug for Maintenance {
 
 impl Maintenance {
     /// A job over existing clients.
-    pub fn new(realtime: Realtime, management: Management, retention: i64) -> Self {
+    pub fn new(adapters: bootstrap::Adapters, management: Management, retention: i64) -> Self {
         Self {
-            realtime,
+            departures: Departures::new(adapters.store.clone(), adapters.presence, adapters.bus),
+            store: adapters.store,
             management,
             retention,
         }
@@ -83,17 +90,16 @@ impl Maintenance {
     ///
     /// # Errors
     /// When a URL is invalid or Redis does not answer.
-    pub async fn from_config(config: &Config) -> anyhow::Result<Self> {
-        let state = bootstrap::ws_state(config).await?;
+    pub async fn from_config(config: &MaintenanceConfig) -> anyhow::Result<Self> {
         Ok(Self::new(
-            state.realtime,
+            bootstrap::adapters(&config.common).await?,
             // The same endpoint policy as the relay: MANAGEMENT_ENDPOINT, or
             // only allowed endpoints from the connections' records.
             Management::new(
-                config.aws_region.clone(),
-                EndpointPolicy::from_config(config),
+                config.common.aws_region.clone(),
+                EndpointPolicy::new(&config.management, &config.common.aws_region),
             ),
-            config.message_retention,
+            config.common.message_retention,
         ))
     }
 
@@ -105,8 +111,8 @@ impl Maintenance {
     /// function's `Errors` metric shows it and EventBridge retries.
     pub async fn run(&self) -> chat_shared::Result<Report> {
         let (swept, deleted) = tokio::join!(
-            self.sweep(),
-            self.realtime.chat().store().cleanup_all(self.retention)
+            self.departures.sweep_and_close(&self.management, SWEEP),
+            self.store.cleanup_all(self.retention)
         );
         if let Err(err) = &swept {
             err.log_if_server_error("maintenance: presence sweep failed");
@@ -114,10 +120,13 @@ impl Maintenance {
         if let Err(err) = &deleted {
             err.log_if_server_error("maintenance: retention failed");
         }
+        let swept = swept?;
         let report = Report {
+            swept_connections: swept.swept,
+            closed_connections: swept.closed,
+            close_failures: swept.close_failures,
             deleted_messages: deleted?,
             retention: self.retention,
-            ..swept?
         };
         tracing::info!(
             swept = report.swept_connections,
@@ -126,37 +135,6 @@ impl Maintenance {
             deleted = report.deleted_messages,
             "maintenance run done"
         );
-        Ok(report)
-    }
-
-    /// Removes expired connections batch by batch and closes them at API
-    /// Gateway (best effort: a failed close is counted and logged).
-    async fn sweep(&self) -> chat_shared::Result<Report> {
-        let mut report = Report::default();
-        for _ in 0..MAX_BATCHES {
-            let removed = self.realtime.sweep_expired(BATCH).await?;
-            report.swept_connections += removed.len();
-            let outcomes: Vec<Result<(), String>> = futures::stream::iter(
-                removed
-                    .iter()
-                    .filter_map(|(id, endpoint)| Some((id.as_str(), endpoint.as_deref()?))),
-            )
-            .map(|(id, endpoint)| async move {
-                self.management.delete(endpoint, id).await.map_err(|cause| {
-                    tracing::warn!(connection_id = %id, %cause, "DeleteConnection failed");
-                    cause
-                })
-            })
-            .buffer_unordered(CLOSE_CONCURRENCY)
-            .collect()
-            .await;
-            let closed = outcomes.iter().filter(|o| o.is_ok()).count();
-            report.closed_connections += closed;
-            report.close_failures += outcomes.len() - closed;
-            if removed.len() < BATCH {
-                break;
-            }
-        }
         Ok(report)
     }
 }

@@ -5,15 +5,16 @@
 //! cold start. The event is any JSON (an EventBridge `Scheduled Event`, or
 //! `{}` from a manual invoke); only its `id` is logged.
 
-use chat_shared::{Config, telemetry};
+use chat_shared::config::MaintenanceConfig;
+use chat_shared::telemetry;
 use lambda_runtime::{LambdaEvent, service_fn};
 use maintenance::{Maintenance, Report};
 use serde_json::Value;
 
 #[tokio::main]
 async fn main() -> Result<(), lambda_runtime::Error> {
-    let config = Config::from_env()?;
-    telemetry::init(config.log_format, &config.log_filter);
+    let config = MaintenanceConfig::from_env()?;
+    telemetry::init(config.common.log_format, &config.common.log_filter);
     let job = Maintenance::from_config(&config).await?;
     lambda_runtime::run(service_fn(|event: LambdaEvent<Value>| {
         let job = &job;

@@ -4,12 +4,13 @@
 //! A shim: configuration, telemetry and clients are built once per cold
 //! start; the router is the shared crate's, unchanged.
 
-use chat_shared::{Config, bootstrap, http, telemetry};
+use chat_shared::config::HandlerConfig;
+use chat_shared::{bootstrap, http, telemetry};
 
 #[tokio::main]
 async fn main() -> Result<(), lambda_http::Error> {
-    let config = Config::from_env()?;
-    telemetry::init(config.log_format, &config.log_filter);
+    let config = HandlerConfig::from_env()?;
+    telemetry::init(config.common.log_format, &config.common.log_filter);
     let state = bootstrap::app_state(&config).await?;
     lambda_http::run(http::app(state)).await
 }

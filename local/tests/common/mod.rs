@@ -126,10 +126,11 @@ impl TestStack {
     ) -> Self {
         init_logs();
         let mut config = env.config();
-        if config.management.allowed_endpoints.is_none() {
+        if config.relay.management.allowed_endpoints.is_none() {
             // A test's relays call its gateways, each on its own loopback
             // management port (tests of the allow-list itself set it).
-            config.management.allowed_endpoints = Some(vec!["http://127.0.0.1:*/local".into()]);
+            config.relay.management.allowed_endpoints =
+                Some(vec!["http://127.0.0.1:*/local".into()]);
         }
         let stack = Stack::start(&config, listener, parts)
             .await

@@ -22,6 +22,7 @@ use axum::routing::post;
 use chat_relay::{Relay, RelayMetrics, RelayOptions};
 use chat_shared::Config;
 use chat_shared::auth::AuthUser;
+use chat_shared::bootstrap::Adapters;
 use chat_shared::domain::UserId;
 use chat_shared::presence::Connection;
 use chat_shared::realtime::Realtime;
@@ -280,7 +281,10 @@ pub fn auth_user(id: &str) -> AuthUser {
 pub struct Stack {
     pub vars: HashMap<String, String>,
     pub config: Config,
+    /// Drives the use cases, as the handlers would.
     pub realtime: Realtime,
+    /// What the relay is built over.
+    pub adapters: Adapters,
     pub gateway: FakeGateway,
     pub options: RelayOptions,
     /// The URL the relay subscribes with (tests may give it its own user).
@@ -323,17 +327,22 @@ impl Stack {
         ]);
         edit(&mut vars);
         let config = Config::from_lookup(|k| vars.get(k).cloned()).expect("test config is valid");
-        let state = chat_shared::bootstrap::ws_state(&config)
+        let chat = chat_shared::bootstrap::chat(&config.handlers())
             .await
-            .unwrap_or_else(|e| panic!("cannot build the shared state (is Redis up?): {e:#}"));
+            .unwrap_or_else(|e| panic!("cannot build the service (is Redis up?): {e:#}"));
+        let realtime = Realtime::new(chat, config.common.presence_ttl);
+        let adapters = chat_shared::bootstrap::adapters(&config.common)
+            .await
+            .unwrap_or_else(|e| panic!("cannot build the relay's adapters: {e:#}"));
         let gateway = FakeGateway::start().await;
-        let mut options = RelayOptions::from_config(&config);
+        let mut options = RelayOptions::from_config(&config.relay_process());
         options.endpoints = options.endpoints.allowing(gateway.endpoint());
         Self {
             relay_redis_url: redis_url(),
             vars,
             config,
-            realtime: state.realtime,
+            realtime,
+            adapters,
             gateway,
             options,
             metrics: Arc::new(RelayMetrics::default()),
@@ -349,16 +358,15 @@ impl Stack {
     }
 
     pub fn channel(&self) -> String {
-        self.config.broadcast_channel.clone()
+        self.config.common.broadcast_channel.clone()
     }
 
     /// Starts a relay and waits until it has subscribed to the channel.
     pub async fn start_relay(&mut self) {
         assert!(self.relay.is_none(), "a relay is already running");
         let relay = Relay::from_parts(
-            self.realtime.clone(),
+            self.adapters.clone(),
             SecretString::from(self.relay_redis_url.clone()),
-            self.channel(),
             self.options.clone(),
         );
         self.metrics = relay.metrics();
@@ -492,7 +500,7 @@ impl Stack {
     }
 
     pub fn key(&self, suffix: &str) -> String {
-        format!("{}{suffix}", self.config.redis_key_prefix)
+        format!("{}{suffix}", self.config.common.redis_key_prefix)
     }
 }
 

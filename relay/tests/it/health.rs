@@ -37,7 +37,7 @@ async fn healthy_while_redis_answers_and_the_check_command_says_so() {
     let shutdown = CancellationToken::new();
     tokio::spawn(health::serve(
         listener,
-        stack.realtime.clone(),
+        stack.adapters.presence.clone(),
         shutdown.clone(),
     ));
 

@@ -30,7 +30,12 @@ async fn store_only(stack: &Stack, user: &str, room: &str, content: &str) -> Mes
 async fn publish(stack: &Stack, room: &str, message: &Message) {
     let bus = stack.realtime.chat().bus();
     let envelope = bus
-        .room_event(room, event_json("message", message).unwrap(), Vec::new())
+        .message_event(
+            room,
+            message.sequence_id.get(),
+            event_json("message", message).unwrap(),
+            Vec::new(),
+        )
         .unwrap();
     bus.publish_envelope(&envelope).await.unwrap();
 }

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use chat_relay::{Relay, RelayMetrics, cluster_shard};
+use chat_relay::{Relay, RelayMetrics, lease_shard};
 use secrecy::SecretString;
 use serde_json::json;
 use tokio::task::JoinHandle;
@@ -38,9 +38,8 @@ struct Node {
 impl Node {
     fn start(stack: &Stack) -> Self {
         let relay = Relay::from_parts(
-            stack.realtime.clone(),
+            stack.adapters.clone(),
             SecretString::from(stack.relay_redis_url.clone()),
-            stack.channel(),
             stack.options.clone(),
         );
         let id = relay.id().to_owned();
@@ -72,7 +71,7 @@ impl Node {
 }
 
 fn shards(stack: &Stack) -> usize {
-    stack.options.cluster.shards
+    stack.options.cluster.lease_shards
 }
 
 /// The owner of every lease (`None`: free).
@@ -275,7 +274,7 @@ async fn a_killed_relays_shards_are_taken_over_within_ten_seconds() {
 
     // The victim: the relay of the first room (so it has rooms to lose).
     let before = owners(&stack).await;
-    let shard_owner = |key: &str| before[cluster_shard(key, shards(&stack))].clone();
+    let shard_owner = |key: &str| before[lease_shard(key, shards(&stack))].clone();
     let victim_id = shard_owner(&rooms[0]).expect("every shard has an owner");
     let victims_rooms = rooms
         .iter()
@@ -407,7 +406,7 @@ async fn a_shard_leased_to_someone_else_is_not_handled_until_it_is_free() {
     let stack = Stack::build(unlimited).await;
     let (conns, rooms) = rooms_of(&stack, &["alice", "bob"], 1).await;
     let room = &rooms[0];
-    let shard = cluster_shard(room, shards(&stack));
+    let shard = lease_shard(room, shards(&stack));
     let lease = stack.key(&format!("relay:lease:{shard}"));
     let mut redis = stack.redis().await;
     let _: () = redis::cmd("SET")

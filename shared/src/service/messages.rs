@@ -46,10 +46,13 @@ impl Chat {
             Stored::New(msg) => {
                 let event = event_json("message", &msg)?;
                 let include = connection_id.map(str::to_owned).into_iter().collect();
-                let envelope = self.bus.room_event(room_id.as_str(), event, include)?;
-                self.bus
-                    .publish_room_message(&envelope, room_id.as_str(), msg.sequence_id.get())
-                    .await?;
+                let envelope = self.bus.message_event(
+                    room_id.as_str(),
+                    msg.sequence_id.get(),
+                    event,
+                    include,
+                )?;
+                self.bus.publish_room_message(&envelope).await?;
                 Ok(Stored::New(msg))
             }
             Stored::Duplicate(msg) => {

@@ -113,22 +113,7 @@ impl Chat {
         status: &str,
         rooms: Vec<String>,
     ) -> Result<Option<String>> {
-        if rooms.is_empty() {
-            return Ok(None);
-        }
-        let event = event_json(
-            "presenceUpdate",
-            &json!({"userId": user_id, "status": status, "timestamp": now()}),
-        )?;
-        self.bus
-            .envelope(
-                Target::Rooms { room_ids: rooms },
-                event,
-                Vec::new(),
-                Vec::new(),
-                Some(user_id.to_string()),
-            )
-            .map(Some)
+        self.bus.presence_update(user_id, status, rooms)
     }
 
     /// `$connect` after the token was verified (as `session`, when there is
@@ -265,20 +250,7 @@ impl Chat {
     /// A dependency failure.
     #[tracing::instrument(skip_all, fields(request_kind = "disconnect", connection_id = %connection_id))]
     pub async fn disconnect(&self, connection_id: &str) -> Result<()> {
-        let Some(user) = self.presence.connection_user(connection_id).await? else {
-            return Ok(());
-        };
-        let rooms = self.member_room_ids(&user).await?;
-        let envelope = self.presence_envelope(&user, "offline", rooms)?;
-        self.presence
-            .disconnect(
-                connection_id,
-                Some(&user),
-                self.bus.channel(),
-                envelope.as_deref(),
-            )
-            .await?;
-        Ok(())
+        crate::departures::disconnect(&self.store, &self.presence, &self.bus, connection_id).await
     }
 
     /// Asks the relay to close the socket of a connection that is no longer
@@ -298,33 +270,5 @@ impl Chat {
             },
         );
         self.bus.publish_envelope(&close).await
-    }
-
-    /// One sweep of expired presence leases: each connection whose lease ran
-    /// out is removed (and its user announced offline when it was their
-    /// last). Returns the removed connections with their Management API
-    /// endpoints, so the caller can close them at API Gateway.
-    ///
-    /// # Errors
-    /// A dependency failure.
-    #[tracing::instrument(skip_all, fields(request_kind = "sweep"))]
-    pub async fn sweep_expired(&self, limit: usize) -> Result<Vec<(String, Option<String>)>> {
-        let now = chrono::Utc::now().timestamp_millis();
-        let expired = self.presence.expired_connections(now, limit).await?;
-        let routes = self.presence.connection_routes(&expired).await?;
-        let mut removed = Vec::with_capacity(expired.len());
-        for (conn, route) in expired.into_iter().zip(routes) {
-            match self.presence.connection_user(&conn).await? {
-                Some(_) => self.disconnect(&conn).await?,
-                // A lease without a record: drop the lease alone.
-                None => {
-                    self.presence
-                        .disconnect(&conn, None, self.bus.channel(), None)
-                        .await?;
-                }
-            }
-            removed.push((conn, route.map(|r| r.endpoint)));
-        }
-        Ok(removed)
     }
 }

@@ -16,7 +16,8 @@ use super::{
 };
 
 /// One entry of `GET /rooms`.
-#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Serialize)]
+#[cfg_attr(feature = "http", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct RoomSummary {
     /// The room.

@@ -40,7 +40,7 @@ impl TestApp {
     }
 
     pub async fn with_env(env: TestEnv) -> Self {
-        let state = chat_shared::bootstrap::app_state(&env.config())
+        let state = chat_shared::bootstrap::app_state(&env.config().handlers())
             .await
             .unwrap_or_else(|e| {
                 panic!(

@@ -1,8 +1,9 @@
-//! Shards: envelopes with the same ordering key are handled by one shard,
-//! one after another, so a room's events reach each connection's outbox in
-//! publish order; different shards run in parallel.
+//! Workers: envelopes with the same ordering key are handled by one worker
+//! (the one of their worker lane, module `lanes`), one after another, so a
+//! room's events reach each connection's outbox in publish order;
+//! different workers run in parallel.
 //!
-//! A shard also makes a room's `message` events gap-free and duplicate-free
+//! A worker also makes a room's `message` events gap-free and duplicate-free
 //! for every subscribed connection (PROTOCOL.md §2: "each connection
 //! receives each event once, and a room's `message` events in increasing
 //! `sequenceId`"). For each (room, connection) it keeps the highest
@@ -17,11 +18,11 @@
 //!   (each send takes the room's row lock), so that read is complete.
 //!
 //! `Control::Sync` (a join that raced with sends) pushes every stored
-//! message above the connection's mark. It is handled on the room's shard,
+//! message above the connection's mark. It is handled by the room's worker,
 //! so it is ordered with the room's messages.
 //!
-//! A worker serves the envelopes of the cluster shards (module `cluster`)
-//! that map to it (`cluster shard % workers`), and only while this relay
+//! A worker serves the envelopes of the lease shards (module `cluster`)
+//! that map to its lane (`lease shard % lanes`), and only while this relay
 //! holds their lease. Two more kinds of [`Work`] come from the lease loop:
 //! `Release` (finish and write back a shard before its lease is handed
 //! over) and `Acquired` (catch up on what nobody handled while the shard
@@ -33,17 +34,17 @@ use std::time::{Duration, Instant};
 
 use chat_shared::bus::{Control, Envelope, Target, event_json};
 use chat_shared::domain::SequenceId;
-use chat_shared::presence::Subscriber;
-use chat_shared::realtime::Realtime;
-use serde::Deserialize;
-use tokio::sync::{mpsc, oneshot};
+use chat_shared::presence::{RoomMarks, Subscriber};
+use chat_shared::store::Store;
+use tokio::sync::mpsc;
 
+use crate::Stores;
 use crate::cluster::{Missed, Ownership};
+use crate::lanes::{Work, lease_shard_of_key};
 use crate::management::Management;
 use crate::metrics::RelayMetrics;
 use crate::outbox::{Outboxes, Route};
 use crate::resolve::{self, Recipients};
-use crate::watermarks::{self, RoomMarks};
 
 /// Recent message events kept per room for gap fills.
 const RING: usize = 256;
@@ -65,89 +66,6 @@ const STEP_RETRY: Duration = Duration::from_millis(50);
 /// At shutdown, how long a worker waits for its queued posts before it
 /// writes its marks back anyway (then only those already posted).
 const EXIT_BARRIER: Duration = Duration::from_secs(3);
-
-/// FNV-1a of a key: stable across processes, runs and machines, which
-/// every relay of a cluster needs to agree on shards (and makes logs
-/// comparable).
-pub(crate) fn key_hash(key: &str) -> u64 {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in key.bytes() {
-        hash ^= u64::from(byte);
-        hash = hash.wrapping_mul(0x0100_0000_01b3);
-    }
-    hash
-}
-
-/// The shard (of `shards`) of an ordering key.
-pub(crate) fn key_shard(key: &str, shards: usize) -> usize {
-    usize::try_from(key_hash(key) % shards.max(1) as u64).unwrap_or(0)
-}
-
-/// Picks the shard for an envelope: by its ordering key, except that a
-/// `Control::Sync` goes by its room (its target is a connection, but it
-/// must be ordered with the room's messages).
-pub(crate) fn shard_of(envelope: &Envelope, shards: usize) -> usize {
-    let key = match &envelope.control {
-        Some(Control::Sync { room_id, .. }) => room_id.as_str(),
-        Some(Control::Close { .. }) | None => envelope.ordering_key(),
-    };
-    key_shard(key, shards)
-}
-
-/// What a worker is given to do, in order.
-pub(crate) enum Work {
-    /// An envelope of cluster shard `shard`, which this relay held when
-    /// the bus reader dispatched it.
-    Envelope {
-        /// Its cluster shard.
-        shard: usize,
-        /// The envelope.
-        envelope: Envelope,
-    },
-    /// Hand cluster shard `shard` over: everything of it before this item
-    /// is handled; wait until it is posted, write its rooms' marks back
-    /// and forget them; answer whether that happened before `deadline`.
-    Release {
-        /// The shard.
-        shard: usize,
-        /// Give up (answer false, change nothing) after this.
-        deadline: Instant,
-        /// The answer.
-        done: oneshot::Sender<bool>,
-    },
-    /// Cluster shard `shard` became ours: deliver the `connected` events
-    /// nobody delivered, then every stored message of `rooms` above each
-    /// subscriber's mark (with the highest sequence id seen dropped, when
-    /// known).
-    Acquired {
-        /// The shard.
-        shard: usize,
-        /// Rooms with dropped messages.
-        rooms: Vec<(String, Option<i64>)>,
-        /// Dropped `connected` envelopes, oldest first.
-        greetings: Vec<Envelope>,
-    },
-}
-
-/// The sequence id of a `message` event, `None` for any other event.
-pub(crate) fn message_sequence(event: &str) -> Option<i64> {
-    #[derive(Deserialize)]
-    struct Peek<'a> {
-        #[serde(rename = "type", borrow)]
-        kind: std::borrow::Cow<'a, str>,
-        payload: Option<PeekPayload>,
-    }
-    #[derive(Deserialize)]
-    #[serde(rename_all = "camelCase")]
-    struct PeekPayload {
-        sequence_id: Option<i64>,
-    }
-    let peek: Peek<'_> = serde_json::from_str(event).ok()?;
-    if peek.kind != "message" {
-        return None;
-    }
-    peek.payload?.sequence_id
-}
 
 /// What one connection has of a room.
 #[derive(Debug, Clone, Copy)]
@@ -226,10 +144,11 @@ impl RoomState {
     }
 }
 
-/// One shard: its room state and what it needs to act on envelopes.
-pub(crate) struct Shard {
+/// One worker: the room state of its lane and what it needs to act on
+/// envelopes.
+pub(crate) struct Worker {
     /// Reads subscriptions and routes (Presence) and messages (Store).
-    realtime: Realtime,
+    stores: Stores,
     /// Where resolved events go.
     outboxes: Outboxes,
     /// Closes connections that are no longer registered (`Control::Close`).
@@ -240,19 +159,19 @@ pub(crate) struct Shard {
     rooms: HashMap<String, RoomState>,
     /// How long a room may go without envelopes before its state is dropped.
     room_idle: Duration,
-    /// Which cluster shards this relay holds (checked again for each
+    /// Which lease shards this relay holds (checked again for each
     /// envelope: a lease may lapse while its envelopes wait in the queue).
     ownership: Arc<Ownership>,
     /// Where envelopes this worker drops are noted for a later owner.
     missed: Arc<Mutex<Missed>>,
-    /// Cluster shards handed over since they were last acquired: envelopes
+    /// Lease shards handed over since they were last acquired: envelopes
     /// of theirs still in the queue are dropped.
     released: HashSet<usize>,
 }
 
-impl Shard {
+impl Worker {
     pub(crate) fn new(
-        realtime: Realtime,
+        stores: Stores,
         outboxes: Outboxes,
         management: Arc<Management>,
         metrics: Arc<RelayMetrics>,
@@ -261,7 +180,7 @@ impl Shard {
         missed: Arc<Mutex<Missed>>,
     ) -> Self {
         Self {
-            realtime,
+            stores,
             outboxes,
             management,
             metrics,
@@ -336,7 +255,7 @@ impl Shard {
         }
         let shards = self.ownership.shards();
         self.rooms
-            .retain(|room, _| key_shard(room, shards) != shard);
+            .retain(|room, _| lease_shard_of_key(room, shards) != shard);
         self.released.insert(shard);
         true
     }
@@ -354,12 +273,7 @@ impl Shard {
             let Target::Connection { connection_id } = &envelope.target else {
                 continue;
             };
-            let greeted = self
-                .realtime
-                .chat()
-                .presence()
-                .is_greeted(connection_id)
-                .await;
+            let greeted = self.stores.presence.is_greeted(connection_id).await;
             match greeted {
                 Ok(false) => self.deliver(&envelope).await,
                 Ok(true) => {}
@@ -385,20 +299,14 @@ impl Shard {
     /// already.
     async fn catch_up(&mut self, room_id: &str, seen: Option<i64>) -> chat_shared::Result<()> {
         let subscribers: Vec<Subscriber> = self
-            .realtime
-            .chat()
-            .presence()
+            .stores
+            .presence
             .subscribers(&[room_id])
             .await?
             .into_iter()
             .flatten()
             .collect();
-        let now = Instant::now();
-        let state = self
-            .rooms
-            .entry(room_id.to_owned())
-            .or_insert_with(|| RoomState::new(now));
-        state.last_used = now;
+        let state = used_room(&mut self.rooms, room_id);
         let marks: Vec<(Subscriber, i64)> = subscribers
             .into_iter()
             .map(|s| {
@@ -414,7 +322,7 @@ impl Shard {
         }
         let low = seen.map_or(low, |seen| low.max(seen - MAX_FILL));
         RelayMetrics::bump(&self.metrics.store_reads);
-        let events = stored_events(&self.realtime, room_id, low, i64::MAX).await?;
+        let events = stored_events(&self.stores.store, room_id, low, i64::MAX).await?;
         for (sequence_id, event) in &events {
             state.remember(*sequence_id, event.clone());
         }
@@ -490,13 +398,9 @@ impl Shard {
             return Ok(());
         };
         let event: Arc<str> = Arc::from(event.get());
-        let recipients = resolve::recipients(self.realtime.chat().presence(), envelope).await?;
-        let sequence = match &envelope.target {
-            Target::Room { .. } => message_sequence(&event),
-            _ => None,
-        };
-        match (&envelope.target, sequence) {
-            (Target::Room { room_id }, Some(sequence_id)) => {
+        let recipients = resolve::recipients(&self.stores.presence, envelope).await?;
+        match (&envelope.target, envelope.room_message()) {
+            (Target::Room { room_id }, Some((_, sequence_id))) => {
                 self.room_message(room_id, sequence_id, event, recipients)
                     .await;
             }
@@ -517,12 +421,7 @@ impl Shard {
         event: Arc<str>,
         recipients: Recipients,
     ) {
-        let now = Instant::now();
-        let state = self
-            .rooms
-            .entry(room_id.to_owned())
-            .or_insert_with(|| RoomState::new(now));
-        state.last_used = now;
+        let state = used_room(&mut self.rooms, room_id);
         state.remember(sequence_id, event.clone());
         // Forget connections that left the room (or are gone): they start
         // again from a new watermark if they come back.
@@ -562,7 +461,7 @@ impl Shard {
                         .collect()
                 } else {
                     RelayMetrics::bump(&self.metrics.store_reads);
-                    match stored_events(&self.realtime, room_id, low, sequence_id).await {
+                    match stored_events(&self.stores.store, room_id, low, sequence_id).await {
                         Ok(events) => {
                             for (k, v) in &events {
                                 state.remember(*k, v.clone());
@@ -622,7 +521,7 @@ impl Shard {
     /// `Control::Sync`: pushes every stored message above the connection's
     /// mark in the room.
     async fn sync(&mut self, room_id: &str, connection_id: &str) -> chat_shared::Result<()> {
-        let presence = self.realtime.chat().presence();
+        let presence = &self.stores.presence;
         let subscription = presence
             .subscribers(&[room_id])
             .await?
@@ -633,15 +532,10 @@ impl Shard {
             // It left the room, or the connection is gone.
             return Ok(());
         };
-        let now = Instant::now();
-        let state = self
-            .rooms
-            .entry(room_id.to_owned())
-            .or_insert_with(|| RoomState::new(now));
-        state.last_used = now;
+        let state = used_room(&mut self.rooms, room_id);
         let mark = state.mark_of(connection_id, subscription.watermark);
         RelayMetrics::bump(&self.metrics.store_reads);
-        let events = stored_events(&self.realtime, room_id, mark, i64::MAX).await?;
+        let events = stored_events(&self.stores.store, room_id, mark, i64::MAX).await?;
         let route = Route::from(&subscription);
         let mut last = mark;
         for (sequence_id, event) in events {
@@ -666,7 +560,7 @@ impl Shard {
     }
 
     /// Writes dirty marks back to Redis: of every room, or only of the
-    /// rooms of cluster shard `only`. With `posted`, a connection with
+    /// rooms of lease shard `only`. With `posted`, a connection with
     /// posts still queued or in flight keeps its mark dirty for now: the
     /// watermark in Redis then never runs ahead of what was posted, so if
     /// this relay dies with posts queued, its successor repeats the last
@@ -677,7 +571,7 @@ impl Shard {
         let batch: Vec<RoomMarks> = self
             .rooms
             .iter()
-            .filter(|(room, _)| only.is_none_or(|s| key_shard(room, shards) == s))
+            .filter(|(room, _)| only.is_none_or(|s| lease_shard_of_key(room, shards) == s))
             .map(|(room, state)| {
                 let mut marks = state.dirty();
                 if posted {
@@ -690,7 +584,7 @@ impl Shard {
         if batch.is_empty() {
             return Ok(());
         }
-        watermarks::raise(self.realtime.chat().presence(), &batch).await?;
+        self.stores.presence.raise_watermarks(&batch).await?;
         for (room, marks) in batch {
             if let Some(state) = self.rooms.get_mut(&room) {
                 for (connection_id, queued) in marks {
@@ -704,16 +598,26 @@ impl Shard {
     }
 }
 
+/// A room's state, made when missing, marked used now.
+fn used_room<'a>(rooms: &'a mut HashMap<String, RoomState>, room_id: &str) -> &'a mut RoomState {
+    let now = Instant::now();
+    let state = rooms
+        .entry(room_id.to_owned())
+        .or_insert_with(|| RoomState::new(now));
+    state.last_used = now;
+    state
+}
+
 /// The stored messages strictly between `after` and `before`, as `message`
 /// events with `readBy` as of now.
 async fn stored_events(
-    realtime: &Realtime,
+    store: &Store,
     room_id: &str,
     after: i64,
     before: i64,
 ) -> chat_shared::Result<Vec<(i64, Arc<str>)>> {
     // One pooled connection for both reads.
-    let db = realtime.chat().store().conn().await?;
+    let db = store.conn().await?;
     let messages = db
         .messages_between(
             room_id,
@@ -739,44 +643,6 @@ async fn stored_events(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn message_sequence_reads_only_message_events() {
-        assert_eq!(
-            message_sequence(r#"{"type":"message","payload":{"id":"m","sequenceId":42}}"#),
-            Some(42)
-        );
-        assert_eq!(
-            message_sequence(r#"{"payload":{"sequenceId":7,"x":[1]},"type":"message"}"#),
-            Some(7)
-        );
-        assert_eq!(
-            message_sequence(r#"{"type":"readReceipt","payload":{"sequenceId":3}}"#),
-            None
-        );
-        assert_eq!(message_sequence(r#"{"type":"message","payload":{}}"#), None);
-        assert_eq!(message_sequence("not json"), None);
-    }
-
-    #[test]
-    fn sync_envelopes_go_to_their_rooms_shard() {
-        let json = |target: &str, rest: &str| -> Envelope {
-            serde_json::from_str(&format!(r#"{{"origin":"t","target":{target}{rest}}}"#))
-                .expect("envelope")
-        };
-        let room = json(
-            r#"{"type":"room","roomId":"room_1"}"#,
-            r#","event":{"type":"x","payload":{}}"#,
-        );
-        let sync = json(
-            r#"{"type":"connection","connectionId":"c1"}"#,
-            r#","control":{"type":"sync","roomId":"room_1","connectionId":"c1"}"#,
-        );
-        for shards in [1, 7, 16] {
-            assert_eq!(shard_of(&room, shards), shard_of(&sync, shards));
-            assert!(shard_of(&room, shards) < shards);
-        }
-    }
 
     #[test]
     fn the_ring_keeps_the_newest_events_and_knows_what_it_covers() {
