@@ -62,6 +62,12 @@
 //! * `connection` — the connection registry and the task that runs each live
 //!   socket (reader, writer, `$default` dispatcher, limits, close, `$disconnect`).
 //! * `management` — the `@connections` routes.
+//! * [`lambda`] — [`LambdaFunction`]: a route integration that invokes a
+//!   function binary through the Lambda Invoke API (`cargo lambda watch`,
+//!   the Runtime Interface Emulator), with API Gateway's error mapping and
+//!   a reserved-concurrency limit.
+//! * [`http_api`] — an HTTP API (payload format 2.0) in front of one
+//!   [`LambdaFunction`]: the REST side of the deployed shape.
 //! * `listener` — [`EdgeListener`]: handshake deadline, handshake cap,
 //!   per-IP connection rate and file-descriptor reserve of the client port.
 //! * `sigv4` — the signature check of those routes, and [`sign`] for
@@ -74,6 +80,8 @@ mod connection;
 mod event;
 mod handler;
 mod handshake;
+pub mod http_api;
+pub mod lambda;
 pub mod listener;
 mod management;
 pub mod sigv4;
@@ -88,7 +96,8 @@ use chrono::{DateTime, Utc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use handler::{Handlers, RouteHandler, integration_response};
+pub use handler::{Handlers, IntegrationError, RouteHandler, integration_response};
+pub use lambda::{FunctionOptions, InvokeError, LambdaClient, LambdaFunction};
 pub use listener::{EdgeLimits, EdgeListener};
 pub use sigv4::{ManagementCredentials, sign};
 
