@@ -6,6 +6,7 @@
 mod edge;
 mod events;
 mod helpers;
+mod lambda;
 mod lifecycle;
 mod limits;
 mod management;
