@@ -230,11 +230,14 @@ code="$(curl -s -o /dev/null -w '%{http_code}' -H 'Connection: Upgrade' -H 'Upgr
     "http://127.0.0.1:$port/ws")"
 [ "$code" = 401 ] || fail "a handshake without a token got $code through ws-connect, not 401" lambdas
 context='"stage":"local","connectionId":"warmup-00000000=","requestId":"warmup","apiId":"local","connectedAt":0,"requestTimeEpoch":0,"identity":{"sourceIp":"127.0.0.1"}'
-invoke ws-message "{\"requestContext\":{\"routeKey\":\"\$default\",\"eventType\":\"MESSAGE\",\"messageId\":\"warmup\",$context},\"body\":\"{\\\"type\\\":\\\"ping\\\",\\\"payload\\\":{}}\",\"isBase64Encoded\":false}" \
-    | grep -q '"statusCode":200' || fail "ws-message did not answer its warm-up invocation" lambdas
-invoke ws-disconnect "{\"headers\":{},\"requestContext\":{\"routeKey\":\"\$disconnect\",\"eventType\":\"DISCONNECT\",\"disconnectStatusCode\":1000,\"disconnectReason\":\"warm-up\",$context},\"isBase64Encoded\":false}" \
-    | grep -q '"statusCode":200' || fail "ws-disconnect did not answer its warm-up invocation" lambdas
-invoke maintenance '{}' | grep -q '"sweptConnections"' || fail "maintenance did not answer its first run" lambdas
+warm() { # warm FUNCTION EVENT PATTERN: one invocation whose answer must match PATTERN
+    local answer
+    answer="$(invoke "$1" "$2" 2>&1)" || fail "$1 did not answer its warm-up invocation: $answer" lambdas
+    grep -q -- "$3" <<<"$answer" || fail "$1 answered its warm-up invocation with $answer" lambdas
+}
+warm ws-message "{\"requestContext\":{\"routeKey\":\"\$default\",\"eventType\":\"MESSAGE\",\"messageId\":\"warmup\",$context},\"body\":\"{\\\"type\\\":\\\"ping\\\",\\\"payload\\\":{}}\",\"isBase64Encoded\":false}" '"statusCode":200'
+warm ws-disconnect "{\"headers\":{},\"requestContext\":{\"routeKey\":\"\$disconnect\",\"eventType\":\"DISCONNECT\",\"disconnectStatusCode\":1000,\"disconnectReason\":\"warm-up\",$context},\"isBase64Encoded\":false}" '"statusCode":200'
+warm maintenance '{}' '"sweptConnections"'
 
 # The EventBridge schedule of template.yaml (rate(1 minute)).
 if [ "$maintenance_secs" != 0 ]; then

@@ -27,7 +27,13 @@ cd "$ROOT"
 ensure_rust
 ensure_services
 ensure_pytools
+# What lambda-local.sh builds (each function alone, as cargo lambda watch
+# runs it), built first so that its start is timed without the build.
+echo "lambda-test: building chat-local and the function binaries (features test-panic)" >&2
 cargo build -q -p chat-local
+for f in rest ws-connect ws-message ws-disconnect maintenance; do
+    cargo build -q --bin "$f" --features test-panic
+done
 bin="$CARGO_TARGET_DIR/debug/chat-local"
 
 tmp="$(mktemp -d /tmp/chat-lambda-test-XXXXXX)"

@@ -450,6 +450,34 @@ mod tests {
     }
 
     #[test]
+    fn the_event_a_function_receives_reads_back_as_the_gateway_built_it() {
+        use crate::event::{self, ConnectionMeta, MessageBody};
+        let config = crate::GatewayConfig::default();
+        let meta = ConnectionMeta {
+            connection_id: "L0SM9cOFvHcCIhw=".into(),
+            connected_at: chrono::Utc::now(),
+            domain_name: "127.0.0.1:3100".into(),
+            source_ip: std::net::Ipv4Addr::LOCALHOST.into(),
+            user_agent: Some("test".into()),
+        };
+        let mut headers = axum::http::HeaderMap::new();
+        headers.insert("host", HeaderValue::from_static("127.0.0.1:3000"));
+        let now = chrono::Utc::now();
+        for wire in [
+            event::connect_event(&config, &meta, &headers, Some("token=t"), now),
+            event::message_event(&config, &meta, MessageBody::Text("{}"), now).0,
+            event::disconnect_event(&config, &meta, 1000, "bye", now),
+        ] {
+            // What the gateway hands the integration, what LambdaFunction
+            // sends, and what lambda_runtime deserializes from it.
+            let request: ApiGatewayWebsocketProxyRequest = serde_json::from_value(wire).unwrap();
+            let sent = serde_json::to_vec(&request).unwrap();
+            let received: ApiGatewayWebsocketProxyRequest = serde_json::from_slice(&sent).unwrap();
+            assert_eq!(received, request);
+        }
+    }
+
+    #[test]
     fn function_names_are_encoded_into_the_path() {
         let client = LambdaClient::new("http://127.0.0.1:9000/").unwrap();
         let function = client.function("ws-message", FunctionOptions::default());

@@ -43,7 +43,9 @@
 //!   is live; the Management API answers `410 GoneException` for it, as AWS
 //!   does for posts made from inside `$connect`.
 //! * Messages of one connection reach `$default` one at a time, in arrival
-//!   order; a panicking handler is a failed integration (the client gets
+//!   order; a panicking handler, or one whose [`RouteHandler::try_call`]
+//!   fails (a [`LambdaFunction`] whose invocation failed), is a failed
+//!   integration (the client gets
 //!   `{"message": "Internal server error", ...}`, as from API Gateway).
 //! * Limits: a message over `max_message_bytes` or a frame over
 //!   `max_frame_bytes` closes with 1009; no frame from the client for
