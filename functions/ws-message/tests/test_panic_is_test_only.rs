@@ -17,7 +17,9 @@ fn the_panic_trigger_is_not_a_default_feature() {
         .nth(1)
         .expect("ws-message declares its features");
     assert!(
-        !features.lines().any(|line| line.trim_start().starts_with("default")),
+        !features
+            .lines()
+            .any(|line| line.trim_start().starts_with("default")),
         "ws-message must have no default features (test-panic would be in a deployed binary):\n{features}"
     );
 }
