@@ -2,7 +2,7 @@
 # Benchmarks this stack against the Node.js original, side by side, and writes
 # the results table into docs/BENCHMARKS.md.
 #
-#   scripts/bench.sh [--quick] [--runs N] [--only S1,S2,S3,S4,S5,S6,overload,pgbench] [--no-docs]
+#   scripts/bench.sh [--quick] [--runs N] [--only S1,S2,S3,S4,S5,S6,overload,pgbench,lambda] [--no-docs]
 #
 # What it does (each step prints what it is doing on stderr):
 #   1. builds the release binaries (chat-local, chat-bench; the four functions
@@ -23,6 +23,20 @@
 #                       by targetUserId, half rejoining with afterSequenceId and
 #                       20 missed messages; for each N of S6_SIZES (2000,5000,10000)
 #        S5             function cold starts and sizes, process start of each server
+#        lambda         the deployed shape (scripts/lambda-local.sh): the five
+#                       function binaries under `cargo lambda watch --release`
+#                       behind `chat-local lambdas` and a relay; S2 and S3
+#                       (scenarios LS2, LS3) through it and, with the same
+#                       parameters, through the in-process stack, so the
+#                       latency the Lambda hop adds shows side by side; each
+#                       function's cold start through the Invoke API (first
+#                       invocation of a fresh start, then a warm one); ws-message
+#                       invocations/s. Not in the default set: --only lambda
+#                       (or add it). Knobs: LAMBDA_S2_USERS (2000),
+#                       LAMBDA_S2_RATE (2000), LAMBDA_S3_USERS (1000),
+#                       LAMBDA_S3_GROUP (100), LAMBDA_S3_RATE (100), LAMBDA_SECS
+#                       (S2's duration), BENCH_LAMBDA_CONCURRENCY (instances and
+#                       reserved concurrency per function, 16)
 #      each scenario against our stack (2 x `chat-local serve --no-relay` + 1 x
 #      `chat-local relay`, release build) and against the baseline (2 Node.js
 #      instances), each on a fresh start of its processes and emptied tables;
@@ -87,8 +101,8 @@ done
 ONLY="$(printf '%s' "$ONLY" | tr '[:lower:]' '[:upper:]' | tr -d ' ')"
 for s in ${ONLY//,/ }; do
     case "$s" in
-        PGBENCH|S1|S2|S3|S4|OVERLOAD|S5|S6) ;;
-        *) echo "--only: unknown scenario $s (pgbench, S1-S6, overload)" >&2; exit 2 ;;
+        PGBENCH|S1|S2|S3|S4|OVERLOAD|S5|S6|LAMBDA) ;;
+        *) echo "--only: unknown scenario $s (pgbench, S1-S6, overload, lambda)" >&2; exit 2 ;;
     esac
 done
 wants() {
@@ -164,6 +178,18 @@ fi
 # The four function binaries are only for S5's cold starts.
 BINARIES=(chat-local chat-bench)
 wants S5 && BINARIES+=(rest ws-connect ws-message ws-disconnect)
+if wants LAMBDA; then
+    # cargo-lambda comes from PyPI (scripts/lib/pytools.sh); each function
+    # is built alone, as `cargo lambda watch --release` runs it, so that no
+    # invocation compiles.
+    # shellcheck source=scripts/lib/pytools.sh
+    . "$ROOT/scripts/lib/pytools.sh"
+    ensure_pytools
+    log "building the function binaries for the lambda scenario (release, one by one)"
+    for f in rest ws-connect ws-message ws-disconnect maintenance; do
+        cargo build --release -q --bin "$f"
+    done
+fi
 log "building release binaries: ${BINARIES[*]} (a clean build takes ~9 min on 2 cores)"
 PACKAGES=()
 for b in "${BINARIES[@]}"; do PACKAGES+=(-p "$b"); done
@@ -184,7 +210,10 @@ if [ -n "${BENCH_BEFORE_DIR:-}" ]; then
     cp "$BENCH_BEFORE_DIR/chat-local" "$BEFORE_BIN/chat-local"
 fi
 
-if [ ! -d "$BASELINE_DIR/node_modules" ]; then
+# The lambda scenario alone needs no baseline.
+NEEDS_BASELINE=0
+for s in ${ONLY//,/ }; do [ "$s" = LAMBDA ] || NEEDS_BASELINE=1; done
+if [ "$NEEDS_BASELINE" = 1 ] && [ ! -d "$BASELINE_DIR/node_modules" ]; then
     log "installing the baseline into .local/baseline"
     rm -rf "$BASELINE_DIR"
     cp -r "$ROOT/bench/baseline" "$BASELINE_DIR"
@@ -363,6 +392,64 @@ start_baseline() {
     SYSTEM_ARGS=(--label baseline --url "$BASE_URLS" --gateway-pid "$a,$b" "${extra[@]}")
 }
 
+# The deployed shape: `cargo lambda watch` with the five functions, the
+# emulators invoking them, a relay. Each start measures the cold starts
+# through the Invoke API first, while no function has run yet.
+LAMBDA_CONCURRENCY="${BENCH_LAMBDA_CONCURRENCY:-16}"
+LAMBDA_WATCH_PID=""
+start_lambda() {
+    empty_tables chat_bench
+    redis-cli -p "$REDIS_PORT" -n 0 flushdb >/dev/null
+    # Its own process group: stopping it takes the function instances along.
+    # (The script runs in $ROOT, the workspace cargo lambda watch needs.)
+    env "${OURS_ENV[@]}" PG_POOL_MAX=2 BENCH_LAMBDA_SESSION="$SESSION" \
+        RELAY_ALLOWED_ENDPOINTS=http://127.0.0.1:4311/local \
+        setsid cargo lambda watch --release --ignore-changes --invoke-address 127.0.0.1 \
+        --invoke-port 4399 --concurrency "$LAMBDA_CONCURRENCY" >>"$WORK/lambda-watch.log" 2>&1 &
+    LAMBDA_WATCH_PID=$!
+    for _ in $(seq 300); do (exec 3<>/dev/tcp/127.0.0.1/4399) 2>/dev/null && break; sleep 0.1; done
+    log "lambda: cold starts through the Invoke API"
+    env "${OURS_ENV[@]}" "$BENCH" lambda-cold-start --invoke-url http://127.0.0.1:4399 --out "$RESULTS" \
+        --tag "session=$SESSION" --tag "run=$run" >/dev/null ||
+        log "lambda: the cold-start measurement failed (see $WORK/lambda-watch.log)"
+    env "${OURS_ENV[@]}" INSTANCE_ID=lambda "$BIN/chat-local" lambdas --listen 127.0.0.1:4301 \
+        --management-listen 127.0.0.1:4311 --invoke-url http://127.0.0.1:4399 \
+        --reserved-concurrency "$LAMBDA_CONCURRENCY" >>"$WORK/lambda-emulators.log" 2>&1 &
+    SYSTEM_PIDS=($!)
+    env "${OURS_ENV[@]}" INSTANCE_ID=relay RELAY_ALLOWED_ENDPOINTS=http://127.0.0.1:4311/local \
+        "$BIN/chat-local" relay >>"$WORK/lambda-relay.log" 2>&1 &
+    SYSTEM_PIDS+=($!)
+    PIDS_TO_STOP=("${SYSTEM_PIDS[@]}" "$LAMBDA_WATCH_PID")
+    wait_healthy http://127.0.0.1:4301
+    sleep 1
+    mapfile -t extra < <(shared_pids)
+    SYSTEM_ARGS=(--label lambda --url http://127.0.0.1:4301 --gateway-pid "${SYSTEM_PIDS[0]}"
+        --pid "relay=${SYSTEM_PIDS[1]}" --pid-tree "functions=$LAMBDA_WATCH_PID" "${extra[@]}"
+        --metrics-url http://127.0.0.1:4311/metrics)
+}
+
+# Stops cargo lambda watch (and with it every function instance); any
+# instance still left after 30 s is killed, found by the session mark in
+# its environment.
+stop_lambda_watch() {
+    [ -n "$LAMBDA_WATCH_PID" ] || return 0
+    local pgid dir
+    pgid="$(ps -o pgid= -p "$LAMBDA_WATCH_PID" 2>/dev/null | tr -d ' ')"
+    # Only its own group (setsid), never this script's.
+    if [ "$pgid" = "$LAMBDA_WATCH_PID" ]; then
+        kill -TERM -- "-$pgid" 2>/dev/null || true
+    else
+        kill -TERM "$LAMBDA_WATCH_PID" 2>/dev/null || true
+    fi
+    for _ in $(seq 300); do kill -0 "$LAMBDA_WATCH_PID" 2>/dev/null || break; sleep 0.1; done
+    for dir in /proc/[0-9]*; do
+        if tr '\0' '\n' <"$dir/environ" 2>/dev/null | grep -qx "BENCH_LAMBDA_SESSION=$SESSION"; then
+            kill -KILL "${dir#/proc/}" 2>/dev/null || true
+        fi
+    done
+    LAMBDA_WATCH_PID=""
+}
+
 stop_system() {
     local pid
     for pid in "${SYSTEM_PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
@@ -372,6 +459,7 @@ stop_system() {
     done
     SYSTEM_PIDS=()
     PIDS_TO_STOP=()
+    stop_lambda_watch
     # Let TIME_WAIT sockets and the page cache settle between systems.
     sleep 2
 }
@@ -443,6 +531,30 @@ s6() {
         --deadline "$S6_DEADLINE" >/dev/null
 }
 
+# The lambda scenario: LS2 and LS3 against the Lambda shape and, with the
+# same parameters, the in-process stack (label ours), each on a fresh start.
+LAMBDA_SECS="${LAMBDA_SECS:-$S2_SECS}"
+ls2() {
+    bench_run "$1" --scenario LS2 --users "${LAMBDA_S2_USERS:-2000}" --rooms direct \
+        --rate "${LAMBDA_S2_RATE:-2000}" --duration "$LAMBDA_SECS"
+}
+ls3() {
+    bench_run "$1" --scenario LS3 --users "${LAMBDA_S3_USERS:-1000}" --rooms group \
+        --group-size "${LAMBDA_S3_GROUP:-100}" --rate "${LAMBDA_S3_RATE:-100}" --duration "$LAMBDA_SECS"
+}
+lambda_pair() {
+    local run="$1" scenario system
+    for scenario in ls2 ls3; do
+        for system in lambda ours; do
+            wait_quiet
+            "start_$system"
+            log "run $run: $scenario ($system)"
+            "$scenario" "$run" "$system" || log "run $run: $scenario ($system) failed; continuing"
+            stop_system
+        done
+    done
+}
+
 pgbench_ceiling() {
     local run="$1" clients tps
     log "run $run: pgbench ceiling (the service's insert statement, prepared)"
@@ -492,12 +604,13 @@ for run in $(seq "$RUNS"); do
         for n in ${S6_SIZES//,/ }; do both "$run" s6 "$n"; done
     fi
     if wants S5; then s5 "$run"; fi
+    if wants LAMBDA; then lambda_pair "$run"; fi
 done
 
 {
     echo "Session \`$SESSION\` ($RUNS run(s)$([ "$QUICK" = 1 ] && echo ', --quick')), commit \`$(git rev-parse --short HEAD)\`,"
     echo "$(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB, $(uname -r), PostgreSQL $(psql_q postgres 'SHOW server_version'),"
-    echo "Redis $(redis-server --version | sed -nE 's/.*v=([0-9.]+).*/\1/p'), Node.js $(node --version). Medians of the runs;"
+    echo "Redis $(redis-server --version | sed -nE 's/.*v=([0-9.]+).*/\1/p'), Node.js $(node --version 2>/dev/null || echo 'not installed'). Medians of the runs;"
     if [ "$DOCS" = 1 ]; then
         echo "raw JSON lines in [\`docs/benchmarks/latest.jsonl\`](benchmarks/latest.jsonl)."
     else

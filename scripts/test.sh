@@ -130,10 +130,13 @@ fi
 # file checked (scripts/check-deploy.sh); every events/ file through its real
 # function binary under cargo-lambda's Lambda runtime emulator
 # (scripts/test-events.sh); several gateways and a relay as local processes
-# (scripts/test-multi-local.sh). A filtered run (ARGS given) leaves them out,
-# and so does SKIP_DEPLOY_CHECKS=1.
+# (scripts/test-multi-local.sh); the deployed shape, the function binaries
+# under cargo lambda watch behind the WebSocket and HTTP API emulators, with
+# the smoke test and the Lambda cases run against it
+# (scripts/test-lambda-local.sh). A filtered run (ARGS given) leaves them
+# out, and so does SKIP_DEPLOY_CHECKS=1.
 if [ "${SKIP_DEPLOY_CHECKS:-0}" = 1 ] || [ "$#" -gt 0 ]; then
-    step "skipping the deployment checks (run scripts/check-deploy.sh, scripts/test-events.sh, scripts/test-multi-local.sh)"
+    step "skipping the deployment checks (run scripts/check-deploy.sh, scripts/test-events.sh, scripts/test-multi-local.sh, scripts/test-lambda-local.sh)"
 else
     step "deployment files: cfn-lint, compose (scripts/check-deploy.sh)"
     "$ROOT/scripts/check-deploy.sh"
@@ -141,6 +144,9 @@ else
     "$ROOT/scripts/test-events.sh"
     step "gateways and a relay as local processes (scripts/test-multi-local.sh)"
     "$ROOT/scripts/test-multi-local.sh"
+    step "the function binaries behind the emulators, through the Lambda Invoke API (scripts/test-lambda-local.sh)"
+    "$ROOT/scripts/test-lambda-local.sh" ||
+        _svc_die "the Lambda shape failed (scripts/test-lambda-local.sh; LAMBDA_TEST_KEEP=1 keeps its logs)"
 fi
 
 step "all tests passed"

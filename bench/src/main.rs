@@ -67,6 +67,26 @@ enum Command {
         #[arg(long, default_value = "ours")]
         label: String,
     },
+    /// Cold starts as seen through a Lambda Invoke API (`cargo lambda
+    /// watch`, freshly started): the first invocation of each function, then
+    /// a warm one, timed from the request to the answer.
+    LambdaColdStart {
+        /// The Invoke API, e.g. http://127.0.0.1:9000.
+        #[arg(long)]
+        invoke_url: String,
+        /// HS256 secret for the tokens in the events.
+        #[arg(long, env = "JWT_SECRET", hide_env_values = true)]
+        secret: String,
+        /// Label in the JSON lines.
+        #[arg(long, default_value = "lambda")]
+        label: String,
+        /// Where the JSON lines are appended too.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Extra `key=value` fields copied into the JSON lines.
+        #[arg(long = "tag")]
+        tags: Vec<String>,
+    },
     /// Spawns a server command and times it to its first 2xx on --url.
     ProcessStart {
         /// The URL polled every millisecond.
@@ -262,6 +282,13 @@ fn main() -> anyhow::Result<()> {
                 secret,
                 label,
             } => cold_start(dir, runs, secret, label).await,
+            Command::LambdaColdStart {
+                invoke_url,
+                secret,
+                label,
+                out,
+                tags,
+            } => lambda_cold_start(invoke_url, secret, label, out, tags).await,
             Command::ProcessStart {
                 url,
                 label,
@@ -492,6 +519,56 @@ async fn cold_start(
     Ok(())
 }
 
+async fn lambda_cold_start(
+    invoke_url: String,
+    secret: String,
+    label: String,
+    out: Option<PathBuf>,
+    tags: Vec<String>,
+) -> anyhow::Result<()> {
+    let tags = parse_tags(&tags)?;
+    let secret = SecretString::from(secret);
+    let id = format!("lambdacold{}=", load::now_us() % 1_000_000_000);
+    let user = format!("cold-{}", load::now_us() % 1_000_000_000);
+    let token =
+        chat_shared::auth::mint_hs256(&secret, &chat_shared::auth::DevClaims::new(&user, 3600))
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+    // The connection's callback endpoint goes nowhere: nothing is pushed.
+    let domain = "127.0.0.1:9";
+    let steps = [
+        ("rest", events::http_get("/api/v1/chat/rooms", &token)),
+        ("ws-connect", events::connect(&id, &token, domain)),
+        ("ws-message", events::ping(&id, domain)),
+        ("ws-disconnect", events::disconnect(&id, domain)),
+        ("maintenance", json!({})),
+    ];
+    let mut client = chat_bench::rest::Rest::new(invoke_url.trim_end_matches('/'))?;
+    for (function, event) in steps {
+        let path = format!("/2015-03-31/functions/{function}/invocations");
+        let mut times = Vec::new();
+        let mut answer = String::new();
+        for _ in 0..2 {
+            let started = Instant::now();
+            let (status, body) = client
+                .call(http::Method::POST, &path, None, Some(&event))
+                .await
+                .with_context(|| format!("invoking {function}"))?;
+            times.push(started.elapsed().as_secs_f64() * 1000.0);
+            answer = String::from_utf8_lossy(&body).chars().take(200).collect();
+            if !status.is_success() {
+                bail!("{function}: the Invoke API answered {status}: {answer}");
+            }
+        }
+        emit(
+            &json!({"kind": "lambda_cold_start", "label": label, "function": function,
+                    "first_ms": times[0], "warm_ms": times[1], "answer": answer}),
+            &tags,
+            out.as_ref(),
+        );
+    }
+    Ok(())
+}
+
 async fn process_start(
     url: String,
     label: String,
@@ -565,6 +642,7 @@ fn write_report(
             .push_str("\nThis build beside an earlier one (`BENCH_BEFORE_DIR`), same session:\n\n");
         generated.push_str(&before_after);
     }
+    generated.push_str(&report::lambda_table(&all));
     let page = std::fs::read_to_string(&output).unwrap_or_default();
     std::fs::write(&output, report::splice(&page, &generated))
         .with_context(|| format!("writing {}", output.display()))?;

@@ -23,6 +23,9 @@ pub const BASELINE: &str = "baseline";
 /// The label of an earlier build of this stack (`BENCH_BEFORE_DIR`), run
 /// beside the current one to show what a change cost.
 pub const BEFORE: &str = "before";
+/// The label of the deployed shape run locally (scripts/lambda-local.sh:
+/// the emulators invoking the function binaries under `cargo lambda watch`).
+pub const LAMBDA: &str = "lambda";
 
 const BEGIN: &str = "<!-- results:begin -->";
 const END: &str = "<!-- results:end -->";
@@ -985,6 +988,150 @@ pub fn before_after_table(all: &[Value]) -> Option<String> {
     Some(out)
 }
 
+/// The Lambda shape's table: S2 and S3 through the emulators and `cargo
+/// lambda watch` (scenarios `LS2`, `LS3`) next to the in-process stack run
+/// with the same parameters in the same session (label `ours`), the latency
+/// the Lambda hop adds, invocations per second of each function over the
+/// sending window, and each function's cold start through the Invoke API
+/// (`lambda_cold_start` lines). Empty when the session has no Lambda lines.
+pub fn lambda_table(all: &[Value]) -> String {
+    if !all.iter().any(|v| v["label"] == LAMBDA) {
+        return String::new();
+    }
+    let mut out = String::from(
+        "\n#### The deployed shape, locally (scripts/lambda-local.sh)\n\n\
+         | scenario | metric | Lambda shape | in-process stack | added by the Lambda hop |\n\
+         |---|---|---:|---:|---:|\n",
+    );
+    let mut row =
+        |scenario: &str, metric: &str, lambda: Option<f64>, ours: Option<f64>, hop: bool| {
+            let added = match (hop, lambda, ours) {
+                (true, Some(l), Some(o)) => fmt(Some(l - o)),
+                _ => String::new(),
+            };
+            let _ = writeln!(
+                out,
+                "| {scenario} | {metric} | {} | {} | {added} |",
+                fmt(lambda),
+                fmt(ours)
+            );
+        };
+    for (scenario, title) in [
+        ("LS2", "S2 direct, through the Lambda shape"),
+        ("LS3", "S3 fan-out, through the Lambda shape"),
+    ] {
+        let both = |f: &dyn Fn(&Value) -> Option<f64>| {
+            (
+                med(&lines(all, "run", LAMBDA, scenario), f).0,
+                med(&lines(all, "run", OURS, scenario), f).0,
+            )
+        };
+        let mut first = true;
+        let mut title_once = || {
+            if std::mem::take(&mut first) {
+                title.to_owned()
+            } else {
+                String::new()
+            }
+        };
+        for (metric, pointer, hop) in [
+            ("deliveries/s", "/delivered_per_s", false),
+            ("sends refused (any code)", "/rejected", false),
+            ("lost deliveries", "/lost", false),
+            ("latency p50 (ms)", "/latency/p50_ms", true),
+            ("latency p99 (ms)", "/latency/p99_ms", true),
+        ] {
+            let (lambda, ours) = both(&|v| get(v, pointer));
+            row(&title_once(), metric, lambda, ours, hop);
+        }
+        // Only `$default` is invoked while sending (the counters are
+        // deltas over the sending window; connects come before it).
+        {
+            let function = "ws-message";
+            let per_s = |counter: &'static str| {
+                move |v: &Value| {
+                    let n = v["counters"]
+                        .get(format!("{counter}{{function=\"{function}\"}}"))?
+                        .as_f64()?;
+                    let secs = get(v, "/duration_s")?;
+                    (secs > 0.0).then(|| n / secs)
+                }
+            };
+            let (lambda, _) = both(&per_s("chat_lambda_invocations_total"));
+            row(
+                &title_once(),
+                &format!("{function}: invocations/s"),
+                lambda,
+                None,
+                false,
+            );
+            let (errors, _) = both(&|v| {
+                v["counters"]
+                    .get(format!(
+                        "chat_lambda_errors_total{{function=\"{function}\"}}"
+                    ))?
+                    .as_f64()
+            });
+            let (throttles, _) = both(&|v| {
+                v["counters"]
+                    .get(format!(
+                        "chat_lambda_throttles_total{{function=\"{function}\"}}"
+                    ))?
+                    .as_f64()
+            });
+            row(
+                &title_once(),
+                &format!("{function}: failed invocations"),
+                errors,
+                None,
+                false,
+            );
+            row(
+                &title_once(),
+                &format!("{function}: throttled invocations"),
+                throttles,
+                None,
+                false,
+            );
+        }
+    }
+    let cold =
+        "Cold start through the Invoke API (cargo lambda watch, first invocation of a fresh start)";
+    let mut first = true;
+    for function in [
+        "rest",
+        "ws-connect",
+        "ws-message",
+        "ws-disconnect",
+        "maintenance",
+    ] {
+        let pick = |pointer: &'static str| {
+            move |v: &Value| {
+                (v["function"] == function)
+                    .then(|| get(v, pointer))
+                    .flatten()
+            }
+        };
+        let cold_lines = lines(all, "lambda_cold_start", LAMBDA, "");
+        let title = if std::mem::take(&mut first) { cold } else { "" };
+        row(
+            title,
+            &format!("{function}: first invocation, request to answer (ms)"),
+            med(&cold_lines, &pick("/first_ms")).0,
+            None,
+            false,
+        );
+        row(
+            "",
+            &format!("{function}: next invocation, warm (ms)"),
+            med(&cold_lines, &pick("/warm_ms")).0,
+            None,
+            false,
+        );
+    }
+    out
+}
+
 /// Puts `generated` between the markers of `page` (or appends the markers
 /// and it when the page has none).
 pub fn splice(page: &str, generated: &str) -> String {
@@ -1315,6 +1462,36 @@ mod tests {
         r.baseline = None;
         assert_eq!(r.met(), None);
         assert_eq!(fmt(Some(f64::INFINITY)), "never");
+    }
+
+    #[test]
+    fn the_lambda_table_compares_with_the_in_process_stack() {
+        assert_eq!(lambda_table(&[s2(OURS, 10.0, 0)]), "");
+        let run = |label: &str, p50: f64| {
+            json!({"kind": "run", "label": label, "scenario": "LS2", "lost": 0, "rejected": 0,
+                   "delivered_per_s": 100.0, "duration_s": 10.0,
+                   "latency": {"p50_ms": p50, "p99_ms": p50 * 2.0},
+                   "counters": {"chat_lambda_invocations_total{function=\"ws-message\"}": 500.0}})
+        };
+        let cold = json!({"kind": "lambda_cold_start", "label": LAMBDA, "function": "rest",
+                          "first_ms": 900.0, "warm_ms": 3.0});
+        let table = lambda_table(&[run(LAMBDA, 4.0), run(OURS, 1.5), cold]);
+        assert!(
+            table.contains("| latency p50 (ms) | 4 | 1.50 | 2.50 |"),
+            "{table}"
+        );
+        assert!(
+            table.contains("|  | ws-message: invocations/s | 50 | – |  |"),
+            "{table}"
+        );
+        assert!(
+            table.contains("| rest: first invocation, request to answer (ms) | 900 |"),
+            "{table}"
+        );
+        assert!(
+            table.contains("|  | rest: next invocation, warm (ms) | 3 |"),
+            "{table}"
+        );
     }
 
     #[test]

@@ -21,13 +21,42 @@ use serde_json::Value;
 ///
 /// Any `Fn(ApiGatewayWebsocketProxyRequest) -> impl Future<Output =
 /// ApiGatewayProxyResponse>` is a handler, so closures work directly; the
-/// local stack wraps the real Lambda handler functions the same way.
+/// local stack wraps the real Lambda handler functions the same way. A
+/// handler that can fail the integration the way a Lambda invocation fails
+/// (a function error, a timeout: [`crate::LambdaFunction`]) implements
+/// [`RouteHandler::try_call`] too.
 pub trait RouteHandler: Send + Sync + 'static {
     /// Runs the integration for one event.
     fn call(
         &self,
         event: ApiGatewayWebsocketProxyRequest,
     ) -> BoxFuture<'static, ApiGatewayProxyResponse>;
+
+    /// Runs the integration for one event; an `Err` is a failed
+    /// integration, which the gateway maps as API Gateway does ("Internal
+    /// server error" to a `$default` client, a refused `$connect`). This is
+    /// what the gateway calls; by default it is [`RouteHandler::call`],
+    /// which never fails.
+    fn try_call(
+        &self,
+        event: ApiGatewayWebsocketProxyRequest,
+    ) -> BoxFuture<'static, Result<ApiGatewayProxyResponse, IntegrationError>> {
+        let call = self.call(event);
+        Box::pin(async move { Ok(call.await) })
+    }
+}
+
+/// A failed integration: what went wrong, for the log (the client only
+/// ever sees API Gateway's "Internal server error").
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct IntegrationError(String);
+
+impl IntegrationError {
+    /// A failure described by `cause`.
+    pub fn new(cause: impl Into<String>) -> Self {
+        Self(cause.into())
+    }
 }
 
 impl<F, Fut> RouteHandler for F
@@ -89,8 +118,8 @@ pub fn integration_response(status_code: i64, body: Option<String>) -> ApiGatewa
 }
 
 /// Invokes `handler` with `event` (the wire JSON). `None` means the
-/// integration failed: the event did not deserialize (a bug in this crate)
-/// or the handler panicked.
+/// integration failed: the event did not deserialize (a bug in this crate),
+/// the handler panicked, or it reported a failure ([`IntegrationError`]).
 ///
 /// The handler runs in its own task, so it completes even if the caller is
 /// dropped (a client that goes away during `$connect` does not cancel a
@@ -109,8 +138,12 @@ pub(crate) async fn invoke(
         }
     };
     let handler = Arc::clone(handler);
-    match tokio::spawn(async move { handler.call(request).await }).await {
-        Ok(response) => Some(response),
+    match tokio::spawn(async move { handler.try_call(request).await }).await {
+        Ok(Ok(response)) => Some(response),
+        Ok(Err(error)) => {
+            tracing::warn!(route_key, %error, "integration failed");
+            None
+        }
         Err(error) => {
             tracing::error!(route_key, %error, "integration failed");
             None

@@ -46,7 +46,9 @@
 //!   several at once ([`Dispatch::Concurrent`], the default), started in
 //!   arrival order, so their handling may finish, and their route responses
 //!   arrive, in another order; [`Dispatch::Serial`] (one at a time, in
-//!   arrival order) is an explicit deviation. A panicking handler is a failed integration (the client gets
+//!   arrival order) is an explicit deviation. A panicking handler, or one
+//!   whose [`RouteHandler::try_call`] fails (a [`LambdaFunction`] whose
+//!   invocation failed), is a failed integration (the client gets
 //!   `{"message": "Internal server error", ...}`, as from API Gateway).
 //! * Limits: a message over `max_message_bytes` or a frame over
 //!   `max_frame_bytes` closes with 1009; no frame from the client for
@@ -65,6 +67,12 @@
 //! * `connection` — the connection registry and the task that runs each live
 //!   socket (reader, writer, `$default` dispatcher, limits, close, `$disconnect`).
 //! * `management` — the `@connections` routes.
+//! * [`lambda`] — [`LambdaFunction`]: a route integration that invokes a
+//!   function binary through the Lambda Invoke API (`cargo lambda watch`,
+//!   the Runtime Interface Emulator), with API Gateway's error mapping and
+//!   a reserved-concurrency limit.
+//! * [`http_api`] — an HTTP API (payload format 2.0) in front of one
+//!   [`LambdaFunction`]: the REST side of the deployed shape.
 //! * `listener` — [`EdgeListener`]: handshake deadline, handshake cap,
 //!   per-IP connection rate and file-descriptor reserve of the client port.
 //! * `sigv4` — the signature check of those routes, and [`sign`] for
@@ -77,6 +85,8 @@ mod connection;
 mod event;
 mod handler;
 mod handshake;
+pub mod http_api;
+pub mod lambda;
 pub mod listener;
 mod management;
 pub mod sigv4;
@@ -91,7 +101,8 @@ use chrono::{DateTime, Utc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use handler::{Handlers, RouteHandler, integration_response};
+pub use handler::{Handlers, IntegrationError, RouteHandler, integration_response};
+pub use lambda::{FunctionOptions, InvokeError, LambdaClient, LambdaFunction};
 pub use listener::{EdgeLimits, EdgeListener};
 pub use sigv4::{ManagementCredentials, sign};
 

@@ -17,9 +17,12 @@
 //!   local-only endpoints.
 //! - [`metrics`]: `GET /metrics` in the Prometheus text format.
 //! - [`client`]: the interactive WebSocket client of `chat-local chat`.
+//! - [`lambdas`]: `chat-local lambdas`, the emulators in front of the
+//!   function binaries (the deployed shape, `scripts/lambda-local.sh`).
 
 pub mod client;
 pub mod console;
+pub mod lambdas;
 pub mod metrics;
 
 use std::net::SocketAddr;

@@ -7,6 +7,10 @@
 //!   management listener (`GATEWAY_MANAGEMENT_LISTEN`, default
 //!   127.0.0.1 on the client port + 100); plus the relay (unless
 //!   `--no-relay`); `--dev-tokens` lets the console mint tokens.
+//! - `lambdas`: the deployed shape's front half: the WebSocket and HTTP API
+//!   emulators on `PORT`, invoking the function binaries through a Lambda
+//!   Invoke API (`cargo lambda watch`; `scripts/lambda-local.sh` runs it
+//!   all), with the Management API and `/metrics` on the internal listener.
 //! - `relay`: the relay alone (for side-by-side runs), with `/metrics` on
 //!   `--metrics-listen` when given.
 //! - `migrate`: applies `migrations/` to `DATABASE_URL` (deployments).
@@ -16,6 +20,7 @@
 use std::net::SocketAddr;
 
 use anyhow::Context as _;
+use chat_local::lambdas::{self, Emulators, FunctionNames, LambdaOptions};
 use chat_local::{Options, Parts, Stack};
 use chat_shared::auth::{DevClaims, mint_hs256};
 use chat_shared::{Config, store, telemetry};
@@ -60,6 +65,35 @@ enum Command {
         no_relay: bool,
         /// Let the console mint tokens for any user id (POST
         /// /console/dev-token). For a developer's own machine only.
+        #[arg(long)]
+        dev_tokens: bool,
+    },
+    /// Runs the WebSocket and HTTP API emulators in front of the function
+    /// binaries, invoked through a Lambda Invoke API (scripts/lambda-local.sh).
+    Lambdas {
+        /// The Lambda Invoke API (`cargo lambda watch --invoke-port P`).
+        #[arg(
+            long,
+            env = "LAMBDA_INVOKE_URL",
+            default_value = "http://127.0.0.1:9000"
+        )]
+        invoke_url: String,
+        /// Address to bind (overrides PORT).
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+        /// The Management API and /metrics (overrides
+        /// GATEWAY_MANAGEMENT_LISTEN; default 127.0.0.1 on the client
+        /// port + 100). Never expose it.
+        #[arg(long)]
+        management_listen: Option<SocketAddr>,
+        /// Invocations of one function in flight at once (reserved
+        /// concurrency); more are throttled. 0: unlimited.
+        #[arg(long, env = "LAMBDA_RESERVED_CONCURRENCY", default_value_t = 10)]
+        reserved_concurrency: usize,
+        /// A function's timeout, seconds (template.yaml: 10).
+        #[arg(long, env = "LAMBDA_FUNCTION_TIMEOUT_SECS", default_value_t = 10)]
+        function_timeout: u64,
+        /// Let the console mint tokens for any user id (as `serve --dev-tokens`).
         #[arg(long)]
         dev_tokens: bool,
     },
@@ -188,6 +222,54 @@ async fn run() -> anyhow::Result<()> {
                 );
             }
             run_until_signal(stack).await
+        }
+        Command::Lambdas {
+            invoke_url,
+            listen,
+            management_listen,
+            reserved_concurrency,
+            function_timeout,
+            dev_tokens,
+        } => {
+            let config = Config::from_env()?;
+            telemetry::init(config.common.log_format, &config.common.log_filter);
+            let addr =
+                listen.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], config.local.port)));
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding {addr}"))?;
+            let management_addr = management_listen
+                .or(config.local.management_listen)
+                .unwrap_or_else(|| {
+                    SocketAddr::from(([127, 0, 0, 1], addr.port().saturating_add(100)))
+                });
+            let management_listener = tokio::net::TcpListener::bind(management_addr)
+                .await
+                .with_context(|| format!("binding {management_addr} (the management listener)"))?;
+            let options = LambdaOptions {
+                invoke_url: invoke_url.clone(),
+                functions: FunctionNames::default(),
+                function: lambdas::function_options(reserved_concurrency, function_timeout),
+                dev_tokens,
+            };
+            let emulators =
+                Emulators::start(&config, listener, management_listener, options).await?;
+            tracing::info!(
+                %addr,
+                %management_addr,
+                %invoke_url,
+                reserved_concurrency,
+                "chat-local lambdas listening: HTTP API (rest) /health and /api/v1, WebSocket \
+                 API (ws-connect, ws-message, ws-disconnect) /ws, console \
+                 http://{addr}/console; Management API (SigV4) and metrics at \
+                 http://{management_addr}"
+            );
+            let stop = emulators.shutdown_token();
+            tokio::spawn(async move {
+                shutdown_signal().await;
+                stop.cancel();
+            });
+            emulators.wait().await
         }
         Command::Relay { metrics_listen } => {
             let config = Config::from_env()?;

@@ -7,6 +7,7 @@ mod dispatch;
 mod edge;
 mod events;
 mod helpers;
+mod lambda;
 mod lifecycle;
 mod limits;
 mod management;

@@ -1,0 +1,167 @@
+#!/usr/bin/env bash
+# Tests the deployed shape for real: starts scripts/lambda-local.sh (the
+# function binaries under cargo lambda watch, built with the test-only
+# `test-panic` feature; the WebSocket and HTTP API emulators invoking them
+# through the Lambda Invoke API; the relay) on free ports, with its own
+# database, Redis key prefix and JWT secret; then runs against it
+#
+#   * scripts/smoke.sh, the deployment smoke test: health, two WebSocket
+#     clients chatting through the relay, REST history, presence;
+#   * scripts/lambda_local_test.py: a refused $connect, recovery after a
+#     reconnect, presence going offline, a panicking function (one
+#     invocation fails, the next works), the HTTP API's error mapping;
+#
+# and finally stops the script as ctrl-c would and checks that every
+# process it started (function instances included) is gone.
+#
+#   scripts/test-lambda-local.sh
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+# shellcheck source=scripts/lib/services.sh
+. "$ROOT/scripts/lib/services.sh"
+# shellcheck source=scripts/lib/pytools.sh
+. "$ROOT/scripts/lib/pytools.sh"
+
+ensure_rust
+ensure_services
+ensure_pytools
+# What lambda-local.sh builds (each function alone, as cargo lambda watch
+# runs it), built first so that its start is timed without the build.
+echo "lambda-test: building chat-local and the function binaries (features test-panic)" >&2
+cargo build -q -p chat-local
+for f in rest ws-connect ws-message ws-disconnect maintenance; do
+    cargo build -q --bin "$f" --features test-panic
+done
+bin="$CARGO_TARGET_DIR/debug/chat-local"
+
+tmp="$(mktemp -d /tmp/chat-lambda-test-XXXXXX)"
+suffix="$(od -An -N6 -tx1 /dev/urandom | tr -d ' \n')"
+db="chat_test_lambda_$suffix"
+admin_url="$DATABASE_URL"
+export DATABASE_URL="${admin_url%/*}/$db"
+export REDIS_KEY_PREFIX="lambda:$suffix:"
+export BROADCAST_CHANNEL="${REDIS_KEY_PREFIX}broadcast"
+export JWT_SECRET="lambda-$suffix"
+export LAMBDA_LOG_DIR="$tmp/logs"
+export LAMBDA_FEATURES=test-panic
+export LAMBDA_MAINTENANCE_SECS=0
+export RUST_LOG=warn
+unset JWT_ISSUER JWT_AUDIENCE
+
+port_free() { ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+port=""
+for _ in $(seq 1 50); do
+    candidate=$((20000 + RANDOM % 3000))
+    if port_free "$candidate" && port_free $((candidate + 100)) && port_free $((candidate + 6000)); then
+        port="$candidate"
+        break
+    fi
+done
+[ -n "$port" ] || { echo "error: no free ports found" >&2; exit 1; }
+export PORT="$port"
+invoke_port=$((port + 6000))
+
+local_pid=""
+cleanup() {
+    if [ -n "$local_pid" ] && kill -0 "$local_pid" 2>/dev/null; then
+        kill -TERM "$local_pid" 2>/dev/null || true
+        wait "$local_pid" 2>/dev/null || true
+    fi
+    psql "$admin_url" -X -q -c "DROP DATABASE IF EXISTS $db WITH (FORCE)" >/dev/null 2>&1 || true
+    redis-cli -u "$REDIS_URL" --scan --pattern "${REDIS_KEY_PREFIX}*" | xargs -r -n 500 redis-cli -u "$REDIS_URL" DEL >/dev/null
+    if [ "${LAMBDA_TEST_KEEP:-0}" = 1 ]; then echo "lambda-test: kept $tmp" >&2; else rm -rf "$tmp"; fi
+}
+trap cleanup EXIT
+
+fail() {
+    echo "lambda-test: FAILED: $*" >&2
+    for f in "$tmp"/logs/*.log "$tmp"/*.out "$tmp/local.log"; do
+        [ -f "$f" ] || continue
+        echo "--- $f (tail)" >&2
+        tail -n 25 "$f" >&2
+    done
+    exit 1
+}
+
+# Every process lambda-local.sh starts inherits LAMBDA_TEST_RUN (set for it
+# alone, not in this shell): `marked` lists them, `instances` the function
+# binaries among them (what cargo lambda watch runs).
+run_mark="LAMBDA_TEST_RUN=$suffix"
+marked() {
+    local dir
+    for dir in /proc/[0-9]*; do
+        tr '\0' '\n' <"$dir/environ" 2>/dev/null | grep -qx "$run_mark" && echo "${dir#/proc/}"
+    done
+    return 0
+}
+instances() {
+    local pid
+    for pid in $(marked); do
+        case "$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null)" in
+        "$CARGO_TARGET_DIR"/*/rest\ | "$CARGO_TARGET_DIR"/*/ws-*\ | "$CARGO_TARGET_DIR"/*/maintenance\ ) echo "$pid" ;;
+        esac
+    done
+}
+
+psql "$admin_url" -X -q -c "CREATE DATABASE $db" >/dev/null
+
+echo "lambda-test: starting scripts/lambda-local.sh on port $port (Invoke API on $invoke_port)" >&2
+# With job control on, the script gets a process group of its own and keeps
+# SIGINT, so it can be stopped the way ctrl-c stops it.
+set -m
+env "$run_mark" scripts/lambda-local.sh >"$tmp/local.log" 2>&1 &
+local_pid=$!
+set +m
+for _ in $(seq 1 1800); do
+    grep -q "lambda-local: ready" "$tmp/local.log" && break
+    kill -0 "$local_pid" 2>/dev/null || fail "scripts/lambda-local.sh exited before it was ready"
+    sleep 0.1
+done
+grep -q "lambda-local: ready" "$tmp/local.log" || fail "scripts/lambda-local.sh not ready after 180 s"
+[ -n "$(instances)" ] || fail "no function binary runs under cargo lambda watch"
+echo "lambda-test: ready; function instances: $(instances | wc -l)" >&2
+
+ws="ws://127.0.0.1:$port/ws"
+rest="http://127.0.0.1:$port"
+echo "lambda-test: scripts/smoke.sh against the Lambda shape" >&2
+scripts/smoke.sh "$ws" "$rest" "$("$bin" token lambda-smoke-a)" "$("$bin" token lambda-smoke-b)" \
+    >"$tmp/smoke.out" 2>&1 || fail "scripts/smoke.sh: $(cat "$tmp/smoke.out")"
+sed 's/^/lambda-test: /' "$tmp/smoke.out" >&2
+
+python "$ROOT/scripts/lambda_local_test.py" --ws "$ws" --rest "$rest" --chat-local "$bin" \
+    >"$tmp/cases.out" 2>&1 || fail "scripts/lambda_local_test.py: $(cat "$tmp/cases.out")"
+cat "$tmp/cases.out" >&2
+
+# Each case went through the Invoke API: the emulator counted invocations.
+metrics="$(curl -fsS "http://127.0.0.1:$((port + 100))/metrics")" || fail "GET /metrics on the internal listener"
+for f in ws-connect ws-message ws-disconnect rest; do
+    n="$(printf '%s\n' "$metrics" | sed -n "s/^chat_lambda_invocations_total{function=\"$f\"} \([0-9.]*\)\$/\1/p")"
+    [ -n "$n" ] && [ "${n%.*}" -gt 0 ] || fail "no invocations of $f counted in /metrics"
+    echo "lambda-test: $f: $n invocations through the Invoke API" >&2
+done
+errors="$(printf '%s\n' "$metrics" | sed -n 's/^chat_lambda_errors_total{function="ws-message"} \([0-9.]*\)$/\1/p')"
+[ "${errors%.*}" = 1 ] || fail "ws-message: expected exactly 1 failed invocation (the panic), counted ${errors:-none}"
+
+# Stop it as ctrl-c does; every process must be gone, function instances too.
+kill -INT -- "-$local_pid"
+for _ in $(seq 1 300); do
+    kill -0 "$local_pid" 2>/dev/null || break
+    sleep 0.1
+done
+kill -0 "$local_pid" 2>/dev/null && fail "lambda-local.sh still running 30 s after SIGINT"
+wait "$local_pid" 2>/dev/null || true
+group="$local_pid"
+local_pid=""
+grep -q "lambda-local: stopped" "$tmp/local.log" || fail "lambda-local.sh did not report stopping"
+for p in "$port" $((port + 100)) "$invoke_port"; do
+    port_free "$p" || fail "port $p still answers after stopping"
+done
+if pgrep -g "$group" >/dev/null; then
+    fail "processes of lambda-local.sh outlived it: $(pgrep -a -g "$group")"
+fi
+left="$(marked)"
+[ -z "$left" ] || fail "processes started by lambda-local.sh outlived it: $(ps -o pid,args -p "$(echo "$left" | paste -sd,)")"
+echo "lambda-test: everything stopped on SIGINT" >&2
+echo "lambda-test: passed" >&2
