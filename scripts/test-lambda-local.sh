@@ -92,7 +92,7 @@ run_mark="LAMBDA_TEST_RUN=$suffix"
 marked() {
     local dir
     for dir in /proc/[0-9]*; do
-        tr '\0' '\n' <"$dir/environ" 2>/dev/null | grep -qx "$run_mark" && echo "${dir#/proc/}"
+        { tr '\0' '\n' <"$dir/environ"; } 2>/dev/null | grep -qx "$run_mark" && echo "${dir#/proc/}"
     done
     return 0
 }
