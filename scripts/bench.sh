@@ -443,7 +443,7 @@ stop_lambda_watch() {
     fi
     for _ in $(seq 300); do kill -0 "$LAMBDA_WATCH_PID" 2>/dev/null || break; sleep 0.1; done
     for dir in /proc/[0-9]*; do
-        if tr '\0' '\n' <"$dir/environ" 2>/dev/null | grep -qx "BENCH_LAMBDA_SESSION=$SESSION"; then
+        if { tr '\0' '\n' <"$dir/environ"; } 2>/dev/null | grep -qx "BENCH_LAMBDA_SESSION=$SESSION"; then
             kill -KILL "${dir#/proc/}" 2>/dev/null || true
         fi
     done
