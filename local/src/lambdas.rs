@@ -23,11 +23,8 @@ use axum::extract::State;
 use axum::http::header;
 use axum::response::IntoResponse;
 use axum::routing::get;
-use axum::serve::ListenerExt as _;
 use chat_gateway::lambda::InvocationStats;
-use chat_gateway::{
-    EdgeListener, FunctionOptions, Gateway, Handlers, LambdaClient, LambdaFunction, http_api,
-};
+use chat_gateway::{FunctionOptions, Gateway, Handlers, LambdaClient, LambdaFunction, http_api};
 use chat_shared::metrics::{CONTENT_TYPE, Exposition, Kind};
 use chat_shared::{Config, bootstrap, http};
 use tokio::net::TcpListener;
@@ -35,8 +32,8 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::console::{self, ConsoleState, DevTokens};
+use crate::gateway_config;
 use crate::metrics::Telemetry;
-use crate::{edge_limits, gateway_config};
 
 /// The function names the integrations invoke (for `cargo lambda watch`,
 /// the binaries' names).
@@ -166,24 +163,13 @@ impl Emulators {
             .merge(console)
             .fallback(http_api::not_found)
             .layer(axum::middleware::from_fn(http::limit_request_head));
-        let stop = shutdown.clone();
-        let closing = gateway.clone();
-        let listener = EdgeListener::new(listener, edge_limits(config)).tap_io(|_| ());
-        tasks.push(tokio::spawn(async move {
-            axum::serve(
-                listener,
-                app.into_make_service_with_connect_info::<SocketAddr>(),
-            )
-            .with_graceful_shutdown(async move {
-                stop.cancelled().await;
-                // Close the sockets first (with 1001; `$disconnect` is
-                // invoked for each), or graceful shutdown would wait for
-                // them forever.
-                closing.shutdown().await;
-            })
-            .await
-            .context("serving")
-        }));
+        tasks.push(crate::serve_client_port(
+            listener,
+            app,
+            config,
+            gateway.clone(),
+            shutdown.clone(),
+        ));
         Ok(Self {
             addr,
             management_addr,

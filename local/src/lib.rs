@@ -128,6 +128,31 @@ pub fn gateway_config(config: &Config, management: SocketAddr) -> GatewayConfig 
     }
 }
 
+/// Serves `app` on the client port behind the edge limits. On `shutdown`
+/// the gateway's sockets close first (with 1001; `$disconnect` runs for
+/// each), or graceful shutdown would wait for them forever.
+pub(crate) fn serve_client_port(
+    listener: TcpListener,
+    app: axum::Router,
+    config: &Config,
+    gateway: Gateway,
+    shutdown: CancellationToken,
+) -> JoinHandle<anyhow::Result<()>> {
+    let listener = EdgeListener::new(listener, edge_limits(config)).tap_io(|_| ());
+    tokio::spawn(async move {
+        axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(async move {
+            shutdown.cancelled().await;
+            gateway.shutdown().await;
+        })
+        .await
+        .context("serving")
+    })
+}
+
 /// The client port's limits from the configuration (see
 /// [`chat_gateway::listener`]).
 pub fn edge_limits(config: &Config) -> EdgeLimits {
@@ -270,24 +295,13 @@ impl Stack {
                 // Oversized request lines and headers get a clear 414 / 431
                 // (REST, /health and the WebSocket handshake alike).
                 .layer(axum::middleware::from_fn(http::limit_request_head));
-            let stop = shutdown.clone();
-            let closing = emulator.clone();
-            let listener = EdgeListener::new(listener, edge_limits(config)).tap_io(|_| ());
-            tasks.push(tokio::spawn(async move {
-                axum::serve(
-                    listener,
-                    app.into_make_service_with_connect_info::<SocketAddr>(),
-                )
-                .with_graceful_shutdown(async move {
-                    stop.cancelled().await;
-                    // Close the sockets first (with 1001, running
-                    // $disconnect), or graceful shutdown would wait for
-                    // them forever.
-                    closing.shutdown().await;
-                })
-                .await
-                .context("serving")
-            }));
+            tasks.push(serve_client_port(
+                listener,
+                app,
+                config,
+                emulator.clone(),
+                shutdown.clone(),
+            ));
             gateway = Some(emulator);
         }
         let mut metrics_addr = None;

@@ -157,6 +157,27 @@ fn main() -> anyhow::Result<()> {
         .block_on(run())
 }
 
+/// Binds the client port (`--listen`, else `PORT` on loopback) and the
+/// management listener (`--management-listen`, else
+/// `GATEWAY_MANAGEMENT_LISTEN`, else the client port + 100 on loopback).
+async fn bind_listeners(
+    config: &Config,
+    listen: Option<SocketAddr>,
+    management_listen: Option<SocketAddr>,
+) -> anyhow::Result<(tokio::net::TcpListener, tokio::net::TcpListener)> {
+    let addr = listen.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], config.local.port)));
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding {addr}"))?;
+    let management_addr = management_listen
+        .or(config.local.management_listen)
+        .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], addr.port().saturating_add(100))));
+    let management_listener = tokio::net::TcpListener::bind(management_addr)
+        .await
+        .with_context(|| format!("binding {management_addr} (the management listener)"))?;
+    Ok((listener, management_listener))
+}
+
 async fn run() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Serve {
@@ -172,19 +193,10 @@ async fn run() -> anyhow::Result<()> {
                 let applied = store::migrate(&config.common.database_url).await?;
                 tracing::info!(applied, "migrations up to date");
             }
-            let addr =
-                listen.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], config.local.port)));
-            let listener = tokio::net::TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("binding {addr}"))?;
-            let management_addr = management_listen
-                .or(config.local.management_listen)
-                .unwrap_or_else(|| {
-                    SocketAddr::from(([127, 0, 0, 1], addr.port().saturating_add(100)))
-                });
-            let management_listener = tokio::net::TcpListener::bind(management_addr)
-                .await
-                .with_context(|| format!("binding {management_addr} (the management listener)"))?;
+            let (listener, management_listener) =
+                bind_listeners(&config, listen, management_listen).await?;
+            let (addr, management_addr) =
+                (listener.local_addr()?, management_listener.local_addr()?);
             let parts = Parts {
                 gateway: true,
                 relay: !no_relay,
@@ -233,19 +245,10 @@ async fn run() -> anyhow::Result<()> {
         } => {
             let config = Config::from_env()?;
             telemetry::init(config.common.log_format, &config.common.log_filter);
-            let addr =
-                listen.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], config.local.port)));
-            let listener = tokio::net::TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("binding {addr}"))?;
-            let management_addr = management_listen
-                .or(config.local.management_listen)
-                .unwrap_or_else(|| {
-                    SocketAddr::from(([127, 0, 0, 1], addr.port().saturating_add(100)))
-                });
-            let management_listener = tokio::net::TcpListener::bind(management_addr)
-                .await
-                .with_context(|| format!("binding {management_addr} (the management listener)"))?;
+            let (listener, management_listener) =
+                bind_listeners(&config, listen, management_listen).await?;
+            let (addr, management_addr) =
+                (listener.local_addr()?, management_listener.local_addr()?);
             let options = LambdaOptions {
                 invoke_url: invoke_url.clone(),
                 functions: FunctionNames::default(),
