@@ -12,8 +12,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use chat_shared::testing::TestEnv;
-use common::{Client, TestStack};
-use serde_json::json;
+use common::{Client, TestStack, rss_kb};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 
@@ -24,15 +23,6 @@ const SENDS: usize = 20;
 /// Most the process may grow by: 400 sockets' buffers and tasks, and
 /// the allocator's slack.
 const RSS_GROWTH_BOUND_KB: u64 = 64 * 1024;
-
-fn rss_kb() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .expect("/proc/self/status")
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS")
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_pair_chats_unharmed_while_slowloris_sockets_hold_the_port() {
@@ -63,21 +53,8 @@ async fn a_pair_chats_unharmed_while_slowloris_sockets_hold_the_port() {
     for i in 0..SENDS {
         let started = Instant::now();
         let id = format!("ann-{i}");
-        ann.send(
-            "sendMessage",
-            json!({"roomId": room, "content": format!("hi {i}"), "clientMessageId": id}),
-        )
-        .await;
-        loop {
-            let event = ann.next().await;
-            match event["type"].as_str() {
-                Some("message") if event["payload"]["clientMessageId"] == id.as_str() => break,
-                Some("error") => {
-                    refusals.push(event);
-                    break;
-                }
-                _ => {}
-            }
+        if let Err(refusal) = ann.send_and_await(&room, &format!("hi {i}"), &id).await {
+            refusals.push(refusal);
         }
         slowest = slowest.max(started.elapsed());
         peak_kb = peak_kb.max(rss_kb());

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use chat_shared::testing::TestEnv;
-use common::{Client, TestStack, dev_credentials, raw_http, signed, token};
+use common::{Client, TestStack, dev_credentials, raw_http, rss_kb, signed, token};
 use serde_json::json;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
 
@@ -24,15 +24,6 @@ const ATTACKERS: usize = 4;
 /// attacks open short connections and send small bodies, so anything
 /// near this bound would mean something keeps what it should drop.
 const RSS_GROWTH_BOUND_KB: u64 = 64 * 1024;
-
-fn rss_kb() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .expect("/proc/self/status")
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS")
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_normal_user_keeps_chatting_while_the_edge_is_attacked() {
@@ -136,21 +127,8 @@ async fn a_normal_user_keeps_chatting_while_the_edge_is_attacked() {
     for i in 0..NORMAL_SENDS {
         let started = Instant::now();
         let id = format!("ann-{i}");
-        ann.send(
-            "sendMessage",
-            json!({"roomId": room, "content": format!("hello {i}"), "clientMessageId": id}),
-        )
-        .await;
-        loop {
-            let event = ann.next().await;
-            match event["type"].as_str() {
-                Some("message") if event["payload"]["clientMessageId"] == id.as_str() => break,
-                Some("error") => {
-                    refusals.push(event);
-                    break;
-                }
-                _ => {}
-            }
+        if let Err(refusal) = ann.send_and_await(&room, &format!("hello {i}"), &id).await {
+            refusals.push(refusal);
         }
         slowest = slowest.max(started.elapsed());
     }

@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use chat_shared::testing::TestEnv;
-use common::{Client, TestStack};
+use common::{Client, TestStack, rss_kb};
 use futures::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
@@ -32,15 +32,6 @@ const NORMAL_SENDS: usize = 20;
 /// silent connection's queue (1 MiB at most), 24 queued frames, the
 /// flooders' buffers, and the allocator's slack.
 const RSS_GROWTH_BOUND_KB: u64 = 128 * 1024;
-
-fn rss_kb() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .expect("/proc/self/status")
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS")
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_greedy_user_cannot_cause_refusals_for_another() {
@@ -121,21 +112,8 @@ async fn a_greedy_user_cannot_cause_refusals_for_another() {
     for i in 0..NORMAL_SENDS {
         let started = Instant::now();
         let id = format!("ann-{i}");
-        ann.send(
-            "sendMessage",
-            json!({"roomId": room, "content": format!("hello {i}"), "clientMessageId": id}),
-        )
-        .await;
-        loop {
-            let event = ann.next().await;
-            match event["type"].as_str() {
-                Some("message") if event["payload"]["clientMessageId"] == id.as_str() => break,
-                Some("error") => {
-                    refusals.push(event);
-                    break;
-                }
-                _ => {}
-            }
+        if let Err(refusal) = ann.send_and_await(&room, &format!("hello {i}"), &id).await {
+            refusals.push(refusal);
         }
         slowest = slowest.max(started.elapsed());
     }

@@ -560,6 +560,32 @@ impl Client {
     }
 
     /// Skips events until one of type `kind` arrives; returns its payload.
+    /// Sends one `sendMessage` and waits for its own echo (by
+    /// `clientMessageId`); `Err` with the `error` event when it is refused
+    /// instead.
+    pub async fn send_and_await(
+        &mut self,
+        room: &str,
+        content: &str,
+        client_message_id: &str,
+    ) -> Result<(), Value> {
+        self.send(
+            "sendMessage",
+            json!({"roomId": room, "content": content, "clientMessageId": client_message_id}),
+        )
+        .await;
+        loop {
+            let event = self.next().await;
+            match event["type"].as_str() {
+                Some("message") if event["payload"]["clientMessageId"] == client_message_id => {
+                    return Ok(());
+                }
+                Some("error") => return Err(event),
+                _ => {}
+            }
+        }
+    }
+
     pub async fn wait_for(&mut self, kind: &str) -> Value {
         loop {
             let event = self.next().await;
@@ -844,4 +870,14 @@ pub fn dev_credentials() -> chat_gateway::ManagementCredentials {
         access_key_id: chat_shared::config::DEV_MANAGEMENT_ACCESS_KEY_ID.into(),
         secret_access_key: chat_shared::config::DEV_MANAGEMENT_SECRET_ACCESS_KEY.into(),
     }
+}
+
+/// This process's resident set size (kB), for memory bounds in tests.
+pub fn rss_kb() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .expect("/proc/self/status")
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS")
 }
