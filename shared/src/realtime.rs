@@ -446,7 +446,7 @@ impl Realtime {
             return Err(Error::unauthorized(TOKEN_EXPIRED));
         }
         if !greeted {
-            self.await_greeting(&connection).await?;
+            self.await_greeting(&connection, delivery_lag_ms).await?;
         }
         if !was_online {
             // The user's leases had all run out and they were announced
@@ -512,7 +512,14 @@ impl Realtime {
     /// so a client that sends at once could get its reply first; a new
     /// connection's first replies wait (briefly, bounded) until the relay
     /// has delivered `connected`.
-    async fn await_greeting(&self, conn: &Connection) -> Result<()> {
+    ///
+    /// `lag_ms` is the fan-out's current delivery lag (the lease renewal
+    /// reads it): the greeting was published at `$connect`, so it is due
+    /// about `lag_ms` after the connection was made, and the first poll
+    /// waits until then. In a reconnect storm, when the relay is seconds
+    /// behind, that saves each new connection's first frame most of its
+    /// polls, which would go to the very Redis the relay needs.
+    async fn await_greeting(&self, conn: &Connection, lag_ms: u64) -> Result<()> {
         const WINDOW_MS: i64 = 5_000;
         const WAIT: Duration = Duration::from_millis(500);
         let age = chrono::Utc::now().timestamp_millis() - conn.connected_at_ms;
@@ -520,17 +527,22 @@ impl Realtime {
             return Ok(());
         }
         let deadline = tokio::time::Instant::now() + WAIT;
-        // Polls back off (2, 4, 8 ... 64 ms): the greeting usually lands
-        // within milliseconds, and during a reconnect storm thousands of
-        // new connections wait at once; polling each every 2 ms would add
-        // their polls to the very Redis the relay needs to greet them.
-        let mut pause = Duration::from_millis(2);
+        let due =
+            Duration::from_millis(lag_ms.saturating_sub(u64::try_from(age.max(0)).unwrap_or(0)));
+        // After the first, polls back off (2, 4, 8 ... 64 ms): the greeting
+        // usually lands within milliseconds.
+        let mut pause = due.clamp(Duration::from_millis(2), WAIT);
+        let mut next = Duration::from_millis(2);
         while tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(
+                pause.min(deadline.saturating_duration_since(tokio::time::Instant::now())),
+            )
+            .await;
             if self.chat.is_greeted(&conn.connection_id).await? {
                 return Ok(());
             }
-            tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(Duration::from_millis(64));
+            pause = next;
+            next = (next * 2).min(Duration::from_millis(64));
         }
         Ok(())
     }
