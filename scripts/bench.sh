@@ -66,6 +66,10 @@
 # (handshakes in flight, 500), S6_DEADLINE (seconds a client has to join, 60),
 # S2_SECS / S3_SECS / S4_SECS / OVERLOAD_SECS (durations; 60/60/15/30),
 # CARGO_TARGET_DIR.
+# cluster (in --only, not in the default set): S2, S4 and S6 also run
+# against our stack on a private 3-primary Redis Cluster
+# (scripts/redis-cluster.sh, ports BENCH_CLUSTER_PORT=57101..+5, 3 replicas),
+# labelled "cluster", in the same session, with each node's CPU watched.
 # BENCH_BEFORE_DIR: a directory holding a `chat-local` built from an earlier
 # commit (e.g. `git worktree add /tmp/before <commit>` and a release build
 # there); S2 and S3 then also run against it, labelled "before", in the same
@@ -102,8 +106,8 @@ done
 ONLY="$(printf '%s' "$ONLY" | tr '[:lower:]' '[:upper:]' | tr -d ' ')"
 for s in ${ONLY//,/ }; do
     case "$s" in
-        PGBENCH|S1|S2|S3|S4|OVERLOAD|S5|S6|LAMBDA) ;;
-        *) echo "--only: unknown scenario $s (pgbench, S1-S6, overload, lambda)" >&2; exit 2 ;;
+        PGBENCH|S1|S2|S3|S4|OVERLOAD|S5|S6|LAMBDA|CLUSTER) ;;
+        *) echo "--only: unknown scenario $s (pgbench, S1-S6, overload, lambda, cluster)" >&2; exit 2 ;;
     esac
 done
 wants() {
@@ -227,11 +231,20 @@ fi
 
 PIDS_TO_STOP=()
 LOAD_AT_START=""
+CLUSTER_STARTED=0
+CLUSTER_PORT="${BENCH_CLUSTER_PORT:-57101}"
+cluster_ctl() {
+    REDIS_CLUSTER_BASE_PORT="$CLUSTER_PORT" REDIS_CLUSTER_DIR="$WORK/redis-cluster" \
+        "$ROOT/scripts/redis-cluster.sh" "$@"
+}
 cleanup() {
     local pid
     for pid in "${PIDS_TO_STOP[@]}"; do kill "$pid" 2>/dev/null || true; done
     stop_pg
     redis-cli -p "$REDIS_PORT" shutdown nosave >/dev/null 2>&1 || true
+    if [ "$CLUSTER_STARTED" = 1 ]; then
+        cluster_ctl stop >/dev/null 2>&1 || true
+    fi
 }
 trap cleanup EXIT
 
@@ -358,6 +371,31 @@ start_ours() {
     mapfile -t extra < <(shared_pids)
     SYSTEM_ARGS=(--label ours --url "$OURS_URLS" --gateway-pid "${SYSTEM_PIDS[0]},${SYSTEM_PIDS[1]}"
         --pid "relay=${SYSTEM_PIDS[2]}" "${extra[@]}"
+        --metrics-url http://127.0.0.1:4111/metrics --metrics-url http://127.0.0.1:4112/metrics)
+}
+
+# Ours on the private Redis Cluster (issue 18): the same processes and
+# settings, REDIS_URL its seed list and REDIS_CLUSTER=true; every node (3
+# primaries, 3 replicas) is watched on its own, so the report can give each
+# node's share of the Redis CPU.
+start_cluster() {
+    local urls port pid node_args=()
+    urls="$(cluster_ctl start)"
+    CLUSTER_STARTED=1
+    for port in $(seq "$CLUSTER_PORT" $((CLUSTER_PORT + 5))); do
+        # Replicas refuse writes; their primaries' flush reaches them.
+        redis-cli -p "$port" flushall >/dev/null 2>&1 || true
+        pid="$(redis-cli -p "$port" info server | sed -nE 's/^process_id:([0-9]+).*/\1/p')"
+        node_args+=(--pid "redis-$port=$pid")
+    done
+    local saved=("${OURS_ENV[@]}")
+    OURS_ENV+=(REDIS_URL="$urls" REDIS_CLUSTER=true)
+    start_ours
+    OURS_ENV=("${saved[@]}")
+    local pg
+    pg="$(head -1 "$PG_DATA/postmaster.pid")"
+    SYSTEM_ARGS=(--label cluster --url "$OURS_URLS" --gateway-pid "${SYSTEM_PIDS[0]},${SYSTEM_PIDS[1]}"
+        --pid "relay=${SYSTEM_PIDS[2]}" --pid-tree "postgres=$pg" "${node_args[@]}"
         --metrics-url http://127.0.0.1:4111/metrics --metrics-url http://127.0.0.1:4112/metrics)
 }
 
@@ -488,6 +526,11 @@ both() {
     if [ -n "$BEFORE_BIN" ] && { [ "$scenario" = s2 ] || [ "$scenario" = s3 ]; }; then
         order=(ours before baseline)
         [ $((run % 2)) = 0 ] && order=(before baseline ours)
+    fi
+    # S2, S4 and S6 also run on the Redis Cluster, when asked for.
+    if wants CLUSTER && { [ "$scenario" = s2 ] || [ "$scenario" = s4 ] || [ "$scenario" = s6 ]; }; then
+        order=(ours cluster baseline)
+        [ $((run % 2)) = 0 ] && order=(baseline cluster ours)
     fi
     for system in "${order[@]}"; do
         wait_quiet

@@ -643,6 +643,9 @@ fn write_report(
         generated.push_str(&before_after);
     }
     generated.push_str(&report::lambda_table(&all));
+    if let Some(cluster) = report::cluster_table(&all) {
+        generated.push_str(&cluster);
+    }
     let page = std::fs::read_to_string(&output).unwrap_or_default();
     std::fs::write(&output, report::splice(&page, &generated))
         .with_context(|| format!("writing {}", output.display()))?;

@@ -23,6 +23,9 @@ pub const BASELINE: &str = "baseline";
 /// The label of an earlier build of this stack (`BENCH_BEFORE_DIR`), run
 /// beside the current one to show what a change cost.
 pub const BEFORE: &str = "before";
+/// The label of our stack on a local 3-primary Redis Cluster (`--only
+/// ...,cluster`), run beside the single Redis in the same session.
+pub const CLUSTER: &str = "cluster";
 /// The label of the deployed shape run locally (scripts/lambda-local.sh:
 /// the emulators invoking the function binaries under `cargo lambda watch`).
 pub const LAMBDA: &str = "lambda";
@@ -988,6 +991,152 @@ pub fn before_after_table(all: &[Value]) -> Option<String> {
     Some(out)
 }
 
+/// The Redis CPU of a run (% of one core): the single Redis (process
+/// `redis`) or every node of a cluster (`redis-<port>`).
+fn redis_cpu(v: &Value) -> Option<f64> {
+    let procs = v["processes"].as_array()?;
+    let xs: Vec<f64> = procs
+        .iter()
+        .filter(|p| {
+            p["label"]
+                .as_str()
+                .is_some_and(|l| l == "redis" || l.starts_with("redis-"))
+        })
+        .filter_map(|p| p["cpu_send_percent"].as_f64())
+        .collect();
+    (!xs.is_empty()).then(|| xs.iter().sum())
+}
+
+/// Each cluster node's share of the Redis CPU (median over `runs`), as
+/// `port: share %` in port order.
+fn node_shares(runs: &[&Value]) -> String {
+    let mut nodes: Vec<String> = runs
+        .iter()
+        .filter_map(|v| v["processes"].as_array())
+        .flatten()
+        .filter_map(|p| p["label"].as_str())
+        .filter_map(|l| l.strip_prefix("redis-"))
+        .map(str::to_owned)
+        .collect();
+    nodes.sort();
+    nodes.dedup();
+    nodes
+        .iter()
+        .map(|node| {
+            let label = format!("redis-{node}");
+            let (share, _) = med(runs, &|v| {
+                let total = redis_cpu(v)?;
+                let mine = v["processes"]
+                    .as_array()?
+                    .iter()
+                    .find(|p| p["label"] == label.as_str())?["cpu_send_percent"]
+                    .as_f64()?;
+                (total > 0.0).then(|| mine / total * 100.0)
+            });
+            format!("{node}: {} %", fmt(share))
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Issue 18: our stack on a single Redis and on a local 3-primary Redis
+/// Cluster (label [`CLUSTER`]) in the same session, beside the baseline:
+/// S2, the S4 rate held and each S6 size, with the Redis CPU (and each
+/// node's share of it) and the round trips per send and per join. `None`
+/// when the session has no cluster lines.
+pub fn cluster_table(all: &[Value]) -> Option<String> {
+    type Metric<'a> = (&'a str, &'a dyn Fn(&Value) -> Option<f64>);
+    if !all.iter().any(|v| v["label"] == CLUSTER) {
+        return None;
+    }
+    let mut out = String::from(
+        "\n#### Redis Cluster (3 primaries, 3 replicas) beside a single Redis\n\n\
+         | scenario | metric | single Redis | Redis Cluster | baseline | runs |\n\
+         |---|---|---:|---:|---:|---|\n",
+    );
+    let mut block = |scenario: &str,
+                     kind: &str,
+                     select: &dyn Fn(&Value) -> bool,
+                     title: &str,
+                     metrics: &[Metric<'_>]| {
+        let of = |label: &str| lines_where(all, kind, label, scenario, select);
+        let (single, cluster, baseline) = (of(OURS), of(CLUSTER), of("baseline"));
+        for (i, (metric, f)) in metrics.iter().enumerate() {
+            let (a, n_a) = med(&single, *f);
+            let (b, n_b) = med(&cluster, *f);
+            let (c, _) = med(&baseline, *f);
+            let _ = writeln!(
+                out,
+                "| {} | {metric} | {} | {} | {} | {n_a} / {n_b} |",
+                if i == 0 { title } else { "" },
+                fmt(a),
+                fmt(b),
+                fmt(c),
+            );
+        }
+        let shares = node_shares(&cluster);
+        if !shares.is_empty() {
+            let _ = writeln!(
+                out,
+                "|  | each cluster node's share of the Redis CPU | | {shares} | | |"
+            );
+        }
+    };
+    let s2: [Metric<'_>; 7] = [
+        ("latency p50 (ms)", &|v| get(v, "/latency/p50_ms")),
+        ("latency p99 (ms)", &|v| get(v, "/latency/p99_ms")),
+        ("lost + refused", &|v| {
+            Some(get(v, "/lost")? + get(v, "/rejected")?)
+        }),
+        ("Redis CPU (% of one core, all nodes)", &redis_cpu),
+        ("Redis round trips per sendMessage", &|v| {
+            get(v, "/counters/redis_round_trips_per_send")
+        }),
+        ("PostgreSQL round trips per sendMessage", &|v| {
+            get(v, "/counters/pg_round_trips_per_send")
+        }),
+        ("server CPU (% of one core, all processes)", &|v| {
+            process_sum(v, "cpu_send_percent")
+        }),
+    ];
+    block("S2", "run", &|_| true, "S2 direct, 2,000 msg/s", &s2);
+    let s4: [Metric<'_>; 1] = [("highest rate held (msg/s, strict rule)", &|v| {
+        get(v, "/highest_held")
+    })];
+    block("S4", "sweep", &|_| true, "S4 saturation", &s4);
+    let mut sizes: Vec<u64> = all
+        .iter()
+        .filter(|v| v["kind"] == "storm" && v["label"] == CLUSTER)
+        .filter_map(|v| v["users"].as_u64())
+        .collect();
+    sizes.sort_unstable();
+    sizes.dedup();
+    for n in sizes {
+        let s6: [Metric<'_>; 5] = [
+            ("clients with their roomJoined", &|v| get(v, "/joined")),
+            ("time until every client had its roomJoined (s)", &|v| {
+                get(v, "/all_joined_s")
+            }),
+            ("joins refused or failed (any code)", &|v| {
+                Some(count_codes(v, "/join_errors", &|_| true))
+            }),
+            ("Redis CPU (% of one core, all nodes)", &redis_cpu),
+            ("Redis round trips per joinRoom", &|v| {
+                get(v, "/counters/redis_round_trips_per_join")
+            }),
+        ];
+        let title = format!("S6 storm, {} clients", group_thousands(n as i64));
+        block(
+            "S6",
+            "storm",
+            &move |v: &Value| v["users"].as_u64() == Some(n),
+            &title,
+            &s6,
+        );
+    }
+    Some(out)
+}
+
 /// The Lambda shape's table: S2 and S3 through the emulators and `cargo
 /// lambda watch` (scenarios `LS2`, `LS3`) next to the in-process stack run
 /// with the same parameters in the same session (label `ours`), the latency
@@ -1359,6 +1508,47 @@ mod tests {
         assert!(
             table
                 .contains("| joins unanswered within the deadline (60 s) | 0 | 0 |  | ≤ 0 | yes |"),
+            "{table}"
+        );
+    }
+
+    #[test]
+    fn the_cluster_table_shows_each_nodes_share_of_the_redis_cpu() {
+        assert_eq!(cluster_table(&[s2(OURS, 10.0, 0)]), None);
+        let with_redis = |label: &str, redis: &[(&str, f64)]| {
+            let mut line = s2(label, 10.0, 0);
+            line["processes"] = redis
+                .iter()
+                .map(|(l, cpu)| json!({"label": l, "cpu_send_percent": cpu}))
+                .chain([json!({"label": "relay", "cpu_send_percent": 40.0})])
+                .collect();
+            line
+        };
+        let all = vec![
+            with_redis(OURS, &[("redis", 21.0)]),
+            with_redis(
+                CLUSTER,
+                &[
+                    ("redis-7101", 10.0),
+                    ("redis-7102", 6.0),
+                    ("redis-7103", 4.0),
+                ],
+            ),
+            sweep(OURS, 1, 2000.0),
+            sweep(CLUSTER, 1, 1500.0),
+            sweep(BASELINE, 1, 800.0),
+        ];
+        let table = cluster_table(&all).expect("a cluster table");
+        assert!(
+            table.contains("| Redis CPU (% of one core, all nodes) | 21 | 20 | – | 1 / 1 |"),
+            "{table}"
+        );
+        assert!(
+            table.contains("7101: 50 %, 7102: 30 %, 7103: 20 %"),
+            "{table}"
+        );
+        assert!(
+            table.contains("| S4 saturation | highest rate held (msg/s, strict rule) | 2,000 | 1,500 | 800 | 1 / 1 |"),
             "{table}"
         );
     }
