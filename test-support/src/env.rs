@@ -1,4 +1,4 @@
-//! Test support (feature `testing`): a fresh PostgreSQL database per test,
+//! A fresh PostgreSQL database per test,
 //! copied from a migrated template, and a random Redis key prefix and
 //! channel per test, so tests never share data and run in any order, in
 //! parallel.
@@ -7,15 +7,13 @@
 //! `TEST_REDIS_URL` default to the local services; `scripts/test.sh` sets
 //! them. A missing service fails the test loudly: nothing is skipped.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
-
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 
 use secrecy::SecretString;
 
-use crate::Config;
-use crate::auth::{DevClaims, mint_hs256};
+use chat_shared::Config;
+use chat_shared::auth::{DevClaims, mint_hs256};
 
 pub const SECRET: &str = "test-secret-for-the-suite";
 
@@ -75,7 +73,7 @@ fn with_database(url: &str, db: &str) -> String {
 /// Creates a fresh database from the migrated template and returns its URL.
 pub async fn fresh_database() -> String {
     let admin = admin_db_url();
-    let (client, _conn) = crate::pg_tls::connect(&SecretString::from(admin.clone()))
+    let (client, _conn) = chat_shared::pg_tls::connect(&SecretString::from(admin.clone()))
         .await
         .unwrap_or_else(|e| {
             panic!("cannot reach PostgreSQL at TEST_DATABASE_URL={admin}: {e:#}. Run scripts/test.sh, which starts it.")
@@ -114,7 +112,7 @@ pub async fn fresh_database() -> String {
             .execute(&format!("CREATE DATABASE {building}"), &[])
             .await
             .expect("create template");
-        crate::store::migrate(&SecretString::from(with_database(&admin, &building)))
+        chat_shared::store::migrate(&SecretString::from(with_database(&admin, &building)))
             .await
             .expect("migrations apply");
         client

@@ -1,16 +1,10 @@
-//! Test harness: a fresh PostgreSQL database per test (copied from a
-//! migrated template) and a random Redis key prefix and channel per test,
-//! so tests never share data and may run in any order, in parallel.
-//!
-//! `TEST_DATABASE_URL` (a server where we may create databases) and
-//! `TEST_REDIS_URL` default to the local services; `scripts/test.sh` sets
-//! them. A missing service fails the test loudly: nothing is skipped.
-
-#![allow(dead_code, clippy::unwrap_used, missing_docs)]
+//! The REST app over a fresh database ([`TestApp`], driven with `oneshot`),
+//! a listener on the test's bus channel, and assertions on the shapes of
+//! PROTOCOL.md §4 (errors, messages, rooms, profiles, timestamps).
 
 use axum::Router;
 use axum::body::Body;
-use axum::http::{HeaderMap, Method, Request, StatusCode};
+use axum::http::{Method, Request, StatusCode};
 use chat_shared::auth::{DevClaims, mint_hs256};
 use chat_shared::http::{AppState, app};
 use futures::StreamExt;
@@ -19,19 +13,14 @@ use secrecy::SecretString;
 use serde_json::Value;
 use tower::ServiceExt;
 
-pub use chat_shared::testing::{SECRET, TestEnv, redis_url, token_with};
+pub use crate::env::{SECRET, TestEnv, redis_url, token_with};
+pub use crate::reply::{Reply, assert_timestamp};
 
 /// The REST app over a fresh database, driven with `oneshot`.
 pub struct TestApp {
     pub env: TestEnv,
     pub state: AppState,
     pub router: Router,
-}
-
-pub struct Reply {
-    pub status: StatusCode,
-    pub headers: HeaderMap,
-    pub body: Value,
 }
 
 impl TestApp {
@@ -79,6 +68,11 @@ impl TestApp {
         let request = builder
             .body(body.unwrap_or_else(Body::empty))
             .expect("request");
+        self.oneshot(request).await
+    }
+
+    /// Runs one request through the router.
+    async fn oneshot(&self, request: Request<Body>) -> Reply {
         let response = self
             .router
             .clone()
@@ -93,17 +87,7 @@ impl TestApp {
             .await
             .expect("body")
             .to_bytes();
-        let body = if bytes.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_slice(&bytes)
-                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()))
-        };
-        Reply {
-            status,
-            headers,
-            body,
-        }
+        Reply::new(status, headers, &bytes)
     }
 
     pub async fn get(&self, path: &str, token: &str) -> Reply {
@@ -238,31 +222,7 @@ impl TestApp {
         let request = builder
             .body(body.unwrap_or_else(Body::empty))
             .expect("request");
-        let response = self
-            .router
-            .clone()
-            .oneshot(request)
-            .await
-            .expect("infallible");
-        let status = response.status();
-        let headers = response.headers().clone();
-        let bytes = response
-            .into_body()
-            .collect()
-            .await
-            .expect("body")
-            .to_bytes();
-        let body = if bytes.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_slice(&bytes)
-                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()))
-        };
-        Reply {
-            status,
-            headers,
-            body,
-        }
+        self.oneshot(request).await
     }
 
     /// Sends a raw (possibly malformed) body with a bearer token.
@@ -457,19 +417,6 @@ pub fn keys(value: &Value) -> Vec<String> {
         .collect();
     keys.sort_unstable();
     keys
-}
-
-/// Asserts a timestamp is RFC 3339 UTC with milliseconds: `2025-11-06T12:00:00.000Z`.
-pub fn assert_timestamp(value: &Value) {
-    let s = value
-        .as_str()
-        .unwrap_or_else(|| panic!("timestamp is not a string: {value}"));
-    let parsed = chrono::DateTime::parse_from_rfc3339(s).unwrap_or_else(|e| panic!("{s}: {e}"));
-    let canonical = parsed
-        .with_timezone(&chrono::Utc)
-        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
-    assert_eq!(s, canonical, "timestamp format");
-    assert_eq!(s.len(), "2025-11-06T12:00:00.000Z".len(), "{s}");
 }
 
 /// Asserts a profile has exactly `{id, username, displayName, avatar}`.

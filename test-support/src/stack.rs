@@ -13,19 +13,12 @@
 //!
 //! Set `TEST_LOG=debug` (any tracing filter) to see the stack's logs.
 
-#![allow(
-    dead_code,
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::panic,
-    missing_docs
-)]
-
 use std::net::SocketAddr;
 use std::time::Duration;
 
+pub use crate::env::{TestEnv, token_with};
+pub use crate::reply::{Reply, assert_timestamp};
 use chat_local::{Parts, Stack};
-use chat_shared::testing::{TestEnv, token_with};
 use futures::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -46,15 +39,20 @@ pub fn assert_frame_conforms(frame: &Value, from_client: bool, who: &str) {
     type Validators = Mutex<HashMap<(String, bool), Arc<jsonschema::Validator>>>;
     static VALIDATORS: OnceLock<Validators> = OnceLock::new();
     let kind = frame["type"].as_str().unwrap_or_default().to_owned();
-    let validator = {
-        let mut cache = VALIDATORS
+    let key = (kind.clone(), from_client);
+    // A cache only: it holds whole entries, so a lock that a panicking
+    // thread poisoned is still good. Nothing panics while holding it
+    // (tests check that a bad frame panics, as threads of one binary).
+    let cache = || {
+        VALIDATORS
             .get_or_init(Validators::default)
             .lock()
-            .expect("validators");
-        let key = (kind.clone(), from_client);
-        if let Some(v) = cache.get(&key) {
-            Arc::clone(v)
-        } else {
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    };
+    let cached = cache().get(&key).map(Arc::clone);
+    let validator = match cached {
+        Some(validator) => validator,
+        None => {
             let direction = if from_client { "client" } else { "server" };
             let schema = chat_shared::http::asyncapi::frame_validation_schema(&kind, from_client)
                 .unwrap_or_else(|| {
@@ -66,7 +64,7 @@ pub fn assert_frame_conforms(frame: &Value, from_client: bool, who: &str) {
                     .build(&schema)
                     .expect("the AsyncAPI schemas compile"),
             );
-            cache.insert(key, Arc::clone(&validator));
+            cache().insert(key, Arc::clone(&validator));
             validator
         }
     };
@@ -306,24 +304,6 @@ pub fn admin_token(user: &str) -> String {
     token_with(user, |c| c.role = Some("admin".into()))
 }
 
-/// An HTTP answer: status, headers (names in lower case) and the JSON body
-/// (`Null` when empty, a string when not JSON).
-#[derive(Debug)]
-pub struct Reply {
-    pub status: u16,
-    pub headers: Vec<(String, String)>,
-    pub body: Value,
-}
-
-impl Reply {
-    pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-}
-
 /// One HTTP/1.1 request on its own connection (`Connection: close`).
 pub async fn http(
     addr: SocketAddr,
@@ -368,30 +348,28 @@ fn parse_response(raw: &[u8]) -> Reply {
     let status = lines
         .next()
         .and_then(|l| l.split(' ').nth(1))
-        .and_then(|s| s.parse().ok())
+        .and_then(|s| s.parse::<u16>().ok())
         .expect("status line");
-    let headers: Vec<(String, String)> = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
-        .collect();
+    let mut headers = http::HeaderMap::new();
+    for (name, value) in lines.filter_map(|l| l.split_once(':')) {
+        headers.append(
+            http::HeaderName::from_bytes(name.trim().as_bytes()).expect("a header name"),
+            http::HeaderValue::from_str(value.trim()).expect("a header value"),
+        );
+    }
     let mut body = raw[split + 4..].to_vec();
     let chunked = headers
+        .get_all("transfer-encoding")
         .iter()
-        .any(|(n, v)| n == "transfer-encoding" && v.eq_ignore_ascii_case("chunked"));
+        .any(|v| v.as_bytes().eq_ignore_ascii_case(b"chunked"));
     if chunked {
         body = dechunk(&body);
     }
-    let body = if body.is_empty() {
-        Value::Null
-    } else {
-        serde_json::from_slice(&body)
-            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&body).into_owned()))
-    };
-    Reply {
-        status,
+    Reply::new(
+        http::StatusCode::from_u16(status).expect("a status code"),
         headers,
-        body,
-    }
+        &body,
+    )
 }
 
 fn dechunk(mut data: &[u8]) -> Vec<u8> {
@@ -410,17 +388,6 @@ fn dechunk(mut data: &[u8]) -> Vec<u8> {
         out.extend_from_slice(&data[..size]);
         data = &data[size + 2..];
     }
-}
-
-/// Asserts `value` is a timestamp as PROTOCOL.md writes them:
-/// `2025-11-06T12:00:00.000Z` (RFC 3339, UTC, milliseconds).
-pub fn assert_timestamp(value: &Value) {
-    let text = value
-        .as_str()
-        .unwrap_or_else(|| panic!("not a timestamp: {value}"));
-    assert_eq!(text.len(), 24, "not RFC 3339 with millis: {text}");
-    chrono::NaiveDateTime::parse_from_str(text, "%Y-%m-%dT%H:%M:%S%.3fZ")
-        .unwrap_or_else(|e| panic!("not RFC 3339 UTC with millis: {text}: {e}"));
 }
 
 pub type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;

@@ -6,14 +6,14 @@
 //! the check every end-to-end test runs on every frame.
 //!
 //! After changing the document: `UPDATE_ASYNCAPI=1 cargo test -p chat-local
-//! --test asyncapi` rewrites `docs/asyncapi.json`.
+//! --test it asyncapi::` rewrites `docs/asyncapi.json`.
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use crate::common;
 
 use chat_shared::http::asyncapi::{ASYNCAPI_PATH, document};
-use chat_shared::testing::TestEnv;
+use chat_test_support::TestEnv;
 use common::*;
 use serde_json::{Value, json};
 
@@ -29,7 +29,7 @@ fn docs_asyncapi_json_is_the_document_the_service_serves() {
     assert!(
         committed == generated,
         "docs/asyncapi.json is not the generated document; run \
-         UPDATE_ASYNCAPI=1 cargo test -p chat-local --test asyncapi and commit it"
+         UPDATE_ASYNCAPI=1 cargo test -p chat-local --test it asyncapi:: and commit it"
     );
 }
 

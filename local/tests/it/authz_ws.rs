@@ -9,9 +9,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
+use crate::common;
 
-use chat_shared::testing::{SECRET, TestEnv, token_with};
+use chat_test_support::{SECRET, TestEnv, token_with};
 use common::{Client, TestStack, admin_token, handshake, token};
 use jsonwebtoken::{Algorithm, EncodingKey};
 use serde_json::{Value, json};

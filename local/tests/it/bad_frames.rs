@@ -2,9 +2,9 @@
 //! `error` (or close code), the connection stays usable, the rest of the
 //! room hears nothing, and nothing is stored.
 
-mod common;
+use crate::common;
 
-use chat_shared::testing::TestEnv;
+use chat_test_support::TestEnv;
 use common::{Client, TestStack};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;

@@ -1,8 +1,8 @@
 //! Two users chat over real WebSockets through the whole local stack.
 
-mod common;
+use crate::common;
 
-use chat_shared::testing::TestEnv;
+use chat_test_support::TestEnv;
 use common::{Client, TestStack};
 use serde_json::json;
 

@@ -2,10 +2,10 @@
 //! dev-token endpoint exists only when enabled, `/metrics` speaks the
 //! Prometheus text format, and the ops endpoint is admin-only.
 
-mod common;
+use crate::common;
 
 use chat_local::{Options, Parts, Stack};
-use chat_shared::testing::TestEnv;
+use chat_test_support::TestEnv;
 use common::{Client, TestStack, admin_token, http, token};
 use serde_json::{Value, json};
 

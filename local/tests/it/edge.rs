@@ -3,7 +3,7 @@
 //! endpoints come from configuration, never from the client or a poisoned
 //! Redis record.
 
-mod common;
+use crate::common;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -15,7 +15,7 @@ use chat_local::{Options, Parts, Stack};
 use chat_shared::auth::AuthUser;
 use chat_shared::domain::UserId;
 use chat_shared::presence::Connection;
-use chat_shared::testing::TestEnv;
+use chat_test_support::TestEnv;
 use common::{Client, TestStack, dev_credentials, key, raw_http, redis, signed, token};
 use redis::AsyncCommands as _;
 use serde_json::json;

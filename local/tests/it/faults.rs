@@ -2,12 +2,12 @@
 //! relay restart, and a Redis restart (ARCHITECTURE.md "Presence";
 //! docs/PROTOCOL-NOTES.md "Faults").
 
-mod common;
+use crate::common;
 
 use chat_shared::auth::AuthUser;
 use chat_shared::domain::{RoomId, UserId};
 use chat_shared::presence::Connection;
-use chat_shared::testing::TestEnv;
+use chat_test_support::TestEnv;
 use common::{
     Client, PrivateRedis, TestStack, handshake, key, redis, sequence_ids, token, wait_relays,
 };

@@ -4,10 +4,10 @@
 //! header and a repeated `token` parameter. A good token works from
 //! `?token=` or from `Authorization: Bearer`.
 
-mod common;
+use crate::common;
 
 use chat_shared::auth::DevClaims;
-use chat_shared::testing::{SECRET, TestEnv, token_with};
+use chat_test_support::{SECRET, TestEnv, token_with};
 use common::{Client, TestStack, handshake, token};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::Value;

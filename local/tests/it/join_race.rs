@@ -9,12 +9,12 @@
 //! `sync_pushes_what_a_late_joiner_missed`.) This one checks the whole
 //! path end to end: snapshot, subscription, live events, no duplicates.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use chat_shared::testing::TestEnv;
+use chat_test_support::TestEnv;
 use common::*;
 use serde_json::json;
 

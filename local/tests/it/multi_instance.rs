@@ -4,9 +4,9 @@
 //! exactly once, and a room's messages arrive in sequence order however
 //! the senders are spread.
 
-mod common;
+use crate::common;
 
-use chat_shared::testing::TestEnv;
+use chat_test_support::TestEnv;
 use common::{Client, TestStack, sequence_ids, wait_relays};
 use serde_json::json;
 

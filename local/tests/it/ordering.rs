@@ -9,11 +9,11 @@
 //! (`seq`) gets them stored in that order; a v1 client gets each message
 //! stored once, in no promised order, unless the gateway is serial.
 
-mod common;
+use crate::common;
 
 use std::collections::HashSet;
 
-use chat_shared::testing::TestEnv;
+use chat_test_support::TestEnv;
 use common::{Client, TestStack, assert_frame_conforms};
 use futures::SinkExt;
 use serde_json::{Value, json};

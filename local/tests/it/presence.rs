@@ -3,14 +3,14 @@
 //! runs out, to the connections joined to any room the user is a member
 //! of; `GET /rooms/:id/online` and `roomJoined.onlineUsers` agree.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 
 use chat_shared::auth::AuthUser;
 use chat_shared::domain::UserId;
 use chat_shared::presence::Connection;
-use chat_shared::testing::TestEnv;
+use chat_test_support::TestEnv;
 use common::{Client, TestStack, assert_timestamp, key, redis};
 use redis::AsyncCommands as _;
 use serde_json::{Value, json};

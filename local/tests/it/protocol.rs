@@ -7,9 +7,9 @@
 //! `PAYLOAD_TOO_LARGE` is REST-only (an oversized WebSocket message closes
 //! with 1009, see `bad_frames.rs`).
 
-mod common;
+use crate::common;
 
-use chat_shared::testing::{TestEnv, token_with};
+use chat_test_support::{TestEnv, token_with};
 use common::{Client, TestStack, admin_token, assert_timestamp, token};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;

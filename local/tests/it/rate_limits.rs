@@ -5,12 +5,12 @@
 //! at most one `typing` per user and room every 2 s, state changes always
 //! passing.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use chat_shared::testing::TestEnv;
+use chat_test_support::TestEnv;
 use common::*;
 use serde_json::{Value, json};
 

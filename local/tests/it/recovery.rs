@@ -3,9 +3,9 @@
 //! `recovered: true`, or `recovered: false` when retention already deleted
 //! some of it.
 
-mod common;
+use crate::common;
 
-use chat_shared::testing::TestEnv;
+use chat_test_support::TestEnv;
 use common::{Client, TestStack, sequence_ids};
 use serde_json::{Value, json};
 

@@ -2,9 +2,9 @@
 //! AWS SDK (the default, the path AWS runs: SigV4, timeouts, error mapping)
 //! and the pipelined local client (`RELAY_LOCAL_FAST_PATH=true`).
 
-mod common;
+use crate::common;
 
-use chat_shared::testing::TestEnv;
+use chat_test_support::TestEnv;
 use common::*;
 
 async fn exchange(fast_path: bool) {

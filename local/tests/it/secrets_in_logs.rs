@@ -12,14 +12,14 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
+use crate::common;
 
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use chat_shared::auth::{DevClaims, mint_hs256};
-use chat_shared::testing::TestEnv;
+use chat_test_support::TestEnv;
 use common::{Client, handshake, http};
 use secrecy::SecretString;
 use serde_json::json;

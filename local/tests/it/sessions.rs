@@ -16,12 +16,12 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 
 use chat_shared::auth::DevClaims;
-use chat_shared::testing::{TestEnv, token_with};
+use chat_test_support::{TestEnv, token_with};
 use common::{Client, TestStack, handshake, key, redis, token};
 use serde_json::json;
 use tokio_tungstenite::tungstenite::Message;
@@ -265,7 +265,7 @@ fn signed(claims: &serde_json::Value) -> String {
     jsonwebtoken::encode(
         &jsonwebtoken::Header::default(),
         claims,
-        &jsonwebtoken::EncodingKey::from_secret(chat_shared::testing::SECRET.as_bytes()),
+        &jsonwebtoken::EncodingKey::from_secret(chat_test_support::SECRET.as_bytes()),
     )
     .unwrap()
 }

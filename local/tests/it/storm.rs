@@ -7,11 +7,11 @@
 //! (The benchmark's S6 runs the same storm with 10,000 clients over two
 //! gateways; docs/BENCHMARKS.md.)
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 
-use chat_shared::testing::TestEnv;
+use chat_test_support::TestEnv;
 use common::*;
 use serde_json::{Value, json};
 

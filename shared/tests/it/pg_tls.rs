@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use chat_shared::pg_tls;
 use chat_shared::store;
-use chat_shared::testing::random_suffix;
+use chat_test_support::random_suffix;
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose,

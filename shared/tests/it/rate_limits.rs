@@ -6,7 +6,7 @@
 //! The rates are low (1 a second) so that what a test sends in a quick
 //! loop cannot be refilled in time and the outcomes are exact.
 
-mod common;
+use crate::common;
 
 use axum::http::StatusCode;
 use common::*;

@@ -1,6 +1,6 @@
 //! A first end-to-end pass over the REST API on real PostgreSQL and Redis.
 
-mod common;
+use crate::common;
 
 use axum::http::StatusCode;
 use common::TestApp;
