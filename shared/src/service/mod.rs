@@ -16,6 +16,7 @@
 //! - [`presence`]: connections, leases, sessions, subscriptions, who is
 //!   online, and the `Sync` and `Close` controls for the relay.
 //! - [`typing`]: `typing`, coalesced.
+//! - [`ops`]: the operator view of the console.
 //!
 //! These modules are the only request-path code that calls the adapters;
 //! `realtime`, `ws` and `http` parse, admit, and call one of them.
@@ -32,6 +33,7 @@ use crate::presence::Presence;
 use crate::store::{Conn, Store};
 
 pub mod messages;
+pub mod ops;
 pub mod presence;
 pub mod reads;
 pub mod rooms;
