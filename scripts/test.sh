@@ -17,8 +17,6 @@ cd "$ROOT"
 # shellcheck source=scripts/lib/services.sh
 . "$ROOT/scripts/lib/services.sh"
 
-step() { printf '\n==> %s\n' "$*" >&2; }
-
 ensure_rust
 ensure_services
 
