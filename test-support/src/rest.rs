@@ -6,6 +6,7 @@ use axum::Router;
 use axum::body::Body;
 use axum::http::{Method, Request, StatusCode};
 use chat_shared::auth::{DevClaims, mint_hs256};
+use chat_shared::bootstrap::Adapters;
 use chat_shared::http::{AppState, app};
 use futures::StreamExt;
 use http_body_util::BodyExt;
@@ -16,10 +17,29 @@ use tower::ServiceExt;
 pub use crate::env::{SECRET, TestEnv, redis_url, token_with};
 pub use crate::reply::{Reply, assert_timestamp};
 
+/// The REST state over `env`, and the adapters under it.
+pub async fn app_state(env: &TestEnv) -> (AppState, Adapters) {
+    let config = env.config().handlers();
+    let adapters = chat_shared::bootstrap::adapters(&config.common)
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot build the app (is Redis at {} up?): {e:#}",
+                redis_url()
+            )
+        });
+    let chat = chat_shared::bootstrap::chat_over(adapters.clone(), &config.api);
+    let state = chat_shared::bootstrap::app_state_over(chat, &config.api);
+    (state, adapters)
+}
+
 /// The REST app over a fresh database, driven with `oneshot`.
 pub struct TestApp {
     pub env: TestEnv,
     pub state: AppState,
+    /// The adapters under `state`, for tests that look at the stores
+    /// directly (the service itself exposes none).
+    pub adapters: Adapters,
     pub router: Router,
 }
 
@@ -29,16 +49,14 @@ impl TestApp {
     }
 
     pub async fn with_env(env: TestEnv) -> Self {
-        let state = chat_shared::bootstrap::app_state(&env.config().handlers())
-            .await
-            .unwrap_or_else(|e| {
-                panic!(
-                    "cannot build the app (is Redis at {} up?): {e:#}",
-                    redis_url()
-                )
-            });
+        let (state, adapters) = app_state(&env).await;
         let router = app(state.clone());
-        Self { env, state, router }
+        Self {
+            env,
+            state,
+            adapters,
+            router,
+        }
     }
 
     pub fn token(&self, user: &str) -> String {

@@ -26,9 +26,9 @@ async fn stale_connection(
     room: &str,
     age_ms: i64,
 ) -> Connection {
-    let state = chat_shared::bootstrap::ws_state(&env.config().handlers())
+    let adapters = chat_shared::bootstrap::adapters(&env.config().common)
         .await
-        .expect("handlers' state");
+        .expect("the adapters");
     let conn = Connection {
         connection_id: "StaleConnAAAAAA=".to_owned(),
         user: AuthUser {
@@ -41,7 +41,7 @@ async fn stale_connection(
         endpoint: stack.endpoint(),
         connected_at_ms: chrono::Utc::now().timestamp_millis() - age_ms,
     };
-    let presence = state.realtime.chat().presence();
+    let presence = &adapters.presence;
     presence
         .connect(&conn, std::time::Duration::from_secs(90), "unused", None)
         .await

@@ -117,27 +117,6 @@ impl Chat {
     }
 }
 
-/// The adapters themselves, for the processes around the request path: the
-/// relay, the maintenance task, the local console, and tests. Request-path
-/// code (`realtime`, `ws`, `http`) calls the use cases instead, and nothing
-/// outside this module reaches the [`Limiter`].
-impl Chat {
-    /// The PostgreSQL repository (not for the request path).
-    pub fn store(&self) -> &Store {
-        &self.store
-    }
-
-    /// The Redis presence side (not for the request path).
-    pub fn presence(&self) -> &Presence {
-        &self.presence
-    }
-
-    /// The bus publisher (not for the request path).
-    pub fn bus(&self) -> &Bus {
-        &self.bus
-    }
-}
-
 /// The room a caller is a member of, or the error that explains why not.
 async fn require_member(
     db: &Conn,

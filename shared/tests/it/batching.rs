@@ -34,7 +34,7 @@ fn room(id: &str) -> RoomId {
 }
 
 fn store(app: &TestApp) -> &Store {
-    app.state.chat.store()
+    &app.adapters.store
 }
 
 /// `n` sends queued at once (the test runtime has one thread, so every send

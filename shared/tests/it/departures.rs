@@ -50,11 +50,11 @@ async fn expiring(app: &TestApp, id: &str, user: &str, endpoint: &str) {
 }
 
 fn departures(app: &TestApp) -> Departures {
-    let chat = &app.state.chat;
+    let adapters = &app.adapters;
     Departures::new(
-        chat.store().clone(),
-        chat.presence().clone(),
-        chat.bus().clone(),
+        adapters.store.clone(),
+        adapters.presence.clone(),
+        adapters.bus.clone(),
     )
 }
 
@@ -96,7 +96,7 @@ async fn expired_connections_are_removed_announced_and_closed_step_by_step() {
     assert_eq!(removed, ["conn-ann", "conn-ben"]);
 
     // Both are gone from Redis and offline, announced to their room.
-    let presence = app.state.chat.presence();
+    let presence = &app.adapters.presence;
     for id in ["conn-ann", "conn-ben"] {
         assert_eq!(presence.connection_user(id).await.unwrap(), None, "{id}");
     }

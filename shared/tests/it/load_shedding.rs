@@ -58,9 +58,7 @@ async fn sends_past_the_in_flight_limit_wait_in_line_and_are_refused_only_at_the
     let app = TestApp::with_env(env).await;
     app.register(&["ann", "ben"]).await;
     let room = app.direct("ann", "ben").await;
-    let state = chat_shared::bootstrap::app_state(&small.config().handlers())
-        .await
-        .unwrap();
+    let (state, adapters) = common::app_state(&small).await;
     let realtime = Realtime::new(state.chat.clone(), Duration::from_secs(90))
         .with_admission(limits(1, 1_500, 0));
     let ann = connection("conn-ann", "ann");
@@ -68,7 +66,7 @@ async fn sends_past_the_in_flight_limit_wait_in_line_and_are_refused_only_at_the
 
     // Hold the pool's only connection: the first send is let in and waits
     // for it, filling the one in-flight place; the next two queue behind it.
-    let store = state.chat.store();
+    let store = &adapters.store;
     let held = store.pool().get().await.unwrap();
     let spawn_send = |content: &'static str, id: &'static str| {
         let realtime = realtime.clone();
@@ -138,7 +136,7 @@ async fn sends_are_refused_while_a_relay_reports_a_high_delivery_lag_and_other_r
     let state = &app.state;
     let realtime = Realtime::new(state.chat.clone(), Duration::from_secs(90))
         .with_admission(limits(usize::MAX >> 4, 10_000, 100));
-    let presence = state.chat.presence();
+    let presence = &app.adapters.presence;
     let ann = connection("conn-lag-ann", "ann");
     realtime.connect(&ann).await.unwrap();
 

@@ -30,7 +30,7 @@ async fn cleanup_all_keeps_the_newest_messages_of_every_room() {
         app.send("cat", &quiet, &format!("quiet {i}")).await;
     }
 
-    let store = app.state.chat.store();
+    let store = &app.adapters.store;
     assert_eq!(store.cleanup_all(3).await.unwrap(), 4, "7 - 3 from busy");
     assert_eq!(app.all_sequence_ids("ben", &busy).await, [5, 6, 7]);
     assert_eq!(app.all_sequence_ids("cat", &quiet).await, [1, 2]);
@@ -52,6 +52,6 @@ async fn cleanup_all_with_zero_retention_keeps_everything() {
     for i in 1..=4 {
         app.send("ben", &room, &format!("m{i}")).await;
     }
-    assert_eq!(app.state.chat.store().cleanup_all(0).await.unwrap(), 0);
+    assert_eq!(app.adapters.store.cleanup_all(0).await.unwrap(), 0);
     assert_eq!(app.all_sequence_ids("ann", &room).await, [1, 2, 3, 4]);
 }

@@ -174,15 +174,13 @@ async fn a_frame_whose_handling_is_abandoned_gives_its_turn_back_at_once() {
     // A process with a one-connection pool, so the test can hold it.
     let mut small = env.sharing();
     small.set("PG_POOL_MAX", "1");
-    let state = chat_shared::bootstrap::app_state(&small.config().handlers())
-        .await
-        .unwrap();
+    let (state, adapters) = common::app_state(&small).await;
     let realtime = Realtime::new(state.chat.clone(), Duration::from_secs(90)).with_ordering(limits);
     realtime
         .connect(&common::ws_connection("conn-ann", "ann"))
         .await
         .unwrap();
-    let store = state.chat.store();
+    let store = &adapters.store;
     let held = store.pool().get().await.unwrap();
     // Frame 1 (a join) holds the turn while it waits for the pool; then
     // its handling is abandoned (as when a handler panics).

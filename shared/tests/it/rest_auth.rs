@@ -721,20 +721,13 @@ async fn overload_is_shed_with_429_and_retry_after() {
     let app = std::sync::Arc::new(TestApp::with_env(env).await);
     app.register(&["alice"]).await;
     // Hold the only connection, so the next request waits for it.
-    let held = app
-        .state
-        .chat
-        .store()
-        .pool()
-        .get()
-        .await
-        .expect("a connection");
+    let held = app.adapters.store.pool().get().await.expect("a connection");
     let waiting = {
         let app = std::sync::Arc::clone(&app);
         tokio::spawn(async move { app.get(&format!("{API}/rooms"), &app.token("alice")).await })
     };
     tokio::time::timeout(std::time::Duration::from_secs(5), async {
-        while app.state.chat.store().waiting() == 0 {
+        while app.adapters.store.waiting() == 0 {
             tokio::task::yield_now().await;
         }
     })
