@@ -312,6 +312,21 @@ pub async fn http(
     token: Option<&str>,
     body: Option<&Value>,
 ) -> Reply {
+    try_http(addr, method, path, token, body, WAIT)
+        .await
+        .unwrap_or_else(|| panic!("{method} {path}: no whole answer within {WAIT:?}"))
+}
+
+/// Like [`http`], for servers that may be down: `None` when nothing (or
+/// no whole answer) comes within `limit`.
+pub async fn try_http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&Value>,
+    limit: Duration,
+) -> Option<Reply> {
     let body = body.map(Value::to_string).unwrap_or_default();
     let mut request = format!(
         "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\
@@ -323,38 +338,32 @@ pub async fn http(
     }
     request.push_str("\r\n");
     request.push_str(&body);
-    let raw = tokio::time::timeout(WAIT, async {
-        let mut stream = TcpStream::connect(addr).await.expect("connect");
-        stream
-            .write_all(request.as_bytes())
-            .await
-            .expect("write request");
+    let raw = tokio::time::timeout(limit, async {
+        let mut stream = TcpStream::connect(addr).await.ok()?;
+        stream.write_all(request.as_bytes()).await.ok()?;
         let mut raw = Vec::new();
-        stream.read_to_end(&mut raw).await.expect("read response");
-        raw
+        stream.read_to_end(&mut raw).await.ok()?;
+        Some(raw)
     })
     .await
-    .unwrap_or_else(|_| panic!("{method} {path}: no answer within {WAIT:?}"));
+    .ok()??;
     parse_response(&raw)
 }
 
-fn parse_response(raw: &[u8]) -> Reply {
-    let split = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .expect("a complete HTTP head");
-    let head = std::str::from_utf8(&raw[..split]).expect("ASCII head");
+/// The answer in `raw`; `None` when it is not a whole HTTP/1.1 answer.
+fn parse_response(raw: &[u8]) -> Option<Reply> {
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n")?;
+    let head = std::str::from_utf8(&raw[..split]).ok()?;
     let mut lines = head.split("\r\n");
     let status = lines
         .next()
         .and_then(|l| l.split(' ').nth(1))
-        .and_then(|s| s.parse::<u16>().ok())
-        .expect("status line");
+        .and_then(|s| s.parse::<u16>().ok())?;
     let mut headers = http::HeaderMap::new();
     for (name, value) in lines.filter_map(|l| l.split_once(':')) {
         headers.append(
-            http::HeaderName::from_bytes(name.trim().as_bytes()).expect("a header name"),
-            http::HeaderValue::from_str(value.trim()).expect("a header value"),
+            http::HeaderName::from_bytes(name.trim().as_bytes()).ok()?,
+            http::HeaderValue::from_str(value.trim()).ok()?,
         );
     }
     let mut body = raw[split + 4..].to_vec();
@@ -365,29 +374,29 @@ fn parse_response(raw: &[u8]) -> Reply {
     if chunked {
         body = dechunk(&body);
     }
-    Reply::new(
-        http::StatusCode::from_u16(status).expect("a status code"),
+    Some(Reply::new(
+        http::StatusCode::from_u16(status).ok()?,
         headers,
         &body,
-    )
+    ))
 }
 
+/// A chunked body's data, as far as it goes (a body cut short gives what
+/// came).
 fn dechunk(mut data: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
-    loop {
-        let Some(end) = data.windows(2).position(|w| w == b"\r\n") else {
-            return out;
-        };
-        let size_text = std::str::from_utf8(&data[..end]).expect("chunk size");
-        let size = usize::from_str_radix(size_text.split(';').next().unwrap_or("0").trim(), 16)
-            .expect("hex chunk size");
-        if size == 0 {
-            return out;
+    while let Some(end) = data.windows(2).position(|w| w == b"\r\n") {
+        let size = std::str::from_utf8(&data[..end])
+            .ok()
+            .and_then(|s| usize::from_str_radix(s.split(';').next().unwrap_or("0").trim(), 16).ok())
+            .unwrap_or(0);
+        if size == 0 || data.len() < end + 2 + size {
+            break;
         }
-        data = &data[end + 2..];
-        out.extend_from_slice(&data[..size]);
-        data = &data[size + 2..];
+        out.extend_from_slice(&data[end + 2..end + 2 + size]);
+        data = &data[(end + 4 + size).min(data.len())..];
     }
+    out
 }
 
 pub type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
