@@ -184,6 +184,25 @@ pub fn token_with(user: &str, edit: impl FnOnce(&mut DevClaims)) -> String {
     mint_hs256(&SecretString::from(SECRET), &claims).expect("mint")
 }
 
+/// base64url without padding, as JWTs use it.
+pub fn base64url(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        let sextets = [(n >> 18) & 63, (n >> 12) & 63, (n >> 6) & 63, n & 63];
+        for s in sextets.iter().take(chunk.len() + 1) {
+            out.push(char::from(ALPHABET[*s as usize]));
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::with_database;

@@ -22,6 +22,6 @@ pub mod rest;
 pub mod stack;
 
 pub use env::{
-    SECRET, TestEnv, admin_db_url, fresh_database, random_suffix, redis_url, token_with,
+    SECRET, TestEnv, admin_db_url, base64url, fresh_database, random_suffix, redis_url, token_with,
 };
 pub use reply::{Reply, assert_timestamp};

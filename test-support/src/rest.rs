@@ -14,7 +14,7 @@ use secrecy::SecretString;
 use serde_json::Value;
 use tower::ServiceExt;
 
-pub use crate::env::{SECRET, TestEnv, redis_url, token_with};
+pub use crate::env::{SECRET, TestEnv, base64url, redis_url, token_with};
 pub use crate::reply::{Reply, assert_timestamp};
 
 /// The REST state over `env`, and the adapters under it.
@@ -590,25 +590,6 @@ pub fn sequence_ids(page: &Value) -> Vec<i64> {
         .iter()
         .map(|m| m["sequenceId"].as_i64().expect("sequenceId"))
         .collect()
-}
-
-/// base64url without padding, as JWTs use it.
-pub fn base64url(bytes: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-    let mut out = String::new();
-    for chunk in bytes.chunks(3) {
-        let b = [
-            chunk[0],
-            *chunk.get(1).unwrap_or(&0),
-            *chunk.get(2).unwrap_or(&0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        let sextets = [(n >> 18) & 63, (n >> 12) & 63, (n >> 6) & 63, n & 63];
-        for s in sextets.iter().take(chunk.len() + 1) {
-            out.push(char::from(ALPHABET[*s as usize]));
-        }
-    }
-    out
 }
 
 /// An unsigned token (`alg: none`, empty signature) for `user`, otherwise valid.

@@ -11,7 +11,7 @@
 
 use crate::common;
 
-use chat_test_support::{SECRET, TestEnv, token_with};
+use chat_test_support::{SECRET, TestEnv, base64url, token_with};
 use common::{Client, TestStack, admin_token, handshake, token};
 use jsonwebtoken::{Algorithm, EncodingKey};
 use serde_json::{Value, json};
@@ -221,37 +221,14 @@ async fn every_event_for_every_kind_of_connected_caller() {
     stack.stop().await;
 }
 
-fn b64(bytes: &[u8]) -> String {
-    use std::fmt::Write as _;
-    // base64url without padding.
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-    let mut out = String::new();
-    for chunk in bytes.chunks(3) {
-        let b = [
-            chunk[0],
-            *chunk.get(1).unwrap_or(&0),
-            *chunk.get(2).unwrap_or(&0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..=chunk.len() {
-            let _ = write!(
-                out,
-                "{}",
-                char::from(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize])
-            );
-        }
-    }
-    out
-}
-
 /// A token with this header over valid claims, HMAC-signed as `alg` with
 /// `secret`, or unsigned when `alg` is `None`.
 fn crafted(header: Value, alg: Option<Algorithm>, secret: &str) -> String {
     let claims = json!({"sub": "mallory", "exp": chrono::Utc::now().timestamp() + 3600});
     let input = format!(
         "{}.{}",
-        b64(header.to_string().as_bytes()),
-        b64(claims.to_string().as_bytes())
+        base64url(header.to_string().as_bytes()),
+        base64url(claims.to_string().as_bytes())
     );
     let sig = alg.map_or_else(String::new, |alg| {
         jsonwebtoken::crypto::sign(
