@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Validates docs/asyncapi.json (the WebSocket API's AsyncAPI document, which
-# local/tests/asyncapi.rs keeps equal to what the service serves) with the
+# local/tests/it/asyncapi.rs keeps equal to what the service serves) with the
 # AsyncAPI project's own parser, @asyncapi/parser from npm, installed once
 # into ~/.cache/chat-backend/asyncapi.
 #

@@ -19,12 +19,6 @@ cd "$ROOT"
 # shellcheck source=scripts/lib/services.sh
 . "$ROOT/scripts/lib/services.sh"
 
-step() { printf '\n==> %s\n' "$*" >&2; }
-die() {
-    printf 'client-test: %s\n' "$*" >&2
-    exit 1
-}
-
 NPM_CACHE="${NPM_CACHE:-${HOME:-/tmp}/.cache/chat-backend/npm}"
 
 step "checking node and the services"

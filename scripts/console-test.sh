@@ -24,12 +24,6 @@ cd "$ROOT"
 # shellcheck source=scripts/lib/services.sh
 . "$ROOT/scripts/lib/services.sh"
 
-step() { printf '\n==> %s\n' "$*" >&2; }
-die() {
-    printf 'console-test: %s\n' "$*" >&2
-    exit 1
-}
-
 CHROMIUM="${CHROMIUM:-/usr/bin/chromium}"
 ARTIFACTS_DIR="${ARTIFACTS_DIR:-$ROOT/.local/console-artifacts}"
 mkdir -p "$ARTIFACTS_DIR"

@@ -13,25 +13,11 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
-# shellcheck source=scripts/lib/services.sh
-. "$ROOT/scripts/lib/services.sh"
+# shellcheck source=scripts/lib/local.sh
+. "$ROOT/scripts/lib/local.sh" # and scripts/lib/services.sh
+LOCAL_NAME=dev
 
-ensure_rust
-user_database_url="${DATABASE_URL:-}"
-ensure_services
-if [ -z "$user_database_url" ]; then
-    # Keep the stack's tables out of the server's default database.
-    if ! psql "$DATABASE_URL" -tAc "SELECT 1 FROM pg_database WHERE datname = 'chat'" | grep -q 1; then
-        psql "$DATABASE_URL" -qc 'CREATE DATABASE chat' >/dev/null
-        echo "dev: created database 'chat'" >&2
-    fi
-    export DATABASE_URL="${DATABASE_URL%/*}/chat"
-fi
-
-if [ -z "${JWT_SECRET:-}" ]; then
-    export JWT_SECRET=dev-secret-change-me
-    echo "dev: JWT_SECRET was not set; using the development value 'dev-secret-change-me'" >&2
-fi
+local_dev_env
 
 # A debug build shares its artifacts with the test suite, so the first start
 # is quicker; RELEASE=1 builds optimised binaries (for benchmarks).

@@ -41,10 +41,11 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
-# shellcheck source=scripts/lib/services.sh
-. "$ROOT/scripts/lib/services.sh"
 # shellcheck source=scripts/lib/pytools.sh
 . "$ROOT/scripts/lib/pytools.sh"
+# shellcheck source=scripts/lib/local.sh
+. "$ROOT/scripts/lib/local.sh" # and scripts/lib/services.sh
+LOCAL_NAME=lambda-local
 
 case "${1:-}" in
 "") ;;
@@ -58,42 +59,26 @@ case "${1:-}" in
     ;;
 esac
 
-log() { printf 'lambda-local: %s\n' "$*" >&2; }
-
 port="${PORT:-3000}"
 management_port=$((port + 100))
 invoke_port="${LAMBDA_INVOKE_PORT:-$((port + 6000))}"
 concurrency="${LAMBDA_CONCURRENCY:-4}"
 function_timeout="${LAMBDA_FUNCTION_TIMEOUT_SECS:-10}"
 maintenance_secs="${LAMBDA_MAINTENANCE_SECS:-60}"
-log_dir="${LAMBDA_LOG_DIR:-${TMPDIR:-/tmp}/chat-lambda-local-$port}"
-case "$log_dir" in
+LOCAL_LOG_DIR="${LAMBDA_LOG_DIR:-${TMPDIR:-/tmp}/chat-lambda-local-$port}"
+case "$LOCAL_LOG_DIR" in
 "$ROOT" | "$ROOT"/*)
-    log "error: LAMBDA_LOG_DIR=$log_dir is inside the repository, which cargo lambda watch watches; pick a directory outside it"
+    local_log "error: LAMBDA_LOG_DIR=$LOCAL_LOG_DIR is inside the repository, which cargo lambda watch watches; pick a directory outside it"
     exit 2
     ;;
 esac
 functions=(rest ws-connect ws-message ws-disconnect maintenance)
 
-ensure_rust
-user_database_url="${DATABASE_URL:-}"
-ensure_services
-if [ -z "$user_database_url" ]; then
-    # As dev.sh: the stack's tables go into a database of their own.
-    if ! psql "$DATABASE_URL" -tAc "SELECT 1 FROM pg_database WHERE datname = 'chat'" | grep -q 1; then
-        psql "$DATABASE_URL" -qc 'CREATE DATABASE chat' >/dev/null
-        log "created database 'chat'"
-    fi
-    export DATABASE_URL="${DATABASE_URL%/*}/chat"
-fi
-if [ -z "${JWT_SECRET:-}" ]; then
-    export JWT_SECRET=dev-secret-change-me
-    log "JWT_SECRET was not set; using the development value 'dev-secret-change-me'"
-fi
+local_dev_env
 # cargo-lambda comes from PyPI, into the venv of scripts/lib/pytools.sh.
 ensure_pytools
 command -v cargo-lambda >/dev/null 2>&1 ||
-    { log "error: cargo-lambda is not on PATH after installing it (see scripts/requirements-deploy.txt)"; exit 1; }
+    { local_log "error: cargo-lambda is not on PATH after installing it (see scripts/requirements-deploy.txt)"; exit 1; }
 
 profile=debug
 cargo_profile=()
@@ -105,76 +90,20 @@ features=()
 [ -n "${LAMBDA_FEATURES:-}" ] && features=(--features "$LAMBDA_FEATURES")
 # Each binary is built alone, as `cargo lambda watch` runs it (`cargo run
 # --bin NAME`), so that its first invocation does not compile anything.
-log "building chat-local and the function binaries ($profile${LAMBDA_FEATURES:+, features $LAMBDA_FEATURES})"
+local_log "building chat-local and the function binaries ($profile${LAMBDA_FEATURES:+, features $LAMBDA_FEATURES})"
 cargo build -q "${cargo_profile[@]}" -p chat-local
 for f in "${functions[@]}"; do
     cargo build -q "${cargo_profile[@]}" --bin "$f" "${features[@]}"
 done
 bin="$CARGO_TARGET_DIR/$profile/chat-local"
 
-log "applying migrations"
+local_log "applying migrations"
 "$bin" migrate >/dev/null
 
-mkdir -p "$log_dir"
-pids=()
-names=()
-stopping=0
-
-stop_all() {
-    [ "$stopping" = 1 ] && return
-    stopping=1
-    trap - INT TERM
-    log "stopping ${names[*]}"
-    local pid i alive
-    # The emulators first: each socket closes with 1001 and its
-    # $disconnect is invoked while the functions still run.
-    for i in "${!names[@]}"; do
-        [ "${names[$i]}" = emulators ] && kill -TERM -- "-${pids[$i]}" 2>/dev/null || true
-    done
-    for _ in $(seq 1 50); do
-        alive=0
-        for i in "${!names[@]}"; do
-            [ "${names[$i]}" = emulators ] && kill -0 "${pids[$i]}" 2>/dev/null && alive=1
-        done
-        [ "$alive" = 0 ] && break
-        sleep 0.1
-    done
-    # Each process leads a process group of its own (setsid): the group
-    # takes cargo lambda watch's function instances with it.
-    for pid in "${pids[@]}"; do
-        kill -TERM -- "-$pid" 2>/dev/null || true
-    done
-    for _ in $(seq 1 150); do
-        alive=0
-        for pid in "${pids[@]}"; do
-            kill -0 -- "-$pid" 2>/dev/null && alive=1
-        done
-        [ "$alive" = 0 ] && break
-        sleep 0.1
-    done
-    for pid in "${pids[@]}"; do
-        kill -KILL -- "-$pid" 2>/dev/null || true
-    done
-    wait 2>/dev/null || true
-    log "stopped"
-}
-trap 'stop_all; exit 130' INT
-trap 'stop_all; exit 143' TERM
-trap 'stop_all' EXIT
-
-start() {
-    local name="$1"
-    shift
-    INSTANCE_ID="$name" setsid "$@" >"$log_dir/$name.log" 2>&1 </dev/null &
-    pids+=("$!")
-    names+=("$name")
-}
-
-fail() {
-    log "error: $1; the end of $log_dir/$2.log:"
-    tail -n 30 "$log_dir/$2.log" >&2 || true
-    exit 1
-}
+mkdir -p "$LOCAL_LOG_DIR"
+# The emulators stop first: each socket closes with 1001 and its
+# $disconnect is invoked while the functions still run.
+local_trap emulators
 
 # The functions: what template.yaml gives them, plus where the maintenance
 # function may close connections (the emulator's Management API).
@@ -183,23 +112,23 @@ watch=(cargo lambda watch --invoke-address 127.0.0.1 --invoke-port "$invoke_port
     --concurrency "$concurrency" "${cargo_profile[@]}" "${features[@]}")
 [ "${LAMBDA_WATCH:-0}" = 1 ] || watch+=(--ignore-changes)
 PG_POOL_MAX="${PG_POOL_MAX:-2}" RELAY_ALLOWED_ENDPOINTS="${RELAY_ALLOWED_ENDPOINTS:-$allowed}" \
-    start lambdas "${watch[@]}"
+    local_start lambdas "${watch[@]}"
 for _ in $(seq 1 300); do
     (exec 3<>"/dev/tcp/127.0.0.1/$invoke_port") 2>/dev/null && break
-    kill -0 "${pids[0]}" 2>/dev/null || fail "cargo lambda watch exited" lambdas
+    kill -0 "${LOCAL_PIDS[0]}" 2>/dev/null || local_fail "cargo lambda watch exited" lambdas
     sleep 0.1
 done
 (exec 3<>"/dev/tcp/127.0.0.1/$invoke_port") 2>/dev/null ||
-    fail "cargo lambda watch does not listen on $invoke_port after 30 s" lambdas
+    local_fail "cargo lambda watch does not listen on $invoke_port after 30 s" lambdas
 
 dev_tokens=()
 if [ "${DEV_TOKENS:-1}" != 0 ]; then
     dev_tokens=(--dev-tokens)
 fi
-start emulators "$bin" lambdas --listen "127.0.0.1:$port" --management-listen "127.0.0.1:$management_port" \
+local_start emulators "$bin" lambdas --listen "127.0.0.1:$port" --management-listen "127.0.0.1:$management_port" \
     --invoke-url "http://127.0.0.1:$invoke_port" --reserved-concurrency "$concurrency" \
     --function-timeout "$function_timeout" "${dev_tokens[@]}"
-RELAY_ALLOWED_ENDPOINTS="${RELAY_ALLOWED_ENDPOINTS:-$allowed}" start relay "$bin" relay
+RELAY_ALLOWED_ENDPOINTS="${RELAY_ALLOWED_ENDPOINTS:-$allowed}" local_start relay "$bin" relay
 
 invoke() { # invoke FUNCTION JSON: one synchronous invocation through the Invoke API
     curl -sS --max-time 120 -X POST -H 'content-type: application/json' --data "$2" \
@@ -214,12 +143,12 @@ for _ in $(seq 1 600); do
         ok=1
         break
     fi
-    for i in "${!names[@]}"; do
-        kill -0 "${pids[$i]}" 2>/dev/null || fail "${names[$i]} exited" "${names[$i]}"
+    for i in "${!LOCAL_NAMES[@]}"; do
+        kill -0 "${LOCAL_PIDS[$i]}" 2>/dev/null || local_fail "${LOCAL_NAMES[$i]} exited" "${LOCAL_NAMES[$i]}"
     done
     sleep 0.1
 done
-[ "$ok" = 1 ] || fail "GET /health through the HTTP API emulator is not ok after 60 s" lambdas
+[ "$ok" = 1 ] || local_fail "GET /health through the HTTP API emulator is not ok after 60 s" lambdas
 
 # Start the other functions now (each one's cold start), rather than on a
 # user's first message: a handshake without a token (ws-connect refuses
@@ -228,12 +157,12 @@ done
 code="$(curl -s -o /dev/null -w '%{http_code}' -H 'Connection: Upgrade' -H 'Upgrade: websocket' \
     -H 'Sec-WebSocket-Version: 13' -H 'Sec-WebSocket-Key: bGFtYmRhLWxvY2FsLXdhcm0=' \
     "http://127.0.0.1:$port/ws")"
-[ "$code" = 401 ] || fail "a handshake without a token got $code through ws-connect, not 401" lambdas
+[ "$code" = 401 ] || local_fail "a handshake without a token got $code through ws-connect, not 401" lambdas
 context='"stage":"local","connectionId":"warmup-00000000=","requestId":"warmup","apiId":"local","connectedAt":0,"requestTimeEpoch":0,"identity":{"sourceIp":"127.0.0.1"}'
 warm() { # warm FUNCTION EVENT PATTERN: one invocation whose answer must match PATTERN
     local answer
-    answer="$(invoke "$1" "$2" 2>&1)" || fail "$1 did not answer its warm-up invocation: $answer" lambdas
-    grep -q -- "$3" <<<"$answer" || fail "$1 answered its warm-up invocation with $answer" lambdas
+    answer="$(invoke "$1" "$2" 2>&1)" || local_fail "$1 did not answer its warm-up invocation: $answer" lambdas
+    grep -q -- "$3" <<<"$answer" || local_fail "$1 answered its warm-up invocation with $answer" lambdas
 }
 warm ws-message "{\"requestContext\":{\"routeKey\":\"\$default\",\"eventType\":\"MESSAGE\",\"messageId\":\"warmup\",$context},\"body\":\"{\\\"type\\\":\\\"ping\\\",\\\"payload\\\":{}}\",\"isBase64Encoded\":false}" '"statusCode":200'
 warm ws-disconnect "{\"headers\":{},\"requestContext\":{\"routeKey\":\"\$disconnect\",\"eventType\":\"DISCONNECT\",\"disconnectStatusCode\":1000,\"disconnectReason\":\"warm-up\",$context},\"isBase64Encoded\":false}" '"statusCode":200'
@@ -241,7 +170,7 @@ warm maintenance '{}' '"sweptConnections"'
 
 # The EventBridge schedule of template.yaml (rate(1 minute)).
 if [ "$maintenance_secs" != 0 ]; then
-    start maintenance bash -c '
+    local_start maintenance bash -c '
         while sleep "$1"; do
             printf "%s " "$(date -u +%FT%TZ)"
             curl -sS --max-time 120 -X POST -H "content-type: application/json" --data "{}" "$2" || true
@@ -255,7 +184,8 @@ if [ "${DEV_TOKENS:-1}" != 0 ]; then
     console="
   dev tokens are ON: anyone who reaches port $port can sign in as any user, admin included (DEV_TOKENS=0 turns them off)"
 fi
-cat >&2 <<EOF
+{
+    cat <<EOF
 lambda-local: ready: API Gateway emulators -> Lambda Invoke API (cargo lambda watch) -> ${functions[*]}
   REST       http://127.0.0.1:$port/api/v1/chat   (HTTP API, payload 2.0 -> rest)
   health     http://127.0.0.1:$port/health
@@ -263,24 +193,9 @@ lambda-local: ready: API Gateway emulators -> Lambda Invoke API (cargo lambda wa
   console    http://127.0.0.1:$port/console (ops view: /console/ops)$console
   internal   http://127.0.0.1:$management_port   (Management API with SigV4, the relay's target; /metrics with chat_lambda_* per function)
   Invoke API http://127.0.0.1:$invoke_port/2015-03-31/functions/NAME/invocations   ($concurrency instances and reserved concurrency per function)
-  logs       $log_dir/{$(
-    IFS=,
-    echo "${names[*]}"
-)}.log
-  ctrl-c stops everything
 EOF
+    local_logs_line
+    echo "  ctrl-c stops everything"
+} >&2
 
-# Runs until ctrl-c, or until one process dies (then the rest are stopped too).
-set +e
-wait -n "${pids[@]}"
-status=$?
-set -e
-if [ "$stopping" = 0 ]; then
-    for i in "${!pids[@]}"; do
-        if ! kill -0 "${pids[$i]}" 2>/dev/null; then
-            log "error: ${names[$i]} exited (status $status); its log:"
-            tail -n 20 "$log_dir/${names[$i]}.log" >&2 || true
-        fi
-    done
-    exit 1
-fi
+local_wait

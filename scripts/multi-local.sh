@@ -16,8 +16,9 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
-# shellcheck source=scripts/lib/services.sh
-. "$ROOT/scripts/lib/services.sh"
+# shellcheck source=scripts/lib/local.sh
+. "$ROOT/scripts/lib/local.sh" # and scripts/lib/services.sh
+LOCAL_NAME=multi
 
 gateways=2
 case "${1:-}" in
@@ -33,23 +34,9 @@ case "${1:-}" in
     ;;
 esac
 base_port="${MULTI_BASE_PORT:-3001}"
-log_dir="${MULTI_LOG_DIR:-$ROOT/.local/logs}"
+LOCAL_LOG_DIR="${MULTI_LOG_DIR:-$ROOT/.local/logs}"
 
-ensure_rust
-user_database_url="${DATABASE_URL:-}"
-ensure_services
-if [ -z "$user_database_url" ]; then
-    # As dev.sh: the stack's tables go into a database of their own.
-    if ! psql "$DATABASE_URL" -tAc "SELECT 1 FROM pg_database WHERE datname = 'chat'" | grep -q 1; then
-        psql "$DATABASE_URL" -qc 'CREATE DATABASE chat' >/dev/null
-        echo "multi: created database 'chat'" >&2
-    fi
-    export DATABASE_URL="${DATABASE_URL%/*}/chat"
-fi
-if [ -z "${JWT_SECRET:-}" ]; then
-    export JWT_SECRET=dev-secret-change-me
-    echo "multi: JWT_SECRET was not set; using the development value 'dev-secret-change-me'" >&2
-fi
+local_dev_env
 
 profile=debug
 build=(cargo build -q -p chat-local)
@@ -57,59 +44,21 @@ if [ "${RELEASE:-0}" = 1 ]; then
     profile=release
     build+=(--release)
 fi
-echo "multi: building chat-local ($profile)" >&2
+local_log "building chat-local ($profile)"
 "${build[@]}"
 bin="$CARGO_TARGET_DIR/$profile/chat-local"
 
-echo "multi: applying migrations" >&2
+local_log "applying migrations"
 "$bin" migrate >/dev/null
 
-mkdir -p "$log_dir"
-pids=()
-names=()
-stopping=0
-
-stop_all() {
-    [ "$stopping" = 1 ] && return
-    stopping=1
-    trap - INT TERM
-    echo "multi: stopping ${names[*]}" >&2
-    local pid i
-    for pid in "${pids[@]}"; do
-        kill -TERM "$pid" 2>/dev/null || true
-    done
-    # They drain in a few seconds; whatever is left after 15 s is killed.
-    for i in $(seq 1 150); do
-        local alive=0
-        for pid in "${pids[@]}"; do
-            kill -0 "$pid" 2>/dev/null && alive=1
-        done
-        [ "$alive" = 0 ] && break
-        sleep 0.1
-    done
-    for pid in "${pids[@]}"; do
-        kill -KILL "$pid" 2>/dev/null || true
-    done
-    wait 2>/dev/null || true
-    echo "multi: stopped" >&2
-}
-trap 'stop_all; exit 130' INT
-trap 'stop_all; exit 143' TERM
-trap 'stop_all' EXIT
-
-start() {
-    local name="$1"
-    shift
-    INSTANCE_ID="$name" "$@" >"$log_dir/$name.log" 2>&1 &
-    pids+=("$!")
-    names+=("$name")
-}
+mkdir -p "$LOCAL_LOG_DIR"
+local_trap
 
 ports=()
 for i in $(seq 1 "$gateways"); do
     port=$((base_port + i - 1))
     ports+=("$port")
-    start "gateway-$i" "$bin" serve --no-relay --no-migrate --listen "127.0.0.1:$port"
+    local_start "gateway-$i" "$bin" serve --no-relay --no-migrate --listen "127.0.0.1:$port"
 done
 # Each gateway serves its Management API (SigV4) and /metrics on loopback,
 # on its port + 100; the relay may post only there.
@@ -117,7 +66,7 @@ allowed=""
 for port in "${ports[@]}"; do
     allowed="${allowed:+$allowed,}http://127.0.0.1:$((port + 100))/local"
 done
-RELAY_ALLOWED_ENDPOINTS="${RELAY_ALLOWED_ENDPOINTS:-$allowed}" start relay "$bin" relay
+RELAY_ALLOWED_ENDPOINTS="${RELAY_ALLOWED_ENDPOINTS:-$allowed}" local_start relay "$bin" relay
 
 # Ready when every gateway answers /health with everything ok.
 for port in "${ports[@]}"; do
@@ -129,35 +78,18 @@ for port in "${ports[@]}"; do
         fi
         sleep 0.1
     done
-    if [ "$ok" != 1 ]; then
-        echo "error: the gateway on port $port is not healthy after 30 s; its log:" >&2
-        tail -n 20 "$log_dir/gateway-$((port - base_port + 1)).log" >&2 || true
-        exit 1
-    fi
+    [ "$ok" = 1 ] ||
+        local_fail "the gateway on port $port is not healthy after 30 s" "gateway-$((port - base_port + 1))"
 done
 
-cat >&2 <<EOF
-multi: ready: ${names[*]}
+{
+    cat <<EOF
+multi: ready: ${LOCAL_NAMES[*]}
   gateways   $(for p in "${ports[@]}"; do printf 'http://127.0.0.1:%s ' "$p"; done)
   WebSocket  ws://127.0.0.1:PORT/ws?token=...   (chat-local chat USER --url ws://127.0.0.1:$base_port/ws)
-  logs       $log_dir/{$(
-    IFS=,
-    echo "${names[*]}"
-)}.log
-  ctrl-c stops everything
 EOF
+    local_logs_line
+    echo "  ctrl-c stops everything"
+} >&2
 
-# Runs until ctrl-c, or until one process dies (then the rest are stopped too).
-set +e
-wait -n "${pids[@]}"
-status=$?
-set -e
-if [ "$stopping" = 0 ]; then
-    for i in "${!pids[@]}"; do
-        if ! kill -0 "${pids[$i]}" 2>/dev/null; then
-            echo "error: ${names[$i]} exited (status $status); its log:" >&2
-            tail -n 20 "$log_dir/${names[$i]}.log" >&2 || true
-        fi
-    done
-    exit 1
-fi
+local_wait

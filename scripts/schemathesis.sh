@@ -27,8 +27,6 @@ cd "$ROOT"
 # shellcheck source=scripts/lib/services.sh
 . "$ROOT/scripts/lib/services.sh"
 
-step() { printf '\n==> %s\n' "$*" >&2; }
-
 SCHEMATHESIS_VERSION="4.32.5"
 VENV="${CHAT_VENV:-${HOME:-/tmp}/.cache/chat-backend/venv}"
 MAX_EXAMPLES="${ST_MAX_EXAMPLES:-30}"

@@ -23,6 +23,8 @@ cd "$ROOT"
 . "$ROOT/scripts/lib/services.sh"
 # shellcheck source=scripts/lib/pytools.sh
 . "$ROOT/scripts/lib/pytools.sh"
+# shellcheck source=scripts/lib/isolated.sh
+. "$ROOT/scripts/lib/isolated.sh"
 
 ensure_rust
 ensure_services
@@ -37,13 +39,7 @@ done
 bin="$CARGO_TARGET_DIR/debug/chat-local"
 
 tmp="$(mktemp -d /tmp/chat-lambda-test-XXXXXX)"
-suffix="$(od -An -N6 -tx1 /dev/urandom | tr -d ' \n')"
-db="chat_test_lambda_$suffix"
-admin_url="$DATABASE_URL"
-export DATABASE_URL="${admin_url%/*}/$db"
-export REDIS_KEY_PREFIX="lambda:$suffix:"
-export BROADCAST_CHANNEL="${REDIS_KEY_PREFIX}broadcast"
-export JWT_SECRET="lambda-$suffix"
+isolated_env lambda
 export LAMBDA_LOG_DIR="$tmp/logs"
 export LAMBDA_FEATURES=test-panic
 export LAMBDA_MAINTENANCE_SECS=0
@@ -69,26 +65,17 @@ cleanup() {
         kill -TERM "$local_pid" 2>/dev/null || true
         wait "$local_pid" 2>/dev/null || true
     fi
-    psql "$admin_url" -X -q -c "DROP DATABASE IF EXISTS $db WITH (FORCE)" >/dev/null 2>&1 || true
-    redis-cli -u "$REDIS_URL" --scan --pattern "${REDIS_KEY_PREFIX}*" | xargs -r -n 500 redis-cli -u "$REDIS_URL" DEL >/dev/null
+    isolated_drop
     if [ "${LAMBDA_TEST_KEEP:-0}" = 1 ]; then echo "lambda-test: kept $tmp" >&2; else rm -rf "$tmp"; fi
 }
 trap cleanup EXIT
 
-fail() {
-    echo "lambda-test: FAILED: $*" >&2
-    for f in "$tmp"/logs/*.log "$tmp"/*.out "$tmp/local.log"; do
-        [ -f "$f" ] || continue
-        echo "--- $f (tail)" >&2
-        tail -n 25 "$f" >&2
-    done
-    exit 1
-}
+fail() { isolated_fail lambda-test 25 "$*" "$tmp"/logs/*.log "$tmp"/*.out "$tmp/local.log"; }
 
 # Every process lambda-local.sh starts inherits LAMBDA_TEST_RUN (set for it
 # alone, not in this shell): `marked` lists them, `instances` the function
 # binaries among them (what cargo lambda watch runs).
-run_mark="LAMBDA_TEST_RUN=$suffix"
+run_mark="LAMBDA_TEST_RUN=$ISOLATED_SUFFIX"
 marked() {
     local dir
     for dir in /proc/[0-9]*; do
@@ -105,7 +92,7 @@ instances() {
     done
 }
 
-psql "$admin_url" -X -q -c "CREATE DATABASE $db" >/dev/null
+isolated_create_db
 
 echo "lambda-test: starting scripts/lambda-local.sh on port $port (Invoke API on $invoke_port)" >&2
 # With job control on, the script gets a process group of its own and keeps

@@ -14,6 +14,8 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 # shellcheck source=scripts/lib/services.sh
 . "$ROOT/scripts/lib/services.sh"
+# shellcheck source=scripts/lib/isolated.sh
+. "$ROOT/scripts/lib/isolated.sh"
 
 ensure_rust
 ensure_services
@@ -21,13 +23,7 @@ cargo build -q -p chat-local
 bin="$CARGO_TARGET_DIR/debug/chat-local"
 
 tmp="$(mktemp -d /tmp/chat-multi-XXXXXX)"
-suffix="$(od -An -N6 -tx1 /dev/urandom | tr -d ' \n')"
-db="chat_test_multi_$suffix"
-admin_url="$DATABASE_URL"
-export DATABASE_URL="${admin_url%/*}/$db"
-export REDIS_KEY_PREFIX="multi:$suffix:"
-export BROADCAST_CHANNEL="${REDIS_KEY_PREFIX}broadcast"
-export JWT_SECRET="multi-$suffix"
+isolated_env multi
 export MULTI_LOG_DIR="$tmp/logs"
 export RUST_LOG=warn
 
@@ -54,21 +50,12 @@ cleanup() {
         kill -TERM -- "-$multi_pid" 2>/dev/null || true
         wait "$multi_pid" 2>/dev/null || true
     fi
-    psql "$admin_url" -X -q -c "DROP DATABASE IF EXISTS $db WITH (FORCE)" >/dev/null 2>&1 || true
-    redis-cli -u "$REDIS_URL" --scan --pattern "${REDIS_KEY_PREFIX}*" | xargs -r -n 500 redis-cli -u "$REDIS_URL" DEL >/dev/null
+    isolated_drop
     if [ "${MULTI_TEST_KEEP:-0}" = 1 ]; then echo "multi-test: kept $tmp" >&2; else rm -rf "$tmp"; fi
 }
 trap cleanup EXIT
 
-fail() {
-    echo "multi-test: FAILED: $*" >&2
-    for f in "$tmp"/logs/*.log "$tmp"/*.out "$tmp/multi.log"; do
-        [ -f "$f" ] || continue
-        echo "--- $f (tail)" >&2
-        tail -n 15 "$f" >&2
-    done
-    exit 1
-}
+fail() { isolated_fail multi-test 15 "$*" "$tmp"/logs/*.log "$tmp"/*.out "$tmp/multi.log"; }
 
 # Waits up to 20 s for a line matching $2 in file $1.
 wait_for() {
@@ -80,7 +67,7 @@ wait_for() {
     fail "no line matching '$2' in $1"
 }
 
-psql "$admin_url" -X -q -c "CREATE DATABASE $db" >/dev/null
+isolated_create_db
 
 echo "multi-test: starting scripts/multi-local.sh --scale on ports $g1-$g3" >&2
 # With job control on, the script gets a process group of its own and keeps

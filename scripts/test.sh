@@ -17,8 +17,6 @@ cd "$ROOT"
 # shellcheck source=scripts/lib/services.sh
 . "$ROOT/scripts/lib/services.sh"
 
-step() { printf '\n==> %s\n' "$*" >&2; }
-
 ensure_rust
 ensure_services
 
@@ -30,7 +28,7 @@ fi
 export TEST_DATABASE_URL="$DATABASE_URL"
 export TEST_REDIS_URL="$REDIS_URL"
 
-# shared/tests/pg_tls.rs starts a TLS-only PostgreSQL of its own, so it needs
+# shared/tests/it/pg_tls.rs starts a TLS-only PostgreSQL of its own, so it needs
 # the server binaries even when the suite's server is remote or a system
 # service (it fails, never skips, without them).
 if ! PG_BINDIR="$(_svc_pg_bindir)"; then
@@ -73,6 +71,13 @@ else
     cargo clippy --workspace --all-targets -- -D warnings
 fi
 
+# Each crate's integration tests are one binary (tests/it/), whose tests run
+# as threads of one process: local's storm (500 clients) shares the open
+# files limit with whatever runs beside it. The soft limit goes up to the
+# hard one; the suites that measure the whole process (RSS, child processes)
+# keep binaries of their own (local/tests/it/main.rs says which and why).
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+
 step "cargo test --workspace${*:+ $*}"
 cargo test --workspace "$@"
 
@@ -107,7 +112,7 @@ else
 fi
 
 # The WebSocket API's AsyncAPI document (docs/asyncapi.json, which
-# local/tests/asyncapi.rs keeps equal to what the service serves) through the
+# local/tests/it/asyncapi.rs keeps equal to what the service serves) through the
 # AsyncAPI project's own parser. Left out of a filtered run (ARGS given).
 if [ "$#" -gt 0 ]; then
     step "skipping the AsyncAPI parser check (run scripts/asyncapi-check.sh)"

@@ -7,6 +7,7 @@
 //! and the latest results, and `scripts/bench.sh` for a whole session.
 //!
 //! # Layout
+//! - [`target`]: the system under test and the server processes watched.
 //! - [`load`]: one run — connect, build rooms, send open-loop, measure;
 //!   and the rule that says whether a sweep step held.
 //! - [`storm`]: S6, a reconnect storm — every client connects and joins
@@ -28,3 +29,4 @@ pub mod report;
 pub mod rest;
 pub mod storm;
 pub mod summary;
+pub mod target;

@@ -45,6 +45,7 @@ use crate::accounting::{Delivery, SequenceCheck, Stream, Tally};
 use crate::procstat::{ProcessReport, Watched};
 use crate::rest::{Rest, parse_prometheus};
 use crate::summary::{Latency, Summary, round3};
+use crate::target::{Servers, Target};
 
 /// How rooms are built.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -61,16 +62,8 @@ pub enum RoomKind {
 /// What one run does.
 #[derive(Debug, Clone)]
 pub struct RunConfig {
-    /// Which system this is (`ours`, `baseline`): copied to the report.
-    pub label: String,
-    /// Which scenario (`S2`, …): copied to the report.
-    pub scenario: String,
-    /// Base URLs of the instances (`http://host:port`).
-    pub urls: Vec<String>,
-    /// The WebSocket path on each instance.
-    pub ws_path: String,
-    /// HS256 secret to mint tokens with.
-    pub secret: SecretString,
+    /// The system under test.
+    pub target: Target,
     /// Users (one connection each).
     pub users: usize,
     /// New connections per second.
@@ -88,16 +81,8 @@ pub struct RunConfig {
     /// With no sending: how long connections stay idle before memory is
     /// read.
     pub idle_hold: Duration,
-    /// Server processes serving `urls`, in the same order: their RSS per
-    /// connection is reported.
-    pub gateway_pids: Vec<u32>,
-    /// Other server processes to watch (`label`, pid).
-    pub pids: Vec<(String, u32)>,
-    /// Processes watched with all their descendants (`label`, pid): a
-    /// PostgreSQL postmaster and its backends.
-    pub pid_trees: Vec<(String, u32)>,
-    /// `/metrics` URLs whose counters are read before and after sending.
-    pub metrics_urls: Vec<String>,
+    /// The server processes watched and the counters read.
+    pub servers: Servers,
     /// Bytes of content per message (at least what the stamp needs).
     pub content_bytes: usize,
     /// Prefix of this run's user ids: fresh users and rooms every run.
@@ -320,7 +305,7 @@ pub async fn run(
     stop: Option<&dyn Fn(&RunReport) -> bool>,
     mut emit: impl FnMut(&RunReport),
 ) -> anyhow::Result<Vec<RunReport>> {
-    if cfg.urls.is_empty() {
+    if cfg.target.urls.is_empty() {
         bail!("at least one --url is needed");
     }
     let shared: SharedRef = Rc::new(RefCell::new(Shared {
@@ -329,25 +314,14 @@ pub async fn run(
         next_n: vec![0; cfg.users],
         ..Shared::default()
     }));
-    let mut watched: Vec<Watched> = cfg
-        .gateway_pids
-        .iter()
-        .enumerate()
-        .map(|(i, pid)| Watched::new(format!("gateway{}", i + 1), *pid))
-        .chain(cfg.pids.iter().map(|(l, p)| Watched::new(l.clone(), *p)))
-        .chain(
-            cfg.pid_trees
-                .iter()
-                .map(|(l, p)| Watched::with_tree(l.clone(), *p, true)),
-        )
-        .collect();
+    let mut watched: Vec<Watched> = cfg.servers.watch();
     let mut me = Watched::new("generator", std::process::id());
     let user_ids: Vec<String> = (0..cfg.users)
         .map(|i| format!("{}-u{i}", cfg.run_id))
         .collect();
     let tokens: Vec<String> = user_ids
         .iter()
-        .map(|u| mint(&cfg.secret, u))
+        .map(|u| mint(&cfg.target.secret, u))
         .collect::<anyhow::Result<_>>()?;
 
     // 1. Connect.
@@ -361,7 +335,7 @@ pub async fn run(
     if cfg.progress {
         eprintln!(
             "[{} {}] {connected}/{} connected in {connect_seconds:.1}s (handshake p50 {:.1} ms p99 {:.1} ms) errors {connect_errors:?}",
-            cfg.label, cfg.scenario, cfg.users, handshake.p50_ms, handshake.p99_ms
+            cfg.target.label, cfg.target.scenario, cfg.users, handshake.p50_ms, handshake.p99_ms
         );
     }
 
@@ -385,8 +359,8 @@ pub async fn run(
     if cfg.progress && !rooms.is_empty() {
         eprintln!(
             "[{} {}] {} rooms, {joined} members joined",
-            cfg.label,
-            cfg.scenario,
+            cfg.target.label,
+            cfg.target.scenario,
             rooms.len()
         );
     }
@@ -399,13 +373,13 @@ pub async fn run(
     for w in &mut watched {
         w.mark("connected");
     }
-    let mut per_instance = vec![0usize; cfg.urls.len()];
+    let mut per_instance = vec![0usize; cfg.target.urls.len()];
     for conn in conns.iter().flatten() {
         per_instance[conn.instance] += 1;
     }
     let per_conn: Vec<f64> = watched
         .iter()
-        .take(cfg.gateway_pids.len())
+        .take(cfg.servers.gateway_pids.len())
         .enumerate()
         .filter_map(|(i, w)| {
             let n = *per_instance.get(i)?;
@@ -449,7 +423,7 @@ pub async fn run(
                 ..Shared::default()
             };
         }
-        let before = scrape(&cfg.metrics_urls).await;
+        let before = scrape(&cfg.servers.metrics_urls).await;
         // 3. Send.
         let window = if rate > 0.0 {
             send_phase(
@@ -481,7 +455,7 @@ pub async fn run(
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        let after = scrape(&cfg.metrics_urls).await;
+        let after = scrape(&cfg.servers.metrics_urls).await;
         for w in &mut watched {
             w.sample();
         }
@@ -500,10 +474,10 @@ pub async fn run(
         };
         let report = RunReport {
             kind: "run",
-            label: cfg.label.clone(),
-            scenario: cfg.scenario.clone(),
+            label: cfg.target.label.clone(),
+            scenario: cfg.target.scenario.clone(),
             users: cfg.users,
-            instances: cfg.urls.len(),
+            instances: cfg.target.urls.len(),
             room_kind: cfg.rooms,
             room_size: match cfg.rooms {
                 RoomKind::None => 0,
@@ -579,8 +553,8 @@ async fn connect_all(
     for (user, token) in tokens.iter().enumerate() {
         let due = started + gap.mul_f64(user as f64);
         tokio::time::sleep_until(due.into()).await;
-        let instance = user % cfg.urls.len();
-        let url = ws_url(&cfg.urls[instance], &cfg.ws_path, token);
+        let instance = user % cfg.target.urls.len();
+        let url = ws_url(&cfg.target.urls[instance], &cfg.target.ws_path, token);
         let (shared, handshake, ready) = (shared.clone(), handshake.clone(), ready.clone());
         let content_rooms_ok = cfg.rooms != RoomKind::None;
         pending.push(spawn_local(async move {
@@ -806,7 +780,7 @@ async fn build_rooms(
     let mut workers = Vec::new();
     for _ in 0..cfg.setup_concurrency.max(1) {
         let (plans, results, next) = (plans.clone(), results.clone(), next.clone());
-        let urls = cfg.urls.clone();
+        let urls = cfg.target.urls.clone();
         let user_ids = user_ids.to_vec();
         let tokens = tokens.to_vec();
         let kind = cfg.rooms;
@@ -993,8 +967,8 @@ async fn send_phase(
                 .collect();
             eprintln!(
                 "[{} {} t={:>3.0}s] sent {:>6}/s delivered {:>6}/s p50 {:>7.2} ms p99 {:>8.2} ms max {:>8.1} ms errors {} {}",
-                cfg.label,
-                cfg.scenario,
+                cfg.target.label,
+                cfg.target.scenario,
                 (now - start).as_secs_f64(),
                 sent - last_sent,
                 s.delivered - last_delivered,

@@ -24,6 +24,7 @@ use chat_bench::lambda::{self, events};
 use chat_bench::load::{self, RoomKind, RunConfig, RunReport, Step};
 use chat_bench::report;
 use chat_bench::storm::{self, StormConfig};
+use chat_bench::target::{Servers, Target};
 use clap::{Parser, Subcommand, ValueEnum};
 use secrecy::SecretString;
 use serde_json::json;
@@ -121,21 +122,11 @@ enum Command {
 
 #[derive(clap::Args)]
 struct RunArgs {
-    /// System under test, copied to the report (`ours`, `baseline`).
-    #[arg(long, default_value = "ours")]
-    label: String,
     /// Scenario name, copied to the report.
     #[arg(long, default_value = "adhoc")]
     scenario: String,
-    /// Base URL of an instance (`http://127.0.0.1:3000`); repeat, or comma-separate.
-    #[arg(long = "url", required = true, value_delimiter = ',')]
-    urls: Vec<String>,
-    /// WebSocket path.
-    #[arg(long, default_value = "/ws")]
-    ws_path: String,
-    /// HS256 secret to mint tokens.
-    #[arg(long, env = "JWT_SECRET", hide_env_values = true)]
-    secret: String,
+    #[command(flatten)]
+    target: TargetArgs,
     /// Users (one connection each).
     #[arg(long, default_value_t = 2000)]
     users: usize,
@@ -167,55 +158,25 @@ struct RunArgs {
     /// Without sending: seconds the connections stay idle before memory is read.
     #[arg(long, default_value_t = 5.0)]
     idle_hold: f64,
-    /// Pid of the process behind each --url, same order (RSS per connection).
-    #[arg(long = "gateway-pid", value_delimiter = ',')]
-    gateway_pids: Vec<u32>,
-    /// Another process to watch: LABEL=PID.
-    #[arg(long = "pid")]
-    pids: Vec<String>,
-    /// A process watched with all its descendants: LABEL=PID (PostgreSQL).
-    #[arg(long = "pid-tree")]
-    pid_trees: Vec<String>,
-    /// A `/metrics` URL read before and after sending (repeatable).
-    #[arg(long = "metrics-url")]
-    metrics_urls: Vec<String>,
+    #[command(flatten)]
+    servers: ServerArgs,
     /// Message content size in bytes.
     #[arg(long, default_value_t = 64)]
     content_bytes: usize,
-    /// Prefix of the user ids (default: from the clock, so every run is fresh).
-    #[arg(long)]
-    run_id: Option<String>,
     /// REST calls in flight during set-up.
     #[arg(long, default_value_t = 16)]
     setup_concurrency: usize,
-    /// No progress lines.
-    #[arg(long)]
-    quiet: bool,
-    /// Also append the JSON lines to this file.
-    #[arg(long)]
-    out: Option<PathBuf>,
-    /// Extra `key=value` fields copied into every JSON line (session, run).
-    #[arg(long = "tag")]
-    tags: Vec<String>,
+    #[command(flatten)]
+    output: OutputArgs,
 }
 
 #[derive(clap::Args)]
 struct StormArgs {
-    /// System under test, copied to the report (`ours`, `baseline`).
-    #[arg(long, default_value = "ours")]
-    label: String,
     /// Scenario name, copied to the report.
     #[arg(long, default_value = "S6")]
     scenario: String,
-    /// Base URL of an instance (`http://127.0.0.1:3000`); repeat, or comma-separate.
-    #[arg(long = "url", required = true, value_delimiter = ',')]
-    urls: Vec<String>,
-    /// WebSocket path.
-    #[arg(long, default_value = "/ws")]
-    ws_path: String,
-    /// HS256 secret to mint tokens.
-    #[arg(long, env = "JWT_SECRET", hide_env_values = true)]
-    secret: String,
+    #[command(flatten)]
+    target: TargetArgs,
     /// Clients (a multiple of 4: half direct pairs, half recovery pairs).
     #[arg(long, default_value_t = 2000)]
     users: usize,
@@ -235,7 +196,49 @@ struct StormArgs {
     /// Messages after it that each recovery join must get back.
     #[arg(long, default_value_t = 20)]
     missed: u64,
-    /// Pid of the process behind each --url, same order.
+    #[command(flatten)]
+    servers: ServerArgs,
+    /// REST calls in flight while preparing the recovery rooms (each is a
+    /// stored message, so the more in flight, the more share a commit).
+    #[arg(long, default_value_t = 64)]
+    setup_concurrency: usize,
+    #[command(flatten)]
+    output: OutputArgs,
+}
+
+/// The system under test (`run`, `storm`).
+#[derive(clap::Args)]
+struct TargetArgs {
+    /// System under test, copied to the report (`ours`, `baseline`).
+    #[arg(long, default_value = "ours")]
+    label: String,
+    /// Base URL of an instance (`http://127.0.0.1:3000`); repeat, or comma-separate.
+    #[arg(long = "url", required = true, value_delimiter = ',')]
+    urls: Vec<String>,
+    /// WebSocket path.
+    #[arg(long, default_value = "/ws")]
+    ws_path: String,
+    /// HS256 secret to mint tokens.
+    #[arg(long, env = "JWT_SECRET", hide_env_values = true)]
+    secret: String,
+}
+
+impl TargetArgs {
+    fn target(&self, scenario: &str) -> Target {
+        Target {
+            label: self.label.clone(),
+            scenario: scenario.to_owned(),
+            urls: self.urls.clone(),
+            ws_path: self.ws_path.clone(),
+            secret: SecretString::from(self.secret.clone()),
+        }
+    }
+}
+
+/// The server processes watched and the counters read (`run`, `storm`).
+#[derive(clap::Args)]
+struct ServerArgs {
+    /// Pid of the process behind each --url, same order (RSS per connection).
     #[arg(long = "gateway-pid", value_delimiter = ',')]
     gateway_pids: Vec<u32>,
     /// Another process to watch: LABEL=PID.
@@ -247,22 +250,43 @@ struct StormArgs {
     /// A `/metrics` URL read around each phase (repeatable).
     #[arg(long = "metrics-url")]
     metrics_urls: Vec<String>,
+}
+
+impl ServerArgs {
+    fn servers(&self) -> anyhow::Result<Servers> {
+        Ok(Servers {
+            gateway_pids: self.gateway_pids.clone(),
+            pids: labelled_pids(&self.pids)?,
+            pid_trees: labelled_pids(&self.pid_trees)?,
+            metrics_urls: self.metrics_urls.clone(),
+        })
+    }
+}
+
+/// Users, progress and where the JSON lines go (`run`, `storm`).
+#[derive(clap::Args)]
+struct OutputArgs {
     /// Prefix of the user ids (default: from the clock, so every run is fresh).
     #[arg(long)]
     run_id: Option<String>,
-    /// REST calls in flight while preparing the recovery rooms (each is a
-    /// stored message, so the more in flight, the more share a commit).
-    #[arg(long, default_value_t = 64)]
-    setup_concurrency: usize,
     /// No progress lines.
     #[arg(long)]
     quiet: bool,
-    /// Also append the JSON line to this file.
+    /// Also append the JSON lines to this file.
     #[arg(long)]
     out: Option<PathBuf>,
-    /// Extra `key=value` fields copied into the JSON line (session, run).
+    /// Extra `key=value` fields copied into every JSON line (session, run).
     #[arg(long = "tag")]
     tags: Vec<String>,
+}
+
+impl OutputArgs {
+    /// `--run-id`, or one from the clock after `prefix`.
+    fn run_id(&self, prefix: &str) -> String {
+        self.run_id
+            .clone()
+            .unwrap_or_else(|| format!("{prefix}{}", load::now_us() / 1000 % 100_000_000))
+    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -363,19 +387,9 @@ fn held(r: &RunReport, p99_limit: f64) -> bool {
 }
 
 async fn run(a: RunArgs) -> anyhow::Result<()> {
-    let tags = parse_tags(&a.tags)?;
-    let pids = labelled_pids(&a.pids)?;
-    let pid_trees = labelled_pids(&a.pid_trees)?;
-    let run_id = a
-        .run_id
-        .clone()
-        .unwrap_or_else(|| format!("b{}", load::now_us() / 1000 % 100_000_000));
+    let tags = parse_tags(&a.output.tags)?;
     let cfg = RunConfig {
-        label: a.label.clone(),
-        scenario: a.scenario.clone(),
-        urls: a.urls.clone(),
-        ws_path: a.ws_path.clone(),
-        secret: SecretString::from(a.secret.clone()),
+        target: a.target.target(&a.scenario),
         users: a.users,
         connect_rate: a.connect_rate,
         rooms: match a.rooms {
@@ -388,18 +402,15 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
         warmup: Duration::from_secs_f64(a.warmup),
         drain: Duration::from_secs_f64(a.drain),
         idle_hold: Duration::from_secs_f64(a.idle_hold),
-        gateway_pids: a.gateway_pids.clone(),
-        pids,
-        pid_trees,
-        metrics_urls: a.metrics_urls.clone(),
+        servers: a.servers.servers()?,
         content_bytes: a.content_bytes,
-        run_id,
+        run_id: a.output.run_id("b"),
         setup_concurrency: a.setup_concurrency,
-        progress: !a.quiet,
+        progress: !a.output.quiet,
     };
     let limit = a.stop_p99_ms;
     let stop = move |r: &RunReport| limit.is_some_and(|l| !held(r, l));
-    let out = a.out.clone();
+    let out = a.output.out.clone();
     let reports = load::run(
         cfg,
         &a.rates,
@@ -433,42 +444,36 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
         // `rule`: which rule decided `held` (the 95 % allowance of earlier
         // sessions is gone; see `load::step_failures`).
         emit(
-            &json!({"kind": "sweep", "label": a.label, "scenario": a.scenario, "p99_limit_ms": limit,
+            &json!({"kind": "sweep", "label": a.target.label, "scenario": a.scenario, "p99_limit_ms": limit,
                     "rule": "strict", "highest_held": highest, "steps": steps}),
             &tags,
-            a.out.as_ref(),
+            a.output.out.as_ref(),
         );
     }
     Ok(())
 }
 
 async fn storm(a: StormArgs) -> anyhow::Result<()> {
-    let tags = parse_tags(&a.tags)?;
+    let tags = parse_tags(&a.output.tags)?;
     let cfg = StormConfig {
-        label: a.label.clone(),
-        scenario: a.scenario.clone(),
-        urls: a.urls.clone(),
-        ws_path: a.ws_path.clone(),
-        secret: SecretString::from(a.secret.clone()),
+        target: a.target.target(&a.scenario),
         users: a.users,
         connect_concurrency: a.connect_concurrency,
         connect_rate: a.connect_rate,
         deadline: Duration::from_secs_f64(a.deadline),
         seen: a.after_sequence_id,
         missed: a.missed,
-        gateway_pids: a.gateway_pids.clone(),
-        pids: labelled_pids(&a.pids)?,
-        pid_trees: labelled_pids(&a.pid_trees)?,
-        metrics_urls: a.metrics_urls.clone(),
-        run_id: a
-            .run_id
-            .clone()
-            .unwrap_or_else(|| format!("s{}", load::now_us() / 1000 % 100_000_000)),
+        servers: a.servers.servers()?,
+        run_id: a.output.run_id("s"),
         setup_concurrency: a.setup_concurrency,
-        progress: !a.quiet,
+        progress: !a.output.quiet,
     };
     let report = storm::run(cfg).await?;
-    emit(&serde_json::to_value(&report)?, &tags, a.out.as_ref());
+    emit(
+        &serde_json::to_value(&report)?,
+        &tags,
+        a.output.out.as_ref(),
+    );
     Ok(())
 }
 

@@ -64,7 +64,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use futures::{SinkExt as _, StreamExt as _};
-use secrecy::SecretString;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::sync::{Semaphore, watch};
@@ -75,20 +74,13 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use crate::load::{bump, counter_deltas, error_kind, mint, scrape, ws_url};
 use crate::procstat::{ProcessReport, Watched};
 use crate::summary::{Latency, Summary, round3};
+use crate::target::{Servers, Target};
 
 /// What one storm does.
 #[derive(Debug, Clone)]
 pub struct StormConfig {
-    /// Which system this is (`ours`, `baseline`): copied to the report.
-    pub label: String,
-    /// Which scenario (`S6`): copied to the report.
-    pub scenario: String,
-    /// Base URLs of the instances (`http://host:port`).
-    pub urls: Vec<String>,
-    /// The WebSocket path on each instance.
-    pub ws_path: String,
-    /// HS256 secret to mint tokens with.
-    pub secret: SecretString,
+    /// The system under test.
+    pub target: Target,
     /// Clients (one user each); a multiple of 4, so both halves are pairs.
     pub users: usize,
     /// Most handshakes in flight at once.
@@ -102,14 +94,8 @@ pub struct StormConfig {
     pub seen: u64,
     /// Messages after `seen` that each recovery join must get back.
     pub missed: u64,
-    /// Server processes serving `urls`, in the same order.
-    pub gateway_pids: Vec<u32>,
-    /// Other server processes to watch (`label`, pid).
-    pub pids: Vec<(String, u32)>,
-    /// Processes watched with all their descendants (`label`, pid).
-    pub pid_trees: Vec<(String, u32)>,
-    /// `/metrics` URLs whose counters are read around each phase.
-    pub metrics_urls: Vec<String>,
+    /// The server processes watched and the counters read.
+    pub servers: Servers,
     /// Prefix of this run's user ids: fresh users and rooms every run.
     pub run_id: String,
     /// REST calls in flight while preparing.
@@ -1098,8 +1084,8 @@ async fn run_phase(
                 .collect();
             eprintln!(
                 "[{} {} {} t={:>3.0}s] handshakes {:>6} done {:>6}/{users} ok {:>6} join errors {:?} handshake errors {:?} {}",
-                cfg.label,
-                cfg.scenario,
+                cfg.target.label,
+                cfg.target.scenario,
                 name,
                 phase.zero.elapsed().as_secs_f64(),
                 t.handshake.count(),
@@ -1140,14 +1126,14 @@ async fn build_plan(
     let user_ids: Vec<String> = (0..users).map(|i| format!("{prefix}{i}")).collect();
     let tokens: Vec<String> = user_ids
         .iter()
-        .map(|u| mint(&cfg.secret, u))
+        .map(|u| mint(&cfg.target.secret, u))
         .collect::<anyhow::Result<_>>()?;
-    let servers = resolve(&cfg.urls).await;
+    let servers = resolve(&cfg.target.urls).await;
     let t = Instant::now();
     let rooms = prepare(
-        &cfg.urls,
+        &cfg.target.urls,
         &servers,
-        &cfg.ws_path,
+        &cfg.target.ws_path,
         &user_ids,
         &tokens,
         cfg.seen + cfg.missed,
@@ -1158,16 +1144,16 @@ async fn build_plan(
     if cfg.progress {
         eprintln!(
             "[{} {}] {} recovery rooms of {prefix}* prepared with {} messages each in {seconds:.1}s",
-            cfg.label,
-            cfg.scenario,
+            cfg.target.label,
+            cfg.target.scenario,
             rooms.iter().flatten().count(),
             cfg.seen + cfg.missed
         );
     }
     let plan = Plan {
-        urls: cfg.urls.clone(),
+        urls: cfg.target.urls.clone(),
         servers,
-        ws_path: cfg.ws_path.clone(),
+        ws_path: cfg.target.ws_path.clone(),
         user_ids,
         tokens,
         rooms,
@@ -1184,7 +1170,7 @@ async fn build_plan(
 /// Bad settings (users not a multiple of 4, too few file descriptors), or
 /// a preparation that fails.
 pub async fn run(cfg: StormConfig) -> anyhow::Result<StormReport> {
-    if cfg.urls.is_empty() {
+    if cfg.target.urls.is_empty() {
         bail!("at least one --url is needed");
     }
     if cfg.users < 4 || cfg.users % 4 != 0 {
@@ -1214,7 +1200,7 @@ pub async fn run(cfg: StormConfig) -> anyhow::Result<StormReport> {
         run_phase(&cfg, &warm, Mode::Calibrate, "warm-up connects", &mut []).await;
     close_phase(&phase, close, tasks).await;
     drop(phase);
-    settle(&cfg.metrics_urls, Duration::from_secs(30), true).await;
+    settle(&cfg.servers.metrics_urls, Duration::from_secs(30), true).await;
     let (phase, close, tasks) = run_phase(&cfg, &warm, Mode::Storm, "warm-up", &mut []).await;
     let warm_up = {
         let t = phase.tally.borrow();
@@ -1230,21 +1216,21 @@ pub async fn run(cfg: StormConfig) -> anyhow::Result<StormReport> {
     if cfg.progress {
         eprintln!(
             "[{} {}] warm-up: {} of {warm_users} joined, join errors {:?}",
-            cfg.label, cfg.scenario, warm_up.joined, warm_up.join_errors
+            cfg.target.label, cfg.target.scenario, warm_up.joined, warm_up.join_errors
         );
     }
-    settle(&cfg.metrics_urls, Duration::from_secs(30), true).await;
+    settle(&cfg.servers.metrics_urls, Duration::from_secs(30), true).await;
 
     // 1. Prepare.
     let (plan, prepare_seconds) = build_plan(&cfg, &format!("{}-u", cfg.run_id), cfg.users).await?;
 
     // 2. Calibrate: the cost of a connect.
-    let before = settle(&cfg.metrics_urls, Duration::from_secs(15), false).await;
+    let before = settle(&cfg.servers.metrics_urls, Duration::from_secs(15), false).await;
     let t = Instant::now();
     let (phase, close, tasks) =
         run_phase(&cfg, &plan, Mode::Calibrate, "calibration", &mut []).await;
     let calibration_seconds = t.elapsed().as_secs_f64();
-    let after = settle(&cfg.metrics_urls, Duration::from_secs(15), false).await;
+    let after = settle(&cfg.servers.metrics_urls, Duration::from_secs(15), false).await;
     let calibration = {
         let t = phase.tally.borrow();
         Calibration {
@@ -1261,25 +1247,18 @@ pub async fn run(cfg: StormConfig) -> anyhow::Result<StormReport> {
     if cfg.progress {
         eprintln!(
             "[{} {}] calibration: {} connected in {:.1}s, failures {:?}",
-            cfg.label, cfg.scenario, calibration.connected, calibration.seconds, calibration.failed
+            cfg.target.label,
+            cfg.target.scenario,
+            calibration.connected,
+            calibration.seconds,
+            calibration.failed
         );
     }
     // Let the disconnects finish before the storm's counters are read.
-    let before = settle(&cfg.metrics_urls, Duration::from_secs(30), true).await;
+    let before = settle(&cfg.servers.metrics_urls, Duration::from_secs(30), true).await;
 
     // 3. Storm.
-    let mut watched: Vec<Watched> = cfg
-        .gateway_pids
-        .iter()
-        .enumerate()
-        .map(|(i, pid)| Watched::new(format!("gateway{}", i + 1), *pid))
-        .chain(cfg.pids.iter().map(|(l, p)| Watched::new(l.clone(), *p)))
-        .chain(
-            cfg.pid_trees
-                .iter()
-                .map(|(l, p)| Watched::with_tree(l.clone(), *p, true)),
-        )
-        .collect();
+    let mut watched: Vec<Watched> = cfg.servers.watch();
     let mut me = Watched::new("generator", std::process::id());
     for w in watched.iter_mut().chain(std::iter::once(&mut me)) {
         w.mark("send_start");
@@ -1290,7 +1269,7 @@ pub async fn run(cfg: StormConfig) -> anyhow::Result<StormReport> {
         w.mark("connected");
     }
     let all_done_s = round3(phase.zero.elapsed().as_secs_f64());
-    let after = settle(&cfg.metrics_urls, Duration::from_secs(15), false).await;
+    let after = settle(&cfg.servers.metrics_urls, Duration::from_secs(15), false).await;
     for w in &mut watched {
         w.sample();
     }
@@ -1319,10 +1298,10 @@ pub async fn run(cfg: StormConfig) -> anyhow::Result<StormReport> {
         let direct_clients = (0..cfg.users).filter(|u| role(*u) == Role::Direct).count();
         StormReport {
             kind: "storm",
-            label: cfg.label.clone(),
-            scenario: cfg.scenario.clone(),
+            label: cfg.target.label.clone(),
+            scenario: cfg.target.scenario.clone(),
             users: cfg.users,
-            instances: cfg.urls.len(),
+            instances: cfg.target.urls.len(),
             direct_clients,
             recovery_clients: cfg.users - direct_clients,
             after_sequence_id: cfg.seen,
@@ -1359,8 +1338,8 @@ pub async fn run(cfg: StormConfig) -> anyhow::Result<StormReport> {
     if cfg.progress {
         eprintln!(
             "[{} {}] {} of {} joined, all by {:?} s; join errors {:?}; handshake errors {:?}; failed {:?}; wrong {:?}",
-            cfg.label,
-            cfg.scenario,
+            cfg.target.label,
+            cfg.target.scenario,
             report.joined,
             cfg.users,
             report.all_joined_s,

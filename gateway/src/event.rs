@@ -248,15 +248,7 @@ fn connect_headers(
     all.entry("x-forwarded-proto".into())
         .or_insert_with(|| vec!["http".into()]);
 
-    let single = all
-        .iter()
-        .filter_map(|(name, values)| Some((name.clone(), Value::from(values.last()?.clone()))))
-        .collect();
-    let multi = all
-        .into_iter()
-        .map(|(name, values)| (name, Value::from(values)))
-        .collect();
-    (single, multi)
+    single_and_multi(all)
 }
 
 /// `queryStringParameters` (last value of each name) and
@@ -273,6 +265,14 @@ fn query_parameters(query: Option<&str>) -> Option<(Map<String, Value>, Map<Stri
     if all.is_empty() {
         return None;
     }
+    Some(single_and_multi(all))
+}
+
+/// API Gateway's two views of repeated names: the last value of each
+/// (`headers`, `queryStringParameters`) and all of them (`multiValue…`).
+fn single_and_multi(
+    all: BTreeMap<String, Vec<String>>,
+) -> (Map<String, Value>, Map<String, Value>) {
     let single = all
         .iter()
         .filter_map(|(name, values)| Some((name.clone(), Value::from(values.last()?.clone()))))
@@ -281,7 +281,7 @@ fn query_parameters(query: Option<&str>) -> Option<(Map<String, Value>, Map<Stri
         .into_iter()
         .map(|(name, values)| (name, Value::from(values)))
         .collect();
-    Some((single, multi))
+    (single, multi)
 }
 
 fn decode(text: &str) -> String {

@@ -178,7 +178,7 @@ pub(crate) fn verify(
         }
         signed.push((*name, value));
     }
-    let expected = signature(
+    let (_, expected) = sign_output(
         credentials,
         method,
         &format!("http://{host}{path_and_query}"),
@@ -193,19 +193,6 @@ pub(crate) fn verify(
     } else {
         Err(Refused::Mismatch)
     }
-}
-
-fn signature<'a>(
-    credentials: &ManagementCredentials,
-    method: &'a str,
-    url: &'a str,
-    headers: impl Iterator<Item = (&'a str, &'a str)>,
-    body: &'a [u8],
-    region: &str,
-    time: SystemTime,
-) -> Option<String> {
-    sign_output(credentials, method, url, headers, body, region, time)
-        .map(|(_, signature)| signature)
 }
 
 #[allow(clippy::type_complexity)]

@@ -184,36 +184,26 @@ fn admin(state: &ConsoleState, headers: &HeaderMap) -> Result<AuthUser> {
 /// `GET /console/api/ops` (admin only).
 async fn ops(State(state): State<ConsoleState>, headers: HeaderMap) -> Result<Json<Value>> {
     admin(&state, &headers)?;
-    let presence = state.chat.presence();
-    let ((rooms, rooms_truncated), (gateways, gateways_truncated)) = tokio::try_join!(
-        presence.room_subscriber_counts(OPS_MAX_ROOMS),
-        presence.connections_by_endpoint(OPS_MAX_CONNECTIONS),
-    )?;
-    // Names for the busiest rooms only: one indexed read each, concurrently.
-    let db = state.chat.store().conn().await?;
-    let rows = futures::future::join_all(
-        rooms
-            .iter()
-            .take(OPS_NAMED_ROOMS)
-            .map(|(id, _)| db.room(id)),
-    )
-    .await;
-    drop(db);
-    let rooms: Vec<Value> = rooms
+    let view = state
+        .chat
+        .ops_view(OPS_MAX_ROOMS, OPS_MAX_CONNECTIONS, OPS_NAMED_ROOMS)
+        .await?;
+    let rooms: Vec<Value> = view
+        .rooms
         .iter()
-        .enumerate()
-        .map(|(i, (id, subscribers))| {
-            let row = rows.get(i).and_then(|r| r.as_ref().ok());
+        .map(|room| {
+            let row = room.row.as_ref();
             json!({
-                "roomId": id,
-                "subscribers": subscribers,
+                "roomId": room.room_id,
+                "subscribers": room.subscribers,
                 "type": row.map(|r| r.kind),
                 "name": row.and_then(|r| r.name.clone()),
                 "lastSequenceId": row.map(|r| r.last_sequence_id),
             })
         })
         .collect();
-    let gateways: Vec<Value> = gateways
+    let gateways: Vec<Value> = view
+        .gateways
         .into_iter()
         .map(|(endpoint, connections)| json!({"endpoint": endpoint, "connections": connections}))
         .collect();
@@ -250,9 +240,9 @@ async fn ops(State(state): State<ConsoleState>, headers: HeaderMap) -> Result<Js
         "instance": telemetry.instance_id,
         "gateway": gateway,
         "gateways": gateways,
-        "gatewaysTruncated": gateways_truncated,
+        "gatewaysTruncated": view.gateways_truncated,
         "rooms": rooms,
-        "roomsTruncated": rooms_truncated,
+        "roomsTruncated": view.rooms_truncated,
         "relay": relay,
         "errors": errors,
     })))

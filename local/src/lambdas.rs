@@ -150,13 +150,12 @@ impl Emulators {
             .management_router()
             .merge(metrics_router(telemetry, functions.clone()))
             .route("/health", get(|| async { "ok" }));
-        let stop = shutdown.clone();
-        tasks.push(tokio::spawn(async move {
-            axum::serve(management_listener, internal)
-                .with_graceful_shutdown(stop.cancelled_owned())
-                .await
-                .context("serving the Management API")
-        }));
+        tasks.push(crate::serve_internal(
+            management_listener,
+            internal,
+            shutdown.clone(),
+            "the Management API",
+        ));
 
         let app = http_api::router(rest)
             .merge(gateway.router())

@@ -153,6 +153,22 @@ pub(crate) fn serve_client_port(
     })
 }
 
+/// Serves a loopback-only port (the Management API and `/metrics`) until
+/// `shutdown`; `what` names it in the error.
+pub(crate) fn serve_internal(
+    listener: TcpListener,
+    app: axum::Router,
+    shutdown: CancellationToken,
+    what: &'static str,
+) -> JoinHandle<anyhow::Result<()>> {
+    tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown.cancelled_owned())
+            .await
+            .with_context(|| format!("serving {what}"))
+    })
+}
+
 /// The client port's limits from the configuration (see
 /// [`chat_gateway::listener`]).
 pub fn edge_limits(config: &Config) -> EdgeLimits {
@@ -282,13 +298,12 @@ impl Stack {
                 .management_router()
                 .merge(metrics::router(telemetry))
                 .route("/health", axum::routing::get(|| async { "ok" }));
-            let stop = shutdown.clone();
-            tasks.push(tokio::spawn(async move {
-                axum::serve(management_listener, internal)
-                    .with_graceful_shutdown(stop.cancelled_owned())
-                    .await
-                    .context("serving the Management API")
-            }));
+            tasks.push(serve_internal(
+                management_listener,
+                internal,
+                shutdown.clone(),
+                "the Management API",
+            ));
             let app = http::app(app_state)
                 .merge(emulator.router())
                 .merge(console)
@@ -312,13 +327,7 @@ impl Stack {
                 gateway: gateway.clone(),
                 relay: relay_metrics.clone(),
             });
-            let stop = shutdown.clone();
-            tasks.push(tokio::spawn(async move {
-                axum::serve(listener, app)
-                    .with_graceful_shutdown(stop.cancelled_owned())
-                    .await
-                    .context("serving /metrics")
-            }));
+            tasks.push(serve_internal(listener, app, shutdown.clone(), "/metrics"));
         }
         if let Some(relay) = relay {
             let stop = shutdown.clone();

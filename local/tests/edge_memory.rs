@@ -4,16 +4,14 @@
 //! drops them with 1008, the process's RSS stays under a stated bound, and
 //! an unrelated pair chats meanwhile without a single refusal.
 
-mod common;
+use chat_test_support::stack as common;
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use chat_shared::testing::TestEnv;
-use common::{Client, TestStack};
+use chat_test_support::TestEnv;
+use common::{Client, TestStack, dev_credentials, raw_http, rss_kb, signed};
 use serde_json::json;
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-use tokio::net::TcpStream;
 
 /// Slow consumers fed at once.
 const SLOW: usize = 8;
@@ -24,41 +22,11 @@ const POST_BYTES: usize = 100 * 1024;
 /// connections took it from 100 MB to 1.26 GB.
 const RSS_GROWTH_BOUND_KB: u64 = 96 * 1024;
 
-fn rss_kb() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .expect("/proc/self/status")
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS")
-}
-
 /// A signed PostToConnection; the status code.
 async fn post(management: SocketAddr, id: &str, body: &[u8]) -> u16 {
     let path = format!("/local/@connections/{}", id.replace('=', "%3D"));
-    let credentials = chat_gateway::ManagementCredentials {
-        access_key_id: chat_shared::config::DEV_MANAGEMENT_ACCESS_KEY_ID.into(),
-        secret_access_key: chat_shared::config::DEV_MANAGEMENT_SECRET_ACCESS_KEY.into(),
-    };
-    let url = format!("http://{management}{path}");
-    let headers: String = chat_gateway::sign(&credentials, "POST", &url, &[], body, "us-east-1")
-        .into_iter()
-        .map(|(name, value)| format!("{name}: {value}\r\n"))
-        .collect();
-    let mut stream = TcpStream::connect(management).await.expect("connect");
-    let head = format!(
-        "POST {path} HTTP/1.1\r\nHost: {management}\r\n{headers}Content-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    stream.write_all(head.as_bytes()).await.expect("write");
-    stream.write_all(body).await.expect("write");
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).await.expect("read");
-    String::from_utf8_lossy(&raw)
-        .split(' ')
-        .nth(1)
-        .and_then(|code| code.parse().ok())
-        .expect("a status")
+    let headers = signed(&dev_credentials(), "POST", management, &path, body);
+    raw_http(management, "POST", &path, &headers, body).await.0
 }
 
 #[tokio::test]

@@ -7,11 +7,11 @@
 //! RSS stays under a stated bound. In a file of its own so that the RSS is
 //! this test's.
 
-mod common;
+use chat_test_support::stack as common;
 
 use std::time::{Duration, Instant};
 
-use chat_shared::testing::TestEnv;
+use chat_test_support::TestEnv;
 use common::{Client, TestStack, rss_kb};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;

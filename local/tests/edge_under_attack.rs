@@ -5,13 +5,13 @@
 //! every message with no refusal, and the process's RSS stays under a
 //! stated bound. A binary of its own, so that the RSS is this test's.
 
-mod common;
+use chat_test_support::stack as common;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use chat_shared::testing::TestEnv;
+use chat_test_support::TestEnv;
 use common::{Client, TestStack, dev_credentials, raw_http, rss_kb, signed, token};
 use serde_json::json;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;

@@ -12,13 +12,13 @@
 //! the queue is 12), its silent connection is dropped (1008), and the
 //! process's RSS stays under a stated bound.
 
-mod common;
+use chat_test_support::stack as common;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use chat_shared::testing::TestEnv;
+use chat_test_support::TestEnv;
 use common::{Client, TestStack, rss_kb};
 use futures::{SinkExt, StreamExt};
 use serde_json::{Value, json};

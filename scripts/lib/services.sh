@@ -28,6 +28,14 @@ if [ -z "${CARGO_TARGET_DIR:-}" ]; then
     export CARGO_TARGET_DIR="${HOME:-/tmp}/.cache/chat-backend/target"
 fi
 
+# step TEXT: a heading on stderr. die TEXT: the error, after the script's
+# name, and exit 1. For the scripts that source this file.
+step() { printf '\n==> %s\n' "$*" >&2; }
+die() {
+    printf '%s: %s\n' "$(basename "$0" .sh)" "$*" >&2
+    exit 1
+}
+
 _svc_log() { printf '%s\n' "$*" >&2; }
 _svc_die() {
     printf 'error: %s\n' "$*" >&2

@@ -26,7 +26,6 @@
 //! - [`bootstrap`]: builds the adapters once per process, and over them
 //!   what each process needs.
 //! - [`metrics`]: error counters by code, and the Prometheus text format.
-//! - `testing` (feature `testing`): fresh databases and key prefixes for tests.
 //! - `lambda` (feature `lambda`): the `lambda_runtime` shim of the WebSocket functions.
 
 pub mod auth;
@@ -50,8 +49,6 @@ pub mod realtime;
 pub mod service;
 pub mod store;
 pub mod telemetry;
-#[cfg(feature = "testing")]
-pub mod testing;
 #[cfg(feature = "ws")]
 pub mod ws;
 

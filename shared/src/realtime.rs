@@ -144,13 +144,9 @@ impl Realtime {
     /// The WebSocket use cases over `chat`, with presence leases of
     /// `presence_ttl`.
     pub fn new(chat: Chat, presence_ttl: Duration) -> Self {
-        let presence = chat.presence();
         // Issue 16 (realtime/ordering.rs).
-        let ordering = ordering::Sequencer::new(
-            presence.redis(),
-            presence.keys().clone(),
-            OrderingLimits::DEFAULT,
-        );
+        let (redis, keys) = chat.ordering_redis();
+        let ordering = ordering::Sequencer::new(redis, keys, OrderingLimits::DEFAULT);
         Self {
             ordering,
             chat,
@@ -205,8 +201,8 @@ impl Realtime {
     /// tests shorten them).
     #[must_use]
     pub fn with_ordering(mut self, limits: OrderingLimits) -> Self {
-        let presence = self.chat.presence();
-        self.ordering = ordering::Sequencer::new(presence.redis(), presence.keys().clone(), limits);
+        let (redis, keys) = self.chat.ordering_redis();
+        self.ordering = ordering::Sequencer::new(redis, keys, limits);
         self
     }
 

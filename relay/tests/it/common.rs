@@ -32,7 +32,7 @@ use serde_json::{Value, json};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-pub use chat_shared::testing::{fresh_database, random_suffix, redis_url};
+pub use chat_test_support::{fresh_database, random_suffix, redis_url};
 
 /// Waits for `check` to give `Some`, polling every 10 ms; panics naming
 /// `what` after `timeout`.

@@ -46,9 +46,8 @@ async fn posts_carry_the_event_bytes_to_the_connections_own_endpoint() {
     stack.join(&a1, &room).await;
     let event = r#"{"type":"custom","payload":{"x":[1,2.50,"é"]}}"#;
     stack
-        .realtime
-        .chat()
-        .bus()
+        .adapters
+        .bus
         .publish(
             Target::Connection {
                 connection_id: a1.clone(),
@@ -119,7 +118,7 @@ async fn exclude_leaves_connections_out_and_include_adds_them() {
     for conn in [&a1, &b1, &b2] {
         stack.join(conn, &room).await;
     }
-    let bus = stack.realtime.chat().bus();
+    let bus = &stack.adapters.bus;
     bus.publish_excluding(
         Target::Room {
             room_id: room.clone(),
@@ -166,9 +165,8 @@ async fn user_targets_reach_every_connection_of_the_user() {
     let a2 = stack.connect("alice").await;
     let b1 = stack.connect("bob").await;
     stack
-        .realtime
-        .chat()
-        .bus()
+        .adapters
+        .bus
         .publish(
             Target::User {
                 user_id: "alice".into(),

@@ -40,17 +40,15 @@ async fn gone_for_an_established_connection_removes_it_and_announces_offline() {
     assert!(!exists(&stack, &stack.key(&format!("conn:{b1}"))).await);
     assert!(!exists(&stack, &stack.key(&format!("conn:{b1}:rooms"))).await);
     let subscribers = stack
-        .realtime
-        .chat()
-        .presence()
+        .adapters
+        .presence
         .subscribers(&[room.as_str()])
         .await
         .unwrap();
     assert!(subscribers[0].iter().all(|s| s.connection_id != b1));
     let online = stack
-        .realtime
-        .chat()
-        .presence()
+        .adapters
+        .presence
         .online_among(&[crate::common::auth_user("bob").id])
         .await
         .unwrap();

@@ -14,9 +14,8 @@ async fn store_only(stack: &Stack, user: &str, room: &str, content: &str) -> Mes
     let payload = json!({"content": content});
     let message = NewMessage::parse(payload.as_object().unwrap(), false).unwrap();
     match stack
-        .realtime
-        .chat()
-        .store()
+        .adapters
+        .store
         .store_message(&RoomId::parse(room).unwrap(), &auth_user(user).id, &message)
         .await
         .unwrap()
@@ -28,7 +27,7 @@ async fn store_only(stack: &Stack, user: &str, room: &str, content: &str) -> Mes
 
 /// Publishes a stored message's envelope, as `sendMessage` would.
 async fn publish(stack: &Stack, room: &str, message: &Message) {
-    let bus = stack.realtime.chat().bus();
+    let bus = &stack.adapters.bus;
     let envelope = bus
         .message_event(
             room,
@@ -121,9 +120,8 @@ async fn a_subscription_behind_the_room_is_filled_from_the_ring() {
     // before messages 1 and 2 were fanned out without him.
     let room_id = RoomId::parse(&room).unwrap();
     stack
-        .realtime
-        .chat()
-        .presence()
+        .adapters
+        .presence
         .join(&room_id, &stack.connection(&b1), 0, &[], "unused", "")
         .await
         .unwrap();
@@ -150,7 +148,7 @@ async fn sync_pushes_what_a_late_joiner_missed() {
     // His join sees that the room's published messages are past his
     // watermark and publishes the sync itself.
     let room_id = RoomId::parse(&room).unwrap();
-    let bus = stack.realtime.chat().bus();
+    let bus = &stack.adapters.bus;
     let control = bus.control(
         Target::Connection {
             connection_id: b1.clone(),
@@ -162,9 +160,8 @@ async fn sync_pushes_what_a_late_joiner_missed() {
     );
     let sync = serde_json::to_string(&control).unwrap();
     stack
-        .realtime
-        .chat()
-        .presence()
+        .adapters
+        .presence
         .join(
             &room_id,
             &stack.connection(&b1),
@@ -199,7 +196,7 @@ async fn a_restarted_relay_does_not_deliver_again() {
     }
     stack.gateway.wait_sequence(&b1, 3).await;
     // The relay writes what it delivered back to the subscription.
-    let presence = stack.realtime.chat().presence().clone();
+    let presence = stack.adapters.presence.clone();
     let watermark = |conn: String| {
         let presence = presence.clone();
         let room = room.clone();

@@ -183,7 +183,7 @@ async fn rooms_of(stack: &Stack, users: &[&str], rooms: usize) -> (Vec<String>, 
 /// Waits until every subscription of `rooms` has its watermark written
 /// back at `n` (what a successor would start from).
 async fn wait_marks_written(stack: &Stack, rooms: &[String], n: i64) {
-    let presence = stack.realtime.chat().presence();
+    let presence = &stack.adapters.presence;
     let rooms: Vec<&str> = rooms.iter().map(String::as_str).collect();
     wait_for_async("watermarks written back", WAIT, || async {
         let subs = presence.subscribers(&rooms).await.ok()?;

@@ -7,7 +7,7 @@
 //! frames themselves are described here. Two checks keep it honest:
 //! `scripts/asyncapi-check.sh` validates the document with the AsyncAPI
 //! project's own parser (in CI), and the end-to-end tests
-//! (`local/tests/common`) validate every frame they send and receive
+//! (`chat_test_support::stack`) validate every frame they send and receive
 //! against its message schemas, so a field that drifts fails CI.
 
 use std::sync::LazyLock;

@@ -16,6 +16,7 @@
 //! - [`presence`]: connections, leases, sessions, subscriptions, who is
 //!   online, and the `Sync` and `Close` controls for the relay.
 //! - [`typing`]: `typing`, coalesced.
+//! - [`ops`]: the operator view of the console.
 //!
 //! These modules are the only request-path code that calls the adapters;
 //! `realtime`, `ws` and `http` parse, admit, and call one of them.
@@ -32,6 +33,7 @@ use crate::presence::Presence;
 use crate::store::{Conn, Store};
 
 pub mod messages;
+pub mod ops;
 pub mod presence;
 pub mod reads;
 pub mod rooms;
@@ -112,27 +114,6 @@ impl Chat {
     /// shedding).
     pub fn store_waiting(&self) -> usize {
         self.store.waiting()
-    }
-}
-
-/// The adapters themselves, for the processes around the request path: the
-/// relay, the maintenance task, the local console, and tests. Request-path
-/// code (`realtime`, `ws`, `http`) calls the use cases instead, and nothing
-/// outside this module reaches the [`Limiter`].
-impl Chat {
-    /// The PostgreSQL repository (not for the request path).
-    pub fn store(&self) -> &Store {
-        &self.store
-    }
-
-    /// The Redis presence side (not for the request path).
-    pub fn presence(&self) -> &Presence {
-        &self.presence
-    }
-
-    /// The bus publisher (not for the request path).
-    pub fn bus(&self) -> &Bus {
-        &self.bus
     }
 }
 

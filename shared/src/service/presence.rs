@@ -32,6 +32,13 @@ fn now() -> String {
 }
 
 impl Chat {
+    /// The Redis connection and key schema the WebSocket session keeps its
+    /// frame-ordering turns in (`realtime::ordering`): presence's own, so
+    /// a connection's turns live beside its lease.
+    pub(crate) fn ordering_redis(&self) -> (redis::aio::ConnectionManager, crate::presence::Keys) {
+        (self.presence.redis(), self.presence.keys().clone())
+    }
+
     /// Makes the caller known and refreshes their profile (PROTOCOL §1).
     ///
     /// # Errors

@@ -242,7 +242,7 @@ impl Store {
 /// method runs on `self`, a method that needs another query runs it on the
 /// same connection, and independent queries of one request are pipelined
 /// on it (`tokio::try_join!` over `&Conn` methods) instead of taking a
-/// connection each. `shared/tests/pool_nesting.rs` runs the request types
+/// connection each. `shared/tests/it/pool_nesting.rs` runs the request types
 /// that used to nest with a pool of one connection.
 pub struct Conn {
     pub(super) client: Client,

@@ -1,0 +1,45 @@
+# shellcheck shell=bash
+# A private world for a script that tests processes end to end
+# (scripts/test-multi-local.sh, scripts/test-lambda-local.sh): its own
+# database, Redis key prefix and channel and JWT secret on the shared
+# servers, dropped again at the end, and the failure report.
+#
+# Source it after scripts/lib/services.sh and ensure_services.
+
+# isolated_env NAME: exports DATABASE_URL (a database chat_test_NAME_<suffix>
+# that isolated_create_db creates), REDIS_KEY_PREFIX (NAME:<suffix>:),
+# BROADCAST_CHANNEL and JWT_SECRET; sets ISOLATED_SUFFIX, ISOLATED_DB and
+# ISOLATED_ADMIN_URL (the server's own URL).
+isolated_env() {
+    ISOLATED_SUFFIX="$(od -An -N6 -tx1 /dev/urandom | tr -d ' \n')"
+    ISOLATED_DB="chat_test_$1_$ISOLATED_SUFFIX"
+    ISOLATED_ADMIN_URL="$DATABASE_URL"
+    export DATABASE_URL="${ISOLATED_ADMIN_URL%/*}/$ISOLATED_DB"
+    export REDIS_KEY_PREFIX="$1:$ISOLATED_SUFFIX:"
+    export BROADCAST_CHANNEL="${REDIS_KEY_PREFIX}broadcast"
+    export JWT_SECRET="$1-$ISOLATED_SUFFIX"
+}
+
+isolated_create_db() {
+    psql "$ISOLATED_ADMIN_URL" -X -q -c "CREATE DATABASE $ISOLATED_DB" >/dev/null
+}
+
+# Drops the database and deletes the keys (for the EXIT trap).
+isolated_drop() {
+    psql "$ISOLATED_ADMIN_URL" -X -q -c "DROP DATABASE IF EXISTS $ISOLATED_DB WITH (FORCE)" >/dev/null 2>&1 || true
+    redis-cli -u "$REDIS_URL" --scan --pattern "${REDIS_KEY_PREFIX}*" | xargs -r -n 500 redis-cli -u "$REDIS_URL" DEL >/dev/null
+}
+
+# isolated_fail PREFIX LINES MESSAGE FILES...: "PREFIX: FAILED: MESSAGE",
+# the last LINES lines of each FILE that exists, exit 1.
+isolated_fail() {
+    local prefix="$1" lines="$2" message="$3" f
+    shift 3
+    echo "$prefix: FAILED: $message" >&2
+    for f in "$@"; do
+        [ -f "$f" ] || continue
+        echo "--- $f (tail)" >&2
+        tail -n "$lines" "$f" >&2
+    done
+    exit 1
+}
