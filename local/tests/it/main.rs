@@ -23,6 +23,7 @@ mod chat_flow;
 mod console;
 mod edge;
 mod faults;
+mod greeting;
 mod handshake;
 mod hostile_http;
 mod join_race;

@@ -3,11 +3,11 @@
 //! before the relay has posted `connected`: the reply to that frame waits
 //! (bounded) for the greeting.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 
-use chat_shared::testing::TestEnv;
+use chat_test_support::TestEnv;
 use common::{TestStack, handshake, token};
 use futures::{SinkExt as _, StreamExt as _};
 use serde_json::{Value, json};
