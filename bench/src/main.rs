@@ -185,7 +185,9 @@ struct RunArgs {
     /// Prefix of the user ids (default: from the clock, so every run is fresh).
     #[arg(long)]
     run_id: Option<String>,
-    /// REST calls in flight during set-up.
+    /// REST calls in flight during set-up, then joins in flight: the
+    /// Lambda shape needs at most its reserved concurrency here, or the
+    /// excess is throttled ("Internal server error").
     #[arg(long, default_value_t = 16)]
     setup_concurrency: usize,
     /// No progress lines.
