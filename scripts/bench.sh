@@ -38,8 +38,8 @@
 #                       (S2's duration), BENCH_LAMBDA_CONCURRENCY (instances and
 #                       reserved concurrency per function, 16), LAMBDA_CONNECT_RATE
 #                       (connects per second in the set-up phase, 200); the
-#                       set-up's REST calls and joins in flight are held to
-#                       BENCH_LAMBDA_CONCURRENCY in both shapes
+#                       set-up's handshakes, REST calls and joins in flight
+#                       are held to BENCH_LAMBDA_CONCURRENCY in both shapes
 #      each scenario against our stack (2 x `chat-local serve --no-relay` + 1 x
 #      `chat-local relay`, release build) and against the baseline (2 Node.js
 #      instances), each on a fresh start of its processes and emptied tables;
@@ -540,19 +540,22 @@ s6() {
 
 # The lambda scenario: LS2 and LS3 against the Lambda shape and, with the
 # same parameters, the in-process stack (label ours), each on a fresh start.
-# The set-up's REST calls and joins in flight stay within the reserved
-# concurrency (--setup-concurrency): a burst over it is throttled, and each
+# The set-up's handshakes, REST calls and joins in flight stay within the
+# reserved concurrency (--connect-concurrency, --setup-concurrency): a burst
+# over it is throttled, a throttled $connect is refused with 500 and a
 # throttled join gets API Gateway's "Internal server error" (issue 20: 128
 # joins at once against 16 instances left 112 members out).
 LAMBDA_SECS="${LAMBDA_SECS:-$S2_SECS}"
 ls2() {
     bench_run "$1" --scenario LS2 --users "${LAMBDA_S2_USERS:-2000}" --rooms direct \
-        --connect-rate "$LAMBDA_CONNECT_RATE" --setup-concurrency "$LAMBDA_CONCURRENCY" \
+        --connect-rate "$LAMBDA_CONNECT_RATE" --connect-concurrency "$LAMBDA_CONCURRENCY" \
+        --setup-concurrency "$LAMBDA_CONCURRENCY" \
         --rate "${LAMBDA_S2_RATE:-2000}" --duration "$LAMBDA_SECS"
 }
 ls3() {
     bench_run "$1" --scenario LS3 --users "${LAMBDA_S3_USERS:-1000}" --rooms group \
-        --connect-rate "$LAMBDA_CONNECT_RATE" --setup-concurrency "$LAMBDA_CONCURRENCY" \
+        --connect-rate "$LAMBDA_CONNECT_RATE" --connect-concurrency "$LAMBDA_CONCURRENCY" \
+        --setup-concurrency "$LAMBDA_CONCURRENCY" \
         --group-size "${LAMBDA_S3_GROUP:-100}" --rate "${LAMBDA_S3_RATE:-100}" --duration "$LAMBDA_SECS"
 }
 lambda_pair() {

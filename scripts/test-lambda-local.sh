@@ -11,8 +11,8 @@
 #     reconnect, presence going offline, a panicking function (one
 #     invocation fails, the next works), the HTTP API's error mapping;
 #   * a small load through chat-bench, set up as scripts/bench.sh sets up
-#     its lambda scenario (REST calls and joins in flight held to the
-#     reserved concurrency): every member joins, no send is refused or lost,
+#     its lambda scenario (handshakes, REST calls and joins in flight held
+#     to the reserved concurrency): every member joins, no send is refused or lost,
 #     no invocation is throttled (issue 20: a set-up burst over the reserved
 #     concurrency had joins throttled, and the generator missed API
 #     Gateway's "Internal server error" answers);
@@ -142,13 +142,14 @@ python "$ROOT/scripts/lambda_local_test.py" --ws "$ws" --rest "$rest" --chat-loc
     >"$tmp/cases.out" 2>&1 || fail "scripts/lambda_local_test.py: $(cat "$tmp/cases.out")"
 cat "$tmp/cases.out" >&2
 
-# A small load, set up as scripts/bench.sh's lambda scenario is (REST calls
-# and joins in flight within the reserved concurrency): 60 members of three
+# A small load, set up as scripts/bench.sh's lambda scenario is (handshakes,
+# REST calls and joins in flight within the reserved concurrency): 60 members of three
 # GROUP rooms, 3 s of sends. Any throttled or failed invocation reaches the
 # generator as API Gateway's "Internal server error" and is counted.
 echo "lambda-test: chat-bench: 60 users in 3 GROUP rooms, 20 msg/s for 3 s, set-up within $LAMBDA_CONCURRENCY in flight" >&2
 "$CARGO_TARGET_DIR/debug/chat-bench" run --quiet --label lambda --scenario smoke --url "$rest" \
-    --users 60 --rooms group --group-size 20 --connect-rate 40 --setup-concurrency "$LAMBDA_CONCURRENCY" \
+    --users 60 --rooms group --group-size 20 --connect-rate 40 --connect-concurrency "$LAMBDA_CONCURRENCY" \
+    --setup-concurrency "$LAMBDA_CONCURRENCY" \
     --rate 20 --duration 3 --warmup 0 --drain 10 >"$tmp/bench.json" 2>"$tmp/bench.err" ||
     fail "chat-bench through the Lambda shape: $(cat "$tmp/bench.err")"
 python - "$tmp/bench.json" <<'PY' || fail "chat-bench through the Lambda shape: $(cat "$tmp/bench.json")"

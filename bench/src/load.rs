@@ -75,6 +75,11 @@ pub struct RunConfig {
     pub users: usize,
     /// New connections per second.
     pub connect_rate: f64,
+    /// Most handshakes in flight at once (0: no limit beyond the rate). A
+    /// shape that runs `$connect` in a function with a concurrency limit
+    /// refuses the excess with 500, as API Gateway does for a throttled
+    /// Lambda.
+    pub connect_concurrency: usize,
     /// Room layout.
     pub rooms: RoomKind,
     /// Members per GROUP room.
@@ -598,6 +603,13 @@ async fn connect_all(
 ) -> (Vec<Option<Conn>>, Summary, Summary, BTreeMap<String, u64>) {
     let handshake = Rc::new(RefCell::new(Latency::default()));
     let ready = Rc::new(RefCell::new(Latency::default()));
+    let in_flight = std::sync::Arc::new(tokio::sync::Semaphore::new(
+        if cfg.connect_concurrency == 0 {
+            tokio::sync::Semaphore::MAX_PERMITS
+        } else {
+            cfg.connect_concurrency
+        },
+    ));
     let mut pending = Vec::with_capacity(tokens.len());
     let started = Instant::now();
     let gap = if cfg.connect_rate > 0.0 {
@@ -612,6 +624,8 @@ async fn connect_all(
         let url = ws_url(&cfg.urls[instance], &cfg.ws_path, token);
         let (shared, handshake, ready) = (shared.clone(), handshake.clone(), ready.clone());
         let content_rooms_ok = cfg.rooms != RoomKind::None;
+        // Taken before the task starts, so connects stay in order.
+        let permit = std::sync::Arc::clone(&in_flight).acquire_owned().await;
         pending.push(spawn_local(async move {
             let t0 = Instant::now();
             let config = WebSocketConfig::default()
@@ -629,6 +643,8 @@ async fn connect_all(
             handshake
                 .borrow_mut()
                 .record(t0.elapsed().as_micros() as u64);
+            // `$connect` is answered once the upgrade is.
+            drop(permit);
             // Wait for `connected` (a relay post for us, a direct reply for
             // the original): the connection is usable from then on.
             let deadline = tokio::time::sleep(Duration::from_secs(15));
@@ -1306,6 +1322,7 @@ mod tests {
             secret: SecretString::from("s"),
             users,
             connect_rate: 0.0,
+            connect_concurrency: 0,
             rooms: RoomKind::Group,
             group_size: users,
             duration: Duration::ZERO,

@@ -142,6 +142,10 @@ struct RunArgs {
     /// New connections per second.
     #[arg(long, default_value_t = 1000.0)]
     connect_rate: f64,
+    /// Most handshakes in flight at once (0: no limit beyond the rate); the
+    /// Lambda shape needs at most its reserved concurrency here.
+    #[arg(long, default_value_t = 0)]
+    connect_concurrency: usize,
     /// Room layout.
     #[arg(long, value_enum, default_value = "direct")]
     rooms: Rooms,
@@ -380,6 +384,7 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
         secret: SecretString::from(a.secret.clone()),
         users: a.users,
         connect_rate: a.connect_rate,
+        connect_concurrency: a.connect_concurrency,
         rooms: match a.rooms {
             Rooms::None => RoomKind::None,
             Rooms::Direct => RoomKind::Direct,
