@@ -18,7 +18,7 @@ mod common;
 mod serve;
 
 use chat_shared::testing::TestEnv;
-use common::{Client, PrivateRedis, dev_credentials, raw_http, signed, token};
+use common::{PrivateRedis, dev_credentials, raw_http, signed};
 use serde_json::json;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
 
@@ -77,12 +77,8 @@ async fn connection_ids_stay_out_of_warn_lines_during_the_management_api_attack(
             },
         )
         .await;
-        let ws = |user: &str| format!("ws://{}/ws?token={}", server.addr, token(user));
-        let room = server.direct("ann", "ben").await;
-        let mut ann = Client::connect_url(&ws("ann"), "ann").await;
-        let mut ben = Client::connect_url(&ws("ben"), "ben").await;
-        ann.join(&room).await;
-        ben.join(&room).await;
+        let ws = |user: &str| server.ws_url(user);
+        let (room, mut ann, ben) = server.pair("ann", "ben").await;
         let ids = [ann.connection_id.clone(), ben.connection_id.clone()];
 
         // Finding 1: the Management API with the victims' ids.

@@ -23,7 +23,7 @@ mod serve;
 use std::time::Duration;
 
 use chat_shared::testing::TestEnv;
-use common::{Client, dev_credentials, raw_http, signed, token};
+use common::{Client, dev_credentials, raw_http, signed};
 
 /// The child's soft and hard `RLIMIT_NOFILE`.
 const OPEN_FILES: u64 = 256;
@@ -48,14 +48,10 @@ async fn health_and_the_management_api_answer_when_the_client_port_is_full() {
     )
     .await;
     assert_eq!(server.open_files_limit(), OPEN_FILES);
-    let ws = |user: &str| format!("ws://{}/ws?token={}", server.addr, token(user));
+    let ws = |user: &str| server.ws_url(user);
 
     // A pair that chats before, during and after.
-    let room = server.direct("ann", "ben").await;
-    let mut ann = Client::connect_url(&ws("ann"), "ann").await;
-    let mut ben = Client::connect_url(&ws("ben"), "ben").await;
-    ann.join(&room).await;
-    ben.join(&room).await;
+    let (room, mut ann, mut ben) = server.pair("ann", "ben").await;
 
     // Fill the client port until a handshake gets no answer.
     let mut fill = Vec::new();

@@ -36,7 +36,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use chat_shared::testing::TestEnv;
-use common::{Client, TestStack, dev_credentials, raw_http, rss_kb, signed, token};
+use common::{Client, TestStack, dev_credentials, raw_http, rss_kb, signed};
 
 /// Slow consumers per round.
 const SLOW: usize = 8;
@@ -198,9 +198,8 @@ async fn shipped_binary_rounds() {
     let env = TestEnv::new().await;
     let dir = serve::temp_dir("memory-returned");
     let server = serve::Serve::start(&env, &dir, "memory", serve::Options::default()).await;
-    let ws = |user: &str| format!("ws://{}/ws?token={}", server.addr, token(user));
     let rss = || server.rss_kb();
-    let mut warm = Client::connect_url(&ws("warm"), "warm").await;
+    let mut warm = server.connect("warm").await;
     warm.ping_pong().await;
     let before = settled(&rss).await;
 
@@ -210,7 +209,7 @@ async fn shipped_binary_rounds() {
         let mut slow = Vec::new();
         for i in 0..SLOW {
             let user = format!("slow{n}-{i}");
-            slow.push(Client::connect_url(&ws(&user), &user).await);
+            slow.push(server.connect(&user).await);
         }
         let mut peak = feed(server.management, &slow, &rss).await;
         // Dropped (1008): the Management API finds each one gone.

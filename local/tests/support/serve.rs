@@ -159,6 +159,29 @@ impl Serve {
             .to_owned()
     }
 
+    /// The WebSocket URL of `user` (a token minted for it).
+    pub fn ws_url(&self, user: &str) -> String {
+        format!("ws://{}/ws?token={}", self.addr, crate::common::token(user))
+    }
+
+    /// Connects `user` and waits for `connected`.
+    pub async fn connect(&self, user: &str) -> crate::common::Client {
+        crate::common::Client::connect_url(&self.ws_url(user), user).await
+    }
+
+    /// The DIRECT room of `a` and `b`, and both connected and joined to it.
+    pub async fn pair(
+        &self,
+        a: &str,
+        b: &str,
+    ) -> (String, crate::common::Client, crate::common::Client) {
+        let room = self.direct(a, b).await;
+        let (mut first, mut second) = (self.connect(a).await, self.connect(b).await);
+        first.join(&room).await;
+        second.join(&room).await;
+        (room, first, second)
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
