@@ -52,9 +52,10 @@ elif [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     fi
 fi
 if [ ${#compose[@]} -gt 0 ]; then
-    echo "check-deploy: ${compose[*]} config (default services, then --profile scale)" >&2
+    echo "check-deploy: ${compose[*]} config (default services, then --profile scale, then --profile cluster)" >&2
     "${compose[@]}" -f docker-compose.local.yml config -q
     "${compose[@]}" -f docker-compose.local.yml --profile scale config -q
+    "${compose[@]}" -f docker-compose.local.yml --profile cluster config -q
     echo "check-deploy: ${compose[*]}: docker-compose.local.yml is valid" >&2
 else
     echo "check-deploy: no compose CLI here; the structural check decides alone" >&2

@@ -13,7 +13,12 @@ gateways serve without a relay on distinct published ports; a relay; the
 app's environment names the compose services, and every variable it sets is
 one the README documents; each gateway's Management API listener is on
 loopback and unpublished, and the relay may post only to those listeners;
-the Dockerfile builds both binaries. Needs PyYAML
+the Dockerfile builds both binaries. The `cluster` profile (issue 18): six
+Redis Cluster nodes (redis:7, cluster-enabled, each announcing its service
+name), a one-shot `redis-cli --cluster create` of all six with one replica
+each (3 primaries, 3 replicas), and gateways and a relay pointed at a node
+with REDIS_CLUSTER=true that wait for it, on ports and management listeners
+of their own; everything of the profile starts only with it. Needs PyYAML
 (in the venv of scripts/lib/pytools.sh, as a dependency of cfn-lint).
 """
 
@@ -29,6 +34,10 @@ APP_ENV = ["DATABASE_URL", "REDIS_URL", "JWT_SECRET", "BROADCAST_CHANNEL", "MESS
            "PRESENCE_TTL_SECONDS", "RUST_LOG", "LOG_FORMAT"]
 GATEWAYS = ["gateway-1", "gateway-2", "gateway-3"]
 LONG_RUNNING = ["postgres", "redis", *GATEWAYS, "relay"]
+CLUSTER_NODES = [f"redis-node-{n}" for n in range(1, 7)]
+CLUSTER_GATEWAYS = ["cluster-gateway-1", "cluster-gateway-2"]
+CLUSTER_APPS = [*CLUSTER_GATEWAYS, "cluster-relay"]
+CLUSTER_PROFILE = [*CLUSTER_NODES, "redis-cluster", *CLUSTER_APPS]
 
 
 def main(path):
@@ -41,7 +50,7 @@ def main(path):
             problems.append(msg)
 
     services = doc.get("services") or {}
-    for name in ["postgres", "redis", "migrate", *GATEWAYS, "relay"]:
+    for name in ["postgres", "redis", "migrate", *GATEWAYS, "relay", *CLUSTER_PROFILE]:
         need(name in services, f"service {name} is missing")
     if problems:
         return report(path, problems, services)
@@ -61,15 +70,18 @@ def main(path):
         return {k: "service_started" for k in d} if isinstance(d, list) else \
             {k: (v or {}).get("condition", "service_started") for k, v in d.items()}
 
-    # Profiles: everything starts by default except the third gateway.
+    # Profiles: everything starts by default except the third gateway and
+    # the Redis Cluster topology.
     for name, svc in services.items():
         profiles = svc.get("profiles") or []
         if name == "gateway-3":
             need("scale" in profiles, "gateway-3 must be under the `scale` profile")
+        elif name in CLUSTER_PROFILE:
+            need(profiles == ["cluster"], f"{name} must be under the `cluster` profile only, has {profiles}")
         else:
             need(not profiles, f"{name} must start by default (no profiles), has {profiles}")
 
-    for name in LONG_RUNNING:
+    for name in [*LONG_RUNNING, *CLUSTER_NODES, *CLUSTER_APPS]:
         hc = services[name].get("healthcheck") or {}
         need(hc.get("test") and not hc.get("disable"), f"{name} has no health check")
 
@@ -163,12 +175,90 @@ def main(path):
                 need(svc.get("pull_policy") == "never",
                      f"{name} uses the built image {tag} and must not pull it (pull_policy: never)")
 
+    check_cluster(services, command, env, depends, need, published, readme_vars, instance_ids)
+
     dockerfile = os.path.join(os.path.dirname(os.path.abspath(path)), "Dockerfile")
     need(os.path.exists(dockerfile), "Dockerfile is missing")
     if os.path.exists(dockerfile):
         text = open(dockerfile).read()
         need("-p chat-local" in text and "-p chat-relay" in text, "the Dockerfile must build chat-local and relay")
     return report(path, problems, services)
+
+
+def check_cluster(services, command, env, depends, need, published, readme_vars, instance_ids):
+    """The `cluster` profile: 3 primaries and 3 replicas, formed once, and
+    the apps on it with REDIS_CLUSTER=true."""
+    for name in CLUSTER_NODES:
+        svc = services[name]
+        cmd = command(name)
+        need(str(svc.get("image", "")).startswith("redis:7"), f"{name} must run redis:7")
+        need(cmd[:1] == ["redis-server"], f"{name} must run redis-server, runs {cmd}")
+        flags = dict(zip(cmd[1::2], cmd[2::2]))
+        need(flags.get("--cluster-enabled") == "yes", f"{name} must run with --cluster-enabled yes")
+        need(flags.get("--cluster-announce-hostname") == name,
+             f"{name} must announce its service name (--cluster-announce-hostname {name})")
+        need(flags.get("--cluster-preferred-endpoint-type") == "hostname",
+             f"{name} must hand out host names (--cluster-preferred-endpoint-type hostname)")
+    init = services["redis-cluster"]
+    script = " ".join(command("redis-cluster"))
+    need("redis-cli --cluster create" in script, "redis-cluster must run `redis-cli --cluster create`")
+    need("--cluster-replicas 1" in script, "redis-cluster must give each primary one replica (--cluster-replicas 1)")
+    for name in CLUSTER_NODES:
+        need(name in script or "redis-node-$$n" in script, f"redis-cluster must include {name}")
+    need(str(init.get("restart", "")) == "no", "redis-cluster is one-shot (restart: \"no\")")
+    need(all(depends("redis-cluster").get(n) == "service_healthy" for n in CLUSTER_NODES),
+         "redis-cluster must wait for every node to be healthy")
+
+    gateway_ports = {}
+    management = set()
+    all_published = set().union(*published.values()) if published else set()
+    for name in CLUSTER_APPS:
+        e = env(name)
+        need(e.get("REDIS_CLUSTER") == "true", f"{name} must set REDIS_CLUSTER=true")
+        rd = urllib.parse.urlsplit(e.get("REDIS_URL", ""))
+        need(rd.hostname in CLUSTER_NODES, f"{name}: REDIS_URL must point at a cluster node, is {rd.geturl()!r}")
+        db = urllib.parse.urlsplit(e.get("DATABASE_URL", ""))
+        need(db.hostname == "postgres", f"{name}: DATABASE_URL must point at the postgres service")
+        for key in APP_ENV:
+            need(e.get(key), f"{name} must set {key}")
+        for key in e:
+            need(key in readme_vars, f"{name} sets {key}, which the README does not document")
+        need(e.get("INSTANCE_ID") and e.get("INSTANCE_ID") not in instance_ids,
+             f"{name} must set an INSTANCE_ID of its own")
+        instance_ids.add(e.get("INSTANCE_ID"))
+        deps = depends(name)
+        need(deps.get("redis-cluster") == "service_completed_successfully",
+             f"{name} must wait for the cluster to be formed (redis-cluster completed successfully)")
+        need(deps.get("migrate") == "service_completed_successfully",
+             f"{name} must wait for migrate to complete successfully")
+        need("redis" not in deps, f"{name} must not wait for the single redis")
+    for name in CLUSTER_GATEWAYS:
+        cmd = command(name)
+        need(cmd[:2] == ["chat-local", "serve"] and "--no-relay" in cmd,
+             f"{name} must run `chat-local serve --no-relay`, runs {cmd}")
+        listen = cmd[cmd.index("--listen") + 1] if "--listen" in cmd else ""
+        port = listen.rsplit(":", 1)[-1]
+        need(port in all_published, f"{name}'s port {port} is not published")
+        gateway_ports[name] = port
+        mlisten = env(name).get("GATEWAY_MANAGEMENT_LISTEN", "")
+        host, _, mport = mlisten.rpartition(":")
+        need(host == "127.0.0.1" and mport not in all_published,
+             f"{name}'s management listener must be on loopback and unpublished, is {mlisten!r}")
+        management.add(f"http://{mlisten}/local")
+        need(services[name].get("network_mode") == services["relay"].get("network_mode"),
+             f"{name} must share the gateways' network namespace")
+    others = {command(g)[command(g).index("--listen") + 1].rsplit(":", 1)[-1]
+              for g in GATEWAYS if "--listen" in command(g)}
+    need(len(set(gateway_ports.values())) == len(CLUSTER_GATEWAYS) and not set(gateway_ports.values()) & others,
+         f"the cluster gateways need ports of their own: {gateway_ports}")
+    need(command("cluster-relay") in (["relay"], ["chat-local", "relay"]), "cluster-relay must run `relay`")
+    allowed = set(filter(None, env("cluster-relay").get("RELAY_ALLOWED_ENDPOINTS", "").split(",")))
+    need(allowed == management,
+         f"cluster-relay may post only to the cluster gateways' management endpoints {sorted(management)}, "
+         f"is {sorted(allowed)}")
+    need(env("cluster-relay").get("RELAY_HEALTH_LISTEN", "127.0.0.1:8081")
+         != env("relay").get("RELAY_HEALTH_LISTEN", "127.0.0.1:8081"),
+         "the two relays share a network namespace: cluster-relay needs its own RELAY_HEALTH_LISTEN")
 
 
 def documented_variables():

@@ -68,6 +68,11 @@ pub struct RunConfig {
     pub users: usize,
     /// New connections per second.
     pub connect_rate: f64,
+    /// Most handshakes in flight at once (0: no limit beyond the rate). A
+    /// shape that runs `$connect` in a function with a concurrency limit
+    /// refuses the excess with 500, as API Gateway does for a throttled
+    /// Lambda.
+    pub connect_concurrency: usize,
     /// Room layout.
     pub rooms: RoomKind,
     /// Members per GROUP room.
@@ -87,7 +92,9 @@ pub struct RunConfig {
     pub content_bytes: usize,
     /// Prefix of this run's user ids: fresh users and rooms every run.
     pub run_id: String,
-    /// REST calls and joins in flight during set-up.
+    /// REST calls in flight during set-up, and joins in flight after
+    /// them: no more, so that a shape with a concurrency limit per function
+    /// (the Lambda shape's reserved concurrency) can be set up within it.
     pub setup_concurrency: usize,
     /// Print a progress line to stderr every second.
     pub progress: bool,
@@ -116,6 +123,10 @@ pub struct RunReport {
     pub connected: usize,
     /// Connections joined to their room.
     pub joined: usize,
+    /// Set-up: `joinRoom` refusals by code, every attempt (`RATE_LIMITED`
+    /// ones were retried; API Gateway's own answers count as
+    /// [`GATEWAY_ERROR_PREFIX`]`message`).
+    pub join_errors: BTreeMap<String, u64>,
     /// Handshake (HTTP 101) times.
     pub connect_handshake: Summary,
     /// Times from starting to connect to the `connected` event.
@@ -251,11 +262,25 @@ pub fn parse_stamp(content: &str) -> Option<(u64, usize, u64)> {
 /// skipped by the parser without being built.
 #[derive(Deserialize)]
 struct Frame<'a> {
-    #[serde(rename = "type", borrow)]
-    kind: std::borrow::Cow<'a, str>,
+    /// Absent in API Gateway's own answers (see [`GATEWAY_ERROR_PREFIX`]).
+    #[serde(rename = "type", default, borrow)]
+    kind: Option<std::borrow::Cow<'a, str>>,
     #[serde(default, borrow)]
     payload: Payload<'a>,
+    /// API Gateway's own answer: `{"message": "Internal server error",
+    /// "connectionId", "requestId"}`, with no `type`.
+    #[serde(default, borrow)]
+    message: Option<std::borrow::Cow<'a, str>>,
 }
+
+/// How an answer of API Gateway itself is counted (in `errors`, and as the
+/// cause of a failed join): this prefix and its `message`, e.g. `gateway:
+/// Internal server error`. API Gateway sends it instead of the route
+/// response when the integration failed: the function errored, timed out
+/// or was throttled over its concurrency. It answers one frame of the
+/// connection, so it is a refusal like an `error` event: the pending
+/// `joinRoom` fails, or (while sending) one `sendMessage` is refused.
+pub const GATEWAY_ERROR_PREFIX: &str = "gateway: ";
 
 #[derive(Deserialize, Default)]
 #[serde(rename_all = "camelCase")]
@@ -343,10 +368,15 @@ pub async fn run(
     let rooms = build_rooms(&cfg, &user_ids, &tokens, &conns).await?;
     let mut joined_per_room = vec![0u64; rooms.len()];
     let mut joined_users: Vec<(usize, usize)> = Vec::new(); // (user, room)
-    for (user, room, ok) in join_all(&cfg, &rooms, &conns).await {
-        if ok {
-            joined_per_room[room] += 1;
-            joined_users.push((user, room));
+    let mut join_failures: BTreeMap<String, u64> = BTreeMap::new();
+    let (outcomes, join_errors) = join_all(&cfg, &rooms, &conns).await;
+    for (user, room, outcome) in outcomes {
+        match outcome {
+            Ok(()) => {
+                joined_per_room[room] += 1;
+                joined_users.push((user, room));
+            }
+            Err(cause) => bump(&mut join_failures, &cause),
         }
     }
     let joined = joined_users.len();
@@ -354,7 +384,10 @@ pub async fn run(
     if joined < members {
         // A run with fewer receivers would measure a lighter load than
         // the scenario names.
-        bail!("only {joined} of {members} members joined their rooms");
+        bail!(
+            "only {joined} of {members} members joined their rooms; failed joins by cause: \
+             {join_failures:?} (every refusal, retried ones included: {join_errors:?})"
+        );
     }
     if cfg.progress && !rooms.is_empty() {
         eprintln!(
@@ -487,6 +520,7 @@ pub async fn run(
             rooms: rooms.len(),
             connected,
             joined,
+            join_errors: join_errors.clone(),
             connect_handshake: handshake,
             connect_ready: ready,
             connect_errors: connect_errors.clone(),
@@ -543,6 +577,13 @@ async fn connect_all(
 ) -> (Vec<Option<Conn>>, Summary, Summary, BTreeMap<String, u64>) {
     let handshake = Rc::new(RefCell::new(Latency::default()));
     let ready = Rc::new(RefCell::new(Latency::default()));
+    let in_flight = std::sync::Arc::new(tokio::sync::Semaphore::new(
+        if cfg.connect_concurrency == 0 {
+            tokio::sync::Semaphore::MAX_PERMITS
+        } else {
+            cfg.connect_concurrency
+        },
+    ));
     let mut pending = Vec::with_capacity(tokens.len());
     let started = Instant::now();
     let gap = if cfg.connect_rate > 0.0 {
@@ -557,6 +598,8 @@ async fn connect_all(
         let url = ws_url(&cfg.target.urls[instance], &cfg.target.ws_path, token);
         let (shared, handshake, ready) = (shared.clone(), handshake.clone(), ready.clone());
         let content_rooms_ok = cfg.rooms != RoomKind::None;
+        // Taken before the task starts, so connects stay in order.
+        let permit = std::sync::Arc::clone(&in_flight).acquire_owned().await;
         pending.push(spawn_local(async move {
             let t0 = Instant::now();
             let config = WebSocketConfig::default()
@@ -574,6 +617,8 @@ async fn connect_all(
             handshake
                 .borrow_mut()
                 .record(t0.elapsed().as_micros() as u64);
+            // `$connect` is answered once the upgrade is.
+            drop(permit);
             // Wait for `connected` (a relay post for us, a direct reply for
             // the original): the connection is usable from then on.
             let deadline = tokio::time::sleep(Duration::from_secs(15));
@@ -679,7 +724,25 @@ async fn connection_task(
                     bump(&mut shared.borrow_mut().other_events, "unparsable");
                     continue;
                 };
-                match frame.kind.as_ref() {
+                let Some(kind) = frame.kind.as_deref() else {
+                    let Some(message) = frame.message.as_deref() else {
+                        bump(&mut shared.borrow_mut().other_events, "unparsable");
+                        continue;
+                    };
+                    // API Gateway's answer to a failed integration: it
+                    // answers the pending join, or else one of the sends
+                    // (the only other frames this client writes).
+                    let code = format!("{GATEWAY_ERROR_PREFIX}{message}");
+                    let mut s = shared.borrow_mut();
+                    if let Some(reply) = join_reply.take() {
+                        let _ = reply.send(Err(code.clone()));
+                    } else {
+                        s.rejected[user] += 1;
+                    }
+                    bump(&mut s.errors, &code);
+                    continue;
+                };
+                match kind {
                     "message" => {
                         let stamp = frame.payload.content.as_deref().and_then(parse_stamp);
                         let Some((t, sender, n)) = stamp else {
@@ -833,22 +896,29 @@ async fn build_rooms(
 /// `RATE_LIMITED`.
 const JOIN_ATTEMPTS: u32 = 30;
 
-/// Every member joins its room over its WebSocket; returns (user, room, ok).
+/// How long a member waits for the answer to its `joinRoom`.
+const JOIN_ANSWER_WAIT: Duration = Duration::from_secs(30);
+
+/// Every member joins its room over its WebSocket, with at most
+/// `setup_concurrency` joins in flight; returns (user, room, joined or why
+/// not) and every refusal by code (retried ones included).
 async fn join_all(
     cfg: &RunConfig,
     rooms: &[Room],
     conns: &[Option<Conn>],
-) -> Vec<(usize, usize, bool)> {
-    let limit = Rc::new(tokio::sync::Semaphore::new(
-        cfg.setup_concurrency.max(1) * 8,
-    ));
+) -> (
+    Vec<(usize, usize, Result<(), String>)>,
+    BTreeMap<String, u64>,
+) {
+    let limit = Rc::new(tokio::sync::Semaphore::new(cfg.setup_concurrency.max(1)));
+    let refusals: Rc<RefCell<BTreeMap<String, u64>>> = Rc::default();
     let mut tasks = Vec::new();
     for (r, room) in rooms.iter().enumerate() {
         for &user in &room.members {
             let Some(conn) = &conns[user] else { continue };
             let tx = conn.tx.clone();
             let frame = json!({"type": "joinRoom", "payload": {"roomId": room.id}}).to_string();
-            let limit = limit.clone();
+            let (limit, refusals) = (limit.clone(), refusals.clone());
             tasks.push(spawn_local(async move {
                 let _permit = limit.acquire().await;
                 // A refusal to shed load is retried, as a client would
@@ -857,20 +927,22 @@ async fn join_all(
                 for attempt in 1..=JOIN_ATTEMPTS {
                     let (reply, answer) = oneshot::channel();
                     if tx.send(Command::Join(frame.clone(), reply)).await.is_err() {
-                        return (user, r, false);
+                        return (user, r, Err("closed".to_owned()));
                     }
-                    match tokio::time::timeout(Duration::from_secs(30), answer).await {
-                        Ok(Ok(Ok(()))) => return (user, r, true),
-                        Ok(Ok(Err(code))) if code == "RATE_LIMITED" && attempt < JOIN_ATTEMPTS => {
-                            tokio::time::sleep(Duration::from_millis(
-                                100 * u64::from(attempt.min(10)),
-                            ))
-                            .await;
-                        }
-                        _ => return (user, r, false),
+                    let code = match tokio::time::timeout(JOIN_ANSWER_WAIT, answer).await {
+                        Ok(Ok(Ok(()))) => return (user, r, Ok(())),
+                        Ok(Ok(Err(code))) => code,
+                        Ok(Err(_)) => return (user, r, Err("closed".to_owned())),
+                        Err(_) => return (user, r, Err("no answer within 30 s".to_owned())),
+                    };
+                    bump(&mut refusals.borrow_mut(), &code);
+                    if code != "RATE_LIMITED" || attempt == JOIN_ATTEMPTS {
+                        return (user, r, Err(code));
                     }
+                    tokio::time::sleep(Duration::from_millis(100 * u64::from(attempt.min(10))))
+                        .await;
                 }
-                (user, r, false)
+                (user, r, Err("RATE_LIMITED".to_owned()))
             }));
         }
     }
@@ -880,7 +952,8 @@ async fn join_all(
             out.push(v);
         }
     }
-    out
+    let refusals = refusals.borrow().clone();
+    (out, refusals)
 }
 
 /// The open-loop sender; returns the length of the sending window in
@@ -1137,7 +1210,7 @@ mod tests {
         let text = r#"{"type":"message","payload":{"id":"m1","roomId":"r","content":"5 1 0 xx","sequenceId":3,
             "sender":{"id":"u"},"readBy":[],"metadata":{"content":"nested"}}}"#;
         let f: Frame<'_> = serde_json::from_str(text).expect("parses");
-        assert_eq!(f.kind, "message");
+        assert_eq!(f.kind.as_deref(), Some("message"));
         assert_eq!(f.payload.content.as_deref(), Some("5 1 0 xx"));
         assert_eq!(f.payload.sequence_id, Some(3));
         let e: Frame<'_> = serde_json::from_str(
@@ -1148,6 +1221,198 @@ mod tests {
         assert_eq!(e.payload.request_type.as_deref(), Some("sendMessage"));
         let p: Frame<'_> = serde_json::from_str(r#"{"type":"pong"}"#).expect("parses");
         assert!(p.payload.content.is_none());
+    }
+
+    #[test]
+    fn api_gateways_own_answers_parse_without_a_type() {
+        let f: Frame<'_> = serde_json::from_str(
+            r#"{"message": "Internal server error", "connectionId": "L0SM9cOFvHcCIhw=", "requestId": "r1"}"#,
+        )
+        .expect("parses");
+        assert!(f.kind.is_none());
+        assert_eq!(f.message.as_deref(), Some("Internal server error"));
+    }
+
+    /// A stand-in for the edge the generator talks to (a real WebSocket
+    /// server on 127.0.0.1:0): `joinRoom` is answered after `hold` with
+    /// `roomJoined`, or with API Gateway's "Internal server error" frame
+    /// when `fail_joins`; `sendMessage` always with that frame. It records
+    /// the most joins it had in flight at once.
+    struct Edge {
+        url: String,
+        most_in_flight: Rc<std::cell::Cell<usize>>,
+    }
+
+    async fn edge(hold: Duration, fail_joins: bool) -> Edge {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        let in_flight = Rc::new(std::cell::Cell::new(0usize));
+        let most_in_flight = Rc::new(std::cell::Cell::new(0usize));
+        let most = most_in_flight.clone();
+        spawn_local(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let (in_flight, most) = (in_flight.clone(), most.clone());
+                spawn_local(async move {
+                    let Ok(ws) = tokio_tungstenite::accept_async(stream).await else {
+                        return;
+                    };
+                    let (mut sink, mut stream) = ws.split();
+                    let failed = json!({"message": "Internal server error",
+                                        "connectionId": "c", "requestId": "r"})
+                    .to_string();
+                    while let Some(Ok(Message::Text(text))) = stream.next().await {
+                        let frame: serde_json::Value =
+                            serde_json::from_str(text.as_str()).expect("json");
+                        let answer = if frame["type"] == "joinRoom" && !fail_joins {
+                            in_flight.set(in_flight.get() + 1);
+                            most.set(most.get().max(in_flight.get()));
+                            tokio::time::sleep(hold).await;
+                            in_flight.set(in_flight.get() - 1);
+                            json!({"type": "roomJoined", "payload": {}}).to_string()
+                        } else {
+                            failed.clone()
+                        };
+                        if sink.send(Message::Text(answer.into())).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        Edge {
+            url,
+            most_in_flight,
+        }
+    }
+
+    fn config(users: usize, setup_concurrency: usize) -> RunConfig {
+        RunConfig {
+            label: "test".into(),
+            scenario: "T".into(),
+            urls: Vec::new(),
+            ws_path: "/ws".into(),
+            secret: SecretString::from("s"),
+            users,
+            connect_rate: 0.0,
+            connect_concurrency: 0,
+            rooms: RoomKind::Group,
+            group_size: users,
+            duration: Duration::ZERO,
+            warmup: Duration::ZERO,
+            drain: Duration::ZERO,
+            idle_hold: Duration::ZERO,
+            gateway_pids: Vec::new(),
+            pids: Vec::new(),
+            pid_trees: Vec::new(),
+            metrics_urls: Vec::new(),
+            content_bytes: 64,
+            run_id: "t".into(),
+            setup_concurrency,
+            progress: false,
+        }
+    }
+
+    /// `users` connections to `edge`, each with its connection task.
+    async fn connect(edge: &Edge, users: usize, shared: &SharedRef) -> Vec<Option<Conn>> {
+        let mut conns = Vec::new();
+        for user in 0..users {
+            let (ws, _) = tokio_tungstenite::connect_async(ws_url(&edge.url, "/", "t"))
+                .await
+                .expect("connect");
+            let (tx, rx) = mpsc::channel(16);
+            spawn_local(connection_task(user, ws, rx, shared.clone()));
+            conns.push(Some(Conn { tx, instance: 0 }));
+        }
+        conns
+    }
+
+    fn shared(users: usize) -> SharedRef {
+        Rc::new(RefCell::new(Shared {
+            sent: vec![0; users],
+            rejected: vec![0; users],
+            next_n: vec![0; users],
+            ..Shared::default()
+        }))
+    }
+
+    /// Issue 20: the set-up burst of joins exceeded the Lambda shape's
+    /// reserved concurrency (16 in flight allowed, 128 sent), and the
+    /// throttled ones were answered with API Gateway's error frame, which
+    /// the generator did not recognise: 112 joins waited 30 s and failed
+    /// without a cause. Joins in flight now stay within
+    /// `setup_concurrency`.
+    #[tokio::test]
+    async fn joins_in_flight_stay_within_the_setup_concurrency() {
+        tokio::task::LocalSet::new()
+            .run_until(async {
+                let users = 40;
+                let edge = edge(Duration::from_millis(20), false).await;
+                let shared = shared(users);
+                let conns = connect(&edge, users, &shared).await;
+                let rooms = vec![Room {
+                    id: "r".into(),
+                    members: (0..users).collect(),
+                }];
+                let (outcomes, refusals) = join_all(&config(users, 4), &rooms, &conns).await;
+                assert_eq!(outcomes.len(), users);
+                assert!(outcomes.iter().all(|(_, _, o)| o.is_ok()), "{outcomes:?}");
+                assert!(refusals.is_empty(), "{refusals:?}");
+                let most = edge.most_in_flight.get();
+                assert!(most <= 4, "{most} joins in flight, over the limit of 4");
+                assert!(most >= 2, "joins did not run concurrently ({most})");
+            })
+            .await;
+    }
+
+    /// API Gateway's "Internal server error" frame answers the pending join
+    /// at once (it is counted by cause, not waited on for 30 s) and, while
+    /// sending, counts as a refused send.
+    #[tokio::test]
+    async fn api_gateway_errors_fail_the_join_and_count_as_refused_sends() {
+        tokio::task::LocalSet::new()
+            .run_until(async {
+                let users = 3;
+                let edge = edge(Duration::ZERO, true).await;
+                let shared = shared(users);
+                let conns = connect(&edge, users, &shared).await;
+                let rooms = vec![Room {
+                    id: "r".into(),
+                    members: (0..users).collect(),
+                }];
+                let started = Instant::now();
+                let (outcomes, refusals) = join_all(&config(users, 8), &rooms, &conns).await;
+                assert!(
+                    started.elapsed() < Duration::from_secs(5),
+                    "joins were waited on"
+                );
+                let code = format!("{GATEWAY_ERROR_PREFIX}Internal server error");
+                for (_, _, outcome) in &outcomes {
+                    assert_eq!(outcome.as_ref().err(), Some(&code));
+                }
+                assert_eq!(refusals.get(&code), Some(&(users as u64)));
+
+                shared.borrow_mut().errors.clear();
+                let conn = conns[1].as_ref().expect("a connection");
+                for _ in 0..2 {
+                    let frame = r#"{"type":"sendMessage","payload":{"roomId":"r","content":"x"}}"#;
+                    conn.tx
+                        .send(Command::Send(frame.into()))
+                        .await
+                        .expect("sent");
+                }
+                let deadline = Instant::now() + Duration::from_secs(5);
+                while shared.borrow().rejected[1] < 2 {
+                    assert!(Instant::now() < deadline, "the refusals were not counted");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                let s = shared.borrow();
+                assert_eq!(s.rejected, vec![0, 2, 0]);
+                assert_eq!(s.errors.get(&code), Some(&2));
+                assert!(s.other_events.is_empty(), "{:?}", s.other_events);
+            })
+            .await;
     }
 
     #[test]

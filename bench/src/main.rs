@@ -133,6 +133,10 @@ struct RunArgs {
     /// New connections per second.
     #[arg(long, default_value_t = 1000.0)]
     connect_rate: f64,
+    /// Most handshakes in flight at once (0: no limit beyond the rate); the
+    /// Lambda shape needs at most its reserved concurrency here.
+    #[arg(long, default_value_t = 0)]
+    connect_concurrency: usize,
     /// Room layout.
     #[arg(long, value_enum, default_value = "direct")]
     rooms: Rooms,
@@ -163,7 +167,9 @@ struct RunArgs {
     /// Message content size in bytes.
     #[arg(long, default_value_t = 64)]
     content_bytes: usize,
-    /// REST calls in flight during set-up.
+    /// REST calls in flight during set-up, then joins in flight: the
+    /// Lambda shape needs at most its reserved concurrency here, or the
+    /// excess is throttled ("Internal server error").
     #[arg(long, default_value_t = 16)]
     setup_concurrency: usize,
     #[command(flatten)]
@@ -392,6 +398,7 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
         target: a.target.target(&a.scenario),
         users: a.users,
         connect_rate: a.connect_rate,
+        connect_concurrency: a.connect_concurrency,
         rooms: match a.rooms {
             Rooms::None => RoomKind::None,
             Rooms::Direct => RoomKind::Direct,
