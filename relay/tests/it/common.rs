@@ -319,6 +319,10 @@ impl Stack {
         let mut vars = HashMap::from([
             ("DATABASE_URL".to_owned(), db),
             ("REDIS_URL".to_owned(), redis_url()),
+            (
+                "REDIS_CLUSTER".to_owned(),
+                chat_shared::testing::redis_cluster().to_string(),
+            ),
             ("REDIS_KEY_PREFIX".to_owned(), prefix.clone()),
             ("BROADCAST_CHANNEL".to_owned(), format!("{prefix}broadcast")),
             ("JWT_SECRET".to_owned(), "relay-test-secret".to_owned()),
@@ -389,29 +393,18 @@ impl Stack {
     /// Waits until the channel has `n` subscribers.
     pub async fn wait_subscribers(&self, n: i64) {
         let channel = self.channel();
-        let redis = self.redis().await;
         wait_for_async(&format!("{n} subscriber(s) on the bus"), WAIT, || {
             let channel = channel.clone();
-            let mut redis = redis.clone();
             async move {
-                let (_, count): (String, i64) = redis::cmd("PUBSUB")
-                    .arg("NUMSUB")
-                    .arg(&channel)
-                    .query_async(&mut redis)
-                    .await
-                    .ok()?;
+                let count = chat_shared::testing::bus_subscribers(&channel).await.ok()?;
                 (count == n).then_some(())
             }
         })
         .await;
     }
 
-    pub async fn redis(&self) -> redis::aio::MultiplexedConnection {
-        redis::Client::open(redis_url())
-            .expect("redis url")
-            .get_multiplexed_async_connection()
-            .await
-            .expect("redis")
+    pub async fn redis(&self) -> chat_shared::presence::RedisConn {
+        chat_shared::testing::redis_conn().await
     }
 
     /// Registers a connection of `user` (as `$connect` does), connected
@@ -499,8 +492,8 @@ impl Stack {
         }
     }
 
-    pub fn key(&self, suffix: &str) -> String {
-        format!("{}{suffix}", self.config.common.redis_key_prefix)
+    pub fn keys(&self) -> chat_shared::presence::Keys {
+        chat_shared::presence::Keys::new(self.config.common.redis_key_prefix.clone())
     }
 }
 

@@ -37,8 +37,8 @@ async fn gone_for_an_established_connection_removes_it_and_announces_offline() {
     })
     .await;
     assert!(offline["payload"]["timestamp"].is_string());
-    assert!(!exists(&stack, &stack.key(&format!("conn:{b1}"))).await);
-    assert!(!exists(&stack, &stack.key(&format!("conn:{b1}:rooms"))).await);
+    assert!(!exists(&stack, &stack.keys().conn(&b1)).await);
+    assert!(!exists(&stack, &stack.keys().conn_rooms(&b1)).await);
     let subscribers = stack
         .realtime
         .chat()
@@ -75,7 +75,7 @@ async fn gone_for_a_young_connection_is_retried_until_it_is_accepted() {
     let connected = stack.gateway.wait_events(&c1, "connected", 1).await;
     assert_eq!(connected.len(), 1);
     assert_eq!(connected[0]["payload"]["userId"], "carol");
-    assert!(exists(&stack, &stack.key(&format!("conn:{c1}"))).await);
+    assert!(exists(&stack, &stack.keys().conn(&c1)).await);
     let m = stack.metrics.snapshot();
     assert_eq!(m.posts_gone, 0, "{m:?}");
     assert!(m.gone_retries >= 2, "{m:?}");
@@ -89,7 +89,7 @@ async fn a_connection_that_never_opens_is_removed_after_the_young_window() {
     let c1 = stack
         .connect_with("carol", Duration::ZERO, Status::Pending)
         .await;
-    let key = stack.key(&format!("conn:{c1}"));
+    let key = stack.keys().conn(&c1);
     wait_for_async("the connection removed", WAIT, || async {
         (!exists(&stack, &key).await).then_some(())
     })
@@ -112,7 +112,7 @@ async fn the_sweeper_removes_expired_leases_and_closes_them_at_the_gateway() {
         stack.gateway.deletes().contains(&b1).then_some(())
     })
     .await;
-    assert!(!exists(&stack, &stack.key(&format!("conn:{b1}"))).await);
+    assert!(!exists(&stack, &stack.keys().conn(&b1)).await);
     let m = stack.metrics.snapshot();
     assert!(m.swept >= 1 && m.sweeps >= 1, "{m:?}");
 }
@@ -252,7 +252,7 @@ async fn health_pings_keep_the_subscription() {
 #[tokio::test]
 async fn the_relay_reports_how_late_it_handles_room_events_for_load_shedding() {
     let stack = Stack::start().await;
-    let lags = stack.key("relay:lags");
+    let lags = stack.keys().relay_lags();
     // A room event published five seconds ago (as a relay far behind would
     // see it): the next report carries a lag of at least that.
     let stale = chrono::Utc::now().timestamp_millis() - 5_000;
@@ -263,8 +263,11 @@ async fn the_relay_reports_how_late_it_handles_room_events_for_load_shedding() {
         "ts": stale,
     });
     let mut redis = stack.redis().await;
-    let _: i64 = redis::cmd("PUBLISH")
-        .arg(stack.channel())
+    let _: i64 = redis::cmd(redis.publish_command())
+        .arg(chat_shared::presence::Keys::bus_channel_of(
+            &stack.channel(),
+            "room_lag",
+        ))
         .arg(envelope.to_string())
         .query_async(&mut redis)
         .await
