@@ -180,11 +180,14 @@ impl BusReader {
             .build()
             .context("REDIS_URL is not a valid list of Redis Cluster node URLs")?;
         let mut conn = tokio::time::timeout(CONNECT_TIMEOUT * 4, async {
-            let mut conn = client.get_async_connection().await?;
-            // One channel per call: the channels are in different slots.
-            for channel in &self.channels {
-                conn.ssubscribe(channel).await?;
-            }
+            let conn = client.get_async_connection().await?;
+            // One channel per call (they are in different slots), all at
+            // once: the connection multiplexes them over the nodes.
+            futures::future::try_join_all(self.channels.iter().map(|channel| {
+                let mut conn = conn.clone();
+                async move { conn.ssubscribe(channel).await }
+            }))
+            .await?;
             redis::RedisResult::Ok(conn)
         })
         .await

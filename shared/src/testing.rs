@@ -40,27 +40,31 @@ pub fn redis_cluster() -> bool {
 
 /// The test Redis, single or cluster, as the service connects to it.
 pub async fn redis_conn() -> crate::redis_conn::RedisConn {
+    redis_conn_at(&redis_url()).await
+}
+
+/// The Redis at `url` (a cluster when it lists several nodes, or when the
+/// suites run on one and it is theirs), as the service connects to it.
+pub async fn redis_conn_at(url: &str) -> crate::redis_conn::RedisConn {
     crate::redis_conn::RedisConn::connect(&crate::redis_conn::RedisTarget {
-        url: redis_url().into(),
-        cluster: redis_cluster(),
+        url: url.to_owned().into(),
+        cluster: url.contains(',') || (redis_cluster() && url == redis_url()),
     })
     .await
     .expect("the test Redis answers")
 }
 
-/// How many clients are subscribed to the bus channels of `base` (those of
-/// the last partition: a relay subscribes to it last). On a cluster, the
-/// sharded subscriptions of every node listed in `TEST_REDIS_URL`, summed.
-pub async fn bus_subscribers(base: &str) -> redis::RedisResult<i64> {
+/// How many clients are subscribed to the bus channels of `base` at the
+/// Redis `url` (those of the last partition: a relay subscribes to it
+/// last). On a cluster (`url` lists its nodes), the sharded subscriptions
+/// of every node, summed.
+pub async fn bus_subscribers(url: &str, base: &str) -> redis::RedisResult<i64> {
     let channel = crate::presence::Keys::bus_channel(base, crate::presence::keys::PARTITIONS - 1);
-    let urls: Vec<String> = redis_url()
-        .split(',')
-        .map(|u| u.trim().to_owned())
-        .collect();
-    let (command, urls) = if redis_cluster() {
-        ("SHARDNUMSUB", urls)
+    let urls: Vec<String> = url.split(',').map(|u| u.trim().to_owned()).collect();
+    let command = if urls.len() > 1 {
+        "SHARDNUMSUB"
     } else {
-        ("NUMSUB", urls[..1].to_vec())
+        "NUMSUB"
     };
     let mut total = 0;
     for url in urls {

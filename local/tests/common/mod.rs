@@ -706,8 +706,8 @@ impl Client {
 
 /// A Redis connection to the env's Redis, single or cluster (for checking
 /// keys).
-pub async fn redis(_env: &TestEnv) -> chat_shared::presence::RedisConn {
-    chat_shared::testing::redis_conn().await
+pub async fn redis(env: &TestEnv) -> chat_shared::presence::RedisConn {
+    chat_shared::testing::redis_conn_at(&env.vars["REDIS_URL"]).await
 }
 
 /// The env's key schema.
@@ -743,9 +743,10 @@ pub async fn wait_relays(env: &TestEnv, n: i64) {
     let channel = env.vars["BROADCAST_CHANNEL"].clone();
     tokio::time::timeout(WAIT, async {
         loop {
-            let subscribers = chat_shared::testing::bus_subscribers(&channel)
-                .await
-                .expect("PUBSUB NUMSUB");
+            let subscribers =
+                chat_shared::testing::bus_subscribers(&env.vars["REDIS_URL"], &channel)
+                    .await
+                    .expect("PUBSUB NUMSUB");
             if subscribers == n {
                 return;
             }

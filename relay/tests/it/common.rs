@@ -27,7 +27,7 @@ use chat_shared::domain::UserId;
 use chat_shared::presence::Connection;
 use chat_shared::realtime::Realtime;
 use chat_shared::service::NewRoom;
-use secrecy::SecretString;
+use secrecy::{ExposeSecret as _, SecretString};
 use serde_json::{Value, json};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -393,10 +393,13 @@ impl Stack {
     /// Waits until the channel has `n` subscribers.
     pub async fn wait_subscribers(&self, n: i64) {
         let channel = self.channel();
+        let url = self.config.common.redis_url.expose_secret().to_owned();
         wait_for_async(&format!("{n} subscriber(s) on the bus"), WAIT, || {
-            let channel = channel.clone();
+            let (url, channel) = (url.clone(), channel.clone());
             async move {
-                let count = chat_shared::testing::bus_subscribers(&channel).await.ok()?;
+                let count = chat_shared::testing::bus_subscribers(&url, &channel)
+                    .await
+                    .ok()?;
                 (count == n).then_some(())
             }
         })
