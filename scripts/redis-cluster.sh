@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # A local Redis Cluster from the installed redis-server: 3 primaries and 3
-# replicas on 127.0.0.1, ports REDIS_CLUSTER_BASE_PORT (7101) .. +5, data
+# replicas (synced, promoted 2-4 s after their primary fails) on 127.0.0.1, ports REDIS_CLUSTER_BASE_PORT (7101) .. +5, data
 # and logs under <repo>/.local/redis-cluster/. Used by scripts/test.sh (the
 # cluster suites) and scripts/multi-local.sh --cluster.
 #
@@ -34,9 +34,11 @@ state_ok() {
     redis-cli -h 127.0.0.1 -p "$1" cluster info 2>/dev/null | tr -d '\r' | grep -q '^cluster_state:ok$'
 }
 
-# Waits until every node reports cluster_state:ok and knows 6 nodes.
+# Waits until every node reports cluster_state:ok and knows 6 nodes, and
+# every replica has synced with its primary (a replica that never synced
+# cannot be promoted).
 wait_ok() {
-    local i p all
+    local i p all role
     for i in $(seq 1 300); do
         all=1
         for p in "${ports[@]}"; do
@@ -45,6 +47,12 @@ wait_ok() {
                 break
             fi
             if [ "$(redis-cli -h 127.0.0.1 -p "$p" cluster nodes 2>/dev/null | grep -c .)" != 6 ]; then
+                all=0
+                break
+            fi
+            role="$(redis-cli -h 127.0.0.1 -p "$p" info replication 2>/dev/null | tr -d '\r')"
+            if printf '%s\n' "$role" | grep -q '^role:slave$' &&
+                ! printf '%s\n' "$role" | grep -q '^master_link_status:up$'; then
                 all=0
                 break
             fi
@@ -74,6 +82,7 @@ start() {
         mkdir -p "$dir/$p"
         redis-server --port "$p" --bind 127.0.0.1 --cluster-enabled yes \
             --cluster-config-file "$dir/$p/nodes.conf" --cluster-node-timeout 2000 \
+            --cluster-replica-validity-factor 0 --repl-diskless-sync-delay 0 \
             --save '' --appendonly no --daemonize yes --dir "$dir/$p" \
             --logfile "$dir/$p/redis.log" --pidfile "$dir/$p/redis.pid" >/dev/null ||
             die "redis-server on $p failed to start; see $dir/$p/redis.log"
