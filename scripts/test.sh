@@ -7,6 +7,7 @@
 #   SKIP_SCHEMATHESIS=1 scripts/test.sh  # skip schemathesis (scripts/schemathesis.sh)
 #   SKIP_CONSOLE_TESTS=1 scripts/test.sh  # skip the browser tests of /console
 #   SKIP_CLIENT_TESTS=1 scripts/test.sh  # skip the TypeScript client library's tests
+#   SKIP_CLUSTER=1 scripts/test.sh  # skip the Redis Cluster step (suites again, failover, resharding)
 #
 # Tests get TEST_DATABASE_URL / TEST_REDIS_URL; they create their own
 # chat_test_* databases on that server and use random Redis key prefixes.
@@ -75,6 +76,35 @@ fi
 
 step "cargo test --workspace${*:+ $*}"
 cargo test --workspace "$@"
+
+# Redis Cluster (docs/ARCHITECTURE.md, "Redis Cluster"): the end-to-end
+# suites (realtime, presence, recovery, relay, multi-instance, sessions) once
+# more against a local cluster (3 primaries, 3 replicas from the installed
+# redis-server, scripts/redis-cluster.sh, REDIS_CLUSTER_BASE_PORT 7101..7106)
+# with REDIS_CLUSTER=true; then the fault tests, each on a private cluster of
+# its own: a primary SIGKILLed under load, and a resharding under load
+# (local/tests/cluster_failover.rs, which print the measured times). Left out
+# of a filtered run (ARGS given) and with SKIP_CLUSTER=1.
+if [ "${SKIP_CLUSTER:-0}" = 1 ] || [ "$#" -gt 0 ]; then
+    step "skipping the Redis Cluster step (run it without ARGS)"
+else
+    if ! command -v redis-server >/dev/null 2>&1 || ! command -v redis-cli >/dev/null 2>&1; then
+        _svc_install redis-server redis-tools
+    fi
+    step "a local Redis Cluster (scripts/redis-cluster.sh start)"
+    cluster_urls="$("$ROOT/scripts/redis-cluster.sh" start)"
+    trap '"$ROOT/scripts/redis-cluster.sh" stop' EXIT
+    step "end-to-end suites on the Redis Cluster (REDIS_CLUSTER=true)"
+    TEST_REDIS_URL="$cluster_urls" TEST_REDIS_CLUSTER=true cargo test \
+        -p chat-local --test chat_flow --test presence --test recovery --test relay_paths \
+        --test multi_instance --test sessions --test join_race --test edge --test rate_limits
+    TEST_REDIS_URL="$cluster_urls" TEST_REDIS_CLUSTER=true cargo test -p chat-relay --test it
+    "$ROOT/scripts/redis-cluster.sh" stop
+    trap - EXIT
+    step "Redis Cluster failover and resharding under load (tests/cluster_failover.rs)"
+    cargo test -p chat-local --features cluster-faults --test cluster_failover -- \
+        --nocapture --test-threads=1
+fi
 
 # The browser tests of /console (Debian's chromium + playwright-core); the
 # script installs what they need. A filtered run (ARGS given) is about Rust

@@ -464,7 +464,7 @@ impl Cluster {
             below_share = match self.step().await {
                 Ok(below) => below,
                 Err(err) => {
-                    tracing::warn!(error = %err, "renewing the relay's shard leases failed; will retry");
+                    tracing::warn!(error = %err, cause = ?err, "renewing the relay's shard leases failed; will retry");
                     true
                 }
             };

@@ -96,7 +96,65 @@ pub enum RedisConn {
     /// A single Redis (or a replication group's primary endpoint).
     Single(ConnectionManager),
     /// A Redis Cluster.
-    Cluster(ClusterConnection),
+    Cluster(ClusterHandle),
+}
+
+/// The cluster connection, replaced by a fresh one (new slot map, new
+/// node connections) when a request times out: after a resharding that
+/// moved a slot under a multi-key script the crate's connection was seen
+/// to time out on that slot for good, while a new connection works at
+/// once. Clones share the slot.
+#[derive(Clone)]
+pub struct ClusterHandle {
+    current: std::sync::Arc<std::sync::RwLock<ClusterConnection>>,
+    target: RedisTarget,
+    rebuilding: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl ClusterHandle {
+    fn get(&self) -> ClusterConnection {
+        self.current
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// After `err`: a timeout starts one rebuild in the background (the
+    /// request that saw it fails as it would have; the next ones use the
+    /// new connection).
+    fn after_error(&self, err: &redis::RedisError) {
+        use std::sync::atomic::Ordering;
+        if !err.is_timeout() || self.rebuilding.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let this = self.clone();
+        tokio::spawn(async move {
+            match cluster_connection(&this.target).await {
+                Ok(fresh) => {
+                    *this
+                        .current
+                        .write()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner) = fresh;
+                    tracing::warn!("a Redis Cluster request timed out; connection rebuilt");
+                }
+                Err(err) => {
+                    tracing::warn!(error = %err, "rebuilding the Redis Cluster connection failed");
+                }
+            }
+            this.rebuilding.store(false, Ordering::Release);
+        });
+    }
+}
+
+async fn cluster_connection(target: &RedisTarget) -> anyhow::Result<ClusterConnection> {
+    let client = target
+        .cluster_builder()?
+        .build()
+        .context("REDIS_URL is not a valid list of Redis Cluster node URLs")?;
+    client
+        .get_async_connection()
+        .await
+        .context("connecting to the Redis Cluster")
 }
 
 impl std::fmt::Debug for RedisConn {
@@ -113,7 +171,14 @@ impl ConnectionLike for RedisConn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
             Self::Single(c) => c.req_packed_command(cmd),
-            Self::Cluster(c) => c.req_packed_command(cmd),
+            Self::Cluster(handle) => Box::pin(async move {
+                let mut conn = handle.get();
+                let answer = conn.req_packed_command(cmd).await;
+                if let Err(err) = &answer {
+                    handle.after_error(err);
+                }
+                answer
+            }),
         }
     }
 
@@ -125,14 +190,21 @@ impl ConnectionLike for RedisConn {
     ) -> RedisFuture<'a, Vec<Value>> {
         match self {
             Self::Single(c) => c.req_packed_commands(cmd, offset, count),
-            Self::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+            Self::Cluster(handle) => Box::pin(async move {
+                let mut conn = handle.get();
+                let answer = conn.req_packed_commands(cmd, offset, count).await;
+                if let Err(err) = &answer {
+                    handle.after_error(err);
+                }
+                answer
+            }),
         }
     }
 
     fn get_db(&self) -> i64 {
         match self {
             Self::Single(c) => c.get_db(),
-            Self::Cluster(c) => c.get_db(),
+            Self::Cluster(handle) => handle.get().get_db(),
         }
     }
 }
@@ -144,15 +216,12 @@ impl RedisConn {
     /// When the URL is invalid or Redis does not answer at start-up.
     pub async fn connect(target: &RedisTarget) -> anyhow::Result<Self> {
         if target.cluster {
-            let client = target
-                .cluster_builder()?
-                .build()
-                .context("REDIS_URL is not a valid list of Redis Cluster node URLs")?;
-            let conn = client
-                .get_async_connection()
-                .await
-                .context("connecting to the Redis Cluster")?;
-            return Ok(Self::Cluster(conn));
+            let conn = cluster_connection(target).await?;
+            return Ok(Self::Cluster(ClusterHandle {
+                current: std::sync::Arc::new(std::sync::RwLock::new(conn)),
+                target: target.clone(),
+                rebuilding: std::sync::Arc::default(),
+            }));
         }
         let client = redis::Client::open(target.url.expose_secret())
             .context("REDIS_URL is not a valid Redis URL")?;
