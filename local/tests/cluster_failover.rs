@@ -558,3 +558,69 @@ async fn a_resharding_loses_no_acknowledged_message() {
     })
     .await;
 }
+
+/// Redis round trips per operation: the process's
+/// `chat_redis_round_trips_total` (gateway and relay in one process, so a
+/// send counts its fan-out too), less the relay's idle background (lease
+/// renewals, lag reports), measured first over a quiet second: a REST
+/// send, a WebSocket join, a frame's lease renewal (a `ping`).
+async fn round_trips_per_operation(redis_url: &str, cluster: bool) -> [f64; 3] {
+    const N: usize = 40;
+    let mut env = TestEnv::new().await;
+    env.set("REDIS_URL", redis_url);
+    env.set("REDIS_CLUSTER", if cluster { "true" } else { "false" });
+    let stack = TestStack::all_in_one(&env).await;
+    wait_relays(&env, 1).await;
+    let mut rooms = Vec::new();
+    for _ in 0..N {
+        rooms.push(stack.group("alice", &["bob"]).await);
+    }
+    let mut alice = Client::connect(&stack, "alice").await;
+    let count = || chat_shared::metrics::round_trips().redis as f64;
+    let quiet = Instant::now();
+    let before = count();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let idle_per_sec = (count() - before) / quiet.elapsed().as_secs_f64();
+    let per_op = |before: f64, started: Instant| {
+        ((count() - before) - idle_per_sec * started.elapsed().as_secs_f64()) / N as f64
+    };
+
+    let (before, started) = (count(), Instant::now());
+    for room in &rooms {
+        stack.send_rest("alice", room, "hello").await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let sends = per_op(before, started);
+
+    let (before, started) = (count(), Instant::now());
+    for room in &rooms {
+        alice.join(room).await;
+    }
+    let joins = per_op(before, started);
+
+    let (before, started) = (count(), Instant::now());
+    for _ in 0..N {
+        alice.ping_pong().await;
+    }
+    let frames = per_op(before, started);
+    alice.close().await;
+    stack.stop().await;
+    [sends, joins, frames]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn round_trips_per_send_join_and_frame_on_a_cluster_and_a_single_redis() {
+    let single = round_trips_per_operation(&chat_shared::testing::redis_url(), false).await;
+    let cluster = LocalCluster::start();
+    let on_cluster = round_trips_per_operation(&cluster.urls(), true).await;
+    for (what, s, c) in [
+        ("REST send", single[0], on_cluster[0]),
+        ("WebSocket join", single[1], on_cluster[1]),
+        ("frame (lease renewal)", single[2], on_cluster[2]),
+    ] {
+        println!("redis round trips per {what}: single {s:.2}, cluster {c:.2}");
+        // One slot per step: a cluster adds requests only where a step's
+        // reads span slots (sent concurrently), never a sequential step.
+        assert!(c <= s * 2.0 + 0.5, "{what}: {c:.2} on a cluster vs {s:.2}");
+    }
+}
