@@ -281,21 +281,31 @@ impl RedisConn {
             }
             return pipe.query_async(&mut CountedRedis(self.clone())).await;
         }
-        let mut groups: std::collections::BTreeMap<String, (Vec<usize>, Pipeline)> =
+        let mut groups: std::collections::BTreeMap<String, (Vec<usize>, Vec<Cmd>)> =
             std::collections::BTreeMap::new();
         for (i, (key, cmd)) in commands.into_iter().enumerate() {
             let tag = crate::presence::keys::hash_tag(&key).to_owned();
-            let (indexes, pipe) = groups
-                .entry(tag)
-                .or_insert_with(|| (Vec::new(), redis::pipe()));
+            let (indexes, cmds) = groups.entry(tag).or_default();
             indexes.push(i);
-            pipe.add_command(cmd);
+            cmds.push(cmd);
         }
         let total: usize = groups.values().map(|(i, _)| i.len()).sum();
-        let answers = futures::future::try_join_all(groups.into_values().map(|(indexes, pipe)| {
+        let answers = futures::future::try_join_all(groups.into_values().map(|(indexes, cmds)| {
             let mut conn = CountedRedis(self.clone());
             async move {
-                let values: Vec<Value> = pipe.query_async(&mut conn).await?;
+                // A lone command goes as a command, not a one-command
+                // pipeline: the cluster connection follows `ASK` (a slot
+                // being migrated) for commands; a pipeline's redirections
+                // were seen to time out during a resharding.
+                let values: Vec<Value> = if let [cmd] = cmds.as_slice() {
+                    vec![cmd.query_async(&mut conn).await?]
+                } else {
+                    let mut pipe = redis::pipe();
+                    for cmd in cmds {
+                        pipe.add_command(cmd);
+                    }
+                    pipe.query_async(&mut conn).await?
+                };
                 redis::RedisResult::Ok((indexes, values))
             }
         }))

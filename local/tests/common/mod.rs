@@ -132,9 +132,27 @@ impl TestStack {
             config.relay.management.allowed_endpoints =
                 Some(vec!["http://127.0.0.1:*/local".into()]);
         }
+        let relay = parts.relay;
         let stack = Stack::start(&config, listener, parts)
             .await
             .expect("stack starts");
+        if relay {
+            // Subscribed before the test sends: on a cluster the relay's
+            // sharded subscriptions take a moment, and what is published
+            // before them is not seen by anyone.
+            let channel = env.vars["BROADCAST_CHANNEL"].clone();
+            tokio::time::timeout(WAIT, async {
+                while chat_shared::testing::bus_subscribers(&env.vars["REDIS_URL"], &channel)
+                    .await
+                    .unwrap_or(0)
+                    < 1
+                {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            })
+            .await
+            .expect("the relay subscribes to the bus");
+        }
         let addr = stack.addr;
         Self { stack, addr }
     }

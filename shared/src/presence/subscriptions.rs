@@ -46,10 +46,9 @@ if published > tonumber(ARGV[4]) and ARGV[7] ~= '' then redis.call(ARGV[5], ARGV
 return 1
 ";
 
-/// The connection's step of a join, after the room's: records the room
+/// The connection's step of a join, before the room's: records the room
 /// ARGV[1] in the connection's room set KEYS[2] if its record KEYS[1] is
-/// still there. Returns 0 when the connection is gone (the caller then
-/// takes the subscription back).
+/// still there. Returns 0 when the connection is gone.
 const JOINED: &str = r"
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 redis.call('SADD', KEYS[2], ARGV[1])
@@ -135,12 +134,17 @@ impl Presence {
     /// push what the connection is missing; one published after it finds
     /// the subscription.
     ///
-    /// Two steps: the room's (with the members' online sets, read at the
-    /// same time), then the connection's, which records the room in its
-    /// room set only if the connection still exists, and otherwise takes
-    /// the subscription back. A disconnect that runs between them finds
-    /// the room in neither place or removes the subscription itself, so
-    /// no subscription outlives its connection.
+    /// Two steps, the connection's first: the room goes into its room set
+    /// if its record still exists (`None` otherwise); then the room's
+    /// step (with the members' online sets, read at the same time). The
+    /// subscription is the last thing written, so a push of the relay can
+    /// overtake the caller's `roomJoined` only in the same short window as
+    /// with one step.
+    /// A disconnect that runs between the steps has already read the room
+    /// set (with the room in it) and removed a subscription that did not
+    /// exist yet, so a check of the record follows in the background and
+    /// takes such a subscription back (best effort: the relay drops a
+    /// subscription whose connection is gone at its first post anyway).
     ///
     /// # Errors
     /// `UNAVAILABLE` when Redis does not answer.
@@ -153,6 +157,16 @@ impl Presence {
         channel: &str,
         sync_envelope: &str,
     ) -> Result<Option<Vec<UserId>>> {
+        let mut redis = CountedRedis(self.redis.clone());
+        let joined: i64 = JOINED_SCRIPT
+            .key(self.keys.conn(&conn.connection_id))
+            .key(self.keys.conn_rooms(&conn.connection_id))
+            .arg(room_id.as_str())
+            .invoke_async(&mut redis)
+            .await?;
+        if joined == 0 {
+            return Ok(None);
+        }
         let room_conns = self.keys.room_conns(room_id.as_str());
         let mut subscribe = eval_cmd(
             JOIN_ROOM,
@@ -175,20 +189,24 @@ impl Presence {
         let mut answers = self.redis.query_grouped(commands).await?.into_iter();
         answers.next();
         let online = self.online_from(members, answers)?;
-        let mut redis = CountedRedis(self.redis.clone());
-        let joined: i64 = JOINED_SCRIPT
-            .key(self.keys.conn(&conn.connection_id))
-            .key(self.keys.conn_rooms(&conn.connection_id))
-            .arg(room_id.as_str())
-            .invoke_async(&mut redis)
-            .await?;
-        if joined == 0 {
-            let _: i64 = redis::cmd("HDEL")
-                .arg(&room_conns)
-                .arg(&conn.connection_id)
-                .query_async(&mut redis)
-                .await?;
-            return Ok(None);
+        let (record, connection_id) = (
+            self.keys.conn(&conn.connection_id),
+            conn.connection_id.clone(),
+        );
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                let exists: redis::RedisResult<bool> = redis::cmd("EXISTS")
+                    .arg(&record)
+                    .query_async(&mut redis)
+                    .await;
+                if let Ok(false) = exists {
+                    let _: redis::RedisResult<i64> = redis::cmd("HDEL")
+                        .arg(&room_conns)
+                        .arg(&connection_id)
+                        .query_async(&mut redis)
+                        .await;
+                }
+            });
         }
         Ok(Some(online))
     }
