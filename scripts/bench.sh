@@ -522,17 +522,21 @@ bench_run() {
 both() {
     local run="$1" scenario="$2" system
     shift 2
-    local order=(ours baseline)
-    [ $((run % 2)) = 0 ] && order=(baseline ours)
+    local order=(ours)
     # S2 and S3 also run against an earlier build, when there is one.
     if [ -n "$BEFORE_BIN" ] && { [ "$scenario" = s2 ] || [ "$scenario" = s3 ]; }; then
-        order=(ours before baseline)
-        [ $((run % 2)) = 0 ] && order=(before baseline ours)
+        order+=(before)
     fi
     # S2, S4 and S6 also run on the Redis Cluster, when asked for.
     if wants CLUSTER && { [ "$scenario" = s2 ] || [ "$scenario" = s4 ] || [ "$scenario" = s6 ]; }; then
-        order=(ours cluster baseline)
-        [ $((run % 2)) = 0 ] && order=(baseline cluster ours)
+        order+=(cluster)
+    fi
+    order+=(baseline)
+    # The order alternates between runs.
+    if [ $((run % 2)) = 0 ]; then
+        local reversed=() i
+        for ((i = ${#order[@]} - 1; i >= 0; i--)); do reversed+=("${order[i]}"); done
+        order=("${reversed[@]}")
     fi
     for system in "${order[@]}"; do
         wait_quiet
