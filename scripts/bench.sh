@@ -70,7 +70,7 @@
 # CARGO_TARGET_DIR.
 # cluster (in --only, not in the default set): S2, S4 and S6 also run
 # against our stack on a private 3-primary Redis Cluster
-# (scripts/redis-cluster.sh, ports BENCH_CLUSTER_PORT=57101..+5, 3 replicas),
+# (scripts/redis-cluster.sh, ports BENCH_CLUSTER_PORT=47101..+5; Redis needs a port under 55536 for the cluster bus at +10000, 3 replicas),
 # labelled "cluster", in the same session, with each node's CPU watched.
 # BENCH_BEFORE_DIR: a directory holding a `chat-local` built from an earlier
 # commit (e.g. `git worktree add /tmp/before <commit>` and a release build
@@ -234,7 +234,7 @@ fi
 PIDS_TO_STOP=()
 LOAD_AT_START=""
 CLUSTER_STARTED=0
-CLUSTER_PORT="${BENCH_CLUSTER_PORT:-57101}"
+CLUSTER_PORT="${BENCH_CLUSTER_PORT:-47101}"
 cluster_ctl() {
     REDIS_CLUSTER_BASE_PORT="$CLUSTER_PORT" REDIS_CLUSTER_DIR="$WORK/redis-cluster" \
         "$ROOT/scripts/redis-cluster.sh" "$@"
