@@ -62,7 +62,7 @@ use std::time::{Duration, Instant};
 
 use chat_shared::bus::{Control, Envelope, Target};
 use chat_shared::presence::Keys;
-use chat_shared::presence::RedisConn;
+use redis::aio::ConnectionManager;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
@@ -408,7 +408,7 @@ pub(crate) struct Cluster {
     /// This relay's id in leases and members (unique per relay object).
     pub(crate) id: String,
     /// Runs the lease scripts.
-    pub(crate) redis: RedisConn,
+    pub(crate) redis: ConnectionManager,
     /// Key names.
     pub(crate) keys: Keys,
     /// Timing.
@@ -464,7 +464,7 @@ impl Cluster {
             below_share = match self.step().await {
                 Ok(below) => below,
                 Err(err) => {
-                    tracing::warn!(error = %err, cause = ?err, "renewing the relay's shard leases failed; will retry");
+                    tracing::warn!(error = %err, "renewing the relay's shard leases failed; will retry");
                     true
                 }
             };

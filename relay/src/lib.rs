@@ -1,8 +1,7 @@
 //! The relay: the one long-running piece of the backend (ARCHITECTURE.md).
 //!
 //! Handlers publish every outbound event as an envelope on the Redis pub/sub
-//! channels `BROADCAST_CHANNEL:{p<n>}`, one per partition (PROTOCOL.md §5;
-//! sharded pub/sub on a Redis Cluster). The relay subscribes to all of them,
+//! channel `BROADCAST_CHANNEL` (PROTOCOL.md §5). The relay subscribes,
 //! resolves each envelope's targets to WebSocket connection ids in Redis,
 //! and pushes the event's JSON, byte for byte, to each connection's own
 //! Management API endpoint with `PostToConnection`. It runs as an ECS
@@ -255,17 +254,8 @@ impl Relay {
     /// # Errors
     /// Only when the Redis URL is invalid; Redis being down is retried.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let target = chat_shared::redis_conn::RedisTarget {
-            url: self.redis_url.clone(),
-            cluster: self.stores.presence.redis().is_cluster(),
-        };
-        if !target.cluster {
-            redis::Client::open(self.redis_url.expose_secret())
-                .context("REDIS_URL is not a valid Redis URL")?;
-        }
-        let channels = (0..chat_shared::presence::keys::PARTITIONS)
-            .map(|p| chat_shared::presence::Keys::bus_channel(&self.channel, p))
-            .collect();
+        let client = redis::Client::open(self.redis_url.expose_secret())
+            .context("REDIS_URL is not a valid Redis URL")?;
         let outboxes = outbox::Outboxes::new(
             self.management.clone(),
             self.stores.clone(),
@@ -339,8 +329,8 @@ impl Relay {
             "relay started"
         );
         subscriber::BusReader {
-            target,
-            channels,
+            client,
+            channel: self.channel.clone(),
             workers: senders,
             ownership,
             missed,

@@ -27,7 +27,7 @@ use chat_shared::domain::UserId;
 use chat_shared::presence::Connection;
 use chat_shared::realtime::Realtime;
 use chat_shared::service::NewRoom;
-use secrecy::{ExposeSecret as _, SecretString};
+use secrecy::SecretString;
 use serde_json::{Value, json};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -319,10 +319,6 @@ impl Stack {
         let mut vars = HashMap::from([
             ("DATABASE_URL".to_owned(), db),
             ("REDIS_URL".to_owned(), redis_url()),
-            (
-                "REDIS_CLUSTER".to_owned(),
-                chat_test_support::env::redis_cluster().to_string(),
-            ),
             ("REDIS_KEY_PREFIX".to_owned(), prefix.clone()),
             ("BROADCAST_CHANNEL".to_owned(), format!("{prefix}broadcast")),
             ("JWT_SECRET".to_owned(), "relay-test-secret".to_owned()),
@@ -393,11 +389,15 @@ impl Stack {
     /// Waits until the channel has `n` subscribers.
     pub async fn wait_subscribers(&self, n: i64) {
         let channel = self.channel();
-        let url = self.config.common.redis_url.expose_secret().to_owned();
+        let redis = self.redis().await;
         wait_for_async(&format!("{n} subscriber(s) on the bus"), WAIT, || {
-            let (url, channel) = (url.clone(), channel.clone());
+            let channel = channel.clone();
+            let mut redis = redis.clone();
             async move {
-                let count = chat_test_support::env::bus_subscribers(&url, &channel)
+                let (_, count): (String, i64) = redis::cmd("PUBSUB")
+                    .arg("NUMSUB")
+                    .arg(&channel)
+                    .query_async(&mut redis)
                     .await
                     .ok()?;
                 (count == n).then_some(())
@@ -406,8 +406,12 @@ impl Stack {
         .await;
     }
 
-    pub async fn redis(&self) -> chat_shared::presence::RedisConn {
-        chat_test_support::env::redis_conn().await
+    pub async fn redis(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(redis_url())
+            .expect("redis url")
+            .get_multiplexed_async_connection()
+            .await
+            .expect("redis")
     }
 
     /// Registers a connection of `user` (as `$connect` does), connected
@@ -495,8 +499,8 @@ impl Stack {
         }
     }
 
-    pub fn keys(&self) -> chat_shared::presence::Keys {
-        chat_shared::presence::Keys::new(self.config.common.redis_key_prefix.clone())
+    pub fn key(&self, suffix: &str) -> String {
+        format!("{}{suffix}", self.config.common.redis_key_prefix)
     }
 }
 
