@@ -1289,11 +1289,13 @@ mod tests {
 
     fn config(users: usize, setup_concurrency: usize) -> RunConfig {
         RunConfig {
-            label: "test".into(),
-            scenario: "T".into(),
-            urls: Vec::new(),
-            ws_path: "/ws".into(),
-            secret: SecretString::from("s"),
+            target: crate::target::Target {
+                label: "test".into(),
+                scenario: "T".into(),
+                urls: Vec::new(),
+                ws_path: "/ws".into(),
+                secret: SecretString::from("s"),
+            },
             users,
             connect_rate: 0.0,
             connect_concurrency: 0,
@@ -1303,10 +1305,7 @@ mod tests {
             warmup: Duration::ZERO,
             drain: Duration::ZERO,
             idle_hold: Duration::ZERO,
-            gateway_pids: Vec::new(),
-            pids: Vec::new(),
-            pid_trees: Vec::new(),
-            metrics_urls: Vec::new(),
+            servers: crate::target::Servers::default(),
             content_bytes: 64,
             run_id: "t".into(),
             setup_concurrency,
