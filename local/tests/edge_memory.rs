@@ -6,11 +6,10 @@
 
 use chat_test_support::stack as common;
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use chat_test_support::TestEnv;
-use common::{Client, TestStack, dev_credentials, raw_http, rss_kb, signed};
+use common::{Client, TestStack, feed_until_refused, rss_kb};
 use serde_json::json;
 
 /// Slow consumers fed at once.
@@ -23,12 +22,6 @@ const POST_BYTES: usize = 100 * 1024;
 const RSS_GROWTH_BOUND_KB: u64 = 96 * 1024;
 
 /// A signed PostToConnection; the status code.
-async fn post(management: SocketAddr, id: &str, body: &[u8]) -> u16 {
-    let path = format!("/local/@connections/{}", id.replace('=', "%3D"));
-    let headers = signed(&dev_credentials(), "POST", management, &path, body);
-    raw_http(management, "POST", &path, &headers, body).await.0
-}
-
 #[tokio::test]
 async fn clients_that_do_not_read_are_dropped_and_memory_stays_bounded() {
     let env = TestEnv::new().await;
@@ -52,18 +45,7 @@ async fn clients_that_do_not_read_are_dropped_and_memory_stays_bounded() {
         .iter()
         .map(|client| {
             let id = client.connection_id.clone();
-            tokio::spawn(async move {
-                let body = vec![b'x'; POST_BYTES];
-                let mut accepted = 0usize;
-                loop {
-                    match post(management, &id, &body).await {
-                        200 => accepted += 1,
-                        429 | 410 => return accepted,
-                        other => panic!("unexpected status {other}"),
-                    }
-                    assert!(accepted < 1000, "never refused");
-                }
-            })
+            tokio::spawn(feed_until_refused(management, id, POST_BYTES))
         })
         .collect();
 

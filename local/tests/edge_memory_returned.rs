@@ -36,7 +36,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use chat_test_support::TestEnv;
-use common::{Client, TestStack, dev_credentials, raw_http, rss_kb, signed};
+use common::{Client, TestStack, feed_until_refused, rss_kb, signed_post};
 
 /// Slow consumers per round.
 const SLOW: usize = 8;
@@ -64,12 +64,6 @@ const DRIFT_BOUND_KB: u64 = 4 * 1024;
 const SERVE_KEPT_BOUND_KB: u64 = 24 * 1024;
 
 /// A signed PostToConnection; the status code.
-async fn post(management: SocketAddr, id: &str, body: &[u8]) -> u16 {
-    let path = format!("/local/@connections/{}", id.replace('=', "%3D"));
-    let headers = signed(&dev_credentials(), "POST", management, &path, body);
-    raw_http(management, "POST", &path, &headers, body).await.0
-}
-
 /// Feeds every one of `slow` (connections that do not read) until the
 /// gateway refuses (429) or finds it gone (410); returns the peak of `rss`.
 async fn feed(management: SocketAddr, slow: &[Client], rss: &dyn Fn() -> u64) -> u64 {
@@ -77,18 +71,7 @@ async fn feed(management: SocketAddr, slow: &[Client], rss: &dyn Fn() -> u64) ->
         .iter()
         .map(|client| {
             let id = client.connection_id.clone();
-            tokio::spawn(async move {
-                let body = vec![b'x'; POST_BYTES];
-                let mut accepted = 0usize;
-                loop {
-                    match post(management, &id, &body).await {
-                        200 => accepted += 1,
-                        429 | 410 => return accepted,
-                        other => panic!("unexpected status {other}"),
-                    }
-                    assert!(accepted < 1000, "never refused");
-                }
-            })
+            tokio::spawn(feed_until_refused(management, id, POST_BYTES))
         })
         .collect();
     let mut peak = rss();
@@ -215,7 +198,7 @@ async fn shipped_binary_rounds() {
         // Dropped (1008): the Management API finds each one gone.
         let deadline = tokio::time::Instant::now() + common::WAIT;
         for client in &slow {
-            while post(server.management, &client.connection_id, b"{}").await != 410 {
+            while signed_post(server.management, &client.connection_id, b"{}").await != 410 {
                 assert!(
                     tokio::time::Instant::now() < deadline,
                     "a slow consumer is still open"

@@ -857,3 +857,31 @@ pub fn rss_kb() -> u64 {
         .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
         .expect("VmRSS")
 }
+
+/// One signed `POST @connections/{id}` to the Management API at
+/// `management`: its status.
+pub async fn signed_post(management: SocketAddr, connection_id: &str, body: &[u8]) -> u16 {
+    let path = format!("/local/@connections/{}", connection_id.replace('=', "%3D"));
+    let headers = signed(&dev_credentials(), "POST", management, &path, body);
+    raw_http(management, "POST", &path, &headers, body).await.0
+}
+
+/// Posts `bytes`-byte bodies to a connection that does not read until the
+/// gateway refuses one (429) or finds the connection gone (410); how many
+/// it accepted. Panics on any other status, or if it never refuses.
+pub async fn feed_until_refused(
+    management: SocketAddr,
+    connection_id: String,
+    bytes: usize,
+) -> usize {
+    let body = vec![b'x'; bytes];
+    let mut accepted = 0usize;
+    loop {
+        match signed_post(management, &connection_id, &body).await {
+            200 => accepted += 1,
+            429 | 410 => return accepted,
+            other => panic!("unexpected status {other}"),
+        }
+        assert!(accepted < 1000, "never refused");
+    }
+}
