@@ -21,6 +21,7 @@ REDIS_URL, CARGO_TARGET_DIR; EVENTS_TEST_KEEP=1 keeps the temp dir.
 import http.server
 import json
 import os
+import queue
 import random
 import shutil
 import signal
@@ -138,6 +139,40 @@ def status(resp, code):
 def no_body(resp):
     status(resp, 200)
     expect(not resp.get("body"), f"no reply body, got {resp.get('body')!r}")
+
+
+class BusTap:
+    """The bus channel as the relay reads it (`redis-cli SUBSCRIBE`)."""
+
+    def __init__(self, redis_url, channel):
+        self.proc = subprocess.Popen(["redis-cli", "-u", redis_url, "SUBSCRIBE", channel],
+                                     stdout=subprocess.PIPE, text=True)
+        self.lines = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+        # "subscribe", the channel, the count: subscribed.
+        for _ in range(3):
+            self.lines.get(timeout=10)
+
+    def _read(self):
+        for line in self.proc.stdout:
+            self.lines.put(line.strip())
+
+    def joined(self, timeout=10):
+        """The next Control::Joined envelope on the bus."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise Failure("no Control::Joined envelope on the bus within 10 s")
+            if line.startswith("{"):
+                envelope = json.loads(line)
+                if (envelope.get("control") or {}).get("type") == "joined":
+                    return envelope
+
+    def close(self):
+        self.proc.terminate()
+        self.proc.wait()
 
 
 def main():
@@ -334,9 +369,15 @@ def steps(run, ids):
 
     run("ws-connect/connect-bad-token.json", refused)
 
+    # A join answers nothing on the route either: its roomJoined goes out
+    # on the bus, for the relay to post before any other event of the room.
+    bus = BusTap(redis_url, env["BROADCAST_CHANNEL"])
+
     def joined(r):
-        status(r, 200)
-        event = body_json(r)
+        no_body(r)
+        envelope = bus.joined()
+        expect(envelope["control"]["connectionId"] == "WvX3bc0OjoECFhw=", envelope)
+        event = envelope["event"]
         expect(event["type"] == "roomJoined", event)
         room = event["payload"]["room"]
         expect(room["type"] == "DIRECT" and room["id"].startswith("room_"), room)
@@ -345,6 +386,7 @@ def steps(run, ids):
         ids["room"] = room["id"]
 
     run("ws-message/join-room.json", joined)
+    bus.close()
     # sendMessage, typing and markRead answer nothing on the route: the
     # acknowledgement and the broadcasts go through the bus and the relay.
     run("ws-message/send-message.json", no_body)

@@ -224,10 +224,22 @@ pub(crate) struct Missed {
     /// Per shard: rooms with dropped messages (or syncs), the highest
     /// dropped sequence id (`None`: unknown, read the store), last seen.
     rooms: Vec<HashMap<String, (Option<i64>, Instant)>>,
-    /// Per shard: dropped `connected` events, oldest first.
+    /// Per shard: dropped `connected` events and `Control::Joined`
+    /// envelopes ([`is_greeting`]), oldest first.
     greetings: Vec<VecDeque<(Instant, Envelope)>>,
     /// When entries older than `window` were last removed.
     pruned: Instant,
+}
+
+/// Whether a dropped envelope is one a later owner must still deliver by
+/// itself, because nothing else would bring it: a new connection's
+/// `connected`, or a join's `roomJoined` (`Control::Joined`).
+fn is_greeting(envelope: &Envelope) -> bool {
+    match (&envelope.control, &envelope.event) {
+        (Some(Control::Joined { .. }), _) => true,
+        (None, Some(event)) => event.get().starts_with(r#"{"type":"connected""#),
+        _ => false,
+    }
 }
 
 /// Most rooms remembered per shard.
@@ -257,8 +269,8 @@ impl Missed {
             (None, Target::Room { .. }, Some(_)) => envelope
                 .room_message()
                 .map(|(room_id, seq)| (room_id.to_owned(), Some(seq))),
-            (None, Target::Connection { .. }, Some(event))
-                if event.get().starts_with(r#"{"type":"connected""#) =>
+            (Some(Control::Joined { .. }), _, _) | (None, Target::Connection { .. }, Some(_))
+                if is_greeting(&envelope) =>
             {
                 if let Some(greetings) = self.greetings.get_mut(shard) {
                     if greetings.len() >= MISSED_GREETINGS {

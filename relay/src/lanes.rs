@@ -36,11 +36,11 @@ pub(crate) fn lease_shard_of_key(key: &str, lease_shards: usize) -> usize {
 }
 
 /// The lease shard of an envelope: by its ordering key, except that a
-/// `Control::Sync` goes by its room (its target is a connection, but it
-/// must be ordered with the room's messages).
+/// `Control::Joined` or `Control::Sync` goes by its room (its target is a
+/// connection, but it must be ordered with the room's messages).
 pub(crate) fn lease_shard_of(envelope: &Envelope, lease_shards: usize) -> usize {
     let key = match &envelope.control {
-        Some(Control::Sync { room_id, .. }) => room_id.as_str(),
+        Some(Control::Sync { room_id, .. } | Control::Joined { room_id, .. }) => room_id.as_str(),
         Some(Control::Close { .. }) | None => envelope.ordering_key(),
     };
     lease_shard_of_key(key, lease_shards)

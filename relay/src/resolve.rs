@@ -10,7 +10,8 @@
 //!
 //! `include` adds connections by id (one pipeline, skipping those the
 //! target already has); `exclude` and `excludeUsers` then take connections
-//! away. Nothing read here is cached: subscriptions and registrations change
+//! away. A *pending* subscription (a join whose `roomJoined` is not posted
+//! yet) gets nothing, by the room or by `include`. Nothing read here is cached: subscriptions and registrations change
 //! all the time, and a stale answer would lose or misdirect events.
 
 use std::collections::HashSet;
@@ -42,6 +43,11 @@ pub(crate) async fn recipients(
     presence: &Presence,
     envelope: &Envelope,
 ) -> chat_shared::Result<Recipients> {
+    // A pending subscription gets none of the room's events until the
+    // relay has posted its `roomJoined` (`Control::Joined`); the join's
+    // catch-up brings it what it missed. Nor does its connection get them
+    // by `include`: the sender's acknowledgement comes with that catch-up.
+    let mut pending: HashSet<String> = HashSet::new();
     let mut subscribed = Vec::new();
     let mut direct = Vec::new();
     match &envelope.target {
@@ -51,6 +57,7 @@ pub(crate) async fn recipients(
                 .await?
                 .into_iter()
                 .flatten()
+                .filter(|s| joined(s, &mut pending))
                 .collect();
         }
         Target::Rooms { room_ids } => {
@@ -61,6 +68,7 @@ pub(crate) async fn recipients(
                 .await?
                 .into_iter()
                 .flatten()
+                .filter(|s| joined(s, &mut pending))
                 .filter(|s| seen.insert(s.connection_id.clone()))
                 .collect();
         }
@@ -77,6 +85,7 @@ pub(crate) async fn recipients(
             .iter()
             .chain(&direct)
             .map(|s| s.connection_id.as_str())
+            .chain(pending.iter().map(String::as_str))
             .collect();
         let mut wanted: Vec<String> = Vec::new();
         for id in &envelope.include {
@@ -97,6 +106,15 @@ pub(crate) async fn recipients(
         direct,
         excluded,
     })
+}
+
+/// Whether a subscription is joined; a pending one's connection is noted
+/// in `pending` instead.
+fn joined(s: &Subscriber, pending: &mut HashSet<String>) -> bool {
+    if s.pending {
+        pending.insert(s.connection_id.clone());
+    }
+    !s.pending
 }
 
 /// The routes of connections by id, leaving out those that are gone.

@@ -17,9 +17,14 @@
 //!   PostgreSQL. A stored sequence id implies every lower one is stored
 //!   (each send takes the room's row lock), so that read is complete.
 //!
-//! `Control::Sync` (a join that raced with sends) pushes every stored
-//! message above the connection's mark. It is handled by the room's worker,
-//! so it is ordered with the room's messages.
+//! `Control::Joined` (a `joinRoom`) posts the connection its `roomJoined`,
+//! then every stored message above the snapshot's watermark that went out
+//! before the subscription, and only then makes the subscription joined:
+//! until then the room's events leave it out (module `resolve`). It is
+//! handled by the room's worker, so it is ordered with the room's messages,
+//! and no event of the room can overtake the `roomJoined`.
+//! `Control::Sync` (what joins published before `Joined` existed) pushes
+//! every stored message above the connection's mark.
 //!
 //! A worker serves the envelopes of the lease shards (module `cluster`)
 //! that map to its lane (`lease shard % lanes`), and only while this relay
@@ -270,6 +275,11 @@ impl Worker {
     ) {
         self.released.remove(&shard);
         for envelope in greetings {
+            if matches!(envelope.control, Some(Control::Joined { .. })) {
+                // Its handling makes the subscription joined only once.
+                self.deliver(&envelope).await;
+                continue;
+            }
             let Target::Connection { connection_id } = &envelope.target else {
                 continue;
             };
@@ -298,6 +308,7 @@ impl Worker {
     /// nothing when every mark is at `seen` (the highest message dropped)
     /// already.
     async fn catch_up(&mut self, room_id: &str, seen: Option<i64>) -> chat_shared::Result<()> {
+        // A pending subscription is caught up by its `Control::Joined`.
         let subscribers: Vec<Subscriber> = self
             .stores
             .presence
@@ -305,6 +316,7 @@ impl Worker {
             .await?
             .into_iter()
             .flatten()
+            .filter(|s| !s.pending)
             .collect();
         let state = used_room(&mut self.rooms, room_id);
         let marks: Vec<(Subscriber, i64)> = subscribers
@@ -385,6 +397,19 @@ impl Worker {
                 room_id,
                 connection_id,
             }) => return self.sync(room_id, connection_id).await,
+            Some(Control::Joined {
+                room_id,
+                connection_id,
+                watermark,
+                published,
+            }) => {
+                let Some(event) = envelope.event.as_ref() else {
+                    return Ok(());
+                };
+                return self
+                    .joined(room_id, connection_id, *watermark, *published, event.get())
+                    .await;
+            }
             Some(Control::Close {
                 connection_id,
                 endpoint,
@@ -518,6 +543,75 @@ impl Worker {
         });
     }
 
+    /// `Control::Joined`: posts the connection its `roomJoined`, then every
+    /// stored message above the watermark up to `published` (the room's
+    /// highest published sequence id when the join subscribed; the ones
+    /// published later come after this envelope), and makes the
+    /// subscription joined, so the room's next events reach it. Reads come
+    /// first and posts last, so a failed step (tried again) has done
+    /// nothing twice.
+    async fn joined(
+        &mut self,
+        room_id: &str,
+        connection_id: &str,
+        watermark: i64,
+        published: i64,
+        event: &str,
+    ) -> chat_shared::Result<()> {
+        let event: Arc<str> = Arc::from(event);
+        let state = used_room(&mut self.rooms, room_id);
+        let missed: Vec<(i64, Arc<str>)> = if published <= watermark {
+            Vec::new()
+        } else if state.ring_covers(watermark, published + 1) {
+            state
+                .ring
+                .range(watermark + 1..=published)
+                .map(|(k, v)| (*k, v.clone()))
+                .collect()
+        } else {
+            RelayMetrics::bump(&self.metrics.store_reads);
+            stored_events(&self.stores.store, room_id, watermark, i64::MAX).await?
+        };
+        let presence = &self.stores.presence;
+        let Some((subscription, was_pending)) = presence.activate(room_id, connection_id).await?
+        else {
+            // It left the room, or is gone, before its `roomJoined` went
+            // out; the answer to its `joinRoom` still goes, by its route.
+            let route = presence
+                .connection_routes(&[connection_id.to_owned()])
+                .await?
+                .into_iter()
+                .flatten()
+                .next();
+            if let Some(route) = route {
+                self.outboxes.enqueue(&Route::from(&route), event);
+            }
+            return Ok(());
+        };
+        let route = Route::from(&subscription);
+        self.outboxes.enqueue(&route, event);
+        let state = used_room(&mut self.rooms, room_id);
+        if was_pending {
+            // A new subscription starts from its snapshot, whatever an
+            // earlier one of the same connection had.
+            state.marks.remove(connection_id);
+        }
+        let mark = state.mark_of(connection_id, watermark);
+        let mut last = mark;
+        for (sequence_id, missed) in missed {
+            state.remember(sequence_id, missed.clone());
+            if sequence_id > last {
+                self.outboxes.enqueue(&route, missed);
+                last = sequence_id;
+            }
+        }
+        if last > mark {
+            RelayMetrics::bump(&self.metrics.gap_fills);
+        }
+        state.set_mark(connection_id, subscription.watermark, last);
+        Ok(())
+    }
+
     /// `Control::Sync`: pushes every stored message above the connection's
     /// mark in the room.
     async fn sync(&mut self, room_id: &str, connection_id: &str) -> chat_shared::Result<()> {
@@ -527,7 +621,7 @@ impl Worker {
             .await?
             .into_iter()
             .flatten()
-            .find(|s| s.connection_id == connection_id);
+            .find(|s| s.connection_id == connection_id && !s.pending);
         let Some(subscription) = subscription else {
             // It left the room, or the connection is gone.
             return Ok(());

@@ -132,12 +132,35 @@ impl Envelope {
 pub enum Control {
     /// A connection joined a room while messages were being sent: push it
     /// every stored message above its watermark that it has not had yet.
+    /// Published by joins before [`Control::Joined`] existed; the relay
+    /// still honours it while older functions drain during a deploy.
     #[serde(rename_all = "camelCase")]
     Sync {
         /// The room.
         room_id: String,
         /// The connection.
         connection_id: String,
+    },
+    /// A connection joined a room (`joinRoom`): post it the envelope's
+    /// event, its `roomJoined`, then every stored message above its
+    /// watermark, and only then count its subscription, which the join made
+    /// *pending*, as joined. Handled by the room's worker, in order with the
+    /// room's messages, so no live event of the room reaches the connection
+    /// before its `roomJoined` (docs/ARCHITECTURE.md, "Entering a room").
+    /// Published by the join's Redis script from a [`JoinedTemplate`].
+    #[serde(rename_all = "camelCase")]
+    Joined {
+        /// The room.
+        room_id: String,
+        /// The connection.
+        connection_id: String,
+        /// The watermark of the subscription: the highest sequence id the
+        /// `roomJoined` holds.
+        watermark: i64,
+        /// The room's highest published sequence id when the subscription
+        /// was made: the relay pushes the stored messages above the
+        /// watermark up to (at least) this one.
+        published: i64,
     },
     /// A connection that is no longer registered (Redis lost it) sent a
     /// frame: close it at API Gateway (`DeleteConnection`), so its client
@@ -150,6 +173,97 @@ pub enum Control {
         /// Its Management API endpoint.
         endpoint: String,
     },
+}
+
+/// One join's [`Control::Joined`] envelope, in the three pieces around the
+/// two values that only the join's Redis script knows: the members online
+/// (the `roomJoined` event's `onlineUsers` array) and the room's highest
+/// published sequence id. The script publishes
+/// `head + onlineUsers + middle + published + tail`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JoinedTemplate {
+    /// Up to the `onlineUsers` array.
+    pub head: String,
+    /// From after the array up to the `published` number.
+    pub middle: String,
+    /// The rest.
+    pub tail: String,
+}
+
+impl JoinedTemplate {
+    /// The template of `connection_id` joining `room_id` (see
+    /// [`Bus::joined`]), published by `origin`.
+    ///
+    /// # Errors
+    /// Only if serialization fails.
+    pub fn new(
+        origin: &str,
+        room_id: &str,
+        connection_id: &str,
+        watermark: i64,
+        mut payload: serde_json::Map<String, serde_json::Value>,
+    ) -> Result<Self> {
+        // Markers no real value can take: a string with a NUL and a random
+        // tag, and a negative sequence id; each must occur exactly once.
+        let tag: u64 = rand::random();
+        let online = format!("\u{0}online-{tag:016x}");
+        let published = -i64::try_from(tag >> 2).unwrap_or(1) - 1;
+        payload.insert(
+            "onlineUsers".into(),
+            serde_json::Value::String(online.clone()),
+        );
+        let event =
+            RawValue::from_string(event_json("roomJoined", &payload)?).map_err(Error::internal)?;
+        let envelope = Envelope {
+            origin: origin.to_owned(),
+            target: Target::Connection {
+                connection_id: connection_id.to_owned(),
+            },
+            exclude: Vec::new(),
+            exclude_users: Vec::new(),
+            include: Vec::new(),
+            event: Some(event),
+            control: Some(Control::Joined {
+                room_id: room_id.to_owned(),
+                connection_id: connection_id.to_owned(),
+                watermark,
+                published,
+            }),
+            key: None,
+            ts: Some(chrono::Utc::now().timestamp_millis()),
+            sequence_id: None,
+        };
+        let json = serde_json::to_string(&envelope).map_err(Error::internal)?;
+        let online = serde_json::to_string(&online).map_err(Error::internal)?;
+        let (head, rest) = split_at_marker(&json, &online)?;
+        let (middle, tail) = split_at_marker(rest, &format!(r#""published":{published}"#))?;
+        Ok(Self {
+            head: head.to_owned(),
+            middle: format!(r#"{middle}"published":"#),
+            tail: tail.to_owned(),
+        })
+    }
+
+    /// The envelope as the script publishes it (for tests, and for a
+    /// subscription made some other way).
+    pub fn fill(&self, online_users: &[&str], published: i64) -> String {
+        let online = serde_json::to_string(online_users).unwrap_or_else(|_| "[]".to_owned());
+        format!(
+            "{}{online}{}{published}{}",
+            self.head, self.middle, self.tail
+        )
+    }
+}
+
+/// Splits `json` around the one occurrence of `marker`.
+fn split_at_marker<'a>(json: &'a str, marker: &str) -> Result<(&'a str, &'a str)> {
+    let mut found = json.match_indices(marker);
+    match (found.next(), found.next()) {
+        (Some((at, _)), None) => Ok((&json[..at], &json[at + marker.len()..])),
+        _ => Err(Error::internal(anyhow::anyhow!(
+            "the roomJoined template marker is not unique"
+        ))),
+    }
 }
 
 /// Serializes a server event `{"type": kind, "payload": payload}`.
@@ -378,6 +492,23 @@ impl Bus {
         }
     }
 
+    /// The [`Control::Joined`] envelope of `connection_id` joining
+    /// `room_id`, whose `roomJoined` event has `payload` plus the
+    /// `onlineUsers` that the join's script fills in (see
+    /// [`JoinedTemplate`]).
+    ///
+    /// # Errors
+    /// Only if serialization fails.
+    pub fn joined(
+        &self,
+        room_id: &str,
+        connection_id: &str,
+        watermark: i64,
+        payload: serde_json::Map<String, serde_json::Value>,
+    ) -> Result<JoinedTemplate> {
+        JoinedTemplate::new(&self.origin, room_id, connection_id, watermark, payload)
+    }
+
     async fn publish_raw(&self, payload: String) -> Result<()> {
         let mut redis = CountedRedis(self.redis.clone());
         let _: i64 = redis::cmd("PUBLISH")
@@ -416,6 +547,54 @@ impl Bus {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_joined_template_filled_in_is_the_envelope_with_its_values() {
+        let mut payload = serde_json::Map::new();
+        // Content that looks like the markers stays as it is.
+        payload.insert(
+            "messages".into(),
+            serde_json::json!([{"content": "\"published\":-1 onlineUsers \u{0}online-"}]),
+        );
+        payload.insert("unreadCount".into(), 0.into());
+        let template = JoinedTemplate::new("gw", "room_1", "c1", 3, payload).expect("template");
+        let json = template.fill(&["u1", "u/2"], 7);
+        let back: Envelope = serde_json::from_str(&json).expect("parses");
+        assert_eq!(
+            back.control,
+            Some(Control::Joined {
+                room_id: "room_1".into(),
+                connection_id: "c1".into(),
+                watermark: 3,
+                published: 7,
+            })
+        );
+        assert_eq!(
+            back.target,
+            Target::Connection {
+                connection_id: "c1".into()
+            }
+        );
+        let event: serde_json::Value =
+            serde_json::from_str(back.event.expect("event").get()).expect("event JSON");
+        assert_eq!(event["type"], "roomJoined");
+        assert_eq!(
+            event["payload"]["onlineUsers"],
+            serde_json::json!(["u1", "u/2"])
+        );
+        assert_eq!(
+            event["payload"]["messages"][0]["content"],
+            "\"published\":-1 onlineUsers \u{0}online-"
+        );
+        let empty: Envelope = serde_json::from_str(&template.fill(&[], 0)).expect("parses");
+        assert!(
+            empty
+                .event
+                .expect("event")
+                .get()
+                .contains(r#""onlineUsers":[]"#)
+        );
+    }
 
     #[test]
     fn envelopes_round_trip_with_the_event_untouched() {

@@ -6,15 +6,17 @@
 //! then makes one use-case call on [`Chat`]; the session itself touches no
 //! store, presence or bus.
 //!
-//! Replies to the caller (`roomJoined`, `roomLeft`, `pong`, `error`) are
-//! return values, which API Gateway sends back as the `$default` route
-//! response. Everything for other connections, and the caller's own
-//! `message` acknowledgement, goes out on the bus for the relay.
+//! Replies to the caller (`roomLeft`, `pong`, `authenticated`, `error`)
+//! are return values, which API Gateway sends back as the `$default` route
+//! response. Everything for other connections, the caller's own `message`
+//! acknowledgement and its `roomJoined` go out on the bus for the relay:
+//! a `roomJoined` must reach the connection before any event of its room,
+//! and only the relay, which posts those, can order it with them.
 
 use std::time::Duration;
 
 use serde::Serialize;
-use serde_json::{Value, json};
+use serde_json::json;
 
 use crate::auth::Session;
 use crate::bus::event_json;
@@ -22,7 +24,6 @@ use crate::error::{Error, ErrorDetail, Result};
 use crate::metrics::{self, ShedReason};
 use crate::model::rfc3339_millis;
 use crate::presence::{Connection, Touched};
-use crate::service::rooms::Joined;
 use crate::service::{Chat, Touch};
 use crate::store::RoomKey;
 
@@ -555,8 +556,10 @@ impl Realtime {
                     JoinTarget::Room(room_id) => RoomKey::Id(room_id),
                     JoinTarget::Direct(target) => RoomKey::DirectWith(target),
                 };
-                let joined = self.chat.join_room(conn, key, after_sequence_id).await?;
-                room_joined_event(&joined).map(Some)
+                // Its `roomJoined` goes out through the relay, ordered with
+                // the room's events (`Chat::join_room`).
+                self.chat.join_room(conn, key, after_sequence_id).await?;
+                Ok(None)
             }
             ClientEvent::LeaveRoom { room_id } => {
                 self.chat.leave_room(&room_id, &conn.connection_id).await?;
@@ -583,22 +586,6 @@ impl Realtime {
             ClientEvent::Authenticate { token } => self.authenticate(conn, &token).await.map(Some),
         }
     }
-}
-
-/// The `roomJoined` reply.
-fn room_joined_event(joined: &Joined) -> Result<String> {
-    let snap = &joined.snapshot;
-    let mut payload = json!({
-        "room": snap.room_view(),
-        "messages": snap.messages,
-        "unreadCount": snap.unread_count,
-        "onlineUsers": joined.online_users,
-        "hasMore": snap.has_more,
-    });
-    if let Some(recovered) = joined.recovered {
-        payload["recovered"] = Value::Bool(recovered);
-    }
-    event_json("roomJoined", &payload)
 }
 
 #[cfg(test)]

@@ -203,6 +203,24 @@ impl BusListener {
         serde_json::from_str(&payload).expect("envelope is JSON")
     }
 
+    /// The `roomJoined` events of the next `n` `Control::Joined` envelopes
+    /// (what the relay would post for joins), by connection id; other
+    /// envelopes are skipped. Panics after 5 s without one.
+    pub async fn room_joined(&mut self, n: usize) -> std::collections::HashMap<String, Value> {
+        let mut joined = std::collections::HashMap::new();
+        while joined.len() < n {
+            let envelope = self.next().await;
+            if envelope["control"]["type"] == "joined" {
+                let connection_id = envelope["control"]["connectionId"]
+                    .as_str()
+                    .expect("connectionId")
+                    .to_owned();
+                joined.insert(connection_id, envelope["event"].clone());
+            }
+        }
+        joined
+    }
+
     /// Asserts nothing arrives within `ms`.
     pub async fn assert_quiet(&mut self, ms: u64) {
         let got = tokio::time::timeout(

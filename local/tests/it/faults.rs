@@ -5,6 +5,7 @@
 use crate::common;
 
 use chat_shared::auth::AuthUser;
+use chat_shared::bus::JoinedTemplate;
 use chat_shared::domain::{RoomId, UserId};
 use chat_shared::presence::Connection;
 use chat_test_support::TestEnv;
@@ -46,14 +47,22 @@ async fn stale_connection(
         .connect(&conn, std::time::Duration::from_secs(90), "unused", None)
         .await
         .expect("registered");
-    let room = RoomId::parse(room).expect("room id");
+    let room_id = RoomId::parse(room).expect("room id");
+    // Joined at once, as if the relay had posted its `roomJoined`.
+    let unheard = JoinedTemplate::new("test", room, &conn.connection_id, 0, Default::default())
+        .expect("template");
     assert!(
         presence
-            .join(&room, &conn, 0, &[], "unused", "")
+            .join(&room_id, &conn, 0, &[], "unused", &unheard)
             .await
             .expect("joined")
             .is_some()
     );
+    presence
+        .activate(room, &conn.connection_id)
+        .await
+        .expect("activated")
+        .expect("subscribed");
     conn
 }
 

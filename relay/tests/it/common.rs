@@ -461,8 +461,22 @@ impl Stack {
         room.id
     }
 
-    /// `joinRoom` from `conn`; returns the `roomJoined` payload.
+    /// `joinRoom` from `conn`; returns the `roomJoined` payload, which the
+    /// relay posts (the join itself answers nothing).
     pub async fn join(&self, conn: &str, room: &str) -> Value {
+        let before = self.gateway.events(conn, "roomJoined").len();
+        self.join_frame(conn, room).await;
+        let joined = self
+            .gateway
+            .wait_events(conn, "roomJoined", before + 1)
+            .await;
+        joined[before]["payload"].clone()
+    }
+
+    /// The `joinRoom` frame from `conn`, handled (the subscription is made,
+    /// pending, and its `Control::Joined` published), without waiting for
+    /// the relay to post the `roomJoined`.
+    pub async fn join_frame(&self, conn: &str, room: &str) {
         let reply = self
             .realtime
             .message(
@@ -470,11 +484,8 @@ impl Stack {
                 &json!({"type": "joinRoom", "payload": {"roomId": room}}).to_string(),
                 false,
             )
-            .await
-            .expect("a reply");
-        let reply: Value = serde_json::from_str(&reply).expect("JSON");
-        assert_eq!(reply["type"], "roomJoined", "{reply}");
-        reply["payload"].clone()
+            .await;
+        assert!(reply.is_none(), "joinRoom answered {reply:?}");
     }
 
     /// `sendMessage` from `conn`.

@@ -1,7 +1,7 @@
 //! A room's `message` events: every connection gets each once, in
 //! increasing `sequenceId`, without gaps.
 
-use chat_shared::bus::{Control, Target, event_json};
+use chat_shared::bus::{Control, JoinedTemplate, Target, event_json};
 use chat_shared::domain::{NewMessage, RoomId};
 use chat_shared::model::Message;
 use chat_shared::store::Stored;
@@ -117,14 +117,18 @@ async fn a_subscription_behind_the_room_is_filled_from_the_ring() {
     stack.send(&a1, &room, "two").await;
     stack.gateway.wait_sequence(&a1, 2).await;
     // Bob's subscription carries watermark 0, as if his snapshot was read
-    // before messages 1 and 2 were fanned out without him.
+    // before messages 1 and 2 were fanned out without him, and is joined
+    // (as after its `Control::Joined`, which goes nowhere here).
     let room_id = RoomId::parse(&room).unwrap();
-    stack
-        .adapters
-        .presence
-        .join(&room_id, &stack.connection(&b1), 0, &[], "unused", "")
+    let presence = &stack.adapters.presence;
+    let unheard = JoinedTemplate::new("test", &room, &b1, 0, Default::default()).unwrap();
+    presence
+        .join(&room_id, &stack.connection(&b1), 0, &[], "unused", &unheard)
         .await
-        .unwrap();
+        .unwrap()
+        .expect("registered");
+    let (_, was_pending) = presence.activate(&room, &b1).await.unwrap().unwrap();
+    assert!(was_pending);
     stack.send(&a1, &room, "three").await;
     assert_eq!(stack.gateway.wait_sequence(&b1, 3).await, [1, 2, 3]);
     assert_eq!(stack.gateway.wait_sequence(&a1, 3).await, [1, 2, 3]);
@@ -134,7 +138,7 @@ async fn a_subscription_behind_the_room_is_filled_from_the_ring() {
 }
 
 #[tokio::test]
-async fn sync_pushes_what_a_late_joiner_missed() {
+async fn a_join_gets_its_room_joined_first_then_what_it_missed_then_the_rest() {
     let stack = Stack::start().await;
     let a1 = stack.connect("alice").await;
     let b1 = stack.connect("bob").await;
@@ -145,9 +149,92 @@ async fn sync_pushes_what_a_late_joiner_missed() {
     }
     stack.gateway.wait_sequence(&a1, 3).await;
     // Bob's snapshot had message 1; 2 and 3 went out before he subscribed.
-    // His join sees that the room's published messages are past his
-    // watermark and publishes the sync itself.
+    // His subscription is pending, and its `Control::Joined` is held back
+    // (published on a channel nobody reads) while message 4 goes out.
     let room_id = RoomId::parse(&room).unwrap();
+    let bus = &stack.adapters.bus;
+    let template = bus
+        .joined(&room, &b1, 1, serde_json::Map::new())
+        .expect("template");
+    stack
+        .adapters
+        .presence
+        .join(
+            &room_id,
+            &stack.connection(&b1),
+            1,
+            &[auth_user("alice").id],
+            "unused",
+            &template,
+        )
+        .await
+        .unwrap()
+        .expect("registered");
+    stack.send(&a1, &room, "four").await;
+    stack.gateway.wait_sequence(&a1, 4).await;
+    let typing = json!({"type": "typing", "payload": {"roomId": room, "isTyping": true}});
+    stack.frame(&a1, typing).await;
+    // A pending subscription gets nothing of the room, messages or not.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let posted = |kind: &str| !stack.gateway.events(&b1, kind).is_empty();
+    assert!(!posted("message") && !posted("typing") && !posted("roomJoined"));
+
+    // Now the join's envelope arrives, as the script publishes it (the
+    // room's highest published sequence id was 4 when it subscribed).
+    let joined = template.fill(&["alice"], 4);
+    let mut redis = stack.redis().await;
+    let _: i64 = redis::cmd("PUBLISH")
+        .arg(stack.channel())
+        .arg(&joined)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert_eq!(stack.gateway.wait_sequence(&b1, 4).await, [2, 3, 4]);
+    let kinds: Vec<String> = stack
+        .gateway
+        .posts(&b1)
+        .iter()
+        .map(|p| serde_json::from_str::<serde_json::Value>(p).unwrap()["type"].to_string())
+        .filter(|kind| kind != r#""connected""#)
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            r#""roomJoined""#,
+            r#""message""#,
+            r#""message""#,
+            r#""message""#
+        ]
+    );
+    let room_joined = &stack.gateway.events(&b1, "roomJoined")[0];
+    assert_eq!(room_joined["payload"]["onlineUsers"], json!(["alice"]));
+    // And it is joined: the room's next message comes live.
+    stack.send(&a1, &room, "five").await;
+    assert_eq!(stack.gateway.wait_sequence(&b1, 5).await, [2, 3, 4, 5]);
+}
+
+#[tokio::test]
+async fn a_legacy_sync_pushes_what_a_joined_subscription_missed() {
+    let stack = Stack::start().await;
+    let a1 = stack.connect("alice").await;
+    let b1 = stack.connect("bob").await;
+    let room = stack.group("alice", &["bob"]).await;
+    stack.join(&a1, &room).await;
+    for text in ["one", "two", "three"] {
+        stack.send(&a1, &room, text).await;
+    }
+    stack.gateway.wait_sequence(&a1, 3).await;
+    // A joined subscription at watermark 1 (as an older function made it),
+    // and the `Sync` such a function published.
+    let room_id = RoomId::parse(&room).unwrap();
+    let presence = &stack.adapters.presence;
+    let unheard = JoinedTemplate::new("test", &room, &b1, 1, Default::default()).unwrap();
+    presence
+        .join(&room_id, &stack.connection(&b1), 1, &[], "unused", &unheard)
+        .await
+        .unwrap()
+        .expect("registered");
+    presence.activate(&room, &b1).await.unwrap().unwrap();
     let bus = &stack.adapters.bus;
     let control = bus.control(
         Target::Connection {
@@ -158,21 +245,7 @@ async fn sync_pushes_what_a_late_joiner_missed() {
             connection_id: b1.clone(),
         },
     );
-    let sync = serde_json::to_string(&control).unwrap();
-    stack
-        .adapters
-        .presence
-        .join(
-            &room_id,
-            &stack.connection(&b1),
-            1,
-            &[],
-            bus.channel(),
-            &sync,
-        )
-        .await
-        .unwrap()
-        .expect("registered");
+    bus.publish_envelope(&control).await.unwrap();
     assert_eq!(stack.gateway.wait_sequence(&b1, 3).await, [2, 3]);
     stack.send(&a1, &room, "four").await;
     assert_eq!(stack.gateway.wait_sequence(&b1, 4).await, [2, 3, 4]);

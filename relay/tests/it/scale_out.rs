@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use chat_relay::{Relay, RelayMetrics, lease_shard};
 use secrecy::SecretString;
-use serde_json::json;
+use serde_json::{Value, json};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -404,7 +404,8 @@ async fn a_stopped_relay_hands_its_shards_over_at_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shard_leased_to_someone_else_is_not_handled_until_it_is_free() {
     let stack = Stack::build(unlimited).await;
-    let (conns, rooms) = rooms_of(&stack, &["alice", "bob"], 1).await;
+    let conns = [stack.connect("alice").await, stack.connect("bob").await];
+    let rooms = [stack.group("alice", &["bob"]).await];
     let room = &rooms[0];
     let shard = lease_shard(room, shards(&stack));
     let lease = stack.key(&format!("relay:lease:{shard}"));
@@ -422,10 +423,15 @@ async fn a_shard_leased_to_someone_else_is_not_handled_until_it_is_free() {
         (node.metrics.snapshot().shards_owned == shards(&stack) as u64 - 1).then_some(())
     })
     .await;
+    // The joins' `roomJoined`s go by the room too: not ours either.
+    for conn in &conns {
+        stack.join_frame(conn, room).await;
+    }
     stack.send(&conns[0], room, "not ours").await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(room_sequences(&stack, &conns[1], room), Vec::<i64>::new());
-    assert!(node.metrics.snapshot().envelopes_not_owned >= 1);
+    assert!(stack.gateway.events(&conns[1], "roomJoined").is_empty());
+    assert!(node.metrics.snapshot().envelopes_not_owned >= 3);
 
     // The other owner goes away: the relay takes the shard and catches up.
     let _: () = redis::cmd("DEL")
@@ -434,6 +440,17 @@ async fn a_shard_leased_to_someone_else_is_not_handled_until_it_is_free() {
         .await
         .unwrap();
     wait_all_delivered(&stack, &conns, &rooms, 1).await;
+    // Each got its `roomJoined` first, then the message.
+    for conn in &conns {
+        let kinds: Vec<Value> = stack
+            .gateway
+            .posts(conn)
+            .iter()
+            .map(|p| serde_json::from_str::<Value>(p).unwrap()["type"].clone())
+            .filter(|kind| kind != "connected")
+            .collect();
+        assert_eq!(kinds, ["roomJoined", "message"], "{conn}");
+    }
     let owner: Option<String> = redis::cmd("GET")
         .arg(&lease)
         .query_async(&mut redis)

@@ -531,6 +531,7 @@ impl Presence {
                     user_id,
                     connected_at_ms: connected_at.and_then(|v| v.parse().ok()).unwrap_or(0),
                     endpoint,
+                    pending: false,
                 }),
                 _ => None,
             })

@@ -131,6 +131,9 @@ pub struct Subscriber {
     pub connected_at_ms: i64,
     /// Its Management API endpoint.
     pub endpoint: String,
+    /// A subscription whose `roomJoined` the relay has not posted yet: it
+    /// gets none of the room's events until then (`Presence::join`).
+    pub pending: bool,
 }
 
 impl Subscriber {
@@ -141,7 +144,13 @@ impl Subscriber {
         )
     }
 
+    /// A subscription's value: `watermark|user|connectedAt|endpoint`, with
+    /// a `~` in front while it is pending.
     fn decode(connection_id: String, value: &str) -> Option<Self> {
+        let (pending, value) = match value.strip_prefix('~') {
+            Some(rest) => (true, rest),
+            None => (false, value),
+        };
         let mut parts = value.splitn(4, '|');
         Some(Self {
             connection_id,
@@ -149,6 +158,7 @@ impl Subscriber {
             user_id: parts.next()?.to_owned(),
             connected_at_ms: parts.next()?.parse().ok()?,
             endpoint: parts.next()?.to_owned(),
+            pending,
         })
     }
 }
@@ -263,5 +273,11 @@ mod tests {
         assert_eq!(back.user_id, "u1");
         assert_eq!(back.connected_at_ms, 42);
         assert_eq!(back.endpoint, "https://x|y/prod");
+        assert!(!back.pending);
+        let pending =
+            Subscriber::decode(conn.connection_id.clone(), &format!("~{value}")).expect("decodes");
+        assert!(pending.pending);
+        assert_eq!(pending.watermark, 7);
+        assert_eq!(pending.endpoint, back.endpoint);
     }
 }

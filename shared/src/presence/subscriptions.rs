@@ -5,6 +5,7 @@
 use std::sync::LazyLock;
 
 use super::{Connection, Presence, Subscriber};
+use crate::bus::JoinedTemplate;
 use crate::domain::{RoomId, UserId};
 use crate::error::Result;
 use crate::metrics::CountedRedis;
@@ -14,6 +15,7 @@ static UNSUBSCRIBE_USER_SCRIPT: LazyLock<redis::Script> =
     LazyLock::new(|| redis::Script::new(UNSUBSCRIBE_USER));
 static RAISE_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(RAISE));
 static JOIN_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(JOIN));
+static ACTIVATE_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(ACTIVATE));
 
 /// Unsubscribes every connection of a user (KEYS[1]) from a room (KEYS[2],
 /// id ARGV[2]), atomically, and returns the connections that were joined.
@@ -31,23 +33,41 @@ end
 return left
 ";
 
-/// Subscribes a live connection to a room with its watermark (ARGV[4]);
-/// when a message above the watermark was published before the
-/// subscription existed (KEYS[4], see [`Presence::join`]), publishes the
-/// `Sync` control ARGV[6] (if not empty) on channel ARGV[5]; and answers which of the
-/// users ARGV[7..] are online (KEYS[5]). Returns {'0'} for a connection
-/// that is gone, else {'1', online users...}.
+/// Subscribes a live connection to a room, *pending* (its value ARGV[2]
+/// behind a `~`), answers which of the users ARGV[8..] are online
+/// (KEYS[5]) and publishes, on channel ARGV[4], the join's
+/// `Control::Joined` envelope: ARGV[5] + those users as a JSON array +
+/// ARGV[6] + the room's highest published sequence id (KEYS[4]) + ARGV[7]
+/// ([`crate::bus::JoinedTemplate`]). Returns {'0'} for a connection that
+/// is gone, else {'1', online users...}.
 const JOIN: &str = r"
 if redis.call('EXISTS', KEYS[1]) == 0 then return {'0'} end
-redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+redis.call('HSET', KEYS[2], ARGV[1], '~' .. ARGV[2])
 redis.call('SADD', KEYS[3], ARGV[3])
-local published = tonumber(redis.call('GET', KEYS[4]) or '0')
-if published > tonumber(ARGV[4]) and ARGV[6] ~= '' then redis.call('PUBLISH', ARGV[5], ARGV[6]) end
-local out = {'1'}
-for i = 7, #ARGV do
-  if redis.call('SISMEMBER', KEYS[5], ARGV[i]) == 1 then out[#out + 1] = ARGV[i] end
+local published = redis.call('GET', KEYS[4]) or '0'
+local out, online = {'1'}, {}
+for i = 8, #ARGV do
+  if redis.call('SISMEMBER', KEYS[5], ARGV[i]) == 1 then
+    out[#out + 1] = ARGV[i]
+    online[#online + 1] = cjson.encode(ARGV[i])
+  end
 end
+redis.call('PUBLISH', ARGV[4],
+  ARGV[5] .. '[' .. table.concat(online, ',') .. ']' .. ARGV[6] .. published .. ARGV[7])
 return out
+";
+
+/// Makes a pending subscription (KEYS[1], field ARGV[1]) joined: drops the
+/// `~` in front of its value. Returns {} when there is no subscription,
+/// else {'1', value} when it was pending, {'0', value} when it was joined
+/// already.
+const ACTIVATE: &str = r"
+local v = redis.call('HGET', KEYS[1], ARGV[1])
+if not v then return {} end
+if string.sub(v, 1, 1) ~= '~' then return {'0', v} end
+v = string.sub(v, 2)
+redis.call('HSET', KEYS[1], ARGV[1], v)
+return {'1', v}
 ";
 
 /// Raises watermarks. `KEYS`: one `room:{id}:conns` hash per room. `ARGV`:
@@ -107,18 +127,19 @@ impl Presence {
         Ok(left)
     }
 
-    /// Subscribes a connection to a room with the watermark of its snapshot
-    /// and answers which of `members` are online, in one round trip; `None`
-    /// when the connection is gone.
+    /// Subscribes a connection to a room with the watermark of its
+    /// snapshot, *pending*, answers which of `members` are online, and
+    /// publishes the join's `Control::Joined` envelope (`joined`) on
+    /// `channel`, in one round trip; `None` when the connection is gone.
     ///
-    /// A message stored after the snapshot was read may have been fanned out
-    /// before the subscription existed. Every `message` is published
-    /// together with its room's highest published sequence id
-    /// ([`crate::bus::Bus::publish_room_message`], one script), so the
-    /// subscription and that check are one atomic step: a message published
-    /// before it shows in the check, and `sync_envelope` (a `Sync` control)
-    /// is published for the relay to push what the connection is missing;
-    /// one published after it finds the subscription.
+    /// The relay leaves a pending subscription out of the room's events
+    /// until it handles that envelope, in order with the room's messages:
+    /// it posts the `roomJoined`, then every stored message above the
+    /// watermark up to the room's highest published sequence id (which the
+    /// script writes into the envelope: a message stored after the snapshot
+    /// was read may have been fanned out before the subscription existed),
+    /// and makes the subscription joined ([`Presence::activate`]). So no
+    /// event of the room overtakes the `roomJoined`, and none is missed.
     ///
     /// # Errors
     /// `UNAVAILABLE` when Redis does not answer.
@@ -129,7 +150,7 @@ impl Presence {
         watermark: i64,
         members: &[UserId],
         channel: &str,
-        sync_envelope: &str,
+        joined: &JoinedTemplate,
     ) -> Result<Option<Vec<UserId>>> {
         let mut redis = CountedRedis(self.redis.clone());
         let mut invocation = JOIN_SCRIPT.prepare_invoke();
@@ -142,9 +163,10 @@ impl Presence {
             .arg(&conn.connection_id)
             .arg(Subscriber::encode(watermark, conn))
             .arg(room_id.as_str())
-            .arg(watermark)
             .arg(channel)
-            .arg(sync_envelope);
+            .arg(&joined.head)
+            .arg(&joined.middle)
+            .arg(&joined.tail);
         for member in members {
             invocation.arg(member.as_str());
         }
@@ -154,6 +176,30 @@ impl Presence {
             return Ok(None);
         }
         Ok(Some(answer.map(UserId::from_trusted).collect()))
+    }
+
+    /// Makes a connection's pending subscription to a room joined (the
+    /// relay, once it has posted the `roomJoined`). Returns the
+    /// subscription (as now joined) and whether it was pending; `None` when
+    /// there is none (the connection left the room, or is gone).
+    ///
+    /// # Errors
+    /// `UNAVAILABLE` when Redis does not answer.
+    pub async fn activate(
+        &self,
+        room_id: &str,
+        connection_id: &str,
+    ) -> Result<Option<(Subscriber, bool)>> {
+        let mut redis = CountedRedis(self.redis.clone());
+        let answer: Vec<String> = ACTIVATE_SCRIPT
+            .key(self.keys.room_conns(room_id))
+            .arg(connection_id)
+            .invoke_async(&mut redis)
+            .await?;
+        let [was_pending, value] = answer.as_slice() else {
+            return Ok(None);
+        };
+        Ok(Subscriber::decode(connection_id.to_owned(), value).map(|s| (s, was_pending == "1")))
     }
 
     /// Unsubscribes a connection from a room (nothing if it had not joined).

@@ -4,7 +4,7 @@
 use serde::Serialize;
 
 use crate::auth::AuthUser;
-use crate::bus::{Control, Target, event_json};
+use crate::bus::{Target, event_json};
 use crate::domain::{RoomId, RoomType, SequenceId, UserId};
 use crate::error::{Error, Result};
 use crate::model::{Message, Room, RoomRow};
@@ -157,9 +157,10 @@ impl Chat {
 
     /// `joinRoom`: one PostgreSQL round trip ([`Chat::enter_room`]) and one
     /// Redis round trip ([`crate::presence::Presence::join`]) that
-    /// subscribes the connection with the snapshot's watermark, and has the
-    /// relay push (a `Sync` control) what a message published meanwhile
-    /// would have missed.
+    /// subscribes the connection, pending, with the snapshot's watermark and
+    /// publishes its `roomJoined` for the relay, which posts it before any
+    /// other event of the room (so the `roomJoined` is not a route
+    /// response).
     ///
     /// # Errors
     /// `UNAUTHORIZED` for a connection that is gone; those of
@@ -186,19 +187,26 @@ impl Chat {
             .last()
             .map_or(SequenceId::ZERO, |m| m.sequence_id);
         let watermark = snapshot.room.last_sequence_id.max(newest_in_page);
-        // Published by the join itself when a message went out while we
-        // joined (see `Presence::join`): the relay then pushes what this
-        // connection is missing.
-        let sync = serde_json::to_string(&self.bus.control(
-            Target::Connection {
-                connection_id: conn.connection_id.clone(),
-            },
-            Control::Sync {
-                room_id: room_id.to_string(),
-                connection_id: conn.connection_id.clone(),
-            },
-        ))
-        .map_err(Error::internal)?;
+        // Retention deletes a room's oldest messages, so everything after
+        // `after` is still stored exactly when its first message is.
+        let recovered = after.map(|after| match snapshot.messages.first() {
+            Some(first) => first.sequence_id.get() == after.get() + 1,
+            None => after >= snapshot.room.last_sequence_id,
+        });
+        let mut payload = serde_json::Map::new();
+        payload.insert("room".into(), to_json(&snapshot.room_view())?);
+        payload.insert("messages".into(), to_json(&snapshot.messages)?);
+        payload.insert("unreadCount".into(), snapshot.unread_count.into());
+        payload.insert("hasMore".into(), snapshot.has_more.into());
+        if let Some(recovered) = recovered {
+            payload.insert("recovered".into(), recovered.into());
+        }
+        let joined = self.bus.joined(
+            room_id.as_str(),
+            &conn.connection_id,
+            watermark.get(),
+            payload,
+        )?;
         let member_ids: Vec<UserId> = snapshot
             .members
             .iter()
@@ -212,7 +220,7 @@ impl Chat {
                 watermark.get(),
                 &member_ids,
                 self.bus.channel(),
-                &sync,
+                &joined,
             )
             .await?
         else {
@@ -220,12 +228,6 @@ impl Chat {
                 "this connection is no longer registered; reconnect",
             ));
         };
-        // Retention deletes a room's oldest messages, so everything after
-        // `after` is still stored exactly when its first message is.
-        let recovered = after.map(|after| match snapshot.messages.first() {
-            Some(first) => first.sequence_id.get() == after.get() + 1,
-            None => after >= snapshot.room.last_sequence_id,
-        });
         Ok(Joined {
             snapshot,
             online_users,
@@ -380,4 +382,9 @@ impl Chat {
         }
         Ok(())
     }
+}
+
+/// `value` as JSON.
+fn to_json<T: serde::Serialize>(value: &T) -> Result<serde_json::Value> {
+    serde_json::to_value(value).map_err(Error::internal)
 }
