@@ -230,7 +230,7 @@ def main():
 
         ids = {}
         run = Runner(minted, tmp, port, ids, stub_host, watch_log)
-        steps(run, ids)
+        steps(run, ids, redis_url, env["BROADCAST_CHANNEL"])
         ok = True
         log(f"events: all {run.count} invocations passed "
             f"({len(run.files)} event files, every one in events/)")
@@ -342,7 +342,7 @@ class Runner:
         return result
 
 
-def steps(run, ids):
+def steps(run, ids, redis_url, channel):
     """The scenario: alice and bob connect, alice talks over the WebSocket,
     both use REST, alice leaves, bob's lease runs out and is swept."""
 
@@ -371,7 +371,7 @@ def steps(run, ids):
 
     # A join answers nothing on the route either: its roomJoined goes out
     # on the bus, for the relay to post before any other event of the room.
-    bus = BusTap(redis_url, env["BROADCAST_CHANNEL"])
+    bus = BusTap(redis_url, channel)
 
     def joined(r):
         no_body(r)
