@@ -193,38 +193,52 @@ struct Builder<'a> {
     rows: Vec<Row>,
 }
 
-impl Builder<'_> {
-    #[allow(clippy::too_many_arguments)]
+impl<'a> Builder<'a> {
+    /// The rows of one block of the table, titled `title`: the medians of
+    /// the lines of `kind` and `scenario` (any scenario when empty) that
+    /// `select` accepts.
+    fn section<'s>(
+        &'s mut self,
+        kind: &'s str,
+        scenario: &'s str,
+        select: &'s dyn Fn(&Value) -> bool,
+        title: &'s str,
+    ) -> Section<'s, 'a> {
+        Section {
+            b: self,
+            kind,
+            scenario,
+            select,
+            title,
+        }
+    }
+}
+
+/// One block of rows: what [`Builder::section`] chose, so that each row
+/// names only its metric.
+struct Section<'s, 'a> {
+    b: &'s mut Builder<'a>,
+    kind: &'s str,
+    scenario: &'s str,
+    select: &'s dyn Fn(&Value) -> bool,
+    title: &'s str,
+}
+
+impl Section<'_, '_> {
     fn row(
         &mut self,
-        kind: &str,
-        scenario: &str,
-        title: &str,
         metric: &str,
         f: &dyn Fn(&Value) -> Option<f64>,
         better: Better,
         target: Option<Target>,
     ) {
-        self.row_where(kind, scenario, &|_| true, title, metric, f, better, target);
-    }
-
-    /// A row of the lines of `kind` and `scenario` that `select` accepts.
-    #[allow(clippy::too_many_arguments)]
-    fn row_where(
-        &mut self,
-        kind: &str,
-        scenario: &str,
-        select: &dyn Fn(&Value) -> bool,
-        title: &str,
-        metric: &str,
-        f: &dyn Fn(&Value) -> Option<f64>,
-        better: Better,
-        target: Option<Target>,
-    ) {
-        let (ours, n_ours) = med(&lines_where(self.all, kind, OURS, scenario, select), f);
-        let (baseline, n_base) = med(&lines_where(self.all, kind, BASELINE, scenario, select), f);
-        self.rows.push(Row {
-            scenario: title.to_owned(),
+        let of = |label| {
+            let lines = lines_where(self.b.all, self.kind, label, self.scenario, self.select);
+            med(&lines, f)
+        };
+        let ((ours, n_ours), (baseline, n_base)) = (of(OURS), of(BASELINE));
+        self.b.rows.push(Row {
+            scenario: self.title.to_owned(),
             metric: metric.to_owned(),
             ours,
             baseline,
@@ -242,240 +256,158 @@ pub fn rows(all: &[Value]) -> Vec<Row> {
         all,
         rows: Vec::new(),
     };
-    let s1 = "S1 idle: 10,000 connections";
-    b.row(
-        "run",
-        "S1",
-        s1,
-        "connections up",
-        &|v| get(v, "/connected"),
-        Higher,
-        None,
-    );
-    b.row(
-        "run",
-        "S1",
-        s1,
+    let all_lines: &dyn Fn(&Value) -> bool = &|_| true;
+    let mut s1 = b.section("run", "S1", all_lines, "S1 idle: 10,000 connections");
+    s1.row("connections up", &|v| get(v, "/connected"), Higher, None);
+    s1.row(
         "gateway RSS per idle connection (bytes)",
         &|v| get(v, "/rss_per_connection_bytes"),
         Lower,
         Some(Target::AtMost(8000.0)),
     );
-    b.row(
-        "run",
-        "S1",
-        s1,
+    s1.row(
         "server RSS with every connection up (MiB, all processes)",
         &|v| process_sum(v, "rss_connected_mib"),
         Lower,
         None,
     );
-    b.row(
-        "run",
-        "S1",
-        s1,
+    s1.row(
         "connect: handshake p99 (ms)",
         &|v| get(v, "/connect_handshake/p99_ms"),
         Lower,
         None,
     );
 
-    let s2 = "S2 direct: 2,000 users, 1,000 DIRECT rooms across 2 instances, 2,000 msg/s, 60 s (ours: relay posts through the AWS SDK, SigV4-signed)";
-    b.row(
-        "run",
-        "S2",
-        s2,
+    let mut s2 = b.section("run", "S2", all_lines, "S2 direct: 2,000 users, 1,000 DIRECT rooms across 2 instances, 2,000 msg/s, 60 s (ours: relay posts through the AWS SDK, SigV4-signed)");
+    s2.row(
         "deliveries/s",
         &|v| get(v, "/delivered_per_s"),
         Higher,
         None,
     );
-    b.row(
-        "run",
-        "S2",
-        s2,
+    s2.row(
         "lost deliveries",
         &|v| get(v, "/lost"),
         Lower,
         Some(Target::AtMost(0.0)),
     );
-    b.row(
-        "run",
-        "S2",
-        s2,
+    s2.row(
         "duplicate deliveries",
         &|v| get(v, "/tally/duplicates"),
         Lower,
         Some(Target::AtMost(0.0)),
     );
-    b.row(
-        "run",
-        "S2",
-        s2,
+    s2.row(
         "out-of-order deliveries",
         &|v| get(v, "/tally/out_of_order"),
         Lower,
         Some(Target::AtMost(0.0)),
     );
-    b.row(
-        "run",
-        "S2",
-        s2,
+    s2.row(
         "sends refused (any code)",
         &|v| get(v, "/rejected"),
         Lower,
         Some(Target::AtMost(0.0)),
     );
-    b.row(
-        "run",
-        "S2",
-        s2,
+    s2.row(
         "latency p50 (ms)",
         &|v| get(v, "/latency/p50_ms"),
         Lower,
         Some(Target::AtMost(5.0)),
     );
-    b.row(
-        "run",
-        "S2",
-        s2,
+    s2.row(
         "latency p99 (ms)",
         &|v| get(v, "/latency/p99_ms"),
         Lower,
         Some(Target::AtMost(25.0)),
     );
-    b.row(
-        "run",
-        "S2",
-        s2,
+    s2.row(
         "latency p99.9 (ms)",
         &|v| get(v, "/latency/p999_ms"),
         Lower,
         None,
     );
-    b.row(
-        "run",
-        "S2",
-        s2,
+    s2.row(
         "latency max (ms)",
         &|v| get(v, "/latency/max_ms"),
         Lower,
         None,
     );
-    b.row(
-        "run",
-        "S2",
-        s2,
+    s2.row(
         "server CPU (% of one core, all processes)",
         &|v| process_sum(v, "cpu_send_percent"),
         Lower,
         None,
     );
-    b.row(
-        "run",
-        "S2",
-        s2,
+    s2.row(
         "server peak RSS (MiB, all processes)",
         &|v| process_sum(v, "rss_peak_mib"),
         Lower,
         None,
     );
-    b.row(
-        "run",
-        "S2",
-        s2,
+    s2.row(
         "PostgreSQL round trips per sendMessage",
         &|v| get(v, "/counters/pg_round_trips_per_send"),
         Lower,
         Some(Target::AtMost(1.0)),
     );
-    b.row(
-        "run",
-        "S2",
-        s2,
+    s2.row(
         "Redis round trips per sendMessage",
         &|v| get(v, "/counters/redis_round_trips_per_send"),
         Lower,
         Some(Target::AtMost(2.0)),
     );
-    b.row(
-        "run",
-        "S2",
-        s2,
+    s2.row(
         "relay CPU per PostToConnection (µs)",
         &relay_cpu_per_post_us,
         Lower,
         None,
     );
 
-    let s3 = "S3 fan-out: 1,000 users in GROUP rooms of 100, 100 msg/s (10,000 deliveries/s; ours: relay posts through the AWS SDK)";
-    b.row(
-        "run",
-        "S3",
-        s3,
+    let mut s3 = b.section("run", "S3", all_lines, "S3 fan-out: 1,000 users in GROUP rooms of 100, 100 msg/s (10,000 deliveries/s; ours: relay posts through the AWS SDK)");
+    s3.row(
         "deliveries/s",
         &|v| get(v, "/delivered_per_s"),
         Higher,
         None,
     );
-    b.row(
-        "run",
-        "S3",
-        s3,
+    s3.row(
         "lost deliveries",
         &|v| get(v, "/lost"),
         Lower,
         Some(Target::AtMost(0.0)),
     );
-    b.row(
-        "run",
-        "S3",
-        s3,
+    s3.row(
         "duplicate + out-of-order deliveries",
         &|v| Some(get(v, "/tally/duplicates")? + get(v, "/tally/out_of_order")?),
         Lower,
         None,
     );
-    b.row(
-        "run",
-        "S3",
-        s3,
+    s3.row(
         "sends refused (any code)",
         &|v| get(v, "/rejected"),
         Lower,
         Some(Target::AtMost(0.0)),
     );
-    b.row(
-        "run",
-        "S3",
-        s3,
+    s3.row(
         "latency p50 (ms)",
         &|v| get(v, "/latency/p50_ms"),
         Lower,
         None,
     );
-    b.row(
-        "run",
-        "S3",
-        s3,
+    s3.row(
         "latency p99 (ms)",
         &|v| get(v, "/latency/p99_ms"),
         Lower,
         Some(Target::AtMost(50.0)),
     );
-    b.row(
-        "run",
-        "S3",
-        s3,
+    s3.row(
         "server CPU (% of one core, all processes)",
         &|v| process_sum(v, "cpu_send_percent"),
         Lower,
         None,
     );
-    b.row(
-        "run",
-        "S3",
-        s3,
+    s3.row(
         "relay CPU per PostToConnection (µs)",
         &relay_cpu_per_post_us,
         Lower,
@@ -483,10 +415,7 @@ pub fn rows(all: &[Value]) -> Vec<Row> {
     );
 
     let s4 = "S4 saturation: DIRECT rate raised until a step is not held (any send refused, any loss, or p99 > 100 ms)";
-    b.row(
-        "sweep",
-        "S4",
-        s4,
+    b.section("sweep", "S4", all_lines, s4).row(
         "highest rate held (msg/s)",
         &|v| get(v, "/highest_held"),
         Higher,
@@ -565,19 +494,14 @@ pub fn rows(all: &[Value]) -> Vec<Row> {
     });
     // What ended each sweep: refusals (which the rule no longer allows in
     // any share) or latency. None when the top of the list still held.
-    b.row(
-        "sweep",
-        "S4",
-        s4,
+    let mut s4 = b.section("sweep", "S4", all_lines, s4);
+    s4.row(
         "first rate not held: sends refused (% of sent)",
         &|v| first_failed_step(v).and_then(step_refused_percent),
         Lower,
         None,
     );
-    b.row(
-        "sweep",
-        "S4",
-        s4,
+    s4.row(
         "first rate not held: latency p99 (ms)",
         &|v| first_failed_step(v).and_then(|s| get(s, "/p99_ms")),
         Lower,
@@ -585,32 +509,24 @@ pub fn rows(all: &[Value]) -> Vec<Row> {
     );
 
     let s5 = "S5 cold start (Lambda Runtime API emulator) and binary size";
+    let mut cold = b.section("cold_start", "", all_lines, s5);
     for f in ["rest", "ws-connect", "ws-message", "ws-disconnect"] {
         let pick = |field: &'static str| {
             move |v: &Value| (v["function"] == f).then(|| get(v, field)).flatten()
         };
-        b.row(
-            "cold_start",
-            "",
-            s5,
+        cold.row(
             &format!("{f}: spawn to first event handled, median (ms)"),
             &pick("/first_response/p50_ms"),
             Lower,
             Some(Target::AtMost(20.0)),
         );
-        b.row(
-            "cold_start",
-            "",
-            s5,
+        cold.row(
             &format!("{f}: spawn to ready for events, median (ms)"),
             &pick("/init/p50_ms"),
             Lower,
             None,
         );
-        b.row(
-            "cold_start",
-            "",
-            s5,
+        cold.row(
             &format!("{f}: stripped binary (MB)"),
             &|v: &Value| {
                 (v["function"] == f)
@@ -621,10 +537,7 @@ pub fn rows(all: &[Value]) -> Vec<Row> {
             Some(Target::AtMost(10.0)),
         );
     }
-    b.row(
-        "process_start",
-        "",
-        s5,
+    b.section("process_start", "", all_lines, s5).row(
         "whole server process: spawn to first /health answered (ms)",
         &|v| get(v, "/ms"),
         Lower,
@@ -633,38 +546,31 @@ pub fn rows(all: &[Value]) -> Vec<Row> {
 
     storm_rows(&mut b, all);
 
-    let ov = "Overload: DIRECT at 3× the S4 rate held (strict rule)";
-    b.row(
+    let mut ov = b.section(
         "run",
         "overload",
-        ov,
+        all_lines,
+        "Overload: DIRECT at 3× the S4 rate held (strict rule)",
+    );
+    ov.row(
         "offered rate (msg/s)",
         &|v| get(v, "/send_rate"),
         Higher,
         None,
     );
-    b.row(
-        "run",
-        "overload",
-        ov,
+    ov.row(
         "accepted rate (msg/s)",
         &|v| get(v, "/accepted_rate"),
         Higher,
         None,
     );
-    b.row(
-        "run",
-        "overload",
-        ov,
+    ov.row(
         "sends refused, any code (% of sent)",
         &|v| Some(get(v, "/rejected")? / get(v, "/sent")?.max(1.0) * 100.0),
         Higher,
         None,
     );
-    b.row(
-        "run",
-        "overload",
-        ov,
+    ov.row(
         "refused with RATE_LIMITED (% of sent)",
         &|v| {
             Some(get(v, "/errors/RATE_LIMITED").unwrap_or(0.0) / get(v, "/sent")?.max(1.0) * 100.0)
@@ -672,10 +578,7 @@ pub fn rows(all: &[Value]) -> Vec<Row> {
         Higher,
         None,
     );
-    b.row(
-        "run",
-        "overload",
-        ov,
+    ov.row(
         "refused with another code (% of sent)",
         &|v| {
             let others = count_codes(v, "/errors", &|c| c != "RATE_LIMITED");
@@ -684,28 +587,19 @@ pub fn rows(all: &[Value]) -> Vec<Row> {
         Lower,
         None,
     );
-    b.row(
-        "run",
-        "overload",
-        ov,
+    ov.row(
         "accepted messages: latency p99 (ms)",
         &|v| get(v, "/latency/p99_ms"),
         Lower,
         Some(Target::AtMost(200.0)),
     );
-    b.row(
-        "run",
-        "overload",
-        ov,
+    ov.row(
         "accepted messages lost",
         &|v| get(v, "/lost"),
         Lower,
         Some(Target::AtMost(0.0)),
     );
-    b.row(
-        "run",
-        "overload",
-        ov,
+    ov.row(
         "server processes alive afterwards",
         &|v| {
             let procs = v["processes"].as_array()?;
@@ -714,10 +608,7 @@ pub fn rows(all: &[Value]) -> Vec<Row> {
         Higher,
         None,
     );
-    b.row(
-        "run",
-        "overload",
-        ov,
+    ov.row(
         "server peak RSS (MiB, all processes)",
         &|v| process_sum(v, "rss_peak_mib"),
         Lower,
@@ -750,13 +641,8 @@ fn storm_rows(b: &mut Builder<'_>, all: &[Value]) {
             group_thousands(n as i64)
         );
         let zero = Some(Target::AtMost(0.0));
-        let mut row = |metric: &str,
-                       f: &dyn Fn(&Value) -> Option<f64>,
-                       better: Better,
-                       target: Option<Target>| {
-            b.row_where("storm", "S6", &of_size, &title, metric, f, better, target);
-        };
-        row(
+        let mut s6 = b.section("storm", "S6", &of_size, &title);
+        s6.row(
             "clients with their roomJoined",
             &|v| get(v, "/joined"),
             Higher,
@@ -764,7 +650,7 @@ fn storm_rows(b: &mut Builder<'_>, all: &[Value]) {
         );
         // A run in which some client never joined took forever: it counts
         // as "never", and a median of "never" is "never".
-        row(
+        s6.row(
             "time from the first connect until every client had its roomJoined (s)",
             &|v| {
                 if get(v, "/joined")? >= n as f64 {
@@ -776,19 +662,19 @@ fn storm_rows(b: &mut Builder<'_>, all: &[Value]) {
             Lower,
             (n >= 10_000).then_some(Target::UnderBaseline),
         );
-        row(
+        s6.row(
             "each client, first connect to roomJoined: p99 (ms)",
             &|v| get(v, "/join_time/p99_ms"),
             Lower,
             None,
         );
-        row(
+        s6.row(
             "joins refused with RATE_LIMITED (every attempt)",
             &|v| Some(count_codes(v, "/join_errors", &|c| c == "RATE_LIMITED")),
             Lower,
             zero,
         );
-        row(
+        s6.row(
             "joins refused with SERVICE_UNAVAILABLE (every attempt)",
             &|v| {
                 Some(count_codes(v, "/join_errors", &|c| {
@@ -798,13 +684,13 @@ fn storm_rows(b: &mut Builder<'_>, all: &[Value]) {
             Lower,
             zero,
         );
-        row(
+        s6.row(
             "joins answered INTERNAL",
             &|v| Some(count_codes(v, "/join_errors", &|c| c == "INTERNAL")),
             Lower,
             zero,
         );
-        row(
+        s6.row(
             "joins answered with another error code",
             &|v| {
                 Some(count_codes(v, "/join_errors", &|c| {
@@ -817,7 +703,7 @@ fn storm_rows(b: &mut Builder<'_>, all: &[Value]) {
             Lower,
             zero,
         );
-        row(
+        s6.row(
             "connections refused, failed or dropped (every attempt)",
             &|v| {
                 Some(
@@ -828,31 +714,31 @@ fn storm_rows(b: &mut Builder<'_>, all: &[Value]) {
             Lower,
             zero,
         );
-        row(
+        s6.row(
             &format!("joins unanswered within the deadline ({deadline:.0} s)"),
             &|v| Some(count_codes(v, "/failed", &|c| c == "no_answer")),
             Lower,
             zero,
         );
-        row(
+        s6.row(
             "wrong roomJoined (DIRECT pair split, recovery not exact)",
             &|v| Some(count_codes(v, "/wrong_answers", &|_| true)),
             Lower,
             zero,
         );
-        row(
+        s6.row(
             "PostgreSQL round trips per joinRoom",
             &|v| get(v, "/counters/pg_round_trips_per_join"),
             Lower,
             Some(Target::AtMost(1.0)),
         );
-        row(
+        s6.row(
             "Redis round trips per joinRoom",
             &|v| get(v, "/counters/redis_round_trips_per_join"),
             Lower,
             Some(Target::AtMost(1.0)),
         );
-        row(
+        s6.row(
             "server peak RSS (MiB, all processes)",
             &|v| process_sum(v, "rss_peak_mib"),
             Lower,
