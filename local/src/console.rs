@@ -60,11 +60,7 @@ pub struct DevTokens {
     pub audience: Option<String>,
 }
 
-impl std::fmt::Debug for DevTokens {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DevTokens").finish_non_exhaustive()
-    }
-}
+chat_shared::debug_fields!(DevTokens {});
 
 /// What the console routes share. Cheap to clone.
 #[derive(Clone)]

@@ -96,13 +96,7 @@ pub struct Limiter {
     limits: RateLimits,
 }
 
-impl std::fmt::Debug for Limiter {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Limiter")
-            .field("limits", &self.limits)
-            .finish_non_exhaustive()
-    }
-}
+crate::debug_fields!(Limiter { limits });
 
 impl Limiter {
     /// Limits of `limits`, with buckets under `keys`.

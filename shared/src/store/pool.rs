@@ -169,13 +169,7 @@ pub struct Store {
     pub(super) batcher: Batcher,
 }
 
-impl std::fmt::Debug for Store {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Store")
-            .field("retention", &self.retention)
-            .finish_non_exhaustive()
-    }
-}
+crate::debug_fields!(Store { retention });
 
 impl Store {
     /// A store over `pool` that keeps the newest `retention` messages per
@@ -249,8 +243,4 @@ pub struct Conn {
     pub(super) retention: i64,
 }
 
-impl std::fmt::Debug for Conn {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Conn").finish_non_exhaustive()
-    }
-}
+crate::debug_fields!(Conn {});
