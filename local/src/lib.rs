@@ -386,3 +386,45 @@ pub async fn apply_retention(config: &Config) -> anyhow::Result<u64> {
     let store = store::Store::new(pool, common.message_retention);
     Ok(store.cleanup_all(common.message_retention).await?)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The emulator's knobs are written twice: as the local stack's
+    /// variables (`chat_shared::config::GatewaySettings`, read with the
+    /// rest of the configuration) and as the emulator's own API
+    /// (`GatewayConfig`: the emulator stands in for AWS and does not depend
+    /// on the application's crate). With every `GATEWAY_*` variable unset
+    /// the two must agree on API Gateway's limits.
+    #[test]
+    fn unset_gateway_variables_give_the_emulators_defaults() {
+        let config = Config::from_lookup(|name| {
+            let value = match name {
+                "DATABASE_URL" => "postgres://x@h/db",
+                "REDIS_URL" => "redis://h:1",
+                "JWT_SECRET" => "s",
+                _ => return None,
+            };
+            Some(value.to_owned())
+        })
+        .expect("valid");
+        let ours = gateway_config(&config, "127.0.0.1:3100".parse().expect("address"));
+        let emulator = GatewayConfig::default();
+        let knobs = |c: &GatewayConfig| {
+            (
+                c.stage.clone(),
+                c.max_message_bytes,
+                c.max_frame_bytes,
+                c.accept_binary_frames,
+                c.integration_timeout,
+                c.idle_timeout,
+                c.max_lifetime,
+                c.max_queued_bytes,
+                c.max_pings_per_sec,
+                c.dispatch,
+            )
+        };
+        assert_eq!(knobs(&ours), knobs(&emulator));
+    }
+}
