@@ -54,16 +54,7 @@ export RUST_LOG=warn
 export LAMBDA_CONCURRENCY="${LAMBDA_CONCURRENCY:-4}"
 unset JWT_ISSUER JWT_AUDIENCE
 
-port_free() { ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-port=""
-for _ in $(seq 1 50); do
-    candidate=$((20000 + RANDOM % 3000))
-    if port_free "$candidate" && port_free $((candidate + 100)) && port_free $((candidate + 6000)); then
-        port="$candidate"
-        break
-    fi
-done
-[ -n "$port" ] || { echo "error: no free ports found" >&2; exit 1; }
+port="$(isolated_ports 3000 0 100 6000)" || { echo "error: no free ports found" >&2; exit 1; }
 export PORT="$port"
 invoke_port=$((port + 6000))
 

@@ -28,16 +28,7 @@ export MULTI_LOG_DIR="$tmp/logs"
 export RUST_LOG=warn
 
 # Three consecutive free ports.
-port_free() { ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-base=""
-for _ in $(seq 1 50); do
-    candidate=$((20000 + RANDOM % 20000))
-    if port_free "$candidate" && port_free $((candidate + 1)) && port_free $((candidate + 2)); then
-        base="$candidate"
-        break
-    fi
-done
-[ -n "$base" ] || { echo "error: no three free ports found" >&2; exit 1; }
+base="$(isolated_ports 20000 0 1 2)" || { echo "error: no three free ports found" >&2; exit 1; }
 export MULTI_BASE_PORT="$base"
 g1="$base" g2=$((base + 1)) g3=$((base + 2))
 

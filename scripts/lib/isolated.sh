@@ -2,7 +2,7 @@
 # A private world for a script that tests processes end to end
 # (scripts/test-multi-local.sh, scripts/test-lambda-local.sh): its own
 # database, Redis key prefix and channel and JWT secret on the shared
-# servers, dropped again at the end, and the failure report.
+# servers, dropped again at the end, free ports, and the failure report.
 #
 # Source it after scripts/lib/services.sh and ensure_services.
 
@@ -42,4 +42,27 @@ isolated_fail() {
         tail -n "$lines" "$f" >&2
     done
     exit 1
+}
+
+# port_free PORT: true when nothing listens on 127.0.0.1:PORT.
+port_free() { ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+# isolated_ports SPAN OFFSET...: prints a port BASE, picked at random from
+# 20000 to 20000 + SPAN - 1, such that BASE + each OFFSET is free (50
+# tries); fails when none was found.
+isolated_ports() {
+    local span="$1" candidate offset ok
+    shift
+    for _ in $(seq 1 50); do
+        candidate=$((20000 + RANDOM % span))
+        ok=1
+        for offset in "$@"; do
+            port_free $((candidate + offset)) || { ok=0; break; }
+        done
+        if [ "$ok" = 1 ]; then
+            echo "$candidate"
+            return 0
+        fi
+    done
+    return 1
 }
