@@ -133,21 +133,8 @@ client_pids=()
 
 # Stop it as ctrl-c does (SIGINT to the foreground process group); every
 # process must be gone.
-kill -INT -- "-$multi_pid"
-for _ in $(seq 1 200); do
-    kill -0 "$multi_pid" 2>/dev/null || break
-    sleep 0.1
-done
-kill -0 "$multi_pid" 2>/dev/null && fail "multi-local.sh still running 20 s after SIGINT"
-wait "$multi_pid" 2>/dev/null || true
-group="$multi_pid"
+isolated_interrupt "$multi_pid" multi-local.sh 20 "$g1" "$g2" "$g3"
 multi_pid=""
-for port in "$g1" "$g2" "$g3"; do
-    port_free "$port" || fail "port $port still answers after stopping"
-done
-if pgrep -g "$group" >/dev/null; then
-    fail "processes of multi-local.sh outlived it: $(pgrep -a -g "$group")"
-fi
 grep -q "multi: stopped" "$tmp/multi.log" || fail "multi-local.sh did not report stopping"
 echo "multi-test: all gateways and the relay stopped on SIGINT" >&2
 echo "multi-test: passed" >&2

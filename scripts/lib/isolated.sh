@@ -66,3 +66,25 @@ isolated_ports() {
     done
     return 1
 }
+
+# isolated_interrupt PID NAME SECONDS PORT...: stops the script NAME (PID)
+# as ctrl-c does, SIGINT to its process group, and checks that it exits
+# within SECONDS, that nothing of its process group outlives it and that
+# no PORT still answers; otherwise calls the sourcing script's `fail`.
+isolated_interrupt() {
+    local pid="$1" name="$2" seconds="$3" port
+    shift 3
+    kill -INT -- "-$pid"
+    for _ in $(seq 1 $((seconds * 10))); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    kill -0 "$pid" 2>/dev/null && fail "$name still running $seconds s after SIGINT"
+    wait "$pid" 2>/dev/null || true
+    for port in "$@"; do
+        port_free "$port" || fail "port $port still answers after stopping"
+    done
+    if pgrep -g "$pid" >/dev/null; then
+        fail "processes of $name outlived it: $(pgrep -a -g "$pid")"
+    fi
+}
