@@ -62,6 +62,17 @@ pub struct DevTokens {
 
 chat_shared::debug_fields!(DevTokens {});
 
+impl DevTokens {
+    /// Tokens for the deployment `config` describes (`JWT_*`).
+    pub fn from_config(config: &chat_shared::Config) -> Self {
+        Self {
+            secret: config.api.jwt_secret.clone(),
+            issuer: config.api.jwt_issuer.clone(),
+            audience: config.api.jwt_audience.clone(),
+        }
+    }
+}
+
 /// What the console routes share. Cheap to clone.
 #[derive(Clone)]
 pub struct ConsoleState {

@@ -169,6 +169,22 @@ pub(crate) fn serve_internal(
     })
 }
 
+/// Serves the emulator's internal port: its Management API, `metrics`
+/// (`/metrics`) and `/health`, which answers here even while the client
+/// port is full (the file-descriptor reserve).
+pub(crate) fn serve_management_port(
+    listener: TcpListener,
+    gateway: &Gateway,
+    metrics: axum::Router,
+    shutdown: CancellationToken,
+) -> JoinHandle<anyhow::Result<()>> {
+    let internal = gateway
+        .management_router()
+        .merge(metrics)
+        .route("/health", axum::routing::get(|| async { "ok" }));
+    serve_internal(listener, internal, shutdown, "the Management API")
+}
+
 /// The client port's limits from the configuration (see
 /// [`chat_gateway::listener`]).
 pub fn edge_limits(config: &Config) -> EdgeLimits {
@@ -284,25 +300,15 @@ impl Stack {
                 verifier: Arc::clone(&ws_state.verifier),
                 chat: app_state.chat.clone(),
                 telemetry: telemetry.clone(),
-                dev_tokens: options.dev_tokens.then(|| {
-                    Arc::new(DevTokens {
-                        secret: config.api.jwt_secret.clone(),
-                        issuer: config.api.jwt_issuer.clone(),
-                        audience: config.api.jwt_audience.clone(),
-                    })
-                }),
+                dev_tokens: options
+                    .dev_tokens
+                    .then(|| Arc::new(DevTokens::from_config(config))),
             });
-            // `/health` here too: it answers even while the client port is
-            // full (the file-descriptor reserve).
-            let internal = emulator
-                .management_router()
-                .merge(metrics::router(telemetry))
-                .route("/health", axum::routing::get(|| async { "ok" }));
-            tasks.push(serve_internal(
+            tasks.push(serve_management_port(
                 management_listener,
-                internal,
+                &emulator,
+                metrics::router(telemetry),
                 shutdown.clone(),
-                "the Management API",
             ));
             let app = http::app(app_state)
                 .merge(emulator.router())
