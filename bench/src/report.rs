@@ -188,6 +188,67 @@ fn relay_cpu_per_post_us(v: &Value) -> Option<f64> {
     (posts > 0.0).then(|| cpu / posts * 1e6)
 }
 
+/// A number of each JSON line, and its name in the tables.
+#[derive(Clone, Copy)]
+enum Metric<'a> {
+    /// The number (a boolean counts as 0 or 1) at a JSON pointer.
+    At(&'a str, &'static str),
+    /// The sum of a per-process field over the processes of a run.
+    Processes(&'a str, &'static str),
+    /// Computed from the line.
+    With(&'a str, &'a dyn Fn(&Value) -> Option<f64>),
+}
+
+impl Metric<'_> {
+    fn name(&self) -> &str {
+        match self {
+            Self::At(name, _) | Self::Processes(name, _) | Self::With(name, _) => name,
+        }
+    }
+
+    fn read(&self, v: &Value) -> Option<f64> {
+        match self {
+            Self::At(_, pointer) => get(v, pointer),
+            Self::Processes(_, field) => process_sum(v, field),
+            Self::With(_, f) => f(v),
+        }
+    }
+}
+
+// The metrics that more than one table shows, each defined once.
+const DELIVERED: Metric<'static> = Metric::At("deliveries/s", "/delivered_per_s");
+const LOST: Metric<'static> = Metric::At("lost deliveries", "/lost");
+const REFUSED: Metric<'static> = Metric::At("sends refused (any code)", "/rejected");
+const LOST_OR_REFUSED: Metric<'static> = Metric::With("lost + refused", &|v| {
+    Some(get(v, "/lost")? + get(v, "/rejected")?)
+});
+const LATENCY_P50: Metric<'static> = Metric::At("latency p50 (ms)", "/latency/p50_ms");
+const LATENCY_P99: Metric<'static> = Metric::At("latency p99 (ms)", "/latency/p99_ms");
+const SERVER_CPU: Metric<'static> = Metric::Processes(
+    "server CPU (% of one core, all processes)",
+    "cpu_send_percent",
+);
+const SERVER_RSS_PEAK: Metric<'static> =
+    Metric::Processes("server peak RSS (MiB, all processes)", "rss_peak_mib");
+const RELAY_CPU: Metric<'static> = Metric::With(
+    "relay CPU per PostToConnection (µs)",
+    &relay_cpu_per_post_us,
+);
+const REDIS_CPU: Metric<'static> = Metric::With("Redis CPU (% of one core, all nodes)", &redis_cpu);
+const PG_PER_SEND: Metric<'static> = Metric::At(
+    "PostgreSQL round trips per sendMessage",
+    "/counters/pg_round_trips_per_send",
+);
+const REDIS_PER_SEND: Metric<'static> = Metric::At(
+    "Redis round trips per sendMessage",
+    "/counters/redis_round_trips_per_send",
+);
+const JOINED: Metric<'static> = Metric::At("clients with their roomJoined", "/joined");
+const REDIS_PER_JOIN: Metric<'static> = Metric::At(
+    "Redis round trips per joinRoom",
+    "/counters/redis_round_trips_per_join",
+);
+
 struct Builder<'a> {
     all: &'a [Value],
     rows: Vec<Row>,
@@ -225,21 +286,15 @@ struct Section<'s, 'a> {
 }
 
 impl Section<'_, '_> {
-    fn row(
-        &mut self,
-        metric: &str,
-        f: &dyn Fn(&Value) -> Option<f64>,
-        better: Better,
-        target: Option<Target>,
-    ) {
+    fn row(&mut self, metric: Metric<'_>, better: Better, target: Option<Target>) {
         let of = |label| {
             let lines = lines_where(self.b.all, self.kind, label, self.scenario, self.select);
-            med(&lines, f)
+            med(&lines, &|v| metric.read(v))
         };
         let ((ours, n_ours), (baseline, n_base)) = (of(OURS), of(BASELINE));
         self.b.rows.push(Row {
             scenario: self.title.to_owned(),
-            metric: metric.to_owned(),
+            metric: metric.name().to_owned(),
             ours,
             baseline,
             better,
@@ -257,167 +312,82 @@ pub fn rows(all: &[Value]) -> Vec<Row> {
         rows: Vec::new(),
     };
     let all_lines: &dyn Fn(&Value) -> bool = &|_| true;
+    let zero = Some(Target::AtMost(0.0));
     let mut s1 = b.section("run", "S1", all_lines, "S1 idle: 10,000 connections");
-    s1.row("connections up", &|v| get(v, "/connected"), Higher, None);
+    s1.row(Metric::At("connections up", "/connected"), Higher, None);
     s1.row(
-        "gateway RSS per idle connection (bytes)",
-        &|v| get(v, "/rss_per_connection_bytes"),
+        Metric::At(
+            "gateway RSS per idle connection (bytes)",
+            "/rss_per_connection_bytes",
+        ),
         Lower,
         Some(Target::AtMost(8000.0)),
     );
     s1.row(
-        "server RSS with every connection up (MiB, all processes)",
-        &|v| process_sum(v, "rss_connected_mib"),
+        Metric::Processes(
+            "server RSS with every connection up (MiB, all processes)",
+            "rss_connected_mib",
+        ),
         Lower,
         None,
     );
     s1.row(
-        "connect: handshake p99 (ms)",
-        &|v| get(v, "/connect_handshake/p99_ms"),
+        Metric::At("connect: handshake p99 (ms)", "/connect_handshake/p99_ms"),
         Lower,
         None,
     );
 
     let mut s2 = b.section("run", "S2", all_lines, "S2 direct: 2,000 users, 1,000 DIRECT rooms across 2 instances, 2,000 msg/s, 60 s (ours: relay posts through the AWS SDK, SigV4-signed)");
+    s2.row(DELIVERED, Higher, None);
+    s2.row(LOST, Lower, zero);
     s2.row(
-        "deliveries/s",
-        &|v| get(v, "/delivered_per_s"),
-        Higher,
-        None,
-    );
-    s2.row(
-        "lost deliveries",
-        &|v| get(v, "/lost"),
+        Metric::At("duplicate deliveries", "/tally/duplicates"),
         Lower,
-        Some(Target::AtMost(0.0)),
+        zero,
     );
     s2.row(
-        "duplicate deliveries",
-        &|v| get(v, "/tally/duplicates"),
+        Metric::At("out-of-order deliveries", "/tally/out_of_order"),
         Lower,
-        Some(Target::AtMost(0.0)),
+        zero,
     );
+    s2.row(REFUSED, Lower, zero);
+    s2.row(LATENCY_P50, Lower, Some(Target::AtMost(5.0)));
+    s2.row(LATENCY_P99, Lower, Some(Target::AtMost(25.0)));
     s2.row(
-        "out-of-order deliveries",
-        &|v| get(v, "/tally/out_of_order"),
-        Lower,
-        Some(Target::AtMost(0.0)),
-    );
-    s2.row(
-        "sends refused (any code)",
-        &|v| get(v, "/rejected"),
-        Lower,
-        Some(Target::AtMost(0.0)),
-    );
-    s2.row(
-        "latency p50 (ms)",
-        &|v| get(v, "/latency/p50_ms"),
-        Lower,
-        Some(Target::AtMost(5.0)),
-    );
-    s2.row(
-        "latency p99 (ms)",
-        &|v| get(v, "/latency/p99_ms"),
-        Lower,
-        Some(Target::AtMost(25.0)),
-    );
-    s2.row(
-        "latency p99.9 (ms)",
-        &|v| get(v, "/latency/p999_ms"),
+        Metric::At("latency p99.9 (ms)", "/latency/p999_ms"),
         Lower,
         None,
     );
     s2.row(
-        "latency max (ms)",
-        &|v| get(v, "/latency/max_ms"),
+        Metric::At("latency max (ms)", "/latency/max_ms"),
         Lower,
         None,
     );
-    s2.row(
-        "server CPU (% of one core, all processes)",
-        &|v| process_sum(v, "cpu_send_percent"),
-        Lower,
-        None,
-    );
-    s2.row(
-        "server peak RSS (MiB, all processes)",
-        &|v| process_sum(v, "rss_peak_mib"),
-        Lower,
-        None,
-    );
-    s2.row(
-        "PostgreSQL round trips per sendMessage",
-        &|v| get(v, "/counters/pg_round_trips_per_send"),
-        Lower,
-        Some(Target::AtMost(1.0)),
-    );
-    s2.row(
-        "Redis round trips per sendMessage",
-        &|v| get(v, "/counters/redis_round_trips_per_send"),
-        Lower,
-        Some(Target::AtMost(2.0)),
-    );
-    s2.row(
-        "relay CPU per PostToConnection (µs)",
-        &relay_cpu_per_post_us,
-        Lower,
-        None,
-    );
+    s2.row(SERVER_CPU, Lower, None);
+    s2.row(SERVER_RSS_PEAK, Lower, None);
+    s2.row(PG_PER_SEND, Lower, Some(Target::AtMost(1.0)));
+    s2.row(REDIS_PER_SEND, Lower, Some(Target::AtMost(2.0)));
+    s2.row(RELAY_CPU, Lower, None);
 
     let mut s3 = b.section("run", "S3", all_lines, "S3 fan-out: 1,000 users in GROUP rooms of 100, 100 msg/s (10,000 deliveries/s; ours: relay posts through the AWS SDK)");
+    s3.row(DELIVERED, Higher, None);
+    s3.row(LOST, Lower, zero);
     s3.row(
-        "deliveries/s",
-        &|v| get(v, "/delivered_per_s"),
-        Higher,
-        None,
-    );
-    s3.row(
-        "lost deliveries",
-        &|v| get(v, "/lost"),
-        Lower,
-        Some(Target::AtMost(0.0)),
-    );
-    s3.row(
-        "duplicate + out-of-order deliveries",
-        &|v| Some(get(v, "/tally/duplicates")? + get(v, "/tally/out_of_order")?),
+        Metric::With("duplicate + out-of-order deliveries", &|v| {
+            Some(get(v, "/tally/duplicates")? + get(v, "/tally/out_of_order")?)
+        }),
         Lower,
         None,
     );
-    s3.row(
-        "sends refused (any code)",
-        &|v| get(v, "/rejected"),
-        Lower,
-        Some(Target::AtMost(0.0)),
-    );
-    s3.row(
-        "latency p50 (ms)",
-        &|v| get(v, "/latency/p50_ms"),
-        Lower,
-        None,
-    );
-    s3.row(
-        "latency p99 (ms)",
-        &|v| get(v, "/latency/p99_ms"),
-        Lower,
-        Some(Target::AtMost(50.0)),
-    );
-    s3.row(
-        "server CPU (% of one core, all processes)",
-        &|v| process_sum(v, "cpu_send_percent"),
-        Lower,
-        None,
-    );
-    s3.row(
-        "relay CPU per PostToConnection (µs)",
-        &relay_cpu_per_post_us,
-        Lower,
-        None,
-    );
+    s3.row(REFUSED, Lower, zero);
+    s3.row(LATENCY_P50, Lower, None);
+    s3.row(LATENCY_P99, Lower, Some(Target::AtMost(50.0)));
+    s3.row(SERVER_CPU, Lower, None);
+    s3.row(RELAY_CPU, Lower, None);
 
     let s4 = "S4 saturation: DIRECT rate raised until a step is not held (any send refused, any loss, or p99 > 100 ms)";
     b.section("sweep", "S4", all_lines, s4).row(
-        "highest rate held (msg/s)",
-        &|v| get(v, "/highest_held"),
+        Metric::At("highest rate held (msg/s)", "/highest_held"),
         Higher,
         Some(Target::TimesBaseline(5.0)),
     );
@@ -496,14 +466,16 @@ pub fn rows(all: &[Value]) -> Vec<Row> {
     // any share) or latency. None when the top of the list still held.
     let mut s4 = b.section("sweep", "S4", all_lines, s4);
     s4.row(
-        "first rate not held: sends refused (% of sent)",
-        &|v| first_failed_step(v).and_then(step_refused_percent),
+        Metric::With("first rate not held: sends refused (% of sent)", &|v| {
+            first_failed_step(v).and_then(step_refused_percent)
+        }),
         Lower,
         None,
     );
     s4.row(
-        "first rate not held: latency p99 (ms)",
-        &|v| first_failed_step(v).and_then(|s| get(s, "/p99_ms")),
+        Metric::With("first rate not held: latency p99 (ms)", &|v| {
+            first_failed_step(v).and_then(|s| get(s, "/p99_ms"))
+        }),
         Lower,
         None,
     );
@@ -515,31 +487,36 @@ pub fn rows(all: &[Value]) -> Vec<Row> {
             move |v: &Value| (v["function"] == f).then(|| get(v, field)).flatten()
         };
         cold.row(
-            &format!("{f}: spawn to first event handled, median (ms)"),
-            &pick("/first_response/p50_ms"),
+            Metric::With(
+                &format!("{f}: spawn to first event handled, median (ms)"),
+                &pick("/first_response/p50_ms"),
+            ),
             Lower,
             Some(Target::AtMost(20.0)),
         );
         cold.row(
-            &format!("{f}: spawn to ready for events, median (ms)"),
-            &pick("/init/p50_ms"),
+            Metric::With(
+                &format!("{f}: spawn to ready for events, median (ms)"),
+                &pick("/init/p50_ms"),
+            ),
             Lower,
             None,
         );
         cold.row(
-            &format!("{f}: stripped binary (MB)"),
-            &|v: &Value| {
+            Metric::With(&format!("{f}: stripped binary (MB)"), &|v: &Value| {
                 (v["function"] == f)
                     .then(|| get(v, "/size_bytes").map(|b| b / 1e6))
                     .flatten()
-            },
+            }),
             Lower,
             Some(Target::AtMost(10.0)),
         );
     }
     b.section("process_start", "", all_lines, s5).row(
-        "whole server process: spawn to first /health answered (ms)",
-        &|v| get(v, "/ms"),
+        Metric::At(
+            "whole server process: spawn to first /health answered (ms)",
+            "/ms",
+        ),
         Lower,
         None,
     );
@@ -553,67 +530,52 @@ pub fn rows(all: &[Value]) -> Vec<Row> {
         "Overload: DIRECT at 3× the S4 rate held (strict rule)",
     );
     ov.row(
-        "offered rate (msg/s)",
-        &|v| get(v, "/send_rate"),
+        Metric::At("offered rate (msg/s)", "/send_rate"),
         Higher,
         None,
     );
     ov.row(
-        "accepted rate (msg/s)",
-        &|v| get(v, "/accepted_rate"),
+        Metric::At("accepted rate (msg/s)", "/accepted_rate"),
         Higher,
         None,
     );
     ov.row(
-        "sends refused, any code (% of sent)",
-        &|v| Some(get(v, "/rejected")? / get(v, "/sent")?.max(1.0) * 100.0),
+        Metric::With("sends refused, any code (% of sent)", &|v| {
+            Some(get(v, "/rejected")? / get(v, "/sent")?.max(1.0) * 100.0)
+        }),
         Higher,
         None,
     );
     ov.row(
-        "refused with RATE_LIMITED (% of sent)",
-        &|v| {
+        Metric::With("refused with RATE_LIMITED (% of sent)", &|v| {
             Some(get(v, "/errors/RATE_LIMITED").unwrap_or(0.0) / get(v, "/sent")?.max(1.0) * 100.0)
-        },
+        }),
         Higher,
         None,
     );
     ov.row(
-        "refused with another code (% of sent)",
-        &|v| {
+        Metric::With("refused with another code (% of sent)", &|v| {
             let others = count_codes(v, "/errors", &|c| c != "RATE_LIMITED");
             Some(others / get(v, "/sent")?.max(1.0) * 100.0)
-        },
+        }),
         Lower,
         None,
     );
     ov.row(
-        "accepted messages: latency p99 (ms)",
-        &|v| get(v, "/latency/p99_ms"),
+        Metric::At("accepted messages: latency p99 (ms)", "/latency/p99_ms"),
         Lower,
         Some(Target::AtMost(200.0)),
     );
+    ov.row(Metric::At("accepted messages lost", "/lost"), Lower, zero);
     ov.row(
-        "accepted messages lost",
-        &|v| get(v, "/lost"),
-        Lower,
-        Some(Target::AtMost(0.0)),
-    );
-    ov.row(
-        "server processes alive afterwards",
-        &|v| {
+        Metric::With("server processes alive afterwards", &|v| {
             let procs = v["processes"].as_array()?;
             Some(procs.iter().filter(|p| p["alive"] == true).count() as f64)
-        },
+        }),
         Higher,
         None,
     );
-    ov.row(
-        "server peak RSS (MiB, all processes)",
-        &|v| process_sum(v, "rss_peak_mib"),
-        Lower,
-        None,
-    );
+    ov.row(SERVER_RSS_PEAK, Lower, None);
     b.rows
 }
 
@@ -642,108 +604,108 @@ fn storm_rows(b: &mut Builder<'_>, all: &[Value]) {
         );
         let zero = Some(Target::AtMost(0.0));
         let mut s6 = b.section("storm", "S6", &of_size, &title);
-        s6.row(
-            "clients with their roomJoined",
-            &|v| get(v, "/joined"),
-            Higher,
-            Some(Target::AtLeast(n as f64)),
-        );
+        s6.row(JOINED, Higher, Some(Target::AtLeast(n as f64)));
         // A run in which some client never joined took forever: it counts
         // as "never", and a median of "never" is "never".
         s6.row(
-            "time from the first connect until every client had its roomJoined (s)",
-            &|v| {
-                if get(v, "/joined")? >= n as f64 {
-                    get(v, "/all_joined_s")
-                } else {
-                    Some(f64::INFINITY)
-                }
-            },
+            Metric::With(
+                "time from the first connect until every client had its roomJoined (s)",
+                &|v| {
+                    if get(v, "/joined")? >= n as f64 {
+                        get(v, "/all_joined_s")
+                    } else {
+                        Some(f64::INFINITY)
+                    }
+                },
+            ),
             Lower,
             (n >= 10_000).then_some(Target::UnderBaseline),
         );
         s6.row(
-            "each client, first connect to roomJoined: p99 (ms)",
-            &|v| get(v, "/join_time/p99_ms"),
+            Metric::At(
+                "each client, first connect to roomJoined: p99 (ms)",
+                "/join_time/p99_ms",
+            ),
             Lower,
             None,
         );
         s6.row(
-            "joins refused with RATE_LIMITED (every attempt)",
-            &|v| Some(count_codes(v, "/join_errors", &|c| c == "RATE_LIMITED")),
+            Metric::With("joins refused with RATE_LIMITED (every attempt)", &|v| {
+                Some(count_codes(v, "/join_errors", &|c| c == "RATE_LIMITED"))
+            }),
             Lower,
             zero,
         );
         s6.row(
-            "joins refused with SERVICE_UNAVAILABLE (every attempt)",
-            &|v| {
-                Some(count_codes(v, "/join_errors", &|c| {
-                    c == "SERVICE_UNAVAILABLE" || c == "UNAVAILABLE"
-                }))
-            },
+            Metric::With(
+                "joins refused with SERVICE_UNAVAILABLE (every attempt)",
+                &|v| {
+                    Some(count_codes(v, "/join_errors", &|c| {
+                        c == "SERVICE_UNAVAILABLE" || c == "UNAVAILABLE"
+                    }))
+                },
+            ),
             Lower,
             zero,
         );
         s6.row(
-            "joins answered INTERNAL",
-            &|v| Some(count_codes(v, "/join_errors", &|c| c == "INTERNAL")),
+            Metric::With("joins answered INTERNAL", &|v| {
+                Some(count_codes(v, "/join_errors", &|c| c == "INTERNAL"))
+            }),
             Lower,
             zero,
         );
         s6.row(
-            "joins answered with another error code",
-            &|v| {
+            Metric::With("joins answered with another error code", &|v| {
                 Some(count_codes(v, "/join_errors", &|c| {
                     !matches!(
                         c,
                         "RATE_LIMITED" | "SERVICE_UNAVAILABLE" | "UNAVAILABLE" | "INTERNAL"
                     )
                 }))
-            },
+            }),
             Lower,
             zero,
         );
         s6.row(
-            "connections refused, failed or dropped (every attempt)",
-            &|v| {
-                Some(
-                    count_codes(v, "/handshake_errors", &|_| true)
-                        + get(v, "/unexpected_closes").unwrap_or(0.0),
-                )
-            },
+            Metric::With(
+                "connections refused, failed or dropped (every attempt)",
+                &|v| {
+                    Some(
+                        count_codes(v, "/handshake_errors", &|_| true)
+                            + get(v, "/unexpected_closes").unwrap_or(0.0),
+                    )
+                },
+            ),
             Lower,
             zero,
         );
         s6.row(
-            &format!("joins unanswered within the deadline ({deadline:.0} s)"),
-            &|v| Some(count_codes(v, "/failed", &|c| c == "no_answer")),
+            Metric::With(
+                &format!("joins unanswered within the deadline ({deadline:.0} s)"),
+                &|v| Some(count_codes(v, "/failed", &|c| c == "no_answer")),
+            ),
             Lower,
             zero,
         );
         s6.row(
-            "wrong roomJoined (DIRECT pair split, recovery not exact)",
-            &|v| Some(count_codes(v, "/wrong_answers", &|_| true)),
+            Metric::With(
+                "wrong roomJoined (DIRECT pair split, recovery not exact)",
+                &|v| Some(count_codes(v, "/wrong_answers", &|_| true)),
+            ),
             Lower,
             zero,
         );
         s6.row(
-            "PostgreSQL round trips per joinRoom",
-            &|v| get(v, "/counters/pg_round_trips_per_join"),
+            Metric::At(
+                "PostgreSQL round trips per joinRoom",
+                "/counters/pg_round_trips_per_join",
+            ),
             Lower,
             Some(Target::AtMost(1.0)),
         );
-        s6.row(
-            "Redis round trips per joinRoom",
-            &|v| get(v, "/counters/redis_round_trips_per_join"),
-            Lower,
-            Some(Target::AtMost(1.0)),
-        );
-        s6.row(
-            "server peak RSS (MiB, all processes)",
-            &|v| process_sum(v, "rss_peak_mib"),
-            Lower,
-            None,
-        );
+        s6.row(REDIS_PER_JOIN, Lower, Some(Target::AtMost(1.0)));
+        s6.row(SERVER_RSS_PEAK, Lower, None);
     }
 }
 
@@ -836,39 +798,32 @@ pub fn before_after_table(all: &[Value]) -> Option<String> {
     if !all.iter().any(|v| v["label"] == BEFORE) {
         return None;
     }
-    type Metric = (&'static str, fn(&Value) -> Option<f64>);
-    let metrics: [Metric; 7] = [
-        ("latency p50 (ms)", |v| get(v, "/latency/p50_ms")),
-        ("latency p99 (ms)", |v| get(v, "/latency/p99_ms")),
-        ("lost + refused", |v| {
-            Some(get(v, "/lost")? + get(v, "/rejected")?)
-        }),
-        ("server CPU (% of one core, all processes)", |v| {
-            process_sum(v, "cpu_send_percent")
-        }),
-        ("relay CPU per PostToConnection (µs)", relay_cpu_per_post_us),
-        ("PostgreSQL round trips per sendMessage", |v| {
-            get(v, "/counters/pg_round_trips_per_send")
-        }),
-        ("Redis round trips per sendMessage", |v| {
-            get(v, "/counters/redis_round_trips_per_send")
-        }),
+    let metrics = [
+        LATENCY_P50,
+        LATENCY_P99,
+        LOST_OR_REFUSED,
+        SERVER_CPU,
+        RELAY_CPU,
+        PG_PER_SEND,
+        REDIS_PER_SEND,
     ];
     let mut out = String::from(
         "| scenario | metric | this build | earlier build | this ÷ earlier | runs |\n|---|---|---:|---:|---:|---|\n",
     );
     for scenario in ["S2", "S3"] {
-        for (i, (metric, f)) in metrics.iter().enumerate() {
-            let (now, n_now) = med(&lines(all, "run", OURS, scenario), f);
-            let (then, n_then) = med(&lines(all, "run", BEFORE, scenario), f);
+        for (i, metric) in metrics.iter().enumerate() {
+            let f = |v: &Value| metric.read(v);
+            let (now, n_now) = med(&lines(all, "run", OURS, scenario), &f);
+            let (then, n_then) = med(&lines(all, "run", BEFORE, scenario), &f);
             let ratio = match (now, then) {
                 (Some(a), Some(b)) if b > 0.0 => format!("{:.2}", a / b),
                 _ => String::new(),
             };
             let _ = writeln!(
                 out,
-                "| {} | {metric} | {} | {} | {ratio} | {n_now} / {n_then} |",
+                "| {} | {} | {} | {} | {ratio} | {n_now} / {n_then} |",
                 if i == 0 { scenario } else { "" },
+                metric.name(),
                 fmt(now),
                 fmt(then),
             );
@@ -931,7 +886,6 @@ fn node_shares(runs: &[&Value]) -> String {
 /// node's share of it) and the round trips per send and per join. `None`
 /// when the session has no cluster lines.
 pub fn cluster_table(all: &[Value]) -> Option<String> {
-    type Metric<'a> = (&'a str, &'a dyn Fn(&Value) -> Option<f64>);
     if !all.iter().any(|v| v["label"] == CLUSTER) {
         return None;
     }
@@ -947,14 +901,16 @@ pub fn cluster_table(all: &[Value]) -> Option<String> {
                      metrics: &[Metric<'_>]| {
         let of = |label: &str| lines_where(all, kind, label, scenario, select);
         let (single, cluster, baseline) = (of(OURS), of(CLUSTER), of("baseline"));
-        for (i, (metric, f)) in metrics.iter().enumerate() {
-            let (a, n_a) = med(&single, *f);
-            let (b, n_b) = med(&cluster, *f);
-            let (c, _) = med(&baseline, *f);
+        for (i, metric) in metrics.iter().enumerate() {
+            let f = |v: &Value| metric.read(v);
+            let (a, n_a) = med(&single, &f);
+            let (b, n_b) = med(&cluster, &f);
+            let (c, _) = med(&baseline, &f);
             let _ = writeln!(
                 out,
-                "| {} | {metric} | {} | {} | {} | {n_a} / {n_b} |",
+                "| {} | {} | {} | {} | {} | {n_a} / {n_b} |",
                 if i == 0 { title } else { "" },
+                metric.name(),
                 fmt(a),
                 fmt(b),
                 fmt(c),
@@ -968,27 +924,20 @@ pub fn cluster_table(all: &[Value]) -> Option<String> {
             );
         }
     };
-    let s2: [Metric<'_>; 7] = [
-        ("latency p50 (ms)", &|v| get(v, "/latency/p50_ms")),
-        ("latency p99 (ms)", &|v| get(v, "/latency/p99_ms")),
-        ("lost + refused", &|v| {
-            Some(get(v, "/lost")? + get(v, "/rejected")?)
-        }),
-        ("Redis CPU (% of one core, all nodes)", &redis_cpu),
-        ("Redis round trips per sendMessage", &|v| {
-            get(v, "/counters/redis_round_trips_per_send")
-        }),
-        ("PostgreSQL round trips per sendMessage", &|v| {
-            get(v, "/counters/pg_round_trips_per_send")
-        }),
-        ("server CPU (% of one core, all processes)", &|v| {
-            process_sum(v, "cpu_send_percent")
-        }),
+    let s2 = [
+        LATENCY_P50,
+        LATENCY_P99,
+        LOST_OR_REFUSED,
+        REDIS_CPU,
+        REDIS_PER_SEND,
+        PG_PER_SEND,
+        SERVER_CPU,
     ];
     block("S2", "run", &|_| true, "S2 direct, 2,000 msg/s", &s2);
-    let s4: [Metric<'_>; 1] = [("highest rate held (msg/s, strict rule)", &|v| {
-        get(v, "/highest_held")
-    })];
+    let s4 = [Metric::At(
+        "highest rate held (msg/s, strict rule)",
+        "/highest_held",
+    )];
     block("S4", "sweep", &|_| true, "S4 saturation", &s4);
     let mut sizes: Vec<u64> = all
         .iter()
@@ -998,18 +947,17 @@ pub fn cluster_table(all: &[Value]) -> Option<String> {
     sizes.sort_unstable();
     sizes.dedup();
     for n in sizes {
-        let s6: [Metric<'_>; 5] = [
-            ("clients with their roomJoined", &|v| get(v, "/joined")),
-            ("time until every client had its roomJoined (s)", &|v| {
-                get(v, "/all_joined_s")
-            }),
-            ("joins refused or failed (any code)", &|v| {
+        let s6 = [
+            JOINED,
+            Metric::At(
+                "time until every client had its roomJoined (s)",
+                "/all_joined_s",
+            ),
+            Metric::With("joins refused or failed (any code)", &|v| {
                 Some(count_codes(v, "/join_errors", &|_| true))
             }),
-            ("Redis CPU (% of one core, all nodes)", &redis_cpu),
-            ("Redis round trips per joinRoom", &|v| {
-                get(v, "/counters/redis_round_trips_per_join")
-            }),
+            REDIS_CPU,
+            REDIS_PER_JOIN,
         ];
         let title = format!("S6 storm, {} clients", group_thousands(n as i64));
         block(
@@ -1069,15 +1017,15 @@ pub fn lambda_table(all: &[Value]) -> String {
                 String::new()
             }
         };
-        for (metric, pointer, hop) in [
-            ("deliveries/s", "/delivered_per_s", false),
-            ("sends refused (any code)", "/rejected", false),
-            ("lost deliveries", "/lost", false),
-            ("latency p50 (ms)", "/latency/p50_ms", true),
-            ("latency p99 (ms)", "/latency/p99_ms", true),
+        for (metric, hop) in [
+            (DELIVERED, false),
+            (REFUSED, false),
+            (LOST, false),
+            (LATENCY_P50, true),
+            (LATENCY_P99, true),
         ] {
-            let (lambda, ours) = both(&|v| get(v, pointer));
-            row(&title_once(), metric, lambda, ours, hop);
+            let (lambda, ours) = both(&|v| metric.read(v));
+            row(&title_once(), metric.name(), lambda, ours, hop);
         }
         // Only `$default` is invoked while sending (the counters are
         // deltas over the sending window; connects come before it).
