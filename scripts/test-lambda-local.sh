@@ -54,16 +54,7 @@ export RUST_LOG=warn
 export LAMBDA_CONCURRENCY="${LAMBDA_CONCURRENCY:-4}"
 unset JWT_ISSUER JWT_AUDIENCE
 
-port_free() { ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-port=""
-for _ in $(seq 1 50); do
-    candidate=$((20000 + RANDOM % 3000))
-    if port_free "$candidate" && port_free $((candidate + 100)) && port_free $((candidate + 6000)); then
-        port="$candidate"
-        break
-    fi
-done
-[ -n "$port" ] || { echo "error: no free ports found" >&2; exit 1; }
+port="$(isolated_ports 3000 0 100 6000)" || { echo "error: no free ports found" >&2; exit 1; }
 export PORT="$port"
 invoke_port=$((port + 6000))
 
@@ -180,22 +171,9 @@ errors="$(printf '%s\n' "$metrics" | sed -n 's/^chat_lambda_errors_total{functio
 [ "${errors%.*}" = 1 ] || fail "ws-message: expected exactly 1 failed invocation (the panic), counted ${errors:-none}"
 
 # Stop it as ctrl-c does; every process must be gone, function instances too.
-kill -INT -- "-$local_pid"
-for _ in $(seq 1 300); do
-    kill -0 "$local_pid" 2>/dev/null || break
-    sleep 0.1
-done
-kill -0 "$local_pid" 2>/dev/null && fail "lambda-local.sh still running 30 s after SIGINT"
-wait "$local_pid" 2>/dev/null || true
-group="$local_pid"
+isolated_interrupt "$local_pid" lambda-local.sh 30 "$port" $((port + 100)) "$invoke_port"
 local_pid=""
 grep -q "lambda-local: stopped" "$tmp/local.log" || fail "lambda-local.sh did not report stopping"
-for p in "$port" $((port + 100)) "$invoke_port"; do
-    port_free "$p" || fail "port $p still answers after stopping"
-done
-if pgrep -g "$group" >/dev/null; then
-    fail "processes of lambda-local.sh outlived it: $(pgrep -a -g "$group")"
-fi
 left="$(marked)"
 [ -z "$left" ] || fail "processes started by lambda-local.sh outlived it: $(ps -o pid,args -p "$(echo "$left" | paste -sd,)")"
 echo "lambda-test: everything stopped on SIGINT" >&2

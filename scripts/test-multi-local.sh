@@ -28,16 +28,7 @@ export MULTI_LOG_DIR="$tmp/logs"
 export RUST_LOG=warn
 
 # Three consecutive free ports.
-port_free() { ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-base=""
-for _ in $(seq 1 50); do
-    candidate=$((20000 + RANDOM % 20000))
-    if port_free "$candidate" && port_free $((candidate + 1)) && port_free $((candidate + 2)); then
-        base="$candidate"
-        break
-    fi
-done
-[ -n "$base" ] || { echo "error: no three free ports found" >&2; exit 1; }
+base="$(isolated_ports 20000 0 1 2)" || { echo "error: no three free ports found" >&2; exit 1; }
 export MULTI_BASE_PORT="$base"
 g1="$base" g2=$((base + 1)) g3=$((base + 2))
 
@@ -142,21 +133,8 @@ client_pids=()
 
 # Stop it as ctrl-c does (SIGINT to the foreground process group); every
 # process must be gone.
-kill -INT -- "-$multi_pid"
-for _ in $(seq 1 200); do
-    kill -0 "$multi_pid" 2>/dev/null || break
-    sleep 0.1
-done
-kill -0 "$multi_pid" 2>/dev/null && fail "multi-local.sh still running 20 s after SIGINT"
-wait "$multi_pid" 2>/dev/null || true
-group="$multi_pid"
+isolated_interrupt "$multi_pid" multi-local.sh 20 "$g1" "$g2" "$g3"
 multi_pid=""
-for port in "$g1" "$g2" "$g3"; do
-    port_free "$port" || fail "port $port still answers after stopping"
-done
-if pgrep -g "$group" >/dev/null; then
-    fail "processes of multi-local.sh outlived it: $(pgrep -a -g "$group")"
-fi
 grep -q "multi: stopped" "$tmp/multi.log" || fail "multi-local.sh did not report stopping"
 echo "multi-test: all gateways and the relay stopped on SIGINT" >&2
 echo "multi-test: passed" >&2

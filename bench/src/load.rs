@@ -1031,13 +1031,6 @@ async fn send_phase(
             let sent: u64 = s.sent.iter().sum();
             let summary = s.window.summary();
             s.window.reset();
-            let rss: Vec<String> = watched
-                .iter()
-                .filter_map(|w| {
-                    w.last
-                        .map(|r| format!("{}={:.0}M", w.label, r.rss_bytes as f64 / 1048576.0))
-                })
-                .collect();
             eprintln!(
                 "[{} {} t={:>3.0}s] sent {:>6}/s delivered {:>6}/s p50 {:>7.2} ms p99 {:>8.2} ms max {:>8.1} ms errors {} {}",
                 cfg.target.label,
@@ -1049,7 +1042,7 @@ async fn send_phase(
                 summary.p99_ms,
                 summary.max_ms,
                 s.errors.values().sum::<u64>(),
-                rss.join(" ")
+                crate::procstat::rss_now(watched)
             );
             last_sent = sent;
             last_delivered = s.delivered;

@@ -167,6 +167,19 @@ impl Watched {
     }
 }
 
+/// The latest RSS of each process, `label=123M` separated by spaces: the
+/// end of the progress lines the scenarios print every second.
+pub fn rss_now(watched: &[Watched]) -> String {
+    let rss: Vec<String> = watched
+        .iter()
+        .filter_map(|w| {
+            w.last
+                .map(|r| format!("{}={:.0}M", w.label, r.rss_bytes as f64 / 1048576.0))
+        })
+        .collect();
+    rss.join(" ")
+}
+
 /// What the JSON line reports per process.
 #[derive(Debug, Clone, Serialize)]
 pub struct ProcessReport {

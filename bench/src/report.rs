@@ -188,44 +188,113 @@ fn relay_cpu_per_post_us(v: &Value) -> Option<f64> {
     (posts > 0.0).then(|| cpu / posts * 1e6)
 }
 
+/// A number of each JSON line, and its name in the tables.
+#[derive(Clone, Copy)]
+enum Metric<'a> {
+    /// The number (a boolean counts as 0 or 1) at a JSON pointer.
+    At(&'a str, &'static str),
+    /// The sum of a per-process field over the processes of a run.
+    Processes(&'a str, &'static str),
+    /// Computed from the line.
+    With(&'a str, &'a dyn Fn(&Value) -> Option<f64>),
+}
+
+impl Metric<'_> {
+    fn name(&self) -> &str {
+        match self {
+            Self::At(name, _) | Self::Processes(name, _) | Self::With(name, _) => name,
+        }
+    }
+
+    fn read(&self, v: &Value) -> Option<f64> {
+        match self {
+            Self::At(_, pointer) => get(v, pointer),
+            Self::Processes(_, field) => process_sum(v, field),
+            Self::With(_, f) => f(v),
+        }
+    }
+}
+
+// The metrics that more than one table shows, each defined once.
+const DELIVERED: Metric<'static> = Metric::At("deliveries/s", "/delivered_per_s");
+const LOST: Metric<'static> = Metric::At("lost deliveries", "/lost");
+const REFUSED: Metric<'static> = Metric::At("sends refused (any code)", "/rejected");
+const LOST_OR_REFUSED: Metric<'static> = Metric::With("lost + refused", &|v| {
+    Some(get(v, "/lost")? + get(v, "/rejected")?)
+});
+const LATENCY_P50: Metric<'static> = Metric::At("latency p50 (ms)", "/latency/p50_ms");
+const LATENCY_P99: Metric<'static> = Metric::At("latency p99 (ms)", "/latency/p99_ms");
+const SERVER_CPU: Metric<'static> = Metric::Processes(
+    "server CPU (% of one core, all processes)",
+    "cpu_send_percent",
+);
+const SERVER_RSS_PEAK: Metric<'static> =
+    Metric::Processes("server peak RSS (MiB, all processes)", "rss_peak_mib");
+const RELAY_CPU: Metric<'static> = Metric::With(
+    "relay CPU per PostToConnection (µs)",
+    &relay_cpu_per_post_us,
+);
+const REDIS_CPU: Metric<'static> = Metric::With("Redis CPU (% of one core, all nodes)", &redis_cpu);
+const PG_PER_SEND: Metric<'static> = Metric::At(
+    "PostgreSQL round trips per sendMessage",
+    "/counters/pg_round_trips_per_send",
+);
+const REDIS_PER_SEND: Metric<'static> = Metric::At(
+    "Redis round trips per sendMessage",
+    "/counters/redis_round_trips_per_send",
+);
+const JOINED: Metric<'static> = Metric::At("clients with their roomJoined", "/joined");
+const REDIS_PER_JOIN: Metric<'static> = Metric::At(
+    "Redis round trips per joinRoom",
+    "/counters/redis_round_trips_per_join",
+);
+
 struct Builder<'a> {
     all: &'a [Value],
     rows: Vec<Row>,
 }
 
-impl Builder<'_> {
-    #[allow(clippy::too_many_arguments)]
-    fn row(
-        &mut self,
-        kind: &str,
-        scenario: &str,
-        title: &str,
-        metric: &str,
-        f: &dyn Fn(&Value) -> Option<f64>,
-        better: Better,
-        target: Option<Target>,
-    ) {
-        self.row_where(kind, scenario, &|_| true, title, metric, f, better, target);
+impl<'a> Builder<'a> {
+    /// The rows of one block of the table, titled `title`: the medians of
+    /// the lines of `kind` and `scenario` (any scenario when empty) that
+    /// `select` accepts.
+    fn section<'s>(
+        &'s mut self,
+        kind: &'s str,
+        scenario: &'s str,
+        select: &'s dyn Fn(&Value) -> bool,
+        title: &'s str,
+    ) -> Section<'s, 'a> {
+        Section {
+            b: self,
+            kind,
+            scenario,
+            select,
+            title,
+        }
     }
+}
 
-    /// A row of the lines of `kind` and `scenario` that `select` accepts.
-    #[allow(clippy::too_many_arguments)]
-    fn row_where(
-        &mut self,
-        kind: &str,
-        scenario: &str,
-        select: &dyn Fn(&Value) -> bool,
-        title: &str,
-        metric: &str,
-        f: &dyn Fn(&Value) -> Option<f64>,
-        better: Better,
-        target: Option<Target>,
-    ) {
-        let (ours, n_ours) = med(&lines_where(self.all, kind, OURS, scenario, select), f);
-        let (baseline, n_base) = med(&lines_where(self.all, kind, BASELINE, scenario, select), f);
-        self.rows.push(Row {
-            scenario: title.to_owned(),
-            metric: metric.to_owned(),
+/// One block of rows: what [`Builder::section`] chose, so that each row
+/// names only its metric.
+struct Section<'s, 'a> {
+    b: &'s mut Builder<'a>,
+    kind: &'s str,
+    scenario: &'s str,
+    select: &'s dyn Fn(&Value) -> bool,
+    title: &'s str,
+}
+
+impl Section<'_, '_> {
+    fn row(&mut self, metric: Metric<'_>, better: Better, target: Option<Target>) {
+        let of = |label| {
+            let lines = lines_where(self.b.all, self.kind, label, self.scenario, self.select);
+            med(&lines, &|v| metric.read(v))
+        };
+        let ((ours, n_ours), (baseline, n_base)) = (of(OURS), of(BASELINE));
+        self.b.rows.push(Row {
+            scenario: self.title.to_owned(),
+            metric: metric.name().to_owned(),
             ours,
             baseline,
             better,
@@ -242,253 +311,83 @@ pub fn rows(all: &[Value]) -> Vec<Row> {
         all,
         rows: Vec::new(),
     };
-    let s1 = "S1 idle: 10,000 connections";
-    b.row(
-        "run",
-        "S1",
-        s1,
-        "connections up",
-        &|v| get(v, "/connected"),
-        Higher,
-        None,
-    );
-    b.row(
-        "run",
-        "S1",
-        s1,
-        "gateway RSS per idle connection (bytes)",
-        &|v| get(v, "/rss_per_connection_bytes"),
+    let all_lines: &dyn Fn(&Value) -> bool = &|_| true;
+    let zero = Some(Target::AtMost(0.0));
+    let mut s1 = b.section("run", "S1", all_lines, "S1 idle: 10,000 connections");
+    s1.row(Metric::At("connections up", "/connected"), Higher, None);
+    s1.row(
+        Metric::At(
+            "gateway RSS per idle connection (bytes)",
+            "/rss_per_connection_bytes",
+        ),
         Lower,
         Some(Target::AtMost(8000.0)),
     );
-    b.row(
-        "run",
-        "S1",
-        s1,
-        "server RSS with every connection up (MiB, all processes)",
-        &|v| process_sum(v, "rss_connected_mib"),
+    s1.row(
+        Metric::Processes(
+            "server RSS with every connection up (MiB, all processes)",
+            "rss_connected_mib",
+        ),
         Lower,
         None,
     );
-    b.row(
-        "run",
-        "S1",
-        s1,
-        "connect: handshake p99 (ms)",
-        &|v| get(v, "/connect_handshake/p99_ms"),
+    s1.row(
+        Metric::At("connect: handshake p99 (ms)", "/connect_handshake/p99_ms"),
         Lower,
         None,
     );
 
-    let s2 = "S2 direct: 2,000 users, 1,000 DIRECT rooms across 2 instances, 2,000 msg/s, 60 s (ours: relay posts through the AWS SDK, SigV4-signed)";
-    b.row(
-        "run",
-        "S2",
-        s2,
-        "deliveries/s",
-        &|v| get(v, "/delivered_per_s"),
-        Higher,
-        None,
-    );
-    b.row(
-        "run",
-        "S2",
-        s2,
-        "lost deliveries",
-        &|v| get(v, "/lost"),
+    let mut s2 = b.section("run", "S2", all_lines, "S2 direct: 2,000 users, 1,000 DIRECT rooms across 2 instances, 2,000 msg/s, 60 s (ours: relay posts through the AWS SDK, SigV4-signed)");
+    s2.row(DELIVERED, Higher, None);
+    s2.row(LOST, Lower, zero);
+    s2.row(
+        Metric::At("duplicate deliveries", "/tally/duplicates"),
         Lower,
-        Some(Target::AtMost(0.0)),
+        zero,
     );
-    b.row(
-        "run",
-        "S2",
-        s2,
-        "duplicate deliveries",
-        &|v| get(v, "/tally/duplicates"),
+    s2.row(
+        Metric::At("out-of-order deliveries", "/tally/out_of_order"),
         Lower,
-        Some(Target::AtMost(0.0)),
+        zero,
     );
-    b.row(
-        "run",
-        "S2",
-        s2,
-        "out-of-order deliveries",
-        &|v| get(v, "/tally/out_of_order"),
-        Lower,
-        Some(Target::AtMost(0.0)),
-    );
-    b.row(
-        "run",
-        "S2",
-        s2,
-        "sends refused (any code)",
-        &|v| get(v, "/rejected"),
-        Lower,
-        Some(Target::AtMost(0.0)),
-    );
-    b.row(
-        "run",
-        "S2",
-        s2,
-        "latency p50 (ms)",
-        &|v| get(v, "/latency/p50_ms"),
-        Lower,
-        Some(Target::AtMost(5.0)),
-    );
-    b.row(
-        "run",
-        "S2",
-        s2,
-        "latency p99 (ms)",
-        &|v| get(v, "/latency/p99_ms"),
-        Lower,
-        Some(Target::AtMost(25.0)),
-    );
-    b.row(
-        "run",
-        "S2",
-        s2,
-        "latency p99.9 (ms)",
-        &|v| get(v, "/latency/p999_ms"),
+    s2.row(REFUSED, Lower, zero);
+    s2.row(LATENCY_P50, Lower, Some(Target::AtMost(5.0)));
+    s2.row(LATENCY_P99, Lower, Some(Target::AtMost(25.0)));
+    s2.row(
+        Metric::At("latency p99.9 (ms)", "/latency/p999_ms"),
         Lower,
         None,
     );
-    b.row(
-        "run",
-        "S2",
-        s2,
-        "latency max (ms)",
-        &|v| get(v, "/latency/max_ms"),
+    s2.row(
+        Metric::At("latency max (ms)", "/latency/max_ms"),
         Lower,
         None,
     );
-    b.row(
-        "run",
-        "S2",
-        s2,
-        "server CPU (% of one core, all processes)",
-        &|v| process_sum(v, "cpu_send_percent"),
-        Lower,
-        None,
-    );
-    b.row(
-        "run",
-        "S2",
-        s2,
-        "server peak RSS (MiB, all processes)",
-        &|v| process_sum(v, "rss_peak_mib"),
-        Lower,
-        None,
-    );
-    b.row(
-        "run",
-        "S2",
-        s2,
-        "PostgreSQL round trips per sendMessage",
-        &|v| get(v, "/counters/pg_round_trips_per_send"),
-        Lower,
-        Some(Target::AtMost(1.0)),
-    );
-    b.row(
-        "run",
-        "S2",
-        s2,
-        "Redis round trips per sendMessage",
-        &|v| get(v, "/counters/redis_round_trips_per_send"),
-        Lower,
-        Some(Target::AtMost(2.0)),
-    );
-    b.row(
-        "run",
-        "S2",
-        s2,
-        "relay CPU per PostToConnection (µs)",
-        &relay_cpu_per_post_us,
-        Lower,
-        None,
-    );
+    s2.row(SERVER_CPU, Lower, None);
+    s2.row(SERVER_RSS_PEAK, Lower, None);
+    s2.row(PG_PER_SEND, Lower, Some(Target::AtMost(1.0)));
+    s2.row(REDIS_PER_SEND, Lower, Some(Target::AtMost(2.0)));
+    s2.row(RELAY_CPU, Lower, None);
 
-    let s3 = "S3 fan-out: 1,000 users in GROUP rooms of 100, 100 msg/s (10,000 deliveries/s; ours: relay posts through the AWS SDK)";
-    b.row(
-        "run",
-        "S3",
-        s3,
-        "deliveries/s",
-        &|v| get(v, "/delivered_per_s"),
-        Higher,
-        None,
-    );
-    b.row(
-        "run",
-        "S3",
-        s3,
-        "lost deliveries",
-        &|v| get(v, "/lost"),
-        Lower,
-        Some(Target::AtMost(0.0)),
-    );
-    b.row(
-        "run",
-        "S3",
-        s3,
-        "duplicate + out-of-order deliveries",
-        &|v| Some(get(v, "/tally/duplicates")? + get(v, "/tally/out_of_order")?),
+    let mut s3 = b.section("run", "S3", all_lines, "S3 fan-out: 1,000 users in GROUP rooms of 100, 100 msg/s (10,000 deliveries/s; ours: relay posts through the AWS SDK)");
+    s3.row(DELIVERED, Higher, None);
+    s3.row(LOST, Lower, zero);
+    s3.row(
+        Metric::With("duplicate + out-of-order deliveries", &|v| {
+            Some(get(v, "/tally/duplicates")? + get(v, "/tally/out_of_order")?)
+        }),
         Lower,
         None,
     );
-    b.row(
-        "run",
-        "S3",
-        s3,
-        "sends refused (any code)",
-        &|v| get(v, "/rejected"),
-        Lower,
-        Some(Target::AtMost(0.0)),
-    );
-    b.row(
-        "run",
-        "S3",
-        s3,
-        "latency p50 (ms)",
-        &|v| get(v, "/latency/p50_ms"),
-        Lower,
-        None,
-    );
-    b.row(
-        "run",
-        "S3",
-        s3,
-        "latency p99 (ms)",
-        &|v| get(v, "/latency/p99_ms"),
-        Lower,
-        Some(Target::AtMost(50.0)),
-    );
-    b.row(
-        "run",
-        "S3",
-        s3,
-        "server CPU (% of one core, all processes)",
-        &|v| process_sum(v, "cpu_send_percent"),
-        Lower,
-        None,
-    );
-    b.row(
-        "run",
-        "S3",
-        s3,
-        "relay CPU per PostToConnection (µs)",
-        &relay_cpu_per_post_us,
-        Lower,
-        None,
-    );
+    s3.row(REFUSED, Lower, zero);
+    s3.row(LATENCY_P50, Lower, None);
+    s3.row(LATENCY_P99, Lower, Some(Target::AtMost(50.0)));
+    s3.row(SERVER_CPU, Lower, None);
+    s3.row(RELAY_CPU, Lower, None);
 
     let s4 = "S4 saturation: DIRECT rate raised until a step is not held (any send refused, any loss, or p99 > 100 ms)";
-    b.row(
-        "sweep",
-        "S4",
-        s4,
-        "highest rate held (msg/s)",
-        &|v| get(v, "/highest_held"),
+    b.section("sweep", "S4", all_lines, s4).row(
+        Metric::At("highest rate held (msg/s)", "/highest_held"),
         Higher,
         Some(Target::TimesBaseline(5.0)),
     );
@@ -565,164 +464,118 @@ pub fn rows(all: &[Value]) -> Vec<Row> {
     });
     // What ended each sweep: refusals (which the rule no longer allows in
     // any share) or latency. None when the top of the list still held.
-    b.row(
-        "sweep",
-        "S4",
-        s4,
-        "first rate not held: sends refused (% of sent)",
-        &|v| first_failed_step(v).and_then(step_refused_percent),
+    let mut s4 = b.section("sweep", "S4", all_lines, s4);
+    s4.row(
+        Metric::With("first rate not held: sends refused (% of sent)", &|v| {
+            first_failed_step(v).and_then(step_refused_percent)
+        }),
         Lower,
         None,
     );
-    b.row(
-        "sweep",
-        "S4",
-        s4,
-        "first rate not held: latency p99 (ms)",
-        &|v| first_failed_step(v).and_then(|s| get(s, "/p99_ms")),
+    s4.row(
+        Metric::With("first rate not held: latency p99 (ms)", &|v| {
+            first_failed_step(v).and_then(|s| get(s, "/p99_ms"))
+        }),
         Lower,
         None,
     );
 
     let s5 = "S5 cold start (Lambda Runtime API emulator) and binary size";
+    let mut cold = b.section("cold_start", "", all_lines, s5);
     for f in ["rest", "ws-connect", "ws-message", "ws-disconnect"] {
         let pick = |field: &'static str| {
             move |v: &Value| (v["function"] == f).then(|| get(v, field)).flatten()
         };
-        b.row(
-            "cold_start",
-            "",
-            s5,
-            &format!("{f}: spawn to first event handled, median (ms)"),
-            &pick("/first_response/p50_ms"),
+        cold.row(
+            Metric::With(
+                &format!("{f}: spawn to first event handled, median (ms)"),
+                &pick("/first_response/p50_ms"),
+            ),
             Lower,
             Some(Target::AtMost(20.0)),
         );
-        b.row(
-            "cold_start",
-            "",
-            s5,
-            &format!("{f}: spawn to ready for events, median (ms)"),
-            &pick("/init/p50_ms"),
+        cold.row(
+            Metric::With(
+                &format!("{f}: spawn to ready for events, median (ms)"),
+                &pick("/init/p50_ms"),
+            ),
             Lower,
             None,
         );
-        b.row(
-            "cold_start",
-            "",
-            s5,
-            &format!("{f}: stripped binary (MB)"),
-            &|v: &Value| {
+        cold.row(
+            Metric::With(&format!("{f}: stripped binary (MB)"), &|v: &Value| {
                 (v["function"] == f)
                     .then(|| get(v, "/size_bytes").map(|b| b / 1e6))
                     .flatten()
-            },
+            }),
             Lower,
             Some(Target::AtMost(10.0)),
         );
     }
-    b.row(
-        "process_start",
-        "",
-        s5,
-        "whole server process: spawn to first /health answered (ms)",
-        &|v| get(v, "/ms"),
+    b.section("process_start", "", all_lines, s5).row(
+        Metric::At(
+            "whole server process: spawn to first /health answered (ms)",
+            "/ms",
+        ),
         Lower,
         None,
     );
 
     storm_rows(&mut b, all);
 
-    let ov = "Overload: DIRECT at 3× the S4 rate held (strict rule)";
-    b.row(
+    let mut ov = b.section(
         "run",
         "overload",
-        ov,
-        "offered rate (msg/s)",
-        &|v| get(v, "/send_rate"),
+        all_lines,
+        "Overload: DIRECT at 3× the S4 rate held (strict rule)",
+    );
+    ov.row(
+        Metric::At("offered rate (msg/s)", "/send_rate"),
         Higher,
         None,
     );
-    b.row(
-        "run",
-        "overload",
-        ov,
-        "accepted rate (msg/s)",
-        &|v| get(v, "/accepted_rate"),
+    ov.row(
+        Metric::At("accepted rate (msg/s)", "/accepted_rate"),
         Higher,
         None,
     );
-    b.row(
-        "run",
-        "overload",
-        ov,
-        "sends refused, any code (% of sent)",
-        &|v| Some(get(v, "/rejected")? / get(v, "/sent")?.max(1.0) * 100.0),
+    ov.row(
+        Metric::With("sends refused, any code (% of sent)", &|v| {
+            Some(get(v, "/rejected")? / get(v, "/sent")?.max(1.0) * 100.0)
+        }),
         Higher,
         None,
     );
-    b.row(
-        "run",
-        "overload",
-        ov,
-        "refused with RATE_LIMITED (% of sent)",
-        &|v| {
+    ov.row(
+        Metric::With("refused with RATE_LIMITED (% of sent)", &|v| {
             Some(get(v, "/errors/RATE_LIMITED").unwrap_or(0.0) / get(v, "/sent")?.max(1.0) * 100.0)
-        },
+        }),
         Higher,
         None,
     );
-    b.row(
-        "run",
-        "overload",
-        ov,
-        "refused with another code (% of sent)",
-        &|v| {
+    ov.row(
+        Metric::With("refused with another code (% of sent)", &|v| {
             let others = count_codes(v, "/errors", &|c| c != "RATE_LIMITED");
             Some(others / get(v, "/sent")?.max(1.0) * 100.0)
-        },
+        }),
         Lower,
         None,
     );
-    b.row(
-        "run",
-        "overload",
-        ov,
-        "accepted messages: latency p99 (ms)",
-        &|v| get(v, "/latency/p99_ms"),
+    ov.row(
+        Metric::At("accepted messages: latency p99 (ms)", "/latency/p99_ms"),
         Lower,
         Some(Target::AtMost(200.0)),
     );
-    b.row(
-        "run",
-        "overload",
-        ov,
-        "accepted messages lost",
-        &|v| get(v, "/lost"),
-        Lower,
-        Some(Target::AtMost(0.0)),
-    );
-    b.row(
-        "run",
-        "overload",
-        ov,
-        "server processes alive afterwards",
-        &|v| {
+    ov.row(Metric::At("accepted messages lost", "/lost"), Lower, zero);
+    ov.row(
+        Metric::With("server processes alive afterwards", &|v| {
             let procs = v["processes"].as_array()?;
             Some(procs.iter().filter(|p| p["alive"] == true).count() as f64)
-        },
+        }),
         Higher,
         None,
     );
-    b.row(
-        "run",
-        "overload",
-        ov,
-        "server peak RSS (MiB, all processes)",
-        &|v| process_sum(v, "rss_peak_mib"),
-        Lower,
-        None,
-    );
+    ov.row(SERVER_RSS_PEAK, Lower, None);
     b.rows
 }
 
@@ -750,114 +603,109 @@ fn storm_rows(b: &mut Builder<'_>, all: &[Value]) {
             group_thousands(n as i64)
         );
         let zero = Some(Target::AtMost(0.0));
-        let mut row = |metric: &str,
-                       f: &dyn Fn(&Value) -> Option<f64>,
-                       better: Better,
-                       target: Option<Target>| {
-            b.row_where("storm", "S6", &of_size, &title, metric, f, better, target);
-        };
-        row(
-            "clients with their roomJoined",
-            &|v| get(v, "/joined"),
-            Higher,
-            Some(Target::AtLeast(n as f64)),
-        );
+        let mut s6 = b.section("storm", "S6", &of_size, &title);
+        s6.row(JOINED, Higher, Some(Target::AtLeast(n as f64)));
         // A run in which some client never joined took forever: it counts
         // as "never", and a median of "never" is "never".
-        row(
-            "time from the first connect until every client had its roomJoined (s)",
-            &|v| {
-                if get(v, "/joined")? >= n as f64 {
-                    get(v, "/all_joined_s")
-                } else {
-                    Some(f64::INFINITY)
-                }
-            },
+        s6.row(
+            Metric::With(
+                "time from the first connect until every client had its roomJoined (s)",
+                &|v| {
+                    if get(v, "/joined")? >= n as f64 {
+                        get(v, "/all_joined_s")
+                    } else {
+                        Some(f64::INFINITY)
+                    }
+                },
+            ),
             Lower,
             (n >= 10_000).then_some(Target::UnderBaseline),
         );
-        row(
-            "each client, first connect to roomJoined: p99 (ms)",
-            &|v| get(v, "/join_time/p99_ms"),
+        s6.row(
+            Metric::At(
+                "each client, first connect to roomJoined: p99 (ms)",
+                "/join_time/p99_ms",
+            ),
             Lower,
             None,
         );
-        row(
-            "joins refused with RATE_LIMITED (every attempt)",
-            &|v| Some(count_codes(v, "/join_errors", &|c| c == "RATE_LIMITED")),
+        s6.row(
+            Metric::With("joins refused with RATE_LIMITED (every attempt)", &|v| {
+                Some(count_codes(v, "/join_errors", &|c| c == "RATE_LIMITED"))
+            }),
             Lower,
             zero,
         );
-        row(
-            "joins refused with SERVICE_UNAVAILABLE (every attempt)",
-            &|v| {
-                Some(count_codes(v, "/join_errors", &|c| {
-                    c == "SERVICE_UNAVAILABLE" || c == "UNAVAILABLE"
-                }))
-            },
+        s6.row(
+            Metric::With(
+                "joins refused with SERVICE_UNAVAILABLE (every attempt)",
+                &|v| {
+                    Some(count_codes(v, "/join_errors", &|c| {
+                        c == "SERVICE_UNAVAILABLE" || c == "UNAVAILABLE"
+                    }))
+                },
+            ),
             Lower,
             zero,
         );
-        row(
-            "joins answered INTERNAL",
-            &|v| Some(count_codes(v, "/join_errors", &|c| c == "INTERNAL")),
+        s6.row(
+            Metric::With("joins answered INTERNAL", &|v| {
+                Some(count_codes(v, "/join_errors", &|c| c == "INTERNAL"))
+            }),
             Lower,
             zero,
         );
-        row(
-            "joins answered with another error code",
-            &|v| {
+        s6.row(
+            Metric::With("joins answered with another error code", &|v| {
                 Some(count_codes(v, "/join_errors", &|c| {
                     !matches!(
                         c,
                         "RATE_LIMITED" | "SERVICE_UNAVAILABLE" | "UNAVAILABLE" | "INTERNAL"
                     )
                 }))
-            },
+            }),
             Lower,
             zero,
         );
-        row(
-            "connections refused, failed or dropped (every attempt)",
-            &|v| {
-                Some(
-                    count_codes(v, "/handshake_errors", &|_| true)
-                        + get(v, "/unexpected_closes").unwrap_or(0.0),
-                )
-            },
+        s6.row(
+            Metric::With(
+                "connections refused, failed or dropped (every attempt)",
+                &|v| {
+                    Some(
+                        count_codes(v, "/handshake_errors", &|_| true)
+                            + get(v, "/unexpected_closes").unwrap_or(0.0),
+                    )
+                },
+            ),
             Lower,
             zero,
         );
-        row(
-            &format!("joins unanswered within the deadline ({deadline:.0} s)"),
-            &|v| Some(count_codes(v, "/failed", &|c| c == "no_answer")),
+        s6.row(
+            Metric::With(
+                &format!("joins unanswered within the deadline ({deadline:.0} s)"),
+                &|v| Some(count_codes(v, "/failed", &|c| c == "no_answer")),
+            ),
             Lower,
             zero,
         );
-        row(
-            "wrong roomJoined (DIRECT pair split, recovery not exact)",
-            &|v| Some(count_codes(v, "/wrong_answers", &|_| true)),
+        s6.row(
+            Metric::With(
+                "wrong roomJoined (DIRECT pair split, recovery not exact)",
+                &|v| Some(count_codes(v, "/wrong_answers", &|_| true)),
+            ),
             Lower,
             zero,
         );
-        row(
-            "PostgreSQL round trips per joinRoom",
-            &|v| get(v, "/counters/pg_round_trips_per_join"),
+        s6.row(
+            Metric::At(
+                "PostgreSQL round trips per joinRoom",
+                "/counters/pg_round_trips_per_join",
+            ),
             Lower,
             Some(Target::AtMost(1.0)),
         );
-        row(
-            "Redis round trips per joinRoom",
-            &|v| get(v, "/counters/redis_round_trips_per_join"),
-            Lower,
-            Some(Target::AtMost(1.0)),
-        );
-        row(
-            "server peak RSS (MiB, all processes)",
-            &|v| process_sum(v, "rss_peak_mib"),
-            Lower,
-            None,
-        );
+        s6.row(REDIS_PER_JOIN, Lower, Some(Target::AtMost(1.0)));
+        s6.row(SERVER_RSS_PEAK, Lower, None);
     }
 }
 
@@ -950,39 +798,32 @@ pub fn before_after_table(all: &[Value]) -> Option<String> {
     if !all.iter().any(|v| v["label"] == BEFORE) {
         return None;
     }
-    type Metric = (&'static str, fn(&Value) -> Option<f64>);
-    let metrics: [Metric; 7] = [
-        ("latency p50 (ms)", |v| get(v, "/latency/p50_ms")),
-        ("latency p99 (ms)", |v| get(v, "/latency/p99_ms")),
-        ("lost + refused", |v| {
-            Some(get(v, "/lost")? + get(v, "/rejected")?)
-        }),
-        ("server CPU (% of one core, all processes)", |v| {
-            process_sum(v, "cpu_send_percent")
-        }),
-        ("relay CPU per PostToConnection (µs)", relay_cpu_per_post_us),
-        ("PostgreSQL round trips per sendMessage", |v| {
-            get(v, "/counters/pg_round_trips_per_send")
-        }),
-        ("Redis round trips per sendMessage", |v| {
-            get(v, "/counters/redis_round_trips_per_send")
-        }),
+    let metrics = [
+        LATENCY_P50,
+        LATENCY_P99,
+        LOST_OR_REFUSED,
+        SERVER_CPU,
+        RELAY_CPU,
+        PG_PER_SEND,
+        REDIS_PER_SEND,
     ];
     let mut out = String::from(
         "| scenario | metric | this build | earlier build | this ÷ earlier | runs |\n|---|---|---:|---:|---:|---|\n",
     );
     for scenario in ["S2", "S3"] {
-        for (i, (metric, f)) in metrics.iter().enumerate() {
-            let (now, n_now) = med(&lines(all, "run", OURS, scenario), f);
-            let (then, n_then) = med(&lines(all, "run", BEFORE, scenario), f);
+        for (i, metric) in metrics.iter().enumerate() {
+            let f = |v: &Value| metric.read(v);
+            let (now, n_now) = med(&lines(all, "run", OURS, scenario), &f);
+            let (then, n_then) = med(&lines(all, "run", BEFORE, scenario), &f);
             let ratio = match (now, then) {
                 (Some(a), Some(b)) if b > 0.0 => format!("{:.2}", a / b),
                 _ => String::new(),
             };
             let _ = writeln!(
                 out,
-                "| {} | {metric} | {} | {} | {ratio} | {n_now} / {n_then} |",
+                "| {} | {} | {} | {} | {ratio} | {n_now} / {n_then} |",
                 if i == 0 { scenario } else { "" },
+                metric.name(),
                 fmt(now),
                 fmt(then),
             );
@@ -1045,7 +886,6 @@ fn node_shares(runs: &[&Value]) -> String {
 /// node's share of it) and the round trips per send and per join. `None`
 /// when the session has no cluster lines.
 pub fn cluster_table(all: &[Value]) -> Option<String> {
-    type Metric<'a> = (&'a str, &'a dyn Fn(&Value) -> Option<f64>);
     if !all.iter().any(|v| v["label"] == CLUSTER) {
         return None;
     }
@@ -1061,14 +901,16 @@ pub fn cluster_table(all: &[Value]) -> Option<String> {
                      metrics: &[Metric<'_>]| {
         let of = |label: &str| lines_where(all, kind, label, scenario, select);
         let (single, cluster, baseline) = (of(OURS), of(CLUSTER), of("baseline"));
-        for (i, (metric, f)) in metrics.iter().enumerate() {
-            let (a, n_a) = med(&single, *f);
-            let (b, n_b) = med(&cluster, *f);
-            let (c, _) = med(&baseline, *f);
+        for (i, metric) in metrics.iter().enumerate() {
+            let f = |v: &Value| metric.read(v);
+            let (a, n_a) = med(&single, &f);
+            let (b, n_b) = med(&cluster, &f);
+            let (c, _) = med(&baseline, &f);
             let _ = writeln!(
                 out,
-                "| {} | {metric} | {} | {} | {} | {n_a} / {n_b} |",
+                "| {} | {} | {} | {} | {} | {n_a} / {n_b} |",
                 if i == 0 { title } else { "" },
+                metric.name(),
                 fmt(a),
                 fmt(b),
                 fmt(c),
@@ -1082,27 +924,20 @@ pub fn cluster_table(all: &[Value]) -> Option<String> {
             );
         }
     };
-    let s2: [Metric<'_>; 7] = [
-        ("latency p50 (ms)", &|v| get(v, "/latency/p50_ms")),
-        ("latency p99 (ms)", &|v| get(v, "/latency/p99_ms")),
-        ("lost + refused", &|v| {
-            Some(get(v, "/lost")? + get(v, "/rejected")?)
-        }),
-        ("Redis CPU (% of one core, all nodes)", &redis_cpu),
-        ("Redis round trips per sendMessage", &|v| {
-            get(v, "/counters/redis_round_trips_per_send")
-        }),
-        ("PostgreSQL round trips per sendMessage", &|v| {
-            get(v, "/counters/pg_round_trips_per_send")
-        }),
-        ("server CPU (% of one core, all processes)", &|v| {
-            process_sum(v, "cpu_send_percent")
-        }),
+    let s2 = [
+        LATENCY_P50,
+        LATENCY_P99,
+        LOST_OR_REFUSED,
+        REDIS_CPU,
+        REDIS_PER_SEND,
+        PG_PER_SEND,
+        SERVER_CPU,
     ];
     block("S2", "run", &|_| true, "S2 direct, 2,000 msg/s", &s2);
-    let s4: [Metric<'_>; 1] = [("highest rate held (msg/s, strict rule)", &|v| {
-        get(v, "/highest_held")
-    })];
+    let s4 = [Metric::At(
+        "highest rate held (msg/s, strict rule)",
+        "/highest_held",
+    )];
     block("S4", "sweep", &|_| true, "S4 saturation", &s4);
     let mut sizes: Vec<u64> = all
         .iter()
@@ -1112,18 +947,17 @@ pub fn cluster_table(all: &[Value]) -> Option<String> {
     sizes.sort_unstable();
     sizes.dedup();
     for n in sizes {
-        let s6: [Metric<'_>; 5] = [
-            ("clients with their roomJoined", &|v| get(v, "/joined")),
-            ("time until every client had its roomJoined (s)", &|v| {
-                get(v, "/all_joined_s")
-            }),
-            ("joins refused or failed (any code)", &|v| {
+        let s6 = [
+            JOINED,
+            Metric::At(
+                "time until every client had its roomJoined (s)",
+                "/all_joined_s",
+            ),
+            Metric::With("joins refused or failed (any code)", &|v| {
                 Some(count_codes(v, "/join_errors", &|_| true))
             }),
-            ("Redis CPU (% of one core, all nodes)", &redis_cpu),
-            ("Redis round trips per joinRoom", &|v| {
-                get(v, "/counters/redis_round_trips_per_join")
-            }),
+            REDIS_CPU,
+            REDIS_PER_JOIN,
         ];
         let title = format!("S6 storm, {} clients", group_thousands(n as i64));
         block(
@@ -1183,15 +1017,15 @@ pub fn lambda_table(all: &[Value]) -> String {
                 String::new()
             }
         };
-        for (metric, pointer, hop) in [
-            ("deliveries/s", "/delivered_per_s", false),
-            ("sends refused (any code)", "/rejected", false),
-            ("lost deliveries", "/lost", false),
-            ("latency p50 (ms)", "/latency/p50_ms", true),
-            ("latency p99 (ms)", "/latency/p99_ms", true),
+        for (metric, hop) in [
+            (DELIVERED, false),
+            (REFUSED, false),
+            (LOST, false),
+            (LATENCY_P50, true),
+            (LATENCY_P99, true),
         ] {
-            let (lambda, ours) = both(&|v| get(v, pointer));
-            row(&title_once(), metric, lambda, ours, hop);
+            let (lambda, ours) = both(&|v| metric.read(v));
+            row(&title_once(), metric.name(), lambda, ours, hop);
         }
         // Only `$default` is invoked while sending (the counters are
         // deltas over the sending window; connects come before it).

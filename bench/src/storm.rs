@@ -1075,13 +1075,6 @@ async fn run_phase(
         let done = phase.tally.borrow().done;
         if cfg.progress && now >= next_report {
             let t = phase.tally.borrow();
-            let rss: Vec<String> = watched
-                .iter()
-                .filter_map(|w| {
-                    w.last
-                        .map(|r| format!("{}={:.0}M", w.label, r.rss_bytes as f64 / 1048576.0))
-                })
-                .collect();
             eprintln!(
                 "[{} {} {} t={:>3.0}s] handshakes {:>6} done {:>6}/{users} ok {:>6} join errors {:?} handshake errors {:?} {}",
                 cfg.target.label,
@@ -1093,7 +1086,7 @@ async fn run_phase(
                 t.succeeded,
                 t.join_errors,
                 t.handshake_errors,
-                rss.join(" ")
+                crate::procstat::rss_now(watched)
             );
             next_report += Duration::from_secs(1);
         }

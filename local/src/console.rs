@@ -60,9 +60,16 @@ pub struct DevTokens {
     pub audience: Option<String>,
 }
 
-impl std::fmt::Debug for DevTokens {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DevTokens").finish_non_exhaustive()
+chat_shared::debug_fields!(DevTokens {});
+
+impl DevTokens {
+    /// Tokens for the deployment `config` describes (`JWT_*`).
+    pub fn from_config(config: &chat_shared::Config) -> Self {
+        Self {
+            secret: config.api.jwt_secret.clone(),
+            issuer: config.api.jwt_issuer.clone(),
+            audience: config.api.jwt_audience.clone(),
+        }
     }
 }
 

@@ -128,33 +128,22 @@ impl Emulators {
             gateway: Some(gateway.clone()),
             relay: None,
         };
-        let dev_tokens = if options.dev_tokens {
-            Some(Arc::new(DevTokens {
-                secret: config.api.jwt_secret.clone(),
-                issuer: config.api.jwt_issuer.clone(),
-                audience: config.api.jwt_audience.clone(),
-            }))
-        } else {
-            None
-        };
         let console = console::router(ConsoleState {
             verifier: Arc::clone(&ws_state.verifier),
             chat: ws_state.realtime.chat().clone(),
             telemetry: telemetry.clone(),
-            dev_tokens,
+            dev_tokens: options
+                .dev_tokens
+                .then(|| Arc::new(DevTokens::from_config(config))),
         });
 
         let shutdown = CancellationToken::new();
         let mut tasks = Vec::new();
-        let internal = gateway
-            .management_router()
-            .merge(metrics_router(telemetry, functions.clone()))
-            .route("/health", get(|| async { "ok" }));
-        tasks.push(crate::serve_internal(
+        tasks.push(crate::serve_management_port(
             management_listener,
-            internal,
+            &gateway,
+            metrics_router(telemetry, functions.clone()),
             shutdown.clone(),
-            "the Management API",
         ));
 
         let app = http_api::router(rest)

@@ -169,6 +169,22 @@ pub(crate) fn serve_internal(
     })
 }
 
+/// Serves the emulator's internal port: its Management API, `metrics`
+/// (`/metrics`) and `/health`, which answers here even while the client
+/// port is full (the file-descriptor reserve).
+pub(crate) fn serve_management_port(
+    listener: TcpListener,
+    gateway: &Gateway,
+    metrics: axum::Router,
+    shutdown: CancellationToken,
+) -> JoinHandle<anyhow::Result<()>> {
+    let internal = gateway
+        .management_router()
+        .merge(metrics)
+        .route("/health", axum::routing::get(|| async { "ok" }));
+    serve_internal(listener, internal, shutdown, "the Management API")
+}
+
 /// The client port's limits from the configuration (see
 /// [`chat_gateway::listener`]).
 pub fn edge_limits(config: &Config) -> EdgeLimits {
@@ -284,25 +300,15 @@ impl Stack {
                 verifier: Arc::clone(&ws_state.verifier),
                 chat: app_state.chat.clone(),
                 telemetry: telemetry.clone(),
-                dev_tokens: options.dev_tokens.then(|| {
-                    Arc::new(DevTokens {
-                        secret: config.api.jwt_secret.clone(),
-                        issuer: config.api.jwt_issuer.clone(),
-                        audience: config.api.jwt_audience.clone(),
-                    })
-                }),
+                dev_tokens: options
+                    .dev_tokens
+                    .then(|| Arc::new(DevTokens::from_config(config))),
             });
-            // `/health` here too: it answers even while the client port is
-            // full (the file-descriptor reserve).
-            let internal = emulator
-                .management_router()
-                .merge(metrics::router(telemetry))
-                .route("/health", axum::routing::get(|| async { "ok" }));
-            tasks.push(serve_internal(
+            tasks.push(serve_management_port(
                 management_listener,
-                internal,
+                &emulator,
+                metrics::router(telemetry),
                 shutdown.clone(),
-                "the Management API",
             ));
             let app = http::app(app_state)
                 .merge(emulator.router())
@@ -385,4 +391,46 @@ pub async fn apply_retention(config: &Config) -> anyhow::Result<u64> {
     let pool = store::connect_pool(&common.database_url, 1)?;
     let store = store::Store::new(pool, common.message_retention);
     Ok(store.cleanup_all(common.message_retention).await?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The emulator's knobs are written twice: as the local stack's
+    /// variables (`chat_shared::config::GatewaySettings`, read with the
+    /// rest of the configuration) and as the emulator's own API
+    /// (`GatewayConfig`: the emulator stands in for AWS and does not depend
+    /// on the application's crate). With every `GATEWAY_*` variable unset
+    /// the two must agree on API Gateway's limits.
+    #[test]
+    fn unset_gateway_variables_give_the_emulators_defaults() {
+        let config = Config::from_lookup(|name| {
+            let value = match name {
+                "DATABASE_URL" => "postgres://x@h/db",
+                "REDIS_URL" => "redis://h:1",
+                "JWT_SECRET" => "s",
+                _ => return None,
+            };
+            Some(value.to_owned())
+        })
+        .expect("valid");
+        let ours = gateway_config(&config, "127.0.0.1:3100".parse().expect("address"));
+        let emulator = GatewayConfig::default();
+        let knobs = |c: &GatewayConfig| {
+            (
+                c.stage.clone(),
+                c.max_message_bytes,
+                c.max_frame_bytes,
+                c.accept_binary_frames,
+                c.integration_timeout,
+                c.idle_timeout,
+                c.max_lifetime,
+                c.max_queued_bytes,
+                c.max_pings_per_sec,
+                c.dispatch,
+            )
+        };
+        assert_eq!(knobs(&ours), knobs(&emulator));
+    }
 }

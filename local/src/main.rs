@@ -157,6 +157,14 @@ fn main() -> anyhow::Result<()> {
         .block_on(run())
 }
 
+/// The configuration from the environment, and tracing as it asks: how
+/// every command that runs part of the stack starts.
+fn config_and_telemetry() -> anyhow::Result<Config> {
+    let config = Config::from_env()?;
+    telemetry::init(config.common.log_format, &config.common.log_filter);
+    Ok(config)
+}
+
 /// Binds the client port (`--listen`, else `PORT` on loopback) and the
 /// management listener (`--management-listen`, else
 /// `GATEWAY_MANAGEMENT_LISTEN`, else the client port + 100 on loopback).
@@ -187,8 +195,7 @@ async fn run() -> anyhow::Result<()> {
             no_relay,
             dev_tokens,
         } => {
-            let config = Config::from_env()?;
-            telemetry::init(config.common.log_format, &config.common.log_filter);
+            let config = config_and_telemetry()?;
             if !no_migrate {
                 let applied = store::migrate(&config.common.database_url).await?;
                 tracing::info!(applied, "migrations up to date");
@@ -243,8 +250,7 @@ async fn run() -> anyhow::Result<()> {
             function_timeout,
             dev_tokens,
         } => {
-            let config = Config::from_env()?;
-            telemetry::init(config.common.log_format, &config.common.log_filter);
+            let config = config_and_telemetry()?;
             let (listener, management_listener) =
                 bind_listeners(&config, listen, management_listen).await?;
             let (addr, management_addr) =
@@ -275,8 +281,7 @@ async fn run() -> anyhow::Result<()> {
             emulators.wait().await
         }
         Command::Relay { metrics_listen } => {
-            let config = Config::from_env()?;
-            telemetry::init(config.common.log_format, &config.common.log_filter);
+            let config = config_and_telemetry()?;
             let parts = Parts {
                 gateway: false,
                 relay: true,
@@ -315,8 +320,7 @@ async fn run() -> anyhow::Result<()> {
             chat_local::client::run(&format!("{url}?token={token}")).await
         }
         Command::Migrate => {
-            let config = Config::from_env()?;
-            telemetry::init(config.common.log_format, &config.common.log_filter);
+            let config = config_and_telemetry()?;
             let applied = store::migrate(&config.common.database_url).await?;
             println!("applied {applied} migration(s); the schema is up to date");
             Ok(())

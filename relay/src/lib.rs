@@ -156,15 +156,11 @@ pub struct Relay {
     id: String,
 }
 
-impl std::fmt::Debug for Relay {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Relay")
-            .field("id", &self.id)
-            .field("channel", &self.channel)
-            .field("options", &self.options)
-            .finish_non_exhaustive()
-    }
-}
+chat_shared::debug_fields!(Relay {
+    id,
+    channel,
+    options
+});
 
 impl Relay {
     /// Builds the relay's clients from `config`: PostgreSQL pool, Redis

@@ -93,14 +93,7 @@ pub struct EndpointPolicy {
     local_fast_path: bool,
 }
 
-impl std::fmt::Debug for EndpointPolicy {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EndpointPolicy")
-            .field("fixed", &self.fixed)
-            .field("allowed", &self.allowed)
-            .finish_non_exhaustive()
-    }
-}
+chat_shared::debug_fields!(EndpointPolicy { fixed, allowed });
 
 impl EndpointPolicy {
     /// `MANAGEMENT_ENDPOINT`, `RELAY_ALLOWED_ENDPOINTS` (default: the
@@ -215,13 +208,7 @@ pub struct Management {
     policy: EndpointPolicy,
 }
 
-impl std::fmt::Debug for Management {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Management")
-            .field("region", &self.region)
-            .finish_non_exhaustive()
-    }
-}
+chat_shared::debug_fields!(Management { region });
 
 /// The sweep (the relay's, the maintenance job's) closes swept
 /// connections with [`Management::delete`].

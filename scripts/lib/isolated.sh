@@ -2,7 +2,7 @@
 # A private world for a script that tests processes end to end
 # (scripts/test-multi-local.sh, scripts/test-lambda-local.sh): its own
 # database, Redis key prefix and channel and JWT secret on the shared
-# servers, dropped again at the end, and the failure report.
+# servers, dropped again at the end, free ports, and the failure report.
 #
 # Source it after scripts/lib/services.sh and ensure_services.
 
@@ -42,4 +42,49 @@ isolated_fail() {
         tail -n "$lines" "$f" >&2
     done
     exit 1
+}
+
+# port_free PORT: true when nothing listens on 127.0.0.1:PORT.
+port_free() { ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+# isolated_ports SPAN OFFSET...: prints a port BASE, picked at random from
+# 20000 to 20000 + SPAN - 1, such that BASE + each OFFSET is free (50
+# tries); fails when none was found.
+isolated_ports() {
+    local span="$1" candidate offset ok
+    shift
+    for _ in $(seq 1 50); do
+        candidate=$((20000 + RANDOM % span))
+        ok=1
+        for offset in "$@"; do
+            port_free $((candidate + offset)) || { ok=0; break; }
+        done
+        if [ "$ok" = 1 ]; then
+            echo "$candidate"
+            return 0
+        fi
+    done
+    return 1
+}
+
+# isolated_interrupt PID NAME SECONDS PORT...: stops the script NAME (PID)
+# as ctrl-c does, SIGINT to its process group, and checks that it exits
+# within SECONDS, that nothing of its process group outlives it and that
+# no PORT still answers; otherwise calls the sourcing script's `fail`.
+isolated_interrupt() {
+    local pid="$1" name="$2" seconds="$3" port
+    shift 3
+    kill -INT -- "-$pid"
+    for _ in $(seq 1 $((seconds * 10))); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    kill -0 "$pid" 2>/dev/null && fail "$name still running $seconds s after SIGINT"
+    wait "$pid" 2>/dev/null || true
+    for port in "$@"; do
+        port_free "$port" || fail "port $port still answers after stopping"
+    done
+    if pgrep -g "$pid" >/dev/null; then
+        fail "processes of $name outlived it: $(pgrep -a -g "$pid")"
+    fi
 }

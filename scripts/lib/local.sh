@@ -48,6 +48,21 @@ local_start() {
     LOCAL_NAMES+=("$name")
 }
 
+# _local_await_gone TENTHS TARGET...: waits up to TENTHS tenths of a second
+# until no TARGET (a pid, or -PID for its whole process group) is left.
+_local_await_gone() {
+    local tenths="$1" target alive
+    shift
+    for _ in $(seq 1 "$tenths"); do
+        alive=0
+        for target in "$@"; do
+            kill -0 -- "$target" 2>/dev/null && alive=1
+        done
+        [ "$alive" = 0 ] && break
+        sleep 0.1
+    done
+}
+
 # local_stop_all [FIRST]: SIGTERM to every process group (to FIRST alone
 # first, given up to 5 s to finish, when named), up to 15 s to drain, then
 # SIGKILL to what is left. Runs once.
@@ -56,31 +71,20 @@ local_stop_all() {
     LOCAL_STOPPING=1
     trap - INT TERM
     local_log "stopping ${LOCAL_NAMES[*]}"
-    local pid i alive
+    local pid i first=()
     if [ -n "${1:-}" ]; then
         for i in "${!LOCAL_NAMES[@]}"; do
-            [ "${LOCAL_NAMES[$i]}" = "$1" ] && kill -TERM -- "-${LOCAL_PIDS[$i]}" 2>/dev/null || true
+            [ "${LOCAL_NAMES[$i]}" = "$1" ] && first+=("${LOCAL_PIDS[$i]}")
         done
-        for _ in $(seq 1 50); do
-            alive=0
-            for i in "${!LOCAL_NAMES[@]}"; do
-                [ "${LOCAL_NAMES[$i]}" = "$1" ] && kill -0 "${LOCAL_PIDS[$i]}" 2>/dev/null && alive=1
-            done
-            [ "$alive" = 0 ] && break
-            sleep 0.1
+        for pid in "${first[@]}"; do
+            kill -TERM -- "-$pid" 2>/dev/null || true
         done
+        _local_await_gone 50 "${first[@]}"
     fi
     for pid in "${LOCAL_PIDS[@]}"; do
         kill -TERM -- "-$pid" 2>/dev/null || true
     done
-    for _ in $(seq 1 150); do
-        alive=0
-        for pid in "${LOCAL_PIDS[@]}"; do
-            kill -0 -- "-$pid" 2>/dev/null && alive=1
-        done
-        [ "$alive" = 0 ] && break
-        sleep 0.1
-    done
+    _local_await_gone 150 "${LOCAL_PIDS[@]/#/-}"
     for pid in "${LOCAL_PIDS[@]}"; do
         kill -KILL -- "-$pid" 2>/dev/null || true
     done

@@ -84,11 +84,7 @@ pub struct Hs256Verifier {
     validation: Validation,
 }
 
-impl std::fmt::Debug for Hs256Verifier {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Hs256Verifier").finish_non_exhaustive()
-    }
-}
+crate::debug_fields!(Hs256Verifier {});
 
 impl Hs256Verifier {
     /// A verifier for `secret`, also requiring `iss` / `aud` when given.

@@ -306,14 +306,7 @@ pub struct Bus {
     keys: Keys,
 }
 
-impl std::fmt::Debug for Bus {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Bus")
-            .field("channel", &self.channel)
-            .field("origin", &self.origin)
-            .finish_non_exhaustive()
-    }
-}
+crate::debug_fields!(Bus { channel, origin });
 
 impl Bus {
     /// A publisher on `channel`, naming itself `origin`, that records each

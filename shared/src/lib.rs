@@ -26,12 +26,14 @@
 //! - [`bootstrap`]: builds the adapters once per process, and over them
 //!   what each process needs.
 //! - [`metrics`]: error counters by code, and the Prometheus text format.
+//! - `debug`: [`debug_fields!`], `Debug` that shows chosen fields of a struct holding clients or secrets.
 //! - `lambda` (feature `lambda`): the `lambda_runtime` shim of the WebSocket functions.
 
 pub mod auth;
 pub mod bootstrap;
 pub mod bus;
 pub mod config;
+mod debug;
 pub mod departures;
 pub mod domain;
 pub mod error;

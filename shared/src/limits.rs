@@ -96,13 +96,7 @@ pub struct Limiter {
     limits: RateLimits,
 }
 
-impl std::fmt::Debug for Limiter {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Limiter")
-            .field("limits", &self.limits)
-            .finish_non_exhaustive()
-    }
-}
+crate::debug_fields!(Limiter { limits });
 
 impl Limiter {
     /// Limits of `limits`, with buckets under `keys`.
@@ -127,25 +121,22 @@ impl Limiter {
     /// `RATE_LIMITED` with the seconds to wait when a bucket is empty (no
     /// bucket is charged then); `UNAVAILABLE` when Redis does not answer.
     pub async fn charge_rest(&self, user: &UserId, send: bool) -> Result<()> {
+        let buckets = [
+            (self.limits.rest, self.keys.rate_user_rest(user.as_str())),
+            (
+                self.limits.messages.filter(|_| send),
+                self.keys.rate_user_send(user.as_str()),
+            ),
+        ];
         let mut invocation = CHARGE_SCRIPT.prepare_invoke();
-        let mut buckets = 0;
-        if let Some(rate) = self.limits.rest {
+        let mut charged = 0;
+        for (rate, key) in buckets {
+            let Some(rate) = rate else { continue };
             let (interval, burst) = bucket_args(rate);
-            invocation
-                .key(self.keys.rate_user_rest(user.as_str()))
-                .arg(interval)
-                .arg(burst);
-            buckets += 1;
+            invocation.key(key).arg(interval).arg(burst);
+            charged += 1;
         }
-        if let Some(rate) = self.limits.messages.filter(|_| send) {
-            let (interval, burst) = bucket_args(rate);
-            invocation
-                .key(self.keys.rate_user_send(user.as_str()))
-                .arg(interval)
-                .arg(burst);
-            buckets += 1;
-        }
-        if buckets == 0 {
+        if charged == 0 {
             return Ok(());
         }
         let mut redis = CountedRedis(self.redis.clone());

@@ -67,13 +67,7 @@ pub struct Maintenance {
     retention: i64,
 }
 
-impl std::fmt::Debug for Maintenance {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Maintenance")
-            .field("retention", &self.retention)
-            .finish_non_exhaustive()
-    }
-}
+chat_shared::debug_fields!(Maintenance { retention });
 
 impl Maintenance {
     /// A job over existing clients.

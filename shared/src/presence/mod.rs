@@ -45,13 +45,7 @@ pub struct Presence {
     keys: Keys,
 }
 
-impl std::fmt::Debug for Presence {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Presence")
-            .field("keys", &self.keys)
-            .finish_non_exhaustive()
-    }
-}
+crate::debug_fields!(Presence { keys });
 
 impl Presence {
     /// Presence over `redis`, with `keys`.

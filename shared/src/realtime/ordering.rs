@@ -177,13 +177,7 @@ pub(crate) struct Sequencer {
     wake: Arc<[Notify]>,
 }
 
-impl std::fmt::Debug for Sequencer {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Sequencer")
-            .field("limits", &self.limits)
-            .finish_non_exhaustive()
-    }
-}
+crate::debug_fields!(Sequencer { limits });
 
 /// A frame's claimed turn: give it back with [`Sequencer::leave`] once the
 /// frame is handled. Dropped without that (the handler panicked, or its

@@ -102,6 +102,21 @@ pub(super) struct Client(deadpool_postgres::Object);
 
 type Params<'a> = &'a [&'a (dyn tokio_postgres::types::ToSql + Sync)];
 
+/// Methods that count one round trip, then run the `tokio_postgres` method
+/// of the same name with a prepared statement.
+macro_rules! counted {
+    ($($name:ident -> $out:ty;)*) => {$(
+        pub(super) async fn $name(
+            &self,
+            statement: &Statement,
+            params: Params<'_>,
+        ) -> std::result::Result<$out, PgError> {
+            crate::metrics::record_pg_round_trip();
+            self.0.$name(statement, params).await
+        }
+    )*};
+}
+
 impl Client {
     pub(super) async fn prepare_cached(
         &self,
@@ -115,40 +130,11 @@ impl Client {
         Ok(statement)
     }
 
-    pub(super) async fn query(
-        &self,
-        statement: &Statement,
-        params: Params<'_>,
-    ) -> std::result::Result<Vec<Row>, PgError> {
-        crate::metrics::record_pg_round_trip();
-        self.0.query(statement, params).await
-    }
-
-    pub(super) async fn query_opt(
-        &self,
-        statement: &Statement,
-        params: Params<'_>,
-    ) -> std::result::Result<Option<Row>, PgError> {
-        crate::metrics::record_pg_round_trip();
-        self.0.query_opt(statement, params).await
-    }
-
-    pub(super) async fn query_one(
-        &self,
-        statement: &Statement,
-        params: Params<'_>,
-    ) -> std::result::Result<Row, PgError> {
-        crate::metrics::record_pg_round_trip();
-        self.0.query_one(statement, params).await
-    }
-
-    pub(super) async fn execute(
-        &self,
-        statement: &Statement,
-        params: Params<'_>,
-    ) -> std::result::Result<u64, PgError> {
-        crate::metrics::record_pg_round_trip();
-        self.0.execute(statement, params).await
+    counted! {
+        query -> Vec<Row>;
+        query_opt -> Option<Row>;
+        query_one -> Row;
+        execute -> u64;
     }
 
     pub(super) async fn simple_query(
@@ -169,13 +155,7 @@ pub struct Store {
     pub(super) batcher: Batcher,
 }
 
-impl std::fmt::Debug for Store {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Store")
-            .field("retention", &self.retention)
-            .finish_non_exhaustive()
-    }
-}
+crate::debug_fields!(Store { retention });
 
 impl Store {
     /// A store over `pool` that keeps the newest `retention` messages per
@@ -249,8 +229,4 @@ pub struct Conn {
     pub(super) retention: i64,
 }
 
-impl std::fmt::Debug for Conn {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Conn").finish_non_exhaustive()
-    }
-}
+crate::debug_fields!(Conn {});
