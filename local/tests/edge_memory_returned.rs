@@ -24,7 +24,11 @@
 //! its bounds are what that means: what it keeps is at most about one
 //! round ([`SERVE_KEPT_BOUND_KB`]) and later rounds reuse it instead of
 //! adding to it ([`DRIFT_BOUND_KB`] between the first round's peak and every
-//! later one's).
+//! later one's peak, and the level after the last round). Whether it gives
+//! the first round's pages back at once varies from run to run, so the
+//! levels after each round are not compared with each other (a CI run saw
+//! +5.5 MiB kept after the first round and +14 MiB after the next two,
+//! with every peak within 1 MiB of the first).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -233,7 +237,20 @@ async fn shipped_binary_rounds() {
         );
         after.push(settled);
     }
-    check_drift("chat-local serve", &after);
+    // mimalloc may give a round's pages back or keep them for reuse, and
+    // which it does after the first round varies (measured after the first
+    // close: +5.5 MiB in one run, +14 MiB in another), so the levels after
+    // each round are not compared with each other. What must hold is that
+    // the memory kept is what one round took: the level after the last
+    // round is within the bound of the first round's peak.
+    let last = after[after.len() - 1];
+    let first = first_peak.expect("a round ran");
+    assert!(
+        last.saturating_sub(first) < DRIFT_BOUND_KB,
+        "chat-local serve: RSS after the last round is {} kB above the first round's peak \
+         (bound {DRIFT_BOUND_KB} kB): memory piles up",
+        last.saturating_sub(first)
+    );
     warm.ping_pong().await;
     warm.close().await;
     server.stop();
