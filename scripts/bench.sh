@@ -637,7 +637,7 @@ pgbench_ceiling() {
         INSERT INTO room_members (room_id, user_id)
             SELECT 'ceil-r' || g, 'ceil-u' || (2 * g + s) FROM generate_series(0, 999) g, generate_series(0, 1) s" >/dev/null
     psql_q ceiling_bench "VACUUM ANALYZE" >/dev/null
-    # The service's own send statement (BATCH_SQL, a batch of one), not a copy.
+    # The service's own statement for a send stored alone (SINGLE_SQL), not a copy.
     "$BENCH" pgbench-script >"$WORK/store_message.sql"
     for clients in 8 16 32; do
         tps="$(pgbench -n -M prepared -c "$clients" -j 2 -T "$PGBENCH_SECS" -f "$WORK/store_message.sql" \

@@ -5,11 +5,12 @@
 //!
 //! Every send is queued. A worker (at most [`MAX_WORKERS`] per process) takes
 //! what is queued, up to [`MAX_BATCH`] messages at a time, and stores it
-//! with one statement, [`BATCH_SQL`]: a message alone is a batch of one, so
-//! every rule of a send is stated once. Under light load every send finds an
-//! idle worker and is stored at once, alone; under heavy load batches form
-//! by themselves while the previous ones commit, so nothing waits on a
-//! timer.
+//! with one statement: [`BATCH_SQL`], or [`SINGLE_SQL`] for a message alone
+//! (the same rules in the plain form one message allows; its docs say what
+//! the benchmark measured that made it worth a second statement). Under
+//! light load every send finds an idle worker and is stored at once, alone;
+//! under heavy load batches form by themselves while the previous ones
+//! commit, so nothing waits on a timer.
 //!
 //! Why: measured on the benchmark machine, PostgreSQL spent ~450 µs of CPU
 //! per single-message transaction and ~150–250 µs per message in batches of
@@ -398,6 +399,55 @@ SELECT c.ord, (SELECT true FROM rooms WHERE id = c.room_id) IS NOT NULL AS room_
                       LIMIT 1) u ON true
  ORDER BY c.ord";
 
+/// A message stored alone: the rules of [`BATCH_SQL`] for a batch of one,
+/// in the plain form a single message allows (no arrays, windows or
+/// sorting). Why two statements: measured in the benchmark session
+/// `20261206T221842Z` (3 runs), a batch of one through [`BATCH_SQL`] cost
+/// PostgreSQL 8.3–8.8 % of a core at S3's 100 sends/s against 6.2–6.3 % for
+/// this statement, and S3's p50 latency rose from 6.06–6.47 ms to
+/// 6.54–6.84 ms; S2 (where batches form) moved within noise. Under light
+/// load nearly every send is a batch of one, so that is the common case.
+/// `local/tests/it` and `shared/tests/it` run every rule through both: a
+/// send alone takes this path, concurrent sends the batch.
+pub const SINGLE_SQL: &str = "
+WITH mem AS (
+  SELECT 1 FROM room_members WHERE room_id = $1 AND user_id = $2
+), dup AS (
+  SELECT m.id, m.content, m.type, m.metadata, m.sequence_id, m.created_at
+    FROM messages m
+   WHERE $7::text IS NOT NULL AND m.room_id = $1 AND m.sender_id = $2
+     AND m.client_message_id = $7
+), seq AS (
+  UPDATE rooms SET last_sequence_id = last_sequence_id + 1,
+         last_message_at = clock_timestamp(), last_message_text = $4
+   WHERE id = $1 AND EXISTS (SELECT 1 FROM mem) AND NOT EXISTS (SELECT 1 FROM dup)
+  RETURNING last_sequence_id, last_message_at
+), ins AS (
+  INSERT INTO messages (room_id, sequence_id, id, sender_id, content, type, metadata,
+                        client_message_id, created_at)
+  SELECT $1, seq.last_sequence_id, $3, $2, $4, $5, $6, $7, seq.last_message_at
+    FROM seq
+  RETURNING sequence_id, created_at
+), cursor AS (
+  UPDATE room_members SET last_read_sequence_id =
+         GREATEST(last_read_sequence_id, seq.last_sequence_id)
+    FROM seq WHERE room_id = $1 AND user_id = $2
+), retention AS (
+  DELETE FROM messages USING seq
+   WHERE messages.room_id = $1 AND $8::bigint > 0
+     AND messages.sequence_id = seq.last_sequence_id - $8::bigint
+)
+SELECT EXISTS (SELECT 1 FROM rooms WHERE id = $1) AS room_exists,
+       EXISTS (SELECT 1 FROM mem) AS is_member,
+       (SELECT sequence_id FROM ins) AS new_sequence_id,
+       (SELECT created_at FROM ins) AS new_created_at,
+       dup.id AS dup_id, dup.content AS dup_content, dup.type AS dup_type,
+       dup.metadata AS dup_metadata, dup.sequence_id AS dup_sequence_id,
+       dup.created_at AS dup_created_at,
+       u.username, u.display_name, u.avatar
+  FROM users u LEFT JOIN dup ON true
+ WHERE u.id = $2";
+
 /// A send waiting to be stored.
 struct Pending {
     room_id: RoomId,
@@ -527,9 +577,49 @@ impl Store {
         }
     }
 
-    /// Runs [`BATCH_SQL`] for one or more messages; one result per message,
-    /// in order.
+    /// Runs [`SINGLE_SQL`] for one message: the outer error is the
+    /// statement's failure, the inner result the message's.
+    async fn store_one(&self, p: &Pending) -> Result<Result<Stored>> {
+        let client = self.client().await?;
+        let stmt = client.prepare_cached(SINGLE_SQL).await?;
+        let id = MessageId::generate();
+        let client_message_id = p.message.client_message_id.as_ref().map(|c| c.as_str());
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 8] = [
+            &p.room_id.as_str(),
+            &p.sender.as_str(),
+            &id.as_str(),
+            &p.message.content,
+            &p.message.kind.as_str(),
+            &p.message.metadata,
+            &client_message_id,
+            &self.retention,
+        ];
+        // As in `store_many`: a concurrent send may store the same
+        // `clientMessageId` first; the next attempt finds the original.
+        let mut attempt = 0;
+        let row = loop {
+            match client.query_opt(&stmt, &params).await {
+                Ok(row) => break row,
+                Err(e) if attempt < 2 && lost_idempotency_race(&e) => {
+                    attempt += 1;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
+        Ok(match row {
+            Some(row) => stored_from_row(&row, &id, &p.room_id, &p.sender, &p.message),
+            None => Err(Error::internal(anyhow::anyhow!(
+                "sender is not a known user"
+            ))),
+        })
+    }
+
+    /// Runs [`BATCH_SQL`] for two or more messages ([`SINGLE_SQL`] for one);
+    /// one result per message, in order.
     async fn store_many(&self, batch: &[Pending]) -> Result<Vec<Result<Stored>>> {
+        if let [one] = batch {
+            return Ok(vec![self.store_one(one).await?]);
+        }
         let client = self.client().await?;
         let stmt = client.prepare_cached(BATCH_SQL).await?;
         let ids: Vec<MessageId> = batch.iter().map(|_| MessageId::generate()).collect();

@@ -37,7 +37,7 @@ pub mod reads;
 pub mod retention;
 pub mod rooms;
 
-pub use messages::{BATCH_SQL, MAX_BATCH, MAX_WORKERS};
+pub use messages::{BATCH_SQL, MAX_BATCH, MAX_WORKERS, SINGLE_SQL};
 pub use pool::{Conn, SESSION_SETUP, Store, connect_pool, migrate};
 pub use rooms::{Entered, RoomKey};
 

@@ -1,5 +1,6 @@
 //! Retention: deleting the messages a room no longer keeps. Sends delete
-//! what they push out of the window themselves ([`super::BATCH_SQL`]).
+//! what they push out of the window themselves ([`super::BATCH_SQL`],
+//! [`super::SINGLE_SQL`]).
 
 use super::{Conn, Store};
 use crate::domain::RoomId;
