@@ -923,7 +923,12 @@ async fn join_all(
                 let _permit = limit.acquire().await;
                 // A refusal to shed load is retried, as a client would
                 // (joins need PostgreSQL, so they count against the
-                // server's in-flight bound while thousands are set up).
+                // server's in-flight bound while thousands are set up),
+                // and so is API Gateway's own error frame: through the
+                // Lambda shape a throttled invocation (over the reserved
+                // concurrency) answers it. The `roomJoined` is posted by
+                // the relay, which can be before the join's invocation has
+                // returned, so the next join may find its slot still taken.
                 for attempt in 1..=JOIN_ATTEMPTS {
                     let (reply, answer) = oneshot::channel();
                     if tx.send(Command::Join(frame.clone(), reply)).await.is_err() {
@@ -936,7 +941,9 @@ async fn join_all(
                         Err(_) => return (user, r, Err("no answer within 30 s".to_owned())),
                     };
                     bump(&mut refusals.borrow_mut(), &code);
-                    if code != "RATE_LIMITED" || attempt == JOIN_ATTEMPTS {
+                    let retryable =
+                        code == "RATE_LIMITED" || code.starts_with(GATEWAY_ERROR_PREFIX);
+                    if !retryable || attempt == JOIN_ATTEMPTS {
                         return (user, r, Err(code));
                     }
                     tokio::time::sleep(Duration::from_millis(100 * u64::from(attempt.min(10))))
