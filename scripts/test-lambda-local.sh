@@ -166,9 +166,16 @@ metrics="$(curl -fsS "http://127.0.0.1:$((port + 100))/metrics")" || fail "GET /
 # (ws-disconnect is left out: the generator closes its 60 sockets at once,
 # and $disconnect invocations over the reserved concurrency are throttled,
 # as in Lambda; the sweeper cleans up after them.)
+# ws-message may have throttled exactly the set-up joins chat-bench retried
+# (see above); nothing else.
+retried_joins="$(python -c 'import json, sys
+r = json.loads(open(sys.argv[1]).read().splitlines()[-1])
+print(r["join_errors"].get("gateway: Internal server error", 0))' "$tmp/bench.json")"
 for f in ws-connect ws-message rest; do
     n="$(printf '%s\n' "$metrics" | sed -n "s/^chat_lambda_throttles_total{function=\"$f\"} \([0-9.]*\)\$/\1/p")"
-    [ "${n%.*}" = 0 ] || fail "$f: ${n:-no count of} throttled invocations"
+    allowed=0
+    [ "$f" = ws-message ] && allowed="$retried_joins"
+    [ -n "$n" ] && [ "${n%.*}" -le "$allowed" ] || fail "$f: ${n:-no count of} throttled invocations"
 done
 for f in ws-connect ws-message ws-disconnect rest; do
     n="$(printf '%s\n' "$metrics" | sed -n "s/^chat_lambda_invocations_total{function=\"$f\"} \([0-9.]*\)\$/\1/p")"
