@@ -178,6 +178,25 @@ fn stored_from_row(
     )))
 }
 
+/// Runs a send's statement, again (up to twice more) when it failed only
+/// because a concurrent send stored one of its idempotency keys first: the
+/// unique index refused ours, and the next attempt (a new snapshot) finds
+/// the original.
+async fn retrying_idempotency_race<T, F, Fut>(mut run: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = std::result::Result<T, tokio_postgres::Error>>,
+{
+    let mut attempt = 0;
+    loop {
+        match run().await {
+            Ok(value) => return Ok(value),
+            Err(e) if attempt < 2 && lost_idempotency_race(&e) => attempt += 1,
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
 /// Whether a send failed only because a concurrent one stored the same
 /// `clientMessageId` first: the unique index refused it, and another
 /// attempt (a new snapshot) finds the original.
@@ -594,18 +613,7 @@ impl Store {
             &client_message_id,
             &self.retention,
         ];
-        // As in `store_many`: a concurrent send may store the same
-        // `clientMessageId` first; the next attempt finds the original.
-        let mut attempt = 0;
-        let row = loop {
-            match client.query_opt(&stmt, &params).await {
-                Ok(row) => break row,
-                Err(e) if attempt < 2 && lost_idempotency_race(&e) => {
-                    attempt += 1;
-                }
-                Err(e) => return Err(e.into()),
-            }
-        };
+        let row = retrying_idempotency_race(|| client.query_opt(&stmt, &params)).await?;
         Ok(match row {
             Some(row) => stored_from_row(&row, &id, &p.room_id, &p.sender, &p.message),
             None => Err(Error::internal(anyhow::anyhow!(
@@ -644,19 +652,7 @@ impl Store {
             &client_ids,
             &self.retention,
         ];
-        // A concurrent batch may store one of our idempotency keys first:
-        // the unique index refuses ours, and the next attempt (a new
-        // snapshot) finds the original.
-        let mut attempt = 0;
-        let rows = loop {
-            match client.query(&stmt, &params).await {
-                Ok(rows) => break rows,
-                Err(e) if attempt < 2 && lost_idempotency_race(&e) => {
-                    attempt += 1;
-                }
-                Err(e) => return Err(e.into()),
-            }
-        };
+        let rows = retrying_idempotency_race(|| client.query(&stmt, &params)).await?;
         let mut by_ord: HashMap<i64, tokio_postgres::Row> = rows
             .into_iter()
             .map(|r| (r.get::<_, i64>("ord"), r))
