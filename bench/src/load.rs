@@ -9,7 +9,7 @@
 //! `.await`.
 //!
 //! # Phases
-//! 1. **Connect** `users` WebSockets at `connect_rate`, user `i` to URL
+//! 1. **Connect** `users` WebSockets at the `connect` pace, user `i` to URL
 //!    `i % urls.len()`, and wait for each one's `connected` event.
 //! 2. **Rooms**: DIRECT pairs `(2k, 2k+1)` (so with two URLs the two members
 //!    are on different instances) created with `POST /direct`, or GROUP
@@ -45,7 +45,7 @@ use crate::accounting::{Delivery, SequenceCheck, Stream, Tally};
 use crate::procstat::{ProcessReport, Watched};
 use crate::rest::{Rest, parse_prometheus};
 use crate::summary::{Latency, Summary, round3};
-use crate::target::{Servers, Target};
+use crate::target::{Pace, Servers, Target};
 
 /// How rooms are built.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -66,13 +66,8 @@ pub struct RunConfig {
     pub target: Target,
     /// Users (one connection each).
     pub users: usize,
-    /// New connections per second.
-    pub connect_rate: f64,
-    /// Most handshakes in flight at once (0: no limit beyond the rate). A
-    /// shape that runs `$connect` in a function with a concurrency limit
-    /// refuses the excess with 500, as API Gateway does for a throttled
-    /// Lambda.
-    pub connect_concurrency: usize,
+    /// How fast they connect.
+    pub connect: Pace,
     /// Room layout.
     pub rooms: RoomKind,
     /// Members per GROUP room.
@@ -594,20 +589,10 @@ async fn connect_all(
 ) -> (Vec<Option<Conn>>, Summary, Summary, BTreeMap<String, u64>) {
     let handshake = Rc::new(RefCell::new(Latency::default()));
     let ready = Rc::new(RefCell::new(Latency::default()));
-    let in_flight = std::sync::Arc::new(tokio::sync::Semaphore::new(
-        if cfg.connect_concurrency == 0 {
-            tokio::sync::Semaphore::MAX_PERMITS
-        } else {
-            cfg.connect_concurrency
-        },
-    ));
+    let in_flight = std::sync::Arc::new(tokio::sync::Semaphore::new(cfg.connect.permits()));
     let mut pending = Vec::with_capacity(tokens.len());
     let started = Instant::now();
-    let gap = if cfg.connect_rate > 0.0 {
-        Duration::from_secs_f64(1.0 / cfg.connect_rate)
-    } else {
-        Duration::ZERO
-    };
+    let gap = cfg.connect.gap().unwrap_or_default();
     for (user, token) in tokens.iter().enumerate() {
         let due = started + gap.mul_f64(user as f64);
         tokio::time::sleep_until(due.into()).await;
@@ -1327,8 +1312,7 @@ mod tests {
                 secret: SecretString::from("s"),
             },
             users,
-            connect_rate: 0.0,
-            connect_concurrency: 0,
+            connect: Pace::new(0.0, 0),
             rooms: RoomKind::Group,
             group_size: users,
             duration: Duration::ZERO,

@@ -2,8 +2,8 @@
 //!
 //! A network blip, a deploy or 9 a.m. brings every mobile client back
 //! together, and each rejoins its rooms. Here `users` clients connect as
-//! fast as the generator lets them (at most `connect_concurrency`
-//! handshakes in flight, optionally also paced at `connect_rate`), and
+//! fast as the generator lets them (at most `connect.concurrency`
+//! handshakes in flight, optionally also paced at `connect.rate`), and
 //! each sends one `joinRoom` the moment its own handshake completes,
 //! without waiting for anyone else:
 //!
@@ -74,7 +74,7 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use crate::load::{Surprises, bump, counter_deltas, error_kind, mint, scrape, ws_url};
 use crate::procstat::{ProcessReport, Watched};
 use crate::summary::{Latency, Summary, round3};
-use crate::target::{Servers, Target};
+use crate::target::{Pace, Servers, Target};
 
 /// What one storm does.
 #[derive(Debug, Clone)]
@@ -83,10 +83,8 @@ pub struct StormConfig {
     pub target: Target,
     /// Clients (one user each); a multiple of 4, so both halves are pairs.
     pub users: usize,
-    /// Most handshakes in flight at once.
-    pub connect_concurrency: usize,
-    /// New connections per second on top of the cap; 0: no pacing.
-    pub connect_rate: f64,
+    /// How fast they connect.
+    pub connect: Pace,
     /// Longest time from a client's first connect to its `roomJoined`.
     pub deadline: Duration,
     /// `afterSequenceId` of the recovery joins: the messages the client
@@ -1034,7 +1032,7 @@ async fn run_phase(
     let phase = Rc::new(Phase {
         plan: Rc::clone(plan),
         mode,
-        handshakes: Semaphore::new(cfg.connect_concurrency.max(1)),
+        handshakes: Semaphore::new(cfg.connect.permits()),
         deadline: cfg.deadline,
         zero: Instant::now(),
         tally: RefCell::new(Tally {
@@ -1044,7 +1042,7 @@ async fn run_phase(
     });
     let (close, close_rx) = watch::channel(false);
     let mut tasks = Vec::with_capacity(users);
-    let gap = (cfg.connect_rate > 0.0).then(|| Duration::from_secs_f64(1.0 / cfg.connect_rate));
+    let gap = cfg.connect.gap();
     let mut next_sample = Instant::now();
     let mut next_report = phase.zero + Duration::from_secs(1);
     let mut spawned = 0;
@@ -1297,8 +1295,8 @@ pub async fn run(cfg: StormConfig) -> anyhow::Result<StormReport> {
             recovery_clients: cfg.users - direct_clients,
             after_sequence_id: cfg.seen,
             missed_messages: cfg.missed,
-            connect_concurrency: cfg.connect_concurrency,
-            connect_rate: cfg.connect_rate,
+            connect_concurrency: cfg.connect.concurrency,
+            connect_rate: cfg.connect.rate,
             deadline_s: cfg.deadline.as_secs_f64(),
             prepare_seconds,
             warm_up,
