@@ -7,7 +7,8 @@
 //! and the latest results, and `scripts/bench.sh` for a whole session.
 //!
 //! # Layout
-//! - [`target`]: the system under test and the server processes watched.
+//! - [`target`]: the system under test, how fast its clients connect, and
+//!   the server processes watched.
 //! - [`load`]: one run — connect, build rooms, send open-loop, measure;
 //!   and the rule that says whether a sweep step held.
 //! - [`storm`]: S6, a reconnect storm — every client connects and joins

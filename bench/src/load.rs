@@ -9,7 +9,7 @@
 //! `.await`.
 //!
 //! # Phases
-//! 1. **Connect** `users` WebSockets at `connect_rate`, user `i` to URL
+//! 1. **Connect** `users` WebSockets at the `connect` pace, user `i` to URL
 //!    `i % urls.len()`, and wait for each one's `connected` event.
 //! 2. **Rooms**: DIRECT pairs `(2k, 2k+1)` (so with two URLs the two members
 //!    are on different instances) created with `POST /direct`, or GROUP
@@ -45,7 +45,7 @@ use crate::accounting::{Delivery, SequenceCheck, Stream, Tally};
 use crate::procstat::{ProcessReport, Watched};
 use crate::rest::{Rest, parse_prometheus};
 use crate::summary::{Latency, Summary, round3};
-use crate::target::{Servers, Target};
+use crate::target::{Pace, Servers, Target};
 
 /// How rooms are built.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -66,13 +66,8 @@ pub struct RunConfig {
     pub target: Target,
     /// Users (one connection each).
     pub users: usize,
-    /// New connections per second.
-    pub connect_rate: f64,
-    /// Most handshakes in flight at once (0: no limit beyond the rate). A
-    /// shape that runs `$connect` in a function with a concurrency limit
-    /// refuses the excess with 500, as API Gateway does for a throttled
-    /// Lambda.
-    pub connect_concurrency: usize,
+    /// How fast they connect.
+    pub connect: Pace,
     /// Room layout.
     pub rooms: RoomKind,
     /// Members per GROUP room.
@@ -168,10 +163,10 @@ pub struct RunReport {
     pub generator_lag: Summary,
     /// `error` events by code (any request type).
     pub errors: BTreeMap<String, u64>,
-    /// Other events received, by type.
-    pub other_events: BTreeMap<String, u64>,
-    /// Connections that closed while the run was on.
-    pub unexpected_closes: u64,
+    /// Other events received, and connections that closed while the run
+    /// was on.
+    #[serde(flatten)]
+    pub surprises: Surprises,
     /// Watched processes.
     pub processes: Vec<ProcessReport>,
     /// Mean over the gateway processes of (RSS with every connection up −
@@ -182,6 +177,24 @@ pub struct RunReport {
     /// Counter deltas from `/metrics` over the sending window and drain,
     /// summed over the URLs, and their ratios per `sendMessage`.
     pub counters: BTreeMap<String, f64>,
+}
+
+/// What the clients met that the scenario did not ask for (`run` and
+/// `storm`): nothing, when all went as planned. In the JSON line, its fields
+/// stand beside the report's own.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Surprises {
+    /// Other events received, by type (`unparsable`: not an event).
+    pub other_events: BTreeMap<String, u64>,
+    /// Connections that closed before the end.
+    pub unexpected_closes: u64,
+}
+
+impl Surprises {
+    /// Counts an event of a type the scenario has no use for.
+    pub(crate) fn event(&mut self, kind: &str) {
+        bump(&mut self.other_events, kind);
+    }
 }
 
 /// Counters shared by every task.
@@ -208,8 +221,7 @@ struct Shared {
     rejected: Vec<u64>,
     not_sent: u64,
     errors: BTreeMap<String, u64>,
-    other_events: BTreeMap<String, u64>,
-    unexpected_closes: u64,
+    surprises: Surprises,
     /// True once the run is over: closes are expected then.
     closing: bool,
 }
@@ -446,13 +458,16 @@ pub async fn run(
         {
             let mut s = shared.borrow_mut();
             let users = s.sent.len();
-            let closes = s.unexpected_closes;
+            let closes = s.surprises.unexpected_closes;
             let next_n = std::mem::take(&mut s.next_n);
             *s = Shared {
                 sent: vec![0; users],
                 rejected: vec![0; users],
                 next_n,
-                unexpected_closes: closes,
+                surprises: Surprises {
+                    unexpected_closes: closes,
+                    ..Surprises::default()
+                },
                 ..Shared::default()
             };
         }
@@ -541,13 +556,10 @@ pub async fn run(
             latency_ack: s.ack.summary(),
             generator_lag: s.lag.summary(),
             errors: s.errors.clone(),
-            other_events: s.other_events.clone(),
-            unexpected_closes: s.unexpected_closes,
+            surprises: s.surprises.clone(),
             processes: watched.iter().map(Watched::report).collect(),
             rss_per_connection_bytes,
-            generator_cpu_percent: me
-                .cpu_percent_between("send_start", "send_end")
-                .map(|p| (p * 10.0).round() / 10.0),
+            generator_cpu_percent: me.cpu_send_percent(),
             counters: counter_deltas(&before, &after),
         };
         drop(s);
@@ -577,20 +589,10 @@ async fn connect_all(
 ) -> (Vec<Option<Conn>>, Summary, Summary, BTreeMap<String, u64>) {
     let handshake = Rc::new(RefCell::new(Latency::default()));
     let ready = Rc::new(RefCell::new(Latency::default()));
-    let in_flight = std::sync::Arc::new(tokio::sync::Semaphore::new(
-        if cfg.connect_concurrency == 0 {
-            tokio::sync::Semaphore::MAX_PERMITS
-        } else {
-            cfg.connect_concurrency
-        },
-    ));
+    let in_flight = std::sync::Arc::new(tokio::sync::Semaphore::new(cfg.connect.permits()));
     let mut pending = Vec::with_capacity(tokens.len());
     let started = Instant::now();
-    let gap = if cfg.connect_rate > 0.0 {
-        Duration::from_secs_f64(1.0 / cfg.connect_rate)
-    } else {
-        Duration::ZERO
-    };
+    let gap = cfg.connect.gap().unwrap_or_default();
     for (user, token) in tokens.iter().enumerate() {
         let due = started + gap.mul_f64(user as f64);
         tokio::time::sleep_until(due.into()).await;
@@ -721,12 +723,12 @@ async fn connection_task(
                 };
                 let received = now_us();
                 let Ok(frame) = serde_json::from_str::<Frame<'_>>(text.as_str()) else {
-                    bump(&mut shared.borrow_mut().other_events, "unparsable");
+                    shared.borrow_mut().surprises.event("unparsable");
                     continue;
                 };
                 let Some(kind) = frame.kind.as_deref() else {
                     let Some(message) = frame.message.as_deref() else {
-                        bump(&mut shared.borrow_mut().other_events, "unparsable");
+                        shared.borrow_mut().surprises.event("unparsable");
                         continue;
                     };
                     // API Gateway's answer to a failed integration: it
@@ -746,7 +748,7 @@ async fn connection_task(
                     "message" => {
                         let stamp = frame.payload.content.as_deref().and_then(parse_stamp);
                         let Some((t, sender, n)) = stamp else {
-                            bump(&mut shared.borrow_mut().other_events, "message_without_stamp");
+                            shared.borrow_mut().surprises.event("message_without_stamp");
                             continue;
                         };
                         let delivery = streams.entry(sender).or_default().observe(n);
@@ -793,14 +795,14 @@ async fn connection_task(
                         }
                         bump(&mut s.errors, &code);
                     }
-                    other => bump(&mut shared.borrow_mut().other_events, other),
+                    other => shared.borrow_mut().surprises.event(other),
                 }
             }
         }
     }
     let mut s = shared.borrow_mut();
     if !s.closing {
-        s.unexpected_closes += 1;
+        s.surprises.unexpected_closes += 1;
     }
 }
 
@@ -1169,6 +1171,12 @@ pub(crate) async fn scrape(urls: &[String]) -> BTreeMap<String, f64> {
     sums
 }
 
+/// The counters of one `/metrics` text, as [`scrape`] reads them (tests).
+#[cfg(test)]
+pub(crate) fn counters_of(text: &str) -> BTreeMap<String, f64> {
+    parse_prometheus(text).into_iter().collect()
+}
+
 /// The increase of each counter, plus per-`sendMessage` ratios of the
 /// round-trip counters.
 pub fn counter_deltas(
@@ -1304,8 +1312,7 @@ mod tests {
                 secret: SecretString::from("s"),
             },
             users,
-            connect_rate: 0.0,
-            connect_concurrency: 0,
+            connect: Pace::new(0.0, 0),
             rooms: RoomKind::Group,
             group_size: users,
             duration: Duration::ZERO,
@@ -1419,7 +1426,11 @@ mod tests {
                 let s = shared.borrow();
                 assert_eq!(s.rejected, vec![0, 2, 0]);
                 assert_eq!(s.errors.get(&code), Some(&2));
-                assert!(s.other_events.is_empty(), "{:?}", s.other_events);
+                assert!(
+                    s.surprises.other_events.is_empty(),
+                    "{:?}",
+                    s.surprises.other_events
+                );
             })
             .await;
     }
@@ -1450,91 +1461,57 @@ mod tests {
         }
     }
 
+    /// Why the good step changed by `change` did not hold, at a p99
+    /// limit of 100 ms.
+    fn failures_if(change: impl FnOnce(&mut Step)) -> Vec<&'static str> {
+        let mut step = good_step();
+        change(&mut step);
+        step_failures(&step, 100.0)
+    }
+
     #[test]
     fn a_step_holds_only_when_every_send_is_accepted() {
         assert!(step_held(&good_step(), 100.0));
         // One refusal in 75,000 sends is enough to fail: there is no
         // allowance for a share of refusals any more.
-        let one_refused = Step {
-            rejected: 1,
-            errors: 1,
-            ..good_step()
-        };
-        assert_eq!(step_failures(&one_refused, 100.0), ["refused"]);
+        assert_eq!(
+            failures_if(|s| (s.rejected, s.errors) = (1, 1)),
+            ["refused"]
+        );
         // An error answering anything else counts too.
-        let other_error = Step {
-            errors: 1,
-            ..good_step()
-        };
-        assert_eq!(step_failures(&other_error, 100.0), ["refused"]);
+        assert_eq!(failures_if(|s| s.errors = 1), ["refused"]);
     }
 
     #[test]
     fn a_step_fails_on_loss_latency_or_a_rate_not_offered() {
-        let lost = Step {
-            lost: 1,
-            ..good_step()
-        };
-        assert_eq!(step_failures(&lost, 100.0), ["lost"]);
-        let slow = Step {
-            p99_ms: 100.5,
-            ..good_step()
-        };
-        assert_eq!(step_failures(&slow, 100.0), ["p99"]);
-        assert!(step_held(
-            &Step {
-                p99_ms: 100.0,
-                ..good_step()
-            },
-            100.0
-        ));
-        let stuck = Step {
-            not_sent: 3,
-            ..good_step()
-        };
-        assert_eq!(step_failures(&stuck, 100.0), ["not_sent"]);
-        let late = Step {
-            send_rate: 4700.0,
-            ..good_step()
-        };
-        assert_eq!(step_failures(&late, 100.0), ["under_rate"]);
-        let silent = Step {
-            measured: 0,
-            p99_ms: 0.0,
-            ..good_step()
-        };
-        assert_eq!(step_failures(&silent, 100.0), ["nothing_measured"]);
+        assert_eq!(failures_if(|s| s.lost = 1), ["lost"]);
+        assert_eq!(failures_if(|s| s.p99_ms = 100.5), ["p99"]);
+        assert!(failures_if(|s| s.p99_ms = 100.0).is_empty());
+        assert_eq!(failures_if(|s| s.not_sent = 3), ["not_sent"]);
+        assert_eq!(failures_if(|s| s.send_rate = 4700.0), ["under_rate"]);
+        assert_eq!(
+            failures_if(|s| (s.measured, s.p99_ms) = (0, 0.0)),
+            ["nothing_measured"]
+        );
         // Reasons add up.
-        let bad = Step {
-            rejected: 10,
-            errors: 10,
-            lost: 2,
-            p99_ms: 300.0,
-            ..good_step()
-        };
-        assert_eq!(step_failures(&bad, 100.0), ["refused", "lost", "p99"]);
+        assert_eq!(
+            failures_if(|s| (s.rejected, s.errors, s.lost, s.p99_ms) = (10, 10, 2, 300.0)),
+            ["refused", "lost", "p99"]
+        );
     }
 
     #[test]
     fn counter_deltas_give_round_trips_per_send() {
-        let before: BTreeMap<String, f64> = [
-            ("chat_pg_round_trips_total".to_owned(), 10.0),
-            (
-                "chat_ws_requests_total{type=\"sendMessage\"}".to_owned(),
-                5.0,
-            ),
-        ]
-        .into();
-        let after: BTreeMap<String, f64> = [
-            ("chat_pg_round_trips_total".to_owned(), 110.0),
-            ("chat_redis_round_trips_total".to_owned(), 200.0),
-            (
-                "chat_ws_requests_total{type=\"sendMessage\"}".to_owned(),
-                105.0,
-            ),
-            ("chat_gateway_connections_open".to_owned(), 3.0),
-        ]
-        .into();
+        let before = counters_of(
+            "chat_pg_round_trips_total 10
+             chat_ws_requests_total{type=\"sendMessage\"} 5",
+        );
+        let after = counters_of(
+            "chat_pg_round_trips_total 110
+             chat_redis_round_trips_total 200
+             chat_ws_requests_total{type=\"sendMessage\"} 105
+             chat_gateway_connections_open 3",
+        );
         let d = counter_deltas(&before, &after);
         assert_eq!(d["pg_round_trips_per_send"], 1.0);
         assert_eq!(d["redis_round_trips_per_send"], 2.0);

@@ -24,7 +24,7 @@ use chat_bench::lambda::{self, events};
 use chat_bench::load::{self, RoomKind, RunConfig, RunReport, Step};
 use chat_bench::report;
 use chat_bench::storm::{self, StormConfig};
-use chat_bench::target::{Servers, Target};
+use chat_bench::target::{Pace, Servers, Target};
 use clap::{Parser, Subcommand, ValueEnum};
 use secrecy::SecretString;
 use serde_json::json;
@@ -85,8 +85,8 @@ enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
         /// Extra `key=value` fields copied into the JSON lines.
-        #[arg(long = "tag")]
-        tags: Vec<String>,
+        #[arg(long = "tag", value_parser = parse_tag)]
+        tags: Vec<(String, String)>,
     },
     /// Spawns a server command and times it to its first 2xx on --url.
     ProcessStart {
@@ -186,7 +186,7 @@ struct StormArgs {
     /// Clients (a multiple of 4: half direct pairs, half recovery pairs).
     #[arg(long, default_value_t = 2000)]
     users: usize,
-    /// Most WebSocket handshakes in flight at once.
+    /// Most WebSocket handshakes in flight at once (0: no limit).
     #[arg(long, default_value_t = 500)]
     connect_concurrency: usize,
     /// Also pace new connections at this rate (per second); 0: no pacing.
@@ -282,8 +282,8 @@ struct OutputArgs {
     #[arg(long)]
     out: Option<PathBuf>,
     /// Extra `key=value` fields copied into every JSON line (session, run).
-    #[arg(long = "tag")]
-    tags: Vec<String>,
+    #[arg(long = "tag", value_parser = parse_tag)]
+    tags: Vec<(String, String)>,
 }
 
 impl OutputArgs {
@@ -364,14 +364,11 @@ fn emit(value: &serde_json::Value, tags: &[(String, String)], out: Option<&PathB
     }
 }
 
-fn parse_tags(tags: &[String]) -> anyhow::Result<Vec<(String, String)>> {
-    tags.iter()
-        .map(|t| {
-            t.split_once('=')
-                .map(|(k, v)| (k.to_owned(), v.to_owned()))
-                .with_context(|| format!("--tag {t}: expected key=value"))
-        })
-        .collect()
+/// A `--tag key=value`.
+fn parse_tag(tag: &str) -> Result<(String, String), String> {
+    tag.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| "expected key=value".to_owned())
 }
 
 /// `LABEL=PID` arguments.
@@ -393,12 +390,10 @@ fn held(r: &RunReport, p99_limit: f64) -> bool {
 }
 
 async fn run(a: RunArgs) -> anyhow::Result<()> {
-    let tags = parse_tags(&a.output.tags)?;
     let cfg = RunConfig {
         target: a.target.target(&a.scenario),
         users: a.users,
-        connect_rate: a.connect_rate,
-        connect_concurrency: a.connect_concurrency,
+        connect: Pace::new(a.connect_rate, a.connect_concurrency),
         rooms: match a.rooms {
             Rooms::None => RoomKind::None,
             Rooms::Direct => RoomKind::Direct,
@@ -417,18 +412,12 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
     };
     let limit = a.stop_p99_ms;
     let stop = move |r: &RunReport| limit.is_some_and(|l| !held(r, l));
-    let out = a.output.out.clone();
+    let (tags, out) = (&a.output.tags, a.output.out.as_ref());
     let reports = load::run(
         cfg,
         &a.rates,
         if limit.is_some() { Some(&stop) } else { None },
-        |r| {
-            emit(
-                &serde_json::to_value(r).unwrap_or_default(),
-                &tags,
-                out.as_ref(),
-            )
-        },
+        |r| emit(&serde_json::to_value(r).unwrap_or_default(), tags, out),
     )
     .await?;
     if let Some(limit) = limit {
@@ -453,20 +442,18 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
         emit(
             &json!({"kind": "sweep", "label": a.target.label, "scenario": a.scenario, "p99_limit_ms": limit,
                     "rule": "strict", "highest_held": highest, "steps": steps}),
-            &tags,
-            a.output.out.as_ref(),
+            tags,
+            out,
         );
     }
     Ok(())
 }
 
 async fn storm(a: StormArgs) -> anyhow::Result<()> {
-    let tags = parse_tags(&a.output.tags)?;
     let cfg = StormConfig {
         target: a.target.target(&a.scenario),
         users: a.users,
-        connect_concurrency: a.connect_concurrency,
-        connect_rate: a.connect_rate,
+        connect: Pace::new(a.connect_rate, a.connect_concurrency),
         deadline: Duration::from_secs_f64(a.deadline),
         seen: a.after_sequence_id,
         missed: a.missed,
@@ -478,7 +465,7 @@ async fn storm(a: StormArgs) -> anyhow::Result<()> {
     let report = storm::run(cfg).await?;
     emit(
         &serde_json::to_value(&report)?,
-        &tags,
+        &a.output.tags,
         a.output.out.as_ref(),
     );
     Ok(())
@@ -536,9 +523,8 @@ async fn lambda_cold_start(
     secret: String,
     label: String,
     out: Option<PathBuf>,
-    tags: Vec<String>,
+    tags: Vec<(String, String)>,
 ) -> anyhow::Result<()> {
-    let tags = parse_tags(&tags)?;
     let secret = SecretString::from(secret);
     let id = format!("lambdacold{}=", load::now_us() % 1_000_000_000);
     let user = format!("cold-{}", load::now_us() % 1_000_000_000);

@@ -165,6 +165,13 @@ impl Watched {
         let wall = tb.duration_since(ta).as_secs_f64();
         (wall > 0.0).then(|| (b.cpu_seconds - a.cpu_seconds) / wall * 100.0)
     }
+
+    /// Mean CPU use over the sending window (the marks `send_start` and
+    /// `send_end`), in percent of one core, to a tenth.
+    pub fn cpu_send_percent(&self) -> Option<f64> {
+        self.cpu_percent_between("send_start", "send_end")
+            .map(|p| (p * 10.0).round() / 10.0)
+    }
 }
 
 /// The latest RSS of each process, `label=123M` separated by spaces: the
@@ -221,9 +228,7 @@ impl Watched {
             rss_connected_mib: self.at("connected").map(|(r, _)| mib(r.rss_bytes)),
             rss_peak_mib: mib(self.peak_rss_bytes),
             cpu_send_seconds,
-            cpu_send_percent: self
-                .cpu_percent_between("send_start", "send_end")
-                .map(|p| (p * 10.0).round() / 10.0),
+            cpu_send_percent: self.cpu_send_percent(),
             alive: read(self.pid).is_some(),
         }
     }

@@ -133,17 +133,43 @@ fn lines_where<'a>(
         .collect()
 }
 
-/// Sum of the counts of a `{code: count}` object for the codes `pick`
-/// accepts (0 when the object is missing or empty: nothing was counted).
-fn count_codes(v: &Value, pointer: &str, pick: &dyn Fn(&str) -> bool) -> f64 {
+/// Which codes of a `{code: count}` object are counted.
+#[derive(Clone, Copy)]
+enum Codes<'a> {
+    /// Every code.
+    All,
+    /// These codes.
+    Only(&'a [&'a str]),
+    /// Every code but these.
+    Except(&'a [&'a str]),
+}
+
+impl Codes<'_> {
+    fn pick(self, code: &str) -> bool {
+        match self {
+            Self::All => true,
+            Self::Only(codes) => codes.contains(&code),
+            Self::Except(codes) => !codes.contains(&code),
+        }
+    }
+}
+
+/// Sum of the counts of a `{code: count}` object for the `codes` picked
+/// (0 when the object is missing or empty: nothing was counted).
+fn count_codes(v: &Value, pointer: &str, codes: Codes<'_>) -> f64 {
     v.pointer(pointer)
         .and_then(Value::as_object)
         .map_or(0.0, |m| {
             m.iter()
-                .filter(|(code, _)| pick(code))
+                .filter(|(code, _)| codes.pick(code))
                 .filter_map(|(_, n)| n.as_f64())
                 .sum()
         })
+}
+
+/// `count` as a share of the messages a run (or a sweep step) sent, %.
+fn percent_of_sent(v: &Value, count: f64) -> Option<f64> {
+    Some(count / get(v, "/sent")?.max(1.0) * 100.0)
 }
 
 /// The first step of a sweep that was not held.
@@ -154,13 +180,12 @@ fn first_failed_step(v: &Value) -> Option<&Value> {
 /// Refused sends of a sweep step, % of those sent: from the counts when
 /// the step has them, else from the rates.
 fn step_refused_percent(step: &Value) -> Option<f64> {
-    match (get(step, "/rejected"), get(step, "/sent")) {
-        (Some(r), Some(n)) => Some(r / n.max(1.0) * 100.0),
-        _ => {
+    get(step, "/rejected")
+        .and_then(|refused| percent_of_sent(step, refused))
+        .or_else(|| {
             let (sent, accepted) = (get(step, "/send_rate")?, get(step, "/accepted_rate")?);
             (sent > 0.0).then(|| (sent - accepted).max(0.0) / sent * 100.0)
-        }
-    }
+        })
 }
 
 fn med(values: &[&Value], f: &dyn Fn(&Value) -> Option<f64>) -> (Option<f64>, usize) {
@@ -195,6 +220,9 @@ enum Metric<'a> {
     At(&'a str, &'static str),
     /// The sum of a per-process field over the processes of a run.
     Processes(&'a str, &'static str),
+    /// The sum of the counts of the codes picked in the `{code: count}`
+    /// object at a JSON pointer.
+    Codes(&'a str, &'static str, Codes<'a>),
     /// Computed from the line.
     With(&'a str, &'a dyn Fn(&Value) -> Option<f64>),
 }
@@ -202,7 +230,10 @@ enum Metric<'a> {
 impl Metric<'_> {
     fn name(&self) -> &str {
         match self {
-            Self::At(name, _) | Self::Processes(name, _) | Self::With(name, _) => name,
+            Self::At(name, _)
+            | Self::Processes(name, _)
+            | Self::Codes(name, _, _)
+            | Self::With(name, _) => name,
         }
     }
 
@@ -210,20 +241,35 @@ impl Metric<'_> {
         match self {
             Self::At(_, pointer) => get(v, pointer),
             Self::Processes(_, field) => process_sum(v, field),
+            Self::Codes(_, pointer, codes) => Some(count_codes(v, pointer, *codes)),
             Self::With(_, f) => f(v),
         }
     }
+
+    /// The median of this metric over `lines`, and how many of them have it.
+    fn median(&self, lines: &[&Value]) -> (Option<f64>, usize) {
+        med(lines, &|v| self.read(v))
+    }
 }
 
-// The metrics that more than one table shows, each defined once.
+// The metrics that more than one table or block shows, each defined once
+// (and the latency percentiles together).
 const DELIVERED: Metric<'static> = Metric::At("deliveries/s", "/delivered_per_s");
 const LOST: Metric<'static> = Metric::At("lost deliveries", "/lost");
 const REFUSED: Metric<'static> = Metric::At("sends refused (any code)", "/rejected");
 const LOST_OR_REFUSED: Metric<'static> = Metric::With("lost + refused", &|v| {
-    Some(get(v, "/lost")? + get(v, "/rejected")?)
+    Some(LOST.read(v)? + REFUSED.read(v)?)
 });
+const DUPLICATES: Metric<'static> = Metric::At("duplicate deliveries", "/tally/duplicates");
+const OUT_OF_ORDER: Metric<'static> = Metric::At("out-of-order deliveries", "/tally/out_of_order");
+const DUPLICATES_OR_OUT_OF_ORDER: Metric<'static> =
+    Metric::With("duplicate + out-of-order deliveries", &|v| {
+        Some(DUPLICATES.read(v)? + OUT_OF_ORDER.read(v)?)
+    });
 const LATENCY_P50: Metric<'static> = Metric::At("latency p50 (ms)", "/latency/p50_ms");
 const LATENCY_P99: Metric<'static> = Metric::At("latency p99 (ms)", "/latency/p99_ms");
+const LATENCY_P999: Metric<'static> = Metric::At("latency p99.9 (ms)", "/latency/p999_ms");
+const LATENCY_MAX: Metric<'static> = Metric::At("latency max (ms)", "/latency/max_ms");
 const SERVER_CPU: Metric<'static> = Metric::Processes(
     "server CPU (% of one core, all processes)",
     "cpu_send_percent",
@@ -289,7 +335,7 @@ impl Section<'_, '_> {
     fn row(&mut self, metric: Metric<'_>, better: Better, target: Option<Target>) {
         let of = |label| {
             let lines = lines_where(self.b.all, self.kind, label, self.scenario, self.select);
-            med(&lines, &|v| metric.read(v))
+            metric.median(&lines)
         };
         let ((ours, n_ours), (baseline, n_base)) = (of(OURS), of(BASELINE));
         self.b.rows.push(Row {
@@ -302,6 +348,14 @@ impl Section<'_, '_> {
             runs: (n_ours, n_base),
         });
     }
+
+    /// A row for each of `metrics`, counts of what must not happen at all
+    /// (lower is better, and the target is none).
+    fn must_be_zero(&mut self, metrics: &[Metric<'_>]) {
+        for metric in metrics {
+            self.row(*metric, Better::Lower, Some(Target::AtMost(0.0)));
+        }
+    }
 }
 
 /// The rows of the table, from every JSON line of a session.
@@ -312,7 +366,6 @@ pub fn rows(all: &[Value]) -> Vec<Row> {
         rows: Vec::new(),
     };
     let all_lines: &dyn Fn(&Value) -> bool = &|_| true;
-    let zero = Some(Target::AtMost(0.0));
     let mut s1 = b.section("run", "S1", all_lines, "S1 idle: 10,000 connections");
     s1.row(Metric::At("connections up", "/connected"), Higher, None);
     s1.row(
@@ -339,30 +392,11 @@ pub fn rows(all: &[Value]) -> Vec<Row> {
 
     let mut s2 = b.section("run", "S2", all_lines, "S2 direct: 2,000 users, 1,000 DIRECT rooms across 2 instances, 2,000 msg/s, 60 s (ours: relay posts through the AWS SDK, SigV4-signed)");
     s2.row(DELIVERED, Higher, None);
-    s2.row(LOST, Lower, zero);
-    s2.row(
-        Metric::At("duplicate deliveries", "/tally/duplicates"),
-        Lower,
-        zero,
-    );
-    s2.row(
-        Metric::At("out-of-order deliveries", "/tally/out_of_order"),
-        Lower,
-        zero,
-    );
-    s2.row(REFUSED, Lower, zero);
+    s2.must_be_zero(&[LOST, DUPLICATES, OUT_OF_ORDER, REFUSED]);
     s2.row(LATENCY_P50, Lower, Some(Target::AtMost(5.0)));
     s2.row(LATENCY_P99, Lower, Some(Target::AtMost(25.0)));
-    s2.row(
-        Metric::At("latency p99.9 (ms)", "/latency/p999_ms"),
-        Lower,
-        None,
-    );
-    s2.row(
-        Metric::At("latency max (ms)", "/latency/max_ms"),
-        Lower,
-        None,
-    );
+    s2.row(LATENCY_P999, Lower, None);
+    s2.row(LATENCY_MAX, Lower, None);
     s2.row(SERVER_CPU, Lower, None);
     s2.row(SERVER_RSS_PEAK, Lower, None);
     s2.row(PG_PER_SEND, Lower, Some(Target::AtMost(1.0)));
@@ -371,15 +405,9 @@ pub fn rows(all: &[Value]) -> Vec<Row> {
 
     let mut s3 = b.section("run", "S3", all_lines, "S3 fan-out: 1,000 users in GROUP rooms of 100, 100 msg/s (10,000 deliveries/s; ours: relay posts through the AWS SDK)");
     s3.row(DELIVERED, Higher, None);
-    s3.row(LOST, Lower, zero);
-    s3.row(
-        Metric::With("duplicate + out-of-order deliveries", &|v| {
-            Some(get(v, "/tally/duplicates")? + get(v, "/tally/out_of_order")?)
-        }),
-        Lower,
-        None,
-    );
-    s3.row(REFUSED, Lower, zero);
+    s3.must_be_zero(&[LOST]);
+    s3.row(DUPLICATES_OR_OUT_OF_ORDER, Lower, None);
+    s3.must_be_zero(&[REFUSED]);
     s3.row(LATENCY_P50, Lower, None);
     s3.row(LATENCY_P99, Lower, Some(Target::AtMost(50.0)));
     s3.row(SERVER_CPU, Lower, None);
@@ -539,25 +567,29 @@ pub fn rows(all: &[Value]) -> Vec<Row> {
         Higher,
         None,
     );
+    let percent = |codes: Codes<'static>| {
+        move |v: &Value| percent_of_sent(v, count_codes(v, "/errors", codes))
+    };
     ov.row(
         Metric::With("sends refused, any code (% of sent)", &|v| {
-            Some(get(v, "/rejected")? / get(v, "/sent")?.max(1.0) * 100.0)
+            percent_of_sent(v, REFUSED.read(v)?)
         }),
         Higher,
         None,
     );
     ov.row(
-        Metric::With("refused with RATE_LIMITED (% of sent)", &|v| {
-            Some(get(v, "/errors/RATE_LIMITED").unwrap_or(0.0) / get(v, "/sent")?.max(1.0) * 100.0)
-        }),
+        Metric::With(
+            "refused with RATE_LIMITED (% of sent)",
+            &percent(Codes::Only(&["RATE_LIMITED"])),
+        ),
         Higher,
         None,
     );
     ov.row(
-        Metric::With("refused with another code (% of sent)", &|v| {
-            let others = count_codes(v, "/errors", &|c| c != "RATE_LIMITED");
-            Some(others / get(v, "/sent")?.max(1.0) * 100.0)
-        }),
+        Metric::With(
+            "refused with another code (% of sent)",
+            &percent(Codes::Except(&["RATE_LIMITED"])),
+        ),
         Lower,
         None,
     );
@@ -566,7 +598,7 @@ pub fn rows(all: &[Value]) -> Vec<Row> {
         Lower,
         Some(Target::AtMost(200.0)),
     );
-    ov.row(Metric::At("accepted messages lost", "/lost"), Lower, zero);
+    ov.must_be_zero(&[Metric::At("accepted messages lost", "/lost")]);
     ov.row(
         Metric::With("server processes alive afterwards", &|v| {
             let procs = v["processes"].as_array()?;
@@ -578,6 +610,20 @@ pub fn rows(all: &[Value]) -> Vec<Row> {
     ov.row(SERVER_RSS_PEAK, Lower, None);
     b.rows
 }
+
+/// The `joinRoom` error codes S6 has a row each for, with the row's name;
+/// one more row counts every other code.
+const JOIN_ERROR_ROWS: [(&str, &[&str]); 3] = [
+    (
+        "joins refused with RATE_LIMITED (every attempt)",
+        &["RATE_LIMITED"],
+    ),
+    (
+        "joins refused with SERVICE_UNAVAILABLE (every attempt)",
+        &["SERVICE_UNAVAILABLE", "UNAVAILABLE"],
+    ),
+    ("joins answered INTERNAL", &["INTERNAL"]),
+];
 
 /// The S6 rows, one block per storm size found in the lines (smallest
 /// first), each median over the runs of that size.
@@ -602,7 +648,6 @@ fn storm_rows(b: &mut Builder<'_>, all: &[Value]) {
             "S6 reconnect storm: {} clients connect and join at once (half new DIRECT rooms, half recovering {missed} missed messages)",
             group_thousands(n as i64)
         );
-        let zero = Some(Target::AtMost(0.0));
         let mut s6 = b.section("storm", "S6", &of_size, &title);
         s6.row(JOINED, Higher, Some(Target::AtLeast(n as f64)));
         // A run in which some client never joined took forever: it counts
@@ -629,73 +674,39 @@ fn storm_rows(b: &mut Builder<'_>, all: &[Value]) {
             Lower,
             None,
         );
-        s6.row(
-            Metric::With("joins refused with RATE_LIMITED (every attempt)", &|v| {
-                Some(count_codes(v, "/join_errors", &|c| c == "RATE_LIMITED"))
-            }),
-            Lower,
-            zero,
+        // Every refusal, failure and wrong answer, by kind: none is allowed.
+        let listed: Vec<&str> = JOIN_ERROR_ROWS
+            .iter()
+            .flat_map(|(_, codes)| *codes)
+            .copied()
+            .collect();
+        let unanswered = format!("joins unanswered within the deadline ({deadline:.0} s)");
+        s6.must_be_zero(
+            &JOIN_ERROR_ROWS
+                .map(|(name, codes)| Metric::Codes(name, "/join_errors", Codes::Only(codes))),
         );
-        s6.row(
-            Metric::With(
-                "joins refused with SERVICE_UNAVAILABLE (every attempt)",
-                &|v| {
-                    Some(count_codes(v, "/join_errors", &|c| {
-                        c == "SERVICE_UNAVAILABLE" || c == "UNAVAILABLE"
-                    }))
-                },
+        s6.must_be_zero(&[
+            Metric::Codes(
+                "joins answered with another error code",
+                "/join_errors",
+                Codes::Except(&listed),
             ),
-            Lower,
-            zero,
-        );
-        s6.row(
-            Metric::With("joins answered INTERNAL", &|v| {
-                Some(count_codes(v, "/join_errors", &|c| c == "INTERNAL"))
-            }),
-            Lower,
-            zero,
-        );
-        s6.row(
-            Metric::With("joins answered with another error code", &|v| {
-                Some(count_codes(v, "/join_errors", &|c| {
-                    !matches!(
-                        c,
-                        "RATE_LIMITED" | "SERVICE_UNAVAILABLE" | "UNAVAILABLE" | "INTERNAL"
-                    )
-                }))
-            }),
-            Lower,
-            zero,
-        );
-        s6.row(
             Metric::With(
                 "connections refused, failed or dropped (every attempt)",
                 &|v| {
                     Some(
-                        count_codes(v, "/handshake_errors", &|_| true)
+                        count_codes(v, "/handshake_errors", Codes::All)
                             + get(v, "/unexpected_closes").unwrap_or(0.0),
                     )
                 },
             ),
-            Lower,
-            zero,
-        );
-        s6.row(
-            Metric::With(
-                &format!("joins unanswered within the deadline ({deadline:.0} s)"),
-                &|v| Some(count_codes(v, "/failed", &|c| c == "no_answer")),
-            ),
-            Lower,
-            zero,
-        );
-        s6.row(
-            Metric::With(
+            Metric::Codes(&unanswered, "/failed", Codes::Only(&["no_answer"])),
+            Metric::Codes(
                 "wrong roomJoined (DIRECT pair split, recovery not exact)",
-                &|v| Some(count_codes(v, "/wrong_answers", &|_| true)),
+                "/wrong_answers",
+                Codes::All,
             ),
-            Lower,
-            zero,
-        );
+        ]);
         s6.row(
             Metric::At(
                 "PostgreSQL round trips per joinRoom",
@@ -811,25 +822,48 @@ pub fn before_after_table(all: &[Value]) -> Option<String> {
         "| scenario | metric | this build | earlier build | this ÷ earlier | runs |\n|---|---|---:|---:|---:|---|\n",
     );
     for scenario in ["S2", "S3"] {
-        for (i, metric) in metrics.iter().enumerate() {
-            let f = |v: &Value| metric.read(v);
-            let (now, n_now) = med(&lines(all, "run", OURS, scenario), &f);
-            let (then, n_then) = med(&lines(all, "run", BEFORE, scenario), &f);
-            let ratio = match (now, then) {
-                (Some(a), Some(b)) if b > 0.0 => format!("{:.2}", a / b),
-                _ => String::new(),
-            };
-            let _ = writeln!(
-                out,
-                "| {} | {} | {} | {} | {ratio} | {n_now} / {n_then} |",
-                if i == 0 { scenario } else { "" },
-                metric.name(),
-                fmt(now),
-                fmt(then),
-            );
-        }
+        let (this_build, earlier) = (
+            lines(all, "run", OURS, scenario),
+            lines(all, "run", BEFORE, scenario),
+        );
+        side_by_side(
+            &mut out,
+            scenario,
+            &metrics,
+            &[&this_build, &earlier],
+            &|medians| {
+                vec![match (medians[0], medians[1]) {
+                    (Some(a), Some(b)) if b > 0.0 => format!("{:.2}", a / b),
+                    _ => String::new(),
+                }]
+            },
+        );
     }
     Some(out)
+}
+
+/// Writes one block of a side-by-side table: a row per metric with its
+/// median over the lines of each of `columns`, then the cells `more` makes
+/// of those medians, then how many runs the first two medians are of; the
+/// title on the block's first row only.
+fn side_by_side(
+    out: &mut String,
+    title: &str,
+    metrics: &[Metric<'_>],
+    columns: &[&[&Value]],
+    more: &dyn Fn(&[Option<f64>]) -> Vec<String>,
+) {
+    for (i, metric) in metrics.iter().enumerate() {
+        let (medians, runs): (Vec<_>, Vec<_>) = columns.iter().map(|c| metric.median(c)).unzip();
+        let mut cells = vec![
+            if i == 0 { title } else { "" }.to_owned(),
+            metric.name().to_owned(),
+        ];
+        cells.extend(medians.iter().map(|m| fmt(*m)));
+        cells.extend(more(&medians));
+        cells.push(format!("{} / {}", runs[0], runs[1]));
+        let _ = writeln!(out, "| {} |", cells.join(" | "));
+    }
 }
 
 /// The Redis CPU of a run (% of one core): the single Redis (process
@@ -901,21 +935,13 @@ pub fn cluster_table(all: &[Value]) -> Option<String> {
                      metrics: &[Metric<'_>]| {
         let of = |label: &str| lines_where(all, kind, label, scenario, select);
         let (single, cluster, baseline) = (of(OURS), of(CLUSTER), of("baseline"));
-        for (i, metric) in metrics.iter().enumerate() {
-            let f = |v: &Value| metric.read(v);
-            let (a, n_a) = med(&single, &f);
-            let (b, n_b) = med(&cluster, &f);
-            let (c, _) = med(&baseline, &f);
-            let _ = writeln!(
-                out,
-                "| {} | {} | {} | {} | {} | {n_a} / {n_b} |",
-                if i == 0 { title } else { "" },
-                metric.name(),
-                fmt(a),
-                fmt(b),
-                fmt(c),
-            );
-        }
+        side_by_side(
+            &mut out,
+            title,
+            metrics,
+            &[&single, &cluster, &baseline],
+            &|_| Vec::new(),
+        );
         let shares = node_shares(&cluster);
         if !shares.is_empty() {
             let _ = writeln!(
@@ -953,9 +979,11 @@ pub fn cluster_table(all: &[Value]) -> Option<String> {
                 "time until every client had its roomJoined (s)",
                 "/all_joined_s",
             ),
-            Metric::With("joins refused or failed (any code)", &|v| {
-                Some(count_codes(v, "/join_errors", &|_| true))
-            }),
+            Metric::Codes(
+                "joins refused or failed (any code)",
+                "/join_errors",
+                Codes::All,
+            ),
             REDIS_CPU,
             REDIS_PER_JOIN,
         ];
@@ -1160,15 +1188,9 @@ mod tests {
 
     #[test]
     fn medians_ratios_and_targets() {
-        let all = vec![
-            s2(OURS, 10.0, 0),
-            s2(OURS, 30.0, 0),
-            s2(OURS, 20.0, 0),
-            s2(BASELINE, 200.0, 5),
-            s2(BASELINE, 100.0, 5),
-            s2(BASELINE, 150.0, 5),
-        ];
-        let rows = rows(&all);
+        let ours = [10.0, 30.0, 20.0].map(|p99| s2(OURS, p99, 0));
+        let baseline = [200.0, 100.0, 150.0].map(|p99| s2(BASELINE, p99, 5));
+        let rows = rows(&[ours, baseline].concat());
         let p99 = rows
             .iter()
             .find(|r| r.scenario.starts_with("S2") && r.metric == "latency p99 (ms)")
@@ -1228,17 +1250,22 @@ mod tests {
 
     #[test]
     fn s4_targets_are_also_paired_run_by_run() {
-        let all = vec![
-            sweep(OURS, 1, 6000.0),
-            sweep(OURS, 2, 8000.0),
-            sweep(OURS, 3, 7500.0),
-            sweep(BASELINE, 1, 1500.0),
-            sweep(BASELINE, 2, 1500.0),
-            sweep(BASELINE, 3, 2000.0),
-            pgbench(1, 16, 10000.0),
-            pgbench(2, 16, 8000.0),
-            pgbench(3, 16, 11000.0),
+        // Each run: our rate held, the baseline's, the pgbench ceiling.
+        let runs = [
+            (1, 6000.0, 1500.0, 10000.0),
+            (2, 8000.0, 1500.0, 8000.0),
+            (3, 7500.0, 2000.0, 11000.0),
         ];
+        let all: Vec<Value> = runs
+            .into_iter()
+            .flat_map(|(run, ours, baseline, ceiling)| {
+                [
+                    sweep(OURS, run, ours),
+                    sweep(BASELINE, run, baseline),
+                    pgbench(run, 16, ceiling),
+                ]
+            })
+            .collect();
         let rows = rows(&all);
         let find = |needle: &str| {
             rows.iter()

@@ -2,8 +2,8 @@
 //!
 //! A network blip, a deploy or 9 a.m. brings every mobile client back
 //! together, and each rejoins its rooms. Here `users` clients connect as
-//! fast as the generator lets them (at most `connect_concurrency`
-//! handshakes in flight, optionally also paced at `connect_rate`), and
+//! fast as the generator lets them (at most `connect.concurrency`
+//! handshakes in flight, optionally also paced at `connect.rate`), and
 //! each sends one `joinRoom` the moment its own handshake completes,
 //! without waiting for anyone else:
 //!
@@ -71,10 +71,10 @@ use tokio::task::spawn_local;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
-use crate::load::{bump, counter_deltas, error_kind, mint, scrape, ws_url};
+use crate::load::{Surprises, bump, counter_deltas, error_kind, mint, scrape, ws_url};
 use crate::procstat::{ProcessReport, Watched};
 use crate::summary::{Latency, Summary, round3};
-use crate::target::{Servers, Target};
+use crate::target::{Pace, Servers, Target};
 
 /// What one storm does.
 #[derive(Debug, Clone)]
@@ -83,10 +83,8 @@ pub struct StormConfig {
     pub target: Target,
     /// Clients (one user each); a multiple of 4, so both halves are pairs.
     pub users: usize,
-    /// Most handshakes in flight at once.
-    pub connect_concurrency: usize,
-    /// New connections per second on top of the cap; 0: no pacing.
-    pub connect_rate: f64,
+    /// How fast they connect.
+    pub connect: Pace,
     /// Longest time from a client's first connect to its `roomJoined`.
     pub deadline: Duration,
     /// `afterSequenceId` of the recovery joins: the messages the client
@@ -316,10 +314,9 @@ pub struct StormReport {
     pub wrong_answers: BTreeMap<String, u64>,
     /// `error` events answering anything else, by code.
     pub other_errors: BTreeMap<String, u64>,
-    /// Other events received, by type.
-    pub other_events: BTreeMap<String, u64>,
-    /// Connections that closed before the end.
-    pub unexpected_closes: u64,
+    /// Other events received, and connections that closed before the end.
+    #[serde(flatten)]
+    pub surprises: Surprises,
     /// Watched processes over the storm (`rss_connected_mib`: with every
     /// client done; `cpu_send_*`: over the storm).
     pub processes: Vec<ProcessReport>,
@@ -436,8 +433,7 @@ struct Tally {
     failed: BTreeMap<String, u64>,
     wrong: BTreeMap<String, u64>,
     other_errors: BTreeMap<String, u64>,
-    other_events: BTreeMap<String, u64>,
-    unexpected_closes: u64,
+    surprises: Surprises,
     /// True once the phase is over: closes are expected then.
     closing: bool,
 }
@@ -688,7 +684,7 @@ async fn await_connected(phase: &Phase, ws: &mut Ws, started: Instant, deadline:
                 }
             }
             Ok(Some(Ok(Message::Close(_))) | None | Some(Err(_))) => {
-                phase.tally.borrow_mut().unexpected_closes += 1;
+                phase.tally.borrow_mut().surprises.unexpected_closes += 1;
                 phase.finish(Err("closed".to_owned()));
                 return false;
             }
@@ -713,7 +709,7 @@ async fn join(
         attempt += 1;
         phase.tally.borrow_mut().join_attempts += 1;
         if ws.send(Message::Text(frame.clone().into())).await.is_err() {
-            phase.tally.borrow_mut().unexpected_closes += 1;
+            phase.tally.borrow_mut().surprises.unexpected_closes += 1;
             phase.finish(Err("closed".to_owned()));
             return false;
         }
@@ -725,14 +721,14 @@ async fn join(
                 }
                 Ok(Some(Ok(Message::Text(text)))) => text,
                 Ok(Some(Ok(Message::Close(_))) | None | Some(Err(_))) => {
-                    phase.tally.borrow_mut().unexpected_closes += 1;
+                    phase.tally.borrow_mut().surprises.unexpected_closes += 1;
                     phase.finish(Err("closed".to_owned()));
                     return false;
                 }
                 Ok(Some(Ok(_))) => continue,
             };
             let Ok(head) = serde_json::from_str::<Head>(text.as_str()) else {
-                bump(&mut phase.tally.borrow_mut().other_events, "unparsable");
+                phase.tally.borrow_mut().surprises.event("unparsable");
                 continue;
             };
             match head.kind.as_str() {
@@ -775,7 +771,7 @@ async fn join(
                     phase.finish(Err(format!("join:{code}")));
                     return true;
                 }
-                other => bump(&mut phase.tally.borrow_mut().other_events, other),
+                other => phase.tally.borrow_mut().surprises.event(other),
             }
         }
     }
@@ -793,12 +789,12 @@ async fn hold(phase: &Phase, mut ws: Ws, close: &mut watch::Receiver<bool>) {
                 Some(Ok(Message::Text(text))) => {
                     let kind = serde_json::from_str::<Head>(text.as_str())
                         .map_or_else(|_| "unparsable".to_owned(), |h| h.kind);
-                    bump(&mut phase.tally.borrow_mut().other_events, &kind);
+                    phase.tally.borrow_mut().surprises.event(&kind);
                 }
                 Some(Ok(Message::Close(_))) | None | Some(Err(_)) => {
                     let mut t = phase.tally.borrow_mut();
                     if !t.closing {
-                        t.unexpected_closes += 1;
+                        t.surprises.unexpected_closes += 1;
                     }
                     return;
                 }
@@ -1036,7 +1032,7 @@ async fn run_phase(
     let phase = Rc::new(Phase {
         plan: Rc::clone(plan),
         mode,
-        handshakes: Semaphore::new(cfg.connect_concurrency.max(1)),
+        handshakes: Semaphore::new(cfg.connect.permits()),
         deadline: cfg.deadline,
         zero: Instant::now(),
         tally: RefCell::new(Tally {
@@ -1046,7 +1042,7 @@ async fn run_phase(
     });
     let (close, close_rx) = watch::channel(false);
     let mut tasks = Vec::with_capacity(users);
-    let gap = (cfg.connect_rate > 0.0).then(|| Duration::from_secs_f64(1.0 / cfg.connect_rate));
+    let gap = cfg.connect.gap();
     let mut next_sample = Instant::now();
     let mut next_report = phase.zero + Duration::from_secs(1);
     let mut spawned = 0;
@@ -1299,8 +1295,8 @@ pub async fn run(cfg: StormConfig) -> anyhow::Result<StormReport> {
             recovery_clients: cfg.users - direct_clients,
             after_sequence_id: cfg.seen,
             missed_messages: cfg.missed,
-            connect_concurrency: cfg.connect_concurrency,
-            connect_rate: cfg.connect_rate,
+            connect_concurrency: cfg.connect.concurrency,
+            connect_rate: cfg.connect.rate,
             deadline_s: cfg.deadline.as_secs_f64(),
             prepare_seconds,
             warm_up,
@@ -1318,12 +1314,9 @@ pub async fn run(cfg: StormConfig) -> anyhow::Result<StormReport> {
             failed: t.failed.clone(),
             wrong_answers: wrong,
             other_errors: t.other_errors.clone(),
-            other_events: t.other_events.clone(),
-            unexpected_closes: t.unexpected_closes,
+            surprises: t.surprises.clone(),
             processes: watched.iter().map(Watched::report).collect(),
-            generator_cpu_percent: me
-                .cpu_percent_between("send_start", "send_end")
-                .map(|p| (p * 10.0).round() / 10.0),
+            generator_cpu_percent: me.cpu_send_percent(),
             counters,
         }
     };
@@ -1348,6 +1341,7 @@ pub async fn run(cfg: StormConfig) -> anyhow::Result<StormReport> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::load::counters_of;
 
     #[test]
     fn pairs_split_evenly_into_direct_and_recovery() {
@@ -1472,21 +1466,16 @@ mod tests {
 
     #[test]
     fn round_trips_per_join_subtract_the_connects() {
-        let calibration: BTreeMap<String, f64> = [
-            ("chat_pg_round_trips_total".to_owned(), 2000.0),
-            ("chat_redis_round_trips_total".to_owned(), 6000.0),
-        ]
-        .into();
+        let calibration = counters_of(
+            "chat_pg_round_trips_total 2000
+             chat_redis_round_trips_total 6000",
+        );
         // 1,000 connects (2 PG, 6 Redis each) and 1,000 joins (1 and 1).
-        let storm: BTreeMap<String, f64> = [
-            ("chat_pg_round_trips_total".to_owned(), 3000.0),
-            ("chat_redis_round_trips_total".to_owned(), 7000.0),
-            (
-                "chat_ws_requests_total{type=\"joinRoom\"}".to_owned(),
-                1000.0,
-            ),
-        ]
-        .into();
+        let storm = counters_of(
+            "chat_pg_round_trips_total 3000
+             chat_redis_round_trips_total 7000
+             chat_ws_requests_total{type=\"joinRoom\"} 1000",
+        );
         let r = round_trips_per_join(&storm, &calibration, 1000, 1000, 1200);
         assert_eq!(r["pg_round_trips_per_connect"], 2.0);
         assert_eq!(r["redis_round_trips_per_connect"], 6.0);

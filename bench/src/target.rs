@@ -1,8 +1,12 @@
 //! What every scenario is pointed at and what it watches: the system under
-//! test (its URLs and token secret) and the server processes and counters
-//! read around a run. [`crate::load`] and [`crate::storm`] share both.
+//! test (its URLs and token secret), how fast its clients connect, and the
+//! server processes and counters read around a run. [`crate::load`] and
+//! [`crate::storm`] share all three.
+
+use std::time::Duration;
 
 use secrecy::SecretString;
+use tokio::sync::Semaphore;
 
 use crate::procstat::Watched;
 
@@ -19,6 +23,41 @@ pub struct Target {
     pub ws_path: String,
     /// HS256 secret to mint tokens with.
     pub secret: SecretString,
+}
+
+/// How fast the clients connect.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Pace {
+    /// New connections per second (0: no pacing beyond the cap).
+    pub rate: f64,
+    /// Most handshakes in flight at once (0: no limit beyond the rate). A
+    /// shape that runs `$connect` in a function with a concurrency limit
+    /// refuses the excess with 500, as API Gateway does for a throttled
+    /// Lambda.
+    pub concurrency: usize,
+}
+
+impl Pace {
+    /// `rate` connections per second, at most `concurrency` handshakes in
+    /// flight.
+    pub fn new(rate: f64, concurrency: usize) -> Self {
+        Self { rate, concurrency }
+    }
+
+    /// The permits of the semaphore that caps the handshakes in flight.
+    pub fn permits(&self) -> usize {
+        if self.concurrency == 0 {
+            Semaphore::MAX_PERMITS
+        } else {
+            self.concurrency
+        }
+    }
+
+    /// The time from one connect's start to the next one's; none without
+    /// pacing.
+    pub fn gap(&self) -> Option<Duration> {
+        (self.rate > 0.0).then(|| Duration::from_secs_f64(1.0 / self.rate))
+    }
 }
 
 /// The server processes a run watches, and the `/metrics` it reads.
