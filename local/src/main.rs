@@ -168,10 +168,8 @@ fn config_and_telemetry() -> anyhow::Result<Config> {
 /// As [`config_and_telemetry`], plus the local stack's own settings
 /// (`PORT`, `GATEWAY_*`): how every command that runs a gateway starts.
 fn config_settings_and_telemetry() -> anyhow::Result<(Config, LocalSettings)> {
-    let config = Config::from_env()?;
-    let settings = LocalSettings::from_env()?;
-    telemetry::init(config.common.log_format, &config.common.log_filter);
-    Ok((config, settings))
+    let config = config_and_telemetry()?;
+    Ok((config, LocalSettings::from_env()?))
 }
 
 /// Binds the client port (`--listen`, else `PORT` on loopback) and the
