@@ -31,8 +31,8 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::LocalSettings;
 use crate::console::{self, ConsoleState, DevTokens};
-use crate::gateway_config;
 use crate::metrics::Telemetry;
 
 /// The function names the integrations invoke (for `cargo lambda watch`,
@@ -91,14 +91,15 @@ pub struct Emulators {
 
 impl Emulators {
     /// Starts both emulators: clients on `listener`, the Management API and
-    /// `/metrics` on `management_listener`. The console's ops view and dev
-    /// tokens use PostgreSQL and Redis from `config`; the integrations only
-    /// use the Invoke API.
+    /// `/metrics` on `management_listener`, with the stage and limits of
+    /// `settings`. The console's ops view and dev tokens use PostgreSQL and
+    /// Redis from `config`; the integrations only use the Invoke API.
     ///
     /// # Errors
     /// A bad invoke URL, or Redis not answering (the console).
     pub async fn start(
         config: &Config,
+        settings: &LocalSettings,
         listener: TcpListener,
         management_listener: TcpListener,
         options: LambdaOptions,
@@ -119,7 +120,7 @@ impl Emulators {
         let addr = listener.local_addr()?;
         let management_addr = management_listener.local_addr()?;
         let gateway = Gateway::new(
-            gateway_config(config, management_addr),
+            settings.gateway_config(config, management_addr),
             Handlers::new(connect, default, disconnect),
         );
         let ws_state = bootstrap::ws_state(&config.handlers()).await?;
@@ -154,7 +155,7 @@ impl Emulators {
         tasks.push(crate::serve_client_port(
             listener,
             app,
-            config,
+            settings,
             gateway.clone(),
             shutdown.clone(),
         ));

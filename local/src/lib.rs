@@ -11,6 +11,8 @@
 //! - [`Stack::start`]: builds the clients once and serves the parts asked for;
 //!   [`Stack::start_with`] takes [`Options`] too.
 //! - [`Parts`]: which parts run in this process.
+//! - [`settings`]: [`LocalSettings`], what only the local stack reads
+//!   (`PORT`, `GATEWAY_*`), beside `chat-shared`'s [`Config`].
 //! - [`apply_retention`]: the retention sweep `chat-local serve` runs at
 //!   start-up.
 //! - [`console`]: the developer console (`/console`, `/console/ops`) and its
@@ -24,19 +26,19 @@ pub mod client;
 pub mod console;
 pub mod lambdas;
 pub mod metrics;
+pub mod settings;
+
+pub use settings::LocalSettings;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::Context as _;
 use axum::serve::ListenerExt as _;
-use chat_gateway::{
-    Dispatch, EdgeLimits, EdgeListener, Gateway, GatewayConfig, Handlers, ManagementCredentials,
-};
+use chat_gateway::{EdgeListener, Gateway, Handlers};
 use chat_relay::{RelayMetrics, RelayOptions};
 use chat_shared::ws::{self, WsState};
 use chat_shared::{Config, bootstrap, http, store};
-use secrecy::ExposeSecret as _;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -96,49 +98,17 @@ pub struct Stack {
     tasks: Vec<JoinHandle<anyhow::Result<()>>>,
 }
 
-/// The emulator's settings from the configuration, with its Management
-/// API on `management` (what `$connect` records as the callback endpoint).
-pub fn gateway_config(config: &Config, management: SocketAddr) -> GatewayConfig {
-    GatewayConfig {
-        domain_name: management.to_string(),
-        management_credentials: ManagementCredentials {
-            access_key_id: config.relay.management.access_key_id.clone(),
-            secret_access_key: config
-                .relay
-                .management
-                .secret_access_key
-                .expose_secret()
-                .to_owned(),
-        },
-        stage: config.local.gateway.stage.clone(),
-        max_message_bytes: config.local.gateway.max_message_bytes,
-        max_frame_bytes: config.local.gateway.max_frame_bytes,
-        accept_binary_frames: config.local.gateway.accept_binary_frames,
-        integration_timeout: config.local.gateway.integration_timeout,
-        idle_timeout: config.local.gateway.idle_timeout,
-        max_lifetime: config.local.gateway.max_lifetime,
-        max_queued_bytes: config.local.gateway.max_queued_bytes,
-        max_pings_per_sec: config.local.gateway.max_pings_per_sec,
-        dispatch: match config.local.gateway.dispatch_concurrency {
-            1 => Dispatch::Serial,
-            n => Dispatch::Concurrent(n),
-        },
-        instance_id: config.common.instance_id.clone(),
-        ..GatewayConfig::default()
-    }
-}
-
 /// Serves `app` on the client port behind the edge limits. On `shutdown`
 /// the gateway's sockets close first (with 1001; `$disconnect` runs for
 /// each), or graceful shutdown would wait for them forever.
 pub(crate) fn serve_client_port(
     listener: TcpListener,
     app: axum::Router,
-    config: &Config,
+    settings: &LocalSettings,
     gateway: Gateway,
     shutdown: CancellationToken,
 ) -> JoinHandle<anyhow::Result<()>> {
-    let listener = EdgeListener::new(listener, edge_limits(config)).tap_io(|_| ());
+    let listener = EdgeListener::new(listener, settings.edge_limits()).tap_io(|_| ());
     tokio::spawn(async move {
         axum::serve(
             listener,
@@ -185,19 +155,6 @@ pub(crate) fn serve_management_port(
     serve_internal(listener, internal, shutdown, "the Management API")
 }
 
-/// The client port's limits from the configuration (see
-/// [`chat_gateway::listener`]).
-pub fn edge_limits(config: &Config) -> EdgeLimits {
-    EdgeLimits {
-        handshake_timeout: config.local.gateway.handshake_timeout,
-        max_handshakes: config.local.gateway.max_handshakes,
-        connect_rate_per_ip: config.local.gateway.connect_rate_per_ip,
-        max_sockets: chat_gateway::listener::sockets_within_fd_limit(
-            config.local.gateway.fd_reserve,
-        ),
-    }
-}
-
 /// The three route integrations, calling the real Lambda handlers.
 pub fn handlers(state: WsState) -> Handlers {
     let (s1, s2, s3) = (state.clone(), state.clone(), state);
@@ -219,26 +176,30 @@ pub fn handlers(state: WsState) -> Handlers {
 
 impl Stack {
     /// Starts the parts in `parts` with the default [`Options`]; the
-    /// gateway serves on `listener`.
+    /// gateway serves on `listener`, as `settings` say.
     ///
     /// # Errors
     /// When Redis does not answer or a URL is invalid.
     pub async fn start(
         config: &Config,
+        settings: &LocalSettings,
         listener: Option<TcpListener>,
         parts: Parts,
     ) -> anyhow::Result<Self> {
-        Self::start_with(config, listener, parts, Options::default()).await
+        Self::start_with(config, settings, listener, parts, Options::default()).await
     }
 
     /// Starts the parts in `parts` with `options`; the gateway serves on
     /// `listener` (REST, `/health`, `/ws` and the console) and on its
-    /// management listener (the Management API and `/metrics`).
+    /// management listener (the Management API and `/metrics`), with the
+    /// stage and limits of `settings` (which a stack without a gateway
+    /// does not use).
     ///
     /// # Errors
     /// When Redis does not answer or a URL is invalid.
     pub async fn start_with(
         config: &Config,
+        settings: &LocalSettings,
         listener: Option<TcpListener>,
         parts: Parts,
         options: Options,
@@ -267,10 +228,9 @@ impl Stack {
         let relay = if parts.relay {
             let mut relay_options = RelayOptions::from_config(&config.relay_process());
             if let Some(management) = management_addr {
-                relay_options.endpoints = relay_options.endpoints.allowing(format!(
-                    "http://{management}/{}",
-                    config.local.gateway.stage
-                ));
+                relay_options.endpoints = relay_options
+                    .endpoints
+                    .allowing(format!("http://{management}/{}", settings.gateway.stage));
             }
             Some(chat_relay::Relay::with_options(&config.relay_process(), relay_options).await?)
         } else {
@@ -288,7 +248,7 @@ impl Stack {
             let management_listener =
                 management_listener.context("the gateway needs a management listener")?;
             let emulator = Gateway::new(
-                gateway_config(config, management_listener.local_addr()?),
+                settings.gateway_config(config, management_listener.local_addr()?),
                 handlers(ws_state.clone()),
             );
             let telemetry = Telemetry {
@@ -319,7 +279,7 @@ impl Stack {
             tasks.push(serve_client_port(
                 listener,
                 app,
-                config,
+                settings,
                 emulator.clone(),
                 shutdown.clone(),
             ));
@@ -391,46 +351,4 @@ pub async fn apply_retention(config: &Config) -> anyhow::Result<u64> {
     let pool = store::connect_pool(&common.database_url, 1)?;
     let store = store::Store::new(pool, common.message_retention);
     Ok(store.cleanup_all(common.message_retention).await?)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// The emulator's knobs are written twice: as the local stack's
-    /// variables (`chat_shared::config::GatewaySettings`, read with the
-    /// rest of the configuration) and as the emulator's own API
-    /// (`GatewayConfig`: the emulator stands in for AWS and does not depend
-    /// on the application's crate). With every `GATEWAY_*` variable unset
-    /// the two must agree on API Gateway's limits.
-    #[test]
-    fn unset_gateway_variables_give_the_emulators_defaults() {
-        let config = Config::from_lookup(|name| {
-            let value = match name {
-                "DATABASE_URL" => "postgres://x@h/db",
-                "REDIS_URL" => "redis://h:1",
-                "JWT_SECRET" => "s",
-                _ => return None,
-            };
-            Some(value.to_owned())
-        })
-        .expect("valid");
-        let ours = gateway_config(&config, "127.0.0.1:3100".parse().expect("address"));
-        let emulator = GatewayConfig::default();
-        let knobs = |c: &GatewayConfig| {
-            (
-                c.stage.clone(),
-                c.max_message_bytes,
-                c.max_frame_bytes,
-                c.accept_binary_frames,
-                c.integration_timeout,
-                c.idle_timeout,
-                c.max_lifetime,
-                c.max_queued_bytes,
-                c.max_pings_per_sec,
-                c.dispatch,
-            )
-        };
-        assert_eq!(knobs(&ours), knobs(&emulator));
-    }
 }

@@ -21,7 +21,7 @@ use std::net::SocketAddr;
 
 use anyhow::Context as _;
 use chat_local::lambdas::{self, Emulators, FunctionNames, LambdaOptions};
-use chat_local::{Options, Parts, Stack};
+use chat_local::{LocalSettings, Options, Parts, Stack};
 use chat_shared::auth::{DevClaims, mint_hs256};
 use chat_shared::{Config, store, telemetry};
 use clap::{Parser, Subcommand};
@@ -165,20 +165,27 @@ fn config_and_telemetry() -> anyhow::Result<Config> {
     Ok(config)
 }
 
+/// As [`config_and_telemetry`], plus the local stack's own settings
+/// (`PORT`, `GATEWAY_*`): how every command that runs a gateway starts.
+fn config_settings_and_telemetry() -> anyhow::Result<(Config, LocalSettings)> {
+    let config = config_and_telemetry()?;
+    Ok((config, LocalSettings::from_env()?))
+}
+
 /// Binds the client port (`--listen`, else `PORT` on loopback) and the
 /// management listener (`--management-listen`, else
 /// `GATEWAY_MANAGEMENT_LISTEN`, else the client port + 100 on loopback).
 async fn bind_listeners(
-    config: &Config,
+    settings: &LocalSettings,
     listen: Option<SocketAddr>,
     management_listen: Option<SocketAddr>,
 ) -> anyhow::Result<(tokio::net::TcpListener, tokio::net::TcpListener)> {
-    let addr = listen.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], config.local.port)));
+    let addr = listen.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], settings.port)));
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("binding {addr}"))?;
     let management_addr = management_listen
-        .or(config.local.management_listen)
+        .or(settings.management_listen)
         .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], addr.port().saturating_add(100))));
     let management_listener = tokio::net::TcpListener::bind(management_addr)
         .await
@@ -195,13 +202,13 @@ async fn run() -> anyhow::Result<()> {
             no_relay,
             dev_tokens,
         } => {
-            let config = config_and_telemetry()?;
+            let (config, settings) = config_settings_and_telemetry()?;
             if !no_migrate {
                 let applied = store::migrate(&config.common.database_url).await?;
                 tracing::info!(applied, "migrations up to date");
             }
             let (listener, management_listener) =
-                bind_listeners(&config, listen, management_listen).await?;
+                bind_listeners(&settings, listen, management_listen).await?;
             let (addr, management_addr) =
                 (listener.local_addr()?, management_listener.local_addr()?);
             let parts = Parts {
@@ -213,7 +220,8 @@ async fn run() -> anyhow::Result<()> {
                 management_listener: Some(management_listener),
                 ..Options::default()
             };
-            let stack = Stack::start_with(&config, Some(listener), parts, options).await?;
+            let stack =
+                Stack::start_with(&config, &settings, Some(listener), parts, options).await?;
             tokio::spawn({
                 let config = config.clone();
                 async move {
@@ -250,9 +258,9 @@ async fn run() -> anyhow::Result<()> {
             function_timeout,
             dev_tokens,
         } => {
-            let config = config_and_telemetry()?;
+            let (config, settings) = config_settings_and_telemetry()?;
             let (listener, management_listener) =
-                bind_listeners(&config, listen, management_listen).await?;
+                bind_listeners(&settings, listen, management_listen).await?;
             let (addr, management_addr) =
                 (listener.local_addr()?, management_listener.local_addr()?);
             let options = LambdaOptions {
@@ -262,7 +270,8 @@ async fn run() -> anyhow::Result<()> {
                 dev_tokens,
             };
             let emulators =
-                Emulators::start(&config, listener, management_listener, options).await?;
+                Emulators::start(&config, &settings, listener, management_listener, options)
+                    .await?;
             tracing::info!(
                 %addr,
                 %management_addr,
@@ -298,7 +307,9 @@ async fn run() -> anyhow::Result<()> {
                 metrics_listener,
                 ..Options::default()
             };
-            let stack = Stack::start_with(&config, None, parts, options).await?;
+            // No gateway: `PORT` and `GATEWAY_*` are not read.
+            let settings = LocalSettings::default();
+            let stack = Stack::start_with(&config, &settings, None, parts, options).await?;
             match stack.metrics_addr {
                 Some(metrics) => tracing::info!(
                     instance = %config.common.instance_id,

@@ -5,6 +5,12 @@
 //! stops start-up with a message naming the variable. Tests build a config
 //! with [`Config::from_lookup`] over a map instead of touching the process
 //! environment.
+//!
+//! The local stack's own settings (`PORT` and the API Gateway emulator's
+//! `GATEWAY_*`) are not here: no Lambda reads them, so `chat-local` reads
+//! them itself, beside [`Config`], with the helpers [`read`], [`parse`] and
+//! [`Get`], so they follow the same rules (blank is unset, a bad value is a
+//! [`ConfigError`] naming its variable).
 
 use std::time::Duration;
 
@@ -110,20 +116,6 @@ pub struct RelayConfig {
     pub management: ManagementSettings,
 }
 
-/// What only the local stack reads: its port and the API Gateway
-/// emulator's limits and names.
-#[derive(Debug, Clone)]
-pub struct LocalConfig {
-    /// HTTP port of the local stack (`PORT`, 3000).
-    pub port: u16,
-    /// The local API Gateway emulator's limits and names.
-    pub gateway: GatewaySettings,
-    /// Where the emulator serves the Management API and `/metrics`
-    /// (`GATEWAY_MANAGEMENT_LISTEN`; unset: 127.0.0.1 on the client port +
-    /// 100). Never the client port.
-    pub management_listen: Option<std::net::SocketAddr>,
-}
-
 /// The REST function's and the WebSocket handlers' configuration.
 #[derive(Debug, Clone)]
 pub struct HandlerConfig {
@@ -153,7 +145,8 @@ pub struct MaintenanceConfig {
 }
 
 /// The local stack's configuration: it runs every process, so it reads
-/// every part.
+/// every part. Its own settings (port, emulator) `chat-local` reads beside
+/// it.
 #[derive(Debug, Clone)]
 pub struct Config {
     /// Stores, logging, name.
@@ -162,8 +155,6 @@ pub struct Config {
     pub api: ApiConfig,
     /// The relay.
     pub relay: RelayConfig,
-    /// The port and the API Gateway emulator.
-    pub local: LocalConfig,
 }
 
 /// A token bucket: `per_sec` tokens a second, at most `burst` saved up.
@@ -187,58 +178,6 @@ pub struct RateLimits {
     /// (`REST_RATE_LIMIT_PER_SEC`, 50; `REST_RATE_LIMIT_BURST`, twice the
     /// rate). Over it: 429 with `Retry-After`.
     pub rest: Option<Rate>,
-}
-
-/// Settings of the local API Gateway emulator (`GATEWAY_*`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct GatewaySettings {
-    /// Stage name in callback URLs (`GATEWAY_STAGE`, `local`).
-    pub stage: String,
-    /// Largest WebSocket message; larger closes with 1009
-    /// (`GATEWAY_MAX_MESSAGE_BYTES`, 131072 as API Gateway).
-    pub max_message_bytes: usize,
-    /// Largest single frame (`GATEWAY_MAX_FRAME_BYTES`, 32768 as API
-    /// Gateway): a larger frame closes with 1009; a message of up to
-    /// `max_message_bytes` arrives in fragments of at most this.
-    pub max_frame_bytes: usize,
-    /// Binary frames reach `$default` (base64) instead of closing the
-    /// socket with 1003 as API Gateway does (`GATEWAY_ACCEPT_BINARY_FRAMES`,
-    /// false).
-    pub accept_binary_frames: bool,
-    /// An integration that has not answered after this long fails, as in
-    /// API Gateway (`GATEWAY_INTEGRATION_TIMEOUT_SECONDS`, 29).
-    pub integration_timeout: Duration,
-    /// Idle timeout (`GATEWAY_IDLE_TIMEOUT_SECONDS`, 600 as API Gateway).
-    pub idle_timeout: Duration,
-    /// Connection lifetime (`GATEWAY_MAX_LIFETIME_SECONDS`, 7200 as API Gateway).
-    pub max_lifetime: Duration,
-    /// Most bytes waiting to be written to one client
-    /// (`GATEWAY_MAX_QUEUED_BYTES`, 1 MiB); a client that lets more pile
-    /// up is closed with 1008.
-    pub max_queued_bytes: usize,
-    /// A client must finish its upgrade request within this
-    /// (`GATEWAY_HANDSHAKE_TIMEOUT_SECONDS`, 10), headers included.
-    pub handshake_timeout: Duration,
-    /// Most handshakes (`$connect` included) in progress at once
-    /// (`GATEWAY_MAX_HANDSHAKES`, 1024); more get 503.
-    pub max_handshakes: usize,
-    /// New connections a second from one IP address
-    /// (`GATEWAY_CONNECT_RATE_PER_IP`, 2000; burst twice that; 0 turns it
-    /// off); more get 429.
-    pub connect_rate_per_ip: u32,
-    /// The client port stops accepting while fewer than this many file
-    /// descriptors are left below `RLIMIT_NOFILE` (`GATEWAY_FD_RESERVE`,
-    /// 64), so `/health` and the Management API still answer.
-    pub fd_reserve: u64,
-    /// Most `ping` frames a second per connection
-    /// (`GATEWAY_MAX_PINGS_PER_SEC`, 10; burst ten times that; 0 turns it
-    /// off).
-    pub max_pings_per_sec: u32,
-    /// How many `$default` invocations of one connection run at once
-    /// (`GATEWAY_DISPATCH`: `concurrent`, as API Gateway, or `serial`, one
-    /// at a time in arrival order; `GATEWAY_DISPATCH_CONCURRENCY`, 8, the
-    /// bound in concurrent mode). 1 is serial.
-    pub dispatch_concurrency: usize,
 }
 
 /// The Management API (`@connections`): the SigV4 credentials the
@@ -293,8 +232,24 @@ pub struct ConfigError {
     pub problem: String,
 }
 
-/// `lookup`, with blank values read as unset.
-type Get<'a> = &'a dyn Fn(&str) -> Option<String>;
+/// How a configuration reads a variable: its value through a lookup (the
+/// environment, or a test map), `None` when unset or blank. [`read`]
+/// makes one.
+pub type Get<'a> = &'a dyn Fn(&str) -> Option<String>;
+
+/// Reads a configuration with `parts` through `lookup` (the environment,
+/// or a test map), blank values read as unset: what every `from_lookup`
+/// does.
+///
+/// # Errors
+/// What `parts` returns: a [`ConfigError`] naming the first variable that
+/// is missing or bad.
+pub fn read<T>(
+    lookup: impl Fn(&str) -> Option<String>,
+    parts: impl FnOnce(Get<'_>) -> Result<T, ConfigError>,
+) -> Result<T, ConfigError> {
+    parts(&|name| lookup(name).filter(|v| !v.trim().is_empty()))
+}
 
 impl CommonConfig {
     fn read(get: Get<'_>, lambda: bool) -> Result<Self, ConfigError> {
@@ -473,62 +428,6 @@ impl RelayConfig {
     }
 }
 
-impl LocalConfig {
-    fn read(get: Get<'_>) -> Result<Self, ConfigError> {
-        Ok(Self {
-            port: parse::<u16>(get, "PORT", 3000)?,
-            gateway: GatewaySettings {
-                stage: get("GATEWAY_STAGE").unwrap_or_else(|| "local".into()),
-                max_message_bytes: parse::<usize>(get, "GATEWAY_MAX_MESSAGE_BYTES", 131_072)?,
-                max_frame_bytes: parse::<usize>(get, "GATEWAY_MAX_FRAME_BYTES", 32_768)?,
-                accept_binary_frames: parse::<bool>(get, "GATEWAY_ACCEPT_BINARY_FRAMES", false)?,
-                integration_timeout: Duration::from_secs(parse::<u64>(
-                    get,
-                    "GATEWAY_INTEGRATION_TIMEOUT_SECONDS",
-                    29,
-                )?),
-                idle_timeout: Duration::from_secs(parse::<u64>(
-                    get,
-                    "GATEWAY_IDLE_TIMEOUT_SECONDS",
-                    600,
-                )?),
-                max_lifetime: Duration::from_secs(parse::<u64>(
-                    get,
-                    "GATEWAY_MAX_LIFETIME_SECONDS",
-                    7200,
-                )?),
-                max_queued_bytes: parse::<usize>(get, "GATEWAY_MAX_QUEUED_BYTES", 1 << 20)?,
-                handshake_timeout: Duration::from_secs(
-                    parse::<u64>(get, "GATEWAY_HANDSHAKE_TIMEOUT_SECONDS", 10)?.max(1),
-                ),
-                max_handshakes: parse::<usize>(get, "GATEWAY_MAX_HANDSHAKES", 1024)?.max(1),
-                connect_rate_per_ip: parse::<u32>(get, "GATEWAY_CONNECT_RATE_PER_IP", 2000)?,
-                fd_reserve: parse::<u64>(get, "GATEWAY_FD_RESERVE", 64)?,
-                max_pings_per_sec: parse::<u32>(get, "GATEWAY_MAX_PINGS_PER_SEC", 10)?,
-                dispatch_concurrency: match get("GATEWAY_DISPATCH").as_deref().map(str::trim) {
-                    None | Some("concurrent") => {
-                        parse::<usize>(get, "GATEWAY_DISPATCH_CONCURRENCY", 8)?.max(1)
-                    }
-                    Some("serial") => 1,
-                    Some(other) => {
-                        return Err(ConfigError {
-                            variable: "GATEWAY_DISPATCH",
-                            problem: format!("{other:?} is not `concurrent` or `serial`"),
-                        });
-                    }
-                },
-            },
-            management_listen: match get("GATEWAY_MANAGEMENT_LISTEN") {
-                None => None,
-                Some(raw) => Some(raw.trim().parse().map_err(|e| ConfigError {
-                    variable: "GATEWAY_MANAGEMENT_LISTEN",
-                    problem: format!("{raw:?} is not an address like 127.0.0.1:3100: {e}"),
-                })?),
-            },
-        })
-    }
-}
-
 /// `from_env` and `from_lookup` of a process's configuration, which
 /// reads its parts with `read`: each process reads only its parts, so a
 /// process is never refused for a variable it does not use.
@@ -552,8 +451,7 @@ macro_rules! process_config {
                 lookup: impl Fn(&str) -> Option<String>,
             ) -> Result<Self, ConfigError> {
                 let $lambda = lookup("AWS_LAMBDA_FUNCTION_NAME").is_some();
-                let $get: Get<'_> = &|name| lookup(name).filter(|v| !v.trim().is_empty());
-                $read
+                read(lookup, |$get| $read)
             }
         }
     };
@@ -578,7 +476,6 @@ process_config!(Config, |get, lambda| Ok(Self {
     common: CommonConfig::read(get, lambda)?,
     api: ApiConfig::read(get)?,
     relay: RelayConfig::read(get)?,
-    local: LocalConfig::read(get)?,
 }));
 
 impl Config {
@@ -622,7 +519,11 @@ fn rate(
     Ok(Some(Rate { per_sec, burst }))
 }
 
-fn parse<T: std::str::FromStr>(
+/// `variable` through `get`, parsed; `default` when it is unset.
+///
+/// # Errors
+/// A [`ConfigError`] naming `variable` when its value does not parse.
+pub fn parse<T: std::str::FromStr>(
     get: Get<'_>,
     variable: &'static str,
     default: T,
@@ -664,7 +565,6 @@ mod tests {
         let c = Config::from_lookup(lookup(&BASE)).expect("valid");
         assert_eq!(c.common.message_retention, 100);
         assert_eq!(c.common.broadcast_channel, "chat:broadcast");
-        assert_eq!(c.local.port, 3000);
         assert_eq!(c.common.presence_ttl, Duration::from_secs(90));
         assert_eq!(c.common.log_format, LogFormat::Pretty);
         assert_eq!(c.api.max_connections_per_user, 10);
@@ -684,27 +584,6 @@ mod tests {
                 }),
             }
         );
-    }
-
-    #[test]
-    fn gateway_dispatch_is_concurrent_unless_set_serial() {
-        let dispatch = |pairs: &[(&str, &str)]| {
-            let mut all = BASE.to_vec();
-            all.extend_from_slice(pairs);
-            Config::from_lookup(lookup(&all)).map(|c| c.local.gateway.dispatch_concurrency)
-        };
-        assert_eq!(dispatch(&[]).ok(), Some(8));
-        assert_eq!(dispatch(&[("GATEWAY_DISPATCH", "serial")]).ok(), Some(1));
-        assert_eq!(
-            dispatch(&[
-                ("GATEWAY_DISPATCH", "concurrent"),
-                ("GATEWAY_DISPATCH_CONCURRENCY", "3")
-            ])
-            .ok(),
-            Some(3)
-        );
-        let err = dispatch(&[("GATEWAY_DISPATCH", "parallel")]).expect_err("refused");
-        assert_eq!(err.variable, "GATEWAY_DISPATCH");
     }
 
     #[test]

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 pub use crate::env::{TestEnv, token_with};
 pub use crate::reply::{Reply, assert_timestamp};
-use chat_local::{Parts, Stack};
+use chat_local::{LocalSettings, Parts, Stack};
 use futures::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -96,6 +96,14 @@ pub fn init_logs() {
     }
 }
 
+impl TestEnv {
+    /// The local stack's own settings (`PORT`, `GATEWAY_*`) from this
+    /// env, read as `chat-local` reads them beside [`TestEnv::config`].
+    pub fn settings(&self) -> LocalSettings {
+        LocalSettings::from_lookup(|k| self.vars.get(k).cloned()).expect("test settings are valid")
+    }
+}
+
 /// One stack process (gateway and/or relay) over a test environment.
 pub struct TestStack {
     pub stack: Stack,
@@ -130,7 +138,7 @@ impl TestStack {
             config.relay.management.allowed_endpoints =
                 Some(vec!["http://127.0.0.1:*/local".into()]);
         }
-        let stack = Stack::start(&config, listener, parts)
+        let stack = Stack::start(&config, &env.settings(), listener, parts)
             .await
             .expect("stack starts");
         let addr = stack.addr;

@@ -22,7 +22,7 @@ async fn stack_with(env: &TestEnv, parts: Parts, options: Options) -> TestStack 
     } else {
         None
     };
-    let stack = Stack::start_with(&env.config(), listener, parts, options)
+    let stack = Stack::start_with(&env.config(), &env.settings(), listener, parts, options)
         .await
         .expect("stack starts");
     let addr = stack.addr;

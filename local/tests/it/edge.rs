@@ -239,6 +239,7 @@ async fn a_custom_domain_connection_is_posted_to_the_configured_endpoint() {
     let config = env.config();
     let stack = Stack::start_with(
         &config,
+        &env.settings(),
         Some(TcpListener::bind("127.0.0.1:0").await.expect("bind")),
         Parts::default(),
         Options {
