@@ -23,7 +23,8 @@ use chat_relay::{Relay, RelayMetrics, RelayOptions};
 use chat_shared::Config;
 use chat_shared::auth::AuthUser;
 use chat_shared::bootstrap::Adapters;
-use chat_shared::domain::UserId;
+use chat_shared::bus::JoinedTemplate;
+use chat_shared::domain::{RoomId, UserId};
 use chat_shared::presence::Connection;
 use chat_shared::realtime::Realtime;
 use chat_shared::service::NewRoom;
@@ -486,6 +487,55 @@ impl Stack {
             )
             .await;
         assert!(reply.is_none(), "joinRoom answered {reply:?}");
+    }
+
+    /// Subscribes `conn` to `room` at `watermark` as the join script does
+    /// (pending, so the relay sends it nothing of the room yet), with
+    /// `online` as the room's members to report online. Its
+    /// `Control::Joined` goes to a channel nobody reads: the test publishes
+    /// the returned template (filled) when it wants the relay to see it,
+    /// or calls [`Stack::activate`] to stand for that.
+    pub async fn subscribe_pending(
+        &self,
+        conn: &str,
+        room: &str,
+        watermark: i64,
+        online: &[&str],
+    ) -> JoinedTemplate {
+        let template = self
+            .adapters
+            .bus
+            .joined(room, conn, watermark, serde_json::Map::new())
+            .expect("template");
+        let online: Vec<_> = online.iter().map(|u| auth_user(u).id).collect();
+        self.adapters
+            .presence
+            .join(
+                &RoomId::parse(room).unwrap(),
+                &self.connection(conn),
+                watermark,
+                &online,
+                "unused",
+                &template,
+            )
+            .await
+            .unwrap()
+            .expect("registered");
+        template
+    }
+
+    /// Makes `conn`'s pending subscription to `room` a joined one, as the
+    /// relay does once it has queued the `roomJoined`; whether it was
+    /// pending.
+    pub async fn activate(&self, conn: &str, room: &str) -> bool {
+        let (_, was_pending) = self
+            .adapters
+            .presence
+            .activate(room, conn)
+            .await
+            .unwrap()
+            .expect("subscribed");
+        was_pending
     }
 
     /// `sendMessage` from `conn`.

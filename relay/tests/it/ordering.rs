@@ -1,7 +1,7 @@
 //! A room's `message` events: every connection gets each once, in
 //! increasing `sequenceId`, without gaps.
 
-use chat_shared::bus::{Control, JoinedTemplate, Target, event_json};
+use chat_shared::bus::{Control, Target, event_json};
 use chat_shared::domain::{NewMessage, RoomId};
 use chat_shared::model::Message;
 use chat_shared::store::Stored;
@@ -119,16 +119,8 @@ async fn a_subscription_behind_the_room_is_filled_from_the_ring() {
     // Bob's subscription carries watermark 0, as if his snapshot was read
     // before messages 1 and 2 were fanned out without him, and is joined
     // (as after its `Control::Joined`, which goes nowhere here).
-    let room_id = RoomId::parse(&room).unwrap();
-    let presence = &stack.adapters.presence;
-    let unheard = JoinedTemplate::new("test", &room, &b1, 0, Default::default()).unwrap();
-    presence
-        .join(&room_id, &stack.connection(&b1), 0, &[], "unused", &unheard)
-        .await
-        .unwrap()
-        .expect("registered");
-    let (_, was_pending) = presence.activate(&room, &b1).await.unwrap().unwrap();
-    assert!(was_pending);
+    stack.subscribe_pending(&b1, &room, 0, &[]).await;
+    assert!(stack.activate(&b1, &room).await);
     stack.send(&a1, &room, "three").await;
     assert_eq!(stack.gateway.wait_sequence(&b1, 3).await, [1, 2, 3]);
     assert_eq!(stack.gateway.wait_sequence(&a1, 3).await, [1, 2, 3]);
@@ -151,25 +143,7 @@ async fn a_join_gets_its_room_joined_first_then_what_it_missed_then_the_rest() {
     // Bob's snapshot had message 1; 2 and 3 went out before he subscribed.
     // His subscription is pending, and its `Control::Joined` is held back
     // (published on a channel nobody reads) while message 4 goes out.
-    let room_id = RoomId::parse(&room).unwrap();
-    let bus = &stack.adapters.bus;
-    let template = bus
-        .joined(&room, &b1, 1, serde_json::Map::new())
-        .expect("template");
-    stack
-        .adapters
-        .presence
-        .join(
-            &room_id,
-            &stack.connection(&b1),
-            1,
-            &[auth_user("alice").id],
-            "unused",
-            &template,
-        )
-        .await
-        .unwrap()
-        .expect("registered");
+    let template = stack.subscribe_pending(&b1, &room, 1, &["alice"]).await;
     stack.send(&a1, &room, "four").await;
     stack.gateway.wait_sequence(&a1, 4).await;
     let typing = json!({"type": "typing", "payload": {"roomId": room, "isTyping": true}});
@@ -226,15 +200,8 @@ async fn a_legacy_sync_pushes_what_a_joined_subscription_missed() {
     stack.gateway.wait_sequence(&a1, 3).await;
     // A joined subscription at watermark 1 (as an older function made it),
     // and the `Sync` such a function published.
-    let room_id = RoomId::parse(&room).unwrap();
-    let presence = &stack.adapters.presence;
-    let unheard = JoinedTemplate::new("test", &room, &b1, 1, Default::default()).unwrap();
-    presence
-        .join(&room_id, &stack.connection(&b1), 1, &[], "unused", &unheard)
-        .await
-        .unwrap()
-        .expect("registered");
-    presence.activate(&room, &b1).await.unwrap().unwrap();
+    stack.subscribe_pending(&b1, &room, 1, &[]).await;
+    stack.activate(&b1, &room).await;
     let bus = &stack.adapters.bus;
     let control = bus.control(
         Target::Connection {
