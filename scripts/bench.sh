@@ -54,9 +54,9 @@
 # --no-docs: leave docs/ alone; the table goes to .local/bench/<session>.md
 # (for probes and smoke tests, whose partial tables must not replace the
 # session's).
-# The baseline is bench/baseline (the original Node.js design, kept in the
-# repository), copied to .local/baseline and installed with `npm ci` when
-# missing.
+# The baseline is bench/vendor/baseline (the original Node.js design, kept
+# in the repository as it was), copied to .local/baseline and installed
+# with `npm ci` when missing.
 #
 # The machine is shared: before each system's run the script waits (up to
 # BENCH_QUIET_WAIT=120 s) for the load average to fall below
@@ -184,8 +184,8 @@ done
 if [ "${#missing[@]}" -gt 0 ]; then
     _svc_die "scripts/bench.sh needs: ${missing[*]} (Debian: apt-get install postgresql postgresql-contrib redis-server nodejs npm jq curl)"
 fi
-[ -d "$ROOT/bench/baseline" ] || [ -d "$BASELINE_DIR/node_modules" ] ||
-    _svc_die "the baseline is missing: expected bench/baseline (or BENCH_BASELINE_DIR)"
+[ -d "$ROOT/bench/vendor/baseline" ] || [ -d "$BASELINE_DIR/node_modules" ] ||
+    _svc_die "the baseline is missing: expected bench/vendor/baseline (or BENCH_BASELINE_DIR)"
 
 # ---------------------------------------------------------------------------
 # Build
@@ -231,7 +231,7 @@ for s in ${ONLY//,/ }; do [ "$s" = LAMBDA ] || NEEDS_BASELINE=1; done
 if [ "$NEEDS_BASELINE" = 1 ] && [ ! -d "$BASELINE_DIR/node_modules" ]; then
     log "installing the baseline into .local/baseline"
     rm -rf "$BASELINE_DIR"
-    cp -r "$ROOT/bench/baseline" "$BASELINE_DIR"
+    cp -r "$ROOT/bench/vendor/baseline" "$BASELINE_DIR"
     chmod -R u+w "$BASELINE_DIR"
     (cd "$BASELINE_DIR" && npm ci --silent)
 fi

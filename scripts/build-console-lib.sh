@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Copies the TypeScript client library's ES modules (clients/typescript,
-# `npm run build` → dist/*.js) into local/console/lib/, where the browser
-# console imports them (`import {connect} from './lib/index.js'`) and
-# chat-local compiles them in with include_str!. No bundler, and no npm in
-# the cargo build: the copy is committed.
+# `npm run build` → dist/*.js) into local/console/vendor/chat-client/, a
+# vendored build that chat-local compiles in with include_str! and serves at
+# /console/lib/*.js, where the browser console imports them
+# (`import {connect} from './lib/index.js'`). No bundler, and no npm in the
+# cargo build: the copy is committed.
 #
-#   scripts/build-console-lib.sh           # refresh local/console/lib (then commit it)
+#   scripts/build-console-lib.sh           # refresh local/console/vendor/chat-client (then commit it)
 #   scripts/build-console-lib.sh --check   # fail if the committed copy differs from a fresh build
 #
 # Run it after any change to clients/typescript/src. scripts/console-test.sh
@@ -17,7 +18,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
-LIB_DIR="local/console/lib"
+LIB_DIR="local/console/vendor/chat-client"
 PKG="clients/typescript"
 NPM_CACHE="${NPM_CACHE:-${HOME:-/tmp}/.cache/chat-backend/npm}"
 

@@ -9,10 +9,11 @@
 # It installs what is missing (chromium with apt-get when root, else prints
 # what to install; the npm packages with `npm ci`, cached in
 # ~/.cache/chat-backend/npm), checks that the console's copy of the client
-# library (local/console/lib) is a fresh build of clients/typescript
-# (scripts/build-console-lib.sh --check), builds chat-local (debug, the shared target
-# dir), starts `chat-local serve --dev-tokens` on a free port with a private
-# database (chat_test_console_*), a private Redis key prefix and channel and
+# library (local/console/vendor/chat-client) is a fresh build of
+# clients/typescript (scripts/build-console-lib.sh --check), builds
+# chat-local (debug, the shared target dir), starts
+# `chat-local serve --dev-tokens` on a free port with a private database
+# (chat_test_console_*), a private Redis key prefix and channel and
 # MESSAGE_RETENTION=60 and the rate limits off (a test sends 70 messages
 # at once to simulate a long outage), runs the tests, and cleans all of that up. The
 # screenshots, and the stack's log, land in ARTIFACTS_DIR (default
@@ -59,9 +60,9 @@ ensure_node
 ensure_services
 echo "console-test: $("$CHROMIUM" --version 2>/dev/null | head -1), node $(node --version)" >&2
 
-step "the console's copy of the client library (local/console/lib) matches clients/typescript"
+step "the console's copy of the client library (local/console/vendor/chat-client) matches clients/typescript"
 "$ROOT/scripts/build-console-lib.sh" --check ||
-    die "local/console/lib is stale: run scripts/build-console-lib.sh and commit local/console/lib"
+    die "local/console/vendor/chat-client is stale: run scripts/build-console-lib.sh and commit local/console/vendor/chat-client"
 
 step "npm ci (console-tests: playwright-core, no browser download)"
 (cd console-tests && npm ci --cache "$NPM_CACHE" --prefer-offline --no-audit --no-fund --loglevel=error)

@@ -32,10 +32,10 @@ import asyncio
 import json
 import subprocess
 import sys
-import urllib.error
-import urllib.request
 
 import websockets
+
+from rest_call import rest_call
 
 WAIT = 15.0
 PANIC_TRIGGER = '{"type":"__testPanic"}'
@@ -61,21 +61,8 @@ class Ctx:
         return self.tokens[user]
 
     def http(self, method, path, user=None, body=None):
-        data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(self.rest + path, data=data, method=method)
-        if user:
-            request.add_header("Authorization", f"Bearer {self.token(user)}")
-        if data is not None:
-            request.add_header("content-type", "application/json")
-        try:
-            with urllib.request.urlopen(request, timeout=WAIT) as reply:
-                return reply.status, json.loads(reply.read() or b"null")
-        except urllib.error.HTTPError as err:
-            text = err.read().decode(errors="replace")
-            try:
-                return err.code, json.loads(text)
-            except json.JSONDecodeError:
-                return err.code, text
+        token = self.token(user) if user else None
+        return rest_call(self.rest, method, path, token, body, timeout=WAIT)
 
     async def connect(self, user):
         ws = await websockets.connect(f"{self.ws}?token={self.token(user)}", open_timeout=WAIT)

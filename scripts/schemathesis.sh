@@ -16,7 +16,7 @@
 #   - users st-alice (admin, the caller), st-bob and st-carol, and a GROUP
 #     room of theirs, so that room routes are exercised with a real room
 #     (about half the time) as well as generated room ids.
-# schemathesis comes from PyPI into the venv ~/.cache/chat-backend/venv
+# schemathesis comes from PyPI into the venv of scripts/lib/pytools.sh
 # (shared with other tools; created when missing). One worker: with two,
 # hypothesis (4.32.5's) sometimes fails inside its own lambda-description
 # cache, a tool error that says nothing about the service.
@@ -26,9 +26,10 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 # shellcheck source=scripts/lib/services.sh
 . "$ROOT/scripts/lib/services.sh"
+# shellcheck source=scripts/lib/pytools.sh
+. "$ROOT/scripts/lib/pytools.sh"
 
 SCHEMATHESIS_VERSION="4.32.5"
-VENV="${CHAT_VENV:-${HOME:-/tmp}/.cache/chat-backend/venv}"
 MAX_EXAMPLES="${ST_MAX_EXAMPLES:-30}"
 
 ensure_rust
@@ -36,14 +37,8 @@ ensure_services
 
 # ---------------------------------------------------------------------------
 # schemathesis, in the shared venv
-if [ ! -x "$VENV/bin/python" ]; then
-    step "schemathesis: creating the venv $VENV"
-    python3 -m venv "$VENV"
-fi
-if ! "$VENV/bin/schemathesis" --version 2>/dev/null | grep -q "version $SCHEMATHESIS_VERSION\$"; then
-    step "schemathesis: pip install schemathesis==$SCHEMATHESIS_VERSION into $VENV"
-    "$VENV/bin/pip" install --quiet --disable-pip-version-check "schemathesis==$SCHEMATHESIS_VERSION"
-fi
+step "schemathesis: schemathesis $SCHEMATHESIS_VERSION in $PYTOOLS_VENV"
+ensure_pytool schemathesis "$SCHEMATHESIS_VERSION"
 
 # ---------------------------------------------------------------------------
 # the local stack
@@ -137,7 +132,7 @@ step "schemathesis: run against $BASE/api/v1/openapi.json (checks not_a_server_e
 status=0
 (
     cd "$WORK"
-    "$VENV/bin/schemathesis" --config-file "$WORK/schemathesis.toml" --no-color run \
+    "$PYTOOLS_VENV/bin/schemathesis" --config-file "$WORK/schemathesis.toml" --no-color run \
         "$BASE/api/v1/openapi.json" \
         --checks not_a_server_error,response_schema_conformance \
         --header "Authorization: Bearer $ALICE" \

@@ -28,11 +28,11 @@ import asyncio
 import json
 import sys
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 
 import websockets
+
+from rest_call import rest_call
 
 DEADLINE = 15.0
 
@@ -47,17 +47,8 @@ def fail(message):
 
 
 def rest(base, method, path, token=None, body=None):
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(base.rstrip("/") + path, data=data, method=method)
-    if token:
-        request.add_header("Authorization", f"Bearer {token}")
-    if data is not None:
-        request.add_header("content-type", "application/json")
     try:
-        with urllib.request.urlopen(request, timeout=DEADLINE) as reply:
-            return reply.status, json.loads(reply.read() or b"null")
-    except urllib.error.HTTPError as err:
-        return err.code, err.read().decode(errors="replace")
+        return rest_call(base, method, path, token, body, timeout=DEADLINE)
     except OSError as err:
         fail(f"{method} {path}: {err}")
 

@@ -7,6 +7,8 @@
 #   SKIP_SCHEMATHESIS=1 scripts/test.sh  # skip schemathesis (scripts/schemathesis.sh)
 #   SKIP_CONSOLE_TESTS=1 scripts/test.sh  # skip the browser tests of /console
 #   SKIP_CLIENT_TESTS=1 scripts/test.sh  # skip the TypeScript client library's tests
+#   SKIP_DEPLOY_CHECKS=1 scripts/test.sh  # skip the deployment checks (check-deploy.sh, test-events.sh,
+#                                         # test-multi-local.sh, test-lambda-local.sh)
 #
 # Tests get TEST_DATABASE_URL / TEST_REDIS_URL; they create their own
 # chat_test_* databases on that server and use random Redis key prefixes.
@@ -81,77 +83,53 @@ ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 step "cargo test --workspace${*:+ $*}"
 cargo test --workspace "$@"
 
+# After cargo test, the suites of other tools, each a script of scripts/. A
+# filtered run (ARGS given) is about Rust tests and leaves them all out; a
+# suite's SKIP_ variable set to 1 leaves out that one.
+FILTERED=$#
+# suite SKIP_VAR "what it tests" script.sh (SKIP_VAR "-": the suite has none)
+suite() {
+    if [ "$FILTERED" -gt 0 ] || { [ "$1" != - ] && [ "${!1:-0}" = 1 ]; }; then
+        step "skipping $2 (run scripts/$3)"
+        return 0
+    fi
+    step "$2 (scripts/$3)"
+    "$ROOT/scripts/$3"
+}
+
 # The browser tests of /console (Debian's chromium + playwright-core); the
-# script installs what they need. A filtered run (ARGS given) is about Rust
-# tests, so it leaves them out; SKIP_CONSOLE_TESTS=1 does too.
-if [ "${SKIP_CONSOLE_TESTS:-0}" = 1 ] || [ "$#" -gt 0 ]; then
-    step "skipping the console browser tests (run scripts/console-test.sh)"
-else
-    step "console browser tests (scripts/console-test.sh)"
-    "$ROOT/scripts/console-test.sh"
-fi
+# script installs what they need.
+suite SKIP_CONSOLE_TESTS "the console browser tests" console-test.sh
 
 # The TypeScript client library (clients/typescript) against the real local
-# stack: npm ci, tsc, node --test (scripts/client-test.sh). Like the console
-# tests, left out of a filtered run (ARGS given) and with SKIP_CLIENT_TESTS=1.
-if [ "${SKIP_CLIENT_TESTS:-0}" = 1 ] || [ "$#" -gt 0 ]; then
-    step "skipping the client library tests (run scripts/client-test.sh)"
-else
-    step "client library tests (scripts/client-test.sh)"
-    "$ROOT/scripts/client-test.sh"
-fi
+# stack: npm ci, tsc, node --test.
+suite SKIP_CLIENT_TESTS "the client library tests" client-test.sh
 
 # The REST API against its own OpenAPI description: schemathesis (PyPI) on
-# the local stack, failing on any 5xx or schema violation. Left out of a
-# filtered run (ARGS given) and with SKIP_SCHEMATHESIS=1.
-if [ "${SKIP_SCHEMATHESIS:-0}" = 1 ] || [ "$#" -gt 0 ]; then
-    step "skipping schemathesis (run scripts/schemathesis.sh)"
-else
-    step "schemathesis against the OpenAPI description (scripts/schemathesis.sh)"
-    "$ROOT/scripts/schemathesis.sh"
-fi
+# the local stack, failing on any 5xx or schema violation.
+suite SKIP_SCHEMATHESIS "schemathesis against the OpenAPI description" schemathesis.sh
 
 # The WebSocket API's AsyncAPI document (docs/asyncapi.json, which
 # local/tests/it/asyncapi.rs keeps equal to what the service serves) through the
-# AsyncAPI project's own parser. Left out of a filtered run (ARGS given).
-if [ "$#" -gt 0 ]; then
-    step "skipping the AsyncAPI parser check (run scripts/asyncapi-check.sh)"
-else
-    step "AsyncAPI document through @asyncapi/parser (scripts/asyncapi-check.sh)"
-    "$ROOT/scripts/asyncapi-check.sh"
-fi
+# AsyncAPI project's own parser.
+suite - "the AsyncAPI document through @asyncapi/parser" asyncapi-check.sh
 
 # Bad input, attacked: each cargo-fuzz target of fuzz/ for FUZZ_SECONDS (30)
-# from its committed corpus. A filtered run (ARGS given) leaves it out, and
-# so does SKIP_FUZZ=1.
-if [ "${SKIP_FUZZ:-0}" = 1 ] || [ "$#" -gt 0 ]; then
-    step "skipping the fuzz smoke test (run scripts/fuzz-smoke.sh)"
-else
-    step "fuzz smoke test (scripts/fuzz-smoke.sh)"
-    "$ROOT/scripts/fuzz-smoke.sh"
-fi
+# from its committed corpus.
+suite SKIP_FUZZ "the fuzz smoke test" fuzz-smoke.sh
 
-# The deployment (docs/DEPLOY.md): cfn-lint on template.yaml and the compose
-# file checked (scripts/check-deploy.sh); every events/ file through its real
-# function binary under cargo-lambda's Lambda runtime emulator
-# (scripts/test-events.sh); several gateways and a relay as local processes
-# (scripts/test-multi-local.sh); the deployed shape, the function binaries
-# under cargo lambda watch behind the WebSocket and HTTP API emulators, with
-# the smoke test and the Lambda cases run against it
-# (scripts/test-lambda-local.sh). A filtered run (ARGS given) leaves them
-# out, and so does SKIP_DEPLOY_CHECKS=1.
-if [ "${SKIP_DEPLOY_CHECKS:-0}" = 1 ] || [ "$#" -gt 0 ]; then
-    step "skipping the deployment checks (run scripts/check-deploy.sh, scripts/test-events.sh, scripts/test-multi-local.sh, scripts/test-lambda-local.sh)"
-else
-    step "deployment files: cfn-lint, compose (scripts/check-deploy.sh)"
-    "$ROOT/scripts/check-deploy.sh"
-    step "events/ through the function binaries (scripts/test-events.sh)"
-    "$ROOT/scripts/test-events.sh"
-    step "gateways and a relay as local processes (scripts/test-multi-local.sh)"
-    "$ROOT/scripts/test-multi-local.sh"
-    step "the function binaries behind the emulators, through the Lambda Invoke API (scripts/test-lambda-local.sh)"
-    "$ROOT/scripts/test-lambda-local.sh" ||
-        _svc_die "the Lambda shape failed (scripts/test-lambda-local.sh; LAMBDA_TEST_KEEP=1 keeps its logs)"
-fi
+# The deployment (docs/DEPLOY.md), all four left out with SKIP_DEPLOY_CHECKS=1:
+# cfn-lint on template.yaml and the compose file checked; every events/ file
+# through its real function binary under cargo-lambda's Lambda runtime
+# emulator; several gateways and a relay as local processes; the deployed
+# shape, the function binaries under cargo lambda watch behind the WebSocket
+# and HTTP API emulators, with the smoke test and the Lambda cases run against
+# it.
+suite SKIP_DEPLOY_CHECKS "deployment files: cfn-lint, compose" check-deploy.sh
+suite SKIP_DEPLOY_CHECKS "events/ through the function binaries" test-events.sh
+suite SKIP_DEPLOY_CHECKS "gateways and a relay as local processes" test-multi-local.sh
+suite SKIP_DEPLOY_CHECKS "the function binaries behind the emulators, through the Lambda Invoke API" \
+    test-lambda-local.sh ||
+    _svc_die "the Lambda shape failed (scripts/test-lambda-local.sh; LAMBDA_TEST_KEEP=1 keeps its logs)"
 
 step "all tests passed"

@@ -1,14 +1,14 @@
 // The developer console: a chat UI built on the project's TypeScript client
 // library (clients/typescript), an example of its use in a browser.
 //
-// The library (./lib/, the ES modules of `npm run build`, copied by
-// scripts/build-console-lib.sh) does the protocol work: one WebSocket,
-// reconnects with jittered backoff, rejoining every room with
-// afterSequenceId after each reconnect (and the `reloaded` signal when
-// retention deleted what was missed), messages once each in sequenceId
-// order, sends that settle on the server's echo and go again with the same
-// clientMessageId after a reconnect, read cursors kept while offline,
-// presence and typing per room, ping/pong and token renewal.
+// The library (./lib/, the ES modules of `npm run build`, copied into
+// local/console/vendor/chat-client by scripts/build-console-lib.sh) does
+// the protocol work: one WebSocket, reconnects with jittered backoff,
+// rejoining every room with afterSequenceId after each reconnect (and the
+// `reloaded` signal when retention deleted what was missed), messages once
+// each in sequenceId order, sends that settle on the server's echo and go
+// again with the same clientMessageId after a reconnect, read cursors kept
+// while offline, presence and typing per room, ping/pong and token renewal.
 //
 // This file is the UI: sign-in (a token from POST /console/dev-token on a
 // stack with --dev-tokens, or one pasted by hand, kept in sessionStorage so

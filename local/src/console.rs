@@ -7,9 +7,10 @@
 //! files at run time. Only the local stack serves them; no Lambda links
 //! this module. The chat page runs on the TypeScript client library
 //! (`clients/typescript`): its ES modules, as `npm run build` emits them,
-//! are committed in `local/console/lib/` by `scripts/build-console-lib.sh`
-//! (whose `--check` CI runs) and served at `/console/lib/*.js`, so the
-//! cargo build needs neither npm nor a bundler.
+//! are committed in `local/console/vendor/chat-client/` by
+//! `scripts/build-console-lib.sh` (whose `--check` CI runs) and served at
+//! `/console/lib/*.js`, so the cargo build needs neither npm nor a
+//! bundler.
 //!
 //! Two endpoints exist only here:
 //! - `POST /console/dev-token {userId, displayName?, admin?}` → `{token}`
@@ -111,14 +112,26 @@ const APP_JS: &str = include_str!("../console/app.js");
 const STYLE_CSS: &str = include_str!("../console/style.css");
 const OPS: &str = include_str!("../console/ops.html");
 const OPS_JS: &str = include_str!("../console/ops.js");
+
+/// `(name, contents)` of one module of the vendored client library.
+macro_rules! lib_module {
+    ($name:literal) => {
+        (
+            $name,
+            include_str!(concat!("../console/vendor/chat-client/", $name)),
+        )
+    };
+}
+
 /// The client library's ES modules that app.js imports, by file name: every
-/// `.js` file in `local/console/lib/` (scripts/build-console-lib.sh lists
-/// them when it refreshes the copy; the console test checks none is missing).
+/// `.js` file in `local/console/vendor/chat-client/`, served under
+/// `/console/lib/` (scripts/build-console-lib.sh lists them when it
+/// refreshes the copy; the console test checks none is missing).
 const LIB: &[(&str, &str)] = &[
-    ("index.js", include_str!("../console/lib/index.js")),
-    ("client.js", include_str!("../console/lib/client.js")),
-    ("protocol.js", include_str!("../console/lib/protocol.js")),
-    ("util.js", include_str!("../console/lib/util.js")),
+    lib_module!("index.js"),
+    lib_module!("client.js"),
+    lib_module!("protocol.js"),
+    lib_module!("util.js"),
 ];
 
 const HTML: &str = "text/html; charset=utf-8";

@@ -16,6 +16,7 @@ import {
   Room,
   RoomJoinedPayload,
   RoomLeftPayload,
+  ServerEvents,
   ServerFrame,
   TypingPayload,
 } from "./protocol.js";
@@ -693,50 +694,47 @@ export class ChatClient {
       return;
     }
     if (!frame || typeof frame.type !== "string") return;
-    switch (frame.type) {
-      case "connected":
-        this.userIdValue = frame.payload.userId;
-        this.reconnectAttempt = 0;
-        this.emit("connected", frame.payload);
-        break;
-      case "roomJoined":
-        this.reconnectAttempt = 0;
-        this.onRoomJoined(frame.payload);
-        break;
-      case "message":
-        this.onMessage(frame.payload);
-        break;
-      case "typing":
-        this.onTyping(frame.payload);
-        break;
-      case "presenceUpdate":
-        this.onPresence(frame.payload);
-        break;
-      case "readReceipt":
-        this.emit("readReceipt", frame.payload);
-        break;
-      case "roomLeft": {
-        const st = this.rooms.get(frame.payload.roomId);
-        if (st && st.joined) this.forgetRoom(st);
-        this.emit("roomLeft", frame.payload);
-        break;
-      }
-      case "pong":
-        this.clearTimer("pongTimer");
-        this.emit("pong", frame.payload);
-        break;
-      case "authenticated":
-        this.clearTimer("authTimer");
-        this.scheduleRefresh(frame.payload.exp * 1000);
-        this.emit("authenticated", frame.payload);
-        break;
-      case "error":
-        this.onError(frame.payload);
-        break;
-      default:
-        break; // a newer server's event: ignored
-    }
+    if (!Object.prototype.hasOwnProperty.call(this.onEvent, frame.type)) return;
+    // `frame.type` and `frame.payload` match (ServerFrame), which the
+    // compiler cannot follow through the lookup.
+    (this.onEvent[frame.type] as (payload: ServerFrame["payload"]) => void)(frame.payload);
   }
+
+  /**
+   * What each server event does, by `type`. Listing every type of
+   * `ServerEvents` is checked by the compiler; a type not listed here (a newer
+   * server's event) is ignored.
+   */
+  private readonly onEvent: { [K in keyof ServerEvents]: (payload: ServerEvents[K]) => void } = {
+    connected: (p) => {
+      this.userIdValue = p.userId;
+      this.reconnectAttempt = 0;
+      this.emit("connected", p);
+    },
+    roomJoined: (p) => {
+      this.reconnectAttempt = 0;
+      this.onRoomJoined(p);
+    },
+    message: (p) => this.onMessage(p),
+    typing: (p) => this.onTyping(p),
+    presenceUpdate: (p) => this.onPresence(p),
+    readReceipt: (p) => this.emit("readReceipt", p),
+    roomLeft: (p) => {
+      const st = this.rooms.get(p.roomId);
+      if (st && st.joined) this.forgetRoom(st);
+      this.emit("roomLeft", p);
+    },
+    pong: (p) => {
+      this.clearTimer("pongTimer");
+      this.emit("pong", p);
+    },
+    authenticated: (p) => {
+      this.clearTimer("authTimer");
+      this.scheduleRefresh(p.exp * 1000);
+      this.emit("authenticated", p);
+    },
+    error: (p) => this.onError(p),
+  };
 
   private onError(e: ErrorPayload): void {
     this.emit("error", e);

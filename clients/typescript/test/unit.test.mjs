@@ -336,3 +336,19 @@ test("frames but ping are numbered per socket; a CONFLICT send goes again with a
   assert.deepEqual(ws2.sent.filter((f) => f.type !== "ping").map((f) => f.seq), [1]);
   client.close();
 });
+
+test("a frame of a type the client does not know is ignored, even one named like an Object member", async () => {
+  const { client, ws } = await setup();
+  const warnings = [];
+  const receipts = [];
+  client.on("warning", (w) => warnings.push(w.message));
+  client.on("readReceipt", (r) => receipts.push(r.sequenceId));
+  for (const type of ["someNewEvent", "__proto__", "toString", "constructor", "hasOwnProperty"]) {
+    ws.push(type, { roomId: "r1" });
+  }
+  ws.push("readReceipt", { roomId: "r1", userId: "bob", sequenceId: 7 });
+  assert.deepEqual(receipts, [7]);
+  assert.deepEqual(warnings, []);
+  assert.equal(client.state, "open");
+  client.close();
+});

@@ -145,17 +145,18 @@ async fn console_pages_are_served_from_the_binary() {
     stack.stop().await;
 }
 
-/// Every module of the client library copied into `local/console/lib/`
-/// (scripts/build-console-lib.sh) is served as it is on disk: a module the
+/// Every module of the client library copied into
+/// `local/console/vendor/chat-client/` (scripts/build-console-lib.sh) is
+/// served under `/console/lib/` as it is on disk: a module the
 /// copy gained but `LIB` in console.rs lacks would break the console's
 /// imports in the browser.
 #[tokio::test]
 async fn every_client_library_module_is_served() {
     let env = TestEnv::new().await;
     let stack = TestStack::all_in_one(&env).await;
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("console/lib");
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("console/vendor/chat-client");
     let mut served = 0;
-    for entry in std::fs::read_dir(&dir).expect("local/console/lib") {
+    for entry in std::fs::read_dir(&dir).expect("local/console/vendor/chat-client") {
         let path = entry.expect("a directory entry").path();
         let name = path
             .file_name()
@@ -163,7 +164,7 @@ async fn every_client_library_module_is_served() {
             .expect("a file name");
         assert!(
             name.ends_with(".js"),
-            "only the library's .js modules belong in local/console/lib: {name}"
+            "only the library's .js modules belong in local/console/vendor/chat-client: {name}"
         );
         let on_disk = std::fs::read_to_string(&path).expect("a text file");
         let reply = http(

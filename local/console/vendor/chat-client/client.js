@@ -47,6 +47,42 @@ export class ChatClient {
         this.pendingReads = new Map();
         /** True between a socket's open and the end of its rejoins: sends wait. */
         this.resyncing = false;
+        /**
+         * What each server event does, by `type`. Listing every type of
+         * `ServerEvents` is checked by the compiler; a type not listed here (a newer
+         * server's event) is ignored.
+         */
+        this.onEvent = {
+            connected: (p) => {
+                this.userIdValue = p.userId;
+                this.reconnectAttempt = 0;
+                this.emit("connected", p);
+            },
+            roomJoined: (p) => {
+                this.reconnectAttempt = 0;
+                this.onRoomJoined(p);
+            },
+            message: (p) => this.onMessage(p),
+            typing: (p) => this.onTyping(p),
+            presenceUpdate: (p) => this.onPresence(p),
+            readReceipt: (p) => this.emit("readReceipt", p),
+            roomLeft: (p) => {
+                const st = this.rooms.get(p.roomId);
+                if (st && st.joined)
+                    this.forgetRoom(st);
+                this.emit("roomLeft", p);
+            },
+            pong: (p) => {
+                this.clearTimer("pongTimer");
+                this.emit("pong", p);
+            },
+            authenticated: (p) => {
+                this.clearTimer("authTimer");
+                this.scheduleRefresh(p.exp * 1000);
+                this.emit("authenticated", p);
+            },
+            error: (p) => this.onError(p),
+        };
         this.url = url;
         this.tokenProvider = tokenProvider;
         const WS = (_a = options.WebSocket) !== null && _a !== void 0 ? _a : globalThis.WebSocket;
@@ -529,50 +565,11 @@ export class ChatClient {
         }
         if (!frame || typeof frame.type !== "string")
             return;
-        switch (frame.type) {
-            case "connected":
-                this.userIdValue = frame.payload.userId;
-                this.reconnectAttempt = 0;
-                this.emit("connected", frame.payload);
-                break;
-            case "roomJoined":
-                this.reconnectAttempt = 0;
-                this.onRoomJoined(frame.payload);
-                break;
-            case "message":
-                this.onMessage(frame.payload);
-                break;
-            case "typing":
-                this.onTyping(frame.payload);
-                break;
-            case "presenceUpdate":
-                this.onPresence(frame.payload);
-                break;
-            case "readReceipt":
-                this.emit("readReceipt", frame.payload);
-                break;
-            case "roomLeft": {
-                const st = this.rooms.get(frame.payload.roomId);
-                if (st && st.joined)
-                    this.forgetRoom(st);
-                this.emit("roomLeft", frame.payload);
-                break;
-            }
-            case "pong":
-                this.clearTimer("pongTimer");
-                this.emit("pong", frame.payload);
-                break;
-            case "authenticated":
-                this.clearTimer("authTimer");
-                this.scheduleRefresh(frame.payload.exp * 1000);
-                this.emit("authenticated", frame.payload);
-                break;
-            case "error":
-                this.onError(frame.payload);
-                break;
-            default:
-                break; // a newer server's event: ignored
-        }
+        if (!Object.prototype.hasOwnProperty.call(this.onEvent, frame.type))
+            return;
+        // `frame.type` and `frame.payload` match (ServerFrame), which the
+        // compiler cannot follow through the lookup.
+        this.onEvent[frame.type](frame.payload);
     }
     onError(e) {
         var _a;
