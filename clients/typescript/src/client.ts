@@ -174,6 +174,8 @@ interface JoinRequest {
   afterSequenceId?: number;
   rejoin: boolean;
   attempts: number;
+  /** Refused with a retryable code and waiting to go again (not in flight). */
+  retrying?: boolean;
   resolve?: (p: RoomJoinedPayload) => void;
   reject?: (e: Error) => void;
 }
@@ -187,6 +189,19 @@ interface PendingSend {
 }
 
 const OPEN = 1;
+
+/**
+ * API Gateway's own error frame (a throttled or timed-out invocation): an
+ * object with a `message` and no `type`, unlike every event of the server.
+ */
+function isGatewayError(frame: unknown): frame is { message: string } {
+  return (
+    typeof frame === "object" &&
+    frame !== null &&
+    !("type" in frame) &&
+    typeof (frame as { message?: unknown }).message === "string"
+  );
+}
 
 export class ChatClient {
   private readonly url: string;
@@ -693,6 +708,10 @@ export class ChatClient {
       this.emit("warning", { message: "a frame that is not JSON" });
       return;
     }
+    if (isGatewayError(frame)) {
+      this.onGatewayError(frame.message);
+      return;
+    }
     if (!frame || typeof frame.type !== "string") return;
     if (!Object.prototype.hasOwnProperty.call(this.onEvent, frame.type)) return;
     // `frame.type` and `frame.payload` match (ServerFrame), which the
@@ -736,8 +755,37 @@ export class ChatClient {
     error: (p) => this.onError(p),
   };
 
+  /**
+   * API Gateway's own `{"message": "Internal server error", ...}`: the function
+   * was throttled or timed out on some frame of this socket, which one is not
+   * said, and it may or may not have been handled. Every request still
+   * unanswered is treated as refused with SERVICE_UNAVAILABLE (PROTOCOL.md,
+   * "Retrying"): sent again after 1 s, then with backoff, within maxRetries.
+   * Both are safe to repeat: a send carries its clientMessageId, and a join
+   * answers the same way twice.
+   */
+  private onGatewayError(message: string): void {
+    this.emit("warning", { message: `API Gateway: ${message}; retrying what is unanswered` });
+    const refused = (requestType: string, clientMessageId: string | null): ErrorPayload => ({
+      code: "SERVICE_UNAVAILABLE",
+      message: `API Gateway: ${message}`,
+      requestType,
+      clientMessageId,
+      retryAfterMs: 1000,
+    });
+    for (const p of [...this.pendingSends.values()]) {
+      if (!p.retryTimer) this.retryOrFail(refused("sendMessage", p.payload.clientMessageId));
+    }
+    if (this.joinInFlight && !this.joinInFlight.retrying) this.retryOrFail(refused("joinRoom", null));
+  }
+
   private onError(e: ErrorPayload): void {
     this.emit("error", e);
+    this.retryOrFail(e);
+  }
+
+  /** What a refused request does next: retried, or failed (see onError). */
+  private retryOrFail(e: ErrorPayload): void {
     const retryable = RETRYABLE_CODES.has(e.code);
     if (e.code === "UNAUTHORIZED") {
       // The server closes right after it: reconnect at once with a fresh token.
@@ -782,8 +830,10 @@ export class ChatClient {
         const delay = this.retryDelay(j.attempts++, e.retryAfterMs);
         const sock = this.socket;
         this.joinInFlight = j; // hold the queue (order of joins) while waiting
+        j.retrying = true;
         this.joinTimer = setTimeout(() => {
           this.joinTimer = null;
+          j.retrying = false;
           if (this.socket !== sock || this.joinInFlight !== j) return;
           this.joinInFlight = null;
           this.joinQueue.unshift(j);
@@ -853,6 +903,7 @@ export class ChatClient {
     const j = this.joinQueue.shift();
     if (!j) return;
     this.joinInFlight = j;
+    j.retrying = false;
     const payload: ClientCommands["joinRoom"] = j.roomId !== undefined ? { roomId: j.roomId } : { targetUserId: j.targetUserId! };
     if (j.afterSequenceId !== undefined) payload.afterSequenceId = j.afterSequenceId;
     this.transmit("joinRoom", payload);

@@ -352,3 +352,33 @@ test("a frame of a type the client does not know is ignored, even one named like
   assert.equal(client.state, "open");
   client.close();
 });
+
+test("API Gateway's own error frame: what is unanswered goes again after 1 s, sends with the same clientMessageId", async () => {
+  const { client, ws } = await setup();
+  const warnings = [];
+  client.on("warning", (w) => warnings.push(w.message));
+  const joined = client.join("r1");
+  const sent = client.send("r0", "hello");
+  const cmid = ws.frames("sendMessage")[0].payload.clientMessageId;
+  // A throttled invocation: API Gateway answers for the function, naming no request.
+  ws.onmessage?.({ data: JSON.stringify({ message: "Internal server error", connectionId: "c1", requestId: "r-1" }) });
+  assert.match(warnings[0], /Internal server error/);
+  await sleep(500);
+  assert.equal(ws.frames("joinRoom").length, 1, "not before 1 s");
+  assert.equal(ws.frames("sendMessage").length, 1, "not before 1 s");
+  await waitFor("the join again", () => ws.frames("joinRoom").length === 2);
+  await waitFor("the send again", () => ws.frames("sendMessage").length === 2);
+  assert.deepEqual(ws.frames("joinRoom")[1].payload, { roomId: "r1" });
+  assert.equal(ws.frames("sendMessage")[1].payload.clientMessageId, cmid);
+  ws.push("roomJoined", { room: room("r1"), messages: [], unreadCount: 0, onlineUsers: ["me"], hasMore: false });
+  ws.push("message", msg("r0", 1, { senderId: "me", clientMessageId: cmid }));
+  assert.equal((await joined).room.id, "r1");
+  assert.equal((await sent).sequenceId, 1);
+  // Answered requests are not repeated by a later one.
+  ws.onmessage?.({ data: JSON.stringify({ message: "Internal server error", connectionId: "c1", requestId: "r-2" }) });
+  await sleep(1300);
+  assert.equal(ws.frames("joinRoom").length, 2);
+  assert.equal(ws.frames("sendMessage").length, 2);
+  assert.equal(client.state, "open");
+  client.close();
+});

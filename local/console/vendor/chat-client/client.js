@@ -17,6 +17,16 @@ export class ChatError extends Error {
     }
 }
 const OPEN = 1;
+/**
+ * API Gateway's own error frame (a throttled or timed-out invocation): an
+ * object with a `message` and no `type`, unlike every event of the server.
+ */
+function isGatewayError(frame) {
+    return (typeof frame === "object" &&
+        frame !== null &&
+        !("type" in frame) &&
+        typeof frame.message === "string");
+}
 export class ChatClient {
     constructor(url, tokenProvider, options = {}) {
         var _a, _b, _c, _d, _e, _f, _g, _h, _j, _k, _l, _m;
@@ -563,6 +573,10 @@ export class ChatClient {
             this.emit("warning", { message: "a frame that is not JSON" });
             return;
         }
+        if (isGatewayError(frame)) {
+            this.onGatewayError(frame.message);
+            return;
+        }
         if (!frame || typeof frame.type !== "string")
             return;
         if (!Object.prototype.hasOwnProperty.call(this.onEvent, frame.type))
@@ -571,9 +585,38 @@ export class ChatClient {
         // compiler cannot follow through the lookup.
         this.onEvent[frame.type](frame.payload);
     }
+    /**
+     * API Gateway's own `{"message": "Internal server error", ...}`: the function
+     * was throttled or timed out on some frame of this socket, which one is not
+     * said, and it may or may not have been handled. Every request still
+     * unanswered is treated as refused with SERVICE_UNAVAILABLE (PROTOCOL.md,
+     * "Retrying"): sent again after 1 s, then with backoff, within maxRetries.
+     * Both are safe to repeat: a send carries its clientMessageId, and a join
+     * answers the same way twice.
+     */
+    onGatewayError(message) {
+        this.emit("warning", { message: `API Gateway: ${message}; retrying what is unanswered` });
+        const refused = (requestType, clientMessageId) => ({
+            code: "SERVICE_UNAVAILABLE",
+            message: `API Gateway: ${message}`,
+            requestType,
+            clientMessageId,
+            retryAfterMs: 1000,
+        });
+        for (const p of [...this.pendingSends.values()]) {
+            if (!p.retryTimer)
+                this.retryOrFail(refused("sendMessage", p.payload.clientMessageId));
+        }
+        if (this.joinInFlight && !this.joinInFlight.retrying)
+            this.retryOrFail(refused("joinRoom", null));
+    }
     onError(e) {
-        var _a;
         this.emit("error", e);
+        this.retryOrFail(e);
+    }
+    /** What a refused request does next: retried, or failed (see onError). */
+    retryOrFail(e) {
+        var _a;
         const retryable = RETRYABLE_CODES.has(e.code);
         if (e.code === "UNAUTHORIZED") {
             // The server closes right after it: reconnect at once with a fresh token.
@@ -620,8 +663,10 @@ export class ChatClient {
                 const delay = this.retryDelay(j.attempts++, e.retryAfterMs);
                 const sock = this.socket;
                 this.joinInFlight = j; // hold the queue (order of joins) while waiting
+                j.retrying = true;
                 this.joinTimer = setTimeout(() => {
                     this.joinTimer = null;
+                    j.retrying = false;
                     if (this.socket !== sock || this.joinInFlight !== j)
                         return;
                     this.joinInFlight = null;
@@ -695,6 +740,7 @@ export class ChatClient {
         if (!j)
             return;
         this.joinInFlight = j;
+        j.retrying = false;
         const payload = j.roomId !== undefined ? { roomId: j.roomId } : { targetUserId: j.targetUserId };
         if (j.afterSequenceId !== undefined)
             payload.afterSequenceId = j.afterSequenceId;
