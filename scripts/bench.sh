@@ -122,7 +122,7 @@ wants() {
 }
 
 if cluster_wanted_without_script; then
-    echo "--only cluster needs scripts/redis-cluster.sh and the Redis Cluster support of issue 18 (branch cluster), which this build does not have" >&2
+    echo "--only cluster needs scripts/redis-cluster.sh and the Redis Cluster support of issue 18 (merged once and reverted, d4f9d2f), which this build does not have" >&2
     exit 2
 fi
 

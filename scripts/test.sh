@@ -40,6 +40,13 @@ if ! PG_BINDIR="$(_svc_pg_bindir)"; then
 fi
 export PG_BINDIR
 
+# shared/tests/it/redis_cluster_refused.rs starts a cluster-enabled
+# redis-server of its own, so it needs the binary even when the suite's
+# Redis is remote (it fails, never skips, without it).
+command -v redis-server >/dev/null 2>&1 || _svc_install redis-server redis-tools
+command -v redis-server >/dev/null 2>&1 ||
+    _svc_die "redis-server still not found after installing redis-server"
+
 # Drop test databases left behind by earlier runs (killed or crashed tests).
 # A database is only dropped when we own it, nobody is connected to it and, where the
 # server lets us see it, it is older than 10 minutes: other test runs may be

@@ -237,6 +237,10 @@ pub struct ConfigError {
 /// makes one.
 pub type Get<'a> = &'a dyn Fn(&str) -> Option<String>;
 
+/// Why a Redis Cluster is refused: `REDIS_CLUSTER=true`, or a `REDIS_URL`
+/// that turns out to be a cluster node ([`crate::presence::connect_redis`]).
+pub const REDIS_CLUSTER_UNSUPPORTED: &str = "Redis Cluster (ElastiCache cluster mode enabled, ElastiCache Serverless) is not supported by this build: its Lua scripts and multi-key commands span hash slots (issue 18; docs/DEPLOY.md, \"Redis modes\"). Use a single Redis or a replication group (template: RedisMode=replication-group)";
+
 /// Reads a configuration with `parts` through `lookup` (the environment,
 /// or a test map), blank values read as unset: what every `from_lookup`
 /// does.
@@ -280,6 +284,12 @@ impl CommonConfig {
                 }
             },
         };
+        if parse::<bool>(get, "REDIS_CLUSTER", false)? {
+            return Err(ConfigError {
+                variable: "REDIS_CLUSTER",
+                problem: REDIS_CLUSTER_UNSUPPORTED.into(),
+            });
+        }
         let message_retention = parse::<i64>(get, "MESSAGE_RETENTION", 100)?;
         if message_retention < 0 {
             return Err(ConfigError {
@@ -584,6 +594,18 @@ mod tests {
                 }),
             }
         );
+    }
+
+    #[test]
+    fn a_redis_cluster_is_refused_by_name_until_it_is_supported() {
+        let mut pairs = BASE.to_vec();
+        pairs.push(("REDIS_CLUSTER", "true"));
+        let err = HandlerConfig::from_lookup(lookup(&pairs)).expect_err("refused");
+        assert_eq!(err.variable, "REDIS_CLUSTER");
+        assert!(err.problem.contains("replication-group"), "{}", err.problem);
+        pairs.pop();
+        pairs.push(("REDIS_CLUSTER", "false"));
+        assert!(RelayProcessConfig::from_lookup(lookup(&pairs)).is_ok());
     }
 
     #[test]

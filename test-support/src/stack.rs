@@ -243,27 +243,21 @@ impl TestStack {
     /// A GROUP room of `owner` and `members` (all registered first).
     pub async fn group(&self, owner: &str, members: &[&str]) -> String {
         self.register(members).await;
-        let reply = self
-            .post(
-                owner,
-                "/rooms",
-                json!({"type": "GROUP", "name": "team", "memberIds": members}),
-            )
-            .await;
-        assert_eq!(reply.status, 201, "{:?}", reply.body);
-        reply.body["room"]["id"]
-            .as_str()
-            .expect("room id")
-            .to_owned()
+        let body = json!({"type": "GROUP", "name": "team", "memberIds": members});
+        self.room_from(owner, "/rooms", body, 201).await
     }
 
     /// The DIRECT room of two users (both registered first).
     pub async fn direct(&self, user: &str, target: &str) -> String {
         self.register(&[user, target]).await;
-        let reply = self
-            .post(user, "/direct", json!({"targetUserId": target}))
-            .await;
-        assert_eq!(reply.status, 200, "{:?}", reply.body);
+        let body = json!({"targetUserId": target});
+        self.room_from(user, "/direct", body, 200).await
+    }
+
+    /// The id of the room a `POST path` by `user` answers with `status`.
+    async fn room_from(&self, user: &str, path: &str, body: Value, status: u16) -> String {
+        let reply = self.post(user, path, body).await;
+        assert_eq!(reply.status, status, "{:?}", reply.body);
         reply.body["room"]["id"]
             .as_str()
             .expect("room id")

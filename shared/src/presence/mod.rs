@@ -92,10 +92,34 @@ pub async fn connect_redis(url: &secrecy::SecretString) -> anyhow::Result<Connec
         .set_connection_timeout(Some(std::time::Duration::from_secs(3)))
         .set_response_timeout(Some(std::time::Duration::from_secs(3)))
         .set_number_of_retries(1);
-    client
+    let mut manager = client
         .get_connection_manager_with_config(config)
         .await
-        .context("connecting to Redis")
+        .context("connecting to Redis")?;
+    refuse_cluster(&mut manager).await?;
+    Ok(manager)
+}
+
+/// Fails when the server is a Redis Cluster node (`INFO cluster` says
+/// `cluster_enabled:1`): every multi-key script would fail there with
+/// `CROSSSLOT` or `MOVED`, so the process stops at start-up with the reason
+/// instead. A server that does not answer `INFO` (an ACL without it) is
+/// taken for what it claims to be.
+async fn refuse_cluster(redis: &mut ConnectionManager) -> anyhow::Result<()> {
+    let info: redis::RedisResult<String> =
+        redis::cmd("INFO").arg("cluster").query_async(redis).await;
+    match info {
+        Ok(info) if cluster_enabled(&info) => Err(anyhow::anyhow!(
+            "REDIS_URL is a Redis Cluster node: {}",
+            crate::config::REDIS_CLUSTER_UNSUPPORTED
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Whether an `INFO cluster` answer says cluster mode is on.
+fn cluster_enabled(info: &str) -> bool {
+    info.lines().any(|line| line.trim() == "cluster_enabled:1")
 }
 
 /// A live WebSocket connection, as `$connect` registered it.
