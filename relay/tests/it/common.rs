@@ -13,12 +13,6 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum::Router;
-use axum::body::Bytes;
-use axum::extract::{Path, State};
-use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
-use axum::routing::post;
 use chat_relay::{Relay, RelayMetrics, RelayOptions};
 use chat_shared::Config;
 use chat_shared::auth::AuthUser;
@@ -28,6 +22,11 @@ use chat_shared::domain::{RoomId, UserId};
 use chat_shared::presence::Connection;
 use chat_shared::realtime::Realtime;
 use chat_shared::service::NewRoom;
+use http_body_util::{BodyExt as _, Full};
+use hyper::body::{Bytes, Incoming};
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
 use secrecy::SecretString;
 use serde_json::{Value, json};
 use tokio::task::JoinHandle;
@@ -104,23 +103,59 @@ pub struct FakeGateway {
     state: Arc<Mutex<GatewayState>>,
 }
 
-fn gone() -> Response {
-    (
-        StatusCode::GONE,
-        [
-            ("x-amzn-ErrorType", "GoneException"),
-            ("content-type", "application/json"),
-        ],
-        r#"{"message":null}"#,
-    )
-        .into_response()
+/// What the fake answers.
+type Reply = Response<Full<Bytes>>;
+
+fn reply(status: StatusCode) -> Reply {
+    let mut reply = Response::new(Full::new(Bytes::new()));
+    *reply.status_mut() = status;
+    reply
 }
 
-async fn post_to_connection(
-    State(state): State<Arc<Mutex<GatewayState>>>,
-    Path((_stage, id)): Path<(String, String)>,
-    body: Bytes,
-) -> Response {
+/// API Gateway's answer for a connection that is not there.
+fn gone() -> Reply {
+    Response::builder()
+        .status(StatusCode::GONE)
+        .header("x-amzn-ErrorType", "GoneException")
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from_static(br#"{"message":null}"#)))
+        .unwrap()
+}
+
+/// The connection id of `/{stage}/@connections/{id}` (the SDK sends the
+/// `@` as `%40`), percent-decoded; `None` for any other path.
+fn connection_id(path: &str) -> Option<String> {
+    let mut parts = path.trim_start_matches('/').splitn(3, '/');
+    let (_stage, collection, id) = (parts.next()?, parts.next()?, parts.next()?);
+    let known = matches!(collection, "@connections" | "%40connections");
+    let id = percent_encoding::percent_decode_str(id)
+        .decode_utf8()
+        .ok()?;
+    (known && !id.is_empty() && !id.contains('/')).then(|| id.into_owned())
+}
+
+/// Every request: its path recorded, then `POST` or `DELETE` of a
+/// connection.
+async fn handle(
+    state: Arc<Mutex<GatewayState>>,
+    request: Request<Incoming>,
+) -> Result<Reply, hyper::Error> {
+    let path = request.uri().path().to_owned();
+    state.lock().unwrap().paths.push(path.clone());
+    let Some(id) = connection_id(&path) else {
+        return Ok(reply(StatusCode::NOT_FOUND));
+    };
+    Ok(match *request.method() {
+        Method::POST => {
+            let body = request.into_body().collect().await?.to_bytes();
+            post_to_connection(&state, id, &body).await
+        }
+        Method::DELETE => delete_connection(&state, id),
+        _ => reply(StatusCode::METHOD_NOT_ALLOWED),
+    })
+}
+
+async fn post_to_connection(state: &Mutex<GatewayState>, id: String, body: &[u8]) -> Reply {
     let delay = state.lock().unwrap().delay;
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
@@ -130,22 +165,19 @@ async fn post_to_connection(
         s.posts
             .entry(id)
             .or_default()
-            .push(String::from_utf8_lossy(&body).into_owned());
-        StatusCode::OK.into_response()
+            .push(String::from_utf8_lossy(body).into_owned());
+        reply(StatusCode::OK)
     } else {
         *s.refused.entry(id).or_default() += 1;
         gone()
     }
 }
 
-async fn delete_connection(
-    State(state): State<Arc<Mutex<GatewayState>>>,
-    Path((_stage, id)): Path<(String, String)>,
-) -> Response {
+fn delete_connection(state: &Mutex<GatewayState>, id: String) -> Reply {
     let mut s = state.lock().unwrap();
     s.deletes.push(id.clone());
     match s.status.insert(id, Status::Gone) {
-        Some(Status::Live) => StatusCode::NO_CONTENT.into_response(),
+        Some(Status::Live) => reply(StatusCode::NO_CONTENT),
         _ => gone(),
     }
 }
@@ -153,33 +185,21 @@ async fn delete_connection(
 impl FakeGateway {
     pub async fn start() -> Self {
         let state = Arc::new(Mutex::new(GatewayState::default()));
-        let record = {
-            let state = state.clone();
-            axum::middleware::from_fn(
-                move |req: axum::extract::Request, next: axum::middleware::Next| {
-                    let state = state.clone();
-                    async move {
-                        state
-                            .lock()
-                            .unwrap()
-                            .paths
-                            .push(req.uri().path().to_owned());
-                        next.run(req).await
-                    }
-                },
-            )
-        };
-        let methods = || post(post_to_connection).delete(delete_connection);
-        let app = Router::new()
-            .route("/{stage}/@connections/{id}", methods())
-            .route("/{stage}/%40connections/{id}", methods())
-            .layer(record)
-            .with_state(state.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
         let port = listener.local_addr().expect("addr").port();
-        tokio::spawn(async move { axum::serve(listener, app).await });
+        let serving = state.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let state = serving.clone();
+                let service = service_fn(move |request| handle(state.clone(), request));
+                tokio::spawn(
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service),
+                );
+            }
+        });
         Self { port, state }
     }
 
