@@ -89,6 +89,8 @@ pub fn frame_schema_exists(kind: &str, from_client: bool) -> bool {
 /// How long a test waits for an event before failing.
 pub const WAIT: Duration = Duration::from_secs(10);
 
+pub use crate::private_redis::PrivateRedis;
+
 /// Installs the stack's logs when `TEST_LOG` is set (once per process).
 pub fn init_logs() {
     if let Ok(filter) = std::env::var("TEST_LOG") {
@@ -732,69 +734,6 @@ pub fn sequence_ids(events: &[Value]) -> Vec<i64> {
 /// How many of `events` are of type `kind`.
 pub fn count(events: &[Value], kind: &str) -> usize {
     events.iter().filter(|e| e["type"] == kind).count()
-}
-
-/// A private, throw-away `redis-server` (no persistence) for tests that
-/// stop and start Redis: the shared one must never be restarted.
-pub struct PrivateRedis {
-    pub port: u16,
-    child: Option<tokio::process::Child>,
-}
-
-impl PrivateRedis {
-    /// Starts one on a free port and waits until it answers.
-    pub async fn start() -> Self {
-        // Redis takes no port 0: borrow a free port from the OS.
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
-        let mut redis = Self { port, child: None };
-        redis.restart().await;
-        redis
-    }
-
-    pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    /// Kills the server (SIGKILL: no shutdown, nothing saved).
-    pub async fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            child.kill().await.expect("kill redis-server");
-        }
-    }
-
-    /// Starts the server again on the same port, empty, and waits until it
-    /// answers.
-    pub async fn restart(&mut self) {
-        assert!(self.child.is_none(), "already running");
-        let child = tokio::process::Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .arg("--dir")
-            .arg(std::env::temp_dir())
-            .stdout(std::process::Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("redis-server is installed");
-        self.child = Some(child);
-        let client = redis::Client::open(self.url()).expect("URL");
-        tokio::time::timeout(WAIT, async {
-            loop {
-                if let Ok(mut conn) = client.get_multiplexed_async_connection().await {
-                    let pong: redis::RedisResult<String> =
-                        redis::cmd("PING").query_async(&mut conn).await;
-                    if pong.is_ok() {
-                        return;
-                    }
-                }
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        })
-        .await
-        .expect("redis-server answers");
-    }
 }
 
 /// One raw HTTP/1.1 request: the status code, the lower-cased head and
