@@ -5,7 +5,11 @@
 # 3001 and 3002, a third on 3003 with --scale, and one relay for all of them.
 # Logs go to .local/logs/; ctrl-c (or SIGTERM) stops everything.
 #
-#   scripts/multi-local.sh [--scale]
+#   scripts/multi-local.sh [--scale] [--cluster]
+#
+# --cluster runs everything on a local Redis Cluster (3 primaries, 3
+# replicas, scripts/redis-cluster.sh; started if needed, left running):
+# REDIS_URL becomes its seed list and REDIS_CLUSTER=true.
 #
 # Environment: what scripts/dev.sh takes (DATABASE_URL, REDIS_URL, JWT_SECRET,
 # RUST_LOG, ...), passed to every process, plus:
@@ -21,22 +25,30 @@ cd "$ROOT"
 LOCAL_NAME=multi
 
 gateways=2
-case "${1:-}" in
-"") ;;
---scale) gateways=3 ;;
--h | --help)
-    sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'
-    exit 0
-    ;;
-*)
-    echo "usage: scripts/multi-local.sh [--scale]" >&2
-    exit 2
-    ;;
-esac
+cluster=0
+for arg in "$@"; do
+    case "$arg" in
+    --scale) gateways=3 ;;
+    --cluster) cluster=1 ;;
+    -h | --help)
+        sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'
+        exit 0
+        ;;
+    *)
+        echo "usage: scripts/multi-local.sh [--scale] [--cluster]" >&2
+        exit 2
+        ;;
+    esac
+done
 base_port="${MULTI_BASE_PORT:-3001}"
 LOCAL_LOG_DIR="${MULTI_LOG_DIR:-$ROOT/.local/logs}"
 
 local_dev_env
+if [ "$cluster" = 1 ]; then
+    REDIS_URL="$("$ROOT/scripts/redis-cluster.sh" start)"
+    export REDIS_URL REDIS_CLUSTER=true
+    echo "multi: on the local Redis Cluster ($REDIS_URL)" >&2
+fi
 
 profile=debug
 build=(cargo build -q -p chat-local)

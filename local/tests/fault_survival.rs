@@ -580,11 +580,16 @@ async fn relay_view(url: &str) -> Option<(i64, Vec<Option<String>>)> {
     .ok()?;
     let (_, subscribers): (String, i64) = redis::cmd("PUBSUB")
         .arg("NUMSUB")
-        .arg("chat:broadcast")
+        .arg(chat_shared::presence::Keys::bus_channel(
+            "chat:broadcast",
+            chat_shared::presence::keys::PARTITIONS - 1,
+        ))
         .query_async(&mut redis)
         .await
         .ok()?;
-    let keys: Vec<String> = (0..SHARDS).map(|n| format!("relay:lease:{n}")).collect();
+    let keys: Vec<String> = (0..SHARDS)
+        .map(|n| chat_shared::presence::Keys::new("").relay_lease(n))
+        .collect();
     let owners: Vec<Option<String>> = redis::cmd("MGET")
         .arg(&keys)
         .query_async(&mut redis)

@@ -62,7 +62,7 @@ use std::time::{Duration, Instant};
 
 use chat_shared::bus::{Control, Envelope, Target};
 use chat_shared::presence::Keys;
-use redis::aio::ConnectionManager;
+use chat_shared::presence::RedisConn;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
@@ -420,7 +420,7 @@ pub(crate) struct Cluster {
     /// This relay's id in leases and members (unique per relay object).
     pub(crate) id: String,
     /// Runs the lease scripts.
-    pub(crate) redis: ConnectionManager,
+    pub(crate) redis: RedisConn,
     /// Key names.
     pub(crate) keys: Keys,
     /// Timing.
@@ -476,7 +476,7 @@ impl Cluster {
             below_share = match self.step().await {
                 Ok(below) => below,
                 Err(err) => {
-                    tracing::warn!(error = %err, "renewing the relay's shard leases failed; will retry");
+                    tracing::warn!(error = %err, cause = ?err, "renewing the relay's shard leases failed; will retry");
                     true
                 }
             };

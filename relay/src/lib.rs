@@ -1,7 +1,8 @@
 //! The relay: the one long-running piece of the backend (ARCHITECTURE.md).
 //!
 //! Handlers publish every outbound event as an envelope on the Redis pub/sub
-//! channel `BROADCAST_CHANNEL` (PROTOCOL.md §5). The relay subscribes,
+//! channels `BROADCAST_CHANNEL:{p<n>}`, one per partition (PROTOCOL.md §5;
+//! sharded pub/sub on a Redis Cluster). The relay subscribes to all of them,
 //! resolves each envelope's targets to WebSocket connection ids in Redis,
 //! and pushes the event's JSON, byte for byte, to each connection's own
 //! Management API endpoint with `PostToConnection`. It runs as an ECS
@@ -250,8 +251,17 @@ impl Relay {
     /// # Errors
     /// Only when the Redis URL is invalid; Redis being down is retried.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let client = redis::Client::open(self.redis_url.expose_secret())
-            .context("REDIS_URL is not a valid Redis URL")?;
+        let target = chat_shared::redis_conn::RedisTarget {
+            url: self.redis_url.clone(),
+            cluster: self.stores.presence.redis().is_cluster(),
+        };
+        if !target.cluster {
+            redis::Client::open(self.redis_url.expose_secret())
+                .context("REDIS_URL is not a valid Redis URL")?;
+        }
+        let channels = (0..chat_shared::presence::keys::PARTITIONS)
+            .map(|p| chat_shared::presence::Keys::bus_channel(&self.channel, p))
+            .collect();
         let outboxes = outbox::Outboxes::new(
             self.management.clone(),
             self.stores.clone(),
@@ -325,8 +335,8 @@ impl Relay {
             "relay started"
         );
         subscriber::BusReader {
-            client,
-            channel: self.channel.clone(),
+            target,
+            channels,
             workers: senders,
             ownership,
             missed,

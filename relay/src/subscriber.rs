@@ -1,11 +1,22 @@
-//! The bus subscription: reads envelopes from the Redis pub/sub channel and
-//! hands each to its shard's worker, when this relay holds the envelope's
+//! The bus subscription: reads envelopes from the bus channels (one per
+//! partition, `<BROADCAST_CHANNEL>:{p<n>}`; every relay reads all of them,
+//! so that it can note what it drops) and hands each to its shard's worker, when this relay holds the envelope's
 //! lease shard (module `cluster`); otherwise notes what a later owner
 //! must catch up on, and drops it.
 //!
-//! A pub/sub connection does not reconnect by itself (unlike the
-//! `ConnectionManager` the rest of the relay uses), so this loop does: on a
-//! closed connection, a failed health check or a failed subscribe it waits
+//! On a single Redis the channels are read with `SUBSCRIBE` on one pub/sub
+//! connection. On a Redis Cluster they are read with `SSUBSCRIBE` (sharded
+//! pub/sub, RESP3 pushes) through a cluster connection, which holds one
+//! connection per node that owns a channel's slot: each envelope crosses
+//! only its shard. The crate's single-node async client has no
+//! `SSUBSCRIBE` (and Redis before 7 none at all), so a single Redis keeps
+//! `SUBSCRIBE`; the publishers pick the matching command
+//! (`RedisConn::publish_command`).
+//!
+//! This loop owns reconnection for both: on a closed connection, a node's
+//! disconnection, a channel the cluster moved away (the server's
+//! `SUNSUBSCRIBE` after a resharding or a failover), a failed health check
+//! or a failed subscribe it waits
 //! (backoff from 100 ms doubling to 5 s, reset after a good subscribe) and
 //! subscribes again. Envelopes published while no subscription exists are
 //! lost, as pub/sub goes; the next `message` of a room fills that room's gap
@@ -42,10 +53,11 @@ const REFRESH_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Reads the channel and feeds the shards.
 pub(crate) struct BusReader {
-    /// Opens a new pub/sub connection for each (re)subscription.
-    pub(crate) client: redis::Client,
-    /// The broadcast channel.
-    pub(crate) channel: String,
+    /// Where Redis is: a new subscription (single or cluster) is opened
+    /// for each (re)subscription.
+    pub(crate) target: chat_shared::redis_conn::RedisTarget,
+    /// The bus channels (every partition's).
+    pub(crate) channels: Vec<String>,
     /// One sender per worker; dropped when the reader returns, which lets
     /// the workers finish their queues and stop.
     pub(crate) workers: Vec<mpsc::Sender<Work>>,
@@ -91,19 +103,45 @@ impl BusReader {
         shutdown: &CancellationToken,
         backoff: &mut Duration,
     ) -> anyhow::Result<()> {
+        if self.target.cluster {
+            self.listen_sharded(shutdown, backoff).await
+        } else {
+            self.listen_single(shutdown, backoff).await
+        }
+    }
+
+    /// Subscribed; counts it, asks for a lease renewal and resets the
+    /// backoff (see the module docs).
+    async fn subscribed(&self, backoff: &mut Duration) {
+        RelayMetrics::bump(&self.metrics.subscriptions);
+        *backoff = MIN_BACKOFF;
+        tracing::info!(
+            channels = self.channels.len(),
+            sharded = self.target.cluster,
+            "subscribed to the bus"
+        );
+        self.refresh.now(REFRESH_TIMEOUT).await;
+    }
+
+    /// `SUBSCRIBE` on a single Redis.
+    async fn listen_single(
+        &self,
+        shutdown: &CancellationToken,
+        backoff: &mut Duration,
+    ) -> anyhow::Result<()> {
+        use secrecy::ExposeSecret as _;
+        let client = redis::Client::open(self.target.url.expose_secret())
+            .context("REDIS_URL is not a valid Redis URL")?;
         let (mut sink, mut stream) = tokio::time::timeout(CONNECT_TIMEOUT, async {
-            let pubsub = self.client.get_async_pubsub().await?;
+            let pubsub = client.get_async_pubsub().await?;
             let (mut sink, stream) = pubsub.split();
-            sink.subscribe(&self.channel).await?;
+            sink.subscribe(&self.channels).await?;
             redis::RedisResult::Ok((sink, stream))
         })
         .await
         .context("connecting to Redis timed out")?
         .context("subscribing to the bus")?;
-        RelayMetrics::bump(&self.metrics.subscriptions);
-        *backoff = MIN_BACKOFF;
-        tracing::info!(channel = %self.channel, "subscribed to the bus");
-        self.refresh.now(REFRESH_TIMEOUT).await;
+        self.subscribed(backoff).await;
         let mut health = tokio::time::interval(self.ping_interval);
         health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         health.tick().await;
@@ -121,6 +159,71 @@ impl BusReader {
                         .await
                         .context("PING on the pub/sub connection timed out")?
                         .context("PING on the pub/sub connection")?;
+                }
+            }
+        }
+    }
+
+    /// `SSUBSCRIBE` on a Redis Cluster: every channel on the node that owns
+    /// its slot, messages as RESP3 pushes.
+    async fn listen_sharded(
+        &self,
+        shutdown: &CancellationToken,
+        backoff: &mut Duration,
+    ) -> anyhow::Result<()> {
+        let (tx, mut pushes) = tokio::sync::mpsc::unbounded_channel();
+        let client = self
+            .target
+            .cluster_builder()?
+            .use_protocol(redis::ProtocolVersion::RESP3)
+            .push_sender(tx)
+            .build()
+            .context("REDIS_URL is not a valid list of Redis Cluster node URLs")?;
+        let mut conn = tokio::time::timeout(CONNECT_TIMEOUT * 4, async {
+            let conn = client.get_async_connection().await?;
+            // One channel per call (they are in different slots), all at
+            // once: the connection multiplexes them over the nodes.
+            futures::future::try_join_all(self.channels.iter().map(|channel| {
+                let mut conn = conn.clone();
+                async move { conn.ssubscribe(channel).await }
+            }))
+            .await?;
+            redis::RedisResult::Ok(conn)
+        })
+        .await
+        .context("connecting to the Redis Cluster timed out")?
+        .context("subscribing to the bus")?;
+        self.subscribed(backoff).await;
+        let mut health = tokio::time::interval(self.ping_interval);
+        health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        health.tick().await;
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return Ok(()),
+                push = pushes.recv() => {
+                    let Some(push) = push else {
+                        anyhow::bail!("the cluster connection closed");
+                    };
+                    match push.kind {
+                        redis::PushKind::SMessage => {
+                            if let Some(message) = redis::Msg::from_push_info(push) {
+                                self.dispatch(&message).await;
+                            }
+                        }
+                        redis::PushKind::Disconnection => {
+                            anyhow::bail!("a cluster node's connection dropped");
+                        }
+                        redis::PushKind::SUnsubscribe => {
+                            anyhow::bail!("the cluster moved a bus channel (resharding or failover)");
+                        }
+                        _ => {}
+                    }
+                }
+                _ = health.tick() => {
+                    tokio::time::timeout(CONNECT_TIMEOUT, redis::cmd("PING").query_async::<redis::Value>(&mut conn))
+                        .await
+                        .context("PING on the cluster connection timed out")?
+                        .context("PING on the cluster connection")?;
                 }
             }
         }

@@ -293,7 +293,21 @@ impl Worker {
                 }
             }
         }
-        for (room_id, seen) in rooms {
+        // The rooms of the shard this worker still knows are caught up too:
+        // a shard is acquired again after the bus subscription was lost
+        // (a failover, a resharding that moved a channel), and what was
+        // published meanwhile never arrived, so no next message may come
+        // to fill it.
+        let shards = self.ownership.shards();
+        let mut known: Vec<(String, Option<i64>)> = self
+            .rooms
+            .keys()
+            .filter(|room| lease_shard_of_key(room, shards) == shard)
+            .filter(|room| !rooms.iter().any(|(listed, _)| listed == *room))
+            .map(|room| (room.clone(), None))
+            .collect();
+        known.sort();
+        for (room_id, seen) in rooms.into_iter().chain(known) {
             if let Err(err) = self.catch_up(&room_id, seen).await {
                 tracing::warn!(
                     %room_id, error = %err,

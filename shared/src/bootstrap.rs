@@ -7,12 +7,11 @@
 //! Also the runtime of the long-running processes.
 
 use anyhow::Context as _;
-use redis::aio::ConnectionManager;
 
 use crate::bus::Bus;
 use crate::config::{ApiConfig, CommonConfig, HandlerConfig};
 use crate::limits::Limiter;
-use crate::presence::{Keys, Presence, connect_redis};
+use crate::presence::{Keys, Presence, RedisConn, connect_redis};
 use crate::service::Chat;
 use crate::store::{Store, connect_pool};
 
@@ -56,19 +55,19 @@ pub struct Adapters {
     /// The pub/sub bus.
     pub bus: Bus,
     /// The Redis connection they share (the rate limiter takes it too).
-    pub redis: ConnectionManager,
+    pub redis: RedisConn,
     /// The Redis key schema under this deployment's prefix.
     pub keys: Keys,
 }
 
 /// Builds the adapters from the common configuration: the PostgreSQL
-/// pool, one Redis connection manager, presence and the bus over it.
+/// pool, one Redis connection (single or cluster), presence and the bus over it.
 ///
 /// # Errors
 /// When a URL is invalid or Redis does not answer.
 pub async fn adapters(config: &CommonConfig) -> anyhow::Result<Adapters> {
     let pool = connect_pool(&config.database_url, config.pg_pool_max)?;
-    let redis = connect_redis(&config.redis_url)
+    let redis = connect_redis(&config.redis_target())
         .await
         .context("REDIS_URL")?;
     let keys = Keys::new(config.redis_key_prefix.clone());

@@ -1,4 +1,11 @@
-//! The internal bus (PROTOCOL.md §5): envelopes on a Redis pub/sub channel.
+//! The internal bus (PROTOCOL.md §5): envelopes on Redis pub/sub channels,
+//! one per partition (`<BROADCAST_CHANNEL>:{p<n>}`,
+//! [`crate::presence::Keys::bus_channel`]), chosen by the partition of
+//! the envelope's ordering key ([`Envelope::channel_key`]): every envelope
+//! of one key goes on one channel, so they stay in publish order. On a
+//! Redis Cluster they are published with `SPUBLISH` (sharded pub/sub):
+//! each reaches only the shard that owns its channel's slot, where the
+//! relays hold a subscription, instead of being broadcast to every node.
 //!
 //! Handlers publish every outbound event as an [`Envelope`] naming its
 //! targets; the relay resolves targets to connection ids and pushes the
@@ -17,13 +24,12 @@
 
 use std::sync::LazyLock;
 
-use redis::aio::ConnectionManager;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use crate::error::{Error, Result};
 use crate::metrics::CountedRedis;
-use crate::presence::Keys;
+use crate::presence::{Keys, RedisConn};
 
 /// Who an event is for.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -53,6 +59,19 @@ pub enum Target {
         /// The connection id.
         connection_id: String,
     },
+}
+
+impl Target {
+    /// The ordering key of an envelope to this target without a key of
+    /// its own: the room (the first of several), user or connection id.
+    pub fn key(&self) -> &str {
+        match self {
+            Target::Room { room_id } => room_id,
+            Target::Rooms { room_ids } => room_ids.first().map_or("", String::as_str),
+            Target::User { user_id } => user_id,
+            Target::Connection { connection_id } => connection_id,
+        }
+    }
 }
 
 /// One bus message.
@@ -112,17 +131,23 @@ impl Envelope {
         }
     }
 
+    /// What picks the envelope's bus channel: its ordering key, except
+    /// that a `Control::Sync` or `Control::Joined` goes by its room, so it
+    /// follows the room's
+    /// messages on their channel (the relay orders it with them).
+    pub fn channel_key(&self) -> &str {
+        match &self.control {
+            Some(Control::Sync { room_id, .. } | Control::Joined { room_id, .. }) => room_id,
+            _ => self.ordering_key(),
+        }
+    }
+
     /// The ordering key (see [`Envelope::key`]).
     pub fn ordering_key(&self) -> &str {
         if let Some(key) = &self.key {
             return key;
         }
-        match &self.target {
-            Target::Room { room_id } => room_id,
-            Target::Rooms { room_ids } => room_ids.first().map_or("", String::as_str),
-            Target::User { user_id } => user_id,
-            Target::Connection { connection_id } => connection_id,
-        }
+        self.target.key()
     }
 }
 
@@ -281,12 +306,13 @@ pub fn event_json<P: Serialize>(kind: &str, payload: &P) -> Result<String> {
 }
 
 /// Raises a room's highest published sequence id (KEYS[1]) to ARGV[1]
-/// (TTL ARGV[2] s) and publishes ARGV[4] on channel ARGV[3].
+/// (TTL ARGV[2] s) and publishes ARGV[5] with command ARGV[3] on the
+/// room's channel ARGV[4] (in the slot of KEYS[1]).
 const PUBLISH_MESSAGE: &str = r"
 if tonumber(ARGV[1]) > tonumber(redis.call('GET', KEYS[1]) or '0') then
   redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
 end
-return redis.call('PUBLISH', ARGV[3], ARGV[4])
+return redis.call(ARGV[3], ARGV[4], ARGV[5])
 ";
 
 static PUBLISH_MESSAGE_SCRIPT: LazyLock<redis::Script> =
@@ -297,10 +323,10 @@ static PUBLISH_MESSAGE_SCRIPT: LazyLock<redis::Script> =
 /// (milliseconds); an hour is ample and lets idle rooms cost nothing.
 const ROOM_SEQ_TTL_SECS: u64 = 3600;
 
-/// Publishes envelopes on the broadcast channel.
+/// Publishes envelopes on the bus channels.
 #[derive(Clone)]
 pub struct Bus {
-    redis: ConnectionManager,
+    redis: RedisConn,
     channel: String,
     origin: String,
     keys: Keys,
@@ -309,9 +335,10 @@ pub struct Bus {
 crate::debug_fields!(Bus { channel, origin });
 
 impl Bus {
-    /// A publisher on `channel`, naming itself `origin`, that records each
-    /// room's highest published sequence id under `keys`.
-    pub fn new(redis: ConnectionManager, channel: String, origin: String, keys: Keys) -> Self {
+    /// A publisher on the channels of `channel` (the base name), naming
+    /// itself `origin`, that records each room's highest published
+    /// sequence id under `keys`.
+    pub fn new(redis: RedisConn, channel: String, origin: String, keys: Keys) -> Self {
         Self {
             redis,
             channel,
@@ -320,7 +347,7 @@ impl Bus {
         }
     }
 
-    /// The channel name.
+    /// The base name of the channels.
     pub fn channel(&self) -> &str {
         &self.channel
     }
@@ -395,7 +422,7 @@ impl Bus {
     /// `UNAVAILABLE` when Redis does not answer.
     pub async fn publish_envelope(&self, envelope: &Envelope) -> Result<()> {
         let payload = serde_json::to_string(envelope).map_err(Error::internal)?;
-        self.publish_raw(payload).await
+        self.publish_raw(envelope.channel_key(), payload).await
     }
 
     /// Publishes a room's new `message` envelope ([`Bus::message_event`])
@@ -417,7 +444,8 @@ impl Bus {
             .key(self.keys.room_seq(room_id))
             .arg(sequence_id)
             .arg(ROOM_SEQ_TTL_SECS)
-            .arg(&self.channel)
+            .arg(self.redis.publish_command())
+            .arg(Keys::bus_channel_of(&self.channel, room_id))
             .arg(payload)
             .invoke_async(&mut redis)
             .await?;
@@ -502,10 +530,11 @@ impl Bus {
         JoinedTemplate::new(&self.origin, room_id, connection_id, watermark, payload)
     }
 
-    async fn publish_raw(&self, payload: String) -> Result<()> {
+    /// Publishes `payload` on the channel of `channel_key`.
+    async fn publish_raw(&self, channel_key: &str, payload: String) -> Result<()> {
         let mut redis = CountedRedis(self.redis.clone());
-        let _: i64 = redis::cmd("PUBLISH")
-            .arg(&self.channel)
+        let _: i64 = redis::cmd(self.redis.publish_command())
+            .arg(Keys::bus_channel_of(&self.channel, channel_key))
             .arg(payload)
             .query_async(&mut redis)
             .await?;
@@ -532,8 +561,9 @@ impl Bus {
         exclude: Vec<String>,
         exclude_users: Vec<String>,
     ) -> Result<()> {
+        let channel_key = target.key().to_owned();
         let payload = self.envelope(target, event, exclude, exclude_users, None)?;
-        self.publish_raw(payload).await
+        self.publish_raw(&channel_key, payload).await
     }
 }
 

@@ -26,6 +26,10 @@ pub struct CommonConfig {
     /// Redis URL (`REDIS_URL`, or built from `REDIS_HOST` / `REDIS_PORT` /
     /// `REDIS_PASSWORD` / `REDIS_TLS`).
     pub redis_url: SecretString,
+    /// Redis is a Redis Cluster (`REDIS_CLUSTER`, false; also true when
+    /// `REDIS_URL` lists several seed nodes separated by commas): the
+    /// connection follows the slot map ([`crate::redis_conn`]).
+    pub redis_cluster: bool,
     /// Prepended to every Redis key, so deployments (and tests) can share a
     /// Redis database (`REDIS_KEY_PREFIX`, empty).
     pub redis_key_prefix: String,
@@ -237,10 +241,6 @@ pub struct ConfigError {
 /// makes one.
 pub type Get<'a> = &'a dyn Fn(&str) -> Option<String>;
 
-/// Why a Redis Cluster is refused: `REDIS_CLUSTER=true`, or a `REDIS_URL`
-/// that turns out to be a cluster node ([`crate::presence::connect_redis`]).
-pub const REDIS_CLUSTER_UNSUPPORTED: &str = "Redis Cluster (ElastiCache cluster mode enabled, ElastiCache Serverless) is not supported by this build: its Lua scripts and multi-key commands span hash slots (issue 18; docs/DEPLOY.md, \"Redis modes\"). Use a single Redis or a replication group (template: RedisMode=replication-group)";
-
 /// Reads a configuration with `parts` through `lookup` (the environment,
 /// or a test map), blank values read as unset: what every `from_lookup`
 /// does.
@@ -256,6 +256,14 @@ pub fn read<T>(
 }
 
 impl CommonConfig {
+    /// Where Redis is, and whether it is a cluster.
+    pub fn redis_target(&self) -> crate::redis_conn::RedisTarget {
+        crate::redis_conn::RedisTarget {
+            url: self.redis_url.clone(),
+            cluster: self.redis_cluster,
+        }
+    }
+
     fn read(get: Get<'_>, lambda: bool) -> Result<Self, ConfigError> {
         let database_url = get("DATABASE_URL").ok_or(ConfigError {
             variable: "DATABASE_URL",
@@ -284,10 +292,19 @@ impl CommonConfig {
                 }
             },
         };
-        if parse::<bool>(get, "REDIS_CLUSTER", false)? {
+        let redis_cluster = parse::<bool>(get, "REDIS_CLUSTER", false)? || redis_url.contains(',');
+        let redis_key_prefix = get("REDIS_KEY_PREFIX").unwrap_or_default();
+        if redis_key_prefix.contains(['{', '}']) {
             return Err(ConfigError {
-                variable: "REDIS_CLUSTER",
-                problem: REDIS_CLUSTER_UNSUPPORTED.into(),
+                variable: "REDIS_KEY_PREFIX",
+                problem: "must not contain { or }: they would change the keys' hash tags".into(),
+            });
+        }
+        let broadcast_channel = get("BROADCAST_CHANNEL").unwrap_or_else(|| "chat:broadcast".into());
+        if broadcast_channel.contains(['{', '}']) {
+            return Err(ConfigError {
+                variable: "BROADCAST_CHANNEL",
+                problem: "must not contain { or }: the partition's hash tag is appended".into(),
             });
         }
         let message_retention = parse::<i64>(get, "MESSAGE_RETENTION", 100)?;
@@ -327,9 +344,10 @@ impl CommonConfig {
             database_url: database_url.into(),
             pg_pool_max,
             redis_url: redis_url.into(),
-            redis_key_prefix: get("REDIS_KEY_PREFIX").unwrap_or_default(),
+            redis_cluster,
+            redis_key_prefix,
             message_retention,
-            broadcast_channel: get("BROADCAST_CHANNEL").unwrap_or_else(|| "chat:broadcast".into()),
+            broadcast_channel,
             instance_id: get("INSTANCE_ID")
                 .unwrap_or_else(|| format!("instance-{}", std::process::id())),
             presence_ttl: Duration::from_secs(presence_ttl_secs),
@@ -597,18 +615,6 @@ mod tests {
     }
 
     #[test]
-    fn a_redis_cluster_is_refused_by_name_until_it_is_supported() {
-        let mut pairs = BASE.to_vec();
-        pairs.push(("REDIS_CLUSTER", "true"));
-        let err = HandlerConfig::from_lookup(lookup(&pairs)).expect_err("refused");
-        assert_eq!(err.variable, "REDIS_CLUSTER");
-        assert!(err.problem.contains("replication-group"), "{}", err.problem);
-        pairs.pop();
-        pairs.push(("REDIS_CLUSTER", "false"));
-        assert!(RelayProcessConfig::from_lookup(lookup(&pairs)).is_ok());
-    }
-
-    #[test]
     fn rate_limits_are_set_and_turned_off_by_zero() {
         let mut pairs = BASE.to_vec();
         pairs.extend([
@@ -709,5 +715,40 @@ mod tests {
         pairs.push(("AWS_LAMBDA_FUNCTION_NAME", "rest"));
         let c = Config::from_lookup(lookup(&pairs)).expect("valid");
         assert_eq!(c.common.log_format, LogFormat::Json);
+    }
+    #[test]
+    fn redis_cluster_is_chosen_by_flag_or_by_a_list_of_seeds() {
+        let c = Config::from_lookup(lookup(&BASE)).expect("valid");
+        assert!(!c.common.redis_cluster, "a single Redis by default");
+        let mut pairs = BASE.to_vec();
+        pairs.push(("REDIS_CLUSTER", "true"));
+        assert!(
+            Config::from_lookup(lookup(&pairs))
+                .expect("valid")
+                .common
+                .redis_cluster
+        );
+        let mut pairs: Vec<_> = BASE
+            .iter()
+            .filter(|(k, _)| *k != "REDIS_URL")
+            .copied()
+            .collect();
+        pairs.push(("REDIS_URL", "redis://a:7101,redis://b:7102"));
+        let c = Config::from_lookup(lookup(&pairs)).expect("valid");
+        assert!(c.common.redis_cluster);
+        assert_eq!(
+            c.common.redis_target().urls(),
+            ["redis://a:7101", "redis://b:7102"]
+        );
+        for (variable, value) in [("REDIS_KEY_PREFIX", "t{1}:"), ("BROADCAST_CHANNEL", "b}")] {
+            let mut pairs = BASE.to_vec();
+            pairs.push((variable, value));
+            let err = Config::from_lookup(lookup(&pairs)).expect_err("refused");
+            assert_eq!(err.variable, variable);
+        }
+        let mut pairs = BASE.to_vec();
+        pairs.push(("REDIS_CLUSTER", "maybe"));
+        let err = Config::from_lookup(lookup(&pairs)).expect_err("refused");
+        assert_eq!(err.variable, "REDIS_CLUSTER");
     }
 }

@@ -313,6 +313,12 @@ impl From<redis::RedisError> for Error {
     }
 }
 
+impl From<redis::ParsingError> for Error {
+    fn from(err: redis::ParsingError) -> Self {
+        Self::Internal(err.into())
+    }
+}
+
 /// The result type of the use cases.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 

@@ -11,6 +11,8 @@
 //! - [`model`]: the JSON shapes clients see.
 //! - [`store`]: PostgreSQL (every SQL statement, one module a part) and migrations.
 //! - [`pg_tls`]: PostgreSQL over TLS (`sslmode`, `sslrootcert` in `DATABASE_URL`).
+//! - [`redis_conn`]: one Redis connection type over a single Redis and a
+//!   Redis Cluster (`REDIS_CLUSTER`).
 //! - [`presence`]: the Redis key schema ([`presence::keys`]), connections,
 //!   subscriptions, watermarks, the online set, operator scans.
 //! - [`limits`]: rate limits and `typing` coalescing, in Redis (the GCRA
@@ -48,6 +50,7 @@ pub mod model;
 pub mod pg_tls;
 pub mod presence;
 pub mod realtime;
+pub mod redis_conn;
 pub mod service;
 pub mod store;
 pub mod telemetry;

@@ -39,14 +39,12 @@
 use std::sync::LazyLock;
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
-
 use crate::config::RateLimits;
 use crate::domain::{RoomId, UserId};
 use crate::error::{Error, Result};
 use crate::gcra::{bucket_args, parse_wait};
 use crate::metrics::CountedRedis;
-use crate::presence::Keys;
+use crate::presence::{Keys, RedisConn};
 
 /// Repeats of a user's `typing` state in a room within this window of the
 /// last one fanned out are dropped.
@@ -64,12 +62,13 @@ return string.format('%.0f', gcra(buckets))
 );
 
 /// Publishes a `typing` envelope unless it repeats the state that last
-/// went out within the window. KEYS[1]: the typing key; ARGV: state (`1`
-/// or `0`), window ms, channel, envelope. Returns 1 when published.
+/// went out within the window. KEYS[1]: the typing key (in the room's
+/// partition); ARGV: state (`1` or `0`), window ms, the publish command,
+/// the room's channel (same slot), envelope. Returns 1 when published.
 const TYPING: &str = r"
 if redis.call('GET', KEYS[1]) == ARGV[1] then return 0 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-redis.call('PUBLISH', ARGV[3], ARGV[4])
+redis.call(ARGV[3], ARGV[4], ARGV[5])
 return 1
 ";
 
@@ -91,7 +90,7 @@ pub fn refused(wait: Duration) -> Error {
 /// Charges rate-limit buckets and coalesces `typing`, in Redis.
 #[derive(Clone)]
 pub struct Limiter {
-    redis: ConnectionManager,
+    redis: RedisConn,
     keys: Keys,
     limits: RateLimits,
 }
@@ -100,7 +99,7 @@ crate::debug_fields!(Limiter { limits });
 
 impl Limiter {
     /// Limits of `limits`, with buckets under `keys`.
-    pub fn new(redis: ConnectionManager, keys: Keys, limits: RateLimits) -> Self {
+    pub fn new(redis: RedisConn, keys: Keys, limits: RateLimits) -> Self {
         Self {
             redis,
             keys,
@@ -167,7 +166,8 @@ impl Limiter {
             .key(self.keys.typing(room_id.as_str(), user.as_str()))
             .arg(if is_typing { "1" } else { "0" })
             .arg(TYPING_WINDOW.as_millis() as u64)
-            .arg(channel)
+            .arg(self.redis.publish_command())
+            .arg(Keys::bus_channel_of(channel, room_id.as_str()))
             .arg(envelope)
             .invoke_async(&mut redis)
             .await?;

@@ -22,8 +22,62 @@ pub fn admin_db_url() -> String {
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
 }
 
+/// `TEST_REDIS_URL`: one URL, or a Redis Cluster's seed URLs separated by
+/// commas.
 pub fn redis_url() -> String {
     std::env::var("TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
+}
+
+/// Whether the suites run against a Redis Cluster: `TEST_REDIS_CLUSTER=true`
+/// (or a `TEST_REDIS_URL` listing several nodes). `scripts/test.sh` runs
+/// the end-to-end suites a second time so.
+pub fn redis_cluster() -> bool {
+    std::env::var("TEST_REDIS_CLUSTER").is_ok_and(|v| v == "true" || v == "1")
+        || redis_url().contains(',')
+}
+
+/// The test Redis, single or cluster, as the service connects to it.
+pub async fn redis_conn() -> chat_shared::redis_conn::RedisConn {
+    redis_conn_at(&redis_url()).await
+}
+
+/// The Redis at `url` (a cluster when it lists several nodes, or when the
+/// suites run on one and it is theirs), as the service connects to it.
+pub async fn redis_conn_at(url: &str) -> chat_shared::redis_conn::RedisConn {
+    chat_shared::redis_conn::RedisConn::connect(&chat_shared::redis_conn::RedisTarget {
+        url: url.to_owned().into(),
+        cluster: url.contains(',') || (redis_cluster() && url == redis_url()),
+    })
+    .await
+    .expect("the test Redis answers")
+}
+
+/// How many clients are subscribed to the bus channels of `base` at the
+/// Redis `url` (those of the last partition: a relay subscribes to it
+/// last). On a cluster (`url` lists its nodes), the sharded subscriptions
+/// of every node, summed.
+pub async fn bus_subscribers(url: &str, base: &str) -> redis::RedisResult<i64> {
+    let channel =
+        chat_shared::presence::Keys::bus_channel(base, chat_shared::presence::keys::PARTITIONS - 1);
+    let urls: Vec<String> = url.split(',').map(|u| u.trim().to_owned()).collect();
+    let command = if urls.len() > 1 {
+        "SHARDNUMSUB"
+    } else {
+        "NUMSUB"
+    };
+    let mut total = 0;
+    for url in urls {
+        let mut conn = redis::Client::open(url)?
+            .get_multiplexed_async_connection()
+            .await?;
+        let (_, count): (String, i64) = redis::cmd("PUBSUB")
+            .arg(command)
+            .arg(&channel)
+            .query_async(&mut conn)
+            .await?;
+        total += count;
+    }
+    Ok(total)
 }
 
 /// A random lowercase suffix for database names and key prefixes.
@@ -147,6 +201,7 @@ impl TestEnv {
         let vars = HashMap::from([
             ("DATABASE_URL".to_owned(), db),
             ("REDIS_URL".to_owned(), redis_url()),
+            ("REDIS_CLUSTER".to_owned(), redis_cluster().to_string()),
             ("REDIS_KEY_PREFIX".to_owned(), prefix.clone()),
             ("BROADCAST_CHANNEL".to_owned(), format!("{prefix}broadcast")),
             ("JWT_SECRET".to_owned(), SECRET.to_owned()),

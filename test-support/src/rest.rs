@@ -173,12 +173,13 @@ impl TestApp {
         r.body["message"].clone()
     }
 
-    /// Subscribes to this test's bus channel.
+    /// Subscribes to this test's bus channels (every partition's: one
+    /// connection, so envelopes arrive in publish order).
     pub async fn subscribe_bus(&self) -> BusListener {
         let client = redis::Client::open(redis_url()).expect("redis url");
         let mut pubsub = client.get_async_pubsub().await.expect("redis pubsub");
         pubsub
-            .subscribe(&self.env.vars["BROADCAST_CHANNEL"])
+            .psubscribe(format!("{}:*", self.env.vars["BROADCAST_CHANNEL"]))
             .await
             .expect("subscribe");
         BusListener { pubsub }
@@ -359,7 +360,7 @@ impl TestApp {
             .get_multiplexed_async_connection()
             .await
             .expect("redis");
-        let key = chat_shared::presence::Keys::new(self.redis_prefix()).online();
+        let key = chat_shared::presence::Keys::new(self.redis_prefix()).online_of(user);
         let _: i64 = redis::cmd("SADD")
             .arg(key)
             .arg(user)

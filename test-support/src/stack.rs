@@ -140,9 +140,27 @@ impl TestStack {
             config.relay.management.allowed_endpoints =
                 Some(vec!["http://127.0.0.1:*/local".into()]);
         }
+        let relay = parts.relay;
         let stack = Stack::start(&config, &env.settings(), listener, parts)
             .await
             .expect("stack starts");
+        if relay {
+            // Subscribed before the test sends: on a cluster the relay's
+            // sharded subscriptions take a moment, and what is published
+            // before them is not seen by anyone.
+            let channel = env.vars["BROADCAST_CHANNEL"].clone();
+            tokio::time::timeout(WAIT, async {
+                while crate::env::bus_subscribers(&env.vars["REDIS_URL"], &channel)
+                    .await
+                    .unwrap_or(0)
+                    < 1
+                {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            })
+            .await
+            .expect("the relay subscribes to the bus");
+        }
         let addr = stack.addr;
         Self { stack, addr }
     }
@@ -684,13 +702,31 @@ impl Client {
     }
 }
 
-/// A Redis connection to the env's Redis (for checking keys).
-pub async fn redis(env: &TestEnv) -> redis::aio::MultiplexedConnection {
-    redis::Client::open(env.vars["REDIS_URL"].as_str())
-        .expect("REDIS_URL")
-        .get_multiplexed_async_connection()
-        .await
-        .expect("Redis answers")
+/// A Redis connection to the env's Redis, single or cluster (for checking
+/// keys).
+pub async fn redis(env: &TestEnv) -> chat_shared::presence::RedisConn {
+    crate::env::redis_conn_at(&env.vars["REDIS_URL"]).await
+}
+
+/// The env's key schema.
+pub fn keys(env: &TestEnv) -> chat_shared::presence::Keys {
+    chat_shared::presence::Keys::new(env.vars["REDIS_KEY_PREFIX"].clone())
+}
+
+/// How many connection leases the env's partitions hold.
+pub async fn lease_count(env: &TestEnv) -> i64 {
+    let keys = keys(env);
+    let mut redis = redis(env).await;
+    let mut total = 0;
+    for p in 0..chat_shared::presence::keys::PARTITIONS {
+        let n: i64 = redis::cmd("ZCARD")
+            .arg(keys.leases(p))
+            .query_async(&mut redis)
+            .await
+            .expect("ZCARD");
+        total += n;
+    }
+    total
 }
 
 /// A key under the env's prefix.
@@ -703,13 +739,9 @@ pub fn key(env: &TestEnv, suffix: &str) -> String {
 /// one that was stopped is gone.
 pub async fn wait_relays(env: &TestEnv, n: i64) {
     let channel = env.vars["BROADCAST_CHANNEL"].clone();
-    let mut redis = redis(env).await;
     tokio::time::timeout(WAIT, async {
         loop {
-            let (_, subscribers): (String, i64) = redis::cmd("PUBSUB")
-                .arg("NUMSUB")
-                .arg(&channel)
-                .query_async(&mut redis)
+            let subscribers = crate::env::bus_subscribers(&env.vars["REDIS_URL"], &channel)
                 .await
                 .expect("PUBSUB NUMSUB");
             if subscribers == n {

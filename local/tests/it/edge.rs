@@ -16,7 +16,7 @@ use chat_shared::auth::AuthUser;
 use chat_shared::domain::UserId;
 use chat_shared::presence::Connection;
 use chat_test_support::TestEnv;
-use common::{Client, TestStack, dev_credentials, key, raw_http, redis, signed, token};
+use common::{Client, TestStack, dev_credentials, keys, raw_http, redis, signed, token};
 use redis::AsyncCommands as _;
 use serde_json::json;
 use tokio::net::TcpListener;
@@ -132,10 +132,7 @@ async fn a_hostile_host_header_does_not_steer_the_relay() {
     assert_eq!(mallory.wait_for("message").await["content"], "to mallory");
     let mut redis = redis(&env).await;
     let endpoint: String = redis
-        .hget(
-            key(&env, &format!("conn:{}", mallory.connection_id)),
-            "endpoint",
-        )
+        .hget(keys(&env).conn(&mallory.connection_id), "endpoint")
         .await
         .expect("the record");
     assert_eq!(endpoint, stack.endpoint());
@@ -204,7 +201,7 @@ async fn a_poisoned_record_gets_no_request() {
         let mut left = 0;
         for n in 0..3 {
             let exists: i64 = redis
-                .exists(key(&env, &format!("conn:poisoned{n}AAAAAA=")))
+                .exists(keys(&env).conn(&format!("poisoned{n}AAAAAA=")))
                 .await
                 .expect("exists");
             left += exists;
@@ -290,7 +287,7 @@ async fn a_custom_domain_connection_is_posted_to_the_configured_endpoint() {
     let deadline = tokio::time::Instant::now() + common::WAIT;
     loop {
         let exists: i64 = redis
-            .exists(key(&env, "conn:customDomainAAA="))
+            .exists(keys(&env).conn("customDomainAAA="))
             .await
             .expect("exists");
         if exists == 0 {

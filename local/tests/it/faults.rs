@@ -10,7 +10,7 @@ use chat_shared::domain::{RoomId, UserId};
 use chat_shared::presence::Connection;
 use chat_test_support::TestEnv;
 use common::{
-    Client, PrivateRedis, TestStack, handshake, key, redis, sequence_ids, token, wait_relays,
+    Client, PrivateRedis, TestStack, handshake, keys, redis, sequence_ids, token, wait_relays,
 };
 use redis::AsyncCommands as _;
 use serde_json::json;
@@ -77,7 +77,7 @@ async fn a_410_removes_a_stale_connection_and_announces_offline() {
     let id = conn.connection_id.clone();
     let mut redis = redis(&env).await;
     let subscribed: bool = redis
-        .hexists(key(&env, &format!("room:{room}:conns")), &id)
+        .hexists(keys(&env).room_conns(&room), &id)
         .await
         .expect("HEXISTS");
     assert!(subscribed);
@@ -96,20 +96,20 @@ async fn a_410_removes_a_stale_connection_and_announces_offline() {
     );
     let left: i64 = redis
         .exists(&[
-            key(&env, &format!("conn:{id}")),
-            key(&env, &format!("conn:{id}:rooms")),
-            key(&env, "presence:user:zed"),
+            keys(&env).conn(&id),
+            keys(&env).conn_rooms(&id),
+            keys(&env).user_conns("zed"),
         ])
         .await
         .expect("EXISTS");
     assert_eq!(left, 0, "the connection's keys are gone");
     let subscribed: bool = redis
-        .hexists(key(&env, &format!("room:{room}:conns")), &id)
+        .hexists(keys(&env).room_conns(&room), &id)
         .await
         .expect("HEXISTS");
     assert!(!subscribed, "its subscription is gone");
     let lease: Option<f64> = redis
-        .zscore(key(&env, "presence:leases"), &id)
+        .zscore(keys(&env).leases_of("zed"), &id)
         .await
         .expect("ZSCORE");
     assert_eq!(lease, None);
@@ -136,7 +136,7 @@ async fn brand_new_connections_are_not_removed_by_early_410s() {
     for round in 0..5 {
         let mut bob = Client::connect(&stack, "bob").await;
         let registered: bool = redis
-            .exists(key(&env, &format!("conn:{}", bob.connection_id)))
+            .exists(keys(&env).conn(&bob.connection_id))
             .await
             .expect("EXISTS");
         assert!(registered, "round {round}: connection removed");

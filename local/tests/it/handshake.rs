@@ -129,13 +129,7 @@ async fn bad_tokens_are_refused_with_401_and_no_upgrade() {
     // No connection was ever upgraded or registered.
     let gateway = stack.stack.gateway.as_ref().expect("gateway");
     assert_eq!(gateway.connection_count(), 0);
-    let mut redis = common::redis(&env).await;
-    let leases: i64 = redis::cmd("ZCARD")
-        .arg(common::key(&env, "presence:leases"))
-        .query_async(&mut redis)
-        .await
-        .expect("ZCARD");
-    assert_eq!(leases, 0);
+    assert_eq!(common::lease_count(&env).await, 0);
     // Nor did any of those users become known.
     for user in ["mallory", "admin"] {
         let direct = stack

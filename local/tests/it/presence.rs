@@ -11,7 +11,7 @@ use chat_shared::auth::AuthUser;
 use chat_shared::domain::UserId;
 use chat_shared::presence::Connection;
 use chat_test_support::TestEnv;
-use common::{Client, TestStack, assert_timestamp, key, redis};
+use common::{Client, TestStack, assert_timestamp, keys, redis};
 use redis::AsyncCommands as _;
 use serde_json::{Value, json};
 
@@ -105,25 +105,22 @@ async fn assert_gone(env: &TestEnv, conn: &Connection) {
     let id = &conn.connection_id;
     let user = conn.user.id.as_str();
     let exists: i64 = redis
-        .exists(&[
-            key(env, &format!("conn:{id}")),
-            key(env, &format!("conn:{id}:rooms")),
-        ])
+        .exists(&[keys(env).conn(id), keys(env).conn_rooms(id)])
         .await
         .expect("EXISTS");
     assert_eq!(exists, 0, "connection record left behind");
     let lease: Option<f64> = redis
-        .zscore(key(env, "presence:leases"), id)
+        .zscore(keys(env).leases_of(user), id)
         .await
         .expect("ZSCORE");
     assert_eq!(lease, None, "lease left behind");
     let mine: Option<f64> = redis
-        .zscore(key(env, &format!("presence:user:{user}")), id)
+        .zscore(keys(env).user_conns(user), id)
         .await
         .expect("ZSCORE");
     assert_eq!(mine, None, "user's connection left behind");
     let online: bool = redis
-        .sismember(key(env, "presence:online"), user)
+        .sismember(keys(env).online_of(user), user)
         .await
         .expect("SISMEMBER");
     assert!(!online, "{user} still online");

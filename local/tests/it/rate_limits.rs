@@ -194,7 +194,7 @@ async fn the_rate_is_per_connection_and_zero_turns_it_off() {
         replies.iter().all(|r| r["type"] == "roomLeft"),
         "{replies:?}"
     );
-    let bucket = key(&env, &format!("rl:conn:{}", alice.connection_id));
+    let bucket = keys(&env).rate_conn(&alice.connection_id);
     let exists: bool = redis::cmd("EXISTS")
         .arg(&bucket)
         .query_async(&mut redis(&env).await)

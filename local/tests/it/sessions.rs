@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use chat_shared::auth::DevClaims;
 use chat_test_support::{TestEnv, token_with};
-use common::{Client, TestStack, handshake, key, redis, token};
+use common::{Client, TestStack, handshake, keys, redis, token};
 use serde_json::json;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
@@ -83,19 +83,19 @@ async fn the_eleventh_connection_closes_the_least_recently_active() {
     // Its registration and subscription went with it, in the same step.
     let mut redis = redis(&env).await;
     let live: i64 = redis::cmd("ZCARD")
-        .arg(key(&env, "presence:user:alice"))
+        .arg(keys(&env).user_conns("alice"))
         .query_async(&mut redis)
         .await
         .unwrap();
     assert_eq!(live, 10);
     let record: bool = redis::cmd("EXISTS")
-        .arg(key(&env, &format!("conn:{stale}")))
+        .arg(keys(&env).conn(&stale))
         .query_async(&mut redis)
         .await
         .unwrap();
     assert!(!record, "the closed connection is unregistered");
     let subscribed: bool = redis::cmd("HEXISTS")
-        .arg(key(&env, &format!("room:{room}:conns")))
+        .arg(keys(&env).room_conns(&room))
         .arg(&stale)
         .query_async(&mut redis)
         .await
@@ -196,7 +196,7 @@ async fn authenticate_with_a_fresh_token_extends_the_session() {
     assert_eq!(authenticated, json!({"exp": fresh_exp}));
     let mut redis = redis(&env).await;
     let stored: i64 = redis::cmd("HGET")
-        .arg(key(&env, &format!("conn:{}", alice.connection_id)))
+        .arg(keys(&env).conn(&alice.connection_id))
         .arg("exp")
         .query_async(&mut redis)
         .await
@@ -251,7 +251,7 @@ async fn authenticate_refuses_forged_expired_and_foreign_tokens_and_closes() {
     // The refused ones left no registration behind; the good one remains.
     let mut redis = redis(&env).await;
     let live: i64 = redis::cmd("ZCARD")
-        .arg(key(&env, "presence:user:alice"))
+        .arg(keys(&env).user_conns("alice"))
         .query_async(&mut redis)
         .await
         .unwrap();
@@ -300,7 +300,7 @@ async fn revoked_tokens_are_refused_and_close_the_sockets_they_opened() {
     let mut one = Client::connect_url(&stack.ws_url(&first), "alice").await;
     let mut two = Client::connect_url(&stack.ws_url(&second), "alice").await;
     let _: () = redis::cmd("SET")
-        .arg(key(&env, "revoked:jti:j-1"))
+        .arg(keys(&env).revoked_jti("j-1"))
         .arg("1")
         .arg("EXAT")
         .arg(now + 3600)
@@ -317,7 +317,7 @@ async fn revoked_tokens_are_refused_and_close_the_sockets_they_opened() {
     let mut carol = Client::connect_url(&stack.ws_url(&old), "carol").await;
     carol.ping_pong().await;
     let _: () = redis::cmd("SET")
-        .arg(key(&env, "revoked:user:carol"))
+        .arg(keys(&env).revoked_user("carol"))
         .arg(now)
         .query_async(&mut redis)
         .await

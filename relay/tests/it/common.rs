@@ -27,7 +27,7 @@ use hyper::body::{Bytes, Incoming};
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use secrecy::SecretString;
+use secrecy::{ExposeSecret as _, SecretString};
 use serde_json::{Value, json};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -340,6 +340,10 @@ impl Stack {
         let mut vars = HashMap::from([
             ("DATABASE_URL".to_owned(), db),
             ("REDIS_URL".to_owned(), redis_url()),
+            (
+                "REDIS_CLUSTER".to_owned(),
+                chat_test_support::env::redis_cluster().to_string(),
+            ),
             ("REDIS_KEY_PREFIX".to_owned(), prefix.clone()),
             ("BROADCAST_CHANNEL".to_owned(), format!("{prefix}broadcast")),
             ("JWT_SECRET".to_owned(), "relay-test-secret".to_owned()),
@@ -410,15 +414,11 @@ impl Stack {
     /// Waits until the channel has `n` subscribers.
     pub async fn wait_subscribers(&self, n: i64) {
         let channel = self.channel();
-        let redis = self.redis().await;
+        let url = self.config.common.redis_url.expose_secret().to_owned();
         wait_for_async(&format!("{n} subscriber(s) on the bus"), WAIT, || {
-            let channel = channel.clone();
-            let mut redis = redis.clone();
+            let (url, channel) = (url.clone(), channel.clone());
             async move {
-                let (_, count): (String, i64) = redis::cmd("PUBSUB")
-                    .arg("NUMSUB")
-                    .arg(&channel)
-                    .query_async(&mut redis)
+                let count = chat_test_support::env::bus_subscribers(&url, &channel)
                     .await
                     .ok()?;
                 (count == n).then_some(())
@@ -427,12 +427,8 @@ impl Stack {
         .await;
     }
 
-    pub async fn redis(&self) -> redis::aio::MultiplexedConnection {
-        redis::Client::open(redis_url())
-            .expect("redis url")
-            .get_multiplexed_async_connection()
-            .await
-            .expect("redis")
+    pub async fn redis(&self) -> chat_shared::presence::RedisConn {
+        chat_test_support::env::redis_conn().await
     }
 
     /// Registers a connection of `user` (as `$connect` does), connected
@@ -580,8 +576,8 @@ impl Stack {
         }
     }
 
-    pub fn key(&self, suffix: &str) -> String {
-        format!("{}{suffix}", self.config.common.redis_key_prefix)
+    pub fn keys(&self) -> chat_shared::presence::Keys {
+        chat_shared::presence::Keys::new(self.config.common.redis_key_prefix.clone())
     }
 }
 

@@ -37,8 +37,8 @@ async fn gone_for_an_established_connection_removes_it_and_announces_offline() {
     })
     .await;
     assert!(offline["payload"]["timestamp"].is_string());
-    assert!(!exists(&stack, &stack.key(&format!("conn:{b1}"))).await);
-    assert!(!exists(&stack, &stack.key(&format!("conn:{b1}:rooms"))).await);
+    assert!(!exists(&stack, &stack.keys().conn(&b1)).await);
+    assert!(!exists(&stack, &stack.keys().conn_rooms(&b1)).await);
     let subscribers = stack
         .adapters
         .presence
@@ -73,7 +73,7 @@ async fn gone_for_a_young_connection_is_retried_until_it_is_accepted() {
     let connected = stack.gateway.wait_events(&c1, "connected", 1).await;
     assert_eq!(connected.len(), 1);
     assert_eq!(connected[0]["payload"]["userId"], "carol");
-    assert!(exists(&stack, &stack.key(&format!("conn:{c1}"))).await);
+    assert!(exists(&stack, &stack.keys().conn(&c1)).await);
     let m = stack.metrics.snapshot();
     assert_eq!(m.posts_gone, 0, "{m:?}");
     assert!(m.gone_retries >= 2, "{m:?}");
@@ -87,7 +87,7 @@ async fn a_connection_that_never_opens_is_removed_after_the_young_window() {
     let c1 = stack
         .connect_with("carol", Duration::ZERO, Status::Pending)
         .await;
-    let key = stack.key(&format!("conn:{c1}"));
+    let key = stack.keys().conn(&c1);
     wait_for_async("the connection removed", WAIT, || async {
         (!exists(&stack, &key).await).then_some(())
     })
@@ -110,7 +110,7 @@ async fn the_sweeper_removes_expired_leases_and_closes_them_at_the_gateway() {
         stack.gateway.deletes().contains(&b1).then_some(())
     })
     .await;
-    assert!(!exists(&stack, &stack.key(&format!("conn:{b1}"))).await);
+    assert!(!exists(&stack, &stack.keys().conn(&b1)).await);
     let m = stack.metrics.snapshot();
     assert!(m.swept >= 1 && m.sweeps >= 1, "{m:?}");
 }
@@ -123,38 +123,75 @@ struct RelayRedisUser {
 }
 
 impl RelayRedisUser {
-    async fn create(stack: &Stack) -> (Self, String) {
+    /// The test Redis's nodes (one, or a cluster's).
+    fn nodes() -> Vec<String> {
+        redis_url()
+            .split(',')
+            .map(|u| u.trim().to_owned())
+            .collect()
+    }
+
+    async fn create(_stack: &Stack) -> (Self, String) {
         let name = format!("relay_test_{}", random_suffix());
         let password = random_suffix();
-        let mut redis = stack.redis().await;
-        let _: () = redis::cmd("ACL")
-            .arg("SETUSER")
-            .arg(&name)
-            .arg("on")
-            .arg(format!(">{password}"))
-            .arg("~*")
-            .arg("&*")
-            .arg("+@all")
-            .query_async(&mut redis)
-            .await
-            .expect("ACL SETUSER");
-        let base = redis_url();
-        let rest = base.strip_prefix("redis://").expect("a redis:// URL");
-        let host = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
-        (
-            Self { name: name.clone() },
-            format!("redis://{name}:{password}@{host}"),
-        )
+        let mut urls = Vec::new();
+        for node in Self::nodes() {
+            let mut redis = redis::Client::open(node.as_str())
+                .expect("node url")
+                .get_multiplexed_async_connection()
+                .await
+                .expect("node answers");
+            let _: () = redis::cmd("ACL")
+                .arg("SETUSER")
+                .arg(&name)
+                .arg("on")
+                .arg(format!(">{password}"))
+                .arg("~*")
+                .arg("&*")
+                .arg("+@all")
+                .query_async(&mut redis)
+                .await
+                .expect("ACL SETUSER");
+            let rest = node.strip_prefix("redis://").expect("a redis:// URL");
+            let host = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
+            urls.push(format!("redis://{name}:{password}@{host}"));
+        }
+        (Self { name: name.clone() }, urls.join(","))
+    }
+
+    /// Kills this user's pub/sub connections on every node; how many.
+    async fn kill_pubsub(&self) -> i64 {
+        let mut killed = 0;
+        for node in Self::nodes() {
+            let mut redis = redis::Client::open(node.as_str())
+                .expect("node url")
+                .get_multiplexed_async_connection()
+                .await
+                .expect("node answers");
+            let n: i64 = redis::cmd("CLIENT")
+                .arg("KILL")
+                .arg("TYPE")
+                .arg("pubsub")
+                .arg("USER")
+                .arg(&self.name)
+                .query_async(&mut redis)
+                .await
+                .unwrap();
+            killed += n;
+        }
+        killed
     }
 }
 
 impl Drop for RelayRedisUser {
     fn drop(&mut self) {
-        if let Ok(mut redis) = redis::Client::open(redis_url()).and_then(|c| c.get_connection()) {
-            let _: redis::RedisResult<i64> = redis::cmd("ACL")
-                .arg("DELUSER")
-                .arg(&self.name)
-                .query(&mut redis);
+        for node in Self::nodes() {
+            if let Ok(mut redis) = redis::Client::open(node).and_then(|c| c.get_connection()) {
+                let _: redis::RedisResult<i64> = redis::cmd("ACL")
+                    .arg("DELUSER")
+                    .arg(&self.name)
+                    .query(&mut redis);
+            }
         }
     }
 }
@@ -174,17 +211,10 @@ async fn delivery_resumes_after_the_bus_subscription_is_killed() {
     stack.gateway.wait_sequence(&b1, 1).await;
     assert_eq!(stack.metrics.snapshot().subscriptions, 1);
 
-    let mut redis = stack.redis().await;
-    let killed: i64 = redis::cmd("CLIENT")
-        .arg("KILL")
-        .arg("TYPE")
-        .arg("pubsub")
-        .arg("USER")
-        .arg(&user.name)
-        .query_async(&mut redis)
-        .await
-        .unwrap();
-    assert_eq!(killed, 1, "the relay's subscription");
+    let killed = user.kill_pubsub().await;
+    // One connection on a single Redis; one per node holding a channel on
+    // a cluster.
+    assert!(killed >= 1, "the relay's subscription");
     // Published while the relay is (probably) not subscribed: lost on the
     // bus, filled from PostgreSQL before the next message.
     stack.send(&a1, &room, "two").await;
@@ -250,7 +280,7 @@ async fn health_pings_keep_the_subscription() {
 #[tokio::test]
 async fn the_relay_reports_how_late_it_handles_room_events_for_load_shedding() {
     let stack = Stack::start().await;
-    let lags = stack.key("relay:lags");
+    let lags = stack.keys().relay_lags();
     // A room event published five seconds ago (as a relay far behind would
     // see it): the next report carries a lag of at least that.
     let stale = chrono::Utc::now().timestamp_millis() - 5_000;
@@ -261,8 +291,11 @@ async fn the_relay_reports_how_late_it_handles_room_events_for_load_shedding() {
         "ts": stale,
     });
     let mut redis = stack.redis().await;
-    let _: i64 = redis::cmd("PUBLISH")
-        .arg(stack.channel())
+    let _: i64 = redis::cmd(redis.publish_command())
+        .arg(chat_shared::presence::Keys::bus_channel_of(
+            &stack.channel(),
+            "room_lag",
+        ))
         .arg(envelope.to_string())
         .query_async(&mut redis)
         .await

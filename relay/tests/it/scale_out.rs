@@ -78,7 +78,7 @@ fn shards(stack: &Stack) -> usize {
 async fn owners(stack: &Stack) -> Vec<Option<String>> {
     let mut redis = stack.redis().await;
     let keys: Vec<String> = (0..shards(stack))
-        .map(|n| stack.key(&format!("relay:lease:{n}")))
+        .map(|n| stack.keys().relay_lease(n))
         .collect();
     redis::cmd("MGET")
         .arg(&keys)
@@ -408,7 +408,7 @@ async fn a_shard_leased_to_someone_else_is_not_handled_until_it_is_free() {
     let rooms = [stack.group("alice", &["bob"]).await];
     let room = &rooms[0];
     let shard = lease_shard(room, shards(&stack));
-    let lease = stack.key(&format!("relay:lease:{shard}"));
+    let lease = stack.keys().relay_lease(shard);
     let mut redis = stack.redis().await;
     let _: () = redis::cmd("SET")
         .arg(&lease)

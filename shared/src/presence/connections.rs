@@ -1,120 +1,127 @@
 //! Connections: registration (with the per-user cap), lease renewal on
 //! every frame, token renewal and revocation, greetings, removal, and the
 //! routes the relay posts to.
+//!
+//! Each operation is a step in the connection's slot (`conn:{c}`) and a
+//! step in its user's partition (`presence:{p}:…`), in that order; the
+//! user's online transition and its envelope are decided and published in
+//! the partition step, atomically, so presence transitions reach the bus
+//! in the order they happened (see `docs/ARCHITECTURE.md`, "Redis
+//! Cluster", for why each split is safe).
 
 use std::sync::LazyLock;
 
 use super::{
-    CONNECTION_RECORD_TTL_SECS, Connection, Presence, SessionLimits, Subscriber, Touched,
+    CONNECTION_RECORD_TTL_SECS, Connection, Presence, SessionLimits, Subscriber, Touched, eval_cmd,
     non_empty, now_ms,
 };
 use crate::domain::UserId;
 use crate::error::Result;
 use crate::metrics::CountedRedis;
+use crate::presence::keys::{Keys, PARTITIONS};
 
 // Built once: `Script::new` hashes the source.
-static CONNECT_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(CONNECT));
+static REGISTER_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(REGISTER));
+static USER_CONNECT_SCRIPT: LazyLock<redis::Script> =
+    LazyLock::new(|| redis::Script::new(USER_CONNECT));
 static TOUCH_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(TOUCH));
 static RENEW_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(RENEW));
-static REVOKED_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(REVOKED));
 static MARK_GREETED_SCRIPT: LazyLock<redis::Script> =
     LazyLock::new(|| redis::Script::new(MARK_GREETED));
 static BACK_ONLINE_SCRIPT: LazyLock<redis::Script> =
     LazyLock::new(|| redis::Script::new(BACK_ONLINE));
-static DISCONNECT_SCRIPT: LazyLock<redis::Script> =
-    LazyLock::new(|| redis::Script::new(DISCONNECT));
+static DROP_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(DROP));
+static USER_DISCONNECT_SCRIPT: LazyLock<redis::Script> =
+    LazyLock::new(|| redis::Script::new(USER_DISCONNECT));
 
-/// Registers a connection and its lease; the user's first live connection
-/// adds them to the online set and publishes the `online` envelope in the
-/// same step, so presence transitions reach the bus in the order they
-/// happened. ARGV[14], ARGV[19] and ARGV[20] are the token's `exp` (s),
-/// `jti` and `iat` (s), each possibly empty.
-///
-/// When the user then holds more than ARGV[15] live connections (0: no
-/// cap), their least recently active ones (lowest lease) go, in the same
-/// step, so the cap holds however many handshakes race: each is removed
-/// with its subscriptions (its record `ARGV[16] .. id`, its room set
-/// `ARGV[21] .. id .. ARGV[22]`, each room's subscriptions
-/// `ARGV[17] .. room .. ARGV[23]`: patterns of [`super::keys`]) and a
-/// `Control::Close` envelope from origin ARGV[18] asks the relay to close
-/// it at the gateway. Returns {added, evicted ids}.
-const CONNECT: &str = r"
-redis.call('HSET', KEYS[1], 'userId', ARGV[4], 'username', ARGV[5], 'displayName', ARGV[6],
-  'avatar', ARGV[7], 'admin', ARGV[8], 'endpoint', ARGV[9], 'connectedAt', ARGV[10])
-if ARGV[14] ~= '' then redis.call('HSET', KEYS[1], 'exp', ARGV[14]) end
-if ARGV[19] ~= '' then redis.call('HSET', KEYS[1], 'jti', ARGV[19]) end
-if ARGV[20] ~= '' then redis.call('HSET', KEYS[1], 'iat', ARGV[20]) end
-redis.call('EXPIRE', KEYS[1], ARGV[11])
+/// The connection's step of a registration: its record KEYS[1] (ARGV:
+/// userId, username, displayName, avatar, admin, endpoint, connectedAt,
+/// record TTL s, and the token's `exp`, `jti`, `iat`, each possibly
+/// empty).
+const REGISTER: &str = r"
+redis.call('HSET', KEYS[1], 'userId', ARGV[1], 'username', ARGV[2], 'displayName', ARGV[3],
+  'avatar', ARGV[4], 'admin', ARGV[5], 'endpoint', ARGV[6], 'connectedAt', ARGV[7])
+if ARGV[9] ~= '' then redis.call('HSET', KEYS[1], 'exp', ARGV[9]) end
+if ARGV[10] ~= '' then redis.call('HSET', KEYS[1], 'jti', ARGV[10]) end
+if ARGV[11] ~= '' then redis.call('HSET', KEYS[1], 'iat', ARGV[11]) end
+redis.call('EXPIRE', KEYS[1], ARGV[8])
+return 1
+";
+
+/// The user's step of a registration, in their partition: the lease of
+/// connection ARGV[1] (ARGV[2], ms) in the user's set KEYS[1] (expired
+/// entries before ARGV[3] dropped; TTL ARGV[4] s) and the partition's lease
+/// index KEYS[2]. When the user then holds more than ARGV[5] live
+/// connections (0: no cap), their least recently active ones (lowest
+/// lease) leave both sets in the same step, so the cap holds however many
+/// handshakes race; the caller removes their records and closes them.
+/// Last, the user joins the online set KEYS[3] (ARGV[6]); when they were
+/// not in it, the `online` envelope ARGV[9] (if not empty) is published
+/// with command ARGV[7] on the partition's channel ARGV[8].
+/// Returns {added, evicted ids}.
+const USER_CONNECT: &str = r"
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[3])
+redis.call('EXPIRE', KEYS[1], ARGV[4])
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[3])
-redis.call('EXPIRE', KEYS[2], ARGV[11])
-redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
 local evicted = {}
-local cap = tonumber(ARGV[15]) or 0
-local over = redis.call('ZCARD', KEYS[2]) - cap
+local cap = tonumber(ARGV[5]) or 0
+local over = redis.call('ZCARD', KEYS[1]) - cap
 if cap > 0 and over > 0 then
-  for _, c in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
+  for _, c in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
     if over <= 0 then break end
     if c ~= ARGV[1] then
-      local ck = ARGV[16] .. c
-      local rooms = ARGV[21] .. c .. ARGV[22]
-      local endpoint = redis.call('HGET', ck, 'endpoint')
-      for _, room in ipairs(redis.call('SMEMBERS', rooms)) do
-        redis.call('HDEL', ARGV[17] .. room .. ARGV[23], c)
-      end
-      redis.call('DEL', ck, rooms)
-      redis.call('ZREM', KEYS[3], c)
+      redis.call('ZREM', KEYS[1], c)
       redis.call('ZREM', KEYS[2], c)
-      if endpoint then
-        redis.call('PUBLISH', ARGV[12], cjson.encode({origin = ARGV[18],
-          target = {type = 'connection', connectionId = c},
-          control = {type = 'close', connectionId = c, endpoint = endpoint}}))
-      end
       evicted[#evicted + 1] = c
       over = over - 1
     end
   end
 end
-local added = redis.call('SADD', KEYS[4], ARGV[4])
-if added == 1 and ARGV[13] ~= '' then redis.call('PUBLISH', ARGV[12], ARGV[13]) end
+local added = redis.call('SADD', KEYS[3], ARGV[6])
+if added == 1 and ARGV[9] ~= '' then redis.call(ARGV[7], ARGV[8], ARGV[9]) end
 return {added, evicted}
 ";
 
-/// Renews a connection's lease, reads who it is and, when ARGV[4] (the
-/// GCRA interval, µs) is not empty, charges the frame to the connection's
-/// rate bucket KEYS[4] (burst ARGV[5]): one round trip per frame. f[10] is
-/// 0, or the µs to wait when the frame is over the rate. f[12] is the
-/// token's `exp` (s), if any: the lease never runs past `exp` + ARGV[6]
-/// (the grace, ms), so the sweeper closes an idle socket whose token ran
-/// out, as a frame would. f[13] is '1' when the token was revoked (the
-/// user's `ARGV[7] .. userId`, the token's `ARGV[8] .. jti`). The user's
-/// lease set is `ARGV[3] .. userId`. Patterns of [`super::keys`].
+/// The connection's step of a frame: reads who it is and, when ARGV[1]
+/// (the GCRA interval, µs) is not empty, charges the frame to the
+/// connection's rate bucket KEYS[2] (burst ARGV[2]). f[12] is 0, or the µs
+/// to wait when the frame is over the rate. Nil for an unknown connection.
 const TOUCH: &str = concat!(
     crate::gcra::gcra_lua!(),
     r"
 local f = redis.call('HMGET', KEYS[1], 'userId', 'username', 'displayName', 'avatar', 'admin',
   'endpoint', 'connectedAt', 'greeted', 'exp', 'jti', 'iat')
 if not f[1] then return false end
-local exp, jti, iat = f[9], f[10], f[11]
-local revoked = '0'
-if jti and redis.call('EXISTS', ARGV[8] .. jti) == 1 then revoked = '1' end
-local since = redis.call('GET', ARGV[7] .. f[1])
-if since and (not iat or not tonumber(since) or tonumber(iat) <= tonumber(since)) then
-  revoked = '1'
-end
+f[12] = '0'
+if ARGV[1] ~= '' then f[12] = string.format('%.0f', gcra({{KEYS[2], ARGV[1], ARGV[2]}})) end
+return f
+"
+);
+
+/// The user's step of a frame, in their partition: renews connection
+/// ARGV[1]'s lease (ARGV[2] ms, never past the token's `exp` ARGV[3] s plus
+/// the grace ARGV[4] ms) in the user's set KEYS[1] and the lease index
+/// KEYS[2]; answers whether the user is in the online set KEYS[3]
+/// (ARGV[5]).
+pub(super) const TOUCH_USER: &str = r"
 local lease = tonumber(ARGV[2])
-local expn = exp and tonumber(exp)
-if expn then lease = math.min(lease, expn * 1000 + tonumber(ARGV[6])) end
+local exp = tonumber(ARGV[3])
+if exp then lease = math.min(lease, exp * 1000 + tonumber(ARGV[4])) end
 lease = string.format('%.0f', lease)
-redis.call('ZADD', ARGV[3] .. f[1], lease, ARGV[1])
+redis.call('ZADD', KEYS[1], lease, ARGV[1])
 redis.call('ZADD', KEYS[2], lease, ARGV[1])
-f[9] = tostring(redis.call('SISMEMBER', KEYS[3], f[1]))
-f[10] = '0'
-if ARGV[4] ~= '' then f[10] = string.format('%.0f', gcra({{KEYS[4], ARGV[4], ARGV[5]}})) end
+return redis.call('SISMEMBER', KEYS[3], ARGV[5])
+";
+
+/// The largest delivery lag a relay reported in the last second (KEYS[1]:
+/// the relays' lags, `lagMs|atMs` by Redis's clock, the one the reports
+/// use: both are in the `{relay}` slot).
+pub(super) const MAX_LAG: &str = r"
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
 local lag = 0
-local lags = redis.call('HGETALL', KEYS[5])
+local lags = redis.call('HGETALL', KEYS[1])
 for i = 1, #lags, 2 do
   local v = lags[i + 1]
   local sep = string.find(v, '|', 1, true)
@@ -124,37 +131,19 @@ for i = 1, #lags, 2 do
     if l and at and now - at < 1000 and l > lag then lag = l end
   end
 end
-f[11] = tostring(lag)
-f[12] = exp
-f[13] = revoked
-return f
-"
-);
-
-/// A fresh token for a live connection: its expiry ARGV[3], profile
-/// (ARGV[4..7]), `jti` ARGV[8] and `iat` ARGV[9], and its lease ARGV[2] in the lease set and the user's set
-/// (KEYS[3]). Returns 0 for a connection that is gone.
-const RENEW: &str = r"
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-redis.call('HSET', KEYS[1], 'exp', ARGV[3], 'username', ARGV[4], 'displayName', ARGV[5],
-  'avatar', ARGV[6], 'admin', ARGV[7])
-if ARGV[8] ~= '' then redis.call('HSET', KEYS[1], 'jti', ARGV[8]) else redis.call('HDEL', KEYS[1], 'jti') end
-if ARGV[9] ~= '' then redis.call('HSET', KEYS[1], 'iat', ARGV[9]) else redis.call('HDEL', KEYS[1], 'iat') end
-redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
-redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
-return 1
+return lag
 ";
 
-/// Whether a token is revoked: its user's revocation KEYS[1], its `jti`'s
-/// KEYS[2] (absent when it has none), its `iat` ARGV[1] (possibly empty).
-/// The same rule as in TOUCH.
-const REVOKED: &str = r"
-if KEYS[2] and redis.call('EXISTS', KEYS[2]) == 1 then return 1 end
-local since = redis.call('GET', KEYS[1])
-if since and (ARGV[1] == '' or not tonumber(since) or tonumber(ARGV[1]) <= tonumber(since)) then
-  return 1
-end
-return 0
+/// The connection's step of a token renewal: its expiry ARGV[1], profile
+/// (ARGV[2..5]), `jti` ARGV[6] and `iat` ARGV[7]. Returns 0 for a
+/// connection that is gone.
+const RENEW: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], 'exp', ARGV[1], 'username', ARGV[2], 'displayName', ARGV[3],
+  'avatar', ARGV[4], 'admin', ARGV[5])
+if ARGV[6] ~= '' then redis.call('HSET', KEYS[1], 'jti', ARGV[6]) else redis.call('HDEL', KEYS[1], 'jti') end
+if ARGV[7] ~= '' then redis.call('HSET', KEYS[1], 'iat', ARGV[7]) else redis.call('HDEL', KEYS[1], 'iat') end
+return 1
 ";
 
 /// Records that a connection's `connected` event was delivered.
@@ -163,32 +152,40 @@ if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], 'greeted'
 return 0
 ";
 
-/// Marks a user online again (a frame after their leases ran out).
+/// Marks a user (ARGV[1]) online again in their partition's set KEYS[1]
+/// (a frame after their leases ran out), publishing ARGV[4] with command
+/// ARGV[2] on the partition's channel ARGV[3] when they were not there.
 const BACK_ONLINE: &str = r"
 local added = redis.call('SADD', KEYS[1], ARGV[1])
-if added == 1 and ARGV[3] ~= '' then redis.call('PUBLISH', ARGV[2], ARGV[3]) end
+if added == 1 and ARGV[4] ~= '' then redis.call(ARGV[2], ARGV[3], ARGV[4]) end
 return added
 ";
 
-/// Removes a connection, its subscriptions and its lease; when it was the
-/// user's last live connection, takes them offline and publishes the
-/// `offline` envelope in the same step. Returns {userId, wentOffline}.
-const DISCONNECT: &str = r"
-local user = redis.call('HGET', KEYS[1], 'userId')
-for _, room in ipairs(redis.call('SMEMBERS', KEYS[2])) do
-  redis.call('HDEL', ARGV[4] .. room .. ARGV[5], ARGV[1])
-end
+/// The connection's step of a removal: deletes its record KEYS[1] and
+/// room set KEYS[2] and returns {userId or '', endpoint or '', rooms...}.
+const DROP: &str = r"
+local f = redis.call('HMGET', KEYS[1], 'userId', 'endpoint')
+local out = {f[1] or '', f[2] or ''}
+for _, room in ipairs(redis.call('SMEMBERS', KEYS[2])) do out[#out + 1] = room end
 redis.call('DEL', KEYS[1], KEYS[2])
-redis.call('ZREM', KEYS[3], ARGV[1])
-if not user then return {'', 0} end
-local uc = ARGV[3] .. user
-redis.call('ZREM', uc, ARGV[1])
-redis.call('ZREMRANGEBYSCORE', uc, '-inf', ARGV[2])
-if redis.call('ZCARD', uc) > 0 then return {user, 0} end
-if user ~= ARGV[8] then return {user, 0} end
-local removed = redis.call('SREM', KEYS[4], user)
-if removed == 1 and ARGV[7] ~= '' then redis.call('PUBLISH', ARGV[6], ARGV[7]) end
-return {user, removed}
+return out
+";
+
+/// The user's step of a removal, in their partition: connection ARGV[1]
+/// leaves the user's set KEYS[1] (expired entries before ARGV[2] too) and
+/// the lease index KEYS[2]. When no live connection is left and ARGV[7] is
+/// `1` (the record named the user ARGV[3] the `offline` envelope ARGV[6]
+/// was built for), they leave the online set KEYS[3] and the envelope is
+/// published with command ARGV[4] on the partition's channel ARGV[5].
+/// Returns 1 when they went offline.
+const USER_DISCONNECT: &str = r"
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[2])
+if redis.call('ZCARD', KEYS[1]) > 0 or ARGV[7] ~= '1' then return 0 end
+local removed = redis.call('SREM', KEYS[3], ARGV[3])
+if removed == 1 and ARGV[6] ~= '' then redis.call(ARGV[4], ARGV[5], ARGV[6]) end
+return removed
 ";
 
 impl Presence {
@@ -219,9 +216,14 @@ impl Presence {
     }
 
     /// Like [`Presence::connect`], also recording the token's expiry and
-    /// enforcing the per-user cap of `limits` in the same step. Returns
-    /// whether the user came online, and the connections closed to make
-    /// room (a `Control::Close` from `origin` was published for each).
+    /// enforcing the per-user cap of `limits`. Returns whether the user
+    /// came online, and the connections closed to make room (a
+    /// `Control::Close` from `origin` was published for each).
+    ///
+    /// Two steps: the record (its slot), then the lease, the cap and the
+    /// online transition (the user's partition). A failure between them
+    /// leaves a record without a lease: the handshake fails, API Gateway
+    /// never opens the socket, and the record expires with its TTL.
     ///
     /// # Errors
     /// `UNAVAILABLE` when Redis does not answer.
@@ -235,20 +237,11 @@ impl Presence {
         origin: &str,
     ) -> Result<(bool, Vec<String>)> {
         let now = now_ms();
-        let (conn_rooms, room_conns) = (
-            self.keys.conn_rooms_pattern(),
-            self.keys.room_conns_pattern(),
-        );
+        let user = conn.user.id.as_str();
         let mut redis = CountedRedis(self.redis.clone());
-        let (added, evicted): (i64, Vec<String>) = CONNECT_SCRIPT
+        let _: i64 = REGISTER_SCRIPT
             .key(self.keys.conn(&conn.connection_id))
-            .key(self.keys.user_conns(conn.user.id.as_str()))
-            .key(self.keys.leases())
-            .key(self.keys.online())
-            .arg(&conn.connection_id)
-            .arg(limits.lease(now, ttl))
-            .arg(now)
-            .arg(conn.user.id.as_str())
+            .arg(user)
             .arg(&conn.user.username)
             .arg(conn.user.display_name.as_deref().unwrap_or(""))
             .arg(conn.user.avatar.as_deref().unwrap_or(""))
@@ -256,21 +249,71 @@ impl Presence {
             .arg(&conn.endpoint)
             .arg(conn.connected_at_ms)
             .arg(CONNECTION_RECORD_TTL_SECS)
-            .arg(channel)
-            .arg(online_envelope.unwrap_or(""))
             .arg(limits.expires_at.map(|e| e.to_string()).unwrap_or_default())
-            .arg(limits.max_per_user.unwrap_or(0))
-            .arg(self.keys.conn_pattern().head)
-            .arg(&room_conns.head)
-            .arg(origin)
             .arg(limits.jti.as_deref().unwrap_or(""))
             .arg(limits.issued_at.map(|i| i.to_string()).unwrap_or_default())
-            .arg(&conn_rooms.head)
-            .arg(conn_rooms.tail)
-            .arg(room_conns.tail)
             .invoke_async(&mut redis)
             .await?;
+        let (added, evicted): (i64, Vec<String>) = USER_CONNECT_SCRIPT
+            .key(self.keys.user_conns(user))
+            .key(self.keys.leases_of(user))
+            .key(self.keys.online_of(user))
+            .arg(&conn.connection_id)
+            .arg(limits.lease(now, ttl))
+            .arg(now)
+            .arg(CONNECTION_RECORD_TTL_SECS)
+            .arg(limits.max_per_user.unwrap_or(0))
+            .arg(user)
+            .arg(self.redis.publish_command())
+            .arg(Keys::bus_channel_of(channel, user))
+            .arg(online_envelope.unwrap_or(""))
+            .invoke_async(&mut redis)
+            .await?;
+        for evictee in &evicted {
+            // Out of the user's sets already: remove its record and
+            // subscriptions, then ask the relay to close it.
+            let (_, endpoint) = self.drop_connection(evictee).await?;
+            if let Some(endpoint) = endpoint {
+                let close = serde_json::json!({
+                    "origin": origin,
+                    "target": {"type": "connection", "connectionId": evictee},
+                    "control": {"type": "close", "connectionId": evictee, "endpoint": endpoint},
+                });
+                let _: i64 = redis::cmd(self.redis.publish_command())
+                    .arg(Keys::bus_channel_of(channel, evictee))
+                    .arg(close.to_string())
+                    .query_async(&mut redis)
+                    .await?;
+            }
+        }
         Ok((added == 1, evicted))
+    }
+
+    /// Removes a connection's record and room set, then its subscriptions
+    /// (each room's slot). Returns the user and endpoint its record named.
+    async fn drop_connection(
+        &self,
+        connection_id: &str,
+    ) -> Result<(Option<String>, Option<String>)> {
+        let mut redis = CountedRedis(self.redis.clone());
+        let dropped: Vec<String> = DROP_SCRIPT
+            .key(self.keys.conn(connection_id))
+            .key(self.keys.conn_rooms(connection_id))
+            .invoke_async(&mut redis)
+            .await?;
+        let mut dropped = dropped.into_iter();
+        let user = dropped.next().filter(|u| !u.is_empty());
+        let endpoint = dropped.next().filter(|e| !e.is_empty());
+        let unsubscribe: Vec<(String, redis::Cmd)> = dropped
+            .map(|room| {
+                let key = self.keys.room_conns(&room);
+                let mut cmd = redis::cmd("HDEL");
+                cmd.arg(&key).arg(connection_id);
+                (key, cmd)
+            })
+            .collect();
+        self.redis.query_grouped(unsubscribe).await?;
+        Ok((user, endpoint))
     }
 
     /// Records a fresh token for a live connection (`authenticate`): its
@@ -288,10 +331,6 @@ impl Presence {
         let mut redis = CountedRedis(self.redis.clone());
         let renewed: i64 = RENEW_SCRIPT
             .key(self.keys.conn(&conn.connection_id))
-            .key(self.keys.leases())
-            .key(self.keys.user_conns(conn.user.id.as_str()))
-            .arg(&conn.connection_id)
-            .arg(limits.lease(now_ms(), ttl))
             .arg(limits.expires_at.map(|e| e.to_string()).unwrap_or_default())
             .arg(&conn.user.username)
             .arg(conn.user.display_name.as_deref().unwrap_or(""))
@@ -301,12 +340,28 @@ impl Presence {
             .arg(limits.issued_at.map(|i| i.to_string()).unwrap_or_default())
             .invoke_async(&mut redis)
             .await?;
-        Ok(renewed == 1)
+        if renewed != 1 {
+            return Ok(false);
+        }
+        // The lease, in the user's partition (idempotent: a retry or a
+        // concurrent frame only sets a later lease).
+        let user = conn.user.id.as_str();
+        let lease = limits.lease(now_ms(), ttl);
+        let _: () = redis::pipe()
+            .atomic()
+            .zadd(self.keys.user_conns(user), &conn.connection_id, lease)
+            .ignore()
+            .zadd(self.keys.leases_of(user), &conn.connection_id, lease)
+            .ignore()
+            .query_async(&mut redis)
+            .await?;
+        Ok(true)
     }
 
     /// Whether a token of `user_id` with this `jti` and `iat` was revoked
-    /// (see the module docs): one round trip, at a handshake or a REST
-    /// call; open connections check in their lease renewal.
+    /// (see the module docs): one round trip (two keys of two slots, read
+    /// concurrently on a cluster), at a handshake or a REST call; open
+    /// connections check in their lease renewal.
     ///
     /// # Errors
     /// `UNAVAILABLE` when Redis does not answer.
@@ -316,22 +371,36 @@ impl Presence {
         jti: Option<&str>,
         issued_at: Option<i64>,
     ) -> Result<bool> {
-        let mut redis = CountedRedis(self.redis.clone());
-        let mut invocation = REVOKED_SCRIPT.key(self.keys.revoked_user(user_id.as_str()));
+        let user_key = self.keys.revoked_user(user_id.as_str());
+        let mut commands = vec![(user_key.clone(), {
+            let mut cmd = redis::cmd("GET");
+            cmd.arg(&user_key);
+            cmd
+        })];
         if let Some(jti) = jti.filter(|j| !j.is_empty()) {
-            invocation.key(self.keys.revoked_jti(jti));
+            let key = self.keys.revoked_jti(jti);
+            let mut cmd = redis::cmd("EXISTS");
+            cmd.arg(&key);
+            commands.push((key, cmd));
         }
-        let revoked: i64 = invocation
-            .arg(issued_at.map(|i| i.to_string()).unwrap_or_default())
-            .invoke_async(&mut redis)
-            .await?;
-        Ok(revoked == 1)
+        let answers = self.redis.query_grouped(commands).await?;
+        let since: Option<String> = redis::from_redis_value(answers[0].clone())?;
+        let by_jti: bool = match answers.get(1) {
+            Some(v) => redis::from_redis_value(v.clone())?,
+            None => false,
+        };
+        Ok(by_jti || covers(since.as_deref(), issued_at))
     }
 
     /// Renews a connection's lease (any frame does) and returns the
     /// connection; `None` when it is unknown (closed, or swept). With a
     /// `rate`, the frame is also charged to the connection's message-rate
-    /// bucket in the same round trip ([`Touched::rate_limited`]).
+    /// bucket in the same step ([`Touched::rate_limited`]).
+    ///
+    /// Two steps: the connection's (who it is, its rate), then, at once,
+    /// its user's partition (lease, online), the user's and the token's
+    /// revocations and the relays' lags: two round trips on a single
+    /// Redis, the second spread over up to four slots on a cluster.
     ///
     /// # Errors
     /// `UNAVAILABLE` when Redis does not answer.
@@ -349,32 +418,63 @@ impl Presence {
         let mut redis = CountedRedis(self.redis.clone());
         let fields: Option<Vec<Option<String>>> = TOUCH_SCRIPT
             .key(self.keys.conn(connection_id))
-            .key(self.keys.leases())
-            .key(self.keys.online())
             .key(self.keys.rate_conn(connection_id))
-            .key(self.keys.relay_lags())
-            .arg(connection_id)
-            .arg(now_ms() + ttl.as_millis() as i64)
-            .arg(self.keys.user_conns_pattern().head)
             .arg(interval)
             .arg(burst)
-            .arg(token_grace.as_millis() as i64)
-            .arg(self.keys.revoked_user_pattern().head)
-            .arg(self.keys.revoked_jti_pattern().head)
             .invoke_async(&mut redis)
             .await?;
         let Some(mut f) = fields else {
             return Ok(None);
         };
-        f.resize(13, None);
-        let expires_at = f[11].as_deref().and_then(|v| v.parse().ok());
-        let revoked = f[12].as_deref() == Some("1");
-        let rate_limited = crate::gcra::parse_wait(f[9].as_deref());
-        let delivery_lag_ms = f[10].as_deref().and_then(|v| v.parse().ok()).unwrap_or(0);
-        let mut take = |i: usize| f[i].take();
-        let Some(user_id) = take(0) else {
+        f.resize(12, None);
+        let Some(user_id) = f[0].take() else {
             return Ok(None);
         };
+        let (exp, jti, iat) = (f[8].take(), f[9].take(), f[10].take());
+        let rate_limited = crate::gcra::parse_wait(f[11].as_deref());
+        let user_conns = self.keys.user_conns(&user_id);
+        let mut user_step = eval_cmd(
+            TOUCH_USER,
+            &[
+                &user_conns,
+                &self.keys.leases_of(&user_id),
+                &self.keys.online_of(&user_id),
+            ],
+        );
+        user_step
+            .arg(connection_id)
+            .arg(now_ms() + ttl.as_millis() as i64)
+            .arg(exp.as_deref().unwrap_or(""))
+            .arg(token_grace.as_millis() as i64)
+            .arg(&user_id);
+        let lags = self.keys.relay_lags();
+        let revoked_user = self.keys.revoked_user(&user_id);
+        let mut revoked_since = redis::cmd("GET");
+        revoked_since.arg(&revoked_user);
+        let mut commands = vec![
+            (user_conns, user_step),
+            (lags.clone(), eval_cmd(MAX_LAG, &[&lags])),
+            (revoked_user, revoked_since),
+        ];
+        if let Some(jti) = jti.as_deref().filter(|j| !j.is_empty()) {
+            let key = self.keys.revoked_jti(jti);
+            let mut cmd = redis::cmd("EXISTS");
+            cmd.arg(&key);
+            commands.push((key, cmd));
+        }
+        let answers = self.redis.query_grouped(commands).await?;
+        let online: i64 = redis::from_redis_value(answers[0].clone())?;
+        let delivery_lag_ms: u64 = redis::from_redis_value(answers[1].clone())?;
+        let since: Option<String> = redis::from_redis_value(answers[2].clone())?;
+        let revoked_by_user = covers(
+            since.as_deref(),
+            iat.as_deref().and_then(|v| v.parse().ok()),
+        );
+        let revoked_by_jti: bool = match answers.get(3) {
+            Some(v) => redis::from_redis_value(v.clone())?,
+            None => false,
+        };
+        let mut take = |i: usize| f[i].take();
         let user_id = UserId::from_trusted(user_id);
         let connection = Connection {
             connection_id: connection_id.to_owned(),
@@ -392,11 +492,11 @@ impl Presence {
         Ok(Some(Touched {
             connection,
             greeted,
-            was_online: take(8).as_deref() == Some("1"),
+            was_online: online == 1,
             rate_limited,
             delivery_lag_ms,
-            expires_at,
-            revoked,
+            expires_at: exp.and_then(|v| v.parse().ok()),
+            revoked: revoked_by_user || revoked_by_jti,
         }))
     }
 
@@ -413,9 +513,10 @@ impl Presence {
     ) -> Result<bool> {
         let mut redis = CountedRedis(self.redis.clone());
         let added: i64 = BACK_ONLINE_SCRIPT
-            .key(self.keys.online())
+            .key(self.keys.online_of(user_id.as_str()))
             .arg(user_id.as_str())
-            .arg(channel)
+            .arg(self.redis.publish_command())
+            .arg(Keys::bus_channel_of(channel, user_id.as_str()))
             .arg(online_envelope.unwrap_or(""))
             .invoke_async(&mut redis)
             .await?;
@@ -469,6 +570,13 @@ impl Presence {
     /// `offline_envelope` is published in the same step. Returns the user
     /// and whether they went offline; idempotent.
     ///
+    /// Three steps, each safe to repeat: the record and room set go first
+    /// (so no new subscription or renewal finds the connection), then its
+    /// subscriptions, then its leases and the offline transition in the
+    /// user's partition. A connection whose record is gone and whose user
+    /// is not given has its lease looked for in every partition (a
+    /// leftover of a failure between the steps).
+    ///
     /// # Errors
     /// `UNAVAILABLE` when Redis does not answer.
     pub async fn disconnect(
@@ -478,28 +586,51 @@ impl Presence {
         channel: &str,
         offline_envelope: Option<&str>,
     ) -> Result<Option<(UserId, bool)>> {
-        let room_conns = self.keys.room_conns_pattern();
+        let (recorded, _) = self.drop_connection(connection_id).await?;
+        let Some(user) = recorded
+            .clone()
+            .or_else(|| expected_user.map(|u| u.to_string()))
+        else {
+            self.drop_lease(connection_id).await?;
+            return Ok(None);
+        };
+        let may_go_offline =
+            recorded.is_some() && expected_user.is_some_and(|expected| expected.as_str() == user);
         let mut redis = CountedRedis(self.redis.clone());
-        let (user, went_offline): (String, i64) = DISCONNECT_SCRIPT
-            .key(self.keys.conn(connection_id))
-            .key(self.keys.conn_rooms(connection_id))
-            .key(self.keys.leases())
-            .key(self.keys.online())
+        let went_offline: i64 = USER_DISCONNECT_SCRIPT
+            .key(self.keys.user_conns(&user))
+            .key(self.keys.leases_of(&user))
+            .key(self.keys.online_of(&user))
             .arg(connection_id)
             .arg(now_ms())
-            .arg(self.keys.user_conns_pattern().head)
-            .arg(&room_conns.head)
-            .arg(room_conns.tail)
-            .arg(channel)
+            .arg(&user)
+            .arg(self.redis.publish_command())
+            .arg(Keys::bus_channel_of(channel, &user))
             .arg(offline_envelope.unwrap_or(""))
-            .arg(expected_user.map(UserId::as_str).unwrap_or(""))
+            .arg(if may_go_offline { "1" } else { "0" })
             .invoke_async(&mut redis)
             .await?;
-        Ok((!user.is_empty()).then(|| (UserId::from_trusted(user), went_offline == 1)))
+        Ok(recorded.map(|u| (UserId::from_trusted(u), went_offline == 1)))
+    }
+
+    /// Removes a connection from every partition's lease index (its user
+    /// is unknown).
+    async fn drop_lease(&self, connection_id: &str) -> Result<()> {
+        let commands = (0..PARTITIONS)
+            .map(|p| {
+                let key = self.keys.leases(p);
+                let mut cmd = redis::cmd("ZREM");
+                cmd.arg(&key).arg(connection_id);
+                (key, cmd)
+            })
+            .collect();
+        self.redis.query_grouped(commands).await?;
+        Ok(())
     }
 
     /// Each connection's user, endpoint and connect time, or `None` for a
-    /// connection that is gone (one round trip).
+    /// connection that is gone (one round trip on a single Redis; one per
+    /// connection, concurrently, on a cluster).
     ///
     /// # Errors
     /// `UNAVAILABLE` when Redis does not answer.
@@ -507,35 +638,38 @@ impl Presence {
         &self,
         connection_ids: &[String],
     ) -> Result<Vec<Option<Subscriber>>> {
-        if connection_ids.is_empty() {
-            return Ok(Vec::new());
-        }
-        let mut pipe = redis::pipe();
-        for conn in connection_ids {
-            pipe.cmd("HMGET")
-                .arg(self.keys.conn(conn))
-                .arg("userId")
-                .arg("connectedAt")
-                .arg("endpoint");
-        }
-        let mut redis = CountedRedis(self.redis.clone());
-        let rows: Vec<(Option<String>, Option<String>, Option<String>)> =
-            pipe.query_async(&mut redis).await?;
-        Ok(connection_ids
+        let commands = connection_ids
+            .iter()
+            .map(|conn| {
+                let key = self.keys.conn(conn);
+                let mut cmd = redis::cmd("HMGET");
+                cmd.arg(&key)
+                    .arg("userId")
+                    .arg("connectedAt")
+                    .arg("endpoint");
+                (key, cmd)
+            })
+            .collect();
+        let rows = self.redis.query_grouped(commands).await?;
+        connection_ids
             .iter()
             .zip(rows)
-            .map(|(conn, row)| match row {
-                (Some(user_id), connected_at, Some(endpoint)) => Some(Subscriber {
-                    connection_id: conn.clone(),
-                    watermark: 0,
-                    user_id,
-                    connected_at_ms: connected_at.and_then(|v| v.parse().ok()).unwrap_or(0),
-                    endpoint,
-                    pending: false,
-                }),
-                _ => None,
+            .map(|(conn, row)| {
+                let row: (Option<String>, Option<String>, Option<String>) =
+                    redis::from_redis_value(row)?;
+                Ok(match row {
+                    (Some(user_id), connected_at, Some(endpoint)) => Some(Subscriber {
+                        connection_id: conn.clone(),
+                        watermark: 0,
+                        user_id,
+                        connected_at_ms: connected_at.and_then(|v| v.parse().ok()).unwrap_or(0),
+                        endpoint,
+                        pending: false,
+                    }),
+                    _ => None,
+                })
             })
-            .collect())
+            .collect()
     }
 
     /// A user's registered connection ids.
@@ -553,21 +687,45 @@ impl Presence {
         Ok(conns)
     }
 
-    /// Up to `limit` connections whose lease ran out before `now_ms`.
+    /// Up to `limit` connections whose lease ran out before `now_ms`, from
+    /// every partition's lease index (read together: one round trip on a
+    /// single Redis, one per partition, concurrently, on a cluster).
     ///
     /// # Errors
     /// `UNAVAILABLE` when Redis does not answer.
     pub async fn expired_connections(&self, now_ms: i64, limit: usize) -> Result<Vec<String>> {
-        let mut redis = CountedRedis(self.redis.clone());
-        let conns: Vec<String> = redis::cmd("ZRANGEBYSCORE")
-            .arg(self.keys.leases())
-            .arg("-inf")
-            .arg(now_ms)
-            .arg("LIMIT")
-            .arg(0)
-            .arg(limit)
-            .query_async(&mut redis)
-            .await?;
+        let commands = (0..PARTITIONS)
+            .map(|p| {
+                let key = self.keys.leases(p);
+                let mut cmd = redis::cmd("ZRANGEBYSCORE");
+                cmd.arg(&key)
+                    .arg("-inf")
+                    .arg(now_ms)
+                    .arg("LIMIT")
+                    .arg(0)
+                    .arg(limit);
+                (key, cmd)
+            })
+            .collect();
+        let mut conns = Vec::new();
+        for batch in self.redis.query_grouped(commands).await? {
+            let batch: Vec<String> = redis::from_redis_value(batch)?;
+            conns.extend(batch);
+        }
+        conns.truncate(limit);
         Ok(conns)
+    }
+}
+
+/// Whether a user's revocation time `since` covers a token issued at
+/// `issued_at` (s): every token issued at or before it, and every token
+/// without `iat` (or when `since` is not a number).
+fn covers(since: Option<&str>, issued_at: Option<i64>) -> bool {
+    let Some(since) = since else {
+        return false;
+    };
+    match (since.parse::<i64>(), issued_at) {
+        (Ok(since), Some(iat)) => iat <= since,
+        _ => true,
     }
 }

@@ -13,6 +13,13 @@
 //! - this file: [`Presence`], the types the others share, and
 //!   [`connect_redis`].
 //!
+//! Each operation is one script or command per hash slot (see [`keys`]);
+//! where an operation changes two slots (a connection's record and its
+//! user's leases, a room's subscribers), the steps are ordered so that
+//! every interleaving and every partial failure leaves a state the next
+//! step, the sweeper or the relay repairs (`docs/ARCHITECTURE.md`,
+//! "Redis Cluster").
+//!
 //! A room subscription carries its *watermark*: the highest sequence id the
 //! connection already has from its `roomJoined` snapshot. The relay never
 //! pushes a `message` at or below it, and fills any gap above it, so a
@@ -20,11 +27,9 @@
 //! concurrent sends.
 //!
 //! `GET /rooms/:roomId/online` and `roomJoined.onlineUsers` both read
-//! `presence:online`. The WebSocket handlers write these keys; the online
+//! the online sets (one per partition). The WebSocket handlers write these keys; the online
 //! transitions run in Lua scripts so that "first connection" and "last
 //! connection" are decided atomically.
-
-use redis::aio::ConnectionManager;
 
 use crate::error::Result;
 use crate::metrics::CountedRedis;
@@ -38,10 +43,12 @@ mod subscriptions;
 pub use keys::Keys;
 pub use subscriptions::RoomMarks;
 
+pub use crate::redis_conn::RedisConn;
+
 /// Reads and writes the presence and subscription keys.
 #[derive(Clone)]
 pub struct Presence {
-    redis: ConnectionManager,
+    redis: RedisConn,
     keys: Keys,
 }
 
@@ -49,7 +56,7 @@ crate::debug_fields!(Presence { keys });
 
 impl Presence {
     /// Presence over `redis`, with `keys`.
-    pub fn new(redis: ConnectionManager, keys: Keys) -> Self {
+    pub fn new(redis: RedisConn, keys: Keys) -> Self {
         Self { redis, keys }
     }
 
@@ -59,7 +66,7 @@ impl Presence {
     }
 
     /// A handle on the Redis connection.
-    pub fn redis(&self) -> ConnectionManager {
+    pub fn redis(&self) -> RedisConn {
         self.redis.clone()
     }
 
@@ -74,52 +81,13 @@ impl Presence {
     }
 }
 
-/// Opens a Redis connection manager (reconnects by itself after failures).
+/// Opens the Redis connection of `target` (single or cluster; it
+/// reconnects by itself after failures).
 ///
 /// # Errors
 /// When the URL is invalid or Redis does not answer at start-up.
-pub async fn connect_redis(url: &secrecy::SecretString) -> anyhow::Result<ConnectionManager> {
-    use anyhow::Context as _;
-    use secrecy::ExposeSecret as _;
-    let client =
-        redis::Client::open(url.expose_secret()).context("REDIS_URL is not a valid Redis URL")?;
-    // One quick retry when a reconnect fails: the manager's default (six,
-    // backing off to 3.2 s) kept every request waiting about 9 s while
-    // Redis was down. Failing fast is what callers can act on (503 with
-    // Retry-After, INTERNAL "retry later"); the next command starts a new
-    // reconnect anyway, so recovery is not slower.
-    let config = redis::aio::ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(std::time::Duration::from_secs(3)))
-        .set_response_timeout(Some(std::time::Duration::from_secs(3)))
-        .set_number_of_retries(1);
-    let mut manager = client
-        .get_connection_manager_with_config(config)
-        .await
-        .context("connecting to Redis")?;
-    refuse_cluster(&mut manager).await?;
-    Ok(manager)
-}
-
-/// Fails when the server is a Redis Cluster node (`INFO cluster` says
-/// `cluster_enabled:1`): every multi-key script would fail there with
-/// `CROSSSLOT` or `MOVED`, so the process stops at start-up with the reason
-/// instead. A server that does not answer `INFO` (an ACL without it) is
-/// taken for what it claims to be.
-async fn refuse_cluster(redis: &mut ConnectionManager) -> anyhow::Result<()> {
-    let info: redis::RedisResult<String> =
-        redis::cmd("INFO").arg("cluster").query_async(redis).await;
-    match info {
-        Ok(info) if cluster_enabled(&info) => Err(anyhow::anyhow!(
-            "REDIS_URL is a Redis Cluster node: {}",
-            crate::config::REDIS_CLUSTER_UNSUPPORTED
-        )),
-        _ => Ok(()),
-    }
-}
-
-/// Whether an `INFO cluster` answer says cluster mode is on.
-fn cluster_enabled(info: &str) -> bool {
-    info.lines().any(|line| line.trim() == "cluster_enabled:1")
+pub async fn connect_redis(target: &crate::redis_conn::RedisTarget) -> anyhow::Result<RedisConn> {
+    RedisConn::connect(target).await
 }
 
 /// A live WebSocket connection, as `$connect` registered it.
@@ -236,6 +204,18 @@ impl SessionLimits {
 /// against leaks if the sweeper never ran (API Gateway closes every
 /// connection after 2 h anyway).
 const CONNECTION_RECORD_TTL_SECS: i64 = 24 * 3600;
+
+/// `EVAL` of a script's source with `keys`, for a pipeline (the crate's
+/// `Script` retries `NOSCRIPT` only for a call of its own). Redis caches
+/// the compiled script by its hash, so only the bytes of the source cost.
+fn eval_cmd(script: &str, keys: &[&str]) -> redis::Cmd {
+    let mut cmd = redis::cmd("EVAL");
+    cmd.arg(script).arg(keys.len());
+    for key in keys {
+        cmd.arg(*key);
+    }
+    cmd
+}
 
 fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()

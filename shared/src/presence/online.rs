@@ -1,4 +1,4 @@
-//! The online set, and the delivery lag each relay reports (read by every
+//! The online sets (one per partition), and the delivery lag each relay reports (read by every
 //! frame's lease renewal, for load shedding).
 
 use std::sync::LazyLock;
@@ -23,7 +23,9 @@ return 0
 ";
 
 impl Presence {
-    /// Which of `users` are online, in the given order. One round trip.
+    /// Which of `users` are online, in the given order: one round trip
+    /// on a single Redis; one per partition among them, concurrently, on
+    /// a cluster.
     ///
     /// # Errors
     /// `UNAVAILABLE` when Redis does not answer.
@@ -31,18 +33,11 @@ impl Presence {
         if users.is_empty() {
             return Ok(Vec::new());
         }
-        let mut redis = CountedRedis(self.redis.clone());
-        let flags: Vec<bool> = redis::cmd("SMISMEMBER")
-            .arg(self.keys.online())
-            .arg(users.iter().map(UserId::as_str).collect::<Vec<_>>())
-            .query_async(&mut redis)
+        let answers = self
+            .redis
+            .query_grouped(self.online_commands(users))
             .await?;
-        Ok(users
-            .iter()
-            .zip(flags)
-            .filter(|(_, online)| *online)
-            .map(|(u, _)| u.clone())
-            .collect())
+        self.online_from(users, answers.into_iter())
     }
 
     /// Records a relay's current delivery lag (`instance` names the relay);

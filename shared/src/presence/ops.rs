@@ -1,18 +1,21 @@
-//! Bounded scans for the operator console: rooms by subscriber count, live
-//! connections by endpoint.
+//! Views for the operator console: rooms by subscriber count, live
+//! connections by endpoint. No `SCAN` over the keyspace (a cluster has one
+//! keyspace per node): both read index keys, one per partition
+//! (`presence:{p}:rooms`, `presence:{p}:leases`), all partitions in one
+//! pipeline on a single Redis and concurrently on a cluster.
 
 use super::{Presence, now_ms};
 use crate::domain::RoomId;
 use crate::error::Result;
-use crate::metrics::CountedRedis;
+use crate::presence::keys::PARTITIONS;
 
 impl Presence {
     /// Rooms with joined connections and how many each has, for the
-    /// operator console: SCAN for `room:*:conns` under the prefix, then
-    /// HLEN in one pipeline. Bounded: at most `max_rooms` rooms and a few
-    /// hundred SCAN calls, so a big keyspace costs a bounded read. The flag
-    /// is true when the scan stopped early (more rooms may exist). Sorted
-    /// by subscriber count, most first.
+    /// operator console: the partitions' room indexes (a join adds its
+    /// room), then `HLEN` of each. Reads at most `max_rooms` rooms; the flag
+    /// is true when there were more. Rooms found empty leave their index
+    /// here (a later join adds them back: `SADD` in its script). Sorted by
+    /// subscriber count, most first.
     ///
     /// # Errors
     /// `UNAVAILABLE` when Redis does not answer.
@@ -20,51 +23,50 @@ impl Presence {
         &self,
         max_rooms: usize,
     ) -> Result<(Vec<(RoomId, u64)>, bool)> {
-        const MAX_SCANS: usize = 200;
-        let rooms = self.keys.room_conns_pattern();
-        let pattern = format!("{}*{}", glob_escape(&rooms.head), glob_escape(rooms.tail));
-        let mut redis = CountedRedis(self.redis.clone());
-        let (mut cursor, mut keys, mut scans) = (0u64, Vec::new(), 0);
-        loop {
-            let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(&pattern)
-                .arg("COUNT")
-                .arg(500)
-                .query_async(&mut redis)
-                .await?;
-            keys.extend(batch);
-            cursor = next;
-            scans += 1;
-            if cursor == 0 || keys.len() >= max_rooms || scans >= MAX_SCANS {
-                break;
-            }
-        }
-        let truncated = cursor != 0 || keys.len() > max_rooms;
-        keys.sort();
-        keys.dedup();
-        keys.truncate(max_rooms);
-        let mut pipe = redis::pipe();
-        for key in &keys {
-            pipe.hlen(key);
-        }
-        let counts: Vec<u64> = if keys.is_empty() {
-            Vec::new()
-        } else {
-            pipe.query_async(&mut redis).await?
-        };
-        let mut rooms: Vec<(RoomId, u64)> = keys
-            .iter()
-            .zip(counts)
-            .filter(|(_, n)| *n > 0)
-            .filter_map(|(key, n)| {
-                let id = key.strip_prefix(&rooms.head)?.strip_suffix(rooms.tail)?;
-                Some((RoomId::from_trusted(id.to_owned()), n))
+        let indexes = (0..PARTITIONS)
+            .map(|p| {
+                let key = self.keys.rooms_index(p);
+                let mut cmd = redis::cmd("SRANDMEMBER");
+                cmd.arg(&key).arg(max_rooms + 1);
+                (key, cmd)
             })
             .collect();
-        rooms.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
-        Ok((rooms, truncated))
+        let mut rooms: Vec<String> = Vec::new();
+        for batch in self.redis.query_grouped(indexes).await? {
+            let batch: Vec<String> = redis::from_redis_value(batch)?;
+            rooms.extend(batch);
+        }
+        rooms.sort();
+        rooms.dedup();
+        let truncated = rooms.len() > max_rooms;
+        rooms.truncate(max_rooms);
+        let lengths = rooms
+            .iter()
+            .map(|room| {
+                let key = self.keys.room_conns(room);
+                let mut cmd = redis::cmd("HLEN");
+                cmd.arg(&key);
+                (key, cmd)
+            })
+            .collect();
+        let counts = self.redis.query_grouped(lengths).await?;
+        let mut listed = Vec::new();
+        let mut empty = Vec::new();
+        for (room, count) in rooms.into_iter().zip(counts) {
+            let count: u64 = redis::from_redis_value(count)?;
+            if count == 0 {
+                let key = self.keys.rooms_index_of(&room);
+                let mut cmd = redis::cmd("SREM");
+                cmd.arg(&key).arg(&room);
+                empty.push((key, cmd));
+            } else {
+                listed.push((RoomId::from_trusted(room), count));
+            }
+        }
+        // Best effort: a join racing this re-adds its room in its own step.
+        self.redis.query_grouped(empty).await?;
+        listed.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        Ok((listed, truncated))
     }
 
     /// Live connections (unexpired leases) grouped by their Management API
@@ -78,43 +80,43 @@ impl Presence {
         &self,
         max_connections: usize,
     ) -> Result<(Vec<(String, u64)>, bool)> {
-        let mut redis = CountedRedis(self.redis.clone());
-        let ids: Vec<String> = redis::cmd("ZRANGEBYSCORE")
-            .arg(self.keys.leases())
-            .arg(now_ms())
-            .arg("+inf")
-            .arg("LIMIT")
-            .arg(0)
-            .arg(max_connections + 1)
-            .query_async(&mut redis)
-            .await?;
+        let now = now_ms();
+        let leases = (0..PARTITIONS)
+            .map(|p| {
+                let key = self.keys.leases(p);
+                let mut cmd = redis::cmd("ZRANGEBYSCORE");
+                cmd.arg(&key)
+                    .arg(now)
+                    .arg("+inf")
+                    .arg("LIMIT")
+                    .arg(0)
+                    .arg(max_connections + 1);
+                (key, cmd)
+            })
+            .collect();
+        let mut ids: Vec<String> = Vec::new();
+        for batch in self.redis.query_grouped(leases).await? {
+            let batch: Vec<String> = redis::from_redis_value(batch)?;
+            ids.extend(batch);
+        }
         let truncated = ids.len() > max_connections;
-        let ids = &ids[..ids.len().min(max_connections)];
-        if ids.is_empty() {
-            return Ok((Vec::new(), false));
-        }
-        let mut pipe = redis::pipe();
-        for id in ids {
-            pipe.hget(self.keys.conn(id), "endpoint");
-        }
-        let endpoints: Vec<Option<String>> = pipe.query_async(&mut redis).await?;
+        ids.truncate(max_connections);
+        let endpoints = ids
+            .iter()
+            .map(|id| {
+                let key = self.keys.conn(id);
+                let mut cmd = redis::cmd("HGET");
+                cmd.arg(&key).arg("endpoint");
+                (key, cmd)
+            })
+            .collect();
         let mut counts = std::collections::BTreeMap::<String, u64>::new();
-        for endpoint in endpoints.into_iter().flatten() {
-            *counts.entry(endpoint).or_default() += 1;
+        for endpoint in self.redis.query_grouped(endpoints).await? {
+            let endpoint: Option<String> = redis::from_redis_value(endpoint)?;
+            if let Some(endpoint) = endpoint {
+                *counts.entry(endpoint).or_default() += 1;
+            }
         }
         Ok((counts.into_iter().collect(), truncated))
     }
-}
-
-/// Escapes the glob characters of a SCAN MATCH pattern (`*?[]\`), so a key
-/// prefix is matched literally.
-fn glob_escape(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
-        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
-            out.push('\\');
-        }
-        out.push(c);
-    }
-    out
 }

@@ -1,60 +1,64 @@
 //! Room subscriptions: joining (with the watermark of the snapshot),
 //! leaving, a room's subscribers for the relay's fan-out, and the
 //! delivered watermarks the relay writes back.
+//!
+//! A room's subscribers, its highest published sequence id and its bus
+//! channel are in the room's partition (one slot), so a join's
+//! subscription and its check for a missed fan-out are one script, and a
+//! message's publish is another in the same slot. The connection's room
+//! set (its own slot) is written after the subscription (see
+//! [`Presence::join`]).
 
 use std::sync::LazyLock;
 
-use super::{Connection, Presence, Subscriber};
+use super::{Connection, Presence, Subscriber, eval_cmd};
 use crate::bus::JoinedTemplate;
 use crate::domain::{RoomId, UserId};
 use crate::error::Result;
 use crate::metrics::CountedRedis;
+use crate::presence::keys::{Keys, partition_of};
 
 // Built once: `Script::new` hashes the source.
-static UNSUBSCRIBE_USER_SCRIPT: LazyLock<redis::Script> =
-    LazyLock::new(|| redis::Script::new(UNSUBSCRIBE_USER));
-static RAISE_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(RAISE));
-static JOIN_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(JOIN));
+static UNSUBSCRIBE_CONNS_SCRIPT: LazyLock<redis::Script> =
+    LazyLock::new(|| redis::Script::new(UNSUBSCRIBE_CONNS));
+static JOIN_ROOM_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(JOIN_ROOM));
 static ACTIVATE_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(ACTIVATE));
 
-/// Unsubscribes every connection of a user (KEYS[1]) from a room (KEYS[2],
-/// id ARGV[2]), atomically, and returns the connections that were joined.
-/// Each connection's room set is `ARGV[1] .. id .. ARGV[3]`
-/// ([`crate::presence::Keys::conn_rooms_pattern`]).
-const UNSUBSCRIBE_USER: &str = r"
-local conns = redis.call('ZRANGE', KEYS[1], 0, -1)
+/// Unsubscribes the connections ARGV[1..] from a room (KEYS[1]) and
+/// returns those that were joined.
+const UNSUBSCRIBE_CONNS: &str = r"
 local left = {}
-for _, c in ipairs(conns) do
-  if redis.call('HDEL', KEYS[2], c) == 1 then
-    redis.call('SREM', ARGV[1] .. c .. ARGV[3], ARGV[2])
-    table.insert(left, c)
-  end
+for _, c in ipairs(ARGV) do
+  if redis.call('HDEL', KEYS[1], c) == 1 then table.insert(left, c) end
 end
 return left
 ";
 
-/// Subscribes a live connection to a room, *pending* (its value ARGV[2]
-/// behind a `~`), answers which of the users ARGV[8..] are online
-/// (KEYS[5]) and publishes, on channel ARGV[4], the join's
-/// `Control::Joined` envelope: ARGV[5] + those users as a JSON array +
-/// ARGV[6] + the room's highest published sequence id (KEYS[4]) + ARGV[7]
-/// ([`crate::bus::JoinedTemplate`]). Returns {'0'} for a connection that
-/// is gone, else {'1', online users...}.
-const JOIN: &str = r"
-if redis.call('EXISTS', KEYS[1]) == 0 then return {'0'} end
-redis.call('HSET', KEYS[2], ARGV[1], '~' .. ARGV[2])
+/// The room's step of a join: subscribes connection ARGV[1] to the room
+/// KEYS[1], *pending* (its value ARGV[2] behind a `~`), lists the room
+/// (ARGV[3]) in the partition's index KEYS[3] and publishes, with command
+/// ARGV[4] on the room's channel ARGV[5], the join's `Control::Joined`
+/// envelope: ARGV[6] + the online users ARGV[9..] as a JSON array +
+/// ARGV[7] + the room's highest published sequence id (KEYS[2]) + ARGV[8]
+/// ([`crate::bus::JoinedTemplate`]).
+const JOIN_ROOM: &str = r"
+redis.call('HSET', KEYS[1], ARGV[1], '~' .. ARGV[2])
 redis.call('SADD', KEYS[3], ARGV[3])
-local published = redis.call('GET', KEYS[4]) or '0'
-local out, online = {'1'}, {}
-for i = 8, #ARGV do
-  if redis.call('SISMEMBER', KEYS[5], ARGV[i]) == 1 then
-    out[#out + 1] = ARGV[i]
-    online[#online + 1] = cjson.encode(ARGV[i])
-  end
-end
-redis.call('PUBLISH', ARGV[4],
-  ARGV[5] .. '[' .. table.concat(online, ',') .. ']' .. ARGV[6] .. published .. ARGV[7])
-return out
+local published = redis.call('GET', KEYS[2]) or '0'
+local online = {}
+for i = 9, #ARGV do online[#online + 1] = cjson.encode(ARGV[i]) end
+redis.call(ARGV[4], ARGV[5],
+  ARGV[6] .. '[' .. table.concat(online, ',') .. ']' .. ARGV[7] .. published .. ARGV[8])
+return 1
+";
+
+/// The connection's step of a join, before the room's: records the room
+/// ARGV[1] in the connection's room set KEYS[2] if its record KEYS[1] is
+/// still there. Returns 0 when the connection is gone.
+const JOINED: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('SADD', KEYS[2], ARGV[1])
+return 1
 ";
 
 /// Makes a pending subscription (KEYS[1], field ARGV[1]) joined: drops the
@@ -70,25 +74,18 @@ redis.call('HSET', KEYS[1], ARGV[1], v)
 return {'1', v}
 ";
 
-/// Raises watermarks. `KEYS`: one `room:{id}:conns` hash per room. `ARGV`:
-/// for each key in order, the number of marks, then that many
+/// Raises watermarks of one room's subscriptions (KEYS[1]). `ARGV`:
 /// `connectionId, sequenceId` pairs.
 const RAISE: &str = r"
-local a = 1
-for _, key in ipairs(KEYS) do
-  local n = tonumber(ARGV[a])
-  a = a + 1
-  for _ = 1, n do
-    local conn, mark = ARGV[a], ARGV[a + 1]
-    a = a + 2
-    local v = redis.call('HGET', key, conn)
-    if v then
-      local sep = string.find(v, '|', 1, true)
-      if sep then
-        local cur = tonumber(string.sub(v, 1, sep - 1))
-        if cur and tonumber(mark) > cur then
-          redis.call('HSET', key, conn, mark .. string.sub(v, sep))
-        end
+for a = 1, #ARGV, 2 do
+  local conn, mark = ARGV[a], ARGV[a + 1]
+  local v = redis.call('HGET', KEYS[1], conn)
+  if v then
+    local sep = string.find(v, '|', 1, true)
+    if sep then
+      local cur = tonumber(string.sub(v, 1, sep - 1))
+      if cur and tonumber(mark) > cur then
+        redis.call('HSET', KEYS[1], conn, mark .. string.sub(v, sep))
       end
     end
   end
@@ -107,6 +104,11 @@ impl Presence {
     /// Unsubscribes all of a user's connections from a room (they were
     /// removed from it); returns the connection ids that had joined it.
     ///
+    /// Three steps, each idempotent: the user's connections (their
+    /// partition), the room's subscriptions (the room's), then each
+    /// connection's room set (its own; a leftover there is harmless: it
+    /// only makes a later disconnect delete a subscription that is gone).
+    ///
     /// # Errors
     /// `UNAVAILABLE` when Redis does not answer.
     pub async fn unsubscribe_user(
@@ -114,32 +116,59 @@ impl Presence {
         room_id: &RoomId,
         user_id: &UserId,
     ) -> Result<Vec<String>> {
-        let conn_rooms = self.keys.conn_rooms_pattern();
+        let conns = self.user_connections(user_id.as_str()).await?;
+        if conns.is_empty() {
+            return Ok(Vec::new());
+        }
         let mut redis = CountedRedis(self.redis.clone());
-        let left: Vec<String> = UNSUBSCRIBE_USER_SCRIPT
-            .key(self.keys.user_conns(user_id.as_str()))
-            .key(self.keys.room_conns(room_id.as_str()))
-            .arg(&conn_rooms.head)
-            .arg(room_id.as_str())
-            .arg(conn_rooms.tail)
-            .invoke_async(&mut redis)
-            .await?;
+        let mut invocation = UNSUBSCRIBE_CONNS_SCRIPT.key(self.keys.room_conns(room_id.as_str()));
+        for conn in &conns {
+            invocation.arg(conn);
+        }
+        let left: Vec<String> = invocation.invoke_async(&mut redis).await?;
+        let forget = left
+            .iter()
+            .map(|conn| {
+                let key = self.keys.conn_rooms(conn);
+                let mut cmd = redis::cmd("SREM");
+                cmd.arg(&key).arg(room_id.as_str());
+                (key, cmd)
+            })
+            .collect();
+        self.redis.query_grouped(forget).await?;
         Ok(left)
     }
 
     /// Subscribes a connection to a room with the watermark of its
     /// snapshot, *pending*, answers which of `members` are online, and
-    /// publishes the join's `Control::Joined` envelope (`joined`) on
-    /// `channel`, in one round trip; `None` when the connection is gone.
+    /// publishes the join's `Control::Joined` envelope (`joined`) on the
+    /// room's channel of `channel`; `None` when the connection is gone.
     ///
     /// The relay leaves a pending subscription out of the room's events
-    /// until it handles that envelope, in order with the room's messages:
-    /// it posts the `roomJoined`, then every stored message above the
-    /// watermark up to the room's highest published sequence id (which the
-    /// script writes into the envelope: a message stored after the snapshot
-    /// was read may have been fanned out before the subscription existed),
-    /// and makes the subscription joined ([`Presence::activate`]). So no
-    /// event of the room overtakes the `roomJoined`, and none is missed.
+    /// until it handles that envelope, in order with the room's messages
+    /// (the envelope goes on the room's channel): it posts the
+    /// `roomJoined`, then every stored message above the watermark up to
+    /// the room's highest published sequence id (which the script writes
+    /// into the envelope: a message stored after the snapshot was read may
+    /// have been fanned out before the subscription existed), and makes the
+    /// subscription joined ([`Presence::activate`]). So no event of the
+    /// room overtakes the `roomJoined`, and none is missed.
+    ///
+    /// Two round trips, in three slots (docs/ARCHITECTURE.md, "Redis
+    /// Cluster"):
+    /// 1. the connection's step (the room goes into its room set if its
+    ///    record still exists; `None` otherwise), with the members' online
+    ///    flags read at the same time (their partitions);
+    /// 2. the room's step: the pending subscription, the room's highest
+    ///    published sequence id and the envelope, one script in the room's
+    ///    slot, so the envelope is published in order with the room's
+    ///    messages.
+    ///
+    /// A disconnect that runs between the steps has already read the room
+    /// set (with the room in it) and removed a subscription that did not
+    /// exist yet, so a check of the record follows in the background and
+    /// takes such a subscription back (best effort: the relay drops a
+    /// subscription whose connection is gone at its first post anyway).
     ///
     /// # Errors
     /// `UNAVAILABLE` when Redis does not answer.
@@ -153,29 +182,55 @@ impl Presence {
         joined: &JoinedTemplate,
     ) -> Result<Option<Vec<UserId>>> {
         let mut redis = CountedRedis(self.redis.clone());
-        let mut invocation = JOIN_SCRIPT.prepare_invoke();
+        let record = self.keys.conn(&conn.connection_id);
+        let mut joined_cmd = eval_cmd(
+            JOINED,
+            &[&record, &self.keys.conn_rooms(&conn.connection_id)],
+        );
+        joined_cmd.arg(room_id.as_str());
+        let mut commands = vec![(record.clone(), joined_cmd)];
+        commands.extend(self.online_commands(members));
+        let mut answers = self.redis.query_grouped(commands).await?.into_iter();
+        let still_there: i64 = redis::from_redis_value(answers.next().unwrap_or(redis::Value::Nil))?;
+        if still_there == 0 {
+            return Ok(None);
+        }
+        let online = self.online_from(members, answers)?;
+        let room_conns = self.keys.room_conns(room_id.as_str());
+        let mut invocation = JOIN_ROOM_SCRIPT.prepare_invoke();
         invocation
-            .key(self.keys.conn(&conn.connection_id))
-            .key(self.keys.room_conns(room_id.as_str()))
-            .key(self.keys.conn_rooms(&conn.connection_id))
+            .key(&room_conns)
             .key(self.keys.room_seq(room_id.as_str()))
-            .key(self.keys.online())
+            .key(self.keys.rooms_index_of(room_id.as_str()))
             .arg(&conn.connection_id)
             .arg(Subscriber::encode(watermark, conn))
             .arg(room_id.as_str())
-            .arg(channel)
+            .arg(self.redis.publish_command())
+            .arg(Keys::bus_channel_of(channel, room_id.as_str()))
             .arg(&joined.head)
             .arg(&joined.middle)
             .arg(&joined.tail);
-        for member in members {
-            invocation.arg(member.as_str());
+        for user in &online {
+            invocation.arg(user.as_str());
         }
-        let answer: Vec<String> = invocation.invoke_async(&mut redis).await?;
-        let mut answer = answer.into_iter();
-        if answer.next().as_deref() != Some("1") {
-            return Ok(None);
+        let _: i64 = invocation.invoke_async(&mut redis).await?;
+        let connection_id = conn.connection_id.clone();
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                let exists: redis::RedisResult<bool> = redis::cmd("EXISTS")
+                    .arg(&record)
+                    .query_async(&mut redis)
+                    .await;
+                if let Ok(false) = exists {
+                    let _: redis::RedisResult<i64> = redis::cmd("HDEL")
+                        .arg(&room_conns)
+                        .arg(&connection_id)
+                        .query_async(&mut redis)
+                        .await;
+                }
+            });
         }
-        Ok(Some(answer.map(UserId::from_trusted).collect()))
+        Ok(Some(online))
     }
 
     /// Makes a connection's pending subscription to a room joined (the
@@ -202,46 +257,53 @@ impl Presence {
         Ok(Subscriber::decode(connection_id.to_owned(), value).map(|s| (s, was_pending == "1")))
     }
 
-    /// Unsubscribes a connection from a room (nothing if it had not joined).
+    /// Unsubscribes a connection from a room (nothing if it had not joined):
+    /// the subscription, then the room set (two slots, both removals).
     ///
     /// # Errors
     /// `UNAVAILABLE` when Redis does not answer.
     pub async fn leave(&self, room_id: &RoomId, connection_id: &str) -> Result<()> {
         let mut redis = CountedRedis(self.redis.clone());
-        let _: () = redis::pipe()
-            .atomic()
-            .hdel(self.keys.room_conns(room_id.as_str()), connection_id)
-            .ignore()
-            .srem(self.keys.conn_rooms(connection_id), room_id.as_str())
-            .ignore()
+        let _: i64 = redis::cmd("HDEL")
+            .arg(self.keys.room_conns(room_id.as_str()))
+            .arg(connection_id)
+            .query_async(&mut redis)
+            .await?;
+        let _: i64 = redis::cmd("SREM")
+            .arg(self.keys.conn_rooms(connection_id))
+            .arg(room_id.as_str())
             .query_async(&mut redis)
             .await?;
         Ok(())
     }
 
-    /// The connections joined to each of `room_ids` (one round trip).
+    /// The connections joined to each of `room_ids` (one round trip on a
+    /// single Redis; one per partition, concurrently, on a cluster).
     ///
     /// # Errors
     /// `UNAVAILABLE` when Redis does not answer.
     pub async fn subscribers(&self, room_ids: &[&str]) -> Result<Vec<Vec<Subscriber>>> {
-        if room_ids.is_empty() {
-            return Ok(Vec::new());
-        }
-        let mut pipe = redis::pipe();
-        for room in room_ids {
-            pipe.hgetall(self.keys.room_conns(room));
-        }
-        let mut redis = CountedRedis(self.redis.clone());
-        let rooms: Vec<Vec<(String, String)>> = pipe.query_async(&mut redis).await?;
-        Ok(rooms
+        let commands = room_ids
+            .iter()
+            .map(|room| {
+                let key = self.keys.room_conns(room);
+                let mut cmd = redis::cmd("HGETALL");
+                cmd.arg(&key);
+                (key, cmd)
+            })
+            .collect();
+        self.redis
+            .query_grouped(commands)
+            .await?
             .into_iter()
             .map(|entries| {
-                entries
+                let entries: Vec<(String, String)> = redis::from_redis_value(entries)?;
+                Ok(entries
                     .into_iter()
                     .filter_map(|(conn, value)| Subscriber::decode(conn, &value))
-                    .collect()
+                    .collect())
             })
-            .collect())
+            .collect()
     }
 
     /// Raises the stored watermark of each `(room, connection)` to its
@@ -249,32 +311,78 @@ impl Presence {
     /// the relay writes back what it delivered, so a restarted relay, or
     /// one that forgot an idle room, never delivers it again. The script
     /// replaces only the number before the first `|` of the subscription's
-    /// value (see [`Subscriber`]).
+    /// value (see [`Subscriber`]). One script call per room (and per
+    /// [`MARKS_PER_CALL`] marks), pipelined by partition.
     ///
     /// # Errors
     /// `UNAVAILABLE` when Redis does not answer.
     pub async fn raise_watermarks(&self, rooms: &[RoomMarks]) -> Result<()> {
-        let mut redis = self.redis.clone();
-        let mut invocation = RAISE_SCRIPT.prepare_invoke();
-        let mut in_call = 0;
+        let mut commands = Vec::new();
         for (room_id, marks) in rooms {
+            let key = self.keys.room_conns(room_id);
             for chunk in marks.chunks(MARKS_PER_CALL) {
-                invocation.key(self.keys.room_conns(room_id));
-                invocation.arg(chunk.len());
+                let mut cmd = eval_cmd(RAISE, &[&key]);
                 for (connection_id, mark) in chunk {
-                    invocation.arg(connection_id).arg(*mark);
+                    cmd.arg(connection_id).arg(*mark);
                 }
-                in_call += chunk.len();
-                if in_call >= MARKS_PER_CALL {
-                    let _: i64 = invocation.invoke_async(&mut redis).await?;
-                    invocation = RAISE_SCRIPT.prepare_invoke();
-                    in_call = 0;
-                }
+                commands.push((key.clone(), cmd));
             }
         }
-        if in_call > 0 {
-            let _: i64 = invocation.invoke_async(&mut redis).await?;
-        }
+        self.redis.query_grouped(commands).await?;
         Ok(())
+    }
+
+    /// `SMISMEMBER` of `users` on their partitions' online sets, one command
+    /// per partition (in the order of first appearance).
+    pub(super) fn online_commands(&self, users: &[UserId]) -> Vec<(String, redis::Cmd)> {
+        let mut by_partition: Vec<(usize, Vec<&str>)> = Vec::new();
+        for user in users {
+            let p = partition_of(user.as_str());
+            match by_partition.iter_mut().find(|(q, _)| *q == p) {
+                Some((_, list)) => list.push(user.as_str()),
+                None => by_partition.push((p, vec![user.as_str()])),
+            }
+        }
+        by_partition
+            .into_iter()
+            .map(|(p, list)| {
+                let key = self.keys.online(p);
+                let mut cmd = redis::cmd("SMISMEMBER");
+                cmd.arg(&key).arg(list);
+                (key, cmd)
+            })
+            .collect()
+    }
+
+    /// Which of `users` are online, in their order, from the answers of
+    /// [`Presence::online_commands`].
+    pub(super) fn online_from(
+        &self,
+        users: &[UserId],
+        answers: impl Iterator<Item = redis::Value>,
+    ) -> Result<Vec<UserId>> {
+        let mut order: Vec<usize> = Vec::new();
+        for user in users {
+            let p = partition_of(user.as_str());
+            if !order.contains(&p) {
+                order.push(p);
+            }
+        }
+        let mut flags: std::collections::HashMap<usize, std::vec::IntoIter<bool>> =
+            std::collections::HashMap::new();
+        for (p, answer) in order.into_iter().zip(answers) {
+            let list: Vec<bool> = redis::from_redis_value(answer)?;
+            flags.insert(p, list.into_iter());
+        }
+        Ok(users
+            .iter()
+            .filter(|user| {
+                flags
+                    .get_mut(&partition_of(user.as_str()))
+                    .and_then(Iterator::next)
+                    .unwrap_or(false)
+            })
+            .cloned()
+            .collect())
     }
 }

@@ -48,7 +48,7 @@
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
+use crate::presence::RedisConn;
 use serde::Deserialize;
 use serde_json::Value;
 use tokio::sync::Notify;
@@ -169,7 +169,7 @@ const MAX_POLL: Duration = Duration::from_millis(50);
 /// Orders the sequenced frames of every connection (see the module docs).
 #[derive(Clone)]
 pub(crate) struct Sequencer {
-    redis: ConnectionManager,
+    redis: RedisConn,
     keys: Keys,
     limits: OrderingLimits,
     /// Per process, not per deployment: other processes are reached by
@@ -251,7 +251,7 @@ fn millis(duration: Duration) -> u64 {
 }
 
 impl Sequencer {
-    pub(crate) fn new(redis: ConnectionManager, keys: Keys, limits: OrderingLimits) -> Self {
+    pub(crate) fn new(redis: RedisConn, keys: Keys, limits: OrderingLimits) -> Self {
         Self {
             redis,
             keys,

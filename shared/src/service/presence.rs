@@ -35,7 +35,7 @@ impl Chat {
     /// The Redis connection and key schema the WebSocket session keeps its
     /// frame-ordering turns in (`realtime::ordering`): presence's own, so
     /// a connection's turns live beside its lease.
-    pub(crate) fn ordering_redis(&self) -> (redis::aio::ConnectionManager, crate::presence::Keys) {
+    pub(crate) fn ordering_redis(&self) -> (crate::redis_conn::RedisConn, crate::presence::Keys) {
         (self.presence.redis(), self.presence.keys().clone())
     }
 

@@ -18,7 +18,6 @@ mod panics;
 mod pg_tls;
 mod pool_nesting;
 mod rate_limits;
-mod redis_cluster_refused;
 mod rest_auth;
 mod rest_messages;
 mod rest_rooms;
