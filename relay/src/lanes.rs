@@ -15,7 +15,7 @@
 
 use std::time::Instant;
 
-use chat_shared::bus::{Control, Envelope};
+use chat_shared::bus::Envelope;
 use tokio::sync::oneshot;
 
 /// FNV-1a of a key: stable across processes, runs and machines, which
@@ -35,15 +35,12 @@ pub(crate) fn lease_shard_of_key(key: &str, lease_shards: usize) -> usize {
     usize::try_from(key_hash(key) % lease_shards.max(1) as u64).unwrap_or(0)
 }
 
-/// The lease shard of an envelope: by its ordering key, except that a
-/// `Control::Joined` or `Control::Sync` goes by its room (its target is a
-/// connection, but it must be ordered with the room's messages).
+/// The lease shard of an envelope: by the key of its bus channel
+/// ([`Envelope::channel_key`]: its ordering key, except that a
+/// `Control::Joined` or `Control::Sync` goes by its room, since its target
+/// is a connection but it must be ordered with the room's messages).
 pub(crate) fn lease_shard_of(envelope: &Envelope, lease_shards: usize) -> usize {
-    let key = match &envelope.control {
-        Some(Control::Sync { room_id, .. } | Control::Joined { room_id, .. }) => room_id.as_str(),
-        Some(Control::Close { .. }) | None => envelope.ordering_key(),
-    };
-    lease_shard_of_key(key, lease_shards)
+    lease_shard_of_key(envelope.channel_key(), lease_shards)
 }
 
 /// The worker lane (of `lanes`) that handles lease shard `lease_shard`.

@@ -431,6 +431,21 @@ impl Stack {
         chat_test_support::env::redis_conn().await
     }
 
+    /// Publishes `payload` on the bus channel of `room` (as a gateway would
+    /// publish an envelope of the room: `SPUBLISH` on a cluster).
+    pub async fn publish_on_room(&self, room: &str, payload: &str) {
+        let mut redis = self.redis().await;
+        let _: i64 = redis::cmd(redis.publish_command())
+            .arg(chat_shared::presence::Keys::bus_channel_of(
+                &self.channel(),
+                room,
+            ))
+            .arg(payload)
+            .query_async(&mut redis)
+            .await
+            .expect("publish");
+    }
+
     /// Registers a connection of `user` (as `$connect` does), connected
     /// `age` ago, answered by the fake gateway with `status`.
     pub async fn connect_with(&self, user: &str, age: Duration, status: Status) -> String {

@@ -290,16 +290,10 @@ async fn the_relay_reports_how_late_it_handles_room_events_for_load_shedding() {
         "event": {"type": "typing", "payload": {"roomId": "room_lag"}},
         "ts": stale,
     });
-    let mut redis = stack.redis().await;
-    let _: i64 = redis::cmd(redis.publish_command())
-        .arg(chat_shared::presence::Keys::bus_channel_of(
-            &stack.channel(),
-            "room_lag",
-        ))
-        .arg(envelope.to_string())
-        .query_async(&mut redis)
-        .await
-        .unwrap();
+    stack
+        .publish_on_room("room_lag", &envelope.to_string())
+        .await;
+    let redis = stack.redis().await;
     let reported = |min: u64, max: u64| {
         let lags = lags.clone();
         let redis = redis.clone();

@@ -156,13 +156,7 @@ async fn a_join_gets_its_room_joined_first_then_what_it_missed_then_the_rest() {
     // Now the join's envelope arrives, as the script publishes it (the
     // room's highest published sequence id was 4 when it subscribed).
     let joined = template.fill(&["alice"], 4);
-    let mut redis = stack.redis().await;
-    let _: i64 = redis::cmd("PUBLISH")
-        .arg(stack.channel())
-        .arg(&joined)
-        .query_async(&mut redis)
-        .await
-        .unwrap();
+    stack.publish_on_room(&room, &joined).await;
     assert_eq!(stack.gateway.wait_sequence(&b1, 4).await, [2, 3, 4]);
     let kinds: Vec<String> = stack
         .gateway

@@ -191,7 +191,8 @@ impl Presence {
         let mut commands = vec![(record.clone(), joined_cmd)];
         commands.extend(self.online_commands(members));
         let mut answers = self.redis.query_grouped(commands).await?.into_iter();
-        let still_there: i64 = redis::from_redis_value(answers.next().unwrap_or(redis::Value::Nil))?;
+        let still_there: i64 =
+            redis::from_redis_value(answers.next().unwrap_or(redis::Value::Nil))?;
         if still_there == 0 {
             return Ok(None);
         }
