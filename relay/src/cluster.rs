@@ -123,6 +123,13 @@ pub(crate) struct Ownership {
     /// Serialises grants with revocations, so a renewal that started
     /// before a revocation cannot grant anything after it.
     epoch: Mutex<u64>,
+    /// Whether the bus subscription is up: set by the reader once it has
+    /// subscribed, cleared with every revocation (under `epoch`'s lock).
+    /// Nothing is granted while it is down, so a renewal that runs between
+    /// a lost subscription and the next one cannot take shards (and
+    /// catch their rooms up) before the new subscription reads: what is
+    /// published in between would be missed by both.
+    subscribed: AtomicBool,
 }
 
 impl Ownership {
@@ -132,7 +139,14 @@ impl Ownership {
             until: (0..shards.max(1)).map(|_| AtomicU64::new(0)).collect(),
             releasing: (0..shards.max(1)).map(|_| AtomicBool::new(false)).collect(),
             epoch: Mutex::new(0),
+            subscribed: AtomicBool::new(false),
         }
+    }
+
+    /// The bus subscription is up (again): renewals may grant shards.
+    pub(crate) fn subscribed(&self) {
+        let _epoch = self.epoch.lock().unwrap_or_else(PoisonError::into_inner);
+        self.subscribed.store(true, Ordering::Release);
     }
 
     /// Number of lease shards.
@@ -174,7 +188,7 @@ impl Ownership {
     /// `epoch` was read. Returns the shards that were not held before.
     fn grant(&self, epoch: u64, shards: &[usize], until: Instant) -> Option<Vec<usize>> {
         let current = self.epoch.lock().unwrap_or_else(PoisonError::into_inner);
-        if *current != epoch {
+        if *current != epoch || !self.subscribed.load(Ordering::Acquire) {
             return None;
         }
         let now = self.ms(Instant::now());
@@ -209,6 +223,7 @@ impl Ownership {
     pub(crate) fn revoke_all(&self) {
         let mut epoch = self.epoch.lock().unwrap_or_else(PoisonError::into_inner);
         *epoch += 1;
+        self.subscribed.store(false, Ordering::Release);
         for slot in &self.until {
             slot.store(0, Ordering::Release);
         }
@@ -709,8 +724,9 @@ mod tests {
     }
 
     #[test]
-    fn ownership_lapses_at_its_deadline_and_revocation_wins_over_a_late_grant() {
+    fn ownership_lapses_at_its_deadline_and_revocation_wins_until_resubscribed() {
         let own = Ownership::new(4);
+        own.subscribed();
         assert!(!own.holds(0));
         let epoch = own.epoch();
         let new = own.grant(epoch, &[0, 2], Instant::now() + Duration::from_secs(60));
@@ -730,6 +746,13 @@ mod tests {
             None
         );
         assert!(!own.holds(0));
+        // So does one that started after it, until the bus subscription is
+        // up again.
+        assert_eq!(
+            own.grant(own.epoch(), &[0], Instant::now() + Duration::from_secs(60)),
+            None
+        );
+        own.subscribed();
         let expired = own.grant(own.epoch(), &[1], Instant::now());
         assert_eq!(expired, Some(vec![1]));
         assert!(!own.holds(1), "a deadline in the past holds nothing");

@@ -343,6 +343,7 @@ impl Relay {
             refresh,
             metrics: self.metrics.clone(),
             ping_interval: self.options.bus_ping_interval,
+            relay_id: self.id.clone(),
         }
         .run(shutdown)
         .await;

@@ -50,6 +50,78 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long the reader waits for the lease renewal after subscribing.
 const REFRESH_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often a sharded subscription probes each of its channels (see
+/// [`Probes`]).
+const PROBE_INTERVAL: Duration = Duration::from_secs(1);
+/// How long a round of probes may take to publish.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+/// What a probe's payload starts with; an envelope starts with `{`.
+const PROBE_PREFIX: &str = "probe:";
+
+/// The liveness check of a sharded subscription. A cluster moves a
+/// channel's slot in a resharding or a failover, and the crate's
+/// connection re-routes, refreshes and resubscribes by itself; but a
+/// subscription was seen to stop receiving one channel's messages after a
+/// resharding while every `PING` still answered (a `PING` goes to any
+/// node). So every [`PROBE_INTERVAL`] the reader publishes a probe of its
+/// own on every channel and checks that the previous round came back
+/// through the subscription; a channel whose probe did not is a lost
+/// subscription (resubscribe, and catch up from PostgreSQL).
+struct Probes {
+    /// This subscription's token, unique per process and subscription:
+    /// other relays' probes on the same channels are ignored.
+    token: String,
+    /// The round being published.
+    round: u64,
+    /// The last round each channel's probe came back in.
+    seen: Vec<u64>,
+}
+
+impl Probes {
+    fn new(relay_id: &str, channels: usize) -> Self {
+        static SUBSCRIPTIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = SUBSCRIPTIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Self {
+            token: format!("{relay_id}.{n}"),
+            round: 0,
+            seen: vec![0; channels],
+        }
+    }
+
+    fn payload(&self) -> String {
+        format!("{PROBE_PREFIX}{}:{}", self.token, self.round)
+    }
+
+    /// Notes a probe that came back on channel `index`; `false` when
+    /// `payload` is no probe at all (an envelope).
+    fn came_back(&mut self, index: Option<usize>, payload: &str) -> bool {
+        let Some(rest) = payload.strip_prefix(PROBE_PREFIX) else {
+            return false;
+        };
+        if let (Some((token, round)), Some(index)) = (rest.split_once(':'), index)
+            && token == self.token
+            && let (Ok(round), Some(seen)) = (round.parse::<u64>(), self.seen.get_mut(index))
+        {
+            *seen = (*seen).max(round);
+        }
+        true
+    }
+
+    /// Starts the next round. Fails naming a channel whose probe of the
+    /// round before did not come back.
+    fn next_round(&mut self, channels: &[String]) -> anyhow::Result<()> {
+        if self.round > 0
+            && let Some(lost) = self.seen.iter().position(|seen| *seen < self.round)
+        {
+            anyhow::bail!(
+                "bus channel {} delivered no probe within {PROBE_INTERVAL:?}",
+                channels[lost]
+            );
+        }
+        self.round += 1;
+        Ok(())
+    }
+}
 
 /// Reads the channel and feeds the shards.
 pub(crate) struct BusReader {
@@ -69,8 +141,11 @@ pub(crate) struct BusReader {
     pub(crate) refresh: Refresh,
     /// Counts envelopes and subscriptions.
     pub(crate) metrics: Arc<RelayMetrics>,
-    /// How often the subscription is checked with `PING`.
+    /// How often a single Redis subscription is checked with `PING` (a
+    /// cluster's is probed instead: [`Probes`]).
     pub(crate) ping_interval: Duration,
+    /// This relay's id (its probes carry it).
+    pub(crate) relay_id: String,
 }
 
 impl BusReader {
@@ -113,6 +188,7 @@ impl BusReader {
     /// Subscribed; counts it, asks for a lease renewal and resets the
     /// backoff (see the module docs).
     async fn subscribed(&self, backoff: &mut Duration) {
+        self.ownership.subscribed();
         RelayMetrics::bump(&self.metrics.subscriptions);
         *backoff = MIN_BACKOFF;
         tracing::info!(
@@ -179,7 +255,7 @@ impl BusReader {
             .push_sender(tx)
             .build()
             .context("REDIS_URL is not a valid list of Redis Cluster node URLs")?;
-        let mut conn = tokio::time::timeout(CONNECT_TIMEOUT * 4, async {
+        let conn = tokio::time::timeout(CONNECT_TIMEOUT * 4, async {
             let conn = client.get_async_connection().await?;
             // One channel per call (they are in different slots), all at
             // once: the connection multiplexes them over the nodes.
@@ -194,9 +270,15 @@ impl BusReader {
         .context("connecting to the Redis Cluster timed out")?
         .context("subscribing to the bus")?;
         self.subscribed(backoff).await;
-        let mut health = tokio::time::interval(self.ping_interval);
-        health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        health.tick().await;
+        let index: std::collections::HashMap<&str, usize> = self
+            .channels
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (c.as_str(), i))
+            .collect();
+        let mut probes = Probes::new(&self.relay_id, self.channels.len());
+        let mut probe = tokio::time::interval(PROBE_INTERVAL);
+        probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => return Ok(()),
@@ -206,7 +288,12 @@ impl BusReader {
                     };
                     match push.kind {
                         redis::PushKind::SMessage => {
-                            if let Some(message) = redis::Msg::from_push_info(push) {
+                            let Some(message) = redis::Msg::from_push_info(push) else {
+                                continue;
+                            };
+                            let payload: Option<String> = message.get_payload().ok();
+                            let channel = index.get(message.get_channel_name()).copied();
+                            if !payload.is_some_and(|p| probes.came_back(channel, &p)) {
                                 self.dispatch(&message).await;
                             }
                         }
@@ -219,11 +306,26 @@ impl BusReader {
                         _ => {}
                     }
                 }
-                _ = health.tick() => {
-                    tokio::time::timeout(CONNECT_TIMEOUT, redis::cmd("PING").query_async::<redis::Value>(&mut conn))
-                        .await
-                        .context("PING on the cluster connection timed out")?
-                        .context("PING on the cluster connection")?;
+                _ = probe.tick() => {
+                    probes.next_round(&self.channels)?;
+                    let payload = probes.payload();
+                    tokio::time::timeout(
+                        PROBE_TIMEOUT,
+                        futures::future::try_join_all(self.channels.iter().map(|channel| {
+                            let mut conn = conn.clone();
+                            let payload = payload.clone();
+                            async move {
+                                redis::cmd("SPUBLISH")
+                                    .arg(channel)
+                                    .arg(payload)
+                                    .query_async::<i64>(&mut conn)
+                                    .await
+                            }
+                        })),
+                    )
+                    .await
+                    .context("probing the bus channels timed out")?
+                    .context("probing the bus channels")?;
                 }
             }
         }
