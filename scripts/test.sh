@@ -105,11 +105,13 @@ suite() {
     "$ROOT/scripts/$3"
 }
 # Redis Cluster (docs/ARCHITECTURE.md, "Redis Cluster"): the end-to-end
-# suites (realtime, presence, recovery, relay, multi-instance, sessions) once
-# more against a local cluster (3 primaries, 3 replicas from the installed
+# suites (chat-local's tests/it: realtime, presence, recovery, relay paths,
+# multi-instance, sessions, faults...; chat-relay's) once more against a
+# local cluster (3 primaries, 3 replicas from the installed
 # redis-server, scripts/redis-cluster.sh, REDIS_CLUSTER_BASE_PORT 7101..7106)
 # with REDIS_CLUSTER=true; then the fault test on a private cluster of its
-# own: a primary SIGKILLed under load (local/tests/cluster_failover.rs,
+# own: a primary SIGKILLed under load and every slot of a primary moved
+# (redis-cli --cluster reshard) under load (local/tests/cluster_failover.rs,
 # which prints the measured times), and the Redis round trips per send,
 # join and frame on a cluster and a single Redis. Left out
 # of a filtered run (ARGS given) and with SKIP_CLUSTER=1.
@@ -123,19 +125,13 @@ else
     cluster_urls="$("$ROOT/scripts/redis-cluster.sh" start)"
     trap '"$ROOT/scripts/redis-cluster.sh" stop' EXIT
     step "end-to-end suites on the Redis Cluster (REDIS_CLUSTER=true)"
-    TEST_REDIS_URL="$cluster_urls" TEST_REDIS_CLUSTER=true cargo test -p chat-local --test it -- \
-        chat_flow:: presence:: recovery:: relay_paths:: multi_instance:: sessions:: join_race:: \
-        edge:: rate_limits:: greeting::
+    TEST_REDIS_URL="$cluster_urls" TEST_REDIS_CLUSTER=true cargo test -p chat-local --test it
     TEST_REDIS_URL="$cluster_urls" TEST_REDIS_CLUSTER=true cargo test -p chat-relay --test it
     "$ROOT/scripts/redis-cluster.sh" stop
     trap - EXIT
-    # The resharding test (a_resharding_loses_no_acknowledged_message) is
-    # not run here yet: it loses acknowledged messages in about half of its
-    # runs (docs/ARCHITECTURE.md, "Redis Cluster"); run it by hand with
-    #   cargo test -p chat-local --features cluster-faults --test cluster_failover a_resharding -- --nocapture
-    step "Redis Cluster failover under load, round trips (tests/cluster_failover.rs)"
+    step "Redis Cluster failover and resharding under load, round trips (tests/cluster_failover.rs)"
     cargo test -p chat-local --features cluster-faults --test cluster_failover -- \
-        --nocapture --test-threads=1 --skip a_resharding
+        --nocapture --test-threads=1
 fi
 
 # The browser tests of /console (Debian's chromium + playwright-core); the

@@ -204,7 +204,10 @@ async fn delivery_resumes_after_a_relay_restart() {
 async fn after_a_redis_restart_clients_are_told_to_reconnect_and_lose_nothing() {
     let mut private = PrivateRedis::start().await;
     let mut env = TestEnv::new().await;
+    // A single Redis of its own, also in the cluster run (a cluster's
+    // primary failing over is tests/cluster_failover.rs).
     env.set("REDIS_URL", &private.url());
+    env.set("REDIS_CLUSTER", "false");
     let stack = TestStack::all_in_one(&env).await;
     wait_relays(&env, 1).await;
     let room = stack.group("alice", &["bob"]).await;
