@@ -112,19 +112,11 @@ for s in ${ONLY//,/ }; do
         *) echo "--only: unknown scenario $s (pgbench, S1-S6, overload, lambda, cluster)" >&2; exit 2 ;;
     esac
 done
-cluster_wanted_without_script() {
-    case ",$ONLY," in *",CLUSTER,"*) [ ! -x "$ROOT/scripts/redis-cluster.sh" ] ;; *) return 1 ;; esac
-}
 wants() {
     local want
     want="$(printf '%s' "$1" | tr '[:lower:]' '[:upper:]')"
     case ",$ONLY," in *",$want,"*) return 0 ;; *) return 1 ;; esac
 }
-
-if cluster_wanted_without_script; then
-    echo "--only cluster needs scripts/redis-cluster.sh and the Redis Cluster support of issue 18 (merged once and reverted, d4f9d2f), which this build does not have" >&2
-    exit 2
-fi
 
 log() { printf '\033[1m[bench %s]\033[0m %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 

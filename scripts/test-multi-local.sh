@@ -7,8 +7,16 @@
 # the relay's PostToConnection to each connection's own gateway; then stops
 # the script as ctrl-c would and checks that every process is gone.
 #
-#   scripts/test-multi-local.sh
+#   scripts/test-multi-local.sh            # on the local Redis
+#   scripts/test-multi-local.sh --cluster  # on the local Redis Cluster (multi-local.sh --cluster)
 set -euo pipefail
+
+flags=(--scale)
+case "${1:-}" in
+    "") ;;
+    --cluster) flags+=(--cluster) ;;
+    *) echo "usage: scripts/test-multi-local.sh [--cluster]" >&2; exit 2 ;;
+esac
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -60,12 +68,12 @@ wait_for() {
 
 isolated_create_db
 
-echo "multi-test: starting scripts/multi-local.sh --scale on ports $g1-$g3" >&2
+echo "multi-test: starting scripts/multi-local.sh ${flags[*]} on ports $g1-$g3" >&2
 # With job control on, the script gets a process group of its own and keeps
 # SIGINT (a background job of a non-interactive shell starts with it
 # ignored), so it can be stopped the way ctrl-c stops it: SIGINT to the group.
 set -m
-scripts/multi-local.sh --scale >"$tmp/multi.log" 2>&1 &
+scripts/multi-local.sh "${flags[@]}" >"$tmp/multi.log" 2>&1 &
 multi_pid=$!
 set +m
 wait_for "$tmp/multi.log" "multi: ready"

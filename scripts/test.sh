@@ -109,7 +109,8 @@ suite() {
 # multi-instance, sessions, faults...; chat-relay's) once more against a
 # local cluster (3 primaries, 3 replicas from the installed
 # redis-server, scripts/redis-cluster.sh, REDIS_CLUSTER_BASE_PORT 7101..7106)
-# with REDIS_CLUSTER=true; then the fault test on a private cluster of its
+# with REDIS_CLUSTER=true, and scripts/multi-local.sh --cluster as
+# test-multi-local.sh drives it; then the fault test on a private cluster of its
 # own: a primary SIGKILLed under load and every slot of a primary moved
 # (redis-cli --cluster reshard) under load (local/tests/cluster_failover.rs,
 # which prints the measured times), and the Redis round trips per send,
@@ -127,6 +128,8 @@ else
     step "end-to-end suites on the Redis Cluster (REDIS_CLUSTER=true)"
     TEST_REDIS_URL="$cluster_urls" TEST_REDIS_CLUSTER=true cargo test -p chat-local --test it
     TEST_REDIS_URL="$cluster_urls" TEST_REDIS_CLUSTER=true cargo test -p chat-relay --test it
+    step "the multi-instance topology on the Redis Cluster (scripts/test-multi-local.sh --cluster)"
+    "$ROOT/scripts/test-multi-local.sh" --cluster
     "$ROOT/scripts/redis-cluster.sh" stop
     trap - EXIT
     step "Redis Cluster failover and resharding under load, round trips (tests/cluster_failover.rs)"

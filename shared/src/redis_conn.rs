@@ -157,6 +157,11 @@ async fn cluster_connection(target: &RedisTarget) -> anyhow::Result<ClusterConne
         .context("connecting to the Redis Cluster")
 }
 
+/// Whether an `INFO cluster` answer says cluster mode is on.
+fn cluster_enabled(info: &str) -> bool {
+    info.lines().any(|line| line.trim() == "cluster_enabled:1")
+}
+
 impl std::fmt::Debug for RedisConn {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(if self.is_cluster() {
@@ -234,10 +239,23 @@ impl RedisConn {
             .set_connection_timeout(Some(TIMEOUT))
             .set_response_timeout(Some(TIMEOUT))
             .set_number_of_retries(1);
-        let conn = client
+        let mut conn = client
             .get_connection_manager_with_config(config)
             .await
             .context("connecting to Redis")?;
+        // A cluster node named without REDIS_CLUSTER=true would answer the
+        // first script on another slot with MOVED: say so at start-up. A
+        // server that does not answer INFO (an ACL without it) is taken for
+        // what the configuration says.
+        let info: redis::RedisResult<String> =
+            redis::cmd("INFO").arg("cluster").query_async(&mut conn).await;
+        if info.is_ok_and(|info| cluster_enabled(&info)) {
+            anyhow::bail!(
+                "REDIS_URL is a Redis Cluster node (INFO cluster: cluster_enabled:1), \
+                 but REDIS_CLUSTER is not true: set REDIS_CLUSTER=true (template: \
+                 RedisMode cluster or serverless)"
+            );
+        }
         Ok(Self::Single(conn))
     }
 

@@ -18,6 +18,7 @@ mod panics;
 mod pg_tls;
 mod pool_nesting;
 mod rate_limits;
+mod redis_cluster_mode;
 mod rest_auth;
 mod rest_messages;
 mod rest_rooms;
