@@ -247,8 +247,10 @@ impl RedisConn {
         // first script on another slot with MOVED: say so at start-up. A
         // server that does not answer INFO (an ACL without it) is taken for
         // what the configuration says.
-        let info: redis::RedisResult<String> =
-            redis::cmd("INFO").arg("cluster").query_async(&mut conn).await;
+        let info: redis::RedisResult<String> = redis::cmd("INFO")
+            .arg("cluster")
+            .query_async(&mut conn)
+            .await;
         if info.is_ok_and(|info| cluster_enabled(&info)) {
             anyhow::bail!(
                 "REDIS_URL is a Redis Cluster node (INFO cluster: cluster_enabled:1), \
