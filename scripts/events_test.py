@@ -142,14 +142,16 @@ def no_body(resp):
 
 
 class BusTap:
-    """The bus channel as the relay reads it (`redis-cli SUBSCRIBE`)."""
+    """The bus channels as the relay reads them: every partition's,
+    `<channel>:{p<n>}` (`redis-cli PSUBSCRIBE`; a single Redis's bus is
+    plain pub/sub)."""
 
     def __init__(self, redis_url, channel):
-        self.proc = subprocess.Popen(["redis-cli", "-u", redis_url, "SUBSCRIBE", channel],
+        self.proc = subprocess.Popen(["redis-cli", "-u", redis_url, "PSUBSCRIBE", channel + ":{p*}"],
                                      stdout=subprocess.PIPE, text=True)
         self.lines = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
-        # "subscribe", the channel, the count: subscribed.
+        # "psubscribe", the pattern, the count: subscribed.
         for _ in range(3):
             self.lines.get(timeout=10)
 
