@@ -26,10 +26,9 @@ use std::time::{Duration, Instant};
 
 use chat_shared::presence::keys::partition_of;
 use chat_test_support::TestEnv;
-use common::{Client, TestStack, token, wait_relays};
+use common::{Client, TestStack, token, try_http, wait_relays};
 use futures::StreamExt as _;
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio_tungstenite::tungstenite::Message;
 
 /// What a fault may cost at most: until delivery resumes, and until
@@ -179,55 +178,35 @@ impl Drop for LocalCluster {
     }
 }
 
-/// `POST` without panicking: the status and body, or `None` when the
-/// service did not answer within 15 s (a fault may hold a request).
+/// `POST path` as `user`; `None` when no whole answer came (the cluster
+/// is failing over).
 async fn try_post(addr: SocketAddr, path: &str, user: &str, body: &Value) -> Option<(u16, Value)> {
-    let body = body.to_string();
-    let request = format!(
-        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\
-         Content-Type: application/json\r\nContent-Length: {}\r\n\
-         Authorization: Bearer {}\r\n\r\n{body}",
-        body.len(),
-        token(user)
-    );
-    let raw = tokio::time::timeout(Duration::from_secs(15), async {
-        let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
-        stream.write_all(request.as_bytes()).await.ok()?;
-        let mut raw = Vec::new();
-        stream.read_to_end(&mut raw).await.ok()?;
-        Some(raw)
-    })
-    .await
-    .ok()??;
-    let text = String::from_utf8_lossy(&raw);
-    let status = text.split_whitespace().nth(1)?.parse().ok()?;
-    let body = text
-        .split_once("\r\n\r\n")
-        .and_then(|(_, b)| serde_json::from_str(b).ok())
-        .unwrap_or(Value::Null);
-    Some((status, body))
+    let reply = try_http(
+        addr,
+        "POST",
+        path,
+        Some(&token(user)),
+        Some(body),
+        Duration::from_secs(15),
+    )
+    .await?;
+    Some((reply.status.as_u16(), reply.body))
 }
 
 /// `GET /rooms/:id/online` as `user`, without panicking.
 async fn try_online(addr: SocketAddr, room: &str, user: &str) -> Option<Vec<String>> {
-    let request = format!(
-        "GET /api/v1/chat/rooms/{room}/online HTTP/1.1\r\nHost: {addr}\r\n\
-         Connection: close\r\nAuthorization: Bearer {}\r\n\r\n",
-        token(user)
-    );
-    let raw = tokio::time::timeout(Duration::from_secs(5), async {
-        let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
-        stream.write_all(request.as_bytes()).await.ok()?;
-        let mut raw = Vec::new();
-        stream.read_to_end(&mut raw).await.ok()?;
-        Some(raw)
-    })
-    .await
-    .ok()??;
-    let text = String::from_utf8_lossy(&raw);
-    let body: Value = serde_json::from_str(text.split_once("\r\n\r\n")?.1).ok()?;
+    let path = format!("/api/v1/chat/rooms/{room}/online");
+    let reply = try_http(
+        addr,
+        "GET",
+        &path,
+        Some(&token(user)),
+        None,
+        Duration::from_secs(5),
+    )
+    .await?;
     Some(
-        body["onlineUsers"]
+        reply.body["onlineUsers"]
             .as_array()?
             .iter()
             .filter_map(|u| u["userId"].as_str().or(u.as_str()).map(str::to_owned))

@@ -131,16 +131,21 @@ impl RelayRedisUser {
             .collect()
     }
 
+    /// A connection to one node.
+    async fn connect(node: &str) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(node)
+            .expect("node url")
+            .get_multiplexed_async_connection()
+            .await
+            .expect("node answers")
+    }
+
     async fn create(_stack: &Stack) -> (Self, String) {
         let name = format!("relay_test_{}", random_suffix());
         let password = random_suffix();
         let mut urls = Vec::new();
         for node in Self::nodes() {
-            let mut redis = redis::Client::open(node.as_str())
-                .expect("node url")
-                .get_multiplexed_async_connection()
-                .await
-                .expect("node answers");
+            let mut redis = Self::connect(&node).await;
             let _: () = redis::cmd("ACL")
                 .arg("SETUSER")
                 .arg(&name)
@@ -163,11 +168,7 @@ impl RelayRedisUser {
     async fn kill_pubsub(&self) -> i64 {
         let mut killed = 0;
         for node in Self::nodes() {
-            let mut redis = redis::Client::open(node.as_str())
-                .expect("node url")
-                .get_multiplexed_async_connection()
-                .await
-                .expect("node answers");
+            let mut redis = Self::connect(&node).await;
             let n: i64 = redis::cmd("CLIENT")
                 .arg("KILL")
                 .arg("TYPE")
