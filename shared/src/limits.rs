@@ -19,8 +19,8 @@
 //!
 //! Round trips: the connection's bucket is charged inside the `TOUCH`
 //! script that every frame runs anyway (`presence`), so a
-//! WebSocket `sendMessage` still costs one Redis round trip before
-//! PostgreSQL. A REST request charges its buckets (the request bucket, and
+//! WebSocket `sendMessage` costs no Redis round trip for it beyond the
+//! lease renewal's two steps before PostgreSQL. A REST request charges its buckets (the request bucket, and
 //! for a send the send bucket too) in one script call, all or nothing: a
 //! refused request charges no bucket.
 //!

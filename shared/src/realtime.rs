@@ -402,8 +402,8 @@ impl Realtime {
     }
 
     /// Renews the connection's lease and, unless the request is a `ping`,
-    /// charges the frame to its message rate (one Redis round trip for
-    /// both). A `sendMessage` (what drives the fan-out) is refused while the
+    /// charges the frame to its message rate (two Redis steps for both:
+    /// `Presence::touch`). A `sendMessage` (what drives the fan-out) is refused while the
     /// fan-out is behind ([`Admission`]). `kind` is `None` for a frame that
     /// names no request.
     ///
