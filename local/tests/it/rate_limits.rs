@@ -113,10 +113,11 @@ async fn ping_is_never_limited_and_the_rate_recovers() {
     let mut alice = Client::connect(&stack, "alice").await;
     // Empty the bucket, and more.
     let replies = leave_burst(&mut alice, &room, 60).await;
-    assert!(
-        replies[..40].iter().all(|r| r["type"] == "roomLeft"),
-        "the burst passes: {replies:?}"
-    );
+    // Counted, not by position: frames without `seq` are handled
+    // concurrently, so a refused frame's answer can come before an
+    // accepted one's (seen once in CI).
+    let passed = replies.iter().filter(|r| r["type"] == "roomLeft").count();
+    assert!(passed >= 40, "the burst passes: {replies:?}");
     let limited: Vec<&Value> = replies.iter().filter(|r| r["type"] == "error").collect();
     assert!(limited.len() >= 19, "60 at once exceed the burst");
     for error in &limited {
