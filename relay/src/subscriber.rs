@@ -94,11 +94,13 @@ impl Probes {
 
     /// Notes a probe that came back on channel `index`; `false` when
     /// `payload` is no probe at all (an envelope).
-    fn came_back(&mut self, index: Option<usize>, payload: &str) -> bool {
-        let Some(rest) = payload.strip_prefix(PROBE_PREFIX) else {
+    fn came_back(&mut self, index: Option<usize>, payload: &[u8]) -> bool {
+        let Some(rest) = payload.strip_prefix(PROBE_PREFIX.as_bytes()) else {
             return false;
         };
-        if let (Some((token, round)), Some(index)) = (rest.split_once(':'), index)
+        // The token is the relay id, which may hold a `:`; the round not.
+        let rest = std::str::from_utf8(rest).unwrap_or_default();
+        if let (Some((token, round)), Some(index)) = (rest.rsplit_once(':'), index)
             && token == self.token
             && let (Ok(round), Some(seen)) = (round.parse::<u64>(), self.seen.get_mut(index))
         {
@@ -291,9 +293,9 @@ impl BusReader {
                             let Some(message) = redis::Msg::from_push_info(push) else {
                                 continue;
                             };
-                            let payload: Option<String> = message.get_payload().ok();
+                            // Looked at in place: envelopes are parsed once, by `dispatch`.
                             let channel = index.get(message.get_channel_name()).copied();
-                            if !payload.is_some_and(|p| probes.came_back(channel, &p)) {
+                            if !probes.came_back(channel, message.get_payload_bytes()) {
                                 self.dispatch(&message).await;
                             }
                         }
@@ -362,5 +364,35 @@ impl BusReader {
         if tx.send(Work::Envelope { shard, envelope }).await.is_err() {
             tracing::error!(shard, "a worker stopped; envelope dropped");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_round_passes_only_when_every_channel_s_own_probe_came_back() {
+        let channels = vec!["c:{p0}".to_owned(), "c:{p1}".to_owned()];
+        // A relay id may hold a `:` (it starts with INSTANCE_ID).
+        let mut probes = Probes::new("gw:1-abc", channels.len());
+        probes.next_round(&channels).expect("the first round");
+        let payload = probes.payload();
+        assert!(
+            !probes.came_back(Some(0), br#"{"origin":"gw"}"#),
+            "an envelope"
+        );
+        assert!(probes.came_back(Some(0), payload.as_bytes()));
+        // Another relay's probe is a probe, but not ours.
+        assert!(probes.came_back(Some(1), b"probe:other.0:1"));
+        let lost = probes.next_round(&channels).expect_err("channel 1 lost");
+        assert!(lost.to_string().contains("c:{p1}"), "{lost}");
+        let mut probes = Probes::new("gw:1-abc", channels.len());
+        probes.next_round(&channels).expect("the first round");
+        let payload = probes.payload();
+        for i in 0..2 {
+            probes.came_back(Some(i), payload.as_bytes());
+        }
+        probes.next_round(&channels).expect("every probe came back");
     }
 }
