@@ -280,7 +280,16 @@ impl CommonConfig {
                         "redis"
                     };
                     match get("REDIS_PASSWORD") {
-                        Some(pw) => format!("{scheme}://:{pw}@{host}:{port}"),
+                        // Escaped: an AUTH token may hold `#`, `?`, `%`, `:`
+                        // (ElastiCache allows any printable ASCII but `/`, `"`
+                        // and `@`); the Redis client decodes it again.
+                        Some(pw) => format!(
+                            "{scheme}://:{}@{host}:{port}",
+                            percent_encoding::utf8_percent_encode(
+                                &pw,
+                                percent_encoding::NON_ALPHANUMERIC
+                            )
+                        ),
                         None => format!("{scheme}://{host}:{port}"),
                     }
                 }
@@ -707,6 +716,30 @@ mod tests {
             c.common.redis_url.expose_secret(),
             "rediss://:pw@cache.local:6379"
         );
+    }
+
+    /// ElastiCache AUTH tokens may hold any printable ASCII but `/`, `"`
+    /// and `@`: `#`, `?`, `%`, `:` and spaces end or change a URL's user
+    /// info unless they are escaped.
+    #[test]
+    fn a_redis_password_with_url_characters_reaches_redis_unchanged() {
+        let token = "a#b?c%d:e f!g[h]i";
+        let pairs = [
+            ("DATABASE_URL", "postgres://x@h/db"),
+            ("JWT_SECRET", "s"),
+            ("REDIS_HOST", "cache.local"),
+            ("REDIS_PORT", "6380"),
+            ("REDIS_PASSWORD", token),
+            ("REDIS_TLS", "true"),
+        ];
+        let c = Config::from_lookup(lookup(&pairs)).expect("valid");
+        let url = c.common.redis_url.expose_secret();
+        let info = redis::IntoConnectionInfo::into_connection_info(url).expect("a valid Redis URL");
+        assert_eq!(info.redis_settings().password(), Some(token));
+        assert!(matches!(
+            info.addr(),
+            redis::ConnectionAddr::TcpTls { host, port: 6380, .. } if host == "cache.local"
+        ));
     }
 
     #[test]
