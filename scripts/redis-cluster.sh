@@ -9,13 +9,50 @@
 #   scripts/redis-cluster.sh status   # CLUSTER INFO of the first node
 #   scripts/redis-cluster.sh urls     # the seed URL list (for REDIS_URL / TEST_REDIS_URL)
 #
-# Environment: REDIS_CLUSTER_BASE_PORT (7101), REDIS_CLUSTER_DIR.
+# Environment: REDIS_CLUSTER_BASE_PORT (7101), REDIS_CLUSTER_DIR, and for a
+# cluster as ElastiCache runs it in transit-encryption mode (what
+# scripts/redis-secure.sh starts): REDIS_CLUSTER_TLS_DIR (ca.crt, redis.crt,
+# redis.key: every node speaks TLS only, to clients, to each other and to
+# its replicas) and REDIS_CLUSTER_PASSWORD (requirepass and masterauth).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 base="${REDIS_CLUSTER_BASE_PORT:-7101}"
 dir="${REDIS_CLUSTER_DIR:-$ROOT/.local/redis-cluster}"
 ports=("$base" $((base + 1)) $((base + 2)) $((base + 3)) $((base + 4)) $((base + 5)))
+tls="${REDIS_CLUSTER_TLS_DIR:-}"
+password="${REDIS_CLUSTER_PASSWORD:-}"
+
+# The redis-cli options that reach a node (TLS, AUTH).
+cli_opts=()
+[ -n "$tls" ] && cli_opts+=(--tls --cacert "$tls/ca.crt")
+[ -n "$password" ] && cli_opts+=(-a "$password" --no-auth-warning)
+cli() { redis-cli "${cli_opts[@]}" "$@"; }
+
+# What a node listens on and how it authenticates.
+node_opts() { # node_opts PORT
+    if [ -n "$tls" ]; then
+        printf '%s\n' --port 0 --tls-port "$1" --tls-cluster yes --tls-replication yes \
+            --tls-cert-file "$tls/redis.crt" --tls-key-file "$tls/redis.key" \
+            --tls-ca-cert-file "$tls/ca.crt" --tls-auth-clients no
+    else
+        printf '%s\n' --port "$1"
+    fi
+    if [ -n "$password" ]; then printf '%s\n' --requirepass "$password" --masterauth "$password"; fi
+}
+
+# Percent-encodes $1 for a URL's user info.
+urlencode() {
+    local s="$1" out="" c i
+    for ((i = 0; i < ${#s}; i++)); do
+        c="${s:i:1}"
+        case "$c" in
+        [A-Za-z0-9._~-]) out+="$c" ;;
+        *) out+="$(printf '%%%02X' "'$c")" ;;
+        esac
+    done
+    printf '%s' "$out"
+}
 
 die() {
     echo "redis-cluster: $*" >&2
@@ -23,15 +60,17 @@ die() {
 }
 
 urls() {
-    local out="" p
-    for p in "${ports[@]}"; do out="${out:+$out,}redis://127.0.0.1:$p"; done
+    local out="" p scheme=redis auth=""
+    [ -n "$tls" ] && scheme=rediss
+    [ -n "$password" ] && auth=":$(urlencode "$password")@"
+    for p in "${ports[@]}"; do out="${out:+$out,}$scheme://${auth}127.0.0.1:$p"; done
     printf '%s\n' "$out"
 }
 
-ping() { redis-cli -h 127.0.0.1 -p "$1" ping 2>/dev/null | grep -q PONG; }
+ping() { cli -h 127.0.0.1 -p "$1" ping 2>/dev/null | grep -q PONG; }
 
 state_ok() {
-    redis-cli -h 127.0.0.1 -p "$1" cluster info 2>/dev/null | tr -d '\r' | grep -q '^cluster_state:ok$'
+    cli -h 127.0.0.1 -p "$1" cluster info 2>/dev/null | tr -d '\r' | grep -q '^cluster_state:ok$'
 }
 
 # Waits until every node reports cluster_state:ok and knows 6 nodes, and
@@ -46,11 +85,11 @@ wait_ok() {
                 all=0
                 break
             fi
-            if [ "$(redis-cli -h 127.0.0.1 -p "$p" cluster nodes 2>/dev/null | grep -c .)" != 6 ]; then
+            if [ "$(cli -h 127.0.0.1 -p "$p" cluster nodes 2>/dev/null | grep -c .)" != 6 ]; then
                 all=0
                 break
             fi
-            role="$(redis-cli -h 127.0.0.1 -p "$p" info replication 2>/dev/null | tr -d '\r')"
+            role="$(cli -h 127.0.0.1 -p "$p" info replication 2>/dev/null | tr -d '\r')"
             if printf '%s\n' "$role" | grep -q '^role:slave$' &&
                 ! printf '%s\n' "$role" | grep -q '^master_link_status:up$'; then
                 all=0
@@ -80,7 +119,8 @@ start() {
     rm -rf "$dir"
     for p in "${ports[@]}"; do
         mkdir -p "$dir/$p"
-        redis-server --port "$p" --bind 127.0.0.1 --cluster-enabled yes \
+        mapfile -t listen < <(node_opts "$p")
+        redis-server "${listen[@]}" --bind 127.0.0.1 --cluster-enabled yes \
             --cluster-config-file "$dir/$p/nodes.conf" --cluster-node-timeout 2000 \
             --cluster-replica-validity-factor 0 --repl-diskless-sync-delay 0 \
             --save '' --appendonly no --daemonize yes --dir "$dir/$p" \
@@ -97,7 +137,7 @@ start() {
     done
     local hosts=()
     for p in "${ports[@]}"; do hosts+=("127.0.0.1:$p"); done
-    redis-cli --cluster create "${hosts[@]}" --cluster-replicas 1 --cluster-yes >"$dir/create.log" 2>&1 ||
+    cli --cluster create "${hosts[@]}" --cluster-replicas 1 --cluster-yes >"$dir/create.log" 2>&1 ||
         die "redis-cli --cluster create failed; see $dir/create.log"
     wait_ok || die "the cluster did not reach cluster_state:ok; see $dir/*/redis.log"
     echo "redis-cluster: 3 primaries + 3 replicas on ${ports[0]}..${ports[5]}, cluster_state:ok" >&2
@@ -108,7 +148,7 @@ stop() {
     local p pid
     for p in "${ports[@]}"; do
         if ping "$p"; then
-            redis-cli -h 127.0.0.1 -p "$p" shutdown nosave >/dev/null 2>&1 || true
+            cli -h 127.0.0.1 -p "$p" shutdown nosave >/dev/null 2>&1 || true
         elif [ -f "$dir/$p/redis.pid" ]; then
             pid="$(cat "$dir/$p/redis.pid")"
             kill "$pid" 2>/dev/null || true
@@ -121,10 +161,10 @@ stop() {
 case "${1:-}" in
 start) start ;;
 stop) stop ;;
-status) redis-cli -h 127.0.0.1 -p "$base" cluster info ;;
+status) cli -h 127.0.0.1 -p "$base" cluster info ;;
 urls) urls ;;
 *)
-    sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//' >&2
+    sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//' >&2
     exit 2
     ;;
 esac

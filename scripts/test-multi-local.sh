@@ -9,14 +9,17 @@
 #
 #   scripts/test-multi-local.sh            # on the local Redis
 #   scripts/test-multi-local.sh --cluster  # on the local Redis Cluster (multi-local.sh --cluster)
+#   scripts/test-multi-local.sh --secure   # on Redis with TLS and AUTH (multi-local.sh --secure);
+#                                          # with --cluster too, on such a cluster
 set -euo pipefail
 
 flags=(--scale)
-case "${1:-}" in
-    "") ;;
-    --cluster) flags+=(--cluster) ;;
-    *) echo "usage: scripts/test-multi-local.sh [--cluster]" >&2; exit 2 ;;
-esac
+for arg in "$@"; do
+    case "$arg" in
+        --cluster | --secure) flags+=("$arg") ;;
+        *) echo "usage: scripts/test-multi-local.sh [--cluster] [--secure]" >&2; exit 2 ;;
+    esac
+done
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -33,10 +36,11 @@ bin="$CARGO_TARGET_DIR/debug/chat-local"
 tmp="$(mktemp -d /tmp/chat-multi-XXXXXX)"
 isolated_env multi
 export MULTI_LOG_DIR="$tmp/logs"
-export RUST_LOG=warn
+export RUST_LOG="${RUST_LOG:-warn}"
 
-# Three consecutive free ports.
-base="$(isolated_ports 20000 0 1 2)" || { echo "error: no three free ports found" >&2; exit 1; }
+# Three consecutive free ports, and the ones + 99 .. + 102 (the relay's
+# metrics, the gateways' Management APIs).
+base="$(isolated_ports 20000 0 1 2 99 100 101 102)" || { echo "error: no three free ports found" >&2; exit 1; }
 export MULTI_BASE_PORT="$base"
 g1="$base" g2=$((base + 1)) g3=$((base + 2))
 
