@@ -8,7 +8,8 @@
 #   SKIP_CONSOLE_TESTS=1 scripts/test.sh  # skip the browser tests of /console
 #   SKIP_CLIENT_TESTS=1 scripts/test.sh  # skip the TypeScript client library's tests
 #   SKIP_DEPLOY_CHECKS=1 scripts/test.sh  # skip the deployment checks (check-deploy.sh, test-events.sh,
-#                                         # test-multi-local.sh, test-lambda-local.sh)
+#                                         # test-multi-local.sh plain and on TLS + AUTH Redis,
+#                                         # test-lambda-local.sh)
 #   SKIP_CLUSTER=1 scripts/test.sh  # skip the Redis Cluster step (suites again, failover, resharding)
 #
 # Tests get TEST_DATABASE_URL / TEST_REDIS_URL; they create their own
@@ -168,6 +169,22 @@ suite SKIP_FUZZ "the fuzz smoke test" fuzz-smoke.sh
 suite SKIP_DEPLOY_CHECKS "deployment files: cfn-lint, compose" check-deploy.sh
 suite SKIP_DEPLOY_CHECKS "events/ through the function binaries" test-events.sh
 suite SKIP_DEPLOY_CHECKS "gateways and a relay as local processes" test-multi-local.sh
+# The same on Redis as the template's ElastiCache runs: TLS only with an AUTH
+# token that must be escaped in a URL, configured through REDIS_HOST /
+# REDIS_PORT / REDIS_TLS / REDIS_PASSWORD, a single Redis and a cluster
+# (scripts/redis-secure.sh, ports 7301 and 7311..7316).
+if [ "$FILTERED" -gt 0 ] || [ "${SKIP_DEPLOY_CHECKS:-0}" = 1 ]; then
+    step "skipping the TLS + AUTH Redis runs (run scripts/test-multi-local.sh --secure [--cluster])"
+else
+    command -v openssl >/dev/null 2>&1 || _svc_install openssl
+    trap '"$ROOT/scripts/redis-secure.sh" stop' EXIT
+    step "gateways and a relay on Redis with TLS and AUTH (scripts/test-multi-local.sh --secure)"
+    "$ROOT/scripts/test-multi-local.sh" --secure
+    step "the same on a Redis Cluster with TLS and AUTH (scripts/test-multi-local.sh --secure --cluster)"
+    "$ROOT/scripts/test-multi-local.sh" --secure --cluster
+    "$ROOT/scripts/redis-secure.sh" stop
+    trap - EXIT
+fi
 suite SKIP_DEPLOY_CHECKS "the function binaries behind the emulators, through the Lambda Invoke API" \
     test-lambda-local.sh ||
     _svc_die "the Lambda shape failed (scripts/test-lambda-local.sh; LAMBDA_TEST_KEEP=1 keeps its logs)"
