@@ -399,8 +399,10 @@ impl Presence {
     ///
     /// Two steps: the connection's (who it is, its rate), then, at once,
     /// its user's partition (lease, online), the user's and the token's
-    /// revocations and the relays' lags: two round trips on a single
-    /// Redis, the second spread over up to four slots on a cluster.
+    /// revocations and, when this process's reading is older than
+    /// [`super::online::LAG_READ_EVERY`], the relays' lags: two round trips
+    /// on a single Redis, the second spread over up to four slots on a
+    /// cluster.
     ///
     /// # Errors
     /// `UNAVAILABLE` when Redis does not answer.
@@ -447,32 +449,46 @@ impl Presence {
             .arg(exp.as_deref().unwrap_or(""))
             .arg(token_grace.as_millis() as i64)
             .arg(&user_id);
-        let lags = self.keys.relay_lags();
         let revoked_user = self.keys.revoked_user(&user_id);
         let mut revoked_since = redis::cmd("GET");
         revoked_since.arg(&revoked_user);
-        let mut commands = vec![
-            (user_conns, user_step),
-            (lags.clone(), eval_cmd(MAX_LAG, &[&lags])),
-            (revoked_user, revoked_since),
-        ];
-        if let Some(jti) = jti.as_deref().filter(|j| !j.is_empty()) {
-            let key = self.keys.revoked_jti(jti);
-            let mut cmd = redis::cmd("EXISTS");
-            cmd.arg(&key);
-            commands.push((key, cmd));
+        let mut commands = vec![(user_conns, user_step), (revoked_user, revoked_since)];
+        let has_jti = match jti.filter(|j| !j.is_empty()) {
+            Some(jti) => {
+                let key = self.keys.revoked_jti(&jti);
+                let mut cmd = redis::cmd("EXISTS");
+                cmd.arg(&key);
+                commands.push((key, cmd));
+                true
+            }
+            None => false,
+        };
+        let lag_seen = self.lag_seen.fresh();
+        if lag_seen.is_none() {
+            let lags = self.keys.relay_lags();
+            commands.push((lags.clone(), eval_cmd(MAX_LAG, &[&lags])));
         }
         let answers = self.redis.query_grouped(commands).await?;
-        let online: i64 = redis::from_redis_value(answers[0].clone())?;
-        let delivery_lag_ms: u64 = redis::from_redis_value(answers[1].clone())?;
-        let since: Option<String> = redis::from_redis_value(answers[2].clone())?;
+        let mut answers = answers.into_iter();
+        let mut next = || answers.next().unwrap_or(redis::Value::Nil);
+        let online: i64 = redis::from_redis_value(next())?;
+        let since: Option<String> = redis::from_redis_value(next())?;
         let revoked_by_user = covers(
             since.as_deref(),
             iat.as_deref().and_then(|v| v.parse().ok()),
         );
-        let revoked_by_jti: bool = match answers.get(3) {
-            Some(v) => redis::from_redis_value(v.clone())?,
-            None => false,
+        let revoked_by_jti: bool = if has_jti {
+            redis::from_redis_value(next())?
+        } else {
+            false
+        };
+        let delivery_lag_ms = match lag_seen {
+            Some(lag) => lag,
+            None => {
+                let lag: u64 = redis::from_redis_value(next())?;
+                self.lag_seen.read(lag);
+                lag
+            }
         };
         let mut take = |i: usize| f[i].take();
         let user_id = UserId::from_trusted(user_id);

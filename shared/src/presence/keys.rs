@@ -51,7 +51,7 @@
 //! | `revoked:jti:{<jti>}` | string | present: the token with that `jti` is refused, likewise. Written by the operator, expiring with the token |
 //! | `relay:{relay}:lease:<n>` | string, with a TTL | the relay id that holds lease shard `n` (`SET NX PX`, renewed by compare-and-`PEXPIRE`; the relay crate's `cluster` module) |
 //! | `relay:{relay}:members` | sorted set | live relay ids, scored by their last heartbeat (ms, Redis clock): what a relay's fair share is computed from |
-//! | `relay:{relay}:lags` | hash | relay instance → `lagMs\|atMs`: each relay's delivery lag, reported every 100 ms; read with every frame's lease renewal for load shedding |
+//! | `relay:{relay}:lags` | hash | relay instance → `lagMs\|atMs`: each relay's delivery lag, reported every 100 ms; read with a frame's lease renewal for load shedding, at most every 100 ms per process |
 //!
 //! `<c>`, `<u>`, `<r>`, `<jti>` stand for a connection, user, room or
 //! token id; `p<n>` for the partition of the user (`presence`) or room (`room`, `typing`) in the key.

@@ -50,6 +50,7 @@ pub use crate::redis_conn::RedisConn;
 pub struct Presence {
     redis: RedisConn,
     keys: Keys,
+    lag_seen: std::sync::Arc<online::LagSeen>,
 }
 
 crate::debug_fields!(Presence { keys });
@@ -57,7 +58,11 @@ crate::debug_fields!(Presence { keys });
 impl Presence {
     /// Presence over `redis`, with `keys`.
     pub fn new(redis: RedisConn, keys: Keys) -> Self {
-        Self { redis, keys }
+        Self {
+            redis,
+            keys,
+            lag_seen: std::sync::Arc::default(),
+        }
     }
 
     /// The key builder.
@@ -163,7 +168,8 @@ pub struct Touched {
     /// until one would be allowed. The lease was renewed all the same.
     pub rate_limited: Option<std::time::Duration>,
     /// The largest delivery lag a relay reported in the last second (ms):
-    /// how far behind the fan-out is.
+    /// how far behind the fan-out is (read at most every
+    /// [`online::LAG_READ_EVERY`] per process).
     pub delivery_lag_ms: u64,
     /// The expiry of the connection's token (s since the epoch), when one
     /// was recorded.

@@ -1,7 +1,9 @@
-//! The online sets (one per partition), and the delivery lag each relay reports (read by every
-//! frame's lease renewal, for load shedding).
+//! The online sets (one per partition), and the delivery lag each relay
+//! reports (read with a frame's lease renewal, for load shedding, at most
+//! every [`LAG_READ_EVERY`] per process).
 
-use std::sync::LazyLock;
+use std::sync::{LazyLock, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use super::Presence;
 use crate::domain::UserId;
@@ -21,6 +23,37 @@ redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. '|' .. now)
 redis.call('PEXPIRE', KEYS[1], 5000)
 return 0
 ";
+
+/// How long a process reuses the relays' delivery lag it read. The relays
+/// report every 100 ms and shedding starts at seconds of lag
+/// (`WS_MAX_DELIVERY_LAG_MS`), so a reading this old decides the same;
+/// reading it with every frame cost a request to the relays' slot per frame
+/// on a Redis Cluster.
+pub const LAG_READ_EVERY: Duration = Duration::from_millis(100);
+
+/// The relays' delivery lag as this process last read it (shared by the
+/// clones of a [`Presence`]).
+#[derive(Debug, Default)]
+pub(super) struct LagSeen(Mutex<Option<(Instant, u64)>>);
+
+impl LagSeen {
+    /// The lag read less than [`LAG_READ_EVERY`] ago, if any.
+    pub(super) fn fresh(&self) -> Option<u64> {
+        let seen = *self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        seen.filter(|(at, _)| at.elapsed() < LAG_READ_EVERY)
+            .map(|(_, lag)| lag)
+    }
+
+    /// Records a lag just read.
+    pub(super) fn read(&self, lag_ms: u64) {
+        *self.0.lock().unwrap_or_else(PoisonError::into_inner) = Some((Instant::now(), lag_ms));
+    }
+
+    /// Forgets the reading (a relay of this process reported a new lag).
+    fn forget(&self) {
+        *self.0.lock().unwrap_or_else(PoisonError::into_inner) = None;
+    }
+}
 
 impl Presence {
     /// Which of `users` are online, in the given order: one round trip
@@ -42,7 +75,7 @@ impl Presence {
 
     /// Records a relay's current delivery lag (`instance` names the relay);
     /// entries older than a second are ignored, so a relay that stops is
-    /// forgotten.
+    /// forgotten. This process's next frame reads the lags again.
     ///
     /// # Errors
     /// `UNAVAILABLE` when Redis does not answer.
@@ -54,6 +87,7 @@ impl Presence {
             .arg(lag_ms)
             .invoke_async(&mut redis)
             .await?;
+        self.lag_seen.forget();
         Ok(())
     }
 }
