@@ -85,7 +85,9 @@ pub struct RelayOptions {
     /// A `410 Gone` for a connection younger than this is retried (API
     /// Gateway refuses posts until `$connect` has returned, and the
     /// `connected` event is published during `$connect`); for an older one
-    /// it means the connection is stale. 5 s.
+    /// it means the connection is stale.
+    /// [`chat_shared::realtime::CONNECTING_WINDOW`], 30 s: a `$connect`
+    /// may take up to API Gateway's 29 s integration timeout.
     pub young_connection: Duration,
     /// How often expired presence leases are swept:
     /// `PRESENCE_TTL_SECONDS / 10`, between 1 s and 5 s.
@@ -121,7 +123,7 @@ impl RelayOptions {
         let common = &config.common;
         Self {
             concurrency: config.relay.concurrency,
-            young_connection: Duration::from_secs(5),
+            young_connection: chat_shared::realtime::CONNECTING_WINDOW,
             sweep_interval: (common.presence_ttl / 10)
                 .clamp(Duration::from_secs(1), Duration::from_secs(5)),
             lanes: 16,

@@ -49,6 +49,17 @@ pub const TOKEN_EXPIRED: &str = "token expired";
 /// connection is then closed.
 pub const TOKEN_REVOKED: &str = "token revoked";
 
+/// How long after a connection's `connectedAt` it may still be in
+/// `$connect`: API Gateway's integration timeout (29 s, the most a
+/// `$connect` handler may take) and a second for the handshake. Until
+/// then API Gateway may refuse posts to it with `410 Gone` although the
+/// connection is about to open (the relay retries them), and its first
+/// replies wait for its `connected` event. A window of 5 s removed
+/// connections whose `$connect` took longer, in a reconnect storm on a
+/// loaded Redis Cluster: their `connected` was refused, they were taken
+/// for stale, and their first frame was answered `UNAUTHORIZED`.
+pub const CONNECTING_WINDOW: Duration = Duration::from_secs(30);
+
 /// The rules of a WebSocket session beyond its handshake (issue 15,
 /// "Tokens on open sockets" and the per-user cap).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -517,10 +528,9 @@ impl Realtime {
     /// behind, that saves each new connection's first frame most of its
     /// polls, which would go to the very Redis the relay needs.
     async fn await_greeting(&self, conn: &Connection, lag_ms: u64) -> Result<()> {
-        const WINDOW_MS: i64 = 5_000;
         const WAIT: Duration = Duration::from_millis(500);
         let age = chrono::Utc::now().timestamp_millis() - conn.connected_at_ms;
-        if age > WINDOW_MS {
+        if age > CONNECTING_WINDOW.as_millis() as i64 {
             return Ok(());
         }
         let deadline = tokio::time::Instant::now() + WAIT;

@@ -79,6 +79,29 @@ async fn gone_for_a_young_connection_is_retried_until_it_is_accepted() {
     assert!(m.gone_retries >= 2, "{m:?}");
 }
 
+/// A `$connect` that took 10 s (a cold Lambda, a Redis Cluster timing out
+/// in a storm: API Gateway allows 29 s) leaves a connection whose
+/// `connectedAt` is 10 s old when API Gateway still refuses posts to it.
+/// With the default options it is still young: its `connected` is retried
+/// until delivered, and it is not removed as stale (with a 5 s window it
+/// was, and its first frame got `UNAUTHORIZED`).
+#[tokio::test]
+async fn a_connection_whose_connect_ran_for_seconds_is_not_taken_for_stale() {
+    let stack = Stack::start().await;
+    let c1 = stack
+        .connect_with("dora", Duration::from_secs(10), Status::Pending)
+        .await;
+    wait_for("posts refused while connecting", WAIT, || {
+        (stack.gateway.refused(&c1) >= 2).then_some(())
+    })
+    .await;
+    stack.gateway.set_status(&c1, Status::Live);
+    let connected = stack.gateway.wait_events(&c1, "connected", 1).await;
+    assert_eq!(connected[0]["payload"]["userId"], "dora");
+    assert!(exists(&stack, &stack.keys().conn(&c1)).await);
+    assert_eq!(stack.metrics.snapshot().posts_gone, 0);
+}
+
 #[tokio::test]
 async fn a_connection_that_never_opens_is_removed_after_the_young_window() {
     let mut stack = Stack::build(|_| {}).await;
