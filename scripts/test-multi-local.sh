@@ -37,10 +37,15 @@ tmp="$(mktemp -d /tmp/chat-multi-XXXXXX)"
 isolated_env multi
 export MULTI_LOG_DIR="$tmp/logs"
 export RUST_LOG="${RUST_LOG:-warn}"
+# A process that stops with an error prints the error, not a backtrace that
+# pushes it out of the failure report's tail.
+export RUST_LIB_BACKTRACE=0
 
 # Three consecutive free ports, and the ones + 99 .. + 102 (the relay's
-# metrics, the gateways' Management APIs).
-base="$(isolated_ports 20000 0 1 2 99 100 101 102)" || { echo "error: no three free ports found" >&2; exit 1; }
+# metrics, the gateways' Management APIs), all from 20000 to 32101: below
+# Linux's ephemeral range (32768 and up), where a client socket of another
+# test could take a port between this check and the bind.
+base="$(isolated_ports 12000 0 1 2 99 100 101 102)" || { echo "error: no three free ports found" >&2; exit 1; }
 export MULTI_BASE_PORT="$base"
 g1="$base" g2=$((base + 1)) g3=$((base + 2))
 
@@ -58,12 +63,12 @@ cleanup() {
 }
 trap cleanup EXIT
 
-fail() { isolated_fail multi-test 15 "$*" "$tmp"/logs/*.log "$tmp"/*.out "$tmp/multi.log"; }
+fail() { isolated_fail multi-test 40 "$*" "$tmp"/logs/*.log "$tmp"/*.out "$tmp/multi.log"; }
 
-# Waits up to 20 s for a line matching $2 in file $1.
+# Waits up to $3 s (20) for a line matching $2 in file $1.
 wait_for() {
     local i
-    for i in $(seq 1 200); do
+    for i in $(seq 1 $((${3:-20} * 10))); do
         grep -q -- "$2" "$1" 2>/dev/null && return 0
         sleep 0.1
     done
@@ -80,7 +85,8 @@ set -m
 scripts/multi-local.sh "${flags[@]}" >"$tmp/multi.log" 2>&1 &
 multi_pid=$!
 set +m
-wait_for "$tmp/multi.log" "multi: ready"
+# multi-local.sh itself gives the gateways and then the relay 30 s each.
+wait_for "$tmp/multi.log" "multi: ready" 70
 
 for port in "$g1" "$g2" "$g3"; do
     health="$(curl -fsS "http://127.0.0.1:$port/health")" || fail "GET /health on $port"
