@@ -27,7 +27,9 @@ password="${REDIS_CLUSTER_PASSWORD:-}"
 cli_opts=()
 [ -n "$tls" ] && cli_opts+=(--tls --cacert "$tls/ca.crt")
 [ -n "$password" ] && cli_opts+=(-a "$password" --no-auth-warning)
-cli() { redis-cli "${cli_opts[@]}" "$@"; }
+# With a deadline: redis-cli speaking TLS to a server that does not would
+# wait forever for its handshake. (`--cluster create` gets longer.)
+cli() { timeout "${CLI_TIMEOUT:-5}" redis-cli "${cli_opts[@]}" "$@"; }
 
 # What a node listens on and how it authenticates.
 node_opts() { # node_opts PORT
@@ -115,6 +117,9 @@ start() {
         if ping "$p"; then
             die "port $p answers but is not a healthy cluster; run '$0 stop' (or pick REDIS_CLUSTER_BASE_PORT)"
         fi
+        if (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
+            die "port $p is taken by a server that does not answer as this cluster's nodes would (another checkout's cluster, other TLS or password?); stop it or pick REDIS_CLUSTER_BASE_PORT"
+        fi
     done
     rm -rf "$dir"
     for p in "${ports[@]}"; do
@@ -137,7 +142,7 @@ start() {
     done
     local hosts=()
     for p in "${ports[@]}"; do hosts+=("127.0.0.1:$p"); done
-    cli --cluster create "${hosts[@]}" --cluster-replicas 1 --cluster-yes >"$dir/create.log" 2>&1 ||
+    CLI_TIMEOUT=120 cli --cluster create "${hosts[@]}" --cluster-replicas 1 --cluster-yes >"$dir/create.log" 2>&1 ||
         die "redis-cli --cluster create failed; see $dir/create.log"
     wait_ok || die "the cluster did not reach cluster_state:ok; see $dir/*/redis.log"
     echo "redis-cluster: 3 primaries + 3 replicas on ${ports[0]}..${ports[5]}, cluster_state:ok" >&2

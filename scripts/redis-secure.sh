@@ -49,8 +49,10 @@ material() {
     fi
 }
 
+# redis-cli speaking TLS to a server that does not would wait forever for
+# its handshake: every call has a deadline.
 cli_single() {
-    redis-cli --tls --cacert "$dir/tls/ca.crt" -a "$(cat "$dir/password")" --no-auth-warning \
+    timeout 5 redis-cli --tls --cacert "$dir/tls/ca.crt" -a "$(cat "$dir/password")" --no-auth-warning \
         -h 127.0.0.1 -p "$single_port" "$@"
 }
 
@@ -67,11 +69,18 @@ config() { # config PORT CLUSTER
     echo "unset REDIS_URL"
 }
 
+# True when something listens on 127.0.0.1:$1.
+port_taken() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
 start_single() {
     if cli_single ping 2>/dev/null | grep -q PONG; then
         echo "redis-secure: already running on $single_port" >&2
         return 0
     fi
+    # Another server (another checkout's, with its own CA and token) would
+    # keep ours from binding and answer nothing we can check.
+    port_taken "$single_port" &&
+        die "port $single_port is taken by a server that does not answer with this checkout's CA and token; stop it (scripts/redis-secure.sh stop in its checkout) or set REDIS_SECURE_PORT"
     mkdir -p "$dir/single"
     redis-server --port 0 --tls-port "$single_port" --bind 127.0.0.1 \
         --tls-cert-file "$dir/tls/redis.crt" --tls-key-file "$dir/tls/redis.key" \
@@ -87,7 +96,7 @@ start_single() {
     done
     cli_single ping 2>/dev/null | grep -q PONG || die "no TLS answer on $single_port; see $dir/single/redis.log"
     # A client without the token is refused: AUTH is on.
-    redis-cli --tls --cacert "$dir/tls/ca.crt" -h 127.0.0.1 -p "$single_port" ping 2>&1 | grep -q NOAUTH ||
+    timeout 5 redis-cli --tls --cacert "$dir/tls/ca.crt" -h 127.0.0.1 -p "$single_port" ping 2>&1 | grep -q NOAUTH ||
         die "Redis on $single_port answers without the token"
     echo "redis-secure: TLS + AUTH Redis on $single_port" >&2
 }
