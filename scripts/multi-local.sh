@@ -97,29 +97,24 @@ done
 relay_metrics="127.0.0.1:$((base_port + 99))"
 RELAY_ALLOWED_ENDPOINTS="${RELAY_ALLOWED_ENDPOINTS:-$allowed}" local_start relay "$bin" relay --metrics-listen "$relay_metrics"
 
-# Ready when every gateway answers /health with everything ok.
-for port in "${ports[@]}"; do
-    ok=0
+# wait_ok URL PATTERN: true once URL answers with a line matching PATTERN
+# (extended regex), within 30 s.
+wait_ok() {
     for _ in $(seq 1 300); do
-        if curl -fsS "http://127.0.0.1:$port/health" 2>/dev/null | grep -q '"status":"ok"'; then
-            ok=1
-            break
-        fi
+        curl -fsS "$1" 2>/dev/null | grep -Eq "$2" && return 0
         sleep 0.1
     done
-    [ "$ok" = 1 ] ||
+    return 1
+}
+
+# Ready when every gateway answers /health with everything ok...
+for port in "${ports[@]}"; do
+    wait_ok "http://127.0.0.1:$port/health" '"status":"ok"' ||
         local_fail "the gateway on port $port is not healthy after 30 s" "gateway-$((port - base_port + 1))"
 done
-
-ok=0
-for _ in $(seq 1 300); do
-    if curl -fsS "http://$relay_metrics/metrics" 2>/dev/null | grep -Eq '^chat_relay_shards_owned [1-9]'; then
-        ok=1
-        break
-    fi
-    sleep 0.1
-done
-[ "$ok" = 1 ] || local_fail "the relay holds no lease shard after 30 s (not subscribed to the bus?)" relay
+# ... and the relay holds lease shards.
+wait_ok "http://$relay_metrics/metrics" '^chat_relay_shards_owned [1-9]' ||
+    local_fail "the relay holds no lease shard after 30 s (not subscribed to the bus?)" relay
 
 {
     cat <<EOF
