@@ -57,14 +57,12 @@ async fn gone_for_an_established_connection_removes_it_and_announces_offline() {
     assert_eq!(stack.gateway.sequences(&a1), [1]);
 }
 
-#[tokio::test]
-async fn gone_for_a_young_connection_is_retried_until_it_is_accepted() {
-    let stack = Stack::start().await;
-    // API Gateway refuses posts while $connect runs; `connected` is
-    // published during $connect.
-    let c1 = stack
-        .connect_with("carol", Duration::ZERO, Status::Pending)
-        .await;
+/// A connection of `user` whose `$connect` has run for `age` and is still
+/// running (API Gateway refuses posts to it); once a few posts were refused
+/// it opens. Its `connected` must arrive, once, and it must not have been
+/// removed as stale.
+async fn refused_while_connecting_then_opened(stack: &Stack, user: &str, age: Duration) {
+    let c1 = stack.connect_with(user, age, Status::Pending).await;
     wait_for("posts refused while connecting", WAIT, || {
         (stack.gateway.refused(&c1) >= 2).then_some(())
     })
@@ -72,11 +70,19 @@ async fn gone_for_a_young_connection_is_retried_until_it_is_accepted() {
     stack.gateway.set_status(&c1, Status::Live);
     let connected = stack.gateway.wait_events(&c1, "connected", 1).await;
     assert_eq!(connected.len(), 1);
-    assert_eq!(connected[0]["payload"]["userId"], "carol");
-    assert!(exists(&stack, &stack.keys().conn(&c1)).await);
+    assert_eq!(connected[0]["payload"]["userId"], user);
+    assert!(exists(stack, &stack.keys().conn(&c1)).await);
     let m = stack.metrics.snapshot();
     assert_eq!(m.posts_gone, 0, "{m:?}");
     assert!(m.gone_retries >= 2, "{m:?}");
+}
+
+#[tokio::test]
+async fn gone_for_a_young_connection_is_retried_until_it_is_accepted() {
+    // API Gateway refuses posts while $connect runs; `connected` is
+    // published during $connect.
+    let stack = Stack::start().await;
+    refused_while_connecting_then_opened(&stack, "carol", Duration::ZERO).await;
 }
 
 /// A `$connect` that took 10 s (a cold Lambda, a Redis Cluster timing out
@@ -88,18 +94,7 @@ async fn gone_for_a_young_connection_is_retried_until_it_is_accepted() {
 #[tokio::test]
 async fn a_connection_whose_connect_ran_for_seconds_is_not_taken_for_stale() {
     let stack = Stack::start().await;
-    let c1 = stack
-        .connect_with("dora", Duration::from_secs(10), Status::Pending)
-        .await;
-    wait_for("posts refused while connecting", WAIT, || {
-        (stack.gateway.refused(&c1) >= 2).then_some(())
-    })
-    .await;
-    stack.gateway.set_status(&c1, Status::Live);
-    let connected = stack.gateway.wait_events(&c1, "connected", 1).await;
-    assert_eq!(connected[0]["payload"]["userId"], "dora");
-    assert!(exists(&stack, &stack.keys().conn(&c1)).await);
-    assert_eq!(stack.metrics.snapshot().posts_gone, 0);
+    refused_while_connecting_then_opened(&stack, "dora", Duration::from_secs(10)).await;
 }
 
 #[tokio::test]
